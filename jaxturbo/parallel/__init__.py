@@ -1,0 +1,1 @@
+"""Meshes and parallel modes (tensor parallel + Ladder-Residual, Ulysses, ring attention)."""

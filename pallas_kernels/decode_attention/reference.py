@@ -1,0 +1,50 @@
+"""Pure-jnp decode attention over a KV cache: the reference for the decode kernels.
+
+One new query per sequence attends to the first `lengths[b]` cache slots of sequence b.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention.reference import NEG_INF
+
+
+def decode_attention_reference(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention of one query token per sequence over its cache.
+
+    Args:
+      q: [B, H, D]; k_cache, v_cache: [B, S, K, D]; lengths: [B] int, valid slots per sequence
+        (the query itself sits at slot lengths[b] - 1 and is already in the cache).
+      sliding_window: keep slots j >= lengths[b] - 1 - sliding_window.
+    Returns:
+      [B, H, D] in q.dtype.
+    """
+    b, h, d = q.shape
+    s, kh = k_cache.shape[1], k_cache.shape[2]
+    g = h // kh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, kh, g, d)
+    logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    j = jnp.arange(s)[None, :]
+    valid = j < lengths[:, None]
+    if sliding_window is not None:
+        valid &= j >= lengths[:, None] - 1 - sliding_window
+    logits = jnp.where(valid[:, None, None, :], logits, NEG_INF)
+    p = jax.nn.softmax(logits, axis=-1)
+    p = jnp.where(valid[:, None, None, :], p, 0.0)
+    out = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32))
+    return out.reshape(b, h, d).astype(q.dtype)
