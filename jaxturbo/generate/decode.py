@@ -1,0 +1,128 @@
+"""Batched generation: one jitted prefill, then an on-device decode loop (`lax.while_loop`).
+
+Prompts of different lengths are right-padded to a bucketed length; each row keeps its own
+length in the KV cache, so a decode step writes and attends per row.  The loop stops on the
+device once every row has produced a stop token or `max_new_tokens`; tokens reach the host
+through an ordered `io_callback` only when streaming is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxturbo.errors import UserError
+from jaxturbo.generate.sampling import SamplingParams, sample
+from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.transformer import Params, forward, init_cache
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """tokens/logprobs [B, max_new_tokens] (after a row's stop: pad_id / 0); num_tokens [B]
+    counts generated tokens including the stop token."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    num_tokens: np.ndarray
+
+    def sequences(self) -> list[list[int]]:
+        return [list(map(int, t[:n])) for t, n in zip(self.tokens, self.num_tokens)]
+
+
+def bucket(n: int, multiple: int = 64) -> int:
+    """Round n up to a multiple, so prompts of similar length share one compilation."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stream",
+                                             "attn_impl", "cache_dtype"))
+def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
+              stop_ids: jax.Array, *, cfg: ModelConfig, max_new_tokens: int,
+              sampling: SamplingParams, stream: Callable | None, attn_impl: str,
+              cache_dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, p = tokens.shape
+    cache = init_cache(cfg, b, p + max_new_tokens, jnp.dtype(cache_dtype))
+    seg = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
+    logits, cache = forward(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths,
+                            attn_impl=attn_impl)
+    last = logits[jnp.arange(b), lengths - 1]
+    key, sub = jax.random.split(key)
+    tok, logp = sample(last, sub, sampling)
+
+    out_tok = jnp.zeros((b, max_new_tokens), jnp.int32)
+    out_logp = jnp.zeros((b, max_new_tokens), jnp.float32)
+    done = jnp.zeros((b,), bool)
+    count = jnp.zeros((b,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, logp, cache, out_tok, out_logp, done, count, key = state
+        live = ~done
+        out_tok = out_tok.at[:, step].set(jnp.where(live, tok, 0))
+        out_logp = out_logp.at[:, step].set(jnp.where(live, logp, 0.0))
+        count = count + live.astype(jnp.int32)
+        if stream is not None:
+            io_callback(stream, None, tok, live, ordered=True)
+        done = done | jnp.isin(tok, stop_ids)
+        logits, cache = forward(params, cfg, tok[:, None], cache=cache, attn_impl=attn_impl)
+        key, sub = jax.random.split(key)
+        tok, logp = sample(logits[:, 0], sub, sampling)
+        return step + 1, tok, logp, cache, out_tok, out_logp, done, count, key
+
+    state = (jnp.int32(0), tok, logp, cache, out_tok, out_logp, done, count, key)
+    state = jax.lax.while_loop(cond, body, state)
+    return state[4], state[5], state[7]
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    sampling: SamplingParams = SamplingParams(),
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+    stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    attn_impl: str = "auto",
+    bucket_multiple: int = 64,
+) -> GenerationResult:
+    """Generate continuations for a batch of token-id prompts of any lengths.
+
+    Args:
+      prompts: B lists of token ids (each non-empty).
+      stop_ids: tokens that end a row (included in its output).
+      stream: called on the host once per step with (tokens [B], live [B]) while the loop runs.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt must contain at least one token")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    lens = np.array([len(p) for p in prompts], np.int32)
+    width = bucket(int(lens.max()), bucket_multiple)
+    if width + max_new_tokens > cfg.max_position_embeddings:
+        width = int(lens.max())
+    if int(lens.max()) + max_new_tokens > cfg.max_position_embeddings:
+        raise UserError(
+            f"prompt of {int(lens.max())} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"context of {cfg.max_position_embeddings}")
+    toks = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, : len(p)] = p
+    stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
+    dtype = jax.tree.leaves(params)[0].dtype
+    out, logp, n = _generate(params, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(seed),
+                             jnp.asarray(stops), cfg=cfg, max_new_tokens=max_new_tokens,
+                             sampling=sampling, stream=stream, attn_impl=attn_impl,
+                             cache_dtype=jnp.dtype(dtype).name)
+    return GenerationResult(np.asarray(out), np.asarray(logp), np.asarray(n))

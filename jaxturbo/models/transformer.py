@@ -1,0 +1,256 @@
+"""The functional decoder: forward(params, cfg, tokens, ...) -> logits, cache.
+
+Parameters are a dict named as in HF checkpoints, with the layers stacked on a leading axis:
+
+    "model.embed_tokens.weight" [V, D]   "model.norm.weight" [D]   "lm_head.weight" [V, D] (untied)
+    "layers": {"self_attn.q_proj.weight": [L, H*hd, D], ..., "mlp.down_proj.weight": [L, D, F]}
+
+The same per-device code runs on one device and inside `jax.shard_map` for tensor parallelism:
+head and FFN counts are read from the (local) weight shapes, and `tensor_axis` names the mesh
+axis whose `psum` follows each row-parallel projection (o_proj, down_proj) and over which the
+embedding and LM head are vocab-parallel.
+
+Residual modes (cfg.residual_mode), over the same parameters:
+  standard  x += attn(x); x += mlp(x)
+  parallel  x += attn(x) + mlp(x)                    (PaLM; one all-reduce per layer)
+  ladder    Ladder-Residual (Zhang et al., ICML 2025): each module reads the stream before the
+            previous module's output is added, so that output's all-reduce overlaps this
+            module's compute; the last two outputs are added before the final norm
+  hybrid    standard on the first L-N layers, ladder on the last N (cfg.ladder_layers)
+  desync    standard with the tensor-parallel all-reduces left out (speed bound, not a model)
+
+Cache: {"k", "v": [L, B, S, K, hd], "lengths": [B] int32}.  A row's valid slots are
+[0, lengths[b]); prompts are right-padded, so a decode step writes slot lengths[b].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.layers import linear, rms_norm, swiglu_mlp
+from jaxturbo.models.rope import apply_rope, rope_cos_sin
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+AttnFn = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------- cache
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
+               kv_heads: int | None = None) -> Cache:
+    """Empty KV cache for `batch` rows of up to `max_len` tokens (kv_heads: local count under TP)."""
+    k = cfg.num_key_value_heads if kv_heads is None else kv_heads
+    shape = (cfg.num_hidden_layers, batch, max_len, k, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> int:
+    """Bytes of K and V cached per token over all layers."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+# ----------------------------------------------------------------------------- embedding / head
+def embed(params: Params, tokens: jax.Array, tensor_axis: str | None = None) -> jax.Array:
+    """tokens [B, T] -> [B, T, D]; vocab-parallel (masked local lookup + psum) under `tensor_axis`."""
+    table = params["model.embed_tokens.weight"]
+    if tensor_axis is None:
+        return table[tokens]
+    v_local = table.shape[0]
+    local = tokens - jax.lax.axis_index(tensor_axis) * v_local
+    ok = (local >= 0) & (local < v_local)
+    x = jnp.where(ok[..., None], table[jnp.clip(local, 0, v_local - 1)], 0)
+    return jax.lax.psum(x, tensor_axis)
+
+
+def lm_head(params: Params, cfg: ModelConfig, x: jax.Array,
+            tensor_axis: str | None = None) -> jax.Array:
+    """Final hidden [B, T, D] -> logits [B, T, V] float32 (all-gathered over `tensor_axis`)."""
+    w = params["model.embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
+    logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
+    if tensor_axis is not None:
+        logits = jax.lax.all_gather(logits, tensor_axis, axis=-1, tiled=True)
+    return logits
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
+                    layer: jax.Array, *, segment_ids: jax.Array | None, cache: Cache | None,
+                    attn_impl: str, attn_fn: AttnFn | None) -> tuple[jax.Array, Cache | None]:
+    """Self-attention of one layer on normed input h [B, T, D] (local heads under TP).
+
+    Without a cache: causal attention over the T tokens (packed rows via segment_ids).
+    With a cache and T > 1 (prefill): also writes K/V into slots [0, T) of `layer`.
+    With a cache and T == 1 (decode): writes slot lengths[b], attends to [0, lengths[b]].
+    Returns the o_proj output before any all-reduce, and the updated cache.
+    """
+    b, t, _ = h.shape
+    hd = cfg.head_dim
+    q = linear(h, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias")).reshape(b, t, -1, hd)
+    k = linear(h, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias")).reshape(b, t, -1, hd)
+    v = linear(h, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias")).reshape(b, t, -1, hd)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
+        q = rms_norm(q, lp["self_attn.q_norm.weight"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    if cache is not None and t == 1:
+        rows = jnp.arange(b)
+        pos = cache["lengths"]
+        kc = cache["k"].at[layer, rows, pos].set(k[:, 0].astype(cache["k"].dtype))
+        vc = cache["v"].at[layer, rows, pos].set(v[:, 0].astype(cache["v"].dtype))
+        out = pallas_kernels.decode_attention(q[:, 0], kc[layer], vc[layer], pos + 1,
+                                              implementation=attn_impl)[:, None]
+        cache = {**cache, "k": kc, "v": vc}
+    else:
+        if cache is not None:
+            start = (layer, 0, 0, 0, 0)
+            cache = {**cache,
+                     "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start)}
+        if attn_fn is not None:
+            out = attn_fn(q, k, v, segment_ids=segment_ids)
+        else:
+            out = pallas_kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                           implementation=attn_impl)
+    return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
+
+
+def mlp_block(lp: Params, h: jax.Array) -> jax.Array:
+    """SwiGLU MLP of one layer on normed input, before any all-reduce."""
+    return swiglu_mlp(h, lp["mlp.gate_proj.weight"], lp["mlp.up_proj.weight"], lp["mlp.down_proj.weight"])
+
+
+# ----------------------------------------------------------------------------- layers
+def _layer_slice(layers: Params, i: Any) -> Params:
+    return jax.tree.map(lambda a: a[i], layers)
+
+
+def _run_layers(step: Callable, carry: Any, layers: Params, start: int, stop: int,
+                unroll: bool) -> Any:
+    """Apply step(carry, layer_params, layer_index) over layers [start, stop)."""
+    if stop <= start:
+        return carry
+    if unroll:
+        for i in range(start, stop):
+            carry = step(carry, _layer_slice(layers, i), jnp.int32(i))
+        return carry
+    n = jax.tree.leaves(layers)[0].shape[0]
+    sub = layers if (start, stop) == (0, n) else jax.tree.map(lambda a: a[start:stop], layers)
+
+    def body(c, xs):
+        lp, i = xs
+        return step(c, lp, i), None
+
+    carry, _ = jax.lax.scan(body, carry, (sub, jnp.arange(start, stop, dtype=jnp.int32)))
+    return carry
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    lengths: jax.Array | None = None,
+    tensor_axis: str | None = None,
+    attn_impl: str = "auto",
+    attn_fn: AttnFn | None = None,
+    unroll: bool = False,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, Cache | None]:
+    """Run the decoder.
+
+    Args:
+      tokens: [B, T] int32.
+      positions: [B, T] RoPE positions (default: 0..T-1, or cache lengths when decoding).
+      segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment
+        (padding gets its own id, e.g. 0).
+      cache: KV cache from `init_cache`.  T > 1 is a prefill (requires `lengths` [B], the
+        valid tokens per right-padded row); T == 1 is one decode step.
+      tensor_axis: mesh axis of tensor parallelism when called inside shard_map.
+      attn_fn: replaces the attention op (e.g. sequence-parallel attention) when no cache.
+      unroll: Python loop over layers instead of lax.scan (lets XLA schedule across layers).
+      return_hidden: return the final normed hidden state [B, T, D] instead of logits.
+    Returns:
+      logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
+    """
+    b, t = tokens.shape
+    if positions is None:
+        if cache is not None and t == 1:
+            positions = cache["lengths"][:, None]
+        else:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if cache is not None and t > 1 and lengths is None:
+        raise ValueError("prefill with a cache needs `lengths` (valid tokens per row)")
+    cos, sin = rope_cos_sin(cfg, positions)
+    x = embed(params, tokens, tensor_axis)
+
+    # Desync drops the per-layer all-reduces; every other mode sums partial outputs.
+    reduce_ax = None if cfg.residual_mode == "desync" else tensor_axis
+
+    def reduce(y: jax.Array) -> jax.Array:
+        return y if reduce_ax is None else jax.lax.psum(y, reduce_ax)
+
+    eps = cfg.rms_norm_eps
+    kw = dict(segment_ids=segment_ids, attn_impl=attn_impl, attn_fn=attn_fn)
+
+    def attn(c_cache, lp, i, xin):
+        return attention_block(lp, cfg, rms_norm(xin, lp["input_layernorm.weight"], eps),
+                               cos, sin, i, cache=c_cache, **kw)
+
+    def mlp(lp, xin):
+        return mlp_block(lp, rms_norm(xin, lp["post_attention_layernorm.weight"], eps))
+
+    def standard_step(carry, lp, i):
+        x, pa, pm, c = carry
+        a, c = attn(c, lp, i, x)
+        x = x + reduce(a)
+        x = x + reduce(mlp(lp, x))
+        return x, pa, pm, c
+
+    def parallel_step(carry, lp, i):
+        x, pa, pm, c = carry
+        a, c = attn(c, lp, i, x)
+        return x + reduce(a + mlp(lp, x)), pa, pm, c
+
+    def ladder_step(carry, lp, i):
+        x, pa, pm, c = carry
+        x = x + pa                      # previous attention's all-reduce is needed only now
+        a, c = attn(c, lp, i, x)
+        a = reduce(a)
+        x = x + pm                      # previous MLP's all-reduce, overlapped by attention
+        m = reduce(mlp(lp, x))
+        return x, a, m, c
+
+    zeros = jnp.zeros_like(x)
+    carry = (x, zeros, zeros, cache)
+    L = cfg.num_hidden_layers
+    layers = params["layers"]
+    mode = cfg.residual_mode
+    if mode == "parallel":
+        carry = _run_layers(parallel_step, carry, layers, 0, L, unroll)
+    elif mode in ("ladder", "hybrid"):
+        n_ladder = L if mode == "ladder" else cfg.ladder_layers
+        carry = _run_layers(standard_step, carry, layers, 0, L - n_ladder, unroll)
+        carry = _run_layers(ladder_step, carry, layers, L - n_ladder, L, unroll)
+    else:
+        carry = _run_layers(standard_step, carry, layers, 0, L, unroll)
+    x, pa, pm, cache = carry
+    x = x + pa + pm                     # ladder: the last two outputs join before the final norm
+    x = rms_norm(x, params["model.norm.weight"], eps)
+
+    if cache is not None:
+        new_len = cache["lengths"] + 1 if t == 1 else lengths.astype(jnp.int32)
+        cache = {**cache, "lengths": new_len}
+    if return_hidden:
+        return x, cache
+    return lm_head(params, cfg, x, tensor_axis), cache
