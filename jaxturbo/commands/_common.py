@@ -1,0 +1,31 @@
+"""Arguments and helpers shared by the sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxturbo.errors import UserError
+
+DTYPES = ("float32", "bfloat16")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="registry name (e.g. smollm2-135m), HF directory, or .gguf file")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter/compute dtype")
+
+
+def add_mesh_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None,
+                   help="mesh preset (see meshes/) or sizes like tensor=4,data=2 (default: one device)")
+
+
+def read_text_file(path: str) -> str:
+    f = Path(path)
+    if not f.is_file():
+        raise UserError(f"data file {path} does not exist")
+    text = f.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise UserError(f"data file {path} is empty; give a text file with content")
+    return text
