@@ -1,0 +1,1 @@
+"""Training core: losses, optimizer, sharded train step, checkpoints, the SFT loop."""

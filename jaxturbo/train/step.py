@@ -1,0 +1,192 @@
+"""The train step: float32 master weights, low-precision compute, gradient accumulation, remat.
+
+    state, metrics = step(state, batch)
+
+`batch` holds [B, T] arrays: tokens, targets (next tokens, already shifted), weights (training
+weight of each target; 0 for prompts, padding, document ends), segment_ids and positions (packed
+rows; see `jaxturbo.data`).  The loss is `Weighted(total, count)` summed over the whole batch
+(all micro-batches, all devices) before dividing, so gradient accumulation and sharding give the
+same update as one big batch on one device.
+
+Mixed precision: the parameters stay float32 (optimizer state too); the loss casts them to
+`compute_dtype` on the fly, so the gradient flows back through the cast and arrives in float32.
+Logits and losses are float32 (the model's LM head accumulates in float32).
+
+Sharding: see `jaxturbo.train.sharding` (data parallel + FSDP through NamedSharding and jit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxturbo.errors import UserError
+from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.transformer import Params, forward
+from jaxturbo.train import sharding as shd
+from jaxturbo.train.losses import NORMALIZE_MODES, Weighted, cross_entropy
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Params, Batch], tuple[Weighted, dict[str, jax.Array]]]
+
+# Rematerialisation (activation checkpointing, Chen et al. 2016) of the whole loss; the policy
+# decides, op by op and also inside the layer scan, what the backward pass may keep:
+#   none  keep everything (fastest, most memory)
+#   dots  keep matmul outputs, recompute the elementwise ops between them
+#   full  keep only each layer's scan carry (the residual stream): recompute the layer
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a step computes (not what it optimises: see OptimizerConfig).
+
+    compute_dtype: dtype of the forward/backward matmuls ("bfloat16" or "float32").
+    grad_accum: micro-batches per step; the batch rows must divide by it (and by data*fsdp).
+    remat: rematerialisation policy, one of REMAT_POLICIES.
+    normalize: loss normalisation, "token" or "sequence" (see jaxturbo.train.losses).
+    attn_impl: attention implementation passed to the model ("auto", "xla", "cudnn", ...).
+    """
+
+    compute_dtype: str = "bfloat16"
+    grad_accum: int = 1
+    remat: str = "none"
+    normalize: str = "token"
+    attn_impl: str = "auto"
+
+    def validate(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise UserError(f"compute dtype {self.compute_dtype!r}; choose {', '.join(COMPUTE_DTYPES)}")
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"remat policy {self.remat!r}; choose {', '.join(REMAT_POLICIES)}")
+        if self.normalize not in NORMALIZE_MODES:
+            raise UserError(f"loss normalisation {self.normalize!r}; choose {', '.join(NORMALIZE_MODES)}")
+        if self.grad_accum < 1:
+            raise UserError(f"grad_accum={self.grad_accum} must be >= 1")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a checkpoint saves exactly this."""
+
+    step: jax.Array        # int32 scalar: optimizer steps taken
+    params: Params         # float32 master weights
+    opt_state: Any         # optax state (moments shaped like params)
+    rng: jax.Array         # uint32 [2] raw PRNG key, split once per step (for stochastic losses)
+
+
+def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None) -> LossFn:
+    """Next-token cross-entropy of the model on a packed batch."""
+    def loss(params: Params, batch: Batch) -> tuple[Weighted, dict[str, jax.Array]]:
+        logits, _ = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
+                            attn_fn=attn_fn)
+        return cross_entropy(logits, batch["targets"], batch["weights"],
+                             segment_ids=batch["segment_ids"],
+                             normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
+    return loss
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, *,
+               mesh: Mesh | None = None, seed: int = 0) -> TrainState:
+    """A step-0 state: params cast to float32 and (with a mesh) laid out for FSDP."""
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), params)  # a copy: steps donate it
+    rng = jax.random.key_data(jax.random.key(seed))
+    if mesh is None:
+        return TrainState(jnp.int32(0), params, optimizer.init(params), rng)
+    sh = state_shardings(params, optimizer, mesh)
+    params = jax.device_put(params, sh.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
+    return TrainState(jax.device_put(jnp.int32(0), sh.step), params, opt_state,
+                      jax.device_put(rng, sh.rng))
+
+
+def state_shardings(params: Params, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+    """A TrainState of NamedShardings: params on fsdp, moments like their params, rest replicated."""
+    shd.check_training_mesh(mesh)
+    p_sh = shd.param_shardings(params, mesh)
+    rep = shd.replicated(mesh)
+    abstract = jax.eval_shape(optimizer.init, params)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract, p_sh,
+                                   transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return TrainState(rep, p_sh, opt_sh, rep)
+
+
+def _split_micro(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B/n, ...] taking rows n apart, so that each device's contiguous block of
+    rows feeds every micro-batch equally and no rows move between devices."""
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
+                    optimizer: optax.GradientTransformation, *, loss_fn: LossFn | None = None,
+                    mesh: Mesh | None = None, params: Params | None = None,
+                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Build the jitted step.  With a mesh, `params` (arrays or shapes) fixes the shardings.
+
+    loss_fn(compute_params, micro_batch) -> (Weighted, aux) replaces the SFT cross-entropy
+    (e.g. distillation); aux values are summed over micro-batches.
+    Metrics: loss, count (the loss denominator), grad_norm (before clipping).
+    """
+    train_cfg.validate()
+    loss_fn = loss_fn or sft_loss(model_cfg, train_cfg)
+    dtype = COMPUTE_DTYPES[train_cfg.compute_dtype]
+    policy = REMAT_POLICIES[train_cfg.remat]
+    accum = train_cfg.grad_accum
+
+    def total_of(p: Params, micro: Batch):
+        pc = jax.tree.map(lambda x: x.astype(dtype), p)
+        w, aux = loss_fn(pc, micro)
+        return w.total, (w, aux)
+
+    if policy is not None:
+        total_of = jax.checkpoint(total_of, policy=policy)
+    grad_fn = jax.grad(total_of, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if accum == 1:
+            grads, (w, aux) = grad_fn(state.params, batch)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, accum), batch)
+            zero_g = jax.tree.map(jnp.zeros_like, state.params)
+            _, (w0, aux0) = jax.eval_shape(grad_fn, state.params,
+                                           jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (w0, aux0))
+
+            def body(carry, mb):
+                g_acc, acc = carry
+                g, wa = grad_fn(state.params, mb)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, acc, wa)), None
+
+            (grads, (w, aux)), _ = jax.lax.scan(body, (zero_g, zeros), micro)
+        # d(total/count)/dp with count a constant of the data: divide the summed gradient once
+        grads = jax.tree.map(lambda g: g / jnp.maximum(w.count, 1.0), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        metrics = {"loss": w.value(), "count": w.count, "grad_norm": optax.global_norm(grads),
+                   **aux}
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    donate_args = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_args)
+    if params is None:
+        raise ValueError("make_train_step with a mesh needs `params` (arrays or shapes)")
+    sh = state_shardings(params, optimizer, mesh)
+    return jax.jit(step, in_shardings=(sh, shd.batch_sharding(mesh)),
+                   out_shardings=(sh, shd.replicated(mesh)), donate_argnums=donate_args)
