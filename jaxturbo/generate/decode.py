@@ -42,16 +42,20 @@ def bucket(n: int, multiple: int = 64) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stream",
-                                             "attn_impl", "cache_dtype"))
+                                             "attn_impl", "cache_dtype", "model_fn", "kv_heads"))
 def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
               stop_ids: jax.Array, *, cfg: ModelConfig, max_new_tokens: int,
               sampling: SamplingParams, stream: Callable | None, attn_impl: str,
-              cache_dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+              cache_dtype: str, model_fn: Callable | None = None,
+              kv_heads: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # model_fn: a hashable stand-in for `forward` with its signature (e.g. tensor-parallel
+    # `jaxturbo.parallel.tensor.TensorParallel`); kv_heads: the cache's (global) KV head count.
+    fwd = forward if model_fn is None else model_fn
     b, p = tokens.shape
-    cache = init_cache(cfg, b, p + max_new_tokens, jnp.dtype(cache_dtype))
+    cache = init_cache(cfg, b, p + max_new_tokens, jnp.dtype(cache_dtype), kv_heads=kv_heads)
     seg = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
-    logits, cache = forward(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths,
-                            attn_impl=attn_impl)
+    logits, cache = fwd(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths,
+                        attn_impl=attn_impl)
     last = logits[jnp.arange(b), lengths - 1]
     key, sub = jax.random.split(key)
     tok, logp = sample(last, sub, sampling)
@@ -74,7 +78,7 @@ def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Ar
         if stream is not None:
             io_callback(stream, None, tok, live, ordered=True)
         done = done | jnp.isin(tok, stop_ids)
-        logits, cache = forward(params, cfg, tok[:, None], cache=cache, attn_impl=attn_impl)
+        logits, cache = fwd(params, cfg, tok[:, None], cache=cache, attn_impl=attn_impl)
         key, sub = jax.random.split(key)
         tok, logp = sample(logits[:, 0], sub, sampling)
         return step + 1, tok, logp, cache, out_tok, out_logp, done, count, key
@@ -96,6 +100,8 @@ def generate(
     stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
     attn_impl: str = "auto",
     bucket_multiple: int = 64,
+    model_fn: Callable | None = None,
+    kv_heads: int | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
@@ -103,6 +109,9 @@ def generate(
       prompts: B lists of token ids (each non-empty).
       stop_ids: tokens that end a row (included in its output).
       stream: called on the host once per step with (tokens [B], live [B]) while the loop runs.
+      model_fn: hashable replacement for `forward` with its signature (tensor parallel:
+        `jaxturbo.parallel.tensor.TensorParallel(mesh)`, params from `shard_params`).
+      kv_heads: KV heads of the cache when they differ from the config's (replicated under TP).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt must contain at least one token")
@@ -124,5 +133,6 @@ def generate(
     out, logp, n = _generate(params, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(seed),
                              jnp.asarray(stops), cfg=cfg, max_new_tokens=max_new_tokens,
                              sampling=sampling, stream=stream, attn_impl=attn_impl,
-                             cache_dtype=jnp.dtype(dtype).name)
+                             cache_dtype=jnp.dtype(dtype).name, model_fn=model_fn,
+                             kv_heads=kv_heads)
     return GenerationResult(np.asarray(out), np.asarray(logp), np.asarray(n))

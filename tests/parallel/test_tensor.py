@@ -1,0 +1,179 @@
+"""Tensor parallelism on 8 fake CPU devices: every residual mode at TP 1/2/4/8 equals the
+single-device forward of the same mode (for `standard`: the foundation model's logits), for
+prefill and cached decode (tests/conftest.py sets
+XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxturbo.errors import UserError  # noqa: E402
+from jaxturbo.generate.decode import generate  # noqa: E402
+from jaxturbo.models.config import ModelConfig  # noqa: E402
+from jaxturbo.models.transformer import forward, init_cache  # noqa: E402
+from jaxturbo.parallel import tensor  # noqa: E402
+from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
+
+# 8 query heads, 2 KV heads: TP 2 shards the KV heads, TP 4 and 8 replicate them.
+TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                   num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=64, ladder_layers=2)
+MODES = ("standard", "parallel", "ladder", "hybrid", "desync")
+PROMPT, MAX_LEN, STEPS = 6, 12, 2
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random weights of HF layout (norms away from 1 so they matter)."""
+    from jaxturbo.bridge.hf import global_shapes, layer_shapes
+    rng = np.random.RandomState(seed)
+
+    def draw(shape, name):
+        if "norm" in name:
+            return jnp.asarray(1 + 0.2 * rng.randn(*shape), jnp.float32)
+        return jnp.asarray(rng.randn(*shape) / np.sqrt(shape[-1]), jnp.float32)
+
+    params = {n: draw(s, n) for n, s in global_shapes(cfg).items()}
+    params["layers"] = {n: draw((cfg.num_hidden_layers, *s), n) for n, s in layer_shapes(cfg).items()}
+    return params
+
+
+def tp_mesh(tp: int):
+    return make_mesh({"tensor": tp}, jax.devices()[:tp])
+
+
+def prefill_decode(fwd, params, cfg, tokens, lengths, steps, kv_heads=None):
+    """Prefill right-padded prompts into a cache, then `steps` cached decode steps.
+    Returns (prefill logits [B, T, V], decode logits [steps, B, V])."""
+    b, t = tokens.shape
+    cache = init_cache(cfg, b, MAX_LEN, kv_heads=kv_heads)
+    seg = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.int32)
+    logits, cache = fwd(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths)
+
+    def step(cache, tok):  # a scan, so the decode step compiles once
+        lg, cache = fwd(params, cfg, tok[:, None], cache=cache)
+        return cache, lg[:, 0]
+
+    step_toks = (tokens[:, :steps].T * 7 + 3) % cfg.vocab_size  # fixed, mode-independent inputs
+    _, dec = jax.lax.scan(step, cache, step_toks)
+    return logits, dec
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = random_params(TINY)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, PROMPT)), jnp.int32)
+    lengths = jnp.asarray([PROMPT, PROMPT - 2], jnp.int32)
+    return params, tokens, lengths
+
+
+def _reference(params, cfg, tokens, lengths):
+    fn = jax.jit(lambda p, t, n: prefill_decode(forward, p, cfg, t, n, STEPS))
+    return fn(params, tokens, lengths)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tp_matches_single_device(setup, mode):
+    params, tokens, lengths = setup
+    cfg = TINY.replace(residual_mode=mode)
+    ref_pre, ref_dec = _reference(params, cfg, tokens, lengths)
+    # desync differs from the reference by definition at TP > 1: there it only has to run
+    for tp in ((1, 8) if mode == "desync" else (1, 2, 4, 8)):
+        mesh = tp_mesh(tp)
+        sp = tensor.shard_params(params, cfg, mesh)
+        fwd = tensor.TensorParallel(mesh)
+        heads = tensor.cache_kv_heads(cfg, tp)
+        pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS, heads))(
+            sp, tokens, lengths)
+        assert np.all(np.isfinite(np.asarray(dec)))
+        if mode == "desync" and tp > 1:
+            continue  # no all-reduce: a different function by definition; it must only run
+        valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
+        assert _rel(pre[valid], ref_pre[valid]) <= 1e-5, (mode, tp)
+        assert _rel(dec, ref_dec) <= 1e-5, (mode, tp)
+
+
+def test_modes_differ(setup):
+    """The equality above would pass vacuously if the modes computed the same function."""
+    params, tokens, _ = setup
+    f = jax.jit(forward, static_argnums=1)
+    std = f(params, TINY, tokens)[0]
+    for m in ("parallel", "ladder", "hybrid"):
+        assert _rel(f(params, TINY.replace(residual_mode=m), tokens)[0], std) > 1e-3, m
+
+
+def test_unrolled_tp_and_9_3_heads_at_tp3():
+    """SmolLM2-like 9 query / 3 KV heads at TP 3 (one KV head per device), layers unrolled."""
+    cfg = ModelConfig(vocab_size=96, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=8,
+                      max_position_embeddings=64, residual_mode="ladder")
+    params = random_params(cfg, seed=3)
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, 96, (2, PROMPT)), jnp.int32)
+    lengths = jnp.asarray([PROMPT, 3], jnp.int32)
+    ref_pre, ref_dec = _reference(params, cfg, tokens, lengths)
+    mesh = tp_mesh(3)
+    sp = tensor.shard_params(params, cfg, mesh)
+    assert sp["layers"]["self_attn.k_proj.weight"].sharding.shard_shape((2, 24, 72)) == (2, 8, 72)
+    fwd = tensor.TensorParallel(mesh, unroll=True)
+    pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS))(sp, tokens, lengths)
+    valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
+    assert _rel(pre[valid], ref_pre[valid]) <= 1e-5
+    assert _rel(dec, ref_dec) <= 1e-5
+
+
+def test_generate_tp8_equals_single_device(setup):
+    """Greedy generation through the on-device loop, sharded cache, TP 8 with replicated KV."""
+    params, _, _ = setup
+    cfg = TINY.replace(residual_mode="ladder")
+    prompts = [[5, 9, 11, 3], [7, 1]]
+    ref = generate(params, cfg, prompts, max_new_tokens=5, bucket_multiple=8)
+    mesh = tp_mesh(8)
+    out = tensor.generate(tensor.shard_params(params, cfg, mesh), cfg, mesh, prompts,
+                          max_new_tokens=5, bucket_multiple=8)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-5)
+
+
+def test_replicated_kv_is_the_same_model(setup):
+    params, tokens, _ = setup
+    rep = tensor.replicate_kv_heads(params, TINY, 8)
+    assert rep["layers"]["self_attn.k_proj.weight"].shape == (3, 8 * 8, 64)
+    cfg8 = TINY.replace(num_key_value_heads=8)
+    f = jax.jit(forward, static_argnums=1)
+    assert _rel(f(rep, cfg8, tokens)[0], f(params, TINY, tokens)[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("tp, msg", [
+    (4, "tensor axis 4 does not divide 9 query heads; choose a tensor size from {1, 3}"),
+    (2, "tensor axis 2 does not divide 9 query heads; choose a tensor size from {1, 3}"),
+])
+def test_error_names_valid_choices(tp, msg):
+    smol = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64)
+    with pytest.raises(UserError) as e:
+        tensor.check_tensor_parallel(smol, tp)
+    assert str(e.value) == msg
+
+
+def test_error_kv_heads_and_vocab():
+    cfg = ModelConfig(vocab_size=250, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=12, num_key_value_heads=3, head_dim=8)
+    with pytest.raises(UserError, match=r"tensor axis 2 does not divide 3 KV heads"):
+        tensor.check_tensor_parallel(cfg, 2)
+    with pytest.raises(UserError, match=r"does not divide the vocabulary of 250; .*\{1\}"):
+        tensor.check_tensor_parallel(cfg, 3)
+    with pytest.raises(UserError, match=r"mesh axis sequence=2 must be 1"):
+        tensor.check_mesh(cfg, make_mesh({"tensor": 4, "sequence": 2}))
+    with pytest.raises(UserError, match=r"batch 3 is not divisible by the data axis 2"):
+        tensor.check_mesh(TINY, make_mesh({"tensor": 4, "data": 2}), batch=3)
