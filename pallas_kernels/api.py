@@ -1,8 +1,14 @@
-"""Public entry points: `attention` (prefill/training) and `decode_attention` (generation).
+"""Public entry points: `attention` (prefill/training), `decode_attention` and
+`mla_decode_attention` (generation).
 
-`implementation` picks the backend; "auto" chooses the fastest correct one for the platform and
-case.  Only "xla" (the pure-jnp reference, which XLA compiles) exists so far; kernels register
-themselves here as they land.
+`implementation` picks the backend:
+  "xla"            the pure-jnp reference, compiled by XLA (any platform);
+  "cudnn"          `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16);
+  "pallas_triton"  Pallas kernels through the Triton lowering (GPU; interpret mode on CPU);
+  "mosaic_tpu"     Pallas kernels through Mosaic TPU (TPU; TPU interpret mode on CPU);
+  "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu, else pallas_triton;
+                   on CPU it runs in interpret mode: slow, for tests);
+  "auto"           the fastest correct choice for the platform and case (see `_auto_attention`).
 """
 
 from __future__ import annotations
@@ -10,11 +16,62 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
-from pallas_kernels.decode_attention.reference import decode_attention_reference
-from pallas_kernels.flash_attention.reference import attention_reference
+from pallas_kernels.decode_attention.reference import (decode_attention_reference,
+                                                       mla_decode_reference)
+from pallas_kernels.flash_attention.reference import attention_mask, attention_reference
 
-Implementation = Literal["auto", "pallas", "cudnn", "xla"]
+Implementation = Literal["auto", "pallas", "pallas_triton", "mosaic_tpu", "cudnn", "xla"]
+_ATTENTION_IMPLS = ("auto", "pallas", "pallas_triton", "mosaic_tpu", "cudnn", "xla")
+
+
+def _platform() -> str:
+    return jax.devices()[0].platform
+
+
+def _resolve_pallas(implementation: str) -> str:
+    if implementation != "pallas":
+        return implementation
+    return "mosaic_tpu" if _platform() == "tpu" else "pallas_triton"
+
+
+def _interpret(implementation: str, interpret: bool | None) -> bool:
+    """Kernels run in interpret mode when asked, or when their platform is absent."""
+    if interpret is not None:
+        return interpret
+    want = "tpu" if implementation == "mosaic_tpu" else "gpu"
+    return _platform() != want
+
+
+def _auto_attention(q: jax.Array, *, segment_ids, softcap, return_lse) -> str:
+    """cuDNN where it covers the case on GPU (measured fastest for plain causal/non-causal, see
+    experiments/attention/NOTES.md); our kernel for what cuDNN lacks or handles slowly (lse
+    output, soft-cap, packed segments); Mosaic TPU on TPU; XLA on CPU."""
+    platform = _platform()
+    if platform == "tpu":
+        return "mosaic_tpu"
+    if platform == "gpu":
+        if (segment_ids is None and softcap is None and not return_lse
+                and q.dtype in (jnp.bfloat16, jnp.float16)):
+            return "cudnn"
+        return "pallas_triton"
+    return "xla"
+
+
+def _cudnn_attention(q, k, v, *, causal, segment_ids, kv_segment_ids, sliding_window, scale):
+    t, s = q.shape[1], k.shape[1]
+    mask = None
+    if segment_ids is not None or (causal and t != s):
+        # cuDNN's is_causal is top-left aligned; an explicit mask keeps the reference's
+        # bottom-right alignment and expresses packed documents.
+        mask = attention_mask(t, s, causal=causal, q_segment_ids=segment_ids,
+                              kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+        mask = jnp.broadcast_to(mask[:, None], (q.shape[0], 1, t, s))
+        causal, sliding_window = False, None
+    window = None if sliding_window is None else (sliding_window, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                        local_window_size=window, implementation="cudnn")
 
 
 def attention(
@@ -30,17 +87,40 @@ def attention(
     softcap: float | None = None,
     return_lse: bool = False,
     implementation: Implementation = "auto",
+    interpret: bool | None = None,
+    config=None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention, q [B, T, H, D], k/v [B, S, K, D] -> [B, T, H, D] (and lse [B, H, T]).
 
     See `flash_attention.reference.attention_reference` for the exact semantics every
-    implementation must reproduce.
+    implementation must reproduce.  `interpret` (kernels only) defaults to True off their
+    platform; `config` passes an implementation's tile-size Config.
     """
-    if implementation in ("auto", "xla"):
-        return attention_reference(
-            q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-            sliding_window=sliding_window, scale=scale, softcap=softcap, return_lse=return_lse)
-    raise ValueError(f"attention implementation {implementation!r} is not available; use 'xla' or 'auto'")
+    if implementation not in _ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {implementation!r} is unknown; choose one "
+                         f"of {_ATTENTION_IMPLS}")
+    if implementation == "auto":
+        implementation = _auto_attention(q, segment_ids=segment_ids, softcap=softcap,
+                                         return_lse=return_lse)
+    implementation = _resolve_pallas(implementation)
+    kwargs = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                  sliding_window=sliding_window, scale=scale, softcap=softcap,
+                  return_lse=return_lse)
+    if implementation == "xla":
+        return attention_reference(q, k, v, **kwargs)
+    if implementation == "cudnn":
+        if softcap is not None or return_lse:
+            raise ValueError("implementation='cudnn' supports neither softcap nor return_lse; "
+                             "use 'pallas' or 'xla'")
+        return _cudnn_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
+                                scale=scale)
+    interp = _interpret(implementation, interpret)
+    if implementation == "pallas_triton":
+        from pallas_kernels.flash_attention import pallas_triton
+        return pallas_triton.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
+    from pallas_kernels.flash_attention import mosaic_tpu
+    return mosaic_tpu.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
 
 
 def decode_attention(
@@ -53,9 +133,61 @@ def decode_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     implementation: Implementation = "auto",
+    interpret: bool | None = None,
+    config=None,
 ) -> jax.Array:
     """One query per sequence over its cache: q [B, H, D], caches [B, S, K, D], lengths [B]."""
-    if implementation in ("auto", "xla"):
-        return decode_attention_reference(q, k_cache, v_cache, lengths, scale=scale,
-                                          softcap=softcap, sliding_window=sliding_window)
-    raise ValueError(f"decode attention implementation {implementation!r} is not available; use 'xla' or 'auto'")
+    if implementation not in _ATTENTION_IMPLS or implementation == "cudnn":
+        raise ValueError(f"decode attention implementation {implementation!r} is unknown; "
+                         "choose one of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
+    if implementation == "auto":
+        implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
+    implementation = _resolve_pallas(implementation)
+    kwargs = dict(scale=scale, softcap=softcap, sliding_window=sliding_window)
+    if implementation == "xla":
+        return decode_attention_reference(q, k_cache, v_cache, lengths, **kwargs)
+    interp = _interpret(implementation, interpret)
+    if implementation == "pallas_triton":
+        from pallas_kernels.decode_attention import pallas_triton
+        return pallas_triton.decode_attention(q, k_cache, v_cache, lengths, config=config,
+                                              interpret=interp, **kwargs)
+    from pallas_kernels.decode_attention import mosaic_tpu
+    return mosaic_tpu.decode_attention(q, k_cache, v_cache, lengths, config=config,
+                                       interpret=interp, **kwargs)
+
+
+def mla_decode_attention(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    latent_cache: jax.Array,
+    rope_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    implementation: Implementation = "auto",
+    interpret: bool | None = None,
+    config=None,
+) -> jax.Array:
+    """MLA decode with absorbed queries: q_latent [B, H, R], q_rope [B, H, Dr],
+    latent_cache [B, S, R], rope_cache [B, S, Dr], lengths [B] -> latent output [B, H, R].
+
+    See `decode_attention.reference.mla_decode_reference`.
+    """
+    if implementation not in _ATTENTION_IMPLS or implementation == "cudnn":
+        raise ValueError(f"MLA decode implementation {implementation!r} is unknown; choose one "
+                         "of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
+    if implementation == "auto":
+        implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
+    implementation = _resolve_pallas(implementation)
+    if implementation == "xla":
+        return mla_decode_reference(q_latent, q_rope, latent_cache, rope_cache, lengths,
+                                    scale=scale)
+    interp = _interpret(implementation, interpret)
+    if implementation == "pallas_triton":
+        from pallas_kernels.decode_attention import pallas_triton
+        return pallas_triton.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache,
+                                                  lengths, scale=scale, config=config,
+                                                  interpret=interp)
+    from pallas_kernels.decode_attention import mosaic_tpu
+    return mosaic_tpu.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache, lengths,
+                                           scale=scale, config=config, interpret=interp)

@@ -48,3 +48,38 @@ def decode_attention_reference(
     p = jnp.where(valid[:, None, None, :], p, 0.0)
     out = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32))
     return out.reshape(b, h, d).astype(q.dtype)
+
+
+def mla_decode_reference(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    latent_cache: jax.Array,
+    rope_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Multi-head latent attention (DeepSeek-V2, 2024) decode with the queries absorbed.
+
+    With W_UK absorbed into the query (q_latent = q_nope @ W_UK per head) and W_UV applied after
+    (out = out_latent @ W_UV), every head attends over the one shared latent cache:
+    score_hj = scale * (q_latent_h . c_j + q_rope_h . k_rope_j), out_latent_h = sum_j p_hj c_j.
+
+    Args:
+      q_latent: [B, H, R] (R = kv_lora_rank); q_rope: [B, H, Dr] (Dr = qk_rope_head_dim).
+      latent_cache: [B, S, R] (normalised c_kv); rope_cache: [B, S, Dr] (roped shared key).
+      lengths: [B] valid slots per sequence.
+      scale: softmax scale, 1/sqrt(qk_nope_head_dim + qk_rope_head_dim) in DeepSeek models.
+    Returns:
+      out_latent [B, H, R] in q_latent.dtype.
+    """
+    s = latent_cache.shape[1]
+    logits = (jnp.einsum("bhr,bsr->bhs", q_latent, latent_cache,
+                         preferred_element_type=jnp.float32)
+              + jnp.einsum("bhr,bsr->bhs", q_rope, rope_cache,
+                           preferred_element_type=jnp.float32)).astype(jnp.float32) * scale
+    valid = jnp.arange(s)[None, None, :] < lengths[:, None, None]
+    logits = jnp.where(valid, logits, NEG_INF)
+    p = jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum("bhs,bsr->bhr", p, latent_cache.astype(jnp.float32))
+    return out.astype(q_latent.dtype)

@@ -1,0 +1,188 @@
+"""Decode attention and MLA latent decode through Mosaic TPU (TPU interpret mode on CPU).
+
+Grid (batch, cache block); the cache-block axis is the reduction ("arbitrary") with the running
+max / sum / accumulator in VMEM.  Each step loads one cache block holding every KV head (so the
+block's last two dims are the full [K, D]) and the lengths are scalar-prefetched: steps past a
+sequence's length repeat the last valid block index (no DMA) and skip the compute.
+Only tested in TPU interpret mode so far (no TPU lent here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.flash_attention.common import NEG_INF, pad_seq, round_up
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_k: int = 256
+
+
+def _dot(a, b, trans_b=False):
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=prec,
+                           preferred_element_type=jnp.float32)
+
+
+def _update(m_sc, l_sc, acc_sc, rows, s, v):
+    """Online-softmax update of scratch rows `rows` (a static slice) with logits s and values v."""
+    m = m_sc[rows]
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe)
+    l_sc[rows] = alpha * l_sc[rows] + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[rows] = alpha * acc_sc[rows] + _dot(p.astype(v.dtype), v)
+    m_sc[rows] = m_new
+
+
+def _init(j, m_sc, l_sc, acc_sc):
+    @pl.when(j == 0)
+    def _():
+        m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def _finish(j, nk, o_ref, m_sc, l_sc, acc_sc):
+    @pl.when(j == nk - 1)
+    def _():
+        l = l_sc[...]
+        o_ref[...] = (acc_sc[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, scale, softcap,
+                   window, bk: int, nk: int, kv_heads: int, groups: int):
+    b, j = pl.program_id(0), pl.program_id(1)
+    length = len_ref[b]
+    _init(j, m_sc, l_sc, acc_sc)
+    lo = 0 if window is None else jnp.maximum(length - 1 - window, 0) // bk
+
+    @pl.when((j * bk < length) & (j >= lo))
+    def _():
+        pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        ok = pos < length
+        if window is not None:
+            ok = ok & (pos >= length - 1 - window)
+        for kh in range(kv_heads):  # static: each KV head serves its group of query rows
+            rows = slice(kh * groups, (kh + 1) * groups)
+            s = _dot(q_ref[rows, :], k_ref[:, kh, :], trans_b=True) * scale
+            if softcap is not None:
+                s = softcap * jnp.tanh(s / softcap)
+            s = jnp.where(ok, s, NEG_INF)
+            _update(m_sc, l_sc, acc_sc, rows, s, v_ref[:, kh, :])
+
+    _finish(j, nk, o_ref, m_sc, l_sc, acc_sc)
+
+
+def _mla_kernel(len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_sc, l_sc, acc_sc, *, scale,
+                bk: int, nk: int):
+    b, j = pl.program_id(0), pl.program_id(1)
+    length = len_ref[b]
+    _init(j, m_sc, l_sc, acc_sc)
+
+    @pl.when(j * bk < length)
+    def _():
+        c = c_ref[...]
+        s = (_dot(q_ref[...], c, trans_b=True) + _dot(qr_ref[...], kr_ref[...], trans_b=True))
+        pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        s = jnp.where(pos < length, s * scale, NEG_INF)
+        _update(m_sc, l_sc, acc_sc, slice(None), s, c)
+
+    _finish(j, nk, o_ref, m_sc, l_sc, acc_sc)
+
+
+def _last_block(j, length, bk):
+    """Past the sequence's end, keep the last valid block index so no new DMA is issued."""
+    return jnp.minimum(j, jnp.maximum(length - 1, 0) // bk)
+
+
+def _interp(interpret):
+    return pltpu.InterpretParams() if interpret is True else interpret
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
+    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference)."""
+    cfg = config or Config()
+    b, h, d = q.shape
+    s, kh = k_cache.shape[1], k_cache.shape[2]
+    if h % kh:
+        raise ValueError(f"kv heads {kh} must divide query heads {h}")
+    bk = min(cfg.block_k, round_up(s, 8))
+    sp = round_up(s, bk)
+    nk = sp // bk
+    scale = d ** -0.5 if scale is None else scale
+    cache_spec = pl.BlockSpec((None, bk, kh, d),
+                              lambda bb, j, lens: (bb, _last_block(j, lens[bb], bk), 0, 0))
+    q_spec = pl.BlockSpec((None, h, d), lambda bb, j, lens: (bb, 0, 0))
+    return pl.pallas_call(
+        functools.partial(_decode_kernel, scale=float(scale), softcap=softcap,
+                          window=sliding_window, bk=bk, nk=nk, kv_heads=kh, groups=h // kh),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, nk), in_specs=[q_spec, cache_spec, cache_spec],
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
+                            pltpu.VMEM((h, d), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct((b, h, d), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=_interp(interpret),
+        name="jaxturbo_decode_tpu",
+    )(lengths.astype(jnp.int32), q, pad_seq(k_cache, sp), pad_seq(v_cache, sp))
+
+
+def mla_decode_attention(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    latent_cache: jax.Array,
+    rope_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
+    """MLA latent decode: q_latent [B, H, R], q_rope [B, H, Dr], latent_cache [B, S, R],
+    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`)."""
+    cfg = config or Config()
+    b, h, r = q_latent.shape
+    dr = q_rope.shape[-1]
+    s = latent_cache.shape[1]
+    bk = min(cfg.block_k, round_up(s, 8))
+    sp = round_up(s, bk)
+    nk = sp // bk
+    cmap = lambda bb, j, lens: (bb, _last_block(j, lens[bb], bk), 0)
+    qmap = lambda bb, j, lens: (bb, 0, 0)
+    return pl.pallas_call(
+        functools.partial(_mla_kernel, scale=float(scale), bk=bk, nk=nk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b, nk),
+            in_specs=[pl.BlockSpec((None, h, r), qmap), pl.BlockSpec((None, h, dr), qmap),
+                      pl.BlockSpec((None, bk, r), cmap), pl.BlockSpec((None, bk, dr), cmap)],
+            out_specs=pl.BlockSpec((None, h, r), qmap),
+            scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
+                            pltpu.VMEM((h, r), jnp.float32)]),
+        out_shape=jax.ShapeDtypeStruct((b, h, r), q_latent.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=_interp(interpret),
+        name="jaxturbo_mla_decode_tpu",
+    )(lengths.astype(jnp.int32), q_latent, q_rope, pad_seq(latent_cache, sp),
+      pad_seq(rope_cache, sp))

@@ -1,0 +1,199 @@
+"""Decode attention and MLA latent decode through the Pallas-Triton lowering (GPU; interpret on CPU).
+
+Split-K ("flash-decoding"): one query token per sequence gives too few rows to fill a GPU, so
+the cache is cut into `num_splits` chunks processed in parallel, each writing a partial output
+and its log-sum-exp; a small jnp step merges the chunks.  The query heads that share a KV head
+(GQA) form the rows of one tile, so each cache block is read once per KV head.  Blocks past a
+sequence's length (or before its sliding window) are never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention.common import NEG_INF, pad_seq, round_up
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Cache block size, number of parallel chunks, Triton launch parameters, MLA head tile."""
+
+    block_k: int = 64
+    num_splits: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+    block_h: int = 16  # MLA: query heads per program (they share the latent cache)
+
+
+def _dot(a, b, trans_b=False):
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=prec,
+                           preferred_element_type=jnp.float32)
+
+
+def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
+                  softcap: float | None, window: int | None, block_k: int, chunk: int):
+    """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
+
+    v_ref is None for MLA, where the latent cache is both key and value.
+    """
+    split = pl.program_id(2)
+    length = len_ref[...]
+    q = q_ref[...]
+    qr = qr_ref[...] if qr_ref is not None else None
+    begin = split * chunk
+    end = jnp.minimum(begin + chunk, length)
+    if window is not None:
+        begin = jnp.maximum(begin, (jnp.maximum(length - 1 - window, 0) // block_k) * block_k)
+    lo = begin // block_k
+    hi = jnp.maximum(lo, (end + block_k - 1) // block_k)
+
+    def body(j, carry):
+        acc, m, l = carry
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, trans_b=True)
+        if qr is not None:
+            s = s + _dot(qr, kr_ref[pl.ds(start, block_k), :], trans_b=True)
+        s = s * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        pos = start + jnp.arange(block_k)
+        ok = pos < end
+        if window is not None:
+            ok = ok & (pos >= length - 1 - window)
+        s = jnp.where(ok[None, :], s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
+        v = k if v_ref is None else v_ref[pl.ds(start, block_k), :]
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, alpha * l + jnp.sum(p, axis=1)
+
+    rows = q.shape[0]
+    dv = o_ref.shape[-1]
+    acc, m, l = lax.fori_loop(lo, hi, body, (jnp.zeros((rows, dv), jnp.float32),
+                                             jnp.full((rows,), NEG_INF, jnp.float32),
+                                             jnp.zeros((rows,), jnp.float32)))
+    empty = l == 0.0
+    o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
+    lse_ref[...] = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
+
+
+def _merge(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
+    """Merge partial softmax results along `axis` by their log-sum-exp (empty chunks: -inf)."""
+    m = jnp.max(lse, axis=axis, keepdims=True)
+    w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+    w = w / jnp.maximum(jnp.sum(w, axis=axis, keepdims=True), 1e-30)
+    return jnp.sum(o * w[..., None], axis=axis)
+
+
+def _chunking(s: int, cfg: Config) -> tuple[int, int, int]:
+    splits = max(1, min(cfg.num_splits, -(-s // cfg.block_k)))
+    chunk = round_up(-(-s // splits), cfg.block_k)
+    splits = -(-s // chunk)
+    return splits, chunk, splits * chunk
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference)."""
+    cfg = config or Config()
+    b, h, d = q.shape
+    s, kh = k_cache.shape[1], k_cache.shape[2]
+    if h % kh:
+        raise ValueError(f"kv heads {kh} must divide query heads {h}")
+    g = h // kh
+    # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
+    gp = max(16, pl.next_power_of_2(g))
+    scale = d ** -0.5 if scale is None else scale
+    splits, chunk, sp = _chunking(s, cfg)
+    kc = pad_seq(k_cache, sp)
+    vc = pad_seq(v_cache, sp)
+    qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    kernel = functools.partial(_split_kernel, scale=float(scale), softcap=softcap,
+                               window=sliding_window, block_k=cfg.block_k, chunk=chunk)
+    cache_spec = pl.BlockSpec((None, sp, None, d), lambda bb, hh, ss: (bb, 0, hh, 0))
+    o, lse = pl.pallas_call(
+        lambda len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref: kernel(
+            len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref),
+        grid=(b, kh, splits),
+        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+                  pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0)),
+                  cache_spec, cache_spec],
+        out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="jaxturbo_decode",
+    )(lengths.astype(jnp.int32), qg, kc, vc)
+    out = _merge(o, lse, axis=2)[:, :, :g]
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+def mla_decode_attention(
+    q_latent: jax.Array,
+    q_rope: jax.Array,
+    latent_cache: jax.Array,
+    rope_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """MLA latent decode: q_latent [B, H, R], q_rope [B, H, Dr], latent_cache [B, S, R],
+    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`)."""
+    cfg = config or Config()
+    b, h, r = q_latent.shape
+    dr = q_rope.shape[-1]
+    s = latent_cache.shape[1]
+    bh = max(16, min(cfg.block_h, pl.next_power_of_2(h)))
+    hp = round_up(h, bh)
+    splits, chunk, sp = _chunking(s, cfg)
+    cache = pad_seq(latent_cache, sp)
+    rcache = pad_seq(rope_cache, sp)
+    ql = jnp.pad(q_latent, ((0, 0), (0, hp - h), (0, 0)))
+    qr = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
+    kernel = functools.partial(_split_kernel, scale=float(scale), softcap=None, window=None,
+                               block_k=cfg.block_k, chunk=chunk)
+    o, lse = pl.pallas_call(
+        lambda len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref: kernel(
+            len_ref, q_ref, c_ref, None, qr_ref, kr_ref, o_ref, lse_ref),
+        grid=(b, hp // bh, splits),
+        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+                  pl.BlockSpec((None, bh, r), lambda bb, hh, ss: (bb, hh, 0)),
+                  pl.BlockSpec((None, bh, dr), lambda bb, hh, ss: (bb, hh, 0)),
+                  pl.BlockSpec((None, sp, r), lambda bb, hh, ss: (bb, 0, 0)),
+                  pl.BlockSpec((None, sp, dr), lambda bb, hh, ss: (bb, 0, 0))],
+        out_specs=[pl.BlockSpec((None, None, bh, r), lambda bb, hh, ss: (bb, ss, hh, 0)),
+                   pl.BlockSpec((None, None, bh), lambda bb, hh, ss: (bb, ss, hh))],
+        out_shape=[jax.ShapeDtypeStruct((b, splits, hp, r), jnp.float32),
+                   jax.ShapeDtypeStruct((b, splits, hp), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="jaxturbo_mla_decode",
+    )(lengths.astype(jnp.int32), ql, qr, cache, rcache)
+    return _merge(o, lse, axis=1)[:, :h].astype(q_latent.dtype)

@@ -1,0 +1,137 @@
+"""Pieces every flash-attention implementation shares: the static problem description, the
+in-block mask, block skipping, and padding to whole blocks.
+
+Kernels work on whole blocks; sequences that are not a multiple of the block are padded here and
+the padded keys masked in the kernel (the padded query rows are computed and dropped).  Which
+key blocks a query block can see (causal, sliding window, segment ids) is worked out once in
+plain jnp before the kernel, as a [lo, hi) block range per query block (and per key block for
+the dK/dV pass), so the kernels loop only over blocks that hold at least one visible key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static description of one attention call (hashable: it is a jit/custom_vjp static arg).
+
+    Positions: query row i sits at absolute position i + offset, offset = kv_len - q_len
+    (bottom-right causal alignment, as in `attention_reference`).
+    """
+
+    q_len: int
+    kv_len: int
+    causal: bool
+    sliding_window: int | None
+    scale: float
+    softcap: float | None
+    has_segments: bool
+
+    @property
+    def offset(self) -> int:
+        return self.kv_len - self.q_len
+
+
+def visible(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array,
+            q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
+    """In-block mask [bq, bk] from query rows q_pos [bq, 1] and key positions k_pos [1, bk].
+
+    Arguments are 2D so that TPU kernels (which want 2D iotas) can share this.  q_pos are query
+    *rows*; the causal offset is added here.  Padded keys (k_pos >= kv_len) are always masked.
+    Segment ids: q_seg [bq, 1], k_seg [1, bk].
+    """
+    qp = q_pos + spec.offset
+    kp = k_pos
+    mask = kp < spec.kv_len
+    if spec.causal:
+        mask = mask & (kp <= qp)
+    if spec.sliding_window is not None:
+        mask = mask & (kp >= qp - spec.sliding_window)
+    if spec.has_segments:
+        mask = mask & (q_seg == k_seg)
+    return mask
+
+
+def apply_softcap(spec: MaskSpec, s: jax.Array) -> jax.Array:
+    """Scaled logits -> soft-capped logits (identity without softcap)."""
+    if spec.softcap is None:
+        return s
+    return spec.softcap * jnp.tanh(s / spec.softcap)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pad_seq(x: jax.Array, length: int, axis: int = 1, mode: str = "constant") -> jax.Array:
+    """Pads axis `axis` of x up to `length` (no copy when already that long)."""
+    if x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, mode=mode)
+
+
+def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
+                     q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
+    """Conservative block mask [B or 1, nq, nk]: True where the block pair may hold a visible key.
+
+    Segment ids enter through each block's [min, max] id interval, so packed (sorted) documents
+    skip every block pair that straddles no common document.
+    """
+    nq = -(-spec.q_len // block_q)
+    nk = -(-spec.kv_len // block_k)
+    qi = jnp.arange(nq)
+    kj = jnp.arange(nk)
+    q_lo = qi * block_q + spec.offset
+    q_hi = jnp.minimum((qi + 1) * block_q, spec.q_len) - 1 + spec.offset
+    k_lo = kj * block_k
+    k_hi = jnp.minimum((kj + 1) * block_k, spec.kv_len) - 1
+    vis = jnp.ones((nq, nk), dtype=bool)
+    if spec.causal:
+        vis &= k_lo[None, :] <= q_hi[:, None]
+    if spec.sliding_window is not None:
+        vis &= k_hi[None, :] >= q_lo[:, None] - spec.sliding_window
+    vis = vis[None]
+    if spec.has_segments:
+        def block_minmax(seg, length, block):
+            n = -(-length // block)
+            s = pad_seq(seg, n * block, axis=1, mode="edge").reshape(seg.shape[0], n, block)
+            return s.min(-1), s.max(-1)
+        qmin, qmax = block_minmax(q_seg, spec.q_len, block_q)
+        kmin, kmax = block_minmax(k_seg, spec.kv_len, block_k)
+        vis = vis & (kmin[:, None, :] <= qmax[:, :, None]) & (kmax[:, None, :] >= qmin[:, :, None])
+    return vis
+
+
+def block_ranges(vis: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """[lo, hi) of the True entries of `vis` along `axis` (int32; lo == hi when none)."""
+    n = vis.shape[axis]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    shape = [1] * vis.ndim
+    shape[axis] = n
+    idx = idx.reshape(shape)
+    lo = jnp.min(jnp.where(vis, idx, n), axis=axis)
+    hi = jnp.max(jnp.where(vis, idx + 1, 0), axis=axis)
+    return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
+
+
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    """Clear errors before tracing a kernel."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q, k, v of rank 4 [batch, seq, heads, head_dim]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}; "
+                         f"choose kv heads from the divisors of {q.shape[2]}")
