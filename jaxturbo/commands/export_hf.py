@@ -7,17 +7,20 @@ import argparse
 from jaxturbo.commands._common import add_model_arguments
 
 NAME = "export-hf"
-HELP = "export a model (registry name, HF dir, GGUF, checkpoint) as an HF safetensors directory"
+HELP = "export a model (registry name, HF dir or GGUF) as an HF safetensors directory"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxturbo.bridge import export_hf
+    from jaxturbo.bridge import export_hf, load_hf, resolve_model
 
-    out = export_hf(args.model, args.out, dtype=args.dtype)
+    src = resolve_model(args.model)
+    cfg, params, _ = load_hf(src, dtype=None if args.dtype == "float32" else args.dtype)
+    out = export_hf(params, cfg, args.out, tokenizer=src, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
