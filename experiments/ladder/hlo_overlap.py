@@ -1,0 +1,125 @@
+"""Read a compiled (scheduled) HLO module and report whether its all-reduces overlap compute.
+
+In a scheduled module the instruction order of each computation is the execution order.  An
+async all-reduce is an `all-reduce-start` / `all-reduce-done` pair; the compute kernels that sit
+between the two run while the collective is in flight.  A synchronous `all-reduce` overlaps
+nothing.  A tuple all-reduce with several operands means XLA combined independent reductions,
+which in `ladder` makes the attention all-reduce wait for the MLP (no overlap left to win).
+
+    python experiments/ladder/hlo_overlap.py runs/hlo/decode_8b_ladder_tp2_b1_p2p.hlo.txt [--excerpt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+COMPUTE_OPS = {"fusion", "custom-call", "dot", "convolution", "reduce", "scatter", "gather",
+               "dynamic-update-slice", "while", "conditional", "call"}
+
+
+@dataclass
+class Pair:
+    name: str
+    operands: int
+    between: list[str] = field(default_factory=list)  # compute instructions between start/done
+
+
+@dataclass
+class Report:
+    computation: str
+    sync: list[tuple[str, int]] = field(default_factory=list)  # (name, operand count)
+    pairs: list[Pair] = field(default_factory=list)
+
+
+def _operand_count(args: str) -> int:
+    head = args.split("),", 1)[0]
+    return head.count("%")
+
+
+def analyse(text: str) -> list[Report]:
+    """One Report per computation that holds an all-reduce."""
+    reports: list[Report] = []
+    comp, order = None, []
+    for line in text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            comp, order = m.group(1), []
+            continue
+        if line.startswith("}") and comp is not None:
+            rep = _pairs(comp, order)
+            if rep.sync or rep.pairs:
+                reports.append(rep)
+            comp = None
+            continue
+        im = _INSTR.match(line)
+        if comp is not None and im:
+            order.append((im.group(1), im.group(3), im.group(4)))
+    return reports
+
+
+def _pairs(comp: str, order: list[tuple[str, str, str]]) -> Report:
+    rep = Report(comp)
+    open_: dict[str, Pair] = {}
+    for name, op, args in order:
+        if op == "all-reduce":
+            rep.sync.append((name, _operand_count(args)))
+        elif op == "all-reduce-start":
+            open_[name] = Pair(name, _operand_count(args))
+        elif op == "all-reduce-done":
+            src = re.match(r"\s*%?([\w.\-]+)", args)
+            pair = open_.pop(src.group(1), None) if src else None
+            if pair:
+                rep.pairs.append(pair)
+        elif op in COMPUTE_OPS:
+            for p in open_.values():
+                p.between.append(f"{op} {name}")
+    return rep
+
+
+def summary(reports: list[Report]) -> str:
+    lines = []
+    for r in reports:
+        overl = [p for p in r.pairs if p.between]
+        comb = sum(1 for _, n in r.sync if n > 1) + sum(1 for p in r.pairs if p.operands > 1)
+        lines.append(
+            f"{r.computation}: {len(r.sync)} sync all-reduce, {len(r.pairs)} async pairs, "
+            f"{len(overl)} with compute inside (mean {sum(len(p.between) for p in r.pairs) / max(len(r.pairs), 1):.1f} "
+            f"kernels), {comb} combined (multi-operand)")
+    return "\n".join(lines)
+
+
+def excerpt(text: str, start_name: str, context: int = 3) -> str:
+    """The scheduled lines from `context` before an all-reduce-start to its done."""
+    lines = text.splitlines()
+    i = next(k for k, l in enumerate(lines) if re.search(rf"%{re.escape(start_name)} = ", l))
+    j = next(k for k in range(i, len(lines))
+             if "all-reduce-done(" in lines[k] and re.search(rf"%{re.escape(start_name)}\b", lines[k]))
+    short = [re.sub(r", metadata=\{.*", "", l)[:160] for l in lines[max(0, i - context): j + 1]]
+    return "\n".join(short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+")
+    p.add_argument("--excerpt", action="store_true", help="print the lines around one pair")
+    a = p.parse_args(argv)
+    for f in a.files:
+        text = open(f).read()
+        reps = analyse(text)
+        print(f"== {f}\n{summary(reps)}")
+        if a.excerpt:
+            for r in reps:
+                if r.pairs:
+                    mid = r.pairs[len(r.pairs) // 2]
+                    print(excerpt(text, mid.name))
+                    break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Ladder-Residual decode benchmark: residual mode x tensor parallel x batch (x P2P on/off).
+
+Llama-3-8B shape with random bf16 weights (or a tiny CPU preset), prompt of `--prompt` tokens,
+greedy decode of `--new-tokens` through the foundation's on-device loop
+(`jaxturbo.generate.decode._generate` with the tensor-parallel forward).  Per setting:
+
+    prefill s   one jitted cached prefill of the prompt (same forward, same shardings)
+    decode s    generate(prompt, N new tokens) - prefill s: N decode steps in one while_loop
+    tokens/s    batch * N / decode s        speedup: tokens/s over `standard` at the same TP/batch
+
+NCCL reads NCCL_P2P_DISABLE once per process, so each P2P setting runs in its own worker
+process (`--worker`); the parent merges their JSON lines, prints the table last and writes
+`results.json`, `results.md` and `tokens_per_s.png` to `--out`.
+
+    python experiments/ladder_bench.py --preset tiny --mesh cpu-8            # CPU, TP 1/2/4/8
+    python experiments/ladder_bench.py --preset 8b --tp 1,2 --batch 1 --p2p on,off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Decode GEMVs: XLA's Triton GEMM fusions are 1.76x slower than cuBLAS here (BENCHMARKS.md).
+GPU_FLAGS = ["--xla_gpu_enable_triton_gemm=false"]
+# Flag sets tried for overlap (see experiments/ladder/NOTES.md); chosen with --xla-preset.
+XLA_PRESETS = {
+    "default": [],
+    "lhs": ["--xla_gpu_enable_latency_hiding_scheduler=true",
+            "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+            "--xla_gpu_enable_highest_priority_async_stream=true"],
+}
+PRESETS = {
+    # Llama-3-8B: the paper's and BENCHMARKS.md's shape
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+               rms_norm_eps=1e-5, max_position_embeddings=8192),
+    # Llama-3-70B (issue 9, TP 8 only)
+    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                rms_norm_eps=1e-5, max_position_embeddings=8192),
+    # runs in seconds on 8 fake CPU devices, at every TP up to 8
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=8, head_dim=16,
+                 max_position_embeddings=512),
+}
+MODES = ("standard", "ladder", "parallel", "desync")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--residual", default=",".join(MODES), help="comma list of residual modes")
+    p.add_argument("--tp", default="1,2,4,8", help="comma list of tensor-parallel sizes")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes (BENCHMARKS: 1,4,16,64)")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (512 for full runs); tiny: 16")
+    p.add_argument("--p2p", default="on", help="on, off or on,off (NCCL_P2P_DISABLE=1 when off)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--scan", action="store_true", help="lax.scan over layers instead of unrolling")
+    p.add_argument("--xla-preset", default="default",
+                   help=f"comma list of XLA flag sets, one worker each: {', '.join(XLA_PRESETS)}")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO")
+    p.add_argument("--out", default="runs/ladder_bench")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    tiny = a.preset == "tiny"
+    a.prompt = a.prompt or (64 if tiny else 1024)
+    a.new_tokens = a.new_tokens or (16 if tiny else 256)
+    return a
+
+
+# ----------------------------------------------------------------------------- worker
+def _random_params(cfg, mesh, dtype):
+    """Random weights made directly in their shards on the devices (8B never touches the host)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from jaxturbo.bridge.hf import global_shapes, layer_shapes
+    from jaxturbo.parallel import tensor
+
+    def draw(key, shape, is_norm):
+        if is_norm:
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+    def make(name, shape, spec, seed):
+        f = jax.jit(lambda k: draw(k, shape, "norm" in name), out_shardings=NamedSharding(mesh, spec))
+        return f(jax.random.key(seed))
+
+    specs = tensor.param_specs({**{n: None for n in global_shapes(cfg)},
+                                "layers": {n: None for n in layer_shapes(cfg)}})
+    params = {n: make(n, s, specs[n], i) for i, (n, s) in enumerate(global_shapes(cfg).items())}
+    params["layers"] = {n: make(n, (cfg.num_hidden_layers, *s), specs["layers"][n], 100 + i)
+                        for i, (n, s) in enumerate(layer_shapes(cfg).items())}
+    return params
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def run_worker(a: argparse.Namespace) -> None:
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxturbo.generate.decode import _generate
+    from jaxturbo.generate.sampling import SamplingParams
+    from jaxturbo.models.config import ModelConfig
+    from jaxturbo.models.transformer import kv_cache_bytes_per_token
+    from jaxturbo.parallel import tensor
+    from jaxturbo.parallel.mesh import make_mesh
+
+    dtype = jnp.dtype(a.dtype)
+    devices = jax.devices()
+    base = ModelConfig(**PRESETS[a.preset])
+    p2p = os.environ.get("NCCL_P2P_DISABLE", "0") != "1"
+    for tp in _ints(a.tp):
+        if tp > len(devices):
+            print(f"# skip TP {tp}: only {len(devices)} devices", file=sys.stderr)
+            continue
+        mesh = make_mesh({"tensor": tp}, devices[:tp])
+        tensor.check_tensor_parallel(base, tp)
+        params = _random_params(base, mesh, dtype)
+        model = tensor.TensorParallel(mesh, unroll=not a.scan)
+        for batch in _ints(a.batch):
+            rng = np.random.RandomState(batch)
+            toks = jnp.asarray(rng.randint(0, base.vocab_size, (batch, a.prompt)), jnp.int32)
+            lens = jnp.full((batch,), a.prompt, jnp.int32)
+            for mode in a.residual.split(","):
+                cfg = base.replace(residual_mode=mode)
+                row = dict(preset=a.preset, residual=mode, tp=tp, batch=batch, prompt=a.prompt,
+                           new_tokens=a.new_tokens, p2p=p2p, device=devices[0].device_kind,
+                           platform=devices[0].platform, layers="scan" if a.scan else "unrolled",
+                           xla_preset=a.xla_preset,
+                           kv_bytes_per_token=kv_cache_bytes_per_token(cfg, dtype))
+                gen_kw = dict(cfg=cfg, max_new_tokens=a.new_tokens, sampling=SamplingParams(),
+                              stream=None, attn_impl="auto", cache_dtype=dtype.name,
+                              model_fn=model, kv_heads=tensor.cache_kv_heads(cfg, tp))
+                key, stops = jax.random.key(0), jnp.asarray([-1], jnp.int32)  # never stops early
+
+                @jax.jit
+                def prefill(params, toks, lens):
+                    cache = tensor.init_cache(cfg, toks.shape[0], a.prompt + a.new_tokens, dtype,
+                                              kv_heads=tensor.cache_kv_heads(cfg, tp))
+                    logits, cache = model(params, cfg, toks, cache=cache, lengths=lens)
+                    return jnp.argmax(logits[:, -1], -1), cache
+
+                t0 = time.perf_counter()
+                jax.block_until_ready(prefill(params, toks, lens))
+                jax.block_until_ready(_generate(params, toks, lens, key, stops, **gen_kw))
+                row["compile_s"] = time.perf_counter() - t0
+                pre = _median_time(lambda: jax.block_until_ready(prefill(params, toks, lens)), a.reps)
+                gen = _median_time(lambda: jax.block_until_ready(
+                    _generate(params, toks, lens, key, stops, **gen_kw)), a.reps)
+                dec = max(gen - pre, 1e-9)
+                row.update(prefill_s=pre, decode_s=dec, generate_s=gen,
+                           ms_per_step=1e3 * dec / a.new_tokens,
+                           tokens_per_s=batch * a.new_tokens / dec)
+                stats = devices[0].memory_stats() or {}
+                row["peak_bytes"] = stats.get("peak_bytes_in_use")
+                if a.dump_hlo:  # the schedule of the timed executable (compile cache hit)
+                    Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
+                    txt = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile().as_text()
+                    name = (f"generate_{a.preset}_{mode}_tp{tp}_b{batch}_{a.xla_preset}"
+                            f"{'' if p2p else '_nop2p'}.hlo.txt")
+                    (Path(a.dump_hlo) / name).write_text(txt)
+                print("ROW " + json.dumps(row), flush=True)
+        del params
+
+
+# ----------------------------------------------------------------------------- driver
+def _table(rows: list[dict]) -> str:
+    key = lambda r: (r["tp"], r["batch"], r["p2p"], r["xla_preset"])  # noqa: E731
+    base = {key(r): r["tokens_per_s"] for r in rows if r["residual"] == "standard"}
+    head = ("| residual | TP | batch | P2P | XLA flags | tokens/s | prefill s | decode s | ms/step | speedup vs standard |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = [head]
+    for r in sorted(rows, key=lambda r: (r["xla_preset"], not r["p2p"], r["tp"], r["batch"], MODES.index(r["residual"])
+                                         if r["residual"] in MODES else 9)):
+        ref = base.get(key(r))
+        sp = f"{r['tokens_per_s'] / ref:.3f}x" if ref else "-"
+        lines.append(f"| {r['residual']} | {r['tp']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['xla_preset']} | "
+                     f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.4f} | {r['decode_s']:.4f} | "
+                     f"{r['ms_per_step']:.3f} | {sp} |")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in MODES:
+        for p2p in (True, False):
+            pts = sorted((r["tp"], r["tokens_per_s"]) for r in rows
+                         if r["residual"] == mode and r["p2p"] == p2p and r["batch"] == min(x["batch"] for x in rows))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="-" if p2p else "--",
+                        label=f"{mode}{'' if p2p else ' (P2P off)'}")
+    ax.set_xlabel("tensor parallel")
+    ax.set_ylabel("tokens/s (smallest batch)")
+    ax.set_title(f"{rows[0]['preset']} decode, {rows[0]['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.worker:
+        run_worker(a)
+        return 0
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    settings = [(s, x) for x in a.xla_preset.split(",") for s in a.p2p.split(",")]
+    for setting, xla in settings:
+        if setting not in ("on", "off") or xla not in XLA_PRESETS:
+            raise SystemExit(f"--p2p {setting!r} / --xla-preset {xla!r}: use on/off and {list(XLA_PRESETS)}")
+        env = dict(os.environ)
+        # compiled executables are shared between workers (P2P only changes NCCL at run time)
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "jax_cache"))
+        # the host platform gets 8 fake devices (the cpu-8 mesh); GPUs are unaffected
+        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+                                     *GPU_FLAGS, *XLA_PRESETS[xla]]).strip()
+        env.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared hosts
+        env["NCCL_P2P_DISABLE"] = "1" if setting == "off" else "0"
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--worker"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--worker", "--xla-preset", xla]
+        # rows are streamed, so a run cut off by a time limit still leaves what it measured
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("ROW "):
+                rows.append(json.loads(line[4:]))
+                r = rows[-1]
+                print(f"# {r['residual']} tp={r['tp']} b={r['batch']} p2p={setting} xla={xla}: "
+                      f"{r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.3f} ms/step, "
+                      f"prefill {r['prefill_s']:.3f} s (compile {r['compile_s']:.0f} s)", flush=True)
+                (out / "results.json").write_text(json.dumps(rows, indent=1))
+        if proc.wait():
+            print(f"# worker (P2P {setting}, xla {xla}) exited with {proc.returncode}", file=sys.stderr)
+    if not rows:
+        print("no results", file=sys.stderr)
+        return 1
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = _table(rows)
+    (out / "results.md").write_text(f"{rows[0]['preset']} on {rows[0]['device']}\n\n{table}\n")
+    _plot(rows, out / "tokens_per_s.png")
+    print(f"\n{rows[0]['preset']} on {rows[0]['device']} ({rows[0]['layers']} layers, "
+          f"XLA flag sets {a.xla_preset})\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
