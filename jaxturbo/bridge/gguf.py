@@ -183,9 +183,10 @@ class GGUFFile:
             name = hf_name(t.name)
             shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF dims are fastest-first
             w = dequantize(t.data, t.tensor_type.name, shape, tensor=t.name)
-            if self.arch == "llama" and name.endswith("self_attn.q_proj.weight"):
+            # llama.cpp permutes the biases of Q and K too
+            if self.arch == "llama" and ".self_attn.q_proj." in name:
                 w = _unpermute_rows(w, n_head)
-            elif self.arch == "llama" and name.endswith("self_attn.k_proj.weight"):
+            elif self.arch == "llama" and ".self_attn.k_proj." in name:
                 w = _unpermute_rows(w, n_kv)
             yield name, w
 

@@ -230,6 +230,7 @@ def write_hf_dir(out_dir: str | Path, tensors: Mapping[str, np.ndarray], hf_conf
     out = Path(out_dir)
     if exists == "error" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output directory {out} already exists and is not empty; choose another --out")
+    created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
@@ -253,6 +254,11 @@ def write_hf_dir(out_dir: str | Path, tensors: Mapping[str, np.ndarray], hf_conf
         _commit(tmp, out, exists)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):  # parents we made for it, innermost first
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise
     return out
 

@@ -26,7 +26,8 @@ def byte_vocab() -> list[str]:
     return SPECIAL + syms + [m.replace(" ", "") for m in MERGES]
 
 
-def tiny_hf_weights(arch: str, tied: bool, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_hf_weights(arch: str, tied: bool, vocab: int, seed: int = 0,
+                    bias: bool = False) -> dict[str, np.ndarray]:
     """Random float32 HF-named weights of a tiny llama/qwen2/qwen3 model."""
     rng = np.random.default_rng(seed)
     w = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
@@ -42,7 +43,7 @@ def tiny_hf_weights(arch: str, tied: bool, vocab: int, seed: int = 0) -> dict[st
             p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
             p + "mlp.down_proj.weight": w(D, F),
         })
-        if arch == "qwen2":
+        if arch == "qwen2" or bias:
             out.update({p + "self_attn.q_proj.bias": w(H * HD), p + "self_attn.k_proj.bias": w(HKV * HD),
                         p + "self_attn.v_proj.bias": w(HKV * HD)})
         if arch == "qwen3":
@@ -73,17 +74,18 @@ def gguf_name(hf: str) -> str:
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, quant: str = "Q8_0",
-                    seed: int = 0, override_type: tuple[str, str] | None = None
-                    ) -> dict[str, np.ndarray]:
+                    seed: int = 0, override_type: tuple[str, str] | None = None,
+                    bias: bool = False) -> dict[str, np.ndarray]:
     """Write a tiny GGUF; matrices in `quant` (F32/F16/Q8_0/...), vectors in F32.
 
+    `bias` adds Q/K/V biases (llama with attention_bias).
     `override_type=(gguf_tensor_name, type)` stores one tensor in another type (raw random
     bytes), to test unsupported types.  Returns the HF-orientation float32 weights written.
     """
     import gguf
 
     vocab = byte_vocab()
-    weights = tiny_hf_weights(arch, tied, len(vocab), seed)
+    weights = tiny_hf_weights(arch, tied, len(vocab), seed, bias)
     wr = gguf.GGUFWriter(str(path), arch)
     wr.add_block_count(L)
     wr.add_context_length(256)
@@ -107,9 +109,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, quant: 
     qtype = gguf.GGMLQuantizationType[quant]
     for name, w in weights.items():
         g = gguf_name(name)
-        if arch == "llama" and name.endswith("q_proj.weight"):
+        if arch == "llama" and ".q_proj." in name:
             w = _permute_rows(w, H)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
+        elif arch == "llama" and ".k_proj." in name:
             w = _permute_rows(w, HKV)
         if override_type and override_type[0] == g:
             t = gguf.GGMLQuantizationType[override_type[1]]

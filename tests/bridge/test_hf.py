@@ -170,8 +170,8 @@ def test_export_refuses_existing_and_leaves_nothing_on_error(tiny_hf_dir, tmp_pa
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_hf(params, cfg, tmp_path / "out", tokenizer_src=BrokenTokenizer())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+        save_hf(params, cfg, tmp_path / "new" / "deeper" / "out", tokenizer_src=BrokenTokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nor the parents it made
 
     bad = dict(params, layers=dict(params["layers"]))
     del bad["layers"]["mlp.up_proj.weight"]
