@@ -205,8 +205,9 @@ def check_types(g: GGUFFile) -> None:
 
 
 # ---------------------------------------------------------------------------------- tokenizer
-# llama.cpp pre-tokenizers that are the gpt2 regex after splitting digits one by one
-_DIGIT_SPLIT_PRE = ("smollm",)
+# llama.cpp pre-tokenizer names we rebuild exactly -> whether digits are split one by one
+# before the gpt2 regex; other vocabularies go through transformers' GGUF tokenizer loader
+_OWN_PRE = {"gpt-2": False, "smollm": True}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -226,7 +227,7 @@ def _gpt2_tokenizer(g: GGUFFile) -> Any:
                      unk_token=tokens[unk] if unk is not None else None, fuse_unk=False)
     tk = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if g.meta("tokenizer.ggml.pre") in _DIGIT_SPLIT_PRE:
+    if _OWN_PRE[g.meta("tokenizer.ggml.pre")]:
         tk.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
@@ -250,13 +251,14 @@ def _gpt2_tokenizer(g: GGUFFile) -> Any:
 def write_tokenizer(g: GGUFFile, out_dir: Path) -> None:
     """Write HF tokenizer files (tokenizer.json, tokenizer_config.json, chat template).
 
-    gpt2-style (byte-level BPE) vocabularies are built here; others go through transformers'
-    GGUF loader.  Special tokens come from the GGUF ids.
+    Byte-level BPE vocabularies with the gpt2 regex (llama.cpp pre-tokenizers "gpt-2" and
+    "smollm") are built here; others go through transformers' GGUF loader.  Special tokens
+    come from the GGUF ids.
     """
     tokens = g.meta("tokenizer.ggml.tokens")
     if tokens is None:
         raise UserError(f"{g.path.name} has no tokenizer (tokenizer.ggml.tokens missing)")
-    if g.meta("tokenizer.ggml.model") == "gpt2":
+    if g.meta("tokenizer.ggml.model") == "gpt2" and g.meta("tokenizer.ggml.pre") in _OWN_PRE:
         from transformers import PreTrainedTokenizerFast
 
         tok = PreTrainedTokenizerFast(tokenizer_object=_gpt2_tokenizer(g), clean_up_tokenization_spaces=False)

@@ -98,7 +98,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, quant: 
     wr.add_rope_freq_base(50000.0)
     wr.add_layer_norm_rms_eps(1e-5)
     wr.add_tokenizer_model("gpt2")
-    wr.add_tokenizer_pre("default")
+    wr.add_tokenizer_pre("gpt-2")
     wr.add_token_list(vocab)
     wr.add_token_types([3] * len(SPECIAL) + [1] * (len(vocab) - len(SPECIAL)))
     wr.add_token_merges(MERGES)
