@@ -1,0 +1,65 @@
+"""Throughput accounting: model FLOPs per token, device peak FLOP/s, MFU; metrics JSONL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxturbo.models.config import ModelConfig
+
+# Dense bf16 peak (no sparsity) per device, from the vendors' data sheets.
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,   # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token, forward + backward (PaLM appendix B accounting).
+
+    6 per matmul weight (2 forward, 4 backward) over all matmul weights, the LM head included
+    and the embedding lookup not; plus attention scores and values, 6 * 2 * L * H * hd * T per
+    token, halved because causal attention needs only the lower triangle.
+    """
+    matmul = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    matmul -= cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)  # norm scales are no matmul
+    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+    return 6.0 * matmul + attn
+
+
+def peak_flops(device: Any = None) -> float | None:
+    """Peak dense bf16 FLOP/s of a device, or None when unknown (CPU)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, f in PEAK_BF16_FLOPS.items():
+        if name.lower() in kind.lower():
+            return f
+    return None
+
+
+class JsonlWriter:
+    """Append one JSON object per line; on resume, drop lines past the restored step."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None:
+            self.path.write_text("")
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
