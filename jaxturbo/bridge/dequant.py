@@ -41,18 +41,22 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 def dequant_f32(raw: np.ndarray) -> np.ndarray:
+    """float32 values, `[n]`."""
     return np.ascontiguousarray(raw).view("<f4").reshape(-1).astype(np.float32)
 
 
 def dequant_f16(raw: np.ndarray) -> np.ndarray:
+    """float16 values widened to float32, `[n]`."""
     return np.ascontiguousarray(raw).view("<f2").reshape(-1).astype(np.float32)
 
 
 def dequant_bf16(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 values widened to float32, `[n]`."""
     return np.ascontiguousarray(raw).view("<u2").reshape(-1).view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def dequant_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks -> float32 `[n_blocks * 32]`."""
     b = _blocks(raw, 34, "Q8_0")
     d = _f16(b[:, :2])
     q = b[:, 2:].view(np.int8).astype(np.float32)
@@ -60,12 +64,14 @@ def dequant_q8_0(raw: np.ndarray) -> np.ndarray:
 
 
 def dequant_q4_0(raw: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks -> float32 `[n_blocks * 32]`."""
     b = _blocks(raw, 18, "Q4_0")
     d = _f16(b[:, :2])
     return (d * (_nibbles(b[:, 2:]) - 8.0)).reshape(-1)
 
 
 def dequant_q4_1(raw: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks -> float32 `[n_blocks * 32]`."""
     b = _blocks(raw, 20, "Q4_1")
     d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
     return (d * _nibbles(b[:, 4:]) + m).reshape(-1)
@@ -84,6 +90,7 @@ def _k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequant_q4_k(raw: np.ndarray) -> np.ndarray:
+    """Q4_K super-blocks -> float32 `[n_blocks * 256]`."""
     b = _blocks(raw, 144, "Q4_K")
     n = b.shape[0]
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
@@ -95,6 +102,7 @@ def dequant_q4_k(raw: np.ndarray) -> np.ndarray:
 
 
 def dequant_q6_k(raw: np.ndarray) -> np.ndarray:
+    """Q6_K super-blocks -> float32 `[n_blocks * 256]`."""
     b = _blocks(raw, 210, "Q6_K")
     n = b.shape[0]
     ql = b[:, 0:128].reshape(n, 2, 2, 32)   # [half, low/high 32 bytes, 32]
