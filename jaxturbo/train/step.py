@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -77,8 +76,7 @@ class TrainConfig:
             raise UserError(f"grad_accum={self.grad_accum} must be >= 1")
 
 
-@flax.struct.dataclass
-class TrainState:
+class TrainState(NamedTuple):
     """Everything a step reads and writes; a checkpoint saves exactly this."""
 
     step: jax.Array        # int32 scalar: optimizer steps taken
