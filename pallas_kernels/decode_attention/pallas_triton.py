@@ -26,7 +26,7 @@ class Config:
     """Cache block size, number of parallel chunks, Triton launch parameters, MLA head tile."""
 
     block_k: int = 64
-    num_splits: int = 16
+    num_splits: int | None = None  # None: enough chunks for ~_TARGET_PROGRAMS programs
     num_warps: int = 4
     num_stages: int = 3
     block_h: int = 16  # MLA: query heads per program (they share the latent cache)
@@ -96,8 +96,15 @@ def _merge(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
     return jnp.sum(o * w[..., None], axis=axis)
 
 
-def _chunking(s: int, cfg: Config) -> tuple[int, int, int]:
-    splits = max(1, min(cfg.num_splits, -(-s // cfg.block_k)))
+# About four programs per H100 SM: small batches need many chunks to keep HBM busy, large
+# batches need few (each chunk costs a partial-output write and a merge).
+_TARGET_PROGRAMS = 512
+
+
+def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
+    """(chunks, chunk length, padded cache length) for `rows` (batch x head tiles) programs."""
+    want = cfg.num_splits or -(-_TARGET_PROGRAMS // rows)
+    splits = max(1, min(want, -(-s // cfg.block_k)))
     chunk = round_up(-(-s // splits), cfg.block_k)
     splits = -(-s // chunk)
     return splits, chunk, splits * chunk
@@ -125,7 +132,7 @@ def decode_attention(
     # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
     gp = max(16, pl.next_power_of_2(g))
     scale = d ** -0.5 if scale is None else scale
-    splits, chunk, sp = _chunking(s, cfg)
+    splits, chunk, sp = _chunking(s, b * kh, cfg)
     kc = pad_seq(k_cache, sp)
     vc = pad_seq(v_cache, sp)
     qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
@@ -171,7 +178,7 @@ def mla_decode_attention(
     s = latent_cache.shape[1]
     bh = max(16, min(cfg.block_h, pl.next_power_of_2(h)))
     hp = round_up(h, bh)
-    splits, chunk, sp = _chunking(s, cfg)
+    splits, chunk, sp = _chunking(s, b * (hp // bh), cfg)
     cache = pad_seq(latent_cache, sp)
     rcache = pad_seq(rope_cache, sp)
     ql = jnp.pad(q_latent, ((0, 0), (0, hp - h), (0, 0)))

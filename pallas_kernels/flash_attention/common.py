@@ -80,12 +80,17 @@ def pad_seq(x: jax.Array, length: int, axis: int = 1, mode: str = "constant") ->
 
 
 def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
-                     q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
+                     q_seg: jax.Array | None, k_seg: jax.Array | None,
+                     full: bool = False) -> jax.Array:
     """Conservative block mask [B or 1, nq, nk]: True where the block pair may hold a visible key.
 
     Segment ids enter through each block's [min, max] id interval, so packed (sorted) documents
-    skip every block pair that straddles no common document.
+    skip every block pair that straddles no common document.  With `full=True` it is instead
+    True where *every* (query, key) pair of the block is visible, so the kernel can skip the
+    in-block mask there.
     """
+    if full:
+        return _block_full(spec, block_q, block_k, q_seg, k_seg)
     nq = -(-spec.q_len // block_q)
     nk = -(-spec.kv_len // block_k)
     qi = jnp.arange(nq)
@@ -109,6 +114,49 @@ def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
         kmin, kmax = block_minmax(k_seg, spec.kv_len, block_k)
         vis = vis & (kmin[:, None, :] <= qmax[:, :, None]) & (kmax[:, None, :] >= qmin[:, :, None])
     return vis
+
+
+def _block_full(spec, block_q, block_k, q_seg, k_seg):
+    nq = -(-spec.q_len // block_q)
+    nk = -(-spec.kv_len // block_k)
+    qi = jnp.arange(nq)
+    kj = jnp.arange(nk)
+    q_lo = qi * block_q + spec.offset
+    q_hi = jnp.minimum((qi + 1) * block_q, spec.q_len) - 1 + spec.offset
+    k_lo = kj * block_k
+    k_hi = (kj + 1) * block_k - 1
+    full = jnp.broadcast_to(k_hi[None, :] < spec.kv_len, (nq, nk))  # no padded keys
+    if spec.causal:
+        full &= k_hi[None, :] <= q_lo[:, None]
+    if spec.sliding_window is not None:
+        full &= k_lo[None, :] >= q_hi[:, None] - spec.sliding_window
+    full = full[None]
+    if spec.has_segments:
+        def one_id(seg, length, block):
+            n = -(-length // block)
+            s = pad_seq(seg, n * block, axis=1, mode="edge").reshape(seg.shape[0], n, block)
+            return s.min(-1), s.max(-1)
+        qmin, qmax = one_id(q_seg, spec.q_len, block_q)
+        kmin, kmax = one_id(k_seg, spec.kv_len, block_k)
+        same = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
+                & (qmin[:, :, None] == kmin[:, None, :]))
+        full = full & same
+    return full
+
+
+def split_ranges(vis: jax.Array, full: jax.Array, axis: int):
+    """(lo, flo, fhi, hi) along `axis`: [lo, hi) holds every visible block and [flo, fhi) a run
+    of fully visible ones inside it, so kernels mask only [lo, flo) and [fhi, hi)."""
+    lo, hi = block_ranges(vis, axis)
+    n = vis.shape[axis]
+    full = jnp.broadcast_to(full, vis.shape)
+    idx = jnp.arange(n, dtype=jnp.int32).reshape([n if a == axis else 1 for a in range(vis.ndim)])
+    flo = jnp.min(jnp.where(full, idx, n), axis=axis).astype(jnp.int32)
+    run = jnp.where(idx >= jnp.expand_dims(flo, axis), full, True)
+    fhi = jnp.sum(jnp.cumprod(run.astype(jnp.int32), axis=axis), axis=axis).astype(jnp.int32)
+    flo = jnp.clip(flo, lo, hi)
+    fhi = jnp.clip(fhi, flo, hi)
+    return lo, flo, fhi, hi
 
 
 def block_ranges(vis: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:

@@ -56,7 +56,15 @@ def _logits(spec: MaskSpec, q, k):
     return spec.softcap * t, t
 
 
-def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
+def _three_loops(lo_ref, flo_ref, fhi_ref, hi_ref, body, carry):
+    """Masked blocks [lo, flo), mask-free blocks [flo, fhi), masked blocks [fhi, hi)."""
+    lo, flo, fhi, hi = lo_ref[...], flo_ref[...], fhi_ref[...], hi_ref[...]
+    carry = lax.fori_loop(lo, flo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(flo, fhi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)
+
+
+def _fwd_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
                 spec: MaskSpec, block_q: int, block_k: int):
     qi = pl.program_id(0)
     q = q_ref[...]
@@ -64,15 +72,17 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     q_seg = qseg_ref[...] if spec.has_segments else None
     d = q.shape[-1]
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         s, _ = _logits(spec, q, k)
-        k_pos = start + jnp.arange(block_k)
-        k_seg = kseg_ref[pl.ds(start, block_k)] if spec.has_segments else None
-        s = jnp.where(common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg), _row(k_seg)), s, common.NEG_INF)
+        if masked:
+            k_pos = start + jnp.arange(block_k)
+            k_seg = kseg_ref[pl.ds(start, block_k)] if spec.has_segments else None
+            mask = common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg), _row(k_seg))
+            s = jnp.where(mask, s, common.NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with no visible key yet keeps m = -inf; shift by 0 so exp gives 0, not NaN.
         m_safe = jnp.where(m_new == common.NEG_INF, 0.0, m_new)
@@ -85,13 +95,13 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, 
     acc = jnp.zeros((block_q, d), jnp.float32)
     m = jnp.full((block_q,), common.NEG_INF, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
-    acc, m, l = lax.fori_loop(lo_ref[...], hi_ref[...], body, (acc, m, l))
+    acc, m, l = _three_loops(lo_ref, flo_ref, fhi_ref, hi_ref, body, (acc, m, l))
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, common.NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
+def _dq_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
                delta_ref, dq_ref, *, spec: MaskSpec, block_q: int, block_k: int):
     qi = pl.program_id(0)
     q = q_ref[...]
@@ -102,26 +112,28 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, 
     q_pos = qi * block_q + jnp.arange(block_q)
     q_seg = qseg_ref[...] if spec.has_segments else None
 
-    def body(j, dq):
+    def body(j, dq, masked):
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         s, t = _logits(spec, q, k)
-        k_pos = start + jnp.arange(block_k)
-        k_seg = kseg_ref[pl.ds(start, block_k)] if spec.has_segments else None
-        mask = common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg), _row(k_seg))
-        p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.exp(s - lse[:, None])
+        if masked:
+            k_pos = start + jnp.arange(block_k)
+            k_seg = kseg_ref[pl.ds(start, block_k)] if spec.has_segments else None
+            mask = common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg), _row(k_seg))
+            p = jnp.where(mask, p, 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(lo_ref[...], hi_ref[...], body,
-                       jnp.zeros((block_q, q.shape[-1]), jnp.float32))
+    dq = _three_loops(lo_ref, flo_ref, fhi_ref, hi_ref, body,
+                      jnp.zeros((block_q, q.shape[-1]), jnp.float32))
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
+def _dkv_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
                 delta_ref, dk_ref, dv_ref, *, spec: MaskSpec, block_q: int, block_k: int,
                 groups: int):
     kj = pl.program_id(0)
@@ -130,12 +142,11 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref,
     v = v_ref[...]
     k_pos = kj * block_k + jnp.arange(block_k)
     k_seg = kseg_ref[...] if spec.has_segments else None
-    lo, hi = lo_ref[...], hi_ref[...]
 
     def head_body(g, carry):
         h = kvh * groups + g
 
-        def body(i, carry):
+        def body(i, carry, masked):
             dk, dv = carry
             start = pl.multiple_of(i * block_q, block_q)
             q = q_ref[pl.ds(start, block_q), h, :]
@@ -144,10 +155,13 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref,
             lse = jnp.where(lse == common.NEG_INF, 0.0, lse)
             delta = delta_ref[h, pl.ds(start, block_q)]
             s, t = _logits(spec, q, k)
-            q_pos = start + jnp.arange(block_q)
-            q_seg = qseg_ref[pl.ds(start, block_q)] if spec.has_segments else None
-            mask = common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg), _row(k_seg))
-            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+            p = jnp.exp(s - lse[:, None])
+            if masked:
+                q_pos = start + jnp.arange(block_q)
+                q_seg = qseg_ref[pl.ds(start, block_q)] if spec.has_segments else None
+                mask = common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg),
+                                      _row(k_seg))
+                p = jnp.where(mask, p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
             if t is not None:
@@ -155,7 +169,7 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref,
             dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
-        return lax.fori_loop(lo, hi, body, carry)
+        return _three_loops(lo_ref, flo_ref, fhi_ref, hi_ref, body, carry)
 
     zeros = jnp.zeros((block_k, k.shape[-1]), jnp.float32)
     dk, dv = lax.fori_loop(0, groups, head_body, (zeros, zeros))
@@ -196,15 +210,16 @@ def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret: bool
     g = h // kh
     bq, bk = cfg.block_q, cfg.block_k
     vis = common.block_visibility(spec, bq, bk, q_seg, k_seg)
-    lo, hi = common.block_ranges(jnp.broadcast_to(vis, (b,) + vis.shape[1:]), axis=2)
+    vis = jnp.broadcast_to(vis, (b,) + vis.shape[1:])
+    full = common.block_visibility(spec, bq, bk, q_seg, k_seg, full=True)
+    ranges = common.split_ranges(vis, full, axis=2)
     qp, kp, vp, qsp, ksp = _prepare(q, k, v, q_seg, k_seg, spec, bq, bk)
     tp, sp = qp.shape[1], kp.shape[1]
     nq = tp // bq
     num_warps = cfg.num_warps or (4 if d <= 64 else 8)
     kernel = functools.partial(_fwd_kernel, spec=spec, block_q=bq, block_k=bk)
     range_spec = pl.BlockSpec((None, None), lambda i, bb, hh: (bb, i))
-    in_specs = [
-        range_spec, range_spec,
+    in_specs = [range_spec] * 4 + [
         pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0)),
         pl.BlockSpec((None, sp, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0)),
         pl.BlockSpec((None, sp, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0)),
@@ -221,7 +236,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret: bool
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_flash_fwd",
-    )(lo, hi, qp, kp, vp, qsp, ksp)
+    )(*ranges, qp, kp, vp, qsp, ksp)
     return o[:, :t], lse[:, :, :t]
 
 
@@ -237,8 +252,9 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
         delta = delta - dlse
     vis = common.block_visibility(spec, bq, bk, q_seg, k_seg)
     vis = jnp.broadcast_to(vis, (b,) + vis.shape[1:])
-    kv_lo, kv_hi = common.block_ranges(vis, axis=2)
-    q_lo, q_hi = common.block_ranges(vis, axis=1)
+    full = common.block_visibility(spec, bq, bk, q_seg, k_seg, full=True)
+    kv_ranges = common.split_ranges(vis, full, axis=2)
+    q_ranges = common.split_ranges(vis, full, axis=1)
     qp, kp, vp, qsp, ksp = _prepare(q, k, v, q_seg, k_seg, spec, bq, bk)
     tp, sp = qp.shape[1], kp.shape[1]
     dop = common.pad_seq(do, tp)
@@ -255,7 +271,7 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, block_q=bq, block_k=bk),
         grid=(nq, b, h),
-        in_specs=[range_spec, range_spec, q_row, kv_full, kv_full]
+        in_specs=[range_spec] * 4 + [q_row, kv_full, kv_full]
         + _seg_specs(spec, pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
                      pl.BlockSpec((None, sp), lambda i, bb, hh: (bb, 0)))
         + [q_row, row_stat, row_stat],
@@ -264,7 +280,7 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
         compiler_params=params,
         interpret=interpret,
         name="jaxturbo_flash_dq",
-    )(kv_lo, kv_hi, qp, kp, vp, qsp, ksp, dop, lsep, deltap)
+    )(*kv_ranges, qp, kp, vp, qsp, ksp, dop, lsep, deltap)
 
     q_full = pl.BlockSpec((None, tp, h, d), lambda j, bb, kk: (bb, 0, 0, 0))
     kv_blk = pl.BlockSpec((None, bk, None, d), lambda j, bb, kk: (bb, j, kk, 0))
@@ -273,7 +289,7 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, block_q=bq, block_k=bk, groups=g),
         grid=(nk, b, kh),
-        in_specs=[krange, krange, q_full, kv_blk, kv_blk]
+        in_specs=[krange] * 4 + [q_full, kv_blk, kv_blk]
         + _seg_specs(spec, pl.BlockSpec((None, tp), lambda j, bb, kk: (bb, 0)),
                      pl.BlockSpec((None, bk), lambda j, bb, kk: (bb, j)))
         + [q_full, stat_full, stat_full],
@@ -282,7 +298,7 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
         compiler_params=params,
         interpret=interpret,
         name="jaxturbo_flash_dkv",
-    )(q_lo, q_hi, qp, kp, vp, qsp, ksp, dop, lsep, deltap)
+    )(*q_ranges, qp, kp, vp, qsp, ksp, dop, lsep, deltap)
     return dq[:, :t], dk[:, :s_len], dv[:, :s_len]
 
 
