@@ -222,13 +222,22 @@ def forward(
         a, c = attn(c, lp, i, x)
         return x + reduce(a + mlp(lp, x)), pa, pm, c
 
+    def after(y: jax.Array, prev: jax.Array) -> jax.Array:
+        """y, but only once `prev` (the previous module's all-reduce) is done.  Without it XLA's
+        all-reduce combiner merges each module's all-reduce with the next, independent one, so
+        the first waits for the second's compute and nothing overlaps (experiments/ladder/NOTES.md).
+        The compute producing y is not held back: only the start of y's own all-reduce is."""
+        if reduce_ax is None:
+            return y
+        return jax.lax.optimization_barrier((y, prev))[0]
+
     def ladder_step(carry, lp, i):
         x, pa, pm, c = carry
         x = x + pa                      # previous attention's all-reduce is needed only now
         a, c = attn(c, lp, i, x)
-        a = reduce(a)
+        a = reduce(after(a, pm))
         x = x + pm                      # previous MLP's all-reduce, overlapped by attention
-        m = reduce(mlp(lp, x))
+        m = reduce(after(mlp(lp, x), a))
         return x, a, m, c
 
     zeros = jnp.zeros_like(x)
