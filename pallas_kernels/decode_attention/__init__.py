@@ -1,1 +1,1 @@
-"""Decode attention over a KV cache with per-sequence lengths."""
+"""Decode attention over a KV cache with per-sequence lengths, and MLA latent decode."""
