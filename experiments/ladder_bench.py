@@ -34,6 +34,22 @@ XLA_PRESETS = {
     "lhs": ["--xla_gpu_enable_latency_hiding_scheduler=true",
             "--xla_gpu_all_reduce_combine_threshold_bytes=0",
             "--xla_gpu_enable_highest_priority_async_stream=true"],
+    # XLA's one-shot Triton all-reduce runs as a kernel on the compute stream (operation_queue_id
+    # 0 in the HLO), so it cannot overlap compute; NCCL's async all-reduce runs on its own stream.
+    "nccl": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"],
+    "nccl_lhs": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+                 "--xla_gpu_enable_latency_hiding_scheduler=true",
+                 "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+                 "--xla_gpu_enable_highest_priority_async_stream=true"],
+    # the same, with the whole decode step (collectives and the while loop included) captured
+    # as CUDA graphs: gpt-fast's other lever, launch overhead
+    "nccl_lhs_graph": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+                       "--xla_gpu_enable_latency_hiding_scheduler=true",
+                       "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+                       "--xla_gpu_enable_highest_priority_async_stream=true",
+                       "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
+                       "COLLECTIVES,CONDITIONAL,WHILE",
+                       "--xla_gpu_graph_min_graph_size=1"],
 }
 PRESETS = {
     # Llama-3-8B: the paper's and BENCHMARKS.md's shape

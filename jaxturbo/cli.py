@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
+
+# transformers (used for tokenizers only) otherwise warns that PyTorch is absent and that a
+# whole file's token count exceeds the model context, neither of which applies here.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from jaxturbo.errors import UserError
 
