@@ -37,6 +37,11 @@ XLA_PRESETS = {
     # XLA's one-shot Triton all-reduce runs as a kernel on the compute stream (operation_queue_id
     # 0 in the HLO), so it cannot overlap compute; NCCL's async all-reduce runs on its own stream.
     "nccl": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"],
+    "nccl_lhs_ol4": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+                     "--xla_gpu_enable_latency_hiding_scheduler=true",
+                     "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+                     "--xla_gpu_enable_highest_priority_async_stream=true",
+                     "--xla_gpu_experimental_parallel_collective_overlap_limit=4"],
     "nccl_lhs": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
                  "--xla_gpu_enable_latency_hiding_scheduler=true",
                  "--xla_gpu_all_reduce_combine_threshold_bytes=0",
@@ -88,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO")
     p.add_argument("--out", default="runs/ladder_bench")
+    p.add_argument("--no-ladder-barrier", action="store_true",
+                   help="experiment: make the ladder's optimization barrier the identity in this run "
+                        "(rows are labelled '<flags>+nobarrier')")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
@@ -134,6 +142,11 @@ def _median_time(fn, reps: int) -> float:
 
 def run_worker(a: argparse.Namespace) -> None:
     import jax
+
+    if a.no_ladder_barrier:
+        # only the ladder step calls it; this process then traces the ladder without the barrier
+        jax.lax.optimization_barrier = lambda operand: operand
+        a.xla_preset = a.xla_preset + "+nobarrier"
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
