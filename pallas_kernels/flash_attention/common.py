@@ -11,6 +11,7 @@ the dK/dV pass), so the kernels loop only over blocks that hold at least one vis
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -183,3 +184,42 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}; "
                          f"choose kv heads from the divisors of {q.shape[2]}")
+
+
+def mask_spec(q: jax.Array, k: jax.Array, *, causal: bool, sliding_window: int | None,
+              scale: float | None, softcap: float | None, segment_ids: jax.Array | None,
+              kv_segment_ids: jax.Array | None) -> tuple[MaskSpec, jax.Array | None]:
+    """The static mask description of a call, and the key segment ids (query ids by default)."""
+    spec = MaskSpec(q_len=q.shape[1], kv_len=k.shape[1], causal=causal,
+                    sliding_window=sliding_window,
+                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+                    softcap=softcap, has_segments=segment_ids is not None)
+    kv_seg = None
+    if segment_ids is not None:
+        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+    return spec, kv_seg
+
+
+def flash_with_vjp(forward, backward):
+    """A differentiable flash attention from one backend's kernels.
+
+    forward(q, k, v, q_seg, k_seg, spec, cfg, interpret) -> (out, lse);
+    backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg, interpret) -> (dq, dk, dv).
+    The returned function has forward's signature; spec, cfg and interpret are static.
+    """
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+    def flash(q, k, v, q_seg, k_seg, spec, cfg, interpret):
+        return forward(q, k, v, q_seg, k_seg, spec, cfg, interpret)
+
+    def flash_fwd(q, k, v, q_seg, k_seg, spec, cfg, interpret):
+        o, lse = forward(q, k, v, q_seg, k_seg, spec, cfg, interpret)
+        return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
+
+    def flash_bwd(spec, cfg, interpret, res, cts):
+        q, k, v, q_seg, k_seg, o, lse = res
+        do, dlse = cts
+        dq, dk, dv = backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec, cfg, interpret)
+        return dq, dk, dv, None, None
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    return flash

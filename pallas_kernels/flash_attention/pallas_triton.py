@@ -302,24 +302,7 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     return dq[:, :t], dk[:, :s_len], dv[:, :s_len]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, q_seg, k_seg, spec, cfg, interpret):
-    return _forward(q, k, v, q_seg, k_seg, spec, cfg, interpret)
-
-
-def _flash_fwd(q, k, v, q_seg, k_seg, spec, cfg, interpret):
-    o, lse = _forward(q, k, v, q_seg, k_seg, spec, cfg, interpret)
-    return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
-
-
-def _flash_bwd(spec, cfg, interpret, res, cts):
-    q, k, v, q_seg, k_seg, o, lse = res
-    do, dlse = cts
-    dq, dk, dv = _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec, cfg, interpret)
-    return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = common.flash_with_vjp(_forward, _backward)
 
 
 def flash_attention(
@@ -342,12 +325,8 @@ def flash_attention(
     Same semantics as `attention_reference`; differentiable in q, k, v (and through lse).
     """
     common.check_inputs(q, k, v)
-    spec = MaskSpec(q_len=q.shape[1], kv_len=k.shape[1], causal=causal,
-                    sliding_window=sliding_window,
-                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-                    softcap=softcap, has_segments=segment_ids is not None)
-    kv_seg = None
-    if segment_ids is not None:
-        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+    spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=sliding_window,
+                                    scale=scale, softcap=softcap, segment_ids=segment_ids,
+                                    kv_segment_ids=kv_segment_ids)
     out, lse = _flash(q, k, v, segment_ids, kv_seg, spec, config or Config(), interpret)
     return (out, lse) if return_lse else out
