@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, "
                    "loss.png, hf/ (the final model as an HF directory)")
     add_mesh_argument(p)
+    p.add_argument("--sequence-parallel", default="none", choices=("none", "ulysses", "ring", "hybrid"),
+                   help="split each row's tokens over the mesh's sequence axis: ulysses "
+                        "(all-to-all, sequence size must divide the heads), ring (K/V blocks "
+                        "rotate, zigzag causal balance), hybrid (ulysses inside, ring across); "
+                        "composes with data and fsdp, not yet with tensor")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--batch-size", type=int, default=8, help="global rows per step")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
@@ -83,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                         normalize=args.normalize)
     run_cfg = RunConfig(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, seed=args.seed, save_every=args.save_every,
-                        keep=args.keep, resume=args.resume)
+                        keep=args.keep, resume=args.resume,
+                        sequence_parallel=args.sequence_parallel)
     out = Path(args.out)
     evals = {}
     held = _held_in_tokens(records, tokenizer, args.eval_tokens) if args.eval_tokens > 0 else None

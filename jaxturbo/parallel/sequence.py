@@ -268,6 +268,65 @@ def sp_attention(
 
 # ------------------------------------------------------------------------------ the model
 
+def model_layout(mode: Mode | SequenceParallel, cfg: Any, mesh: Mesh, *, batch: int,
+                 seq_len: int) -> tuple[SequenceParallel, int, int]:
+    """Check that the causal model can run in `mode` on `mesh`, before anything is traced.
+
+    Returns (sp, u, r): the SequenceParallel, its Ulysses group size u and the ring size r of the
+    zigzag permutation the batch needs (1: natural order).  Raises UserError naming what to
+    change: tensor must be 1, batch divisible by data x fsdp, seq_len and heads as `validate`.
+    """
+    sp = mode if isinstance(mode, SequenceParallel) else SequenceParallel(mode)
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    if sizes.get("tensor", 1) != 1:
+        raise UserError(f"sequence parallelism runs with tensor=1 (mesh has tensor="
+                        f"{sizes['tensor']}); fold those devices into the sequence or data axis")
+    u = validate(sp, sp_size=sizes[SEQ_AXIS], num_heads=cfg.num_attention_heads,
+                 num_kv_heads=cfg.num_key_value_heads, seq_len=seq_len, causal=True)
+    batch_devs = sizes.get("data", 1) * sizes.get("fsdp", 1)
+    if batch % batch_devs:
+        raise UserError(f"batch {batch} is not divisible by data x fsdp = {batch_devs}")
+    r = layout_ring_size(sp, sp_size=sizes[SEQ_AXIS], ulysses_size=u, causal=True)
+    return sp, u, r
+
+
+def sp_forward_laid_out(
+    params: Any,
+    cfg: Any,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array | None,
+    mesh: Mesh,
+    sp: SequenceParallel,
+    ulysses_size: int,
+    *,
+    unroll: bool = False,
+) -> jax.Array:
+    """The model on inputs already in the mode's layout (see `model_layout`, `zigzag`).
+
+    tokens/positions/segment_ids [batch, seq] in layout order -> logits [batch, seq, vocab]
+    float32 in the same order, sharded (data x fsdp, sequence).  Training uses this directly:
+    it permutes the whole batch once on the host (targets and weights too), and a per-token
+    loss summed over the batch does not depend on the order.
+    """
+    from jaxturbo.models.transformer import forward  # the model is a user of parallel/, not a dependency
+
+    run_mesh = hybrid_mesh(mesh, ulysses_size) if sp.mode == "hybrid" else mesh
+    rows = P(BATCH_AXES, seq_axes(sp))
+
+    def body(params, tok, pos, seg):
+        def attn_fn(q, k, v, *, segment_ids=None):
+            return local_attention(sp, q, k, v, causal=True, segment_ids=segment_ids)
+        logits, _ = forward(params, cfg, tok, positions=pos, segment_ids=seg,
+                            attn_fn=attn_fn, unroll=unroll)
+        return logits
+
+    return jax.shard_map(
+        body, mesh=run_mesh, in_specs=(P(), rows, rows, None if segment_ids is None else rows),
+        out_specs=P(BATCH_AXES, seq_axes(sp), None), check_vma=CHECK_VMA,
+    )(params, tokens, positions, segment_ids)
+
+
 def sp_forward(
     params: Any,
     cfg: Any,
@@ -287,35 +346,11 @@ def sp_forward(
     runs `local_attention` of the mode, everything else is per-token and runs on local rows.
     Parameters are replicated (tensor axis must be 1 here; batch splits over data x fsdp).
     """
-    from jaxturbo.models.transformer import forward  # the model is a user of parallel/, not a dependency
-
-    sp = mode if isinstance(mode, SequenceParallel) else SequenceParallel(mode)
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    if sizes.get("tensor", 1) != 1:
-        raise UserError(f"sp_forward runs with tensor=1 (mesh has tensor={sizes['tensor']}); "
-                        "fold those devices into the sequence or data axis")
     b, t = tokens.shape
-    u = validate(sp, sp_size=sizes[SEQ_AXIS], num_heads=cfg.num_attention_heads,
-                 num_kv_heads=cfg.num_key_value_heads, seq_len=t, causal=True)
-    batch_devs = sizes.get("data", 1) * sizes.get("fsdp", 1)
-    if b % batch_devs:
-        raise UserError(f"batch {b} is not divisible by data x fsdp = {batch_devs}")
+    sp, u, r = model_layout(mode, cfg, mesh, batch=b, seq_len=t)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    r = layout_ring_size(sp, sp_size=sizes[SEQ_AXIS], ulysses_size=u, causal=True)
-    run_mesh = hybrid_mesh(mesh, u) if sp.mode == "hybrid" else mesh
-    rows = P(BATCH_AXES, seq_axes(sp))
-
-    def body(params, tok, pos, seg):
-        def attn_fn(q, k, v, *, segment_ids=None):
-            return local_attention(sp, q, k, v, causal=True, segment_ids=segment_ids)
-        logits, _ = forward(params, cfg, tok, positions=pos, segment_ids=seg,
-                            attn_fn=attn_fn, unroll=unroll)
-        return logits
-
     seg = None if segment_ids is None else zigzag(segment_ids, r)
-    logits = jax.shard_map(
-        body, mesh=run_mesh, in_specs=(P(), rows, rows, None if seg is None else rows),
-        out_specs=P(BATCH_AXES, seq_axes(sp), None), check_vma=CHECK_VMA,
-    )(params, zigzag(tokens, r), zigzag(positions, r), seg)
+    logits = sp_forward_laid_out(params, cfg, zigzag(tokens, r), zigzag(positions, r), seg,
+                                 mesh, sp, u, unroll=unroll)
     return unzigzag(logits, r)

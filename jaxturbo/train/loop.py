@@ -39,6 +39,9 @@ class RunConfig:
     steps: optimizer steps in total (a resumed run counts the restored steps too).
     batch_size, seq_len: global batch rows and tokens per row.
     save_every, keep: checkpoint every N steps (and at the end), keep the last K.
+    sequence_parallel: "none", "ulysses", "ring" or "hybrid" over the mesh's `sequence` axis
+      (jaxturbo.parallel.sequence).  Not part of the checkpoint's identity: the math is the
+      same, so a run may resume with another mode or mesh.
     """
 
     out_dir: str
@@ -51,11 +54,12 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     plot: bool = True
+    sequence_parallel: str = "none"
 
 
 def run_meta(model_cfg: ModelConfig, run: RunConfig, opt: OptimizerConfig, train: TrainConfig,
              data_id: str) -> dict[str, Any]:
-    """What must match for a checkpoint to continue this run."""
+    """What must match for a checkpoint to continue this run (not the SP mode: see RunConfig)."""
     return {"model": model_cfg.to_hf_dict(), "optimizer": dataclasses.asdict(opt),
             "train": dataclasses.asdict(train), "batch_size": run.batch_size,
             "seq_len": run.seq_len, "seed": run.seed, "steps": run.steps, "data": data_id}
@@ -70,9 +74,19 @@ def train_sft(model_cfg: ModelConfig, params: Params, docs: list[Doc], run: RunC
     train_cfg = train_cfg or TrainConfig()
     optimizer = make_optimizer(opt_cfg)
     schedule = lr_schedule(opt_cfg)
+    sequence_ring = None   # put_batch's zigzag ring size; None: tokens not split
     if mesh is not None:
-        shd.check_training_mesh(mesh)
+        shd.check_training_mesh(mesh, run.sequence_parallel)
         shd.check_batch_size(run.batch_size, mesh, train_cfg.grad_accum)
+        if run.sequence_parallel != "none":
+            from jaxturbo.parallel.sequence import model_layout
+            # every constraint (heads, seq_len, ring size) checked here, before compiling
+            _, _, sequence_ring = model_layout(run.sequence_parallel, model_cfg, mesh,
+                                               batch=run.batch_size // train_cfg.grad_accum,
+                                               seq_len=run.seq_len)
+    elif run.sequence_parallel != "none":
+        raise UserError(f"--sequence-parallel {run.sequence_parallel} needs --mesh with a "
+                        "sequence axis (e.g. --mesh data=2,sequence=4)")
     elif run.batch_size % train_cfg.grad_accum:
         raise UserError(f"batch size {run.batch_size} must be a multiple of grad_accum "
                         f"{train_cfg.grad_accum}")
@@ -82,7 +96,8 @@ def train_sft(model_cfg: ModelConfig, params: Params, docs: list[Doc], run: RunC
     data = PackedBatches(docs, seq_len=run.seq_len, batch_size=run.batch_size // nproc,
                          seed=run.seed, shard_index=pid, shard_count=nproc)
     state = init_state(params, optimizer, mesh=mesh, seed=run.seed)
-    step_fn = make_train_step(model_cfg, train_cfg, optimizer, mesh=mesh, params=state.params)
+    step_fn = make_train_step(model_cfg, train_cfg, optimizer, mesh=mesh, params=state.params,
+                              sequence_parallel=run.sequence_parallel)
     ckpt = Checkpointer(out / "checkpoints", every=run.save_every, keep=run.keep)
     meta = run_meta(model_cfg, run, opt_cfg, train_cfg, data_id)
 
@@ -109,7 +124,7 @@ def train_sft(model_cfg: ModelConfig, params: Params, docs: list[Doc], run: RunC
     for step in range(start, run.steps):
         batch = next(data)
         real_tokens = int((batch["segment_ids"] > 0).sum()) * nproc
-        state, m = step_fn(state, shd.put_batch(batch, mesh))
+        state, m = step_fn(state, shd.put_batch(batch, mesh, sequence_ring=sequence_ring))
         loss = float(m["loss"])  # waits for the step: the timing below is the step's
         now = time.perf_counter()
         dt, t_last = now - t_last, now

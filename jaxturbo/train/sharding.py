@@ -1,4 +1,4 @@
-"""How training state and batches are laid out on the mesh (data parallel + FSDP).
+"""How training state and batches are laid out on the mesh (data parallel + FSDP + sequence).
 
 Design: the train step is one `jax.jit` whose inputs and outputs carry `NamedSharding`s on the
 jaxturbo mesh (`AxisType.Auto` axes, see `jaxturbo.parallel.mesh`); XLA's SPMD partitioner
@@ -7,6 +7,10 @@ inserts the collectives.  This is ZeRO-3 / FSDP (Rajbhandari et al., 2020):
   batch       rows split over ("data", "fsdp"): each device sees B / (data * fsdp) rows.
   params      each leaf split over "fsdp" along one dimension (below); replicated over "data".
   opt state   Adam moments take their parameter's sharding; counters are replicated.
+  tokens      with sequence parallelism (`--sequence-parallel`), the token dimension of the
+              batch is split over "sequence" too, in zigzag order for causal ring/hybrid
+              (`zigzag_rows`); attention communicates as `jaxturbo.parallel.sequence` states,
+              and inside its shard_map the parameters are all-gathered whole.
 
 Communication per step (P parameters, n = fsdp size): the forward and the backward each
 all-gather the parameters (2 * P * (n-1)/n elements received per device), the gradient is
@@ -32,13 +36,30 @@ from jaxturbo.errors import UserError
 BATCH_AXES = ("data", "fsdp")
 
 
-def check_training_mesh(mesh: Mesh) -> None:
-    """Training shards over data and fsdp only (for now); say what to change otherwise."""
-    for ax in ("tensor", "sequence"):
-        if mesh.shape.get(ax, 1) > 1:
-            raise UserError(
-                f"training on a mesh with {ax}={mesh.shape[ax]} is not supported yet; put those "
-                f"devices on the data or fsdp axis (e.g. --mesh fsdp={mesh.devices.size})")
+SP_MODES = ("none", "ulysses", "ring", "hybrid")   # = jaxturbo.parallel.sequence.MODES
+
+
+def check_training_mesh(mesh: Mesh, sequence_parallel: str | None = None) -> None:
+    """Training shards over data, fsdp and (with sequence parallelism) sequence; say what to
+    change otherwise.  `sequence_parallel=None` checks only what the parameter layout needs."""
+    if mesh.shape.get("tensor", 1) > 1:
+        raise UserError(
+            f"training on a mesh with tensor={mesh.shape['tensor']} is not supported yet; put "
+            f"those devices on the data, fsdp or sequence axis (e.g. --mesh fsdp={mesh.devices.size})")
+    if sequence_parallel is None:
+        return
+    seq = mesh.shape.get("sequence", 1)
+    if sequence_parallel not in SP_MODES:
+        raise UserError(f"--sequence-parallel {sequence_parallel!r} is unknown; choose one of "
+                        f"{', '.join(SP_MODES)}")
+    if seq > 1 and sequence_parallel == "none":
+        raise UserError(
+            f"the mesh has sequence={seq} but --sequence-parallel is none; choose one of "
+            f"{', '.join(SP_MODES[1:])}, or put those devices on the data or fsdp axis")
+    if seq == 1 and sequence_parallel != "none":
+        raise UserError(
+            f"--sequence-parallel {sequence_parallel} needs a mesh with a sequence axis > 1 "
+            f"(e.g. --mesh data=2,sequence=4); this mesh has sequence=1")
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, stacked: bool, prefer_last: bool = False) -> P:
@@ -70,9 +91,9 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return out
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows over (data, fsdp); the token dimension is not split."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, split_sequence: bool = False) -> NamedSharding:
+    """Rows over (data, fsdp); the token dimension over `sequence` with sequence parallelism."""
+    return NamedSharding(mesh, P(BATCH_AXES, "sequence" if split_sequence else None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -87,13 +108,33 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum: int = 1) -> None:
             f"({grad_accum}) = {n * grad_accum}; choose e.g. {n * grad_accum * max(1, batch_size // (n * grad_accum))}")
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+def zigzag_rows(batch: dict[str, np.ndarray], ring_size: int) -> dict[str, np.ndarray]:
+    """Permute the token dimension of every [B, T] array into ring attention's zigzag order.
+
+    Applied once on the host to the whole batch (tokens, targets, weights, positions, segment
+    ids alike), so each token keeps its target, weight, RoPE position and document; a loss
+    summed over tokens does not depend on their order.  ring_size 1 keeps natural order.
+    """
+    if ring_size == 1:
+        return batch
+    from jaxturbo.parallel.sequence import zigzag_permutation
+    t = next(iter(batch.values())).shape[1]
+    perm = zigzag_permutation(t, ring_size)
+    return {k: np.asarray(v)[:, perm] for k, v in batch.items()}
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, *,
+              sequence_ring: int | None = None) -> dict[str, jax.Array]:
     """Host batch -> device arrays split over the batch axes.
 
     Each process passes its own rows (all rows on one host); on several hosts the global batch
-    is the concatenation of the processes' rows in process order.
+    is the concatenation of the processes' rows in process order.  With sequence parallelism
+    pass `sequence_ring` (the zigzag ring size from `sequence.model_layout`; 1 for natural
+    order): the rows are permuted by `zigzag_rows` and their tokens split over `sequence`.
     """
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in batch.items()}
-    sh = batch_sharding(mesh)
+    if sequence_ring is not None:
+        batch = zigzag_rows(batch, sequence_ring)
+    sh = batch_sharding(mesh, split_sequence=sequence_ring is not None)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}

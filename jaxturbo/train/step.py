@@ -12,7 +12,8 @@ Mixed precision: the parameters stay float32 (optimizer state too); the loss cas
 `compute_dtype` on the fly, so the gradient flows back through the cast and arrives in float32.
 Logits and losses are float32 (the model's LM head accumulates in float32).
 
-Sharding: see `jaxturbo.train.sharding` (data parallel + FSDP through NamedSharding and jit).
+Sharding: see `jaxturbo.train.sharding` (data parallel + FSDP through NamedSharding and jit;
+sequence parallelism through `jaxturbo.parallel.sequence`'s shard_map).
 """
 
 from __future__ import annotations
@@ -85,13 +86,33 @@ class TrainState(NamedTuple):
     rng: jax.Array         # uint32 [2] raw PRNG key, split once per step (for stochastic losses)
 
 
-def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None) -> LossFn:
-    """Next-token cross-entropy of the model on a packed batch."""
+def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None, *,
+             mesh: Mesh | None = None, sequence_parallel: str = "none") -> LossFn:
+    """Next-token cross-entropy of the model on a packed batch.
+
+    With `sequence_parallel` other than "none" the model runs with its token dimension split
+    over `mesh`'s `sequence` axis (`jaxturbo.parallel.sequence`); the batch must then already be
+    in the mode's layout (`sharding.put_batch(..., sequence_ring=r)`), and the loss, a sum over
+    tokens, is computed in that order.
+    """
+    if sequence_parallel != "none":
+        from jaxturbo.parallel import sequence as sp_lib
+        if mesh is None:
+            raise UserError(f"--sequence-parallel {sequence_parallel} needs a mesh with a "
+                            "sequence axis (e.g. --mesh data=2,sequence=4)")
+
+    def logits_of(params: Params, batch: Batch) -> jax.Array:
+        if sequence_parallel == "none":
+            return forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
+                           attn_fn=attn_fn)[0]
+        b, t = batch["tokens"].shape
+        sp, u, _ = sp_lib.model_layout(sequence_parallel, model_cfg, mesh, batch=b, seq_len=t)
+        return sp_lib.sp_forward_laid_out(params, model_cfg, batch["tokens"], batch["positions"],
+                                          batch["segment_ids"], mesh, sp, u)
+
     def loss(params: Params, batch: Batch) -> tuple[Weighted, dict[str, jax.Array]]:
-        logits, _ = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
-                            segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
-                            attn_fn=attn_fn)
-        return cross_entropy(logits, batch["targets"], batch["weights"],
+        return cross_entropy(logits_of(params, batch), batch["targets"], batch["weights"],
                              segment_ids=batch["segment_ids"],
                              normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
     return loss
@@ -114,7 +135,7 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, *,
 def state_shardings(params: Params, optimizer: optax.GradientTransformation,
                     mesh: Mesh) -> TrainState:
     """A TrainState of NamedShardings: params on fsdp, moments like their params, rest replicated."""
-    shd.check_training_mesh(mesh)
+    shd.check_training_mesh(mesh)  # the parameter layout does not depend on the SP mode
     p_sh = shd.param_shardings(params, mesh)
     rep = shd.replicated(mesh)
     abstract = jax.eval_shape(optimizer.init, params)
@@ -133,15 +154,23 @@ def _split_micro(x: jax.Array, n: int) -> jax.Array:
 def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
                     optimizer: optax.GradientTransformation, *, loss_fn: LossFn | None = None,
                     mesh: Mesh | None = None, params: Params | None = None,
-                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    donate: bool = True, sequence_parallel: str = "none",
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build the jitted step.  With a mesh, `params` (arrays or shapes) fixes the shardings.
+
+    sequence_parallel: "none", "ulysses", "ring" or "hybrid" over the mesh's `sequence` axis
+    (see `sft_loss`; feed batches through `sharding.put_batch(..., sequence_ring=r)`).  A custom
+    `loss_fn` is used as given and must split the sequence itself.
 
     loss_fn(compute_params, micro_batch) -> (Weighted, aux) replaces the SFT cross-entropy
     (e.g. distillation); aux values are summed over micro-batches.
     Metrics: loss, count (the loss denominator), grad_norm (before clipping).
     """
     train_cfg.validate()
-    loss_fn = loss_fn or sft_loss(model_cfg, train_cfg)
+    if mesh is not None:
+        shd.check_training_mesh(mesh, sequence_parallel)
+    loss_fn = loss_fn or sft_loss(model_cfg, train_cfg, mesh=mesh,
+                                  sequence_parallel=sequence_parallel)
     dtype = COMPUTE_DTYPES[train_cfg.compute_dtype]
     policy = REMAT_POLICIES[train_cfg.remat]
     accum = train_cfg.grad_accum
@@ -186,5 +215,6 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
     if params is None:
         raise ValueError("make_train_step with a mesh needs `params` (arrays or shapes)")
     sh = state_shardings(params, optimizer, mesh)
-    return jax.jit(step, in_shardings=(sh, shd.batch_sharding(mesh)),
+    batch_sh = shd.batch_sharding(mesh, split_sequence=sequence_parallel != "none")
+    return jax.jit(step, in_shardings=(sh, batch_sh),
                    out_shardings=(sh, shd.replicated(mesh)), donate_argnums=donate_args)
