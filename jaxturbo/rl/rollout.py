@@ -1,0 +1,165 @@
+"""Rollout engines: one protocol over the in-process JAX sampler and a PyTorch (transformers) one.
+
+    engine.update_weights(params)                    # after every optimizer step
+    out = engine.generate(prompts, sampling, max_new_tokens=64, stop_ids=eos)
+    out.completions[i], out.logprobs[i]              # tokens and log pi_old of each
+
+Logprobs are those of the temperature-scaled, unfiltered distribution (top-k/top-p only choose
+which token is drawn), the convention of `jaxturbo.generate.sampling.sample`; greedy sampling
+scores under temperature 1.  `score` gives the same numbers for tokens that are already known,
+which is how engines are checked against the trainer's policy.
+
+Engines ("rollout_engine"):
+  jax  `jaxturbo.generate.generate` in this process.  Weight sync is a device_put into the
+       sampler's dtype and layout (pass `shardings` for a sub-mesh; the trainer's float32
+       FSDP layout is resharded there).
+  hf   transformers on CPU (or any torch device), fed in memory through the HF bridge's name map
+       (`jaxturbo.bridge.hf.hf_from_params`) with `load_state_dict`: no files are written.  It
+       proves the PyTorch-serving path end to end; it is not fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxturbo.errors import UserError
+from jaxturbo.generate.decode import generate
+from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.transformer import Params
+from jaxturbo.rl.logprobs import (completion_logprobs, logprobs_from_logits, padded_sequences,
+                                  token_logprobs)
+
+
+@dataclasses.dataclass
+class RolloutOutput:
+    """completions: generated token ids per prompt (stop token included).  logprobs: float32 per
+    generated token.  truncated: hit max_new_tokens without a stop token."""
+
+    completions: list[list[int]]
+    logprobs: list[np.ndarray]
+    truncated: list[bool]
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
+                 ) -> RolloutOutput: ...
+
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+              temperature: float = 1.0) -> list[np.ndarray]: ...
+
+    def update_weights(self, params: Params) -> None: ...
+
+
+def _score_temperature(sampling: SamplingParams) -> float:
+    return 1.0 if sampling.greedy else sampling.temperature
+
+
+class JaxEngine:
+    """The on-device sampler.  dtype: the sampler's parameter dtype (e.g. bfloat16 for speed)."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, *, dtype: Any = jnp.float32,
+                 shardings: Any = None, attn_impl: str = "auto"):
+        self.cfg, self.dtype, self.shardings, self.attn_impl = cfg, dtype, shardings, attn_impl
+        self.params: Params = {}
+        self.update_weights(params)
+
+    def update_weights(self, params: Params) -> None:
+        p = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
+        self.params = p if self.shardings is None else jax.device_put(p, self.shardings)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
+                 ) -> RolloutOutput:
+        res = generate(self.params, self.cfg, prompts, max_new_tokens=max_new_tokens,
+                       sampling=sampling, stop_ids=stop_ids, seed=seed, attn_impl=self.attn_impl)
+        comps = res.sequences()
+        stops = set(stop_ids)
+        return RolloutOutput(
+            comps, [np.asarray(lp[:n], np.float32) for lp, n in zip(res.logprobs, res.num_tokens)],
+            [len(c) == max_new_tokens and c[-1] not in stops for c in comps])
+
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+              temperature: float = 1.0) -> list[np.ndarray]:
+        rows = {k: jnp.asarray(v) for k, v in padded_sequences(prompts, completions).items()}
+        lp = token_logprobs(self.params, self.cfg, rows, temperature=temperature,
+                            attn_impl=self.attn_impl)
+        return completion_logprobs(np.asarray(lp), prompts, completions)
+
+
+class HFEngine:
+    """transformers AutoModelForCausalLM built from the config, weights loaded in memory."""
+
+    def __init__(self, cfg: ModelConfig, params: Params | None = None, *, device: str = "cpu"):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.cfg, self.device = cfg, device
+        d = cfg.to_hf_dict()
+        hc = AutoConfig.for_model(d.pop("model_type"), **d)
+        with torch.device(device):
+            self.model = AutoModelForCausalLM.from_config(hc, dtype=torch.float32).eval()
+        if params is not None:
+            self.update_weights(params)
+
+    def update_weights(self, params: Params) -> None:
+        import torch
+        from jaxturbo.bridge.hf import hf_from_params
+
+        tensors = {k: torch.from_numpy(np.array(v, np.float32))  # a writable copy
+                   for k, v in hf_from_params(params, self.cfg).items()}
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        # a tied model's lm_head is the embedding, so the bridge does not emit it
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.cfg.tie_word_embeddings)]
+        if missing or unexpected:
+            raise UserError(f"HF rollout engine: weights do not match the transformers model "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if self.cfg.tie_word_embeddings:
+            self.model.tie_weights()
+
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+              temperature: float = 1.0) -> list[np.ndarray]:
+        import torch
+
+        rows = padded_sequences(prompts, completions)
+        with torch.no_grad():
+            ids = torch.from_numpy(rows["tokens"]).long().to(self.device)
+            att = torch.from_numpy(rows["segment_ids"] > 0).long().to(self.device)
+            att[:, 0] = 1  # a 1-token prompt with an empty completion still has a valid row start
+            logits = self.model(input_ids=ids, attention_mask=att).logits.float().cpu().numpy()
+        lp = np.asarray(logprobs_from_logits(jnp.asarray(logits), jnp.asarray(rows["targets"]),
+                                             temperature))
+        return completion_logprobs(lp, prompts, completions)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
+                 ) -> RolloutOutput:
+        import torch
+
+        torch.manual_seed(seed)
+        stops = set(stop_ids)
+        comps: list[list[int]] = []
+        with torch.no_grad():
+            for p in prompts:  # one prompt at a time: no padding semantics to reconcile
+                kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
+                                          eos_token_id=sorted(stops) or None, pad_token_id=0)
+                if not sampling.greedy:
+                    kw.update(temperature=sampling.temperature, top_k=sampling.top_k or None,
+                              top_p=sampling.top_p)
+                out = self.model.generate(torch.tensor([list(p)], device=self.device), **kw)
+                c = out[0, len(p):].tolist()
+                cut = next((i + 1 for i, t in enumerate(c) if t in stops), len(c))
+                comps.append(c[:cut])
+        logprobs = self.score(prompts, comps, temperature=_score_temperature(sampling))
+        return RolloutOutput(comps, logprobs,
+                             [len(c) == max_new_tokens and c[-1] not in stops for c in comps])
+
+
+ROLLOUT_ENGINES = {"jax": JaxEngine, "hf": HFEngine}
