@@ -128,11 +128,12 @@ def _first_fit(lengths: Sequence[int], idx: Sequence[int], seq_len: int) -> list
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_len: int,
-                  num_shards: int = 1, rows_multiple: int = 1) -> Batch:
+                  num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0) -> Batch:
     """Pack rollouts with completion-aligned advantages [N, C] into rows [B, seq_len].
 
-    B = num_shards * rows per shard; rows per shard is the largest shard's need rounded up to
-    rows_multiple (e.g. the gradient-accumulation count); empty rows are all padding.
+    B = num_shards * rows per shard; rows per shard is the largest shard's need, at least
+    min_rows (a fixed B keeps one compiled train step), rounded up to rows_multiple (e.g. the
+    gradient-accumulation count); empty rows are all padding.
     """
     if not rollouts:
         raise UserError("no rollouts to pack (every group was filtered out?)")
@@ -142,7 +143,7 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
         raise UserError(f"a rollout of {too_long[0] + 1} tokens does not fit seq_len={seq_len}; "
                         f"raise seq_len to >= {max(lengths)} or lower max_new_tokens")
     shards = [_first_fit(lengths, s, seq_len) for s in balance_shards(lengths, num_shards)]
-    per = max(len(s) for s in shards)
+    per = max(min_rows, max(len(s) for s in shards))
     per = -(-per // rows_multiple) * rows_multiple
     out = {k: np.zeros((num_shards * per, seq_len), np.float32 if k in
                        ("weights", "old_logprobs", "advantages") else np.int32) for k in BATCH_KEYS}
@@ -170,9 +171,10 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
 
 
 def build_batch(rollouts: Sequence[Rollout], adv_cfg: AdvantageConfig, *, seq_len: int,
-                num_shards: int = 1, rows_multiple: int = 1, dynamic_filter: bool = True,
-                drop_truncated: bool = False) -> tuple[Batch, dict[str, float]]:
-    """Advantages (outcome estimators: grpo, rloo, reinforce_plus_plus*) and packed rows.
+                num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0,
+                dynamic_filter: bool = True, drop_truncated: bool = False) -> tuple[Batch, dict[str, float]]:
+    """Advantages (outcome estimators: grpo, rloo, reinforce_plus_plus*) and packed rows
+    (see `pack_rollouts` for num_shards, rows_multiple, min_rows).
 
     dynamic_filter drops groups with equal rewards; drop_truncated drops every group that has a
     truncated rollout (rejection sampling).  Stats: reward_mean (over all rollouts, before
@@ -195,7 +197,7 @@ def build_batch(rollouts: Sequence[Rollout], adv_cfg: AdvantageConfig, *, seq_le
     adv, _ = compute_advantages(jnp.asarray(arr["token_rewards"]), jnp.asarray(arr["mask"]),
                                 adv_cfg, group_ids=jnp.asarray(arr["group_ids"]))
     batch = pack_rollouts(kept, np.asarray(adv), seq_len=seq_len, num_shards=num_shards,
-                          rows_multiple=rows_multiple)
+                          rows_multiple=rows_multiple, min_rows=min_rows)
     per_shard = batch["weights"].reshape(num_shards, -1).sum(axis=1)
     stats.update(tokens_max=float(per_shard.max()), tokens_min=float(per_shard.min()))
     return batch, stats

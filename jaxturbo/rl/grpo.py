@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import jax
@@ -141,19 +142,20 @@ class GRPOLearner:
         problems = self.task.sample(cfg.prompts_per_step, self.rng)
         prompts, groups = repeat_prompts([p.prompt for p in problems], cfg.group_size)
         sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
+        t0 = time.perf_counter()
         out = self.engine.generate(prompts, sampling, max_new_tokens=cfg.max_new_tokens,
                                    stop_ids=self.stop_ids, seed=self.steps)
+        rollout_s = time.perf_counter() - t0
         rollouts = [Rollout(p, c, lp, self.task.reward(problems[g], c), int(g), truncated=t)
                     for p, c, lp, g, t in zip(prompts, out.completions, out.logprobs, groups,
                                               out.truncated)]
         longest = max(len(p) for p in prompts) + cfg.max_new_tokens - 1
-        rows = self._rows(longest)
-        rows = -(-rows // self.grad_accum) * self.grad_accum
         batch, stats = build_batch(rollouts, cfg.advantage, seq_len=cfg.seq_len,
-                                   rows_multiple=rows, dynamic_filter=cfg.dynamic_filter)
+                                   min_rows=self._rows(longest), rows_multiple=self.grad_accum,
+                                   dynamic_filter=cfg.dynamic_filter)
         metrics: dict[str, float] = {
             **stats, "response_len": float(np.mean([len(c) for c in out.completions])),
-            "rollout_tokens": float(sum(len(c) for c in out.completions))}
+            "rollout_tokens": float(sum(len(c) for c in out.completions)), "rollout_s": rollout_s}
         if batch:
             b = {k: jnp.asarray(v) for k, v in batch.items()}
             if self.ref_params is not None:

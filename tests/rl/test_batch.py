@@ -45,6 +45,7 @@ def test_balance_shards_lpt_and_packed_blocks():
     rolls = [Rollout([1], [2] * n, [0.0] * n, 0.0, i) for i, n in enumerate(lens)]
     adv = np.ones((6, 10), np.float32)
     b = pack_rollouts(rolls, adv, seq_len=12, num_shards=2, rows_multiple=2)
+    assert pack_rollouts(rolls, adv, seq_len=12, num_shards=2, min_rows=3)["tokens"].shape == (6, 12)
     # shard 0 packs 10+3 | 2+1 ... rows: [10, 2](12)? first-fit decreasing of 10,3,2,1 in 12:
     # 10 -> row 0 (free 2); 3 -> row 1 (free 9); 2 -> row 0 (free 0); 1 -> row 1 -> 2 rows.
     # shard 1: 9 -> row 0 (free 3); 8 -> row 1 -> 2 rows.  2 rows per shard, B = 4.
