@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="if > 0: perplexity of the first N tokens of the data (held-in) before "
                         "and after training, in windows of --seq-len; written to eval.json")
     p.add_argument("--no-export", action="store_true", help="do not write the final HF directory")
+    g = p.add_argument_group("multi-host (JAX's distributed runtime; TPU pods and SLURM are "
+                             "detected without these)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index")
 
 
 def _held_in_tokens(records: list[dict], tokenizer, n: int):
@@ -64,6 +69,8 @@ def _held_in_tokens(records: list[dict], tokenizer, n: int):
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError(f"--steps {args.steps} must be >= 1")
+    from jaxturbo.train.distributed import initialize
+    initialize(args.coordinator, args.num_processes, args.process_id)  # before any device query
     from jaxturbo.bridge import export_hf, load_model
     from jaxturbo.data import encode_documents, read_records
     from jaxturbo.evaluate.perplexity import perplexity
@@ -102,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
     state, _ = train_sft(cfg, params, docs, run_cfg, opt_cfg=opt, train_cfg=train, mesh=mesh,
                          data_id=data_id)
     import jax
-    final = jax.device_get(state.params)
+    if jax.process_count() > 1:   # fsdp shards live on other hosts: gather them everywhere
+        from jax.experimental import multihost_utils
+        final = multihost_utils.process_allgather(state.params, tiled=True)
+    else:
+        final = jax.device_get(state.params)
     if held is not None:
         evals["after"] = perplexity(final, cfg, held, window=args.seq_len).perplexity
         print(f"held-in perplexity after: {evals['after']:.3f}", file=sys.stderr)

@@ -93,8 +93,13 @@ def train_sft(model_cfg: ModelConfig, params: Params, docs: list[Doc], run: RunC
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
-    data = PackedBatches(docs, seq_len=run.seq_len, batch_size=run.batch_size // nproc,
-                         seed=run.seed, shard_index=pid, shard_count=nproc)
+    # every process packs the same global batch and feeds its own slice of rows: the run is
+    # the same whatever the process count (packing is cheap host work next to a step)
+    data = PackedBatches(docs, seq_len=run.seq_len, batch_size=run.batch_size, seed=run.seed)
+    if run.batch_size % nproc:
+        raise UserError(f"batch size {run.batch_size} must be a multiple of the process count "
+                        f"{nproc}")
+    rows = slice(pid * run.batch_size // nproc, (pid + 1) * run.batch_size // nproc)
     state = init_state(params, optimizer, mesh=mesh, seed=run.seed)
     step_fn = make_train_step(model_cfg, train_cfg, optimizer, mesh=mesh, params=state.params,
                               sequence_parallel=run.sequence_parallel)
@@ -123,7 +128,8 @@ def train_sft(model_cfg: ModelConfig, params: Params, docs: list[Doc], run: RunC
     t_last = time.perf_counter()
     for step in range(start, run.steps):
         batch = next(data)
-        real_tokens = int((batch["segment_ids"] > 0).sum()) * nproc
+        real_tokens = int((batch["segment_ids"] > 0).sum())
+        batch = {k: v[rows] for k, v in batch.items()}
         state, m = step_fn(state, shd.put_batch(batch, mesh, sequence_ring=sequence_ring))
         loss = float(m["loss"])  # waits for the step: the timing below is the step's
         now = time.perf_counter()
