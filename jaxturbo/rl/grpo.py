@@ -76,7 +76,8 @@ class GRPOConfig:
 def grpo_loss(model_cfg: ModelConfig, cfg: GRPOConfig, attn_impl: str = "auto") -> LossFn:
     """loss(params, batch) for `make_train_step`: clipped policy loss + beta KL - entropy bonus.
 
-    batch: the packed rows of `jaxturbo.rl.batch` (+ ref_logprobs [B, T] when kl_coef > 0).
+    batch: the packed rows of `jaxturbo.rl.batch` (+ ref_logprobs [B, T] when kl_coef > 0, and
+    optionally is_weights [B, T], see `truncated_is_weights`).
     The three terms share one mask and aggregation, hence one denominator.
     """
     mode, norm = cfg.policy.loss_agg_mode, cfg.policy.norm_length
@@ -87,7 +88,7 @@ def grpo_loss(model_cfg: ModelConfig, cfg: GRPOConfig, attn_impl: str = "auto") 
         logp = logprobs_from_logits(logits, batch["targets"], cfg.temperature)
         seg, mask = batch["segment_ids"], batch["weights"]
         pg, aux = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask,
-                              cfg.policy, segment_ids=seg)
+                              cfg.policy, segment_ids=seg, is_weights=batch.get("is_weights"))
         total = pg.total
         aux = {**aux, "pg_loss": pg.value()}
         if cfg.kl_coef > 0:

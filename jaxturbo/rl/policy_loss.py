@@ -75,10 +75,26 @@ def sequence_log_ratio(log_ratio: jax.Array, mask: jax.Array,
     return jax.lax.stop_gradient(mean) + log_ratio - jax.lax.stop_gradient(log_ratio)
 
 
+def truncated_is_weights(old_logp: jax.Array, rollout_logp: jax.Array,
+                         cap: float = 2.0) -> jax.Array:
+    """Truncated importance weights [B, T] for rollouts drawn by a different engine or an older
+    policy: w = min(pi_old / pi_rollout, cap), with pi_old the trainer's own logprobs of the
+    behaviour weights (truncated IS, Ionides 2008; applied to RL rollout/trainer mismatch by
+    Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training").
+    No gradient flows through w."""
+    w = jnp.exp(jnp.clip(old_logp.astype(jnp.float32) - rollout_logp.astype(jnp.float32),
+                         -20.0, jnp.log(cap)))
+    return jax.lax.stop_gradient(w)
+
+
 def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
                 cfg: PolicyLossConfig = PolicyLossConfig(), *,
-                segment_ids: jax.Array | None = None) -> tuple[Weighted, dict[str, jax.Array]]:
+                segment_ids: jax.Array | None = None,
+                is_weights: jax.Array | None = None) -> tuple[Weighted, dict[str, jax.Array]]:
     """Clipped policy-gradient loss (see the module docstring).  All inputs [B, T].
+
+    is_weights: optional per-token weights multiplying the clipped loss (e.g.
+    `truncated_is_weights` when rollouts came from another engine or a stale policy).
 
     Metrics (token means over the mask): clipfrac (ratio outside the clip range, the clipped
     term chosen), dual_clipfrac (the dual cap active), ratio_mean, approx_kl (k1 of the old vs
@@ -100,6 +116,8 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         cap = -adv * cfg.clip_ratio_c
         dual_hit = ((adv < 0) & (loss > cap)).astype(jnp.float32)
         loss = jnp.where(adv < 0, jnp.minimum(loss, cap), loss)
+    if is_weights is not None:
+        loss = loss * is_weights
     n = jnp.maximum(jnp.sum(m), 1.0)
     metrics = {
         "clipfrac": jnp.sum(clip_hit * m) / n,

@@ -151,7 +151,8 @@ class HFEngine:
                 kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
                                           eos_token_id=sorted(stops) or None, pad_token_id=0)
                 if not sampling.greedy:
-                    kw.update(temperature=sampling.temperature, top_k=sampling.top_k or None,
+                    # top_k passed even when 0: None would fall back to generation_config's 50
+                    kw.update(temperature=sampling.temperature, top_k=sampling.top_k,
                               top_p=sampling.top_p)
                 out = self.model.generate(torch.tensor([list(p)], device=self.device), **kw)
                 c = out[0, len(p):].tolist()

@@ -18,7 +18,7 @@ from jaxturbo.rl.advantages import (ADVANTAGE_ESTIMATORS, AdvantageConfig, compu
 from jaxturbo.rl.aggregation import aggregate
 from jaxturbo.rl.kl import kl_penalty
 from jaxturbo.rl.policy_loss import (PolicyLossConfig, entropy_bonus, entropy_from_logits,
-                                     policy_loss, value_loss)
+                                     policy_loss, truncated_is_weights, value_loss)
 
 A = np.testing.assert_allclose
 
@@ -196,3 +196,14 @@ def test_entropy_and_value_loss():
     assert float(m["vf_clipfrac"]) == pytest.approx(0.5)
     loss, _ = value_loss(v, old, ret, jnp.ones((1, 2)), cliprange_value=None)
     assert float(loss.value()) == pytest.approx(0.5)
+
+
+def test_truncated_importance_weights():
+    # pi_old / pi_rollout = e^.5 = 1.648721 (kept), e^2 = 7.39 (capped at 2), e^-1 = .367879
+    old = jnp.array([[-1.0, -1.0, -2.0]])
+    rollout = jnp.array([[-1.5, -3.0, -1.0]])
+    w = truncated_is_weights(old, rollout, cap=2.0)
+    A(w, [[1.648721, 2.0, 0.367879]], atol=1e-5)
+    # on-policy tokens (ratio 1, inside the clip) with A = 1: loss -1 each, weighted -> -sum(w)
+    loss, _ = policy_loss(old, old, jnp.ones((1, 3)), jnp.ones((1, 3)), is_weights=w)
+    assert float(loss.total) == pytest.approx(-(1.648721 + 2.0 + 0.367879), abs=1e-5)
