@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens_scored": res.tokens_scored, "seconds": time.perf_counter() - t0})
         print(f"N={n:3d}  ppl={res.perplexity:10.3f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     base = next((r["perplexity"] for r in rows if r["ladder_layers"] == 0), None)
-    for r in rows:
-        r["vs_N0"] = r["perplexity"] / base if base else float("nan")
+    if base is not None:  # without an N=0 row the column stays empty
+        for r in rows:
+            r["vs_N0"] = r["perplexity"] / base
 
     out = Path(args.out)
     meta = {"model": args.model, "layers": cfg.num_hidden_layers,

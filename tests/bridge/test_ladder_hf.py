@@ -27,7 +27,9 @@ def test_transformers_logits_match_jaxturbo(tiny_llama, tmp_path, monkeypatch, m
     import torch
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local trust_remote_code dirs need no Hub access
+    # a local trust_remote_code dir needs no Hub access (huggingface_hub reads this at import,
+    # so it binds only when this test runs first; the notebook checks it from a fresh kernel)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg, params = tiny_llama
     cfg = cfg.replace(residual_mode="ladder") if mode == "ladder" else ladder_config(cfg, 2)
     out = save_ladder_hf(params, cfg, tmp_path / f"ladder_export_{mode}")
