@@ -34,7 +34,8 @@ def test_transformers_logits_match_jaxturbo(tiny_llama, tmp_path, monkeypatch, m
     cfg = cfg.replace(residual_mode="ladder") if mode == "ladder" else ladder_config(cfg, 2)
     out = save_ladder_hf(params, cfg, tmp_path / f"ladder_export_{mode}")
     hf_cfg = json.loads((out / "config.json").read_text())
-    assert hf_cfg["model_type"] == "ladder_llama" and hf_cfg["ladder_layers"] == (3 if mode == "ladder" else 2)
+    assert hf_cfg["model_type"] == "ladder_llama"
+    assert hf_cfg["ladder_layers"] == (3 if mode == "ladder" else 2)
 
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(model).__name__ == "LadderLlamaForCausalLM"
