@@ -21,6 +21,10 @@ FAMILIES: dict[str, tuple[str, bool, bool]] = {
     "qwen3": ("Qwen3ForCausalLM", False, True),
 }
 
+# model_types of jaxturbo's own HF exports that read back as a family (the residual mode is in
+# the config's "jaxturbo" block): ladder/hybrid checkpoints carry their own modeling file.
+MODEL_TYPE_ALIASES = {"ladder_llama": "llama"}
+
 RESIDUAL_MODES = ("standard", "ladder", "hybrid", "parallel", "desync")
 
 
@@ -127,7 +131,7 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from a HF config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
         `rope_parameters`)."""
-        model_type = d.get("model_type")
+        model_type = MODEL_TYPE_ALIASES.get(d.get("model_type"), d.get("model_type"))
         if model_type not in FAMILIES:
             archs = d.get("architectures") or []
             raise UserError(

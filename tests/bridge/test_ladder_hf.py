@@ -75,3 +75,23 @@ def test_export_errors(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="already exists"):
         save_ladder_hf(params, ladder_config(cfg, 1), tmp_path / "busy")
     assert not any(p.name.startswith("q.tmp-") for p in tmp_path.iterdir())
+
+
+def test_ladder_export_reads_back_into_jaxturbo(tmp_path):
+    """A ladderize/export directory (model_type ladder_llama) loads back with its residual mode."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxturbo.bridge.hf import load_hf
+    from jaxturbo.bridge.ladder_hf import ladder_config, save_ladder_hf
+    from jaxturbo.models.transformer import forward
+    from tests.hf_tiny import random_tokens, tiny_hf_model
+
+    _, cfg, params = tiny_hf_model("llama")
+    hyb = ladder_config(cfg, 2)
+    out = save_ladder_hf(params, hyb, tmp_path / "hyb")
+    cfg2, params2, _ = load_hf(out)
+    assert (cfg2.model_type, cfg2.residual_mode, cfg2.ladder_layers) == ("llama", "hybrid", 2)
+    toks = jnp.asarray(random_tokens((1, 9)))
+    np.testing.assert_array_equal(np.asarray(forward(params2, cfg2, toks)[0]),
+                                  np.asarray(forward(params, hyb, toks)[0]))
