@@ -128,8 +128,12 @@ def _first_fit(lengths: Sequence[int], idx: Sequence[int], seq_len: int) -> list
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_len: int,
-                  num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0) -> Batch:
+                  num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0,
+                  extras: dict[str, np.ndarray] | None = None) -> Batch:
     """Pack rollouts with completion-aligned advantages [N, C] into rows [B, seq_len].
+
+    extras: more completion-aligned float arrays [N, C] (e.g. PPO's old_values, returns), packed
+    at the same target positions under their own keys.
 
     B = num_shards * rows per shard; rows per shard is the largest shard's need, at least
     min_rows (a fixed B keeps one compiled train step), rounded up to rows_multiple (e.g. the
@@ -145,8 +149,10 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
     shards = [_first_fit(lengths, s, seq_len) for s in balance_shards(lengths, num_shards)]
     per = max(min_rows, max(len(s) for s in shards))
     per = -(-per // rows_multiple) * rows_multiple
+    extras = extras or {}
     out = {k: np.zeros((num_shards * per, seq_len), np.float32 if k in
                        ("weights", "old_logprobs", "advantages") else np.int32) for k in BATCH_KEYS}
+    out.update({k: np.zeros((num_shards * per, seq_len), np.float32) for k in extras})
     for s, rows in enumerate(shards):
         for j, row in enumerate(rows):
             b, pos = s * per + j, 0
@@ -165,6 +171,8 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
                 out["weights"][b, c] = r.mask()
                 out["old_logprobs"][b, c] = np.asarray(r.logprobs, np.float32)
                 out["advantages"][b, c] = advantages[i, : len(r.completion)]
+                for k, v in extras.items():
+                    out[k][b, c] = v[i, : len(r.completion)]
                 pos += n
     out["advantages"] *= out["weights"]  # env tokens carry no advantage
     return out

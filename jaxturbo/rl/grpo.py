@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any
 
 import jax
@@ -32,12 +31,12 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
 from jaxturbo.rl.advantages import AdvantageConfig
 from jaxturbo.rl.aggregation import aggregate
-from jaxturbo.rl.batch import Rollout, build_batch, repeat_prompts
+from jaxturbo.rl.batch import build_batch
 from jaxturbo.rl.envs import Task
 from jaxturbo.rl.kl import kl_penalty
 from jaxturbo.rl.logprobs import logprobs_from_logits, token_logprobs
 from jaxturbo.rl.policy_loss import PolicyLossConfig, entropy_bonus, policy_loss
-from jaxturbo.rl.rollout import JaxEngine, RolloutEngine
+from jaxturbo.rl.rollout import JaxEngine, RolloutEngine, collect_rollouts
 from jaxturbo.train.losses import Weighted
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
 from jaxturbo.train.step import Batch, LossFn, TrainConfig, init_state, make_train_step
@@ -140,23 +139,16 @@ class GRPOLearner:
     def step(self) -> dict[str, float]:
         """One rollout batch and one optimizer step; returns float metrics."""
         cfg = self.cfg
-        problems = self.task.sample(cfg.prompts_per_step, self.rng)
-        prompts, groups = repeat_prompts([p.prompt for p in problems], cfg.group_size)
-        sampling = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p)
-        t0 = time.perf_counter()
-        out = self.engine.generate(prompts, sampling, max_new_tokens=cfg.max_new_tokens,
-                                   stop_ids=self.stop_ids, seed=self.steps)
-        rollout_s = time.perf_counter() - t0
-        rollouts = [Rollout(p, c, lp, self.task.reward(problems[g], c), int(g), truncated=t)
-                    for p, c, lp, g, t in zip(prompts, out.completions, out.logprobs, groups,
-                                              out.truncated)]
-        longest = max(len(p) for p in prompts) + cfg.max_new_tokens - 1
+        rollouts, metrics = collect_rollouts(
+            self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
+            SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
+            max_new_tokens=cfg.max_new_tokens, rng=self.rng, stop_ids=self.stop_ids,
+            seed=self.steps)
+        longest = max(len(r.prompt) for r in rollouts) + cfg.max_new_tokens - 1
         batch, stats = build_batch(rollouts, cfg.advantage, seq_len=cfg.seq_len,
                                    min_rows=self._rows(longest), rows_multiple=self.grad_accum,
                                    dynamic_filter=cfg.dynamic_filter)
-        metrics: dict[str, float] = {
-            **stats, "response_len": float(np.mean([len(c) for c in out.completions])),
-            "rollout_tokens": float(sum(len(c) for c in out.completions)), "rollout_s": rollout_s}
+        metrics.update(stats)
         if batch:
             b = {k: jnp.asarray(v) for k, v in batch.items()}
             if self.ref_params is not None:

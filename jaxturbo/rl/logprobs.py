@@ -51,9 +51,9 @@ def padded_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     return out
 
 
-def completion_logprobs(per_target: np.ndarray, prompts: Sequence[Sequence[int]],
+def cut_completions(per_target: np.ndarray, prompts: Sequence[Sequence[int]],
                         completions: Sequence[Sequence[int]]) -> list[np.ndarray]:
-    """Cut each row of per-target logprobs [N, L - 1] (from `padded_sequences` rows) down to its
-    completion tokens: completion token k is target len(prompt) + k - 1."""
+    """Cut each row of a per-target array [N, L - 1] (logprobs, values; from `padded_sequences`
+    rows) down to its completion tokens: completion token k is target len(prompt) + k - 1."""
     return [np.asarray(per_target[i, len(p) - 1 : len(p) - 1 + len(c)], np.float32)
             for i, (p, c) in enumerate(zip(prompts, completions))]

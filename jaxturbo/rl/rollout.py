@@ -33,7 +33,7 @@ from jaxturbo.generate.decode import generate
 from jaxturbo.generate.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params
-from jaxturbo.rl.logprobs import (completion_logprobs, logprobs_from_logits, padded_sequences,
+from jaxturbo.rl.logprobs import (cut_completions, logprobs_from_logits, padded_sequences,
                                   token_logprobs)
 
 
@@ -91,7 +91,7 @@ class JaxEngine:
         rows = {k: jnp.asarray(v) for k, v in padded_sequences(prompts, completions).items()}
         lp = token_logprobs(self.params, self.cfg, rows, temperature=temperature,
                             attn_impl=self.attn_impl)
-        return completion_logprobs(np.asarray(lp), prompts, completions)
+        return cut_completions(np.asarray(lp), prompts, completions)
 
 
 class HFEngine:
@@ -136,7 +136,7 @@ class HFEngine:
             logits = self.model(input_ids=ids, attention_mask=att).logits.float().cpu().numpy()
         lp = np.asarray(logprobs_from_logits(jnp.asarray(logits), jnp.asarray(rows["targets"]),
                                              temperature))
-        return completion_logprobs(lp, prompts, completions)
+        return cut_completions(lp, prompts, completions)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
@@ -164,3 +164,27 @@ class HFEngine:
 
 
 ROLLOUT_ENGINES = {"jax": JaxEngine, "hf": HFEngine}
+
+
+def collect_rollouts(engine: RolloutEngine, task: Any, n_prompts: int, group_size: int,
+                     sampling: SamplingParams, *, max_new_tokens: int, rng: np.random.Generator,
+                     stop_ids: Sequence[int] = (), seed: int = 0) -> tuple[list[Any], dict[str, float]]:
+    """Sample n_prompts problems from `task` (`jaxturbo.rl.envs.Task`), group_size rollouts each,
+    scored by the task's reward.  Returns `jaxturbo.rl.batch.Rollout`s and timing metrics
+    (rollout_s, rollout_tokens, response_len)."""
+    import time
+
+    from jaxturbo.rl.batch import Rollout, repeat_prompts
+
+    problems = task.sample(n_prompts, rng)
+    prompts, groups = repeat_prompts([p.prompt for p in problems], group_size)
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                          seed=seed)
+    rollout_s = time.perf_counter() - t0
+    rollouts = [Rollout(p, c, lp, task.reward(problems[g], c), int(g), truncated=t)
+                for p, c, lp, g, t in zip(prompts, out.completions, out.logprobs, groups,
+                                          out.truncated)]
+    n_tok = sum(len(c) for c in out.completions)
+    return rollouts, {"rollout_s": rollout_s, "rollout_tokens": float(n_tok),
+                      "response_len": n_tok / max(len(prompts), 1)}
