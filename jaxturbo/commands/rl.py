@@ -1,4 +1,4 @@
-"""`jaxturbo rl`: GRPO post-training on a verifiable task (synchronous, one host)."""
+"""`jaxturbo rl`: GRPO or PPO post-training on a verifiable task (synchronous, one host)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from jaxturbo.commands._common import add_model_arguments
 from jaxturbo.errors import UserError
 
 NAME = "rl"
-HELP = "GRPO post-training on a verifiable task (arithmetic), rollouts in JAX or transformers"
+HELP = "GRPO/PPO post-training on a verifiable task (arithmetic), rollouts in JAX or transformers"
 TASKS = ("arithmetic",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--algo", default="grpo", choices=("grpo", "ppo"),
-                   help="grpo (no critic); ppo is not implemented yet")
+                   help="grpo (group baseline, no critic) or ppo (value head, GAE)")
     p.add_argument("--task", default="arithmetic", choices=TASKS)
     p.add_argument("--steps", type=int, required=True, help="rollout + update steps")
     p.add_argument("--out", required=True, help="run directory: metrics.jsonl, eval.json")
@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--kl-coef", type=float, default=0.0, help="beta of the k3 KL to the start policy")
     p.add_argument("--adv-estimator", default="grpo",
-                   choices=("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"))
+                   choices=("grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"),
+                   help="advantage estimator of --algo grpo (ppo always uses gae)")
     p.add_argument("--loss-agg-mode", default="token-mean",
                    choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                             "seq-mean-token-sum-norm"))
@@ -44,13 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.algo != "grpo":
-        raise UserError(f"--algo {args.algo} is not implemented yet; use --algo grpo")
     if args.rollout_engine == "vllm":
         raise UserError("--rollout-engine vllm is not implemented; use jax or hf")
-    if args.steps < 1 or args.group_size < 2 or args.prompts_per_step < 1:
-        raise UserError(f"need --steps >= 1, --group-size >= 2, --prompts-per-step >= 1 (got "
-                        f"{args.steps}, {args.group_size}, {args.prompts_per_step})")
+    min_group = 2 if args.algo == "grpo" else 1  # GRPO's baseline is the group
+    if args.steps < 1 or args.group_size < min_group or args.prompts_per_step < 1:
+        raise UserError(f"need --steps >= 1, --group-size >= {min_group} for {args.algo}, "
+                        f"--prompts-per-step >= 1 (got {args.steps}, {args.group_size}, "
+                        f"{args.prompts_per_step})")
     import jax.numpy as jnp
     import numpy as np
 
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxturbo.rl.advantages import AdvantageConfig
     from jaxturbo.rl.envs import ArithmeticTask
     from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner, mean_reward
+    from jaxturbo.rl.ppo import PPOConfig, PPOLearner
     from jaxturbo.rl.policy_loss import PolicyLossConfig
     from jaxturbo.rl.rollout import HFEngine
     from jaxturbo.train.optimizer import OptimizerConfig
@@ -68,16 +70,20 @@ def run(args: argparse.Namespace) -> int:
                           max_operand=args.max_operand)
     stop = tuple(cfg.eos_token_id) + tuple(tok.encode("\n", add_special_tokens=False)[-1:])
     longest_prompt = len(task.encode(task.template.format(a=args.max_operand, b=args.max_operand)))
-    gcfg = GRPOConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      seq_len=longest_prompt + args.max_new_tokens + 8, kl_coef=args.kl_coef,
-                      policy=PolicyLossConfig(loss_agg_mode=args.loss_agg_mode),
-                      advantage=AdvantageConfig(args.adv_estimator))
+    common = dict(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  seq_len=longest_prompt + args.max_new_tokens + 8, kl_coef=args.kl_coef,
+                  policy=PolicyLossConfig(loss_agg_mode=args.loss_agg_mode))
     engine = HFEngine(cfg, params) if args.rollout_engine == "hf" else None
-    learner = GRPOLearner(cfg, params, task, gcfg, engine=engine, stop_ids=stop, seed=args.seed,
-                          optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=0,
-                                                    total_steps=args.steps, weight_decay=0.0),
-                          train=TrainConfig(compute_dtype=args.dtype))
+    kw = dict(engine=engine, stop_ids=stop, seed=args.seed,
+              optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=0,
+                                        total_steps=args.steps, weight_decay=0.0),
+              train=TrainConfig(compute_dtype=args.dtype))
+    if args.algo == "grpo":
+        learner = GRPOLearner(cfg, params, task, GRPOConfig(
+            **common, advantage=AdvantageConfig(args.adv_estimator)), **kw)
+    else:
+        learner = PPOLearner(cfg, params, task, PPOConfig(**common), **kw)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     held = task.sample(args.eval_problems, np.random.default_rng(10_000 + args.seed))

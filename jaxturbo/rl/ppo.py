@@ -148,7 +148,7 @@ class PPOLearner:
         min_rows = -(-n // max(1, cfg.seq_len // longest))
         batch = pack_rollouts(rollouts, np.asarray(adv), seq_len=cfg.seq_len, min_rows=min_rows,
                               extras={"old_values": old_values, "returns": np.asarray(ret)})
-        metrics["reward_mean"] = float(np.mean([r.reward for r in rollouts]))
+        metrics.update(reward_mean=float(np.mean([r.reward for r in rollouts])), kept=float(n))
         self.state, m = self.train_step(self.state, {k: jnp.asarray(v) for k, v in batch.items()})
         metrics.update({k: float(v) for k, v in m.items()})
         self.engine.update_weights(self.state.params["policy"])

@@ -8,9 +8,9 @@ from jaxturbo.cli import main
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--algo", "ppo"], "--algo ppo is not implemented"),
+    (["--algo", "ppo", "--group-size", "0"], "--group-size >= 1 for ppo"),
     (["--rollout-engine", "vllm"], "vllm is not implemented"),
-    (["--group-size", "1"], "--group-size >= 2"),
+    (["--group-size", "1"], "--group-size >= 2 for grpo"),
 ])
 def test_rl_cli_refuses_unsupported(capsys, tmp_path, extra, needle):
     code = main(["rl", "--model", str(tmp_path / "no-such-model"), "--steps", "1",
