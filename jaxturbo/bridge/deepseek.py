@@ -223,13 +223,19 @@ def load_deepseek(path: str | Path, dtype: Any = None) -> tuple[MLAConfig, Param
 
 
 def save_deepseek(params: Params, cfg: MLAConfig, out_dir: str | Path,
-                  tokenizer: Any = None, *, overwrite: bool = False) -> Path:
-    """Write a DeepSeek-V3 HF directory transformers loads (tokenizer: object with save_pretrained)."""
+                  tokenizer: Any = None, *, extra_files: dict[str, str] | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write a DeepSeek-V3 HF directory transformers loads (tokenizer: object with
+    save_pretrained; extra_files: name -> text written beside the weights)."""
     hf_cfg = mla_config_to_hf(cfg)
     tensors = mla_params_to_hf(params, cfg)
     dt = str(next(iter(tensors.values())).dtype)
     hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dt else dt
-    extra = (lambda tmp: tokenizer.save_pretrained(str(tmp))) if tokenizer is not None and \
-        hasattr(tokenizer, "save_pretrained") else None
+
+    def extra(tmp: Path) -> None:
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return write_hf_dir(out_dir, tensors, hf_cfg, None, extra=extra,
                         exists="overwrite" if overwrite else "error")

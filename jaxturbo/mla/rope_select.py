@@ -30,7 +30,7 @@ LAYOUTS = ("geometric", "free")
 def _row_energy(w: np.ndarray, c: np.ndarray) -> np.ndarray:
     """E[(w_o · x)²] for each row o of w [out, D]."""
     w = np.asarray(w, np.float64)
-    return np.einsum("od,de,oe->o", w, c, w)
+    return np.sum((w @ c) * w, axis=1)
 
 
 def pair_energy(wq: np.ndarray, wk: np.ndarray, c: np.ndarray, heads: int, kv_heads: int,
