@@ -13,13 +13,23 @@ Each step (GRPO, Shao et al. 2024, Alg. 1 with one policy update per batch):
      loss, as GRPO does, rather than in the reward);
   5. one optimizer step on the clipped policy loss (`jaxturbo.rl.policy_loss`);
   6. the new weights are pushed to the engine.
-Not here yet: PPO with a critic, asynchronous rollouts, several updates per batch.
+Asynchronous mode (`rollout_mode="async"`): a background thread produces the rollouts of step
+t + 1 (up to t + max_staleness) with the weights the engine holds while step t trains; a
+bounded queue holds them.  The stale behaviour policy is corrected as in decoupled PPO (Hilton
+et al. 2022): the trainer recomputes the proximal logprobs with its current weights (the ratio's
+denominator) and weights each token by the truncated importance ratio min(pi_prox /
+pi_behaviour, tis_cap) (`truncated_is_weights`).  With zero staleness the loss equals sync
+mode's (the weights are 1 up to rounding).  Overlap is real only where generation and training
+do not queue on the same device (a sub-mesh, or the hf engine on CPU).
+Not here yet: several updates per batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import queue
+import threading
 from typing import Any
 
 import jax
@@ -35,7 +45,8 @@ from jaxturbo.rl.batch import build_batch
 from jaxturbo.rl.envs import Task
 from jaxturbo.rl.kl import kl_penalty
 from jaxturbo.rl.logprobs import logprobs_from_logits, token_logprobs
-from jaxturbo.rl.policy_loss import PolicyLossConfig, entropy_bonus, policy_loss
+from jaxturbo.rl.policy_loss import (PolicyLossConfig, entropy_bonus, policy_loss,
+                                     truncated_is_weights)
 from jaxturbo.rl.rollout import JaxEngine, RolloutEngine, collect_rollouts
 from jaxturbo.train.losses import Weighted
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
@@ -55,6 +66,10 @@ class GRPOConfig:
       as DAPO and Dr. GRPO do).  kl_loss_type: "k1", "k2" or "k3" (`jaxturbo.rl.kl`).
     entropy_coeff: weight of the entropy bonus subtracted from the loss.
     dynamic_filter: drop groups whose rewards are all equal (DAPO).
+    rollout_mode: "sync" (generate, then train) or "async" (see module docstring).
+    max_staleness: async only: how many optimizer steps behind the rollouts may be (0: none,
+      which reproduces sync mode through the async machinery).
+    tis_cap: async only: cap of the truncated importance weights.
     policy / advantage: see PolicyLossConfig and AdvantageConfig.
     """
 
@@ -68,6 +83,9 @@ class GRPOConfig:
     kl_loss_type: str = "k3"
     entropy_coeff: float = 0.0
     dynamic_filter: bool = True
+    rollout_mode: str = "sync"
+    max_staleness: int = 1
+    tis_cap: float = 2.0
     policy: PolicyLossConfig = PolicyLossConfig()
     advantage: AdvantageConfig = AdvantageConfig("grpo")
 
@@ -104,6 +122,18 @@ def grpo_loss(model_cfg: ModelConfig, cfg: GRPOConfig, attn_impl: str = "auto") 
     return loss
 
 
+@functools.lru_cache(maxsize=8)
+def _train_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: OptimizerConfig,
+                train: TrainConfig):
+    return make_train_step(model_cfg, train, make_optimizer(optimizer), donate=False,
+                           loss_fn=grpo_loss(model_cfg, cfg, train.attn_impl))
+
+
+@functools.lru_cache(maxsize=8)
+def _logprobs_fn(model_cfg: ModelConfig, temperature: float):
+    return jax.jit(functools.partial(token_logprobs, cfg=model_cfg, temperature=temperature))
+
+
 class GRPOLearner:
     """Synchronous GRPO on one host (see module docstring).  params: the initial policy."""
 
@@ -116,18 +146,37 @@ class GRPOLearner:
             raise ValueError(f"group_size={cfg.group_size}: {cfg.advantage.adv_estimator} needs "
                              ">= 2 rollouts per prompt for its baseline")
         self.model_cfg, self.task, self.cfg, self.stop_ids = model_cfg, task, cfg, stop_ids
-        opt = make_optimizer(optimizer)
-        self.state = init_state(params, opt, seed=seed)
-        self.train_step = make_train_step(model_cfg, train, opt,
-                                          loss_fn=grpo_loss(model_cfg, cfg, train.attn_impl),
-                                          donate=False)
+        self.state = init_state(params, make_optimizer(optimizer), seed=seed)
+        # the rollout settings do not change the loss: learners that differ only there share
+        # one compiled step
+        loss_cfg = dataclasses.replace(cfg, rollout_mode="sync", max_staleness=0, tis_cap=1.0,
+                                       prompts_per_step=0, group_size=0, dynamic_filter=False)
+        self.train_step = _train_step(model_cfg, loss_cfg, optimizer, train)
         self.engine = engine or JaxEngine(model_cfg, self.state.params)
         self.ref_params = self.state.params if cfg.kl_coef > 0 else None
-        self._ref_logprobs = jax.jit(functools.partial(token_logprobs, cfg=model_cfg,
-                                                       temperature=cfg.temperature))
+        self._ref_logprobs = _logprobs_fn(model_cfg, cfg.temperature)
         self.rng = np.random.default_rng(seed)
         self.steps = 0
         self.grad_accum = train.grad_accum
+        if cfg.rollout_mode not in ("sync", "async"):
+            raise ValueError(f"rollout_mode {cfg.rollout_mode!r}; choose 'sync' or 'async'")
+        if cfg.max_staleness < 0:
+            raise ValueError(f"max_staleness={cfg.max_staleness} must be >= 0")
+        self._producer: _Producer | None = None
+        if cfg.rollout_mode == "async":
+            self._producer = _Producer(self._collect, cfg.max_staleness)
+
+    def _collect(self, index: int) -> tuple[list, dict[str, float]]:
+        cfg = self.cfg
+        return collect_rollouts(
+            self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
+            SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
+            max_new_tokens=cfg.max_new_tokens, rng=self.rng, stop_ids=self.stop_ids, seed=index)
+
+    def close(self) -> None:
+        """Stop the async rollout thread (a no-op in sync mode)."""
+        if self._producer is not None:
+            self._producer.stop()
 
     def _rows(self, longest: int) -> int:
         # a fixed row count keeps one compiled train step: with every rollout <= `longest`
@@ -139,11 +188,11 @@ class GRPOLearner:
     def step(self) -> dict[str, float]:
         """One rollout batch and one optimizer step; returns float metrics."""
         cfg = self.cfg
-        rollouts, metrics = collect_rollouts(
-            self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
-            SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
-            max_new_tokens=cfg.max_new_tokens, rng=self.rng, stop_ids=self.stop_ids,
-            seed=self.steps)
+        if self._producer is None:
+            rollouts, metrics = self._collect(self.steps)
+        else:
+            produced_at, rollouts, metrics = self._producer.get()
+            metrics["staleness"] = float(self.steps - produced_at)
         longest = max(len(r.prompt) for r in rollouts) + cfg.max_new_tokens - 1
         batch, stats = build_batch(rollouts, cfg.advantage, seq_len=cfg.seq_len,
                                    min_rows=self._rows(longest), rows_multiple=self.grad_accum,
@@ -153,11 +202,66 @@ class GRPOLearner:
             b = {k: jnp.asarray(v) for k, v in batch.items()}
             if self.ref_params is not None:
                 b["ref_logprobs"] = self._ref_logprobs(self.ref_params, batch=b)
+            if self._producer is not None:
+                prox = self._ref_logprobs(self.state.params, batch=b)
+                b["is_weights"] = truncated_is_weights(prox, b["old_logprobs"], cfg.tis_cap)
+                b["old_logprobs"] = prox
+                m_w = b["weights"]
+                metrics["is_weight_mean"] = float(jnp.sum(b["is_weights"] * m_w) /
+                                                  jnp.maximum(jnp.sum(m_w), 1.0))
             self.state, m = self.train_step(self.state, b)
             metrics.update({k: float(v) for k, v in m.items()})
             self.engine.update_weights(self.state.params)
         self.steps += 1
+        if self._producer is not None:
+            self._producer.finished(self.steps)
         return metrics
+
+
+class _Producer:
+    """Background rollout thread: batch i starts once the learner has finished step
+    i - max_staleness, so it is generated with weights at most max_staleness updates old."""
+
+    def __init__(self, collect, max_staleness: int):
+        self._collect, self._k = collect, max_staleness
+        self._queue: queue.Queue = queue.Queue(maxsize=max_staleness + 1)
+        self._cond = threading.Condition()
+        self._finished = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rollouts")
+        self._thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._finished >= i - self._k)
+                if self._stop:
+                    return
+                produced_at = self._finished  # updates the engine's weights have seen
+            try:
+                rollouts, metrics = self._collect(i)
+            except BaseException as e:  # hand the error to the learner's thread
+                self._queue.put(e)
+                return
+            self._queue.put((produced_at, rollouts, metrics))
+            i += 1
+
+    def get(self) -> tuple[int, list, dict[str, float]]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def finished(self, steps: int) -> None:
+        with self._cond:
+            self._finished = steps
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
 
 
 def mean_reward(engine: RolloutEngine, task: Task, problems: list[Any], *,
