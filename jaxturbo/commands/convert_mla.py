@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-dim", type=int, default=None, help="shared rope key width (default head_dim/2)")
     p.add_argument("--rope-layout", choices=LAYOUTS, default="geometric",
                    help="geometric: DeepSeek-exportable frequencies; free: jaxturbo-only")
+    p.add_argument("--rope-criterion", choices=("energy", "rotation"), default="energy",
+                   help="rank (kv head, frequency) pairs by score energy, or by energy times how "
+                        "much the pair rotates over --calib-len tokens")
     p.add_argument("--alpha", type=float, default=0.01, help="covariance shrinkage in [0, 1]")
     p.add_argument("--calib-data", default=str(_DEFAULT_DATA), help="calibration text (UTF-8)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
@@ -91,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=cfg.num_hidden_layers, desc=f"factorise ({args.method})", unit="layer") as bar:
         res = convert_to_mla(params, cfg, cov, method=args.method, ranks=args.ranks,
                              kv_budget=args.kv_budget, rope_dim=args.rope_dim,
-                             rope_layout=args.rope_layout, alpha=args.alpha, progress=bar.update)
+                             rope_layout=args.rope_layout, alpha=args.alpha,
+                             rope_criterion=args.rope_criterion, context=args.calib_len,
+                             progress=bar.update)
     mparams = res.params
     if args.heal_steps:
         from jaxturbo.mla.heal import heal

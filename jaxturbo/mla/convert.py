@@ -78,6 +78,7 @@ def convert_to_mla(params: Params, cfg: ModelConfig, cov: np.ndarray | None, *,
                    method: str = "care", ranks: str = "uniform", kv_budget: float = 1.0,
                    rope_dim: int | None = None, rope_layout: str = "geometric",
                    alpha: float = 0.01, min_rank: int | None = None,
+                   rope_criterion: str = "energy", context: int = 512,
                    progress: Callable[[int], None] | None = None) -> ConversionResult:
     """Convert GQA params (HF names, stacked layers) to MLA.
 
@@ -85,6 +86,8 @@ def convert_to_mla(params: Params, cfg: ModelConfig, cov: np.ndarray | None, *,
       by `care` and by the energy-based rope selection (None: identity, i.e. weights only).
     rope_dim: shared rope key width dr (default hd/2).  alpha: covariance shrinkage.
     min_rank: smallest rank per matrix under `adjusted` (default: 1/8 of the uniform share).
+    rope_criterion: "energy" or "rotation" (energy weighted by how much each frequency rotates
+      over `context` tokens; see `rope_select`).
     """
     _check_source(cfg)
     if method not in fz.METHODS:
@@ -113,8 +116,12 @@ def convert_to_mla(params: Params, cfg: ModelConfig, cov: np.ndarray | None, *,
     energy = np.stack([rope_select.pair_energy(lay["self_attn.q_proj.weight"][i],
                                                lay["self_attn.k_proj.weight"][i], cs[i], H, K, hd)
                        for i in range(L)])
-    fidx, khead = rope_select.select(energy, dr // 2, rope_layout)
     src_freq = inv_frequencies(cfg)
+    if rope_criterion == "rotation":
+        energy = energy * rope_select.rotation_weight(src_freq, context)[None, None]
+    elif rope_criterion != "energy":
+        raise UserError(f"unknown rope criterion {rope_criterion!r}; choose energy or rotation")
+    fidx, khead = rope_select.select(energy, dr // 2, rope_layout)
     P = hd // 2
 
     # --- targets and spectra

@@ -9,6 +9,8 @@ through the latent (the partial-RoPE step of MHA2MLA, Ji et al. 2025).
 Pairs are ranked by their contribution to the attention scores on the calibration data,
 energy(g, j) = Σ_{h reads g} |q_{h,j}|·|k_{g,j}| with |·| the RMS 2-norm of the pair
 (rotation-invariant, so computable from the covariance alone: E|W x|² = tr(W C Wᵀ)).
+criterion "rotation" multiplies it by `rotation_weight`: a strong pair whose wavelength far
+exceeds the context barely rotates, so it loses little by going position-free.
 
 Layouts:
   geometric  the slots' frequencies form θ_j0·r^i (an arithmetic run j0, j0+s, ... of the
@@ -41,6 +43,13 @@ def pair_energy(wq: np.ndarray, wk: np.ndarray, c: np.ndarray, heads: int, kv_he
     ke = _row_energy(wk, c).reshape(kv_heads, 2, p).sum(1)     # [K, P]
     qn = np.sqrt(qe).reshape(kv_heads, heads // kv_heads, p).sum(1)   # Σ over the group's heads
     return qn * np.sqrt(ke)
+
+
+def rotation_weight(inv_freq: np.ndarray, context: int) -> np.ndarray:
+    """1 - mean_{0<=Δ<context} cos(θ_j Δ) per frequency: how much dropping the rotation of
+    pair j changes its scores over `context` tokens (≈0 for wavelengths far beyond it)."""
+    x = np.asarray(inv_freq, np.float64) * context
+    return 1.0 - np.sinc(x / np.pi)          # np.sinc(t) = sin(pi t)/(pi t)
 
 
 def select(energy: np.ndarray, slots: int, layout: str) -> tuple[np.ndarray, np.ndarray]:

@@ -128,3 +128,16 @@ def test_uniform_care_export_loads_in_transformers(gqa, tmp_path):
     with torch.no_grad():
         theirs = hf(torch.tensor(np.asarray(toks), dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+
+
+def test_rope_selection_layouts():
+    from jaxturbo.mla import rope_select
+    rng = np.random.RandomState(0)
+    energy = rng.rand(3, 2, 8)
+    energy[:, 1, [1, 3, 5, 7]] += 10.0           # kv head 1 dominates at odd frequencies
+    j, g = rope_select.select(energy, 4, "geometric")
+    assert list(j) == [1, 3, 5, 7] and (g == 1).all()
+    j, g = rope_select.select(energy, 3, "free")
+    assert len(set(zip(j, g[0]))) == 3 and (g == 1).all()
+    w = rope_select.rotation_weight(np.array([1.0, 1e-6]), 512)
+    assert w[0] > 0.99 and w[1] < 1e-6
