@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-agg-mode", default="token-mean",
                    choices=("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                             "seq-mean-token-sum-norm"))
+    p.add_argument("--async", dest="async_rollouts", action="store_true",
+                   help="grpo: produce the next rollouts in a background thread while a step "
+                        "trains (truncated-IS correction of the stale policy)")
+    p.add_argument("--max-staleness", type=int, default=1,
+                   help="with --async: how many updates old rollouts may be")
     p.add_argument("--eval-problems", type=int, default=64,
                    help="held-out problems scored greedily before and after (0: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -47,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.rollout_engine == "vllm":
         raise UserError("--rollout-engine vllm is not implemented; use jax or hf")
+    if args.async_rollouts and args.algo != "grpo":
+        raise UserError("--async is implemented for --algo grpo only")
     min_group = 2 if args.algo == "grpo" else 1  # GRPO's baseline is the group
     if args.steps < 1 or args.group_size < min_group or args.prompts_per_step < 1:
         raise UserError(f"need --steps >= 1, --group-size >= {min_group} for {args.algo}, "
@@ -81,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
               train=TrainConfig(compute_dtype=args.dtype))
     if args.algo == "grpo":
         learner = GRPOLearner(cfg, params, task, GRPOConfig(
-            **common, advantage=AdvantageConfig(args.adv_estimator)), **kw)
+            **common, advantage=AdvantageConfig(args.adv_estimator),
+            rollout_mode="async" if args.async_rollouts else "sync",
+            max_staleness=args.max_staleness), **kw)
     else:
         learner = PPOLearner(cfg, params, task, PPOConfig(**common), **kw)
     out = Path(args.out)
@@ -108,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"step {step}/{args.steps}  reward {m['reward_mean']:.3f}  "
                   f"kl {m.get('kl', 0.0):.4f}  kept {int(m['kept'])}  "
                   f"{m['rollout_tokens_per_s']:.0f} rollout tok/s", file=sys.stderr)
+    if args.algo == "grpo":
+        learner.close()
     evaluate("after")
     (out / "eval.json").write_text(json.dumps(
         {"held_out_problems": len(held), "steps": args.steps,

@@ -11,6 +11,7 @@ from jaxturbo.cli import main
     (["--algo", "ppo", "--group-size", "0"], "--group-size >= 1 for ppo"),
     (["--rollout-engine", "vllm"], "vllm is not implemented"),
     (["--group-size", "1"], "--group-size >= 2 for grpo"),
+    (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
 ])
 def test_rl_cli_refuses_unsupported(capsys, tmp_path, extra, needle):
     code = main(["rl", "--model", str(tmp_path / "no-such-model"), "--steps", "1",
