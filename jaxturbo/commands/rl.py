@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="grpo (group baseline, no critic) or ppo (value head, GAE)")
     p.add_argument("--task", default="arithmetic", choices=TASKS)
     p.add_argument("--steps", type=int, required=True, help="rollout + update steps")
-    p.add_argument("--out", required=True, help="run directory: metrics.jsonl, eval.json")
+    p.add_argument("--out", required=True,
+                   help="run directory: metrics.jsonl, eval.json, reward.png")
     p.add_argument("--rollout-engine", default="jax", choices=("jax", "hf", "vllm"),
                    help="jax: in-process sampler; hf: transformers fed in memory (slow, CPU); "
                         "vllm: not implemented")
@@ -120,7 +121,27 @@ def run(args: argparse.Namespace) -> int:
     if args.algo == "grpo":
         learner.close()
     evaluate("after")
+    plot_reward(out / "metrics.jsonl", out / "reward.png")
     (out / "eval.json").write_text(json.dumps(
         {"held_out_problems": len(held), "steps": args.steps,
          "seconds": time.perf_counter() - start, **evals}, indent=1))
     return 0
+
+
+def plot_reward(metrics_path: Path, png: Path) -> None:
+    """Training reward (mean over each step's rollouts) against step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not recs:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in recs], [r["reward_mean"] for r in recs], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean rollout reward")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
