@@ -28,7 +28,7 @@ from jaxturbo.train.optimizer import OptimizerConfig  # noqa: E402
 from jaxturbo.train.step import TrainConfig  # noqa: E402
 from sft_worker import CFG, docs  # noqa: E402
 
-STEPS = 3
+STEPS = 2
 run = RunConfig(out_dir=out, steps=STEPS, batch_size=8, seq_len=32, save_every=100, keep=1,
                 progress=False, plot=False)
 _, hist = train_sft(CFG, init_params(CFG, jax.random.key(0)), docs(), run,
