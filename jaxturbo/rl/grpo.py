@@ -1,4 +1,4 @@
-"""A synchronous GRPO learner: sample groups, score, build packed rows, one policy update, sync.
+"""A GRPO learner: sample groups, score, build packed rows, one policy update, push weights.
 
     learner = GRPOLearner(model_cfg, params, task, GRPOConfig(...), engine=JaxEngine(...))
     for _ in range(steps):

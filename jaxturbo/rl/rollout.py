@@ -21,6 +21,7 @@ Engines ("rollout_engine"):
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -102,6 +103,8 @@ class HFEngine:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.cfg, self.device = cfg, device
+        # async learners update weights from another thread than the one generating
+        self._lock = threading.RLock()
         d = cfg.to_hf_dict()
         hc = AutoConfig.for_model(d.pop("model_type"), **d)
         with torch.device(device):
@@ -115,21 +118,22 @@ class HFEngine:
 
         tensors = {k: torch.from_numpy(np.array(v, np.float32))  # a writable copy
                    for k, v in hf_from_params(params, self.cfg).items()}
-        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        with self._lock:
+            missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+            if self.cfg.tie_word_embeddings:
+                self.model.tie_weights()
         # a tied model's lm_head is the embedding, so the bridge does not emit it
         missing = [m for m in missing if not (m == "lm_head.weight" and self.cfg.tie_word_embeddings)]
         if missing or unexpected:
             raise UserError(f"HF rollout engine: weights do not match the transformers model "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        if self.cfg.tie_word_embeddings:
-            self.model.tie_weights()
 
     def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
               temperature: float = 1.0) -> list[np.ndarray]:
         import torch
 
         rows = padded_sequences(prompts, completions)
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             ids = torch.from_numpy(rows["tokens"]).long().to(self.device)
             att = torch.from_numpy(rows["segment_ids"] > 0).long().to(self.device)
             att[:, 0] = 1  # a 1-token prompt with an empty completion still has a valid row start
@@ -146,7 +150,7 @@ class HFEngine:
         torch.manual_seed(seed)
         stops = set(stop_ids)
         comps: list[list[int]] = []
-        with torch.no_grad():
+        with self._lock, torch.no_grad():
             for p in prompts:  # one prompt at a time: no padding semantics to reconcile
                 kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
                                           eos_token_id=sorted(stops) or None, pad_token_id=0)
