@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-operand", type=int, default=20, help="arithmetic operands in [0, N]")
+    p.add_argument("--chat", action="store_true",
+                   help="ask through the tokenizer's chat template (instruct models) instead of "
+                        "a raw \"a+b=\" prompt")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--kl-coef", type=float, default=0.0, help="beta of the k3 KL to the start policy")
     p.add_argument("--adv-estimator", default="grpo",
@@ -74,8 +77,17 @@ def run(args: argparse.Namespace) -> int:
     from jaxturbo.train.step import TrainConfig
 
     cfg, params, tok = load_model(args.model, dtype=jnp.float32)
-    task = ArithmeticTask(lambda s: tok.encode(s, add_special_tokens=False), tok.decode,
-                          max_operand=args.max_operand)
+    if args.chat:
+        def encode(text: str) -> list[int]:
+            chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+            return tok.encode(chat, add_special_tokens=False)
+        template = "What is {a}+{b}? Answer with the number only."
+    else:
+        def encode(text: str) -> list[int]:
+            return tok.encode(text, add_special_tokens=False)
+        template = "{a}+{b}="
+    task = ArithmeticTask(encode, tok.decode, max_operand=args.max_operand, template=template)
     stop = tuple(cfg.eos_token_id) + tuple(tok.encode("\n", add_special_tokens=False)[-1:])
     longest_prompt = len(task.encode(task.template.format(a=args.max_operand, b=args.max_operand)))
     common = dict(prompts_per_step=args.prompts_per_step, group_size=args.group_size,

@@ -46,8 +46,10 @@ class CharTokenizer:
 
 @dataclasses.dataclass
 class ArithmeticTask:
-    """"a+b=" problems with operands in [0, max_operand]; reward 1 when the first integer the
-    completion writes equals a + b (an exact-answer check, as in verifiable-reward RL)."""
+    """"a+b=" problems with operands in [0, max_operand]; reward 1 when the last integer the
+    completion writes equals a + b (an exact-answer check, as in verifiable-reward RL; the last
+    one, because models often restate the question: "7 + 8 = 15").  `template` is formatted
+    with a and b and then encoded (an `encode` may wrap it in a chat template)."""
 
     encode: Callable[[str], list[int]]
     decode: Callable[[Sequence[int]], str]
@@ -59,8 +61,8 @@ class ArithmeticTask:
         return [Problem(self.encode(self.template.format(a=a, b=b)), int(a + b)) for a, b in ab]
 
     def reward(self, problem: Problem, completion: Sequence[int]) -> float:
-        m = re.search(r"-?\d+", self.decode(completion))
-        return float(m is not None and int(m.group()) == problem.answer)
+        nums = re.findall(r"-?\d+", self.decode(completion))
+        return float(bool(nums) and int(nums[-1]) == problem.answer)
 
 
 @dataclasses.dataclass

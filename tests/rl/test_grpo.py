@@ -72,5 +72,7 @@ def test_arithmetic_task_rewards_exact_answers():
     p = Problem(tok.encode("3+4="), 7)
     assert task.reward(p, tok.encode("7")) == 1.0
     assert task.reward(p, tok.encode(" 7\n")) == 1.0
+    assert task.reward(p, tok.encode("3+4=7")) == 1.0  # the last integer is the answer
+    assert task.reward(p, tok.encode("7+1")) == 0.0
     assert task.reward(p, tok.encode("17")) == 0.0
     assert task.reward(p, tok.encode("=")) == 0.0 and task.reward(p, []) == 0.0
