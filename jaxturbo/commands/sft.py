@@ -80,13 +80,23 @@ def run(args: argparse.Namespace) -> int:
     from jaxturbo.train.step import TrainConfig
 
     records = read_records(args.data)   # bad lines fail here, before the model loads
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    if mesh is not None:   # mesh and --sequence-parallel agree? (heads are checked once loaded)
+        from jaxturbo.train.sharding import check_training_mesh
+        check_training_mesh(mesh, args.sequence_parallel)
+    elif args.sequence_parallel != "none":
+        raise UserError(f"--sequence-parallel {args.sequence_parallel} needs --mesh with a "
+                        "sequence axis (e.g. --mesh data=2,sequence=4)")
     cfg, params, tokenizer = load_model(args.model)
     if args.seq_len > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of "
                         f"{cfg.max_position_embeddings}")
+    if args.sequence_parallel != "none":   # heads / seq_len / ring size, before any compile
+        from jaxturbo.parallel.sequence import model_layout
+        model_layout(args.sequence_parallel, cfg, mesh, batch=args.batch_size // args.grad_accum,
+                     seq_len=args.seq_len)
     docs = encode_documents(records, tokenizer, args.seq_len)
     data_id = f"{Path(args.data).name}:sha256={hashlib.sha256(Path(args.data).read_bytes()).hexdigest()[:16]}"
-    mesh = make_mesh(args.mesh) if args.mesh else None
     warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
     opt = OptimizerConfig(learning_rate=args.lr, warmup_steps=warmup, total_steps=args.steps,
                           min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
