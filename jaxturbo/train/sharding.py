@@ -32,11 +32,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxturbo.errors import UserError
+from jaxturbo.parallel.sequence import MODES as SP_MODES, zigzag_permutation
 
 BATCH_AXES = ("data", "fsdp")
 
 
-SP_MODES = ("none", "ulysses", "ring", "hybrid")   # = jaxturbo.parallel.sequence.MODES
 
 
 def check_training_mesh(mesh: Mesh, sequence_parallel: str | None = None) -> None:
@@ -117,7 +117,6 @@ def zigzag_rows(batch: dict[str, np.ndarray], ring_size: int) -> dict[str, np.nd
     """
     if ring_size == 1:
         return batch
-    from jaxturbo.parallel.sequence import zigzag_permutation
     t = next(iter(batch.values())).shape[1]
     perm = zigzag_permutation(t, ring_size)
     return {k: np.asarray(v)[:, perm] for k, v in batch.items()}

@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
+from jaxturbo.parallel import sequence as sp_lib
 from jaxturbo.train import sharding as shd
 from jaxturbo.train.losses import NORMALIZE_MODES, Weighted, cross_entropy
 
@@ -95,11 +96,9 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
     in the mode's layout (`sharding.put_batch(..., sequence_ring=r)`), and the loss, a sum over
     tokens, is computed in that order.
     """
-    if sequence_parallel != "none":
-        from jaxturbo.parallel import sequence as sp_lib
-        if mesh is None:
-            raise UserError(f"--sequence-parallel {sequence_parallel} needs a mesh with a "
-                            "sequence axis (e.g. --mesh data=2,sequence=4)")
+    if sequence_parallel != "none" and mesh is None:
+        raise UserError(f"--sequence-parallel {sequence_parallel} needs a mesh with a "
+                        "sequence axis (e.g. --mesh data=2,sequence=4)")
 
     def logits_of(params: Params, batch: Batch) -> jax.Array:
         if sequence_parallel == "none":
