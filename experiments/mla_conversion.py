@@ -89,8 +89,8 @@ def main() -> None:
             res = convert_to_mla(params, cfg, cov, method=method, ranks=ranks, kv_budget=budget,
                                  alpha=args.alpha)
             ppl = mla_perplexity(res.params, res.cfg, eval_ids, window=pr["window"]).perplexity
-            row = {"method": name, "budget": budget, "ppl": ppl, **res.summary(),
-                   "seconds": round(time.time() - t0, 1)}
+            row = {**res.summary(), "method": name, "factorisation": method, "budget": budget,
+                   "ppl": ppl, "seconds": round(time.time() - t0, 1)}
             results["rows"].append(row)
             print(f"{name:14s} budget {budget:.2f}: ppl {ppl:9.3f}  R={res.cfg.kv_lora_rank} "
                   f"({row['seconds']}s)", flush=True)
