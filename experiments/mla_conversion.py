@@ -8,7 +8,8 @@ Training-free rows: {svd-joint, svd, care-uniform, care-adjusted} x budget {1.0,
 (budget = (latent + rope key) / original 2*K*hd = 384 values per token per layer).
 Calibration: the first N x L tokens of WikiText-2 valid; evaluation: the last W windows of
 `window` tokens of the same file (disjoint from the calibration tokens).
-Writes experiments/mla/results.{json,md} and experiments/mla/ppl_vs_budget.png.
+Writes experiments/mla/results<tag>.{json,md} and experiments/mla/ppl_vs_budget<tag>.png
+(results_energy.*: the first run, RoPE pairs chosen by plain energy; see NOTES.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(ROOT / "datasets/wikitext-2/valid.txt"))
     ap.add_argument("--alpha", type=float, default=0.01, help="covariance shrinkage")
+    ap.add_argument("--rope-criterion", choices=("energy", "rotation"), default="rotation")
+    ap.add_argument("--tag", default="", help="suffix of the output files (results<tag>.json ...)")
     ap.add_argument("--heal-steps", type=int, default=0)
     ap.add_argument("--heal-batch", type=int, default=4)
     ap.add_argument("--heal-len", type=int, default=256)
@@ -63,15 +66,15 @@ def main() -> None:
     meta = {"model": args.model, "data": Path(args.data).name, "tokens_in_file": int(len(ids)),
             "calibration": f"first {pr['calib_samples']} x {pr['calib_len']} tokens",
             "evaluation": f"last {pr['eval_windows']} disjoint windows of {pr['window']} tokens",
-            "alpha": args.alpha, "rope_dim": cfg.head_dim // 2, "rope_layout": "geometric",
+            "alpha": args.alpha, "rope_dim": cfg.head_dim // 2, "rope_layout": "geometric", "rope_criterion": args.rope_criterion,
             "kv_values_per_token_per_layer_original": 2 * cfg.num_key_value_heads * cfg.head_dim}
     results: dict = {"meta": meta, "rows": []}
 
     def save() -> None:
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        write_markdown(results, out / "results.md")
+        (out / f"results{args.tag}.json").write_text(json.dumps(results, indent=1))
+        write_markdown(results, out / f"results{args.tag}.md")
         if results["rows"]:
-            plot(results, out / "ppl_vs_budget.png")
+            plot(results, out / f"ppl_vs_budget{args.tag}.png")
 
     t0 = time.time()
     base = perplexity(params, cfg, eval_ids, window=pr["window"], batch_size=4, attn_impl="xla")
@@ -87,7 +90,8 @@ def main() -> None:
         for name, method, ranks in ROWS:
             t0 = time.time()
             res = convert_to_mla(params, cfg, cov, method=method, ranks=ranks, kv_budget=budget,
-                                 alpha=args.alpha)
+                                 alpha=args.alpha, rope_criterion=args.rope_criterion,
+                                 context=pr["window"])
             ppl = mla_perplexity(res.params, res.cfg, eval_ids, window=pr["window"]).perplexity
             row = {**res.summary(), "method": name, "factorisation": method, "budget": budget,
                    "ppl": ppl, "seconds": round(time.time() - t0, 1)}
@@ -124,7 +128,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [f"# MLA conversion of {m['model']}: WikiText-2 perplexity", "",
              f"Calibration: {m['calibration']}; evaluation: {m['evaluation']} of {m['data']} "
              f"({m['tokens_in_file']} tokens). Shrinkage alpha={m['alpha']}, rope dim "
-             f"{m['rope_dim']} ({m['rope_layout']}). Budget 1.0 = "
+             f"{m['rope_dim']} ({m['rope_layout']}, criterion {m.get('rope_criterion', 'energy')}). Budget 1.0 = "
              f"{m['kv_values_per_token_per_layer_original']} values/token/layer "
              "(latent + rope key). Training-free unless stated.", "",
              f"GQA original: **{results.get('gqa_ppl', float('nan')):.3f}**", "",

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope-dim", type=int, default=None, help="shared rope key width (default head_dim/2)")
     p.add_argument("--rope-layout", choices=LAYOUTS, default="geometric",
                    help="geometric: DeepSeek-exportable frequencies; free: jaxturbo-only")
-    p.add_argument("--rope-criterion", choices=("energy", "rotation"), default="energy",
+    p.add_argument("--rope-criterion", choices=("energy", "rotation"), default="rotation",
                    help="rank (kv head, frequency) pairs by score energy, or by energy times how "
                         "much the pair rotates over --calib-len tokens")
     p.add_argument("--alpha", type=float, default=0.01, help="covariance shrinkage in [0, 1]")

@@ -78,7 +78,7 @@ def convert_to_mla(params: Params, cfg: ModelConfig, cov: np.ndarray | None, *,
                    method: str = "care", ranks: str = "uniform", kv_budget: float = 1.0,
                    rope_dim: int | None = None, rope_layout: str = "geometric",
                    alpha: float = 0.01, min_rank: int | None = None,
-                   rope_criterion: str = "energy", context: int = 512,
+                   rope_criterion: str = "rotation", context: int = 512,
                    progress: Callable[[int], None] | None = None) -> ConversionResult:
     """Convert GQA params (HF names, stacked layers) to MLA.
 
@@ -86,8 +86,9 @@ def convert_to_mla(params: Params, cfg: ModelConfig, cov: np.ndarray | None, *,
       by `care` and by the energy-based rope selection (None: identity, i.e. weights only).
     rope_dim: shared rope key width dr (default hd/2).  alpha: covariance shrinkage.
     min_rank: smallest rank per matrix under `adjusted` (default: 1/8 of the uniform share).
-    rope_criterion: "energy" or "rotation" (energy weighted by how much each frequency rotates
-      over `context` tokens; see `rope_select`).
+    rope_criterion: "rotation" (default: energy weighted by how much each frequency rotates
+      over `context` tokens) or "energy" (plain score energy); see `rope_select` and
+      experiments/mla/NOTES.md for why plain energy is the wrong default.
     """
     _check_source(cfg)
     if method not in fz.METHODS:
