@@ -72,7 +72,7 @@ def test_perplexity_matches_transformers(jt, hf_model):
     nll, n = 0.0, 0
     for b, e, first in window_plan(len(ids), 1024, 1024):
         with torch.no_grad():
-            logits = hf_model(torch.tensor([ids[b:e]], dtype=torch.long)).logits[0]
+            logits = hf_model(torch.from_numpy(ids[None, b:e].astype(np.int64))).logits[0]
         logp = torch.log_softmax(logits[:-1], -1)
         tgt = torch.tensor(ids[b + 1:e], dtype=torch.long)
         nlls = -logp[torch.arange(len(tgt)), tgt]
