@@ -80,6 +80,25 @@ def pad_seq(x: jax.Array, length: int, axis: int = 1, mode: str = "constant") ->
     return jnp.pad(x, widths, mode=mode)
 
 
+def _block_bounds(spec: MaskSpec, block_q: int, block_k: int):
+    """Per query block [lo, hi] absolute positions and per key block first index and the
+    block's unclamped last index (past kv_len when the last block is padded)."""
+    nq = -(-spec.q_len // block_q)
+    nk = -(-spec.kv_len // block_k)
+    qi = jnp.arange(nq)
+    kj = jnp.arange(nk)
+    q_lo = qi * block_q + spec.offset
+    q_hi = jnp.minimum((qi + 1) * block_q, spec.q_len) - 1 + spec.offset
+    return q_lo, q_hi, kj * block_k, (kj + 1) * block_k - 1
+
+
+def _segment_block_minmax(seg: jax.Array, length: int, block: int):
+    """Smallest and largest segment id of each block, [B, n_blocks] each (edge-padded)."""
+    n = -(-length // block)
+    s = pad_seq(seg, n * block, axis=1, mode="edge").reshape(seg.shape[0], n, block)
+    return s.min(-1), s.max(-1)
+
+
 def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
                      q_seg: jax.Array | None, k_seg: jax.Array | None,
                      full: bool = False) -> jax.Array:
@@ -92,53 +111,32 @@ def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
     """
     if full:
         return _block_full(spec, block_q, block_k, q_seg, k_seg)
-    nq = -(-spec.q_len // block_q)
-    nk = -(-spec.kv_len // block_k)
-    qi = jnp.arange(nq)
-    kj = jnp.arange(nk)
-    q_lo = qi * block_q + spec.offset
-    q_hi = jnp.minimum((qi + 1) * block_q, spec.q_len) - 1 + spec.offset
-    k_lo = kj * block_k
-    k_hi = jnp.minimum((kj + 1) * block_k, spec.kv_len) - 1
-    vis = jnp.ones((nq, nk), dtype=bool)
+    q_lo, q_hi, k_lo, k_end = _block_bounds(spec, block_q, block_k)
+    k_hi = jnp.minimum(k_end, spec.kv_len - 1)
+    vis = jnp.ones((q_lo.shape[0], k_lo.shape[0]), dtype=bool)
     if spec.causal:
         vis &= k_lo[None, :] <= q_hi[:, None]
     if spec.sliding_window is not None:
         vis &= k_hi[None, :] >= q_lo[:, None] - spec.sliding_window
     vis = vis[None]
     if spec.has_segments:
-        def block_minmax(seg, length, block):
-            n = -(-length // block)
-            s = pad_seq(seg, n * block, axis=1, mode="edge").reshape(seg.shape[0], n, block)
-            return s.min(-1), s.max(-1)
-        qmin, qmax = block_minmax(q_seg, spec.q_len, block_q)
-        kmin, kmax = block_minmax(k_seg, spec.kv_len, block_k)
+        qmin, qmax = _segment_block_minmax(q_seg, spec.q_len, block_q)
+        kmin, kmax = _segment_block_minmax(k_seg, spec.kv_len, block_k)
         vis = vis & (kmin[:, None, :] <= qmax[:, :, None]) & (kmax[:, None, :] >= qmin[:, :, None])
     return vis
 
 
 def _block_full(spec, block_q, block_k, q_seg, k_seg):
-    nq = -(-spec.q_len // block_q)
-    nk = -(-spec.kv_len // block_k)
-    qi = jnp.arange(nq)
-    kj = jnp.arange(nk)
-    q_lo = qi * block_q + spec.offset
-    q_hi = jnp.minimum((qi + 1) * block_q, spec.q_len) - 1 + spec.offset
-    k_lo = kj * block_k
-    k_hi = (kj + 1) * block_k - 1
-    full = jnp.broadcast_to(k_hi[None, :] < spec.kv_len, (nq, nk))  # no padded keys
+    q_lo, q_hi, k_lo, k_hi = _block_bounds(spec, block_q, block_k)
+    full = jnp.broadcast_to(k_hi[None, :] < spec.kv_len, (q_lo.shape[0], k_lo.shape[0]))  # no padded keys
     if spec.causal:
         full &= k_hi[None, :] <= q_lo[:, None]
     if spec.sliding_window is not None:
         full &= k_lo[None, :] >= q_hi[:, None] - spec.sliding_window
     full = full[None]
     if spec.has_segments:
-        def one_id(seg, length, block):
-            n = -(-length // block)
-            s = pad_seq(seg, n * block, axis=1, mode="edge").reshape(seg.shape[0], n, block)
-            return s.min(-1), s.max(-1)
-        qmin, qmax = one_id(q_seg, spec.q_len, block_q)
-        kmin, kmax = one_id(k_seg, spec.kv_len, block_k)
+        qmin, qmax = _segment_block_minmax(q_seg, spec.q_len, block_q)
+        kmin, kmax = _segment_block_minmax(k_seg, spec.kv_len, block_k)
         same = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
                 & (qmin[:, :, None] == kmin[:, None, :]))
         full = full & same
