@@ -181,16 +181,11 @@ def _layout(q, k, v, q_seg, k_seg, spec: MaskSpec, bq: int, bk: int):
     return qt, kt, vt, segs
 
 
-def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret):
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    g = h // kh
-    bq, bk = cfg.block_q, cfg.block_k
-    vis = common.block_visibility(spec, bq, bk, q_seg, k_seg)
-    lo, hi = common.block_ranges(jnp.broadcast_to(vis, (b,) + vis.shape[1:]), axis=2)
-    qt, kt, vt, segs = _layout(q, k, v, q_seg, k_seg, spec, bq, bk)
-    tp, sp = qt.shape[2], kt.shape[2]
-    nq, nk = tp // bq, sp // bk
+def _query_grid_specs(spec: MaskSpec, g: int, bq: int, bk: int, d: int, nq: int, nk: int):
+    """BlockSpecs of a (batch, head, query block, key block) grid that reduces over the visible
+    key blocks of each query block (forward and dQ): q/o rows, per-row scalars, and the inputs
+    q, k, v (+ segment ids).  Key blocks outside [lo, hi] repeat the nearest visible one, so no
+    new DMA is issued for them."""
 
     def kv_map(bb, hh, i, j, lo, hi):
         return bb, hh // g, _clamp(j, lo[bb * nq + i], hi[bb * nq + i], nk), 0
@@ -205,6 +200,21 @@ def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret):
     if spec.has_segments:
         in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, lo, hi: (bb, i, 0)),
                      pl.BlockSpec((None, 1, bk), kseg_map)]
+    return q_spec, row_spec, in_specs
+
+
+def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret):
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    g = h // kh
+    bq, bk = cfg.block_q, cfg.block_k
+    vis = common.block_visibility(spec, bq, bk, q_seg, k_seg)
+    lo, hi = common.block_ranges(jnp.broadcast_to(vis, (b,) + vis.shape[1:]), axis=2)
+    qt, kt, vt, segs = _layout(q, k, v, q_seg, k_seg, spec, bq, bk)
+    tp, sp = qt.shape[2], kt.shape[2]
+    nq, nk = tp // bq, sp // bk
+
+    q_spec, row_spec, in_specs = _query_grid_specs(spec, g, bq, bk, d, nq, nk)
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -241,19 +251,7 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     deltat = common.pad_seq(delta, tp, axis=2)[..., None]
 
     # dQ: grid over query blocks, reduction over key blocks.
-    def kv_map(bb, hh, i, j, lo, hi):
-        return bb, hh // g, _clamp(j, lo[bb * nq + i], hi[bb * nq + i], nk), 0
-
-    def kseg_map(bb, hh, i, j, lo, hi):
-        return bb, 0, _clamp(j, lo[bb * nq + i], hi[bb * nq + i], nk)
-
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, lo, hi: (bb, hh, i, 0))
-    row_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, lo, hi: (bb, hh, i, 0))
-    in_specs = [q_spec, pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map)]
-    if spec.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, lo, hi: (bb, i, 0)),
-                     pl.BlockSpec((None, 1, bk), kseg_map)]
+    q_spec, row_spec, in_specs = _query_grid_specs(spec, g, bq, bk, d, nq, nk)
     in_specs += [q_spec, row_spec, row_spec]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk),
