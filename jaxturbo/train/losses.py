@@ -82,6 +82,94 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *,
                          normalize=normalize)
 
 
+def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    """One chunk's logits [C, V] float32 from hidden [C, D] and head [V, D] (inputs in the compute
+    dtype, float32 accumulation and result: the logsumexp needs float32 anyway)."""
+    return jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _blocked_nll(h: jax.Array, w: jax.Array, y: jax.Array) -> jax.Array:
+    """NLL [N, C] of targets y [N, C] given hidden h [N, C, D] and LM head w [V, D]."""
+    return _blocked_nll_fwd(h, w, y)[0]
+
+
+def _blocked_nll_fwd(h, w, y):
+    def body(_, xs):
+        hc, yc = xs
+        z = _chunk_logits(hc, w)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0]
+        return None, (lse - picked, lse)
+
+    _, (nll, lse) = jax.lax.scan(body, None, (h, y))
+    # only the per-token logsumexp [N, C] is kept: the backward recomputes each chunk's logits
+    return nll, (h, w, y, lse)
+
+
+def _blocked_nll_bwd(res, g):
+    h, w, y, lse = res
+
+    def body(dw, xs):
+        hc, yc, lc, gc = xs
+        z = _chunk_logits(hc, w)
+        # d nll / d z = softmax(z) - onehot(y); the one-hot as an iota compare so that XLA
+        # fuses it into the elementwise pass instead of materialising a [C, V] array
+        hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == yc[:, None]
+        dz = (jnp.exp(z - lc[:, None]) - hit.astype(jnp.float32)) * gc[:, None]
+        # the matmul inputs go back to the compute dtype, as autodiff of the unchunked head does
+        dz = dz.astype(h.dtype)
+        dh = jnp.einsum("cv,vd->cd", dz, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        # the head's gradient is a sum over chunks: accumulate it in float32 so that many
+        # bf16 partial sums do not lose bits the one-matmul path keeps
+        dw = dw + jnp.einsum("cv,cd->vd", dz, hc, preferred_element_type=jnp.float32)
+        return dw, dh
+
+    dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (h, y, lse, g))
+    return dh, dw.astype(w.dtype), None
+
+
+_blocked_nll.defvjp(_blocked_nll_fwd, _blocked_nll_bwd)
+
+
+def chunked_token_nll(hidden: jax.Array, head: jax.Array, targets: jax.Array, *,
+                      chunk_tokens: int) -> jax.Array:
+    """`token_nll(hidden @ head.T, targets)` without the full [B, T, V] logits.
+
+    hidden [B, T, D] final normed hidden states, head [V, D] LM-head (or tied embedding) weight,
+    targets [B, T] -> NLL [B, T] float32.  The B*T tokens are cut into blocks of `chunk_tokens`
+    (the last one zero-padded; padded tokens get a zero cotangent, so they add nothing to the
+    gradients) and a scan computes one block's logits [chunk, V] at a time.  The forward keeps
+    only each token's logsumexp; the backward recomputes the block's logits, so peak memory is a
+    few [chunk, V] float32 buffers instead of [B, T, V] logits and their gradient, at the cost of
+    one extra LM-head matmul.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
+    b, t, d = hidden.shape
+    n = b * t
+    c = min(chunk_tokens, n)
+    blocks = -(-n // c)
+    pad = blocks * c - n
+    h = hidden.reshape(n, d)
+    y = targets.reshape(n).astype(jnp.int32)
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+    nll = _blocked_nll(h.reshape(blocks, c, d), head.astype(hidden.dtype), y.reshape(blocks, c))
+    return nll.reshape(-1)[:n].reshape(b, t)
+
+
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                          weights: jax.Array, *, chunk_tokens: int,
+                          segment_ids: jax.Array | None = None,
+                          normalize: Normalize = "token") -> Weighted:
+    """`cross_entropy` from hidden [B, T, D] and head [V, D] in token blocks (chunked_token_nll);
+    targets/weights/segment_ids [B, T], same weights and normalisations."""
+    return reduce_tokens(chunked_token_nll(hidden, head, targets, chunk_tokens=chunk_tokens),
+                         weights, segment_ids=segment_ids, normalize=normalize)
+
+
 def kl_per_token(student_logits: jax.Array, teacher_logits: jax.Array, *,
                  temperature: float = 1.0, direction: str = "forward") -> jax.Array:
     """Per-token KL [B, T] between temperature-softened distributions over V.

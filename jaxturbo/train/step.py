@@ -32,7 +32,7 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
 from jaxturbo.parallel import sequence as sp_lib
 from jaxturbo.train import sharding as shd
-from jaxturbo.train.losses import NORMALIZE_MODES, Weighted, cross_entropy
+from jaxturbo.train.losses import NORMALIZE_MODES, Weighted, chunked_cross_entropy, cross_entropy
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch], tuple[Weighted, dict[str, jax.Array]]]
@@ -59,6 +59,9 @@ class TrainConfig:
     remat: rematerialisation policy, one of REMAT_POLICIES.
     normalize: loss normalisation, "token" or "sequence" (see jaxturbo.train.losses).
     attn_impl: attention implementation passed to the model ("auto", "xla", "cudnn", ...).
+    loss_chunk_tokens: 0 computes the full [B, T, V] float32 logits; N > 0 computes the LM head
+        and cross-entropy N tokens at a time (`losses.chunked_cross_entropy`), so neither the
+        logits nor their gradient is ever whole in memory (larger batches fit).
     """
 
     compute_dtype: str = "bfloat16"
@@ -66,6 +69,7 @@ class TrainConfig:
     remat: str = "none"
     normalize: str = "token"
     attn_impl: str = "auto"
+    loss_chunk_tokens: int = 0
 
     def validate(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -76,6 +80,8 @@ class TrainConfig:
             raise UserError(f"loss normalisation {self.normalize!r}; choose {', '.join(NORMALIZE_MODES)}")
         if self.grad_accum < 1:
             raise UserError(f"grad_accum={self.grad_accum} must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise UserError(f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: unchunked)")
 
 
 class TrainState(NamedTuple):
@@ -99,6 +105,10 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
     if sequence_parallel != "none" and mesh is None:
         raise UserError(f"--sequence-parallel {sequence_parallel} needs a mesh with a "
                         "sequence axis (e.g. --mesh data=2,sequence=4)")
+    chunk = train_cfg.loss_chunk_tokens
+    if chunk and sequence_parallel != "none":
+        # the sequence-parallel forward returns logits; it has no hidden-state output yet
+        raise UserError("loss_chunk_tokens > 0 is not supported with sequence parallelism yet")
 
     def logits_of(params: Params, batch: Batch) -> jax.Array:
         if sequence_parallel == "none":
@@ -111,6 +121,15 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
                                           batch["segment_ids"], mesh, sp, u)
 
     def loss(params: Params, batch: Batch) -> tuple[Weighted, dict[str, jax.Array]]:
+        if chunk:
+            hidden = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
+                             attn_fn=attn_fn, return_hidden=True)[0]
+            head = params["model.embed_tokens.weight" if model_cfg.tie_word_embeddings
+                          else "lm_head.weight"]
+            return chunked_cross_entropy(hidden, head, batch["targets"], batch["weights"],
+                                         chunk_tokens=chunk, segment_ids=batch["segment_ids"],
+                                         normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
         return cross_entropy(logits_of(params, batch), batch["targets"], batch["weights"],
                              segment_ids=batch["segment_ids"],
                              normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
