@@ -50,6 +50,12 @@ def main() -> None:
     ap.add_argument("--heal-steps", type=int, default=0)
     ap.add_argument("--heal-batch", type=int, default=4)
     ap.add_argument("--heal-len", type=int, default=256)
+    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--heal-eval-every", type=int, default=0,
+                    help="perplexity of the healing model every N steps (0: at the end only)")
+    ap.add_argument("--rows", nargs="*", choices=[r[0] for r in ROWS],
+                    help="only these methods (default: all)")
+    ap.add_argument("--budgets", nargs="*", type=float, help="override the preset's budgets")
     ap.add_argument("--out", default=str(ROOT / "experiments/mla"))
     args = ap.parse_args()
     pr = PRESETS[args.preset]
@@ -86,8 +92,9 @@ def main() -> None:
     meta["calibration_seconds"] = round(time.time() - t0, 1)
 
     keep = {}
-    for budget in pr["budgets"]:
-        for name, method, ranks in ROWS:
+    rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
+    for budget in args.budgets or pr["budgets"]:
+        for name, method, ranks in rows:
             t0 = time.time()
             res = convert_to_mla(params, cfg, cov, method=method, ranks=ranks, kv_budget=budget,
                                  alpha=args.alpha, rope_criterion=args.rope_criterion,
@@ -105,21 +112,42 @@ def main() -> None:
     if args.heal_steps > 0 and keep:
         from jaxturbo.mla.heal import heal
         res = keep["res"]
-        hb = calibration_batches(ids, args.heal_batch * args.heal_steps, args.heal_len,
-                                 batch_size=args.heal_batch)
+        hb = heal_batches(ids[:-n_eval], args.heal_batch, args.heal_len, seed=0)
+        curve: list[dict] = []
+
+        def eval_point(step: int, p) -> None:
+            curve.append({"step": step, "ppl": mla_perplexity(p, res.cfg, eval_ids,
+                                                              window=pr["window"]).perplexity})
+            print(f"  heal step {step}: ppl {curve[-1]['ppl']:.3f}", flush=True)
+
+        def progress(m: dict) -> None:
+            if m["step"] % 50 == 0 or m["step"] <= 5:
+                print(f"  heal step {m['step']}: kl {m['kl']:.4f}", flush=True)
+
         t0 = time.time()
-        healed = heal(res.params, res.cfg, params, cfg, hb, steps=args.heal_steps,
-                      progress=lambda m: print(f"  heal step {m['step']}: kl {m['kl']:.4f}", flush=True))
+        healed = heal(res.params, res.cfg, params, cfg, hb, steps=args.heal_steps, lr=args.heal_lr,
+                      progress=progress, every=args.heal_eval_every, on_every=eval_point)
         ppl = mla_perplexity(healed, res.cfg, eval_ids, window=pr["window"]).perplexity
+        curve.append({"step": args.heal_steps, "ppl": ppl})
         results["healed"] = {"method": "care-adjusted", "budget": 0.5, "ppl": ppl,
-                             "heal_steps": args.heal_steps,
+                             "heal_steps": args.heal_steps, "lr": args.heal_lr,
                              "heal_tokens": args.heal_steps * args.heal_batch * args.heal_len,
-                             "heal_data": "WikiText-2 valid, from the start (overlaps calibration, "
-                                          "not the evaluation windows)",
+                             "heal_data": f"WikiText-2 valid without the evaluation windows: "
+                                          f"{len(hb) * args.heal_batch} shuffled windows of "
+                                          f"{args.heal_len} tokens, cycled",
+                             "curve": curve, "device": jax.devices()[0].device_kind,
                              "seconds": round(time.time() - t0, 1)}
         print(f"healed care-adjusted @0.5: ppl {ppl:.3f}", flush=True)
         save()
     save()
+
+
+def heal_batches(ids: np.ndarray, batch: int, length: int, seed: int) -> list[np.ndarray]:
+    """Every disjoint `length`-token window of `ids`, shuffled once, in batches of `batch`."""
+    n = (len(ids) // length // batch) * batch
+    windows = np.asarray(ids[:n * length], np.int32).reshape(n, length)
+    windows = windows[np.random.default_rng(seed).permutation(n)]
+    return [windows[i:i + batch] for i in range(0, n, batch)]
 
 
 def write_markdown(results: dict, path: Path) -> None:

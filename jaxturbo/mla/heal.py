@@ -23,9 +23,11 @@ from jaxturbo.train.step import TrainConfig, init_state, make_train_step
 def heal(student: Params, mla_cfg: MLAConfig, teacher: Params, teacher_cfg: ModelConfig,
          batches: list[np.ndarray], *, steps: int, lr: float = 1e-4,
          compute_dtype: str = "float32",
-         progress: Callable[[dict], None] | None = None) -> Params:
+         progress: Callable[[dict], None] | None = None,
+         every: int = 0, on_every: Callable[[int, Params], None] | None = None) -> Params:
     """`steps` AdamW steps of KL(teacher || student) on [B, T] token batches (cycled).
 
+    `on_every(step, params)` runs after every `every`-th step (e.g. a perplexity curve).
     Returns the healed student params (float32).  Heal tokens = steps * B * T.
     """
     def loss_fn(p: Params, batch: dict):
@@ -46,4 +48,6 @@ def heal(student: Params, mla_cfg: MLAConfig, teacher: Params, teacher_cfg: Mode
         state, metrics = step(state, batch)
         if progress is not None:
             progress({"step": i + 1, "kl": float(metrics["loss"])})
+        if on_every is not None and every > 0 and (i + 1) % every == 0 and i + 1 < steps:
+            on_every(i + 1, state.params)
     return state.params

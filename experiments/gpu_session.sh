@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One script for the lent GPU machine (see the device tool's README): sets up what the machine
+# lacks, then runs the named stages, each writing under $OUT (or /tmp/out).
+#
+#   bash experiments/gpu_session.sh setup bench        # train MFU grid + MLA decode speed
+#   bash experiments/gpu_session.sh setup heal grpo    # needs the SmolLM2 GGUF (see below)
+#
+# The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
+# matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
+# into .site/, which stays on the machine between calls while it is warm.  The SmolLM2 GGUF
+# (98 MB) is larger than one call may carry, so it travels in two parts, .gguf_a/ and
+# .gguf_b/, in two consecutive calls, and is joined here.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+FINAL=${OUT:-/tmp/out}
+OUT=/tmp/stage   # everything is packed into $FINAL/results.tgz at the end (8 files come back)
+mkdir -p $OUT $FINAL
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+export PYTHONPATH=$ROOT/.site:$ROOT
+GGUF=$ROOT/.site/SmolLM2-135M-Instruct.Q4_1.gguf
+export JAXTURBO_CACHE=$ROOT/.site/cache
+PY=python3
+
+setup() {
+  mkdir -p .site
+  for w in .whl .wh2; do
+    [ -d $w ] || continue
+    for f in $w/*.whl; do
+      pkg=$(basename "$f" | cut -d- -f1)
+      [ -e .site/.done-$pkg ] && continue
+      $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target .site "$f" && touch .site/.done-$pkg
+    done
+  done
+  if [ ! -s "$GGUF" ] && [ -s .site/gguf.part_a ] && [ -s .gguf_b/part_b ]; then
+    cat .site/gguf.part_a .gguf_b/part_b > "$GGUF"
+  fi
+  if [ -s .gguf_a/part_a ] && [ ! -s .site/gguf.part_a ]; then cp .gguf_a/part_a .site/gguf.part_a; fi
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  $PY -c "import jax, optax, matplotlib; print('jax', jax.__version__, jax.devices())"
+  ls -la .site | head -5; [ -s "$GGUF" ] && sha256sum "$GGUF"
+}
+
+bench() {
+  mkdir -p "$OUT/train" "$OUT/mla"
+  timeout 300 $PY experiments/train_bench.py --preset llama-1b --budget-s 200 \
+    2>&1 | tee "$OUT/train/log.txt"
+  cp experiments/train/results_llama-1b.* "$OUT/train/" 2>/dev/null
+  timeout 200 $PY experiments/mla_decode_bench.py --preset gpu --out "$OUT/mla/decode_h100" \
+    2>&1 | tee "$OUT/mla/decode_log.txt"
+}
+
+heal() {
+  [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
+  timeout ${HEAL_TIMEOUT:-330} $PY experiments/mla_conversion.py --model "$GGUF" \
+    --rows care-adjusted --budgets 0.5 --heal-steps ${HEAL_STEPS:-1500} --heal-batch 8 \
+    --heal-len 512 --heal-lr ${HEAL_LR:-1e-4} --heal-eval-every 250 --tag _heal_gpu \
+    --out "$OUT/mla" 2>&1 | grep -v "indices sequence length" | tee "$OUT/mla/heal_log.txt"
+}
+
+grpo() {
+  [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
+  timeout ${GRPO_TIMEOUT:-270} $PY -m jaxturbo.cli rl --algo grpo --model "$GGUF" --task arithmetic \
+    --chat --steps ${GRPO_STEPS:-120} --prompts-per-step 16 --group-size 8 --max-new-tokens 24 \
+    --max-operand ${GRPO_MAX_OPERAND:-50} --lr ${GRPO_LR:-5e-6} --eval-problems 128 \
+    --eval-every 10 --save-every 0 --out "$OUT/grpo" 2>&1 | tee "$OUT/grpo_log.txt"
+}
+
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  $stage
+done
+echo "=== end $(date +%T)"
+tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"
