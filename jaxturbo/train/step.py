@@ -32,7 +32,8 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
 from jaxturbo.parallel import sequence as sp_lib
 from jaxturbo.train import sharding as shd
-from jaxturbo.train.losses import NORMALIZE_MODES, Weighted, chunked_cross_entropy, cross_entropy
+from jaxturbo.train.losses import (CHUNKED_LOSS_GRADS, NORMALIZE_MODES, Weighted,
+                                   chunked_cross_entropy, cross_entropy)
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Params, Batch], tuple[Weighted, dict[str, jax.Array]]]
@@ -42,10 +43,14 @@ LossFn = Callable[[Params, Batch], tuple[Weighted, dict[str, jax.Array]]]
 #   none  keep everything (fastest, most memory)
 #   dots  keep matmul outputs, recompute the elementwise ops between them
 #   full  keep only each layer's scan carry (the residual stream): recompute the layer
+#   (both also keep the chunked loss's gradients, computed in its forward: recomputing them
+#   would rerun the LM head, and they are small, see losses.chunked_cross_entropy)
+_KEEP_LOSS_GRADS = jax.checkpoint_policies.save_only_these_names(CHUNKED_LOSS_GRADS)
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_LOSS_GRADS),
+    "full": _KEEP_LOSS_GRADS,
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
