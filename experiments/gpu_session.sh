@@ -52,6 +52,12 @@ bench() {
     2>&1 | tee "$OUT/mla/decode_log.txt"
 }
 
+profile() {
+  mkdir -p "$OUT/profile"
+  timeout 120 $PY experiments/ladder/profile_step.py --out /tmp/profile 2>&1 | tee "$OUT/profile/log.txt"
+  cp /tmp/profile/profile_summary.json "$OUT/profile/" 2>/dev/null
+}
+
 heal() {
   [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
   timeout ${HEAL_TIMEOUT:-330} $PY experiments/mla_conversion.py --model "$GGUF" \
