@@ -2,6 +2,13 @@
 
     python experiments/train_bench.py --preset tiny        # CPU smoke run
     python experiments/train_bench.py --preset llama-1b    # one H100: Llama-3.2-1B shape, seq 4096
+    python experiments/train_bench.py --preset llama-1b --probe 4,none,4096   # where time goes
+
+Each configuration is (batch rows, remat policy, loss_chunk_tokens); chunk 0 is the full-logits
+cross-entropy, N > 0 the chunked one (`TrainConfig.loss_chunk_tokens`).  `--probe B,REMAT,CHUNK`
+times one configuration three ways: the loss forward only, value_and_grad without the optimizer,
+and the full step (the differences are the backward and the optimizer update).
+`--xla-flags-preset` appends XLA flags (set before the backend starts) to compare compilers.
 
 Random weights and tokens, one document per row.  Attention: cuDNN flash attention through
 `jax.nn.dot_product_attention` on GPU (passed as the model's `attn_fn`), the jnp reference on
@@ -13,9 +20,13 @@ and .md; prints the table last.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +36,8 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.train.init import init_params
 from jaxturbo.train.metrics import peak_flops, train_flops_per_token
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
-from jaxturbo.train.step import TrainConfig, init_state, make_train_step, sft_loss
+from jaxturbo.train.step import (COMPUTE_DTYPES, REMAT_POLICIES, TrainConfig, init_state,
+                                 make_train_step, sft_loss)
 
 PRESETS = {
     # Llama-3.2-1B: 16 layers, d 2048, GQA 32/8 heads of 64, vocab 128256, tied embeddings
@@ -33,11 +45,20 @@ PRESETS = {
                                      num_hidden_layers=16, num_attention_heads=32,
                                      num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                                      tie_word_embeddings=True, max_position_embeddings=8192),
-                     seq=4096, runs=[(2, "none"), (4, "dots")], steps=8),
+                     seq=4096, steps=8,
+                     # baseline first, then the chunked loss from the most to the least likely
+                     # to be fastest: the biggest batch that keeps every activation (no remat)
+                     # wins if it fits; b2 chunked isolates the loss's own effect; b8 "none" may
+                     # not fit (then b8 "dots" trades recompute for memory)
+                     runs=[(2, "none", 0), (4, "none", 4096), (2, "none", 4096),
+                           (8, "none", 4096), (8, "dots", 4096), (4, "dots", 4096),
+                           (4, "none", 8192)]),
     "tiny": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16),
-                 seq=128, runs=[(2, "none"), (2, "full")], steps=3),
+                 # chunk 96 of 256 tokens: three blocks, the last one padded
+                 seq=128, runs=[(2, "none", 0), (2, "full", 0), (2, "none", 96), (2, "dots", 96)],
+                 steps=3),
 }
 
 
@@ -46,39 +67,101 @@ def cudnn_attention(q, k, v, segment_ids=None):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, steps: int) -> dict:
+XLA_FLAG_PRESETS = {
+    "default": "",
+    # cuBLAS for every GEMM instead of XLA's Triton GEMM fusions
+    "no-triton-gemm": "--xla_gpu_enable_triton_gemm=false",
+    "latency-hiding": "--xla_gpu_enable_latency_hiding_scheduler=true",
+}
+
+
+def _setup(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int):
+    """Train config, optimizer, step-0 state, loss function and a random batch [batch, seq]."""
     on_gpu = jax.devices()[0].platform == "gpu"
-    tc = TrainConfig(compute_dtype="bfloat16", remat=remat)
+    tc = TrainConfig(compute_dtype="bfloat16", remat=remat, loss_chunk_tokens=chunk)
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000))
     params = init_params(cfg, jax.random.key(0))
     state = init_state(params, opt)
     del params
     loss = sft_loss(cfg, tc, attn_fn=cudnn_attention if on_gpu else None)
-    step = make_train_step(cfg, tc, opt, loss_fn=loss)
     rs = np.random.RandomState(0)
     toks = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
     b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((batch, seq)),
          "segment_ids": jnp.ones((batch, seq), jnp.int32),
          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
+    return tc, opt, state, loss, b
+
+
+def _time(call: Callable[[], Any], steps: int) -> tuple[float, float, Any]:
+    """(first call incl. compile s, median of `steps` (>= 1) later calls s, first output);
+    blocks on each call."""
     t0 = time.perf_counter()
-    state, m = step(state, b)
-    first_loss = float(m["loss"])
+    first = jax.block_until_ready(call())
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(steps):
+    for _ in range(max(steps, 1)):
         t = time.perf_counter()
-        state, m = step(state, b)
-        float(m["loss"])  # block on the step
+        jax.block_until_ready(call())
         times.append(time.perf_counter() - t)
-    dt = float(np.median(times))
+    return compile_s, float(np.median(times)), first
+
+
+def _rates(cfg: ModelConfig, seq: int, batch: int, dt: float) -> dict:
     tokens = batch * seq
     flops = train_flops_per_token(cfg, seq) * tokens
     peak = peak_flops()
+    return {"step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_s": flops / dt / 1e12,
+            "mfu": flops / dt / peak if peak else None}
+
+
+def _peak_gib() -> float:
     mem = jax.devices()[0].memory_stats() or {}
-    return {"batch": batch, "seq": seq, "remat": remat, "step_s": dt, "tokens_per_s": tokens / dt,
-            "tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
-            "peak_gib": mem.get("peak_bytes_in_use", 0) / 2 ** 30, "first_loss": first_loss,
-            "compile_s": compile_s}
+    return mem.get("peak_bytes_in_use", 0) / 2 ** 30
+
+
+def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int) -> dict:
+    tc, opt, state, loss, b = _setup(cfg, seq, batch, remat, chunk)
+    step = make_train_step(cfg, tc, opt, loss_fn=loss)
+    box = [state]
+
+    def run():
+        box[0], m = step(box[0], b)  # the step donates its state: keep only the newest
+        return m["loss"]
+
+    compile_s, dt, first = _time(run, steps)
+    return {"batch": batch, "seq": seq, "remat": remat, "chunk": chunk, **_rates(cfg, seq, batch, dt),
+            "peak_gib": _peak_gib(), "first_loss": float(first), "compile_s": compile_s}
+
+
+def probe(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int) -> list[dict]:
+    """Time the loss forward, value_and_grad (no optimizer) and the full step of one config."""
+    tc, opt, state, loss, b = _setup(cfg, seq, batch, remat, chunk)
+    dtype = COMPUTE_DTYPES[tc.compute_dtype]
+
+    def total(p, bt):  # as make_train_step does it: bf16 copy of the f32 master weights
+        return loss(jax.tree.map(lambda x: x.astype(dtype), p), bt)[0].total
+
+    policy = REMAT_POLICIES[remat]
+    if policy is not None:
+        total = jax.checkpoint(total, policy=policy)
+    rows = []
+    for name, fn in (("forward", jax.jit(total)), ("value_and_grad", jax.jit(jax.value_and_grad(total)))):
+        compile_s, dt, out = _time(lambda fn=fn: fn(state.params, b), steps)
+        del out
+        rows.append({"part": name, "s": dt, "compile_s": compile_s, "peak_gib": _peak_gib()})
+        print(json.dumps(rows[-1]), flush=True)
+    row = bench_one(cfg, seq, batch, remat, chunk, steps)  # a fresh state: this one is not donated
+    rows.append({"part": "step", "s": row["step_s"], "compile_s": row["compile_s"],
+                 "peak_gib": row["peak_gib"], "mfu": row["mfu"]})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _parse_config(text: str) -> tuple[int, str, int]:
+    batch, remat, chunk = text.split(",")
+    if remat not in REMAT_POLICIES:
+        raise SystemExit(f"--probe: remat {remat!r}; choose {', '.join(REMAT_POLICIES)}")
+    return int(batch), remat, int(chunk)
 
 
 def main() -> None:
@@ -86,37 +169,60 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="skip further configurations once this much time has passed")
+    ap.add_argument("--probe", default=None, metavar="B,REMAT,CHUNK",
+                    help="time forward / value_and_grad / step of this one configuration")
+    ap.add_argument("--xla-flags-preset", default="default", choices=sorted(XLA_FLAG_PRESETS))
     args = ap.parse_args()
+    extra = XLA_FLAG_PRESETS[args.xla_flags_preset]
+    if extra:  # read when the backend starts, i.e. at the first jax.devices() below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
     p = PRESETS[args.preset]
     cfg = p["cfg"]
     dev = jax.devices()[0]
-    rows, t_start = [], time.perf_counter()
-    for batch, remat in p["runs"]:
-        if time.perf_counter() - t_start > args.budget_s:
-            rows.append({"batch": batch, "remat": remat, "error": "skipped: time budget"})
-            continue
-        try:
-            rows.append(bench_one(cfg, p["seq"], batch, remat, p["steps"]))
-        except Exception as e:  # an OOM of one configuration should not lose the others
-            rows.append({"batch": batch, "remat": remat, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-        print(json.dumps(rows[-1]), flush=True)
     out = Path(__file__).parent / "train"
     out.mkdir(exist_ok=True)
+    suffix = "" if args.xla_flags_preset == "default" else f"_{args.xla_flags_preset}"
+    if args.probe:
+        batch, remat, chunk = _parse_config(args.probe)
+        rows = probe(cfg, p["seq"], batch, remat, chunk, p["steps"])
+        result = {"preset": args.preset, "device": dev.device_kind, "probe": args.probe,
+                  "xla_flags": extra, "rows": rows}
+        (out / f"probe_{args.preset}{suffix}.json").write_text(json.dumps(result, indent=1))
+        parts = {r["part"]: r["s"] for r in rows}
+        print(f"probe {args.probe} x {p['seq']} on {dev.device_kind}: forward {parts['forward']:.3f} s, "
+              f"backward {parts['value_and_grad'] - parts['forward']:.3f} s, "
+              f"optimizer+rest {parts['step'] - parts['value_and_grad']:.3f} s, step {parts['step']:.3f} s")
+        return
+    rows, t_start = [], time.perf_counter()
+    for batch, remat, chunk in p["runs"]:
+        if time.perf_counter() - t_start > args.budget_s:
+            rows.append({"batch": batch, "remat": remat, "chunk": chunk, "error": "skipped: time budget"})
+            continue
+        try:
+            rows.append(bench_one(cfg, p["seq"], batch, remat, chunk, p["steps"]))
+        except Exception as e:  # an OOM of one configuration should not lose the others
+            rows.append({"batch": batch, "remat": remat, "chunk": chunk,
+                         "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        gc.collect()  # drop the last configuration's buffers before the next one allocates
+        print(json.dumps(rows[-1]), flush=True)
     result = {"preset": args.preset, "device": dev.device_kind, "params": cfg.num_params(),
+              "xla_flags": extra,
               "flops_per_token": train_flops_per_token(cfg, p["seq"]), "rows": rows}
-    (out / f"results_{args.preset}.json").write_text(json.dumps(result, indent=1))
-    lines = [f"train step, {args.preset} ({cfg.num_params() / 1e9:.2f} B params), {dev.device_kind}",
-             "", "| batch x seq | remat | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    (out / f"results_{args.preset}{suffix}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"train step, {args.preset} ({cfg.num_params() / 1e9:.2f} B params), {dev.device_kind}"
+             + (f", XLA_FLAGS+={extra}" if extra else ""),
+             "", "| batch x seq | remat | loss chunk | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        chunk = r["chunk"] or "none"
         if "error" in r:
-            lines.append(f"| {r['batch']} x {p['seq']} | {r['remat']} | {r['error']} | | | | |")
+            lines.append(f"| {r['batch']} x {p['seq']} | {r['remat']} | {chunk} | {r['error']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['batch']} x {r['seq']} | {r['remat']} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['batch']} x {r['seq']} | {r['remat']} | {chunk} | {r['step_s']:.3f} | "
                      f"{r['tokens_per_s']:.0f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_gib']:.1f} |")
     table = "\n".join(lines)
-    (out / f"results_{args.preset}.md").write_text(table + "\n")
+    (out / f"results_{args.preset}{suffix}.md").write_text(table + "\n")
     print(table)
 
 
