@@ -162,9 +162,21 @@ class GRPOLearner:
             raise ValueError(f"rollout_mode {cfg.rollout_mode!r}; choose 'sync' or 'async'")
         if cfg.max_staleness < 0:
             raise ValueError(f"max_staleness={cfg.max_staleness} must be >= 0")
+        # async: the rollout thread starts on the first step, so that `restore` can set the
+        # step count and sampler state it continues from
         self._producer: _Producer | None = None
-        if cfg.rollout_mode == "async":
-            self._producer = _Producer(self._collect, cfg.max_staleness)
+
+    def checkpoint_state(self) -> tuple[Any, dict[str, Any]]:
+        """(TrainState, JSON-able host state: steps taken, problem sampler's RNG) to save."""
+        return self.state, {"steps": self.steps, "numpy_rng": self.rng.bit_generator.state}
+
+    def restore(self, state: Any, host: dict[str, Any]) -> None:
+        """Continue from `checkpoint_state()`'s output (before the first `step` only)."""
+        if self._producer is not None:
+            raise RuntimeError("restore() after the async rollout thread started")
+        self.state, self.steps = state, int(host["steps"])
+        self.rng.bit_generator.state = host["numpy_rng"]
+        self.engine.update_weights(self.state.params)
 
     def _collect(self, index: int) -> tuple[list, dict[str, float]]:
         cfg = self.cfg
@@ -188,6 +200,8 @@ class GRPOLearner:
     def step(self) -> dict[str, float]:
         """One rollout batch and one optimizer step; returns float metrics."""
         cfg = self.cfg
+        if cfg.rollout_mode == "async" and self._producer is None:
+            self._producer = _Producer(self._collect, cfg.max_staleness, start=self.steps)
         if self._producer is None:
             rollouts, metrics = self._collect(self.steps)
         else:
@@ -222,17 +236,17 @@ class _Producer:
     """Background rollout thread: batch i starts once the learner has finished step
     i - max_staleness, so it is generated with weights at most max_staleness updates old."""
 
-    def __init__(self, collect, max_staleness: int):
-        self._collect, self._k = collect, max_staleness
+    def __init__(self, collect, max_staleness: int, start: int = 0):
+        self._collect, self._k, self._start = collect, max_staleness, start
         self._queue: queue.Queue = queue.Queue(maxsize=max_staleness + 1)
         self._cond = threading.Condition()
-        self._finished = 0
+        self._finished = start  # a resumed learner has taken `start` steps already
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="rollouts")
         self._thread.start()
 
     def _run(self) -> None:
-        i = 0
+        i = self._start
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stop or self._finished >= i - self._k)

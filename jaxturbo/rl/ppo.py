@@ -19,6 +19,7 @@ Parameters: {"policy": model params, "value_head": {"weight": [D]}}.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,16 @@ class PPOLearner:
         self._score = jax.jit(lambda p, rows: policy_and_values(p, model_cfg, rows))
         self.rng = np.random.default_rng(seed)
         self.steps = 0
+
+    def checkpoint_state(self) -> tuple[Any, dict[str, Any]]:
+        """(TrainState, JSON-able host state: steps taken, problem sampler's RNG) to save."""
+        return self.state, {"steps": self.steps, "numpy_rng": self.rng.bit_generator.state}
+
+    def restore(self, state: Any, host: dict[str, Any]) -> None:
+        """Continue from `checkpoint_state()`'s output: policy, value head, optimizer, RNGs."""
+        self.state, self.steps = state, int(host["steps"])
+        self.rng.bit_generator.state = host["numpy_rng"]
+        self.engine.update_weights(self.state.params["policy"])
 
     def step(self) -> dict[str, float]:
         """One rollout batch and one optimizer step; returns float metrics."""
