@@ -16,6 +16,10 @@ Engines ("rollout_engine"):
   hf   transformers on CPU (or any torch device), fed in memory through the HF bridge's name map
        (`jaxturbo.bridge.hf.hf_from_params`) with `load_state_dict`: no files are written.  It
        proves the PyTorch-serving path end to end; it is not fast.
+  vllm a running `vllm.LLM`; weights go in memory through the same name map into its model's
+       `load_weights`.  UNTESTED: vLLM cannot be installed where this was written; the code
+       follows vLLM's documented offline API and has never run.  Sampling temperatures other
+       than 1 (and greedy) are refused: vLLM reports logprobs of the unscaled distribution.
 """
 
 from __future__ import annotations
@@ -167,7 +171,96 @@ class HFEngine:
                              [len(c) == max_new_tokens and c[-1] not in stops for c in comps])
 
 
-ROLLOUT_ENGINES = {"jax": JaxEngine, "hf": HFEngine}
+def vllm_available() -> bool:
+    """Whether `import vllm` can work here (checked without importing it: it is heavy)."""
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    """A `vllm.LLM` started from an HF directory of the same architecture, weights replaced in
+    memory by `update_weights` (UNTESTED, see the module docstring).
+
+    model_dir: an HF directory (config and tokenizer; its weights are overwritten at once when
+      `params` is given).  llm_kwargs: passed to `vllm.LLM` (e.g. gpu_memory_utilization).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Params | None = None, *, model_dir: str,
+                 dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
+        if not vllm_available():
+            raise UserError("--rollout-engine vllm: vllm is not installed in this environment "
+                            "(pip install vllm on a GPU machine); choose jax or hf")
+        import vllm  # lazily: vLLM is optional and slow to import
+
+        self.cfg = cfg
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, **llm_kwargs)
+        if params is not None:
+            self.update_weights(params)
+
+    def update_weights(self, params: Params) -> None:
+        import torch
+        from jaxturbo.bridge.hf import hf_from_params
+
+        weights = [(k, torch.from_numpy(np.array(v, np.float32)))
+                   for k, v in hf_from_params(params, self.cfg).items()]
+
+        def load(model: Any) -> None:
+            model.load_weights(weights=weights)
+
+        if hasattr(self.llm, "apply_model"):  # newer vLLM: runs the function in each worker
+            self.llm.apply_model(load)
+        else:  # older in-process engine
+            load(self.llm.llm_engine.model_executor.driver_worker.model_runner.model)
+        if hasattr(self.llm, "reset_prefix_cache"):  # cached KV blocks came from the old weights
+            self.llm.reset_prefix_cache()
+
+    def _params(self, sampling: SamplingParams, max_new_tokens: int, stop_ids: Sequence[int],
+                seed: int) -> Any:
+        if not sampling.greedy and sampling.temperature != 1.0:
+            raise UserError(f"vllm engine: temperature {sampling.temperature} is not supported "
+                            "(its logprobs are of the unscaled distribution); use 1.0 or greedy")
+        return self._vllm.SamplingParams(
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+            top_k=sampling.top_k if (sampling.top_k and not sampling.greedy) else -1,
+            max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True,
+            logprobs=0, seed=seed)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
+                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
+                 ) -> RolloutOutput:
+        # one seed per request: a group repeats its prompt, and equal seeds would give equal
+        # samples
+        reqs = [{"prompt_token_ids": list(p)} for p in prompts]
+        sps = [self._params(sampling, max_new_tokens, stop_ids, seed * len(prompts) + i)
+               for i in range(len(prompts))]
+        outs = self.llm.generate(reqs, sps, use_tqdm=False)
+        stops = set(stop_ids)
+        comps, lps = [], []
+        for o in outs:
+            c = o.outputs[0]
+            comps.append(list(c.token_ids))
+            lps.append(np.array([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
+                                np.float32))
+        return RolloutOutput(comps, lps, [len(c) == max_new_tokens and c[-1] not in stops
+                                          for c in comps])
+
+    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+              temperature: float = 1.0) -> list[np.ndarray]:
+        if temperature != 1.0:
+            raise UserError(f"vllm engine: score at temperature {temperature} is not supported; "
+                            "use 1.0")
+        reqs = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, completions)]
+        sp = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
+        out = []
+        for o, p, c in zip(self.llm.generate(reqs, sp, use_tqdm=False), prompts, completions):
+            per = o.prompt_logprobs[len(p):]  # entry j scores token j given tokens < j
+            out.append(np.array([d[t].logprob for t, d in zip(c, per)], np.float32))
+        return out
+
+
+ROLLOUT_ENGINES = {"jax": JaxEngine, "hf": HFEngine, "vllm": VLLMEngine}
 
 
 def collect_rollouts(engine: RolloutEngine, task: Any, n_prompts: int, group_size: int,
