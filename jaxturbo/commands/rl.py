@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from jaxturbo.commands._common import add_model_arguments
 from jaxturbo.errors import UserError
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run directory: metrics.jsonl, eval.json, reward.png")
     p.add_argument("--rollout-engine", default="jax", choices=("jax", "hf", "vllm"),
                    help="jax: in-process sampler; hf: transformers fed in memory (slow, CPU); "
-                        "vllm: not implemented")
+                        "vllm: a vllm.LLM fed in memory (untested; needs vllm installed)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (GRPO's G)")
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -49,13 +51,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", type=int, default=1,
                    help="with --async: how many updates old rollouts may be")
     p.add_argument("--eval-problems", type=int, default=64,
-                   help="held-out problems scored greedily before and after (0: none)")
+                   help="fixed held-out problems scored greedily (0: no evaluation)")
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="score the held-out problems every K steps (0: only before and after)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="orbax checkpoint every N steps and at the end (0: never)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (newest)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=0)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.rollout_engine == "vllm":
-        raise UserError("--rollout-engine vllm is not implemented; use jax or hf")
+def _check_args(args: argparse.Namespace) -> None:
+    """Every refusal that needs no model: one UserError naming the bad value."""
     if args.async_rollouts and args.algo != "grpo":
         raise UserError("--async is implemented for --algo grpo only")
     min_group = 2 if args.algo == "grpo" else 1  # GRPO's baseline is the group
@@ -63,19 +71,50 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"need --steps >= 1, --group-size >= {min_group} for {args.algo}, "
                         f"--prompts-per-step >= 1 (got {args.steps}, {args.group_size}, "
                         f"{args.prompts_per_step})")
+    for flag, value, low in (("--eval-every", args.eval_every, 0),
+                             ("--eval-problems", args.eval_problems, 0),
+                             ("--save-every", args.save_every, 0), ("--keep", args.keep, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+    if args.resume and args.save_every < 1:
+        raise UserError("--resume needs --save-every N >= 1 (the resumed run saves checkpoints "
+                        f"too); got --save-every {args.save_every}")
+    if args.rollout_engine == "vllm":
+        from jaxturbo.rl.rollout import vllm_available
+        if not vllm_available():
+            raise UserError("--rollout-engine vllm: vllm is not installed in this environment "
+                            "(pip install vllm on a GPU machine); choose jax or hf")
+
+
+def run_meta(args: argparse.Namespace, model_cfg: Any, learner_cfg: Any, optimizer: Any,
+             train: Any) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it, as JSON values (tuples become
+    lists, so a saved meta compares equal to a fresh one)."""
+    meta = {"model": model_cfg.to_hf_dict(), "algo": args.algo, "task": args.task,
+            "chat": args.chat, "max_operand": args.max_operand, "seed": args.seed,
+            "learner": dataclasses.asdict(learner_cfg), "optimizer": dataclasses.asdict(optimizer),
+            "train": dataclasses.asdict(train)}
+    return json.loads(json.dumps(meta))
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
     import jax.numpy as jnp
     import numpy as np
 
     from jaxturbo.bridge import load_model
+    from jaxturbo.bridge.registry import resolve_model
     from jaxturbo.rl.advantages import AdvantageConfig
     from jaxturbo.rl.envs import ArithmeticTask
     from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner, mean_reward
     from jaxturbo.rl.ppo import PPOConfig, PPOLearner
     from jaxturbo.rl.policy_loss import PolicyLossConfig
-    from jaxturbo.rl.rollout import HFEngine
+    from jaxturbo.rl.rollout import HFEngine, VLLMEngine
+    from jaxturbo.train.metrics import JsonlWriter
     from jaxturbo.train.optimizer import OptimizerConfig
     from jaxturbo.train.step import TrainConfig
 
+    wall0 = time.perf_counter()
     cfg, params, tok = load_model(args.model, dtype=jnp.float32)
     if args.chat:
         def encode(text: str) -> list[int]:
@@ -94,65 +133,145 @@ def run(args: argparse.Namespace) -> int:
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   seq_len=longest_prompt + args.max_new_tokens + 8, kl_coef=args.kl_coef,
                   policy=PolicyLossConfig(loss_agg_mode=args.loss_agg_mode))
-    engine = HFEngine(cfg, params) if args.rollout_engine == "hf" else None
-    kw = dict(engine=engine, stop_ids=stop, seed=args.seed,
-              optimizer=OptimizerConfig(learning_rate=args.lr, warmup_steps=0,
-                                        total_steps=args.steps, weight_decay=0.0),
-              train=TrainConfig(compute_dtype=args.dtype))
-    if args.algo == "grpo":
-        learner = GRPOLearner(cfg, params, task, GRPOConfig(
-            **common, advantage=AdvantageConfig(args.adv_estimator),
-            rollout_mode="async" if args.async_rollouts else "sync",
-            max_staleness=args.max_staleness), **kw)
+    if args.rollout_engine == "hf":
+        engine = HFEngine(cfg, params)
+    elif args.rollout_engine == "vllm":
+        engine = VLLMEngine(cfg, params, model_dir=str(resolve_model(args.model)), seed=args.seed)
     else:
-        learner = PPOLearner(cfg, params, task, PPOConfig(**common), **kw)
+        engine = None
+    optimizer = OptimizerConfig(learning_rate=args.lr, warmup_steps=0, total_steps=args.steps,
+                                weight_decay=0.0)
+    train = TrainConfig(compute_dtype=args.dtype)
+    kw = dict(engine=engine, stop_ids=stop, seed=args.seed, optimizer=optimizer, train=train)
+    if args.algo == "grpo":
+        lcfg = GRPOConfig(**common, advantage=AdvantageConfig(args.adv_estimator),
+                          rollout_mode="async" if args.async_rollouts else "sync",
+                          max_staleness=args.max_staleness)
+        learner = GRPOLearner(cfg, params, task, lcfg, **kw)
+    else:
+        lcfg = PPOConfig(**common)
+        learner = PPOLearner(cfg, params, task, lcfg, **kw)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+
+    ckpt, start = None, 0
+    meta = run_meta(args, cfg, lcfg, optimizer, train)
+    if args.save_every > 0:
+        # imported only here: orbax is an optional dependency (absent on the GPU machine)
+        from jaxturbo.train.checkpoint import Checkpointer
+        ckpt = Checkpointer(out / "checkpoints", every=args.save_every, keep=args.keep)
+        latest = ckpt.latest_step()
+        if args.resume and latest is None:
+            raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}; run without "
+                            "--resume to start")
+        if args.resume:
+            state, host = ckpt.restore(latest, learner.checkpoint_state()[0], meta)
+            learner.restore(state, host)
+            start = latest
+        elif latest is not None:
+            raise UserError(f"{out / 'checkpoints'} already holds checkpoints (latest step "
+                            f"{latest}); pass --resume to continue that run, or choose a new --out")
+    if start >= args.steps:
+        raise UserError(f"--resume: the checkpoint is at step {start}, which is already "
+                        f"--steps {args.steps}; nothing to do")
+    log = JsonlWriter(out / "metrics.jsonl", resume_step=start if args.resume else None)
+    # the held-out problems come from their own RNG, so every evaluation (and every resumed
+    # run) scores the same prompts: equal shapes, one compiled sampler for all of them
     held = task.sample(args.eval_problems, np.random.default_rng(10_000 + args.seed))
-    evals: dict[str, float] = {}
+    curve = [{"step": r["step"], "held_out_reward": r["held_out_reward"]}
+             for r in log.read() if r.get("kind") == "eval"]
 
-    def evaluate(name: str) -> None:
-        if held:
-            evals[name] = mean_reward(learner.engine, task, held, max_new_tokens=args.max_new_tokens,
-                                      stop_ids=stop)
-            print(f"held-out reward {name}: {evals[name]:.3f}", file=sys.stderr)
+    def evaluate(step: int) -> None:
+        if not held or (curve and curve[-1]["step"] == step):
+            return
+        r = mean_reward(learner.engine, task, held, max_new_tokens=args.max_new_tokens,
+                        stop_ids=stop)
+        curve.append({"step": step, "held_out_reward": r})
+        log.write({"kind": "eval", "step": step, "held_out_reward": r})
+        _say(f"held-out reward at step {step}: {r:.3f}", bar)
 
-    evaluate("before")
-    start = time.perf_counter()
-    with open(out / "metrics.jsonl", "a") as f:
-        for step in range(1, args.steps + 1):
+    bar = None
+    if sys.stderr.isatty():  # a bar only on a terminal; logs get one plain line per step
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=start, desc=f"rl {args.algo}", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+    rollout_tokens = rollout_s = 0.0
+    try:
+        evaluate(start)
+        for step in range(start + 1, args.steps + 1):
             t0 = time.perf_counter()
             m = learner.step()
-            m.update(step=step, step_s=time.perf_counter() - t0)
+            m.update(kind="train", step=step, step_s=time.perf_counter() - t0)
             m["rollout_tokens_per_s"] = m["rollout_tokens"] / max(m["rollout_s"], 1e-9)
-            f.write(json.dumps(m) + "\n")
-            f.flush()
-            print(f"step {step}/{args.steps}  reward {m['reward_mean']:.3f}  "
-                  f"kl {m.get('kl', 0.0):.4f}  kept {int(m['kept'])}  "
-                  f"{m['rollout_tokens_per_s']:.0f} rollout tok/s", file=sys.stderr)
-    if args.algo == "grpo":
-        learner.close()
-    evaluate("after")
+            rollout_tokens += m["rollout_tokens"]
+            rollout_s += m["rollout_s"]
+            log.write(m)
+            if bar is not None:
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
+                                tok_s=f"{m['rollout_tokens_per_s']:.0f}")
+                bar.update(1)
+            else:
+                print(f"step {step}/{args.steps}  reward {m['reward_mean']:.3f}  "
+                      f"kl {m.get('kl', 0.0):.4f}  kept {int(m['kept'])}  "
+                      f"{m['rollout_tokens_per_s']:.0f} rollout tok/s", file=sys.stderr)
+            if ckpt is not None:
+                state, host = learner.checkpoint_state()
+                ckpt.save(step, state, host, meta, force=step == args.steps)
+            if args.eval_every and step % args.eval_every == 0:
+                evaluate(step)
+        evaluate(args.steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        if args.algo == "grpo":
+            learner.close()
+        if ckpt is not None:
+            ckpt.close()  # waits for the asynchronous writes
+    wall = time.perf_counter() - wall0
+    tok_s = rollout_tokens / max(rollout_s, 1e-9)
     plot_reward(out / "metrics.jsonl", out / "reward.png")
-    (out / "eval.json").write_text(json.dumps(
-        {"held_out_problems": len(held), "steps": args.steps,
-         "seconds": time.perf_counter() - start, **evals}, indent=1))
+    summary = {"held_out_problems": len(held), "steps": args.steps, "resumed_from": start,
+               "seconds": wall, "rollout_tokens_per_s": tok_s, "curve": curve}
+    if curve:
+        summary.update(before=curve[0]["held_out_reward"], after=curve[-1]["held_out_reward"])
+    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    held_txt = (f"held-out reward {summary['before']:.3f} (step {curve[0]['step']}) -> "
+                f"{summary['after']:.3f} (step {curve[-1]['step']}) on {len(held)} problems; "
+                if curve else "")
+    print(f"{held_txt}{args.steps - start} steps in {wall:.1f} s wall; mean rollout "
+          f"{tok_s:.0f} tok/s; {out}", file=sys.stderr)
     return 0
 
 
+def _say(msg: str, bar: Any) -> None:
+    """A line on stderr that does not break a live progress bar."""
+    if bar is not None:
+        bar.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr)
+
+
 def plot_reward(metrics_path: Path, png: Path) -> None:
-    """Training reward (mean over each step's rollouts) against step, as a PNG."""
+    """Mean rollout reward per training step and the held-out reward curve, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in recs if r.get("kind", "train") == "train"]
+    held = [r for r in recs if r.get("kind") == "eval"]
     if not recs:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["reward_mean"] for r in recs], lw=1)
+    if train:
+        ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], lw=1,
+                label="rollout reward (sampled)")
+    if held:
+        ax.plot([r["step"] for r in held], [r["held_out_reward"] for r in held], "o-", lw=1.5,
+                label="held-out reward (greedy)")
     ax.set_xlabel("step")
-    ax.set_ylabel("mean rollout reward")
+    ax.set_ylabel("mean reward")
+    ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)

@@ -1,6 +1,12 @@
-"""`jaxturbo rl`: unsupported choices fail with one line before any model loads."""
+"""`jaxturbo rl` end to end on a tiny random Llama with a character tokenizer: refusals, the
+held-out curve (one compilation for all evaluations), no orbax import without checkpoints,
+resume equal to an uninterrupted run, and refusal of an incompatible checkpoint."""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,12 +15,125 @@ from jaxturbo.cli import main
 
 @pytest.mark.parametrize("extra, needle", [
     (["--algo", "ppo", "--group-size", "0"], "--group-size >= 1 for ppo"),
-    (["--rollout-engine", "vllm"], "vllm is not implemented"),
+    (["--rollout-engine", "vllm"], "vllm is not installed"),
     (["--group-size", "1"], "--group-size >= 2 for grpo"),
     (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
+    (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
+    (["--resume"], "--resume needs --save-every N >= 1"),
 ])
-def test_rl_cli_refuses_unsupported(capsys, tmp_path, extra, needle):
+def test_rl_cli_refuses_unsupported(capsys, tmp_path, extra, needle, monkeypatch):
+    if "vllm" in extra:
+        monkeypatch.setitem(sys.modules, "vllm", None)  # even where vllm exists: not importable
+        import jaxturbo.rl.rollout as rollout
+        monkeypatch.setattr(rollout, "vllm_available", lambda: False)
     code = main(["rl", "--model", str(tmp_path / "no-such-model"), "--steps", "1",
                  "--out", str(tmp_path / "run"), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_rl_model(tmp_path_factory) -> Path:
+    """A tiny random Llama whose tokenizer has one token per character of "a+b=N\\n"."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate("0123456789+=\n ")}}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))  # no merges: characters
+    t.decoder = decoders.Fuse()
+    torch.manual_seed(0)
+    hc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1, vocab_size=len(vocab),
+                     max_position_embeddings=64, eos_token_id=0, bos_token_id=0)
+    d = tmp_path_factory.mktemp("rl") / "llama-chars"
+    AutoModelForCausalLM.from_config(hc).save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>").save_pretrained(d)
+    return d
+
+
+def _rl(model: Path, out: Path, *extra: str) -> int:
+    return main(["rl", "--model", str(model), "--out", str(out), "--prompts-per-step", "4",
+                 "--group-size", "4", "--max-new-tokens", "3", "--max-operand", "3",
+                 "--lr", "0.02", "--kl-coef", "0.01", "--eval-problems", "4", *extra])
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r.get("kind") == kind]
+
+
+def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeypatch, capsys):
+    # without --save-every the run must not import orbax (absent on the GPU machine)
+    for mod in ("orbax", "orbax.checkpoint", "jaxturbo.train.checkpoint"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    import jaxturbo.rl.grpo as grpo
+    from jaxturbo.generate import decode
+
+    cache_sizes = []
+    real = grpo.mean_reward
+
+    def counted(*a, **k):
+        r = real(*a, **k)
+        cache_sizes.append(decode._generate._cache_size())
+        return r
+    monkeypatch.setattr(grpo, "mean_reward", counted)
+    out = tmp_path / "run"
+    assert _rl(tiny_rl_model, out, "--steps", "3", "--eval-every", "2") == 0
+    err = capsys.readouterr().err
+    assert [r["step"] for r in _records(out, "eval")] == [0, 2, 3]
+    assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
+    assert len(set(cache_sizes[1:])) == 1, cache_sizes  # later evaluations compile nothing new
+    ev = json.loads((out / "eval.json").read_text())
+    assert [c["step"] for c in ev["curve"]] == [0, 2, 3] and ev["rollout_tokens_per_s"] > 0
+    assert ev["before"] == ev["curve"][0]["held_out_reward"]
+    assert (out / "reward.png").stat().st_size > 0
+    assert "step 3/3" in err and "held-out reward" in err and "rollout" in err.splitlines()[-1]
+
+
+_COMPARE = ("reward_mean", "loss", "grad_norm", "kl", "pg_loss", "vf_loss", "kept",
+            "rollout_tokens")
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch, capsys, algo):
+    pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
+    from jaxturbo.rl.grpo import GRPOLearner
+    from jaxturbo.rl.ppo import PPOLearner
+
+    learner_cls = GRPOLearner if algo == "grpo" else PPOLearner
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    # PPO trains on every batch (no group filter), so its later steps depend on restored
+    # params, value head, optimizer moments and problem sampler
+    args = ("--algo", algo, "--steps", "4", "--save-every", "2", "--eval-every", "2")
+    if algo == "grpo":  # operands <= 1: the random model gets some sums right, groups are kept
+        args += ("--max-operand", "1")
+    assert _rl(tiny_rl_model, full, *args) == 0
+
+    real_step = learner_cls.step
+
+    def crash_at_2(self):
+        if self.steps == 2:
+            raise KeyboardInterrupt  # the run dies after step 2's checkpoint
+        return real_step(self)
+    monkeypatch.setattr(learner_cls, "step", crash_at_2)
+    assert _rl(tiny_rl_model, cut, *args) != 0  # the CLI reports the interrupt
+    monkeypatch.setattr(learner_cls, "step", real_step)
+    assert _rl(tiny_rl_model, cut, *args, "--resume") == 0
+
+    a, b = _records(full, "train"), _records(cut, "train")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert any("loss" in r for r in a[:2])  # params moved before the interruption
+    for ra, rb in zip(a, b):
+        assert {k: ra.get(k) for k in _COMPARE} == {k: rb.get(k) for k in _COMPARE}
+    assert _records(full, "eval") == _records(cut, "eval")
+    assert json.loads((cut / "eval.json").read_text())["resumed_from"] == 2
+
+    if algo == "ppo":
+        return
+    capsys.readouterr()
+    # a checkpoint of another algorithm: one line naming what differs
+    code = _rl(tiny_rl_model, cut, *args, "--resume", "--algo", "ppo")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "algo: checkpoint 'grpo', now 'ppo'" in err, err
