@@ -194,6 +194,8 @@ class VLLMEngine:
 
         self.cfg = cfg
         self._vllm = vllm
+        # token ids in, token ids out: the tokenizer is never needed
+        llm_kwargs.setdefault("skip_tokenizer_init", True)
         self.llm = vllm.LLM(model=str(model_dir), dtype=dtype, seed=seed, **llm_kwargs)
         if params is not None:
             self.update_weights(params)
