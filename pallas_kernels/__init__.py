@@ -1,10 +1,11 @@
 """Pallas kernels for GPU (Pallas-Triton; Mosaic GPU not yet) and TPU (Mosaic TPU).
 
 One folder per kernel family, each with a pure-jnp reference and one file per implementation
-(`pallas_triton.py`, `mosaic_tpu.py`); `attention`, `decode_attention` and
-`mla_decode_attention` dispatch between them (see `api.py`).
+(`pallas_triton.py`, `mosaic_tpu.py`, `cudnn_lse.py`); `attention`, `attention_backward`,
+`decode_attention` and `mla_decode_attention` dispatch between them (see `api.py`).
 """
 
-from pallas_kernels.api import attention, decode_attention, mla_decode_attention
+from pallas_kernels.api import (attention, attention_backward, decode_attention,
+                                mla_decode_attention)
 
-__all__ = ["attention", "decode_attention", "mla_decode_attention"]
+__all__ = ["attention", "attention_backward", "decode_attention", "mla_decode_attention"]

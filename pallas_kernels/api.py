@@ -1,9 +1,12 @@
-"""Public entry points: `attention` (prefill/training), `decode_attention` and
-`mla_decode_attention` (generation).
+"""Public entry points: `attention` (prefill/training), `attention_backward` (the backward from
+a saved output and lse, for callers that merge partial results: ring attention),
+`decode_attention` and `mla_decode_attention` (generation).
 
 `implementation` picks the backend:
   "xla"            the pure-jnp reference, compiled by XLA (any platform);
   "cudnn"          `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16);
+                   with `return_lse` and in `attention_backward`, JAX's cuDNN primitives
+                   directly (`flash_attention/cudnn_lse.py`; no segments/softcap/window);
   "pallas_triton"  Pallas kernels through the Triton lowering (GPU; interpret mode on CPU);
   "mosaic_tpu"     Pallas kernels through Mosaic TPU (TPU; TPU interpret mode on CPU);
   "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu, else pallas_triton;
@@ -20,7 +23,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.decode_attention.reference import (decode_attention_reference,
                                                        mla_decode_reference)
-from pallas_kernels.flash_attention.reference import attention_mask, attention_reference
+from pallas_kernels.flash_attention.reference import (attention_backward_reference,
+                                                      attention_mask, attention_reference)
 
 Implementation = Literal["auto", "pallas", "pallas_triton", "mosaic_tpu", "cudnn", "xla"]
 _ATTENTION_IMPLS = ("auto", "pallas", "pallas_triton", "mosaic_tpu", "cudnn", "xla")
@@ -47,7 +51,9 @@ def _interpret(implementation: str, interpret: bool | None) -> bool:
 def _auto_attention(q: jax.Array, *, segment_ids, softcap, return_lse) -> str:
     """cuDNN where it covers the case on GPU (measured fastest for plain causal/non-causal, see
     experiments/attention/NOTES.md); our kernel for what cuDNN lacks or handles slowly (lse
-    output, soft-cap, packed segments); Mosaic TPU on TPU; XLA on CPU."""
+    output, soft-cap, packed segments); Mosaic TPU on TPU; XLA on CPU.  With `return_lse` "auto"
+    keeps the Pallas kernel: it differentiates through the lse, cuDNN's lse forward does not
+    (ring attention, which owns its backward, picks cuDNN explicitly)."""
     platform = _platform()
     if platform == "tpu":
         return "mosaic_tpu"
@@ -72,6 +78,21 @@ def _cudnn_attention(q, k, v, *, causal, segment_ids, kv_segment_ids, sliding_wi
     window = None if sliding_window is None else (sliding_window, 0)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                         local_window_size=window, implementation="cudnn")
+
+
+def cudnn_lse_supported(q: jax.Array, k: jax.Array, *, causal: bool, segment_ids=None,
+                        softcap=None, sliding_window=None) -> bool:
+    """Whether the cuDNN lse forward / saved-lse backward cover this case (platform aside)."""
+    return (segment_ids is None and softcap is None and sliding_window is None
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+            and not (causal and q.shape[1] != k.shape[1]))
+
+
+def _check_cudnn_lse(q, k, **kw) -> None:
+    if not cudnn_lse_supported(q, k, **kw):
+        raise ValueError("implementation='cudnn' with an lse (return_lse / attention_backward) "
+                         "needs bf16/fp16 inputs, no segment ids, softcap or sliding window, and "
+                         "q_len == kv_len when causal; use 'pallas' or 'xla'")
 
 
 def attention(
@@ -109,9 +130,14 @@ def attention(
     if implementation == "xla":
         return attention_reference(q, k, v, **kwargs)
     if implementation == "cudnn":
-        if softcap is not None or return_lse:
-            raise ValueError("implementation='cudnn' supports neither softcap nor return_lse; "
-                             "use 'pallas' or 'xla'")
+        if softcap is not None:
+            raise ValueError("implementation='cudnn' does not support softcap; use 'pallas' or "
+                             "'xla'")
+        if return_lse:
+            _check_cudnn_lse(q, k, causal=causal, segment_ids=segment_ids, softcap=softcap,
+                             sliding_window=sliding_window)
+            from pallas_kernels.flash_attention import cudnn_lse
+            return cudnn_lse.cudnn_attention_lse(q, k, v, causal=causal, scale=scale)
         return _cudnn_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                 kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
                                 scale=scale)
@@ -121,6 +147,62 @@ def attention(
         return pallas_triton.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
     from pallas_kernels.flash_attention import mosaic_tpu
     return mosaic_tpu.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
+
+
+def attention_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    softcap: float | None = None,
+    implementation: Implementation = "auto",
+    interpret: bool | None = None,
+    config=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention backward from a saved output and lse (no lse cotangent).
+
+    q, out, dout [B, T, H, D]; k, v [B, S, K, D]; lse [B, H, T] float32 (as `attention(...,
+    return_lse=True)` returns) -> (dq [B, T, H, D], dk, dv [B, S, K, D]).  The gradients are
+    float32 for "xla" and in the inputs' dtype for the kernels; accumulate them in float32.
+
+    out/lse may belong to attention over a longer key sequence of which k/v is one block: the
+    result is then this block's share of the gradient (ring attention sums the blocks).  See
+    `flash_attention.reference.attention_backward_reference`.  "auto": cuDNN on GPU where it
+    covers the case (`cudnn_lse_supported`), else the Pallas kernel; Mosaic on TPU; XLA on CPU.
+    """
+    if implementation not in _ATTENTION_IMPLS:
+        raise ValueError(f"attention_backward implementation {implementation!r} is unknown; "
+                         f"choose one of {_ATTENTION_IMPLS}")
+    cudnn_ok = cudnn_lse_supported(q, k, causal=causal, segment_ids=segment_ids,
+                                   softcap=softcap)
+    if implementation == "auto":
+        implementation = {"tpu": "mosaic_tpu",
+                          "gpu": "cudnn" if cudnn_ok else "pallas_triton"}.get(_platform(), "xla")
+    implementation = _resolve_pallas(implementation)
+    kwargs = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                  scale=scale, softcap=softcap)
+    if implementation == "xla":
+        return attention_backward_reference(q, k, v, out, lse, dout, **kwargs)
+    if implementation == "cudnn":
+        _check_cudnn_lse(q, k, causal=causal, segment_ids=segment_ids, softcap=softcap)
+        from pallas_kernels.flash_attention import cudnn_lse
+        return cudnn_lse.cudnn_attention_bwd(q, k, v, out, lse, dout, causal=causal,
+                                             scale=scale)
+    interp = _interpret(implementation, interpret)
+    if implementation == "pallas_triton":
+        from pallas_kernels.flash_attention import pallas_triton
+        return pallas_triton.flash_attention_backward(q, k, v, out, lse, dout, config=config,
+                                                      interpret=interp, **kwargs)
+    from pallas_kernels.flash_attention import mosaic_tpu
+    return mosaic_tpu.flash_attention_backward(q, k, v, out, lse, dout, config=config,
+                                               interpret=interp, **kwargs)
 
 
 def decode_attention(

@@ -19,7 +19,11 @@ ids, a block in which no query shares a segment with any key is skipped too.
 The backward is a custom VJP that rotates the blocks again (no gather of the sequence): the
 K/V block travels with its dK/dV accumulators, each device adds its contribution, and after P
 steps the accumulators are back at their owner.  Per block it is the FlashAttention-2 backward
-using the global lse saved by the forward.
+using the global output and lse saved by the forward (`pallas_kernels.attention_backward`).
+
+Per-block kernels: "auto" on GPU with bf16/fp16 inputs and no segment ids or softcap runs both
+halves through cuDNN (`flash_attention/cudnn_lse.py`: forward with lse, backward from the
+saved lse); otherwise the Pallas kernel's forward and backward on GPU, XLA on CPU.
 
 Communication per device and layer (K KV heads of dim D, local rows t = T/P, b = bytes/elem):
   forward:  (P-1) sends of K and V:        2 (P-1) B t K D b bytes
@@ -40,8 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxturbo.errors import UserError
-from pallas_kernels import attention
-from pallas_kernels.flash_attention.reference import attention_mask
+from pallas_kernels import attention, attention_backward
+from pallas_kernels.api import cudnn_lse_supported
 
 Layout = Literal["zigzag", "contiguous"]
 LAYOUTS = ("zigzag", "contiguous")
@@ -102,6 +106,12 @@ def ring_attention(
     """
     size = lax.axis_size(axis_name)
     check_ring(seq_len=q.shape[1] * size, ring_size=size, causal=causal, layout=layout)
+    if (implementation == "auto" and jax.devices()[0].platform == "gpu"
+            and cudnn_lse_supported(q, k, causal=causal, segment_ids=segment_ids,
+                                    softcap=softcap)):
+        # The ring owns its backward, so cuDNN's lse forward (whose lse is not differentiable)
+        # is safe here, unlike in `attention(..., return_lse=True)`'s "auto".
+        implementation = "cudnn"
     cfg = _Cfg(axis_name, size, causal, layout, scale, softcap, implementation)
     return _ring(cfg, q, k, v, segment_ids)
 
@@ -253,43 +263,14 @@ def _ring_fwd(cfg: _Cfg, q, k, v, seg):
 
 # ---------------------------------------------------------------------------------- backward
 
-def _attn_bwd(q, k, v, do, o, lse, *, causal, q_seg, kv_seg, scale, softcap):
-    """FlashAttention-2 backward of one block given the *global* lse and output.
-
-    q/do/o [B,T,H,D], k/v [B,S,K,D], lse [B,H,T] -> float32 (dq, dk, dv).  With the global lse,
-    P = exp(S - lse) is this block's share of the full softmax, so the per-block gradients sum
-    to the gradient of the whole attention.
-    """
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = h // kh
-    scale = d ** -0.5 if scale is None else scale
-    f32 = lambda x: x.astype(jnp.float32)
-    qg = f32(q).reshape(b, t, kh, g, d)
-    dog = f32(do).reshape(b, t, kh, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, f32(k)) * scale
-    if softcap is not None:
-        th = jnp.tanh(logits / softcap)
-        logits = softcap * th
-    mask = attention_mask(t, s, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    lse_g = lse.reshape(b, kh, g, t)[..., None]
-    ok = mask[:, None, None] & jnp.isfinite(lse_g)
-    p = jnp.where(ok, jnp.exp(logits - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)), 0.0)
-    dv = jnp.einsum("bkgts,btkgd->bskd", p, dog)
-    dp = jnp.einsum("btkgd,bskd->bkgts", dog, f32(v))
-    delta = jnp.einsum("btkgd,btkgd->bkgt", dog, f32(o).reshape(b, t, kh, g, d))[..., None]
-    ds = p * (dp - delta)
-    if softcap is not None:
-        ds = ds * (1.0 - th * th)
-    ds = ds * scale
-    dq = jnp.einsum("bkgts,bskd->btkgd", ds, f32(k)).reshape(b, t, h, d)
-    dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg)
-    return dq, dk, dv
-
-
 def _block_bwd(cfg: _Cfg, kind, q, k, v, q_seg, kv_seg, do, o, lse):
     """(dq [B,T,H,D], dk, dv [B,S,K,D]) float32 of one block; zeros where the block is unused."""
-    bwd = functools.partial(_attn_bwd, scale=cfg.scale, softcap=cfg.softcap)
+    def bwd(q, k, v, do, o, lse, *, causal, q_seg, kv_seg):
+        grads = attention_backward(q, k, v, o, lse, do, causal=causal, scale=cfg.scale,
+                                   segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                   softcap=cfg.softcap, implementation=cfg.implementation)
+        # Kernels return the inputs' dtype; switch branches and accumulators are float32.
+        return tuple(g.astype(jnp.float32) for g in grads)
     zq = lambda: jnp.zeros_like(q, jnp.float32)
     zk = lambda: jnp.zeros_like(k, jnp.float32)
 

@@ -221,3 +221,19 @@ def flash_with_vjp(forward, backward):
 
     flash.defvjp(flash_fwd, flash_bwd)
     return flash
+
+
+def run_backward(backward, q, k, v, out, lse, dout, *, causal: bool, segment_ids,
+                 kv_segment_ids, sliding_window: int | None, scale: float | None,
+                 softcap: float | None, cfg, interpret):
+    """One backend's `backward` called directly from a saved (out, lse), no lse cotangent.
+
+    For callers that own the forward (ring attention: out/lse are those of the whole row, k/v
+    one block of it); `backward` has the signature documented in `flash_with_vjp`.
+    """
+    check_inputs(q, k, v)
+    spec, kv_seg = mask_spec(q, k, causal=causal, sliding_window=sliding_window, scale=scale,
+                             softcap=softcap, segment_ids=segment_ids,
+                             kv_segment_ids=kv_segment_ids)
+    return backward(q, k, v, segment_ids, kv_seg, out.astype(q.dtype), lse,
+                    dout.astype(q.dtype), None, spec, cfg, interpret)

@@ -330,3 +330,28 @@ def flash_attention(
                                     kv_segment_ids=kv_segment_ids)
     out, lse = _flash(q, k, v, segment_ids, kv_seg, spec, config or Config(), interpret)
     return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The kernels' backward from a saved out [B, T, H, D] and lse [B, H, T] (see
+    `reference.attention_backward_reference`) -> (dq, dk, dv) in the inputs' dtype."""
+    return common.run_backward(_backward, q, k, v, out, lse, dout, causal=causal,
+                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                               sliding_window=sliding_window, scale=scale, softcap=softcap,
+                               cfg=config or Config(), interpret=interpret)

@@ -90,3 +90,60 @@ def attention_reference(
         return out
     lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m_safe[..., 0], NEG_INF)  # [B,K,G,T]
     return out, lse.reshape(b, h, t)
+
+
+def attention_backward_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """FlashAttention-2 backward from a saved output and log-sum-exp (no lse cotangent).
+
+    Args:
+      q, out, dout: [B, T, H, D]; k, v: [B, S, K, D]; lse: [B, H, T] float32 as returned by
+        `attention_reference(..., return_lse=True)`.
+    Returns:
+      float32 (dq [B, T, H, D], dk [B, S, K, D], dv [B, S, K, D]).
+
+    `out` and `lse` need not come from this (q, k, v): given the output and lse of attention
+    over a *longer* key sequence of which k/v is one block (ring attention), P = exp(S - lse) is
+    this block's share of the full softmax and delta = rowsum(dout * out) is the full row's, so
+    the per-block gradients sum to the gradient of the whole attention.  Rows with lse = -inf
+    (no visible key anywhere) get zero gradient.
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    scale = d ** -0.5 if scale is None else scale
+    f32 = lambda x: x.astype(jnp.float32)
+    qg = f32(q).reshape(b, t, kh, g, d)
+    dog = f32(dout).reshape(b, t, kh, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, f32(k)) * scale
+    if softcap is not None:
+        th = jnp.tanh(logits / softcap)
+        logits = softcap * th
+    mask = attention_mask(t, s, causal=causal, q_segment_ids=segment_ids,
+                          kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+    lse_g = lse.reshape(b, kh, g, t)[..., None]
+    ok = mask[:, None, None] & jnp.isfinite(lse_g)
+    p = jnp.where(ok, jnp.exp(logits - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)), 0.0)
+    dv = jnp.einsum("bkgts,btkgd->bskd", p, dog)
+    dp = jnp.einsum("btkgd,bskd->bkgts", dog, f32(v))
+    delta = jnp.einsum("btkgd,btkgd->bkgt", dog, f32(out).reshape(b, t, kh, g, d))[..., None]
+    ds = p * (dp - delta)
+    if softcap is not None:
+        ds = ds * (1.0 - th * th)
+    ds = ds * scale
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, f32(k)).reshape(b, t, h, d)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg)
+    return dq, dk, dv
