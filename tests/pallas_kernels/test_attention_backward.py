@@ -1,0 +1,93 @@
+"""`attention_backward`: the backward from a saved output and lse, per K/V block.
+
+The property ring attention relies on: with the output and lse of attention over the *whole*
+key sequence, the backward of each key block gives that block's dk/dv and a share of dq that
+sums to the full gradient.  Checked for the pure-jnp reference and the Pallas-Triton kernel
+(interpret mode on CPU); the cuDNN path is only shape-checked here (it needs a GPU: see
+experiments/sp_bench.py --check-only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import api
+from pallas_kernels.flash_attention import pallas_triton as flash_triton
+from pallas_kernels.flash_attention.reference import attention_reference
+
+
+def _inputs(t=32, s=32, h=4, kh=2, d=16, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (2, t, h, d), jnp.float32)
+    k = jax.random.normal(ks[1], (2, s, kh, d), jnp.float32)
+    v = jax.random.normal(ks[2], (2, s, kh, d), jnp.float32)
+    do = jax.random.normal(ks[3], (2, t, h, d), jnp.float32)
+    return q, k, v, do
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+def test_blockwise_backward_sums_to_full_grad(causal, softcap, impl):
+    q, k, v, do = _inputs()
+    seg = jnp.array([[0] * 20 + [1] * 12, [0] * 32])
+    kw = dict(causal=causal, segment_ids=seg, softcap=softcap)
+    out, lse = attention_reference(q, k, v, return_lse=True, **kw)
+    _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kw), q, k, v)
+    gq, gk, gv = vjp(do)
+    # Two key blocks: block j holds keys [16j, 16j+16).
+    extra = {} if impl == "xla" else dict(config=flash_triton.Config(16, 16, 16, 16))
+    dq = 0.0
+    dks, dvs = [], []
+    for j in range(2):
+        sl = slice(16 * j, 16 * j + 16)
+        if causal:  # keep absolute positions for the causal mask: full-length keys, the
+            # other block's keys hidden behind segment id -1
+            kseg = jnp.where((jnp.arange(32) // 16 == j)[None], seg, -1)
+            g = api.attention_backward(q, k, v, out, lse, do, causal=True, segment_ids=seg,
+                                       kv_segment_ids=kseg, softcap=softcap,
+                                       implementation=impl, **extra)
+            dq = dq + g[0].astype(jnp.float32)
+            dks.append(g[1][:, sl])
+            dvs.append(g[2][:, sl])
+        else:
+            g = api.attention_backward(q, k[:, sl], v[:, sl], out, lse, do, segment_ids=seg,
+                                       kv_segment_ids=seg[:, sl], softcap=softcap,
+                                       implementation=impl, **extra)
+            dq = dq + g[0].astype(jnp.float32)
+            dks.append(g[1])
+            dvs.append(g[2])
+    tol = 1e-5
+    assert _rel(dq, gq) < tol
+    assert _rel(jnp.concatenate(dks, 1), gk) < tol
+    assert _rel(jnp.concatenate(dvs, 1), gv) < tol
+
+
+def test_cudnn_backward_shapes():
+    """The cuDNN backward primitive's abstract evaluation (no GPU needed): argument order and
+    output shapes, GQA included."""
+    from pallas_kernels.flash_attention import cudnn_lse
+    sd = jax.ShapeDtypeStruct
+    q = sd((1, 128, 8, 64), jnp.bfloat16)
+    k = sd((1, 256, 2, 64), jnp.bfloat16)
+    lse = sd((1, 8, 128), jnp.float32)
+    dq, dk, dv = jax.eval_shape(
+        lambda *a: cudnn_lse.cudnn_attention_bwd(*a, causal=False), q, k, k, q, lse, q)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
+    assert dq.dtype == dk.dtype == jnp.bfloat16
+
+
+def test_cudnn_lse_rejects_unsupported():
+    q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        api.attention(q, q, q, return_lse=True, implementation="cudnn")
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        api.attention_backward(q, q, q, q, jnp.zeros((1, 2, 8)), q, implementation="cudnn")
