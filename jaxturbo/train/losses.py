@@ -94,6 +94,12 @@ def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
 
 
+def _flat_block(hc: jax.Array, yc: jax.Array, cc: jax.Array) -> tuple[jax.Array, ...]:
+    """One block's [B, C, D], [B, C], [B, C] as [B*C, D], [B*C], [B*C] (rows stay the major,
+    batch-sharded, dimension)."""
+    return hc.reshape(-1, hc.shape[-1]), yc.reshape(-1), cc.reshape(-1)
+
+
 def _block_nll(hc: jax.Array, w: jax.Array, yc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Logits [C, V], NLL [C] and logsumexp [C] of one block; targets yc [C]."""
     z = _chunk_logits(hc, w)
@@ -103,9 +109,9 @@ def _block_nll(hc: jax.Array, w: jax.Array, yc: jax.Array) -> tuple[jax.Array, j
 
 @jax.custom_vjp
 def _weighted_nll_sum(h: jax.Array, w: jax.Array, y: jax.Array, coef: jax.Array) -> jax.Array:
-    """sum(coef * nll) (float32 scalar) over blocks: h [N, C, D], w [V, D], y/coef [N, C]."""
+    """sum(coef * nll) (float32 scalar) over blocks: h [N, B, C, D], w [V, D], y/coef [N, B, C]."""
     def body(acc, xs):
-        hc, yc, cc = xs
+        hc, yc, cc = _flat_block(*xs)
         return acc + jnp.sum(cc * _block_nll(hc, w, yc)[1]), None
 
     return jax.lax.scan(body, jnp.float32(0), (h, y, coef))[0]
@@ -119,7 +125,8 @@ def _weighted_nll_sum_fwd(h, w, y, coef):
     # Llama-3.2-1B step).
     def body(carry, xs):
         acc, dw = carry
-        hc, yc, cc = xs
+        hb = xs[0]
+        hc, yc, cc = _flat_block(*xs)
         z, nll, lse = _block_nll(hc, w, yc)
         # d nll / d z = softmax(z) - onehot(y); the one-hot as an iota compare so that XLA
         # fuses it into the elementwise pass instead of materialising a [C, V] array
@@ -131,7 +138,7 @@ def _weighted_nll_sum_fwd(h, w, y, coef):
         # the head's gradient sums over blocks: accumulate in float32 so that many low-precision
         # partial sums do not lose bits the one-matmul path keeps
         dw = dw + jnp.einsum("cv,cd->vd", dz, hc, preferred_element_type=jnp.float32)
-        return (acc + jnp.sum(cc * nll), dw), dh
+        return (acc + jnp.sum(cc * nll), dw), dh.reshape(hb.shape)
 
     (total, dw), dh = jax.lax.scan(body, (jnp.float32(0), jnp.zeros(w.shape, jnp.float32)),
                                    (h, y, coef))
@@ -157,9 +164,11 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     hidden [B, T, D] final normed hidden states (compute dtype), head [V, D] LM-head (or tied
     embedding) weight, targets/weights/segment_ids [B, T]; same weights and normalisations.
 
-    The B*T tokens are cut into blocks of `chunk_tokens` (the last one zero-padded with zero
-    weight) and a scan computes one block's logits [chunk, V] (float32 accumulation) at a time,
-    so peak memory holds a few [chunk, V] float32 buffers.  Because `reduce_tokens`' total is
+    The sequence is cut into blocks of C = chunk_tokens // B positions of every row (about
+    chunk_tokens tokens; the last block zero-padded with zero weight) and a scan computes one
+    block's logits [B*C, V] (float32 accumulation) at a time, so peak memory holds a few such
+    float32 buffers.  Blocking along the sequence keeps the batch rows in every block, so a
+    batch sharded over devices stays sharded (each device does its own rows).  Because `reduce_tokens`' total is
     linear in the per-token losses, total = sum_t coef_t * nll_t with coef_t = d total / d nll_t
     depending on the weights and segments only; that lets the forward produce the gradients too
     (see _weighted_nll_sum_fwd).  Gradients flow to hidden and head; weights are data.
@@ -175,16 +184,18 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     coef = jax.grad(total_of)(zeros)  # exact: total_of is linear in per_token
     count = reduce_tokens(zeros, weights, segment_ids=segment_ids, normalize=normalize).count
     b, t, d = hidden.shape
-    n = b * t
-    c = min(chunk_tokens, n)
-    blocks = -(-n // c)
-    pad = blocks * c - n
-    h, y, cf = hidden.reshape(n, d), targets.reshape(n).astype(jnp.int32), coef.reshape(n)
+    c = max(1, min(chunk_tokens // b, t))
+    blocks = -(-t // c)
+    pad = blocks * c - t
+    h, y, cf = hidden, targets.astype(jnp.int32), coef
     if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y, cf = jnp.pad(y, (0, pad)), jnp.pad(cf, (0, pad))
-    total = _weighted_nll_sum(h.reshape(blocks, c, d), head.astype(hidden.dtype),
-                              y.reshape(blocks, c), cf.reshape(blocks, c))
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        y, cf = jnp.pad(y, ((0, 0), (0, pad))), jnp.pad(cf, ((0, 0), (0, pad)))
+
+    def blocked(x: jax.Array) -> jax.Array:  # [B, T', ...] -> [blocks, B, C, ...]
+        return x.reshape(b, blocks, c, *x.shape[2:]).swapaxes(0, 1)
+
+    total = _weighted_nll_sum(blocked(h), head.astype(hidden.dtype), blocked(y), blocked(cf))
     return Weighted(total, count)
 
 

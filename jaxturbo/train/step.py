@@ -65,7 +65,7 @@ class TrainConfig:
     normalize: loss normalisation, "token" or "sequence" (see jaxturbo.train.losses).
     attn_impl: attention implementation passed to the model ("auto", "xla", "cudnn", ...).
     loss_chunk_tokens: 0 computes the full [B, T, V] float32 logits; N > 0 computes the LM head
-        and cross-entropy N tokens at a time (`losses.chunked_cross_entropy`), so neither the
+        and cross-entropy about N tokens at a time (N // B positions of every row) (`losses.chunked_cross_entropy`), so neither the
         logits nor their gradient is ever whole in memory (larger batches fit).
     """
 

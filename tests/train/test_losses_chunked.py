@@ -34,9 +34,10 @@ def _batch(b: int = 3, t: int = 11) -> dict[str, jax.Array]:
         weights=w, segment_ids=seg, positions=pos).items()}
 
 
-@pytest.mark.parametrize("tied,normalize,chunk", [(True, "token", 4),     # 33 tokens: 9 blocks, last padded
-                                                  (False, "sequence", 7),
-                                                  (False, "token", 64)])   # one block, larger than N
+# 3 rows of 11 tokens; a block is chunk // 3 positions of every row
+@pytest.mark.parametrize("tied,normalize,chunk", [(True, "token", 4),       # 11 blocks of 1
+                                                  (False, "sequence", 12),  # 3 of 4, last padded
+                                                  (False, "token", 64)])    # one block of 11
 def test_chunked_loss_and_grads_equal_unchunked(tied, normalize, chunk):
     cfg = _cfg(tied)
     params = init_params(cfg, jax.random.key(1))
@@ -69,7 +70,8 @@ def test_chunked_cross_entropy_direct_and_under_remat(remat):
         return losses.cross_entropy(jnp.einsum("btd,vd->btv", h, w), y, wt).value()
 
     def blocked(h, w):
-        return losses.chunked_cross_entropy(h, w, y, wt, chunk_tokens=3).value()
+        # 3 blocks of 2 positions, the last padded
+        return losses.chunked_cross_entropy(h, w, y, wt, chunk_tokens=4).value()
 
     want = jax.value_and_grad(full, argnums=(0, 1))(h, w)
     policy = REMAT_POLICIES[remat]
@@ -88,3 +90,30 @@ def test_chunked_loss_rejects_bad_settings():
     with pytest.raises(UserError):
         sft_loss(_cfg(True), TrainConfig(loss_chunk_tokens=8), mesh=object(),  # type: ignore[arg-type]
                  sequence_parallel="ulysses")
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake CPU) devices")
+def test_chunked_sharded_accumulated_step_equals_unchunked_single_device():
+    # blocks run along the sequence, so the rows stay split over data x fsdp inside the scan
+    from jaxturbo.parallel.mesh import make_mesh
+    from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
+    from jaxturbo.train.sharding import put_batch
+    from jaxturbo.train.step import init_state, make_train_step
+
+    cfg = _cfg(True)
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
+    params = init_params(cfg, jax.random.key(3))
+    batch = {k: np.asarray(v) for k, v in _batch(b=16, t=11).items()}
+
+    def run(tc, mesh=None):
+        state = init_state(params, opt, mesh=mesh)
+        step = make_train_step(cfg, tc, opt, mesh=mesh, params=params)
+        state, m = step(state, put_batch(batch, mesh))
+        return state.params, float(m["loss"])
+
+    want = run(TrainConfig(compute_dtype="float32"))
+    got = run(TrainConfig(compute_dtype="float32", grad_accum=2, remat="dots",
+                          loss_chunk_tokens=24), mesh=make_mesh("data=2,fsdp=4"))
+    assert got[1] == pytest.approx(want[1], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(want[0]), jax.tree.leaves(got[0])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
