@@ -137,3 +137,17 @@ def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "algo: checkpoint 'grpo', now 'ppo'" in err, err
+
+
+def test_rl_cli_progress_bar_on_a_terminal(tiny_rl_model, tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert _rl(tiny_rl_model, tmp_path / "run", "--steps", "2", "--eval-problems", "0") == 0
+    text = term.getvalue()
+    assert "rl grpo" in text and "reward=" in text and "tok_s=" in text, text
+    assert "step 1/2" not in text  # the bar replaces the per-step lines
