@@ -2,7 +2,7 @@
 # One script for the lent GPU machine (see the device tool's README): sets up what the machine
 # lacks, then runs the named stages, each writing under $OUT (or /tmp/out).
 #
-#   bash experiments/gpu_session.sh setup bench        # train MFU grid + MLA decode speed
+#   bash experiments/gpu_session.sh setup train mladecode profile   # MFU grid, MLA decode, TP-4 shard profile
 #   bash experiments/gpu_session.sh setup heal grpo    # needs the SmolLM2 GGUF (see below)
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
@@ -43,11 +43,21 @@ setup() {
   ls -la .site | head -5; [ -s "$GGUF" ] && sha256sum "$GGUF"
 }
 
-bench() {
-  mkdir -p "$OUT/train" "$OUT/mla"
-  timeout 300 $PY experiments/train_bench.py --preset llama-1b --budget-s 200 \
+train() {
+  mkdir -p "$OUT/train"
+  timeout 240 $PY experiments/train_bench.py --preset llama-1b --budget-s ${TRAIN_BUDGET:-170} \
     2>&1 | tee "$OUT/train/log.txt"
   cp experiments/train/results_llama-1b.* "$OUT/train/" 2>/dev/null
+}
+
+probe() {
+  mkdir -p "$OUT/train"
+  timeout 150 $PY experiments/train_bench.py --preset llama-1b --probe ${PROBE:-4,none,4096} \
+    2>&1 | tee "$OUT/train/probe_log.txt"
+}
+
+mladecode() {
+  mkdir -p "$OUT/mla"
   timeout 200 $PY experiments/mla_decode_bench.py --preset gpu --out "$OUT/mla/decode_h100" \
     2>&1 | tee "$OUT/mla/decode_log.txt"
 }
