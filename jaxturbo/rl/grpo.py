@@ -156,6 +156,8 @@ class GRPOLearner:
         self.ref_params = self.state.params if cfg.kl_coef > 0 else None
         self._ref_logprobs = _logprobs_fn(model_cfg, cfg.temperature)
         self.rng = np.random.default_rng(seed)
+        self._rng_lock = threading.Lock()
+        self._rng_at: dict[int, dict[str, Any]] = {}  # batch index -> RNG state it started from
         self.steps = 0
         self.grad_accum = train.grad_accum
         if cfg.rollout_mode not in ("sync", "async"):
@@ -167,8 +169,14 @@ class GRPOLearner:
         self._producer: _Producer | None = None
 
     def checkpoint_state(self) -> tuple[Any, dict[str, Any]]:
-        """(TrainState, JSON-able host state: steps taken, problem sampler's RNG) to save."""
-        return self.state, {"steps": self.steps, "numpy_rng": self.rng.bit_generator.state}
+        """(TrainState, JSON-able host state: steps taken, problem sampler's RNG) to save.
+
+        The RNG state is the one batch `steps` started from: in async mode the rollout thread
+        may already have drawn the next batches' problems."""
+        with self._rng_lock:
+            rng_state = self._rng_at.get(self.steps, self.rng.bit_generator.state)
+            self._rng_at = {i: v for i, v in self._rng_at.items() if i >= self.steps}
+        return self.state, {"steps": self.steps, "numpy_rng": rng_state}
 
     def restore(self, state: Any, host: dict[str, Any]) -> None:
         """Continue from `checkpoint_state()`'s output (before the first `step` only)."""
@@ -180,6 +188,8 @@ class GRPOLearner:
 
     def _collect(self, index: int) -> tuple[list, dict[str, float]]:
         cfg = self.cfg
+        with self._rng_lock:  # remembered for checkpoint_state (see there)
+            self._rng_at[index] = self.rng.bit_generator.state
         return collect_rollouts(
             self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
             SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),

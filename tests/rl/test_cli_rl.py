@@ -95,18 +95,20 @@ _COMPARE = ("reward_mean", "loss", "grad_norm", "kl", "pg_loss", "vf_loss", "kep
             "rollout_tokens")
 
 
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "grpo-async"])
 def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch, capsys, algo):
     pytest.importorskip("orbax.checkpoint", reason="checkpoints need orbax")
     from jaxturbo.rl.grpo import GRPOLearner
     from jaxturbo.rl.ppo import PPOLearner
 
-    learner_cls = GRPOLearner if algo == "grpo" else PPOLearner
+    learner_cls = PPOLearner if algo == "ppo" else GRPOLearner
     full, cut = tmp_path / "full", tmp_path / "cut"
     # PPO trains on every batch (no group filter), so its later steps depend on restored
     # params, value head, optimizer moments and problem sampler
-    args = ("--algo", algo, "--steps", "4", "--save-every", "2", "--eval-every", "2")
-    if algo == "grpo":  # operands <= 1: the random model gets some sums right, groups are kept
+    args = ("--algo", algo.split("-")[0], "--steps", "4", "--save-every", "2", "--eval-every", "2")
+    if algo == "grpo-async":  # zero staleness: deterministic, and the thread restarts at step 2
+        args += ("--async", "--max-staleness", "0")
+    if algo != "ppo":  # operands <= 1: the random model gets some sums right, groups are kept
         args += ("--max-operand", "1")
     assert _rl(tiny_rl_model, full, *args) == 0
 
@@ -129,7 +131,7 @@ def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch
     assert _records(full, "eval") == _records(cut, "eval")
     assert json.loads((cut / "eval.json").read_text())["resumed_from"] == 2
 
-    if algo == "ppo":
+    if algo != "grpo":
         return
     capsys.readouterr()
     # a checkpoint of another algorithm: one line naming what differs
