@@ -269,6 +269,8 @@ def plot_reward(metrics_path: Path, png: Path) -> None:
     if held:
         ax.plot([r["step"] for r in held], [r["held_out_reward"] for r in held], "o-", lw=1.5,
                 label="held-out reward (greedy)")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.legend(loc="best", fontsize=8)
