@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import gzip
 import json
 import time
 from collections.abc import Callable
@@ -62,3 +64,28 @@ def write_table(rows: list[dict], columns: list[str], out: Path, title: str,
         [f"{k}: {v}" for k, v in (meta or {}).items()] + [""]) + lines) + "\n"
     Path(f"{out}.md").write_text(md)
     return md
+
+
+def kernel_summary(trace_dir: Path, steps: int = 1, top: int = 40) -> dict:
+    """GPU kernel time per step from the newest Perfetto trace that `jax.profiler.trace(...,
+    create_perfetto_trace=True)` wrote under trace_dir: kernels and busy ms per step, and the
+    `top` kernel names by time (per step = totals / steps)."""
+    files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    data = json.loads(gzip.open(files[-1]).read())
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {p for p, n in names.items() if "GPU" in n.upper()}
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            by_name[e["name"]].append(e["dur"])
+    rows = sorted(((n, len(v), sum(v)) for n, v in by_name.items()), key=lambda r: -r[2])
+    busy_us = sum(r[2] for r in rows)
+    return {"kernels_per_step": sum(r[1] for r in rows) / steps,
+            "busy_ms_per_step": busy_us / steps / 1e3,
+            "top": [{"kernel": n[:120], "per_step": round(c / steps, 2),
+                     "us_per_step": round(t / steps, 1), "share": round(t / max(busy_us, 1e-9), 4)}
+                    for n, c, t in rows[:top]]}

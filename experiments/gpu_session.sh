@@ -7,40 +7,41 @@
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
-# into .site/, which stays on the machine between calls while it is warm.  The SmolLM2 GGUF
-# (98 MB) is larger than one call may carry, so it travels in two parts, .gguf_a/ and
-# .gguf_b/, in two consecutive calls, and is joined here.
+# into /tmp/site.  The SmolLM2 GGUF (98 MB) is larger than one call may carry, so it travels
+# in two parts, .gguf_a/ and .gguf_b/, in two consecutive calls, and is joined here.  Only
+# /tmp outlives a call on a warm machine (the repo copy's ignored folders did not).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 FINAL=${OUT:-/tmp/out}
 OUT=/tmp/stage   # everything is packed into $FINAL/results.tgz at the end (8 files come back)
-mkdir -p $OUT $FINAL
+rm -rf $OUT; mkdir -p $OUT $FINAL
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-export PYTHONPATH=$ROOT/.site:$ROOT
-GGUF=$ROOT/.site/SmolLM2-135M-Instruct.Q4_1.gguf
-export JAXTURBO_CACHE=$ROOT/.site/cache
+SITE=/tmp/site
+export PYTHONPATH=$SITE:$ROOT
+GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+export JAXTURBO_CACHE=/tmp/jaxturbo-cache
 PY=python3
 
 setup() {
-  mkdir -p .site
+  mkdir -p $SITE
   for w in .whl .wh2; do
     [ -d $w ] || continue
     for f in $w/*.whl; do
       pkg=$(basename "$f" | cut -d- -f1)
-      [ -e .site/.done-$pkg ] && continue
+      [ -e $SITE/.done-$pkg ] && continue
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target .site "$f" && touch .site/.done-$pkg
+        --target $SITE "$f" && touch $SITE/.done-$pkg
     done
   done
-  if [ ! -s "$GGUF" ] && [ -s .site/gguf.part_a ] && [ -s .gguf_b/part_b ]; then
-    cat .site/gguf.part_a .gguf_b/part_b > "$GGUF"
+  if [ -s .gguf_a/part_a ] && [ ! -s /tmp/gguf.part_a ]; then cp .gguf_a/part_a /tmp/gguf.part_a; fi
+  if [ ! -s "$GGUF" ] && [ -s /tmp/gguf.part_a ] && [ -s .gguf_b/part_b ]; then
+    cat /tmp/gguf.part_a .gguf_b/part_b > "$GGUF"
   fi
-  if [ -s .gguf_a/part_a ] && [ ! -s .site/gguf.part_a ]; then cp .gguf_a/part_a .site/gguf.part_a; fi
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   $PY -c "import jax, optax, matplotlib; print('jax', jax.__version__, jax.devices())"
-  ls -la .site | head -5; [ -s "$GGUF" ] && sha256sum "$GGUF"
+  ls /tmp; [ -s "$GGUF" ] && sha256sum "$GGUF"
 }
 
 train() {
@@ -50,9 +51,20 @@ train() {
   cp experiments/train/results_llama-1b.* "$OUT/train/" 2>/dev/null
 }
 
+trace() {
+  mkdir -p "$OUT/train"
+  timeout 150 $PY experiments/train_bench.py --preset llama-1b --trace ${TRACE:-2,none,0} \
+    ${TRAIN_FLAGS:-} --trace-dir /tmp/train_trace${TAG:-} 2>&1 | tee "$OUT/train/trace_log${TAG:-}.txt"
+  cp /tmp/train_trace${TAG:-}/kernels.json "$OUT/train/kernels${TAG:-}.json" 2>/dev/null
+}
+
+trace_nt() {  # the same with cuBLAS for every GEMM (no Triton GEMM fusions)
+  TRAIN_FLAGS="--xla-flags-preset no-triton-gemm" TAG=_no_triton_gemm trace
+}
+
 probe() {
   mkdir -p "$OUT/train"
-  timeout 150 $PY experiments/train_bench.py --preset llama-1b --probe ${PROBE:-4,none,4096} \
+  timeout 150 $PY experiments/train_bench.py --preset llama-1b --probe ${PROBE:-2,none,0} ${TRAIN_FLAGS:-} \
     2>&1 | tee "$OUT/train/probe_log.txt"
 }
 

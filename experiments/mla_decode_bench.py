@@ -49,10 +49,22 @@ PRESETS = {
 }
 
 
-def mla_shape(cfg: ModelConfig, budget: float) -> MLAConfig:
-    """MLA widths spending `budget` of the GQA cache (values per token per layer)."""
+def mla_shape(cfg: ModelConfig, budget: float, pow2: bool = False) -> MLAConfig | None:
+    """MLA widths spending `budget` of the GQA cache (values per token per layer).
+
+    Default: convert-mla's split (rope key dr = head_dim/2, the rest latent: ranks like 160
+    or 352, which take the XLA decode path).  pow2: the largest power-of-two latent with a
+    power-of-two rope key (what the Pallas-Triton MLA decode kernel needs, DeepSeek-like).
+    """
+    total = int(round(budget * 2 * cfg.num_key_value_heads * cfg.head_dim))
     dr = cfg.head_dim // 2
-    rank = int(round(budget * 2 * cfg.num_key_value_heads * cfg.head_dim)) - dr
+    if pow2:
+        dr = total - (1 << (total.bit_length() - 1))
+        if dr == 0 or dr & (dr - 1):  # total is a power of two, or the rest is not one
+            dr = (1 << (total.bit_length() - 1)) // 2
+        if dr > cfg.head_dim:  # no such split with a rope key no wider than a head
+            return None
+    rank = total - dr
     if rank <= 0:
         raise ValueError(f"budget {budget} leaves no latent after a {dr}-dim rope key")
     return MLAConfig(base=cfg, kv_lora_rank=rank, qk_nope_head_dim=cfg.head_dim,
@@ -82,7 +94,8 @@ def random_cache(cache: dict, context: int, key: jax.Array) -> dict:
         if name == "lengths":
             out[name] = jnp.full_like(a, context)
         else:
-            out[name] = jax.random.normal(jax.random.fold_in(key, i), a.shape, jnp.float32).astype(a.dtype)
+            # drawn in the cache dtype: a float32 draw of an 8B model's cache would not fit
+            out[name] = jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
     return out
 
 
@@ -108,7 +121,12 @@ def bench_case(name: str, context: int, budgets, batch: int, new: int, dtype, bw
     key = jax.random.key(0)
     tok = jnp.zeros((batch,), jnp.int32)
     rows = []
-    variants = [("gqa", None)] + [(f"mla@{b:g}", mla_shape(cfg, b)) for b in budgets]
+    variants = [("gqa", None)]
+    for b in budgets:
+        variants.append((f"mla@{b:g}", mla_shape(cfg, b)))
+        m2 = mla_shape(cfg, b, pow2=True)
+        if m2 is not None and m2.kv_lora_rank != variants[-1][1].kv_lora_rank:
+            variants.append((f"mla@{b:g} pow2", m2))
     for label, mcfg in variants:
         if mcfg is None:
             params = init_params(cfg, key, dtype)
@@ -130,8 +148,13 @@ def bench_case(name: str, context: int, budgets, batch: int, new: int, dtype, bw
                                          cfg.vocab_size * cfg.hidden_size * itemsize)
         kv_bytes = cfg.num_hidden_layers * kv_per_token * itemsize * batch * (context + new / 2)
         floor = (weight_bytes + kv_bytes) / bw
+        on_gpu = jax.devices()[0].platform == "gpu"  # what "auto" picks (pallas_kernels.api)
+        impl = "-" if mcfg is None else ("pallas" if on_gpu and all(
+            n & (n - 1) == 0 for n in (mcfg.kv_lora_rank, mcfg.qk_rope_head_dim)) else "xla")
         rows.append({"shape": name, "model": label, "context": context, "batch": batch,
                      "kv_values_per_token_layer": kv_per_token,
+                     "latent+rope": "-" if mcfg is None else
+                     f"{mcfg.kv_lora_rank}+{mcfg.qk_rope_head_dim}", "mla_decode": impl,
                      "ms_per_step": per_step * 1e3, "tokens_per_s": batch / per_step,
                      "floor_ms": floor * 1e3, "fraction_of_floor": floor / per_step,
                      "kv_GB_read": kv_bytes / 1e9})
@@ -177,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} ctx {ctx}: {type(e).__name__}: {str(e)[:300]}", flush=True)
     meta = {"device": device_name(), "copy_bandwidth_GBps": round(bw / 1e9, 1), "dtype": p["dtype"],
             "new_tokens": p["new"], "jax": jax.__version__}
-    cols = ["shape", "model", "context", "batch", "kv_values_per_token_layer", "ms_per_step",
+    cols = ["shape", "model", "context", "batch", "kv_values_per_token_layer", "latent+rope",
+            "mla_decode", "ms_per_step",
             "tokens_per_s", "speedup_vs_gqa", "floor_ms", "fraction_of_floor"]
     out = Path(args.out)
     md = write_table(rows, cols, out, f"MLA vs GQA decode ({meta['device']})", meta)

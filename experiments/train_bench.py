@@ -119,7 +119,8 @@ def _peak_gib() -> float:
     return mem.get("peak_bytes_in_use", 0) / 2 ** 30
 
 
-def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int) -> dict:
+def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int,
+              trace_dir: Path | None = None) -> dict:
     tc, opt, state, loss, b = _setup(cfg, seq, batch, remat, chunk)
     step = make_train_step(cfg, tc, opt, loss_fn=loss)
     box = [state]
@@ -129,6 +130,20 @@ def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, st
         return m["loss"]
 
     compile_s, dt, first = _time(run, steps)
+    if trace_dir is not None:  # kernel time by name over 2 more steps (bench_util.kernel_summary)
+        import sys
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_util import kernel_summary
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            for _ in range(2):
+                jax.block_until_ready(run())
+        ks = kernel_summary(trace_dir, steps=2)
+        (trace_dir / "kernels.json").write_text(json.dumps(ks, indent=1))
+        print(f"kernels per step {ks['kernels_per_step']:.0f}, busy {ks['busy_ms_per_step']:.1f} ms "
+              f"of {dt * 1e3:.1f} ms", flush=True)
+        for r in ks["top"][:30]:
+            print(f"{r['us_per_step'] / 1e3:8.2f} ms {100 * r['share']:5.1f}%  x{r['per_step']:5.0f}  "
+                  f"{r['kernel']}", flush=True)
     return {"batch": batch, "seq": seq, "remat": remat, "chunk": chunk, **_rates(cfg, seq, batch, dt),
             "peak_gib": _peak_gib(), "first_loss": float(first), "compile_s": compile_s}
 
@@ -172,6 +187,9 @@ def main() -> None:
     ap.add_argument("--probe", default=None, metavar="B,REMAT,CHUNK",
                     help="time forward / value_and_grad / step of this one configuration")
     ap.add_argument("--xla-flags-preset", default="default", choices=sorted(XLA_FLAG_PRESETS))
+    ap.add_argument("--trace", default=None, metavar="B,REMAT,CHUNK",
+                    help="time this one configuration and profile 2 steps: GPU kernel time by name")
+    ap.add_argument("--trace-dir", default="/tmp/train_trace")
     args = ap.parse_args()
     extra = XLA_FLAG_PRESETS[args.xla_flags_preset]
     if extra:  # read when the backend starts, i.e. at the first jax.devices() below
@@ -182,6 +200,11 @@ def main() -> None:
     out = Path(__file__).parent / "train"
     out.mkdir(exist_ok=True)
     suffix = "" if args.xla_flags_preset == "default" else f"_{args.xla_flags_preset}"
+    if args.trace:
+        batch, remat, chunk = _parse_config(args.trace)
+        row = bench_one(cfg, p["seq"], batch, remat, chunk, p["steps"], trace_dir=Path(args.trace_dir))
+        print(json.dumps(row), flush=True)
+        return
     if args.probe:
         batch, remat, chunk = _parse_config(args.probe)
         rows = probe(cfg, p["seq"], batch, remat, chunk, p["steps"])

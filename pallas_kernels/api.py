@@ -260,6 +260,11 @@ def mla_decode_attention(
                          "of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
     if implementation == "auto":
         implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
+        pow2 = all(n & (n - 1) == 0 for n in (q_latent.shape[-1], q_rope.shape[-1]))
+        if implementation == "pallas_triton" and not pow2:
+            # Triton blocks must be powers of two and the kernel loads whole latent rows;
+            # CARE conversions give ranks like 160 or 352, so those take the XLA path.
+            implementation = "xla"
     implementation = _resolve_pallas(implementation)
     if implementation == "xla":
         return mla_decode_reference(q_latent, q_rope, latent_cache, rope_cache, lengths,

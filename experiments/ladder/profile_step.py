@@ -14,9 +14,7 @@ host round trip cost.  This is `desync`'s compute, the upper bound of what Ladde
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import gzip
 import json
 import os
 import sys
@@ -29,6 +27,9 @@ if "--xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_util import kernel_summary  # noqa: E402
 
 from jaxturbo.generate.decode import _generate  # noqa: E402
 from jaxturbo.generate.sampling import SamplingParams  # noqa: E402
@@ -53,20 +54,6 @@ class Unrolled:
 
 
 UNROLLED = Unrolled()
-
-
-def kernel_events(trace_dir: Path) -> list[dict]:
-    """Complete ('X') events on GPU threads from the newest Perfetto trace under trace_dir."""
-    files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("perfetto_trace.json.gz"))
-    if not files:
-        raise FileNotFoundError(f"no trace under {trace_dir}")
-    data = json.loads(gzip.open(files[-1]).read())
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    pids = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {p for p, n in pids.items() if "GPU" in n.upper()}
-    print("trace processes:", sorted(set(pids.values()))[:20], flush=True)
-    return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,21 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     trace_dir = out / "trace"
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         jax.block_until_ready(gen(args.new + 1))
-    ev = kernel_events(trace_dir)
-    by_name: dict[str, list[float]] = collections.defaultdict(list)
-    for e in ev:
-        by_name[e["name"]].append(e["dur"])
-    busy_us = sum(sum(v) for v in by_name.values())
-    steps = args.new + 1
-    rows = sorted(((n, len(v) / steps, sum(v) / steps) for n, v in by_name.items()),
-                  key=lambda r: -r[2])
+    ks = kernel_summary(trace_dir, steps=args.new + 1)
     summary = {"device": jax.devices()[0].device_kind, "shard": "Llama-3-8B / TP 4",
                "layers": "scan" if args.scan else "unrolled",
-               "wall_ms_per_step": wall_step * 1e3, "kernels_per_step": len(ev) / steps,
-               "busy_ms_per_step (incl. prefill share)": busy_us / steps / 1e3,
-               "weights_GB": sum(a.size * 2 for a in jax.tree.leaves(params)) / 1e9,
-               "top": [{"kernel": n[:120], "per_step": round(c, 2), "us_per_step": round(t, 1)}
-                       for n, c, t in rows[:40]]}
+               "wall_ms_per_step": wall_step * 1e3,
+               "weights_GB": sum(a.size * 2 for a in jax.tree.leaves(params)) / 1e9, **ks}
     (out / "profile_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "top"}, indent=1))
     for r in summary["top"][:25]:
