@@ -58,6 +58,14 @@ trace() {
   cp /tmp/train_trace${TAG:-}/kernels.json "$OUT/train/kernels${TAG:-}.json" 2>/dev/null
 }
 
+unrolled() {  # the grid and a trace with the layers unrolled (TrainConfig.unroll_layers)
+  mkdir -p "$OUT/train"
+  timeout 300 $PY experiments/train_bench.py --preset llama-1b --unroll --budget-s ${TRAIN_BUDGET:-200} \
+    2>&1 | tee "$OUT/train/log_unrolled.txt"
+  cp experiments/train/results_llama-1b_unrolled.* "$OUT/train/" 2>/dev/null
+  TRAIN_FLAGS="--unroll" TAG=_unrolled trace
+}
+
 trace_nt() {  # the same with cuBLAS for every GEMM (no Triton GEMM fusions)
   TRAIN_FLAGS="--xla-flags-preset no-triton-gemm" TAG=_no_triton_gemm trace
 }
@@ -80,8 +88,16 @@ profile() {
   cp /tmp/profile/profile_summary.json "$OUT/profile/" 2>/dev/null
 }
 
+profile_nomerge() {  # XLA's dot merger off: no runtime concatenation of q/k/v or gate/up weights
+  mkdir -p "$OUT/profile"
+  XLA_FLAGS="--xla_gpu_dot_merger_threshold_mb=0" timeout 120 $PY experiments/ladder/profile_step.py \
+    --out /tmp/profile_nomerge 2>&1 | tee "$OUT/profile/log_nomerge.txt"
+  cp /tmp/profile_nomerge/profile_summary.json "$OUT/profile/profile_summary_nomerge.json" 2>/dev/null
+}
+
 heal() {
   [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
+  mkdir -p "$OUT/mla"
   timeout ${HEAL_TIMEOUT:-330} $PY experiments/mla_conversion.py --model "$GGUF" \
     --rows care-adjusted --budgets 0.5 --heal-steps ${HEAL_STEPS:-1500} --heal-batch 8 \
     --heal-len 512 --heal-lr ${HEAL_LR:-1e-4} --heal-eval-every 250 --tag _heal_gpu \

@@ -43,7 +43,7 @@ SHAPES = {"smollm2-shape": SMOLLM2_SHAPE, "llama3-8b": LLAMA3_8B, "tiny": TINY}
 PRESETS = {
     "cpu": dict(cases=[("tiny", 256)], batch=2, new=8, budgets=(0.5,), dtype="float32",
                 copy_bytes=1 << 26),
-    "gpu": dict(cases=[("smollm2-shape", 8192), ("smollm2-shape", 32768), ("llama3-8b", 8192)],
+    "gpu": dict(cases=[("smollm2-shape", 8192), ("smollm2-shape", 32768)],
                 batch=16, new=128, budgets=(1.0, 0.5, 0.25), dtype="bfloat16",
                 copy_bytes=1 << 31),
 }
@@ -120,6 +120,9 @@ def bench_case(name: str, context: int, budgets, batch: int, new: int, dtype, bw
     cfg = SHAPES[name]
     key = jax.random.key(0)
     tok = jnp.zeros((batch,), jnp.int32)
+    # cache slots a multiple of 256, as generation's buckets are: the decode kernels then tile
+    # the cache without padding it (a pad would copy the whole cache every step)
+    slots = -(-(context + new + 1) // 256) * 256
     rows = []
     variants = [("gqa", None)]
     for b in budgets:
@@ -130,12 +133,12 @@ def bench_case(name: str, context: int, budgets, batch: int, new: int, dtype, bw
     for label, mcfg in variants:
         if mcfg is None:
             params = init_params(cfg, key, dtype)
-            cache = init_cache(cfg, batch, context + new + 1, dtype)
+            cache = init_cache(cfg, batch, slots, dtype)
             step = lambda p, t, c: forward(p, cfg, t, cache=c, attn_impl="auto")  # noqa: E731
             kv_per_token = 2 * cfg.num_key_value_heads * cfg.head_dim
         else:
             params = init_mla_params(mcfg, key, dtype)
-            cache = init_mla_cache(mcfg, batch, context + new + 1, dtype)
+            cache = init_mla_cache(mcfg, batch, slots, dtype)
             step = lambda p, t, c, m=mcfg: mla_forward(p, m, t, cache=c, attn_impl="auto")  # noqa: E731
             kv_per_token = mcfg.kv_lora_rank + mcfg.qk_rope_head_dim
         cache = random_cache(cache, context, key)

@@ -67,6 +67,8 @@ def cudnn_attention(q, k, v, segment_ids=None):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+UNROLL = [False]  # set from --unroll: every configuration of this run unrolls the layers
+
 XLA_FLAG_PRESETS = {
     "default": "",
     # cuBLAS for every GEMM instead of XLA's Triton GEMM fusions
@@ -78,7 +80,8 @@ XLA_FLAG_PRESETS = {
 def _setup(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int):
     """Train config, optimizer, step-0 state, loss function and a random batch [batch, seq]."""
     on_gpu = jax.devices()[0].platform == "gpu"
-    tc = TrainConfig(compute_dtype="bfloat16", remat=remat, loss_chunk_tokens=chunk)
+    tc = TrainConfig(compute_dtype="bfloat16", remat=remat, loss_chunk_tokens=chunk,
+                     unroll_layers=UNROLL[0])
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000))
     params = init_params(cfg, jax.random.key(0))
     state = init_state(params, opt)
@@ -144,7 +147,8 @@ def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, st
         for r in ks["top"][:30]:
             print(f"{r['us_per_step'] / 1e3:8.2f} ms {100 * r['share']:5.1f}%  x{r['per_step']:5.0f}  "
                   f"{r['kernel']}", flush=True)
-    return {"batch": batch, "seq": seq, "remat": remat, "chunk": chunk, **_rates(cfg, seq, batch, dt),
+    return {"batch": batch, "seq": seq, "remat": remat, "chunk": chunk,
+            "layers": "unrolled" if UNROLL[0] else "scan", **_rates(cfg, seq, batch, dt),
             "peak_gib": _peak_gib(), "first_loss": float(first), "compile_s": compile_s}
 
 
@@ -190,7 +194,10 @@ def main() -> None:
     ap.add_argument("--trace", default=None, metavar="B,REMAT,CHUNK",
                     help="time this one configuration and profile 2 steps: GPU kernel time by name")
     ap.add_argument("--trace-dir", default="/tmp/train_trace")
+    ap.add_argument("--unroll", action="store_true",
+                    help="unroll the layers (TrainConfig.unroll_layers) instead of lax.scan")
     args = ap.parse_args()
+    UNROLL[0] = args.unroll
     extra = XLA_FLAG_PRESETS[args.xla_flags_preset]
     if extra:  # read when the backend starts, i.e. at the first jax.devices() below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
@@ -199,7 +206,8 @@ def main() -> None:
     dev = jax.devices()[0]
     out = Path(__file__).parent / "train"
     out.mkdir(exist_ok=True)
-    suffix = "" if args.xla_flags_preset == "default" else f"_{args.xla_flags_preset}"
+    suffix = ("" if args.xla_flags_preset == "default" else f"_{args.xla_flags_preset}") + \
+        ("_unrolled" if args.unroll else "")
     if args.trace:
         batch, remat, chunk = _parse_config(args.trace)
         row = bench_one(cfg, p["seq"], batch, remat, chunk, p["steps"], trace_dir=Path(args.trace_dir))

@@ -67,6 +67,10 @@ class TrainConfig:
     loss_chunk_tokens: 0 computes the full [B, T, V] float32 logits; N > 0 computes the LM head
         and cross-entropy about N tokens at a time (N // B positions of every row) (`losses.chunked_cross_entropy`), so neither the
         logits nor their gradient is ever whole in memory (larger batches fit).
+    unroll_layers: a Python loop over the layers instead of lax.scan.  The scan's backward
+        stacks each layer's saved activations with dynamic-update-slices and copies (about
+        11% of a Llama-1B step on H100, see experiments/train/README.md); unrolled, XLA keeps
+        them as separate buffers, at the price of a longer compile.
     """
 
     compute_dtype: str = "bfloat16"
@@ -75,6 +79,7 @@ class TrainConfig:
     normalize: str = "token"
     attn_impl: str = "auto"
     loss_chunk_tokens: int = 0
+    unroll_layers: bool = False
 
     def validate(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -119,7 +124,7 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
         if sequence_parallel == "none":
             return forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
-                           attn_fn=attn_fn)[0]
+                           attn_fn=attn_fn, unroll=train_cfg.unroll_layers)[0]
         b, t = batch["tokens"].shape
         sp, u, _ = sp_lib.model_layout(sequence_parallel, model_cfg, mesh, batch=b, seq_len=t)
         return sp_lib.sp_forward_laid_out(params, model_cfg, batch["tokens"], batch["positions"],
@@ -129,7 +134,8 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
         if chunk:
             hidden = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
                              segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
-                             attn_fn=attn_fn, return_hidden=True)[0]
+                             attn_fn=attn_fn, return_hidden=True,
+                             unroll=train_cfg.unroll_layers)[0]
             head = params["model.embed_tokens.weight" if model_cfg.tie_word_embeddings
                           else "lm_head.weight"]
             return chunked_cross_entropy(hidden, head, batch["targets"], batch["weights"],

@@ -104,7 +104,14 @@ _TARGET_PROGRAMS = 512
 def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
     """(chunks, chunk length, padded cache length) for `rows` (batch x head tiles) programs."""
     want = cfg.num_splits or -(-_TARGET_PROGRAMS // rows)
-    splits = max(1, min(want, -(-s // cfg.block_k)))
+    blocks = -(-s // cfg.block_k)
+    splits = max(1, min(want, blocks))
+    if s % cfg.block_k == 0:
+        # Prefer a split count that divides the blocks: the chunks then tile the cache exactly
+        # and the caller's pad_seq is a no-op instead of a copy of the whole cache per call.
+        exact = next(n for n in range(splits, 0, -1) if blocks % n == 0)
+        if 2 * exact >= splits:
+            splits = exact
     chunk = round_up(-(-s // splits), cfg.block_k)
     splits = -(-s // chunk)
     return splits, chunk, splits * chunk
