@@ -95,6 +95,20 @@ profile_nomerge() {  # XLA's dot merger off: no runtime concatenation of q/k/v o
   cp /tmp/profile_nomerge/profile_summary.json "$OUT/profile/profile_summary_nomerge.json" 2>/dev/null
 }
 
+ladder4() {  # TP 4, Llama-3-8B shape: standard / ladder / desync (needs 4 GPUs)
+  mkdir -p "$OUT/ladder"
+  timeout ${LADDER_TIMEOUT:-420} $PY experiments/ladder_bench.py --preset 8b --tp 4 \
+    --residual standard,ladder,desync --batch ${LADDER_BATCH:-1} --p2p ${LADDER_P2P:-on} \
+    --xla-preset ${LADDER_XLA:-default,nccl_lhs} --reps 3 --out /tmp/ladder 2>&1 | tee "$OUT/ladder/log.txt"
+  cp /tmp/ladder/results.* "$OUT/ladder/" 2>/dev/null
+}
+
+sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
+  mkdir -p "$OUT/sp"
+  timeout ${SP_TIMEOUT:-420} $PY experiments/sp_bench.py --preset gpu4 2>&1 | tee "$OUT/sp/log.txt"
+  cp experiments/sp/results/sp_bench_gpu4.* "$OUT/sp/" 2>/dev/null
+}
+
 heal() {
   [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
   mkdir -p "$OUT/mla"

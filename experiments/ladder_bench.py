@@ -27,10 +27,15 @@ import time
 from pathlib import Path
 
 # Decode GEMVs: XLA's Triton GEMM fusions are 1.76x slower than cuBLAS here (BENCHMARKS.md).
-GPU_FLAGS = ["--xla_gpu_enable_triton_gemm=false"]
+# XLA's dot merger (default: dots under 32 MB sharing an input) turns q/k/v and gate/up into
+# one GEMM over weights it concatenates on every step: a full weight copy per layer and token.
+# Off, one GPU's share of a TP-4 8B decode step went from 3.51 to 2.35 ms (H100,
+# experiments/ladder/NOTES.md).  The "merge" preset turns it back on for comparison.
+GPU_FLAGS = ["--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_threshold_mb=0"]
 # Flag sets tried for overlap (see experiments/ladder/NOTES.md); chosen with --xla-preset.
 XLA_PRESETS = {
     "default": [],
+    "merge": ["--xla_gpu_dot_merger_threshold_mb=32"],
     "lhs": ["--xla_gpu_enable_latency_hiding_scheduler=true",
             "--xla_gpu_all_reduce_combine_threshold_bytes=0",
             "--xla_gpu_enable_highest_priority_async_stream=true"],
