@@ -39,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    p.add_argument("--unroll-layers", action="store_true",
+                   help="a Python loop over layers instead of lax.scan: faster steps on GPU "
+                        "(Llama-1B on H100: 41%% -> 48%% MFU), longer compile")
+    p.add_argument("--loss-chunk-tokens", type=int, default=0,
+                   help="compute the LM head + cross-entropy this many tokens at a time, never "
+                        "holding the full logits (0: all at once); frees memory for larger batches")
     p.add_argument("--normalize", default="token", choices=("token", "sequence"),
                    help="loss normalisation: per trained token, or per sequence")
     p.add_argument("--save-every", type=int, default=100)
@@ -102,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
                           min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                           clip_norm=args.clip or None)
     train = TrainConfig(compute_dtype=args.dtype, grad_accum=args.grad_accum, remat=args.remat,
-                        normalize=args.normalize)
+                        normalize=args.normalize, unroll_layers=args.unroll_layers,
+                        loss_chunk_tokens=args.loss_chunk_tokens)
     run_cfg = RunConfig(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, seed=args.seed, save_every=args.save_every,
                         keep=args.keep, resume=args.resume,
