@@ -261,9 +261,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
         {"meta": meta, "summary": rows, "attempts": attempts}, indent=1))
-    fmt = lambda r: ("at least " if r["at_least"] else "") + \
-        (f"{r['longest_T'] // 1024}K" if r["longest_T"] and r["longest_T"] >= 1024
-         else str(r["longest_T"]))
+    fmt = lambda r: ("none (not tried: budget)" if r["longest_T"] is None and r["at_least"]
+                     else "none" if r["longest_T"] is None
+                     else ("at least " if r["at_least"] else "")
+                     + (f"{r['longest_T'] // 1024}K" if r["longest_T"] >= 1024
+                        else str(r["longest_T"])))
     lines = [f"Longest trainable sequence, {meta['model']} ({cfg.num_params() / 1e9:.2f} B params), "
              f"{meta['device']}, bf16, remat full, batch 1"
              + (f", artificial limit {meta['artificial_limit_tokens_per_device']} tokens/device"
