@@ -109,6 +109,12 @@ sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
   cp experiments/sp/results/sp_bench_gpu4.* "$OUT/sp/" 2>/dev/null
 }
 
+longest() {  # longest trainable sequence, Llama-1B shape, SP 1/2/4 (needs 4 GPUs)
+  mkdir -p "$OUT/sp"
+  timeout ${LONGEST_TIMEOUT:-420} $PY experiments/sp_longest.py --preset gpu --budget-s ${LONGEST_BUDGET:-330} \
+    --out "$OUT/sp/sp_longest_h100x4" 2>&1 | tee "$OUT/sp/longest_log.txt"
+}
+
 heal() {
   [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
   mkdir -p "$OUT/mla"

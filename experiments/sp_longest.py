@@ -40,7 +40,7 @@ PRESETS = {
     # for the GPU's out-of-memory error so the whole search and report run.
     "cpu": dict(model="tiny", start=64, max_len=4096, fake_devices=8, limit_tokens_per_device=256,
                 dtype="bfloat16"),
-    "gpu": dict(model="llama-1b", start=8192, max_len=1 << 20, fake_devices=0,
+    "gpu": dict(model="llama-1b", start=16384, max_len=1 << 20, fake_devices=0,
                 limit_tokens_per_device=0, dtype="bfloat16"),
 }
 
@@ -217,8 +217,13 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if row["status"] != "ok":
                 stopped = row["status"]
+                if row["status"] == "oom" and longest is None and t > start // 4:
+                    t //= 2  # the first guess was too long: step down, at most twice
+                    continue
                 break
             longest = t
+            if stopped == "oom":  # found by stepping down: the next length up already failed
+                break
             t *= 2
         return {"longest": longest, "stopped": stopped}
 
@@ -230,7 +235,11 @@ def main() -> None:
                     base = search(mode, 1, preset["start"])
                 found[(mode, 1)] = base
                 continue
-            start = (base or {}).get("longest") or preset["start"]
+            # memory per device scales with T / SP: start at the previous size's result scaled
+            # by the SP ratio (one attempt instead of re-proving the shorter lengths)
+            prev_sp = max([k for k in sps if k < sp and (mode, k) in found] or [1])
+            prev = found.get((mode, prev_sp), base) or {}
+            start = (prev.get("longest") or preset["start"]) * sp // prev_sp
             found[(mode, sp)] = search(mode, sp, start)
 
     ref = (base or {}).get("longest")

@@ -21,6 +21,20 @@ def add_mesh_argument(p: argparse.ArgumentParser) -> None:
                    help="mesh preset (see meshes/) or sizes like tensor=4,data=2 (default: one device)")
 
 
+def tensor_parallel_setup(mesh_spec: str | None, cfg, params, batch: int):
+    """(params, mesh) for inference over `--mesh`'s tensor (and data) axes; (params, None)
+    without a mesh.  Bad meshes (wrong device count, fsdp/sequence axes, a tensor size that does
+    not divide heads / KV heads / hidden / vocab, a batch the data axis does not divide) raise
+    UserError naming the valid choices, before anything is compiled."""
+    if not mesh_spec:
+        return params, None
+    from jaxturbo.parallel import tensor
+    from jaxturbo.parallel.mesh import make_mesh
+    mesh = make_mesh(mesh_spec)
+    tensor.check_mesh(cfg, mesh, batch)
+    return tensor.shard_params(params, cfg, mesh), mesh
+
+
 def read_text_file(path: str) -> str:
     f = Path(path)
     if not f.is_file():

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from jaxturbo.commands._common import add_model_arguments
+from jaxturbo.commands._common import add_mesh_argument, add_model_arguments, tensor_parallel_setup
 from jaxturbo.errors import UserError
 
 NAME = "generate"
@@ -16,6 +16,7 @@ HELP = "generate text from a prompt with the on-device decode loop, streamed to 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_mesh_argument(p)
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for a batch; only the first is streamed)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -82,13 +83,19 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     cfg, params, tokenizer = load_model(args.model, dtype=args.dtype)
     prompts = encode_prompts(tokenizer, args.prompt, args.chat)
+    params, mesh = tensor_parallel_setup(args.mesh, cfg, params, len(prompts))  # before any output
     streamer = None if args.no_stream else _Streamer(tokenizer)
     if streamer is not None:
         print(args.prompt[0], end="" if args.chat else "", flush=True)
         if args.chat:
             print()
-    res = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   stop_ids=stop_ids_for(cfg, tokenizer), seed=args.seed, stream=streamer)
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
+              stop_ids=stop_ids_for(cfg, tokenizer), seed=args.seed, stream=streamer)
+    if mesh is None:
+        res = generate(params, cfg, prompts, **kw)
+    else:
+        from jaxturbo.parallel import tensor
+        res = tensor.generate(params, cfg, mesh, prompts, **kw)
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in res.sequences()]
     if streamer is not None:
         rest = texts[0][streamer.printed:]

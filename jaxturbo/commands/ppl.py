@@ -7,7 +7,8 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from jaxturbo.commands._common import add_model_arguments, read_text_file
+from jaxturbo.commands._common import (add_mesh_argument, add_model_arguments, read_text_file,
+                                       tensor_parallel_setup)
 from jaxturbo.errors import UserError
 
 NAME = "ppl"
@@ -16,6 +17,7 @@ HELP = "perplexity of a model on a text file (sliding windows), ends with 'perpl
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_mesh_argument(p)
     p.add_argument("--data", required=True, help="UTF-8 text file")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument("--stride", type=int, default=None,
@@ -28,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from jaxturbo.bridge import load_model
     from jaxturbo.evaluate import perplexity, window_plan
+    from jaxturbo.parallel.tensor import TensorParallel
 
     text = read_text_file(args.data)
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1")
     cfg, params, tokenizer = load_model(args.model, dtype=args.dtype)
+    params, mesh = tensor_parallel_setup(args.mesh, cfg, params, args.batch_size)
     if args.window > cfg.max_position_embeddings:
         raise UserError(f"--window {args.window} is larger than the model's context of "
                         f"{cfg.max_position_embeddings} tokens; choose a window <= "
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     n_windows = len(window_plan(len(ids), args.window, stride)) if 1 <= stride else 0
     with tqdm(total=n_windows, desc="perplexity", unit="window") as bar:
         res = perplexity(params, cfg, ids, window=args.window, stride=stride,
-                         batch_size=args.batch_size, progress=bar.update)
+                         batch_size=args.batch_size, progress=bar.update,
+                         model_fn=None if mesh is None else TensorParallel(mesh))
     print(f"tokens scored: {res.tokens_scored} in {res.windows} windows of {args.window}")
     print(f"perplexity: {res.perplexity:.4f}")
     return 0

@@ -45,11 +45,13 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
     return plan
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "model_fn"))
 def _window_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, weights: jax.Array,
-                attn_impl: str) -> jax.Array:
-    """Sum of NLL of tokens[:, 1:] weighted by weights[:, 1:] (tokens [B, W])."""
-    logits, _ = forward(params, cfg, tokens, attn_impl=attn_impl)
+                attn_impl: str, model_fn: Callable | None = None) -> jax.Array:
+    """Sum of NLL of tokens[:, 1:] weighted by weights[:, 1:] (tokens [B, W]).
+
+    model_fn: a hashable stand-in for `forward` (e.g. `parallel.tensor.TensorParallel`)."""
+    logits, _ = (forward if model_fn is None else model_fn)(params, cfg, tokens, attn_impl=attn_impl)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(nll * weights[:, 1:])
@@ -57,8 +59,10 @@ def _window_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, weights: ja
 
 def perplexity(params: Params, cfg: ModelConfig, token_ids: np.ndarray, *, window: int = 1024,
                stride: int | None = None, batch_size: int = 4, attn_impl: str = "auto",
-               progress: Callable[[int], None] | None = None) -> PerplexityResult:
-    """Perplexity of a 1-D token array, evaluated in batches of windows."""
+               progress: Callable[[int], None] | None = None,
+               model_fn: Callable | None = None) -> PerplexityResult:
+    """Perplexity of a 1-D token array, evaluated in batches of windows (model_fn: see
+    `_window_nll`; tensor parallel scoring passes `TensorParallel(mesh)`)."""
     stride = window if stride is None else stride
     if window > cfg.max_position_embeddings:
         raise UserError(f"--window {window} is larger than the model's context of "
@@ -77,7 +81,8 @@ def perplexity(params: Params, cfg: ModelConfig, token_ids: np.ndarray, *, windo
         for r, (b, e, first) in enumerate(chunk):
             toks[r, : e - b] = token_ids[b:e]
             wts[r, first : e - b] = 1.0
-        total += float(_window_nll(params, cfg, jnp.asarray(toks), jnp.asarray(wts), attn_impl))
+        total += float(_window_nll(params, cfg, jnp.asarray(toks), jnp.asarray(wts), attn_impl,
+                                   model_fn))
         count += int(wts[:, 1:].sum())
         if progress is not None:
             progress(len(chunk))
