@@ -3,6 +3,8 @@
     python tests/train/sft_worker.py OUT_DIR STEPS [--resume]
 
 Prints `STEP <n> <loss as float.hex>` after every step (flushed) so the parent can kill it.
+With SFT_WORKER_KILL_IN_SAVE=N the process SIGKILLs itself right after the asynchronous save of
+step N has started, while orbax is still writing it (a kill during a save).
 """
 
 import os
@@ -32,7 +34,27 @@ def docs(n: int = 40) -> list[dict]:
     return out
 
 
+def _kill_during_save(step_to_kill: int) -> None:
+    """Make `Checkpointer.save` of `step_to_kill` start the (async) write, then SIGKILL us."""
+    import signal
+
+    from jaxturbo.train import checkpoint
+
+    real = checkpoint.Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        started = real(self, step, *args, **kwargs)
+        if step == step_to_kill and started:
+            print(f"KILLED-IN-SAVE {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return started
+
+    checkpoint.Checkpointer.save = save
+
+
 def main() -> None:
+    if os.environ.get("SFT_WORKER_KILL_IN_SAVE"):
+        _kill_during_save(int(os.environ["SFT_WORKER_KILL_IN_SAVE"]))
     out, steps = sys.argv[1], int(sys.argv[2])
     run = RunConfig(out_dir=out, steps=steps, batch_size=4, seq_len=32, save_every=2, keep=2,
                     resume="--resume" in sys.argv, progress=False, plot=False)

@@ -68,6 +68,27 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     assert [float(r["loss"]).hex() for r in rec] == [want[s] for s in range(1, STEPS + 1)]
 
 
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    """Killed while orbax writes step 4 (saves every 2 steps): step 4 never becomes a
+    checkpoint, the resumed run starts from step 2 and repeats steps 3.. exactly."""
+    full = _start(tmp_path / "full")
+    victim = _start(tmp_path / "killed", env_extra={"SFT_WORKER_KILL_IN_SAVE": "4"})
+    out_v, err_v = victim.communicate(timeout=300)
+    assert victim.returncode == -signal.SIGKILL, err_v[-2000:]
+    assert "KILLED-IN-SAVE 4" in out_v
+    ckpt = Checkpointer(tmp_path / "killed" / "checkpoints", every=2, keep=2)
+    assert ckpt.latest_step() == 2, ckpt.all_steps()   # the interrupted save did not count
+    ckpt.close()
+    resumed = _start(tmp_path / "killed", "--resume")
+    out_r, err_r = resumed.communicate(timeout=300)
+    out_f, err_f = full.communicate(timeout=300)
+    assert resumed.returncode == 0, err_r[-2000:]
+    assert full.returncode == 0, err_f[-2000:]
+    want, after = _losses(out_f.splitlines()), _losses(out_r.splitlines())
+    assert min(after) == 3 and max(after) == STEPS
+    assert {s: want[s] for s in after} == after
+
+
 def test_incompatible_checkpoint_names_the_differences(tmp_path):
     ck = Checkpointer(tmp_path / "c", every=1, keep=2, async_save=False)
     state = {"w": jnp.arange(4.0), "step": jnp.int32(3)}
