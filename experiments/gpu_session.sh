@@ -115,6 +115,13 @@ longest() {  # longest trainable sequence, Llama-1B shape, SP 1/2/4 (needs 4 GPU
     --out "$OUT/sp/sp_longest_h100x4" 2>&1 | tee "$OUT/sp/longest_log.txt"
 }
 
+fsdp8b() {  # Llama-3-8B train step with FSDP over all GPUs (needs 4 GPUs)
+  mkdir -p "$OUT/train"
+  timeout ${FSDP_TIMEOUT:-200} $PY experiments/train_bench.py --preset llama-8b-fsdp \
+    --budget-s ${FSDP_BUDGET:-90} 2>&1 | tee "$OUT/train/log_8b_fsdp.txt"
+  cp experiments/train/results_llama-8b-fsdp.* "$OUT/train/" 2>/dev/null
+}
+
 heal() {
   [ -s "$GGUF" ] || { echo "no GGUF: carry .gguf_a then .gguf_b"; return 1; }
   mkdir -p "$OUT/mla"

@@ -20,6 +20,7 @@ and .md; prints the table last.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -53,6 +54,18 @@ PRESETS = {
                      runs=[(2, "none", 0), (4, "none", 4096), (2, "none", 4096),
                            (8, "none", 4096), (8, "dots", 4096), (4, "dots", 4096),
                            (4, "none", 8192)]),
+    # Llama-3-8B with FSDP over every visible device (the 4-GPU machine): global batch 4 = one
+    # row of 4096 per GPU; scan over layers (unrolling 32 layers of 8B compiles slowly)
+    "llama-8b-fsdp": dict(cfg=ModelConfig(vocab_size=128256, hidden_size=4096,
+                                          intermediate_size=14336, num_hidden_layers=32,
+                                          num_attention_heads=32, num_key_value_heads=8,
+                                          head_dim=128, rope_theta=500000.0,
+                                          max_position_embeddings=8192),
+                          seq=4096, steps=3, fsdp=True, runs=[(4, "dots", 4096), (4, "full", 4096)]),
+    "tiny-fsdp": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16),
+                      seq=128, steps=2, fsdp=True, runs=[(8, "dots", 96)]),
     "tiny": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16),
@@ -68,6 +81,7 @@ def cudnn_attention(q, k, v, segment_ids=None):
 
 
 UNROLL = [False]  # set from --unroll: every configuration of this run unrolls the layers
+MESH = [None]     # an fsdp mesh over every device for presets with fsdp=True
 
 XLA_FLAG_PRESETS = {
     "default": "",
@@ -83,15 +97,24 @@ def _setup(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int):
     tc = TrainConfig(compute_dtype="bfloat16", remat=remat, loss_chunk_tokens=chunk,
                      unroll_layers=UNROLL[0])
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000))
-    params = init_params(cfg, jax.random.key(0))
-    state = init_state(params, opt)
+    mesh = MESH[0]
+    if mesh is None:
+        params = init_params(cfg, jax.random.key(0))
+    else:  # made in their shards: a whole 8B float32 copy would not fit one device with the rest
+        from jaxturbo.train.sharding import param_shardings
+        make = functools.partial(init_params, cfg)
+        shardings = param_shardings(jax.eval_shape(make, jax.random.key(0)), mesh)
+        params = jax.jit(make, out_shardings=shardings)(jax.random.key(0))
+    state = init_state(params, opt, mesh=mesh)
     del params
     loss = sft_loss(cfg, tc, attn_fn=cudnn_attention if on_gpu else None)
     rs = np.random.RandomState(0)
-    toks = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
-    b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "weights": jnp.ones((batch, seq)),
-         "segment_ids": jnp.ones((batch, seq), jnp.int32),
-         "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
+    toks = rs.randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
+    b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
+         "segment_ids": np.ones((batch, seq), np.int32),
+         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    from jaxturbo.train.sharding import put_batch
+    b = put_batch(b, mesh)
     return tc, opt, state, loss, b
 
 
@@ -110,11 +133,13 @@ def _time(call: Callable[[], Any], steps: int) -> tuple[float, float, Any]:
 
 
 def _rates(cfg: ModelConfig, seq: int, batch: int, dt: float) -> dict:
+    """Global tokens/s; TFLOP/s and MFU per device (model FLOPs split over the mesh)."""
     tokens = batch * seq
-    flops = train_flops_per_token(cfg, seq) * tokens
+    n = 1 if MESH[0] is None else MESH[0].devices.size
+    flops = train_flops_per_token(cfg, seq) * tokens / n
     peak = peak_flops()
     return {"step_s": dt, "tokens_per_s": tokens / dt, "tflops_per_s": flops / dt / 1e12,
-            "mfu": flops / dt / peak if peak else None}
+            "mfu": flops / dt / peak if peak else None, "devices": n}
 
 
 def _peak_gib() -> float:
@@ -125,7 +150,8 @@ def _peak_gib() -> float:
 def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int,
               trace_dir: Path | None = None) -> dict:
     tc, opt, state, loss, b = _setup(cfg, seq, batch, remat, chunk)
-    step = make_train_step(cfg, tc, opt, loss_fn=loss)
+    step = make_train_step(cfg, tc, opt, loss_fn=loss, mesh=MESH[0],
+                           params=None if MESH[0] is None else state.params)
     box = [state]
 
     def run():
@@ -203,6 +229,9 @@ def main() -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
     p = PRESETS[args.preset]
     cfg = p["cfg"]
+    if p.get("fsdp"):
+        from jaxturbo.parallel.mesh import make_mesh
+        MESH[0] = make_mesh(f"fsdp={len(jax.devices())}")
     dev = jax.devices()[0]
     out = Path(__file__).parent / "train"
     out.mkdir(exist_ok=True)
