@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxturbo.commands._common import add_model_arguments
+from jaxturbo.commands._common import add_mesh_argument, add_model_arguments
 from jaxturbo.errors import UserError
 
 NAME = "rl"
@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--seed", type=int, default=0)
+    add_mesh_argument(p)  # rl: data and fsdp axes only (grpo); rollout rows split over both
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -79,6 +80,15 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.resume and args.save_every < 1:
         raise UserError("--resume needs --save-every N >= 1 (the resumed run saves checkpoints "
                         f"too); got --save-every {args.save_every}")
+    if args.mesh:
+        from jaxturbo.parallel.mesh import parse_mesh_spec
+        sizes = parse_mesh_spec(args.mesh)
+        bad = ",".join(f"{a}={n}" for a, n in sizes.items() if a in ("tensor", "sequence") and n > 1)
+        if bad:
+            raise UserError(f"--mesh {args.mesh}: jaxturbo rl supports the data and fsdp axes only "
+                            f"(got {bad}); e.g. --mesh data=N or --mesh data=N,fsdp=M")
+        if args.algo != "grpo":
+            raise UserError(f"--mesh is implemented for --algo grpo only (got --algo {args.algo})")
     if args.rollout_engine == "vllm":
         from jaxturbo.rl.rollout import vllm_available
         if not vllm_available():
@@ -114,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxturbo.train.optimizer import OptimizerConfig
     from jaxturbo.train.step import TrainConfig
 
+    mesh = None
+    if args.mesh:  # before the model loads: a wrong device count fails at once
+        from jaxturbo.parallel.mesh import make_mesh
+        mesh = make_mesh(args.mesh)
     wall0 = time.perf_counter()
     cfg, params, tok = load_model(args.model, dtype=jnp.float32)
     if args.chat:
@@ -147,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         lcfg = GRPOConfig(**common, advantage=AdvantageConfig(args.adv_estimator),
                           rollout_mode="async" if args.async_rollouts else "sync",
                           max_staleness=args.max_staleness)
-        learner = GRPOLearner(cfg, params, task, lcfg, **kw)
+        learner = GRPOLearner(cfg, params, task, lcfg, mesh=mesh, **kw)
     else:
         lcfg = PPOConfig(**common)
         learner = PPOLearner(cfg, params, task, lcfg, **kw)

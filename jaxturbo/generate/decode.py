@@ -102,6 +102,7 @@ def generate(
     bucket_multiple: int = 64,
     model_fn: Callable | None = None,
     kv_heads: int | None = None,
+    batch_sharding: jax.sharding.NamedSharding | None = None,
 ) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
@@ -112,6 +113,9 @@ def generate(
       model_fn: hashable replacement for `forward` with its signature (tensor parallel:
         `jaxturbo.parallel.tensor.TensorParallel(mesh)`, params from `shard_params`).
       kv_heads: KV heads of the cache when they differ from the config's (replicated under TP).
+      batch_sharding: a NamedSharding whose spec splits the prompt rows (e.g. over a mesh's batch
+        axes, params replicated there): the prompts are placed with it and jit propagates the
+        split through the loop; B must divide by the axes' size.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt must contain at least one token")
@@ -130,7 +134,13 @@ def generate(
         toks[i, : len(p)] = p
     stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
     dtype = jax.tree.leaves(params)[0].dtype
-    out, logp, n = _generate(params, jnp.asarray(toks), jnp.asarray(lens), jax.random.key(seed),
+    if batch_sharding is None:
+        toks_d, lens_d = jnp.asarray(toks), jnp.asarray(lens)
+    else:
+        rows = jax.sharding.PartitionSpec(batch_sharding.spec[0] if batch_sharding.spec else None)
+        toks_d = jax.device_put(toks, batch_sharding)
+        lens_d = jax.device_put(lens, jax.sharding.NamedSharding(batch_sharding.mesh, rows))
+    out, logp, n = _generate(params, toks_d, lens_d, jax.random.key(seed),
                              jnp.asarray(stops), cfg=cfg, max_new_tokens=max_new_tokens,
                              sampling=sampling, stream=stream, attn_impl=attn_impl,
                              cache_dtype=jnp.dtype(dtype).name, model_fn=model_fn,

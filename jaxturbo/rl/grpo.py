@@ -21,6 +21,13 @@ denominator) and weights each token by the truncated importance ratio min(pi_pro
 pi_behaviour, tis_cap) (`truncated_is_weights`).  With zero staleness the loss equals sync
 mode's (the weights are 1 up to rounding).  Overlap is real only where generation and training
 do not queue on the same device (a sub-mesh, or the hf engine on CPU).
+Meshes (`mesh=make_mesh("data=2,fsdp=2")`): the train state is laid out as `jaxturbo sft
+--mesh` lays it out (`init_state`/`make_train_step` with the mesh: params and moments over fsdp,
+packed rows over data x fsdp, `sharding.put_batch`); rows are packed per shard
+(`build_batch(num_shards=data*fsdp)`, LPT-balanced).  The default JaxEngine replicates the
+policy on the same mesh and splits the rollout rows over data x fsdp; the weight sync after
+each update is a device_put (all-gather) from the FSDP layout, never through the host.
+tensor/sequence axes > 1 are refused (`check_rl_mesh`).
 Not here yet: several updates per batch.
 """
 
@@ -49,6 +56,8 @@ from jaxturbo.rl.policy_loss import (PolicyLossConfig, entropy_bonus, policy_los
                                      truncated_is_weights)
 from jaxturbo.rl.rollout import JaxEngine, RolloutEngine, collect_rollouts
 from jaxturbo.train.losses import Weighted
+from jaxturbo.errors import UserError
+from jaxturbo.train import sharding as shd
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
 from jaxturbo.train.step import Batch, LossFn, TrainConfig, init_state, make_train_step
 
@@ -129,6 +138,18 @@ def _train_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: OptimizerCon
                            loss_fn=grpo_loss(model_cfg, cfg, train.attn_impl))
 
 
+def check_rl_mesh(mesh: Any) -> int:
+    """RL learners shard over data and fsdp only: a UserError naming that otherwise.  Returns
+    the number of row shards (data * fsdp)."""
+    bad = {a: mesh.shape.get(a, 1) for a in ("tensor", "sequence") if mesh.shape.get(a, 1) > 1}
+    if bad:
+        desc = ",".join(f"{a}={n}" for a, n in bad.items())
+        raise UserError(f"jaxturbo rl --mesh supports the data and fsdp axes only, got {desc}; "
+                        f"use e.g. --mesh data={mesh.devices.size} or "
+                        f"data=1,fsdp={mesh.devices.size}")
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 @functools.lru_cache(maxsize=8)
 def _logprobs_fn(model_cfg: ModelConfig, temperature: float):
     return jax.jit(functools.partial(token_logprobs, cfg=model_cfg, temperature=temperature))
@@ -141,18 +162,25 @@ class GRPOLearner:
                  optimizer: OptimizerConfig = OptimizerConfig(warmup_steps=0),
                  train: TrainConfig = TrainConfig(compute_dtype="float32"),
                  engine: RolloutEngine | None = None, stop_ids: tuple[int, ...] = (),
-                 seed: int = 0):
+                 seed: int = 0, mesh: Any = None):
         if cfg.group_size < 2 and cfg.advantage.adv_estimator in ("grpo", "rloo"):
             raise ValueError(f"group_size={cfg.group_size}: {cfg.advantage.adv_estimator} needs "
                              ">= 2 rollouts per prompt for its baseline")
         self.model_cfg, self.task, self.cfg, self.stop_ids = model_cfg, task, cfg, stop_ids
-        self.state = init_state(params, make_optimizer(optimizer), seed=seed)
+        self.mesh = mesh
+        self.num_shards = 1 if mesh is None else check_rl_mesh(mesh)
+        self.state = init_state(params, make_optimizer(optimizer), mesh=mesh, seed=seed)
         # the rollout settings do not change the loss: learners that differ only there share
         # one compiled step
         loss_cfg = dataclasses.replace(cfg, rollout_mode="sync", max_staleness=0, tis_cap=1.0,
                                        prompts_per_step=0, group_size=0, dynamic_filter=False)
-        self.train_step = _train_step(model_cfg, loss_cfg, optimizer, train)
-        self.engine = engine or JaxEngine(model_cfg, self.state.params)
+        if mesh is None:
+            self.train_step = _train_step(model_cfg, loss_cfg, optimizer, train)
+        else:  # the shardings come from the params' shapes: not an lru_cache key
+            self.train_step = make_train_step(
+                model_cfg, train, make_optimizer(optimizer), donate=False, mesh=mesh,
+                params=self.state.params, loss_fn=grpo_loss(model_cfg, loss_cfg, train.attn_impl))
+        self.engine = engine or JaxEngine(model_cfg, self.state.params, mesh=mesh)
         self.ref_params = self.state.params if cfg.kl_coef > 0 else None
         self._ref_logprobs = _logprobs_fn(model_cfg, cfg.temperature)
         self.rng = np.random.default_rng(seed)
@@ -203,7 +231,9 @@ class GRPOLearner:
     def _rows(self, longest: int) -> int:
         # a fixed row count keeps one compiled train step: with every rollout <= `longest`
         # inputs, first-fit needs at most ceil(N / per_row) rows
-        n = self.cfg.prompts_per_step * self.cfg.group_size
+        # per shard (`pack_rollouts`' min_rows); a shard LPT gave more rollouts than its share
+        # may need more rows (one more compilation)
+        n = -(-self.cfg.prompts_per_step * self.cfg.group_size // self.num_shards)
         per_row = max(1, self.cfg.seq_len // longest)
         return -(-n // per_row)
 
@@ -220,10 +250,10 @@ class GRPOLearner:
         longest = max(len(r.prompt) for r in rollouts) + cfg.max_new_tokens - 1
         batch, stats = build_batch(rollouts, cfg.advantage, seq_len=cfg.seq_len,
                                    min_rows=self._rows(longest), rows_multiple=self.grad_accum,
-                                   dynamic_filter=cfg.dynamic_filter)
+                                   dynamic_filter=cfg.dynamic_filter, num_shards=self.num_shards)
         metrics.update(stats)
         if batch:
-            b = {k: jnp.asarray(v) for k, v in batch.items()}
+            b = shd.put_batch(batch, self.mesh)
             if self.ref_params is not None:
                 b["ref_logprobs"] = self._ref_logprobs(self.ref_params, batch=b)
             if self._producer is not None:

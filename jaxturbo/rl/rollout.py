@@ -12,7 +12,11 @@ which is how engines are checked against the trainer's policy.
 Engines ("rollout_engine"):
   jax  `jaxturbo.generate.generate` in this process.  Weight sync is a device_put into the
        sampler's dtype and layout (pass `shardings` for a sub-mesh; the trainer's float32
-       FSDP layout is resharded there).
+       FSDP layout is resharded there, on device).  With `mesh` (a data/fsdp training mesh)
+       the sampler's params are replicated on it and the prompt rows split over its batch
+       axes (data x fsdp; padded to a multiple by repeating the last prompt).  The sampler's
+       random bits are sharding-invariant (threefry_partitionable), so a mesh samples the
+       same tokens as one device.
   hf   transformers on CPU (or any torch device), fed in memory through the HF bridge's name map
        (`jaxturbo.bridge.hf.hf_from_params`) with `load_state_dict`: no files are written.  It
        proves the PyTorch-serving path end to end; it is not fast.
@@ -71,8 +75,18 @@ class JaxEngine:
     """The on-device sampler.  dtype: the sampler's parameter dtype (e.g. bfloat16 for speed)."""
 
     def __init__(self, cfg: ModelConfig, params: Params, *, dtype: Any = jnp.float32,
-                 shardings: Any = None, attn_impl: str = "auto"):
-        self.cfg, self.dtype, self.shardings, self.attn_impl = cfg, dtype, shardings, attn_impl
+                 shardings: Any = None, attn_impl: str = "auto", mesh: Any = None):
+        self.cfg, self.dtype, self.attn_impl = cfg, dtype, attn_impl
+        self.batch_sharding, self._rows_multiple = None, 1
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            from jaxturbo.train.sharding import BATCH_AXES
+            if shardings is None:
+                shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+            self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+            self._rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        self.shardings = shardings
         self.params: Params = {}
         self.update_weights(params)
 
@@ -83,8 +97,14 @@ class JaxEngine:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
                  max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
                  ) -> RolloutOutput:
+        n = len(prompts)
+        pad = -n % self._rows_multiple
+        if pad:  # rows split evenly over the batch axes; the padding rows are dropped below
+            prompts = list(prompts) + [prompts[-1]] * pad
         res = generate(self.params, self.cfg, prompts, max_new_tokens=max_new_tokens,
-                       sampling=sampling, stop_ids=stop_ids, seed=seed, attn_impl=self.attn_impl)
+                       sampling=sampling, stop_ids=stop_ids, seed=seed, attn_impl=self.attn_impl,
+                       batch_sharding=self.batch_sharding)
+        res = type(res)(res.tokens[:n], res.logprobs[:n], res.num_tokens[:n])
         comps = res.sequences()
         stops = set(stop_ids)
         return RolloutOutput(
