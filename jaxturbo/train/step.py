@@ -116,6 +116,8 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
         raise UserError(f"--sequence-parallel {sequence_parallel} needs a mesh with a "
                         "sequence axis (e.g. --mesh data=2,sequence=4)")
     chunk = train_cfg.loss_chunk_tokens
+    if mesh is not None and sequence_parallel == "none" and attn_fn is None:
+        attn_fn = rows_local_attention(mesh, train_cfg.attn_impl)
     if chunk and sequence_parallel != "none":
         # the sequence-parallel forward returns logits; it has no hidden-state output yet
         raise UserError("loss_chunk_tokens > 0 is not supported with sequence parallelism yet")
@@ -145,6 +147,39 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
                              segment_ids=batch["segment_ids"],
                              normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
     return loss
+
+
+def rows_local_attention(mesh: Mesh, implementation: str) -> Any:
+    """Causal attention with each device attending over its own batch rows (shard_map over the
+    batch axes), for `forward`'s `attn_fn`.
+
+    Under FSDP the step is auto-sharded, and cuDNN's custom partitioner failed to partition its
+    attention call there (Llama-8B, 4x H100, experiments/train/README.md); inside shard_map the
+    kernel only ever sees local arrays.  q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T];
+    when data*fsdp does not divide B the call is left to the auto-sharding.
+    """
+    import pallas_kernels
+    from jax.sharding import PartitionSpec as P
+
+    rows = P(shd.BATCH_AXES)
+    n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def local(q, k, v, segment_ids):
+        return pallas_kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
+                                        implementation=implementation)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows), out_specs=rows,
+                            check_vma=False)
+
+    def attn(q: jax.Array, k: jax.Array, v: jax.Array,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+        if segment_ids is None:
+            segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        if q.shape[0] % n_rows:  # fewer rows than devices (small micro-batches): auto-sharding
+            return local(q, k, v, segment_ids)
+        return sharded(q, k, v, segment_ids)
+
+    return attn
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, *,
