@@ -20,7 +20,6 @@ and .md; prints the table last.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import gc
 import json
@@ -108,9 +107,10 @@ def _setup(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int):
         params = jax.jit(make, out_shardings=shardings)(jax.random.key(0))
     state = init_state(params, opt, mesh=mesh)
     del params
-    if mesh is not None:  # cuDNN's custom partitioner fails under FSDP auto-sharding (H100 run)
-        tc = dataclasses.replace(tc, attn_impl="xla")
-    loss = sft_loss(cfg, tc, attn_fn=cudnn_attention if on_gpu and mesh is None else None)
+    # with a mesh, sft_loss runs the attention per device over its own rows
+    # (step.rows_local_attention): cuDNN's partitioner failed under FSDP auto-sharding
+    loss = sft_loss(cfg, tc, attn_fn=cudnn_attention if on_gpu and mesh is None else None,
+                    mesh=mesh)
     rs = np.random.RandomState(0)
     toks = rs.randint(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "weights": np.ones((batch, seq), np.float32),
