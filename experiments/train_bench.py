@@ -61,11 +61,12 @@ PRESETS = {
                                           num_attention_heads=32, num_key_value_heads=8,
                                           head_dim=128, rope_theta=500000.0,
                                           max_position_embeddings=8192),
-                          seq=4096, steps=3, fsdp=True, runs=[(4, "dots", 4096), (4, "full", 4096)]),
+                          seq=4096, steps=3, fsdp=True, remat_scope="layer",
+                          runs=[(4, "dots", 4096), (4, "full", 4096)]),
     "tiny-fsdp": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, head_dim=16),
-                      seq=128, steps=2, fsdp=True, runs=[(8, "dots", 96)]),
+                      seq=128, steps=2, fsdp=True, remat_scope="layer", runs=[(8, "dots", 96)]),
     "tiny": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16),
@@ -82,6 +83,7 @@ def cudnn_attention(q, k, v, segment_ids=None):
 
 UNROLL = [False]  # set from --unroll: every configuration of this run unrolls the layers
 MESH = [None]     # an fsdp mesh over every device for presets with fsdp=True
+REMAT_SCOPE = ["loss"]  # a preset's remat_scope (TrainConfig): "layer" checkpoints each layer
 
 XLA_FLAG_PRESETS = {
     "default": "",
@@ -95,7 +97,7 @@ def _setup(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int):
     """Train config, optimizer, step-0 state, loss function and a random batch [batch, seq]."""
     on_gpu = jax.devices()[0].platform == "gpu"
     tc = TrainConfig(compute_dtype="bfloat16", remat=remat, loss_chunk_tokens=chunk,
-                     unroll_layers=UNROLL[0])
+                     unroll_layers=UNROLL[0], remat_scope=REMAT_SCOPE[0])
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000))
     mesh = MESH[0]
     if mesh is None:
@@ -232,6 +234,7 @@ def main() -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
     p = PRESETS[args.preset]
     cfg = p["cfg"]
+    REMAT_SCOPE[0] = p.get("remat_scope", "loss")
     if p.get("fsdp"):
         from jaxturbo.parallel.mesh import make_mesh
         MESH[0] = make_mesh(f"fsdp={len(jax.devices())}")

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    p.add_argument("--remat-scope", default="loss", choices=("loss", "layer"),
+                   help="--remat around the whole loss, or around each layer (the backward then "
+                        "holds one layer's activations at a time: large models)")
     p.add_argument("--unroll-layers", action="store_true",
                    help="a Python loop over layers instead of lax.scan: faster steps on GPU "
                         "(Llama-1B on H100: 41%% -> 48%% MFU), longer compile")
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                           clip_norm=args.clip or None)
     train = TrainConfig(compute_dtype=args.dtype, grad_accum=args.grad_accum, remat=args.remat,
                         normalize=args.normalize, unroll_layers=args.unroll_layers,
+                        remat_scope=args.remat_scope,
                         loss_chunk_tokens=args.loss_chunk_tokens)
     run_cfg = RunConfig(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, seed=args.seed, save_every=args.save_every,

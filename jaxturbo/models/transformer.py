@@ -135,10 +135,15 @@ def _layer_slice(layers: Params, i: Any) -> Params:
 
 
 def _run_layers(step: Callable, carry: Any, layers: Params, start: int, stop: int,
-                unroll: bool) -> Any:
-    """Apply step(carry, layer_params, layer_index) over layers [start, stop)."""
+                unroll: bool, remat: tuple[Any] | None = None) -> Any:
+    """Apply step(carry, layer_params, layer_index) over layers [start, stop).
+
+    remat: (policy,) checkpoints every layer with that `jax.checkpoint` policy (None inside the
+    tuple: save nothing), so the backward keeps one layer's residuals instead of all of them."""
     if stop <= start:
         return carry
+    if remat is not None:
+        step = jax.checkpoint(step, policy=remat[0])
     if unroll:
         for i in range(start, stop):
             carry = step(carry, _layer_slice(layers, i), jnp.int32(i))
@@ -167,6 +172,7 @@ def forward(
     attn_impl: str = "auto",
     attn_fn: AttnFn | None = None,
     unroll: bool = False,
+    layer_remat: tuple[Any] | None = None,
     return_hidden: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
     """Run the decoder.
@@ -181,6 +187,7 @@ def forward(
       tensor_axis: mesh axis of tensor parallelism when called inside shard_map.
       attn_fn: replaces the attention op (e.g. sequence-parallel attention) when no cache.
       unroll: Python loop over layers instead of lax.scan (lets XLA schedule across layers).
+      layer_remat: (policy,) to rematerialise each layer in the backward (see `_run_layers`).
       return_hidden: return the final normed hidden state [B, T, D] instead of logits.
     Returns:
       logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
@@ -248,13 +255,13 @@ def forward(
     layers = params["layers"]
     mode = cfg.residual_mode
     if mode == "parallel":
-        carry = _run_layers(parallel_step, carry, layers, 0, L, unroll)
+        carry = _run_layers(parallel_step, carry, layers, 0, L, unroll, layer_remat)
     elif mode in ("ladder", "hybrid"):
         n_ladder = L if mode == "ladder" else cfg.ladder_layers
-        carry = _run_layers(standard_step, carry, layers, 0, L - n_ladder, unroll)
-        carry = _run_layers(ladder_step, carry, layers, L - n_ladder, L, unroll)
+        carry = _run_layers(standard_step, carry, layers, 0, L - n_ladder, unroll, layer_remat)
+        carry = _run_layers(ladder_step, carry, layers, L - n_ladder, L, unroll, layer_remat)
     else:
-        carry = _run_layers(standard_step, carry, layers, 0, L, unroll)
+        carry = _run_layers(standard_step, carry, layers, 0, L, unroll, layer_remat)
     x, pa, pm, cache = carry
     x = x + pa + pm                     # ladder: the last two outputs join before the final norm
     x = rms_norm(x, params["model.norm.weight"], eps)

@@ -67,6 +67,11 @@ class TrainConfig:
     loss_chunk_tokens: 0 computes the full [B, T, V] float32 logits; N > 0 computes the LM head
         and cross-entropy about N tokens at a time (N // B positions of every row) (`losses.chunked_cross_entropy`), so neither the
         logits nor their gradient is ever whole in memory (larger batches fit).
+    remat_scope: "loss" applies `remat` to the whole loss (the backward recomputes the forward,
+        but the layer loop's own backward still keeps every layer's residuals); "layer"
+        checkpoints each layer with `remat`'s policy, so the backward holds one layer's
+        residuals at a time (what large models need; the built-in SFT loss only: a custom
+        `loss_fn` is wrapped whole).
     unroll_layers: a Python loop over the layers instead of lax.scan.  The scan's backward
         stacks each layer's saved activations with dynamic-update-slices and copies (about
         11% of a Llama-1B step on H100, see experiments/train/README.md); unrolled, XLA keeps
@@ -80,6 +85,7 @@ class TrainConfig:
     attn_impl: str = "auto"
     loss_chunk_tokens: int = 0
     unroll_layers: bool = False
+    remat_scope: str = "loss"
 
     def validate(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -90,6 +96,8 @@ class TrainConfig:
             raise UserError(f"loss normalisation {self.normalize!r}; choose {', '.join(NORMALIZE_MODES)}")
         if self.grad_accum < 1:
             raise UserError(f"grad_accum={self.grad_accum} must be >= 1")
+        if self.remat_scope not in ("loss", "layer"):
+            raise UserError(f"remat scope {self.remat_scope!r}; choose loss or layer")
         if self.loss_chunk_tokens < 0:
             raise UserError(f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: unchunked)")
 
@@ -116,6 +124,8 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
         raise UserError(f"--sequence-parallel {sequence_parallel} needs a mesh with a "
                         "sequence axis (e.g. --mesh data=2,sequence=4)")
     chunk = train_cfg.loss_chunk_tokens
+    layer_remat = ((REMAT_POLICIES[train_cfg.remat],) if train_cfg.remat_scope == "layer"
+                   and train_cfg.remat != "none" else None)
     if mesh is not None and sequence_parallel == "none" and attn_fn is None:
         attn_fn = rows_local_attention(mesh, train_cfg.attn_impl)
     if chunk and sequence_parallel != "none":
@@ -126,7 +136,8 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
         if sequence_parallel == "none":
             return forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
-                           attn_fn=attn_fn, unroll=train_cfg.unroll_layers)[0]
+                           attn_fn=attn_fn, unroll=train_cfg.unroll_layers,
+                           layer_remat=layer_remat)[0]
         b, t = batch["tokens"].shape
         sp, u, _ = sp_lib.model_layout(sequence_parallel, model_cfg, mesh, batch=b, seq_len=t)
         return sp_lib.sp_forward_laid_out(params, model_cfg, batch["tokens"], batch["positions"],
@@ -137,7 +148,7 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
             hidden = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
                              segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
                              attn_fn=attn_fn, return_hidden=True,
-                             unroll=train_cfg.unroll_layers)[0]
+                             unroll=train_cfg.unroll_layers, layer_remat=layer_remat)[0]
             head = params["model.embed_tokens.weight" if model_cfg.tie_word_embeddings
                           else "lm_head.weight"]
             return chunked_cross_entropy(hidden, head, batch["targets"], batch["weights"],
@@ -233,6 +244,7 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
     train_cfg.validate()
     if mesh is not None:
         shd.check_training_mesh(mesh, sequence_parallel)
+    custom_loss = loss_fn is not None
     loss_fn = loss_fn or sft_loss(model_cfg, train_cfg, mesh=mesh,
                                   sequence_parallel=sequence_parallel)
     dtype = COMPUTE_DTYPES[train_cfg.compute_dtype]
@@ -244,7 +256,10 @@ def make_train_step(model_cfg: ModelConfig, train_cfg: TrainConfig,
         w, aux = loss_fn(pc, micro)
         return w.total, (w, aux)
 
-    if policy is not None:
+    # the layer scope lives in sft_loss's own forward; a custom loss or the sequence-parallel
+    # forward does not take it, so those are checkpointed whole
+    if policy is not None and (train_cfg.remat_scope == "loss" or custom_loss
+                               or sequence_parallel != "none"):
         total_of = jax.checkpoint(total_of, policy=policy)
     grad_fn = jax.grad(total_of, has_aux=True)
 
