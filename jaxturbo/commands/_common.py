@@ -21,6 +21,23 @@ def add_mesh_argument(p: argparse.ArgumentParser) -> None:
                    help="mesh preset (see meshes/) or sizes like tensor=4,data=2 (default: one device)")
 
 
+# Decode on GPU: cuBLAS GEMVs instead of XLA's Triton GEMM fusions, and no dot merger (it
+# concatenated each layer's q/k/v and gate/up weights on every token: 3.51 -> 2.35 ms per step
+# for one GPU's share of a TP-4 Llama-8B decode, experiments/ladder/NOTES.md).  Measured for
+# decoding only, so only the decoding commands ask for them.
+DECODE_XLA_FLAGS = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_threshold_mb=0")
+
+
+def use_decode_xla_flags() -> None:
+    """Add DECODE_XLA_FLAGS to XLA_FLAGS (flags the user set win).  Must run before JAX starts
+    its backend, i.e. before the model is loaded; CPU ignores these GPU flags."""
+    import os
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in DECODE_XLA_FLAGS if f.split("=")[0] not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
 def tensor_parallel_setup(mesh_spec: str | None, cfg, params, batch: int):
     """(params, mesh) for inference over `--mesh`'s tensor (and data) axes; (params, None)
     without a mesh.  Bad meshes (wrong device count, fsdp/sequence axes, a tensor size that does

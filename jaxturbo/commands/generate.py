@@ -7,7 +7,8 @@ import sys
 
 import numpy as np
 
-from jaxturbo.commands._common import add_mesh_argument, add_model_arguments, tensor_parallel_setup
+from jaxturbo.commands._common import (add_mesh_argument, add_model_arguments,
+                                       tensor_parallel_setup, use_decode_xla_flags)
 from jaxturbo.errors import UserError
 
 NAME = "generate"
@@ -77,6 +78,7 @@ def stop_ids_for(cfg, tokenizer) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_decode_xla_flags()
     from jaxturbo.bridge import load_model
     from jaxturbo.generate import SamplingParams, generate
 
