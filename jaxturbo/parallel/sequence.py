@@ -301,13 +301,16 @@ def sp_forward_laid_out(
     ulysses_size: int,
     *,
     unroll: bool = False,
+    return_hidden: bool = False,
 ) -> jax.Array:
     """The model on inputs already in the mode's layout (see `model_layout`, `zigzag`).
 
     tokens/positions/segment_ids [batch, seq] in layout order -> logits [batch, seq, vocab]
     float32 in the same order, sharded (data x fsdp, sequence).  Training uses this directly:
     it permutes the whole batch once on the host (targets and weights too), and a per-token
-    loss summed over the batch does not depend on the order.
+    loss summed over the batch does not depend on the order.  return_hidden: the final normed
+    hidden states [batch, seq, hidden] (compute dtype) instead, same order and sharding (for
+    `train.losses.chunked_cross_entropy`, which applies the LM head block by block).
     """
     from jaxturbo.models.transformer import forward  # the model is a user of parallel/, not a dependency
 
@@ -317,9 +320,9 @@ def sp_forward_laid_out(
     def body(params, tok, pos, seg):
         def attn_fn(q, k, v, *, segment_ids=None):
             return local_attention(sp, q, k, v, causal=True, segment_ids=segment_ids)
-        logits, _ = forward(params, cfg, tok, positions=pos, segment_ids=seg,
-                            attn_fn=attn_fn, unroll=unroll)
-        return logits
+        out, _ = forward(params, cfg, tok, positions=pos, segment_ids=seg,
+                         attn_fn=attn_fn, unroll=unroll, return_hidden=return_hidden)
+        return out
 
     return jax.shard_map(
         body, mesh=run_mesh, in_specs=(P(), rows, rows, None if segment_ids is None else rows),

@@ -89,29 +89,26 @@ CHUNKED_LOSS_GRADS = "chunked_loss_grads"
 
 
 def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
-    """One block's logits [C, V] float32 from hidden [C, D] and head [V, D] (inputs in the compute
-    dtype, float32 accumulation and result: the logsumexp needs float32 anyway)."""
-    return jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
-
-
-def _flat_block(hc: jax.Array, yc: jax.Array, cc: jax.Array) -> tuple[jax.Array, ...]:
-    """One block's [B, C, D], [B, C], [B, C] as [B*C, D], [B*C], [B*C] (rows stay the major,
-    batch-sharded, dimension)."""
-    return hc.reshape(-1, hc.shape[-1]), yc.reshape(-1), cc.reshape(-1)
+    """One block's logits [B, S, C, V] float32 from hidden [B, S, C, D] and head [V, D] (inputs in
+    the compute dtype, float32 accumulation and result: the logsumexp needs float32 anyway).
+    The block keeps its rows and sequence pieces as separate (sharded) dimensions: flattened to
+    one token dimension, XLA's partitioner gathered the pieces inside the scan."""
+    return jnp.einsum("bscd,vd->bscv", h, w, preferred_element_type=jnp.float32)
 
 
 def _block_nll(hc: jax.Array, w: jax.Array, yc: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Logits [C, V], NLL [C] and logsumexp [C] of one block; targets yc [C]."""
+    """Logits [B, S, C, V], NLL and logsumexp [B, S, C] of one block; targets yc [B, S, C]."""
     z = _chunk_logits(hc, w)
     lse = jax.nn.logsumexp(z, axis=-1)
-    return z, lse - jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0], lse
+    return z, lse - jnp.take_along_axis(z, yc[..., None], axis=-1)[..., 0], lse
 
 
 @jax.custom_vjp
 def _weighted_nll_sum(h: jax.Array, w: jax.Array, y: jax.Array, coef: jax.Array) -> jax.Array:
-    """sum(coef * nll) (float32 scalar) over blocks: h [N, B, C, D], w [V, D], y/coef [N, B, C]."""
+    """sum(coef * nll) (float32 scalar) over blocks: h [N, B, S, C, D], w [V, D],
+    y/coef [N, B, S, C]."""
     def body(acc, xs):
-        hc, yc, cc = _flat_block(*xs)
+        hc, yc, cc = xs
         return acc + jnp.sum(cc * _block_nll(hc, w, yc)[1]), None
 
     return jax.lax.scan(body, jnp.float32(0), (h, y, coef))[0]
@@ -125,20 +122,20 @@ def _weighted_nll_sum_fwd(h, w, y, coef):
     # Llama-3.2-1B step).
     def body(carry, xs):
         acc, dw = carry
-        hb = xs[0]
-        hc, yc, cc = _flat_block(*xs)
+        hc, yc, cc = xs
         z, nll, lse = _block_nll(hc, w, yc)
         # d nll / d z = softmax(z) - onehot(y); the one-hot as an iota compare so that XLA
-        # fuses it into the elementwise pass instead of materialising a [C, V] array
-        hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == yc[:, None]
-        dz = (jnp.exp(z - lse[:, None]) - hit.astype(jnp.float32)) * cc[:, None]
+        # fuses it into the elementwise pass instead of materialising a [B, S, C, V] array
+        hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 3) == yc[..., None]
+        dz = (jnp.exp(z - lse[..., None]) - hit.astype(jnp.float32)) * cc[..., None]
         # the matmul inputs go back to the compute dtype, as autodiff of the unchunked head does
         dz = dz.astype(h.dtype)
-        dh = jnp.einsum("cv,vd->cd", dz, w, preferred_element_type=jnp.float32).astype(h.dtype)
+        dh = jnp.einsum("bscv,vd->bscd", dz, w,
+                        preferred_element_type=jnp.float32).astype(h.dtype)
         # the head's gradient sums over blocks: accumulate in float32 so that many low-precision
         # partial sums do not lose bits the one-matmul path keeps
-        dw = dw + jnp.einsum("cv,cd->vd", dz, hc, preferred_element_type=jnp.float32)
-        return (acc + jnp.sum(cc * nll), dw), dh.reshape(hb.shape)
+        dw = dw + jnp.einsum("bscv,bscd->vd", dz, hc, preferred_element_type=jnp.float32)
+        return (acc + jnp.sum(cc * nll), dw), dh
 
     (total, dw), dh = jax.lax.scan(body, (jnp.float32(0), jnp.zeros(w.shape, jnp.float32)),
                                    (h, y, coef))
@@ -158,7 +155,7 @@ _weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
                           weights: jax.Array, *, chunk_tokens: int,
                           segment_ids: jax.Array | None = None,
-                          normalize: Normalize = "token") -> Weighted:
+                          normalize: Normalize = "token", seq_shards: int = 1) -> Weighted:
     """`cross_entropy(hidden @ head.T, ...)` without ever holding the [B, T, V] logits.
 
     hidden [B, T, D] final normed hidden states (compute dtype), head [V, D] LM-head (or tied
@@ -168,7 +165,14 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     chunk_tokens tokens; the last block zero-padded with zero weight) and a scan computes one
     block's logits [B*C, V] (float32 accumulation) at a time, so peak memory holds a few such
     float32 buffers.  Blocking along the sequence keeps the batch rows in every block, so a
-    batch sharded over devices stays sharded (each device does its own rows).  Because `reduce_tokens`' total is
+    batch sharded over devices stays sharded (each device does its own rows).
+
+    seq_shards S (sequence parallelism: the token dimension split into S contiguous pieces over
+    devices): each row is viewed as [S, T/S] and a block takes C = chunk_tokens // (B S)
+    positions of every piece of every row (each piece padded on its own), so the scan runs over
+    positions inside the pieces and every block keeps both the row and the sequence split: each
+    device computes its own tokens' logits, no hidden state is gathered (T must divide by S).
+    The loss is a sum over tokens, so the block order does not change it.  Because `reduce_tokens`' total is
     linear in the per-token losses, total = sum_t coef_t * nll_t with coef_t = d total / d nll_t
     depending on the weights and segments only; that lets the forward produce the gradients too
     (see _weighted_nll_sum_fwd).  Gradients flow to hidden and head; weights are data.
@@ -184,16 +188,24 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array
     coef = jax.grad(total_of)(zeros)  # exact: total_of is linear in per_token
     count = reduce_tokens(zeros, weights, segment_ids=segment_ids, normalize=normalize).count
     b, t, d = hidden.shape
-    c = max(1, min(chunk_tokens // b, t))
-    blocks = -(-t // c)
-    pad = blocks * c - t
-    h, y, cf = hidden, targets.astype(jnp.int32), coef
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        y, cf = jnp.pad(y, ((0, 0), (0, pad))), jnp.pad(cf, ((0, 0), (0, pad)))
+    s = seq_shards
+    if s < 1 or t % s:
+        raise ValueError(f"seq_shards={seq_shards} must be >= 1 and divide the {t} tokens per row")
+    tl = t // s                                       # positions per piece
+    c = max(1, min(chunk_tokens // (b * s), tl))
+    blocks = -(-tl // c)
+    pad = blocks * c - tl
 
-    def blocked(x: jax.Array) -> jax.Array:  # [B, T', ...] -> [blocks, B, C, ...]
-        return x.reshape(b, blocks, c, *x.shape[2:]).swapaxes(0, 1)
+    def pieces(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [B, S, T/S + pad, ...]
+        x = x.reshape(b, s, tl, *x.shape[2:])
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 3))
+        return x
+
+    h, y, cf = pieces(hidden), pieces(targets.astype(jnp.int32)), pieces(coef)
+
+    def blocked(x: jax.Array) -> jax.Array:  # [B, S, T', ...] -> [blocks, B, S, C, ...]
+        return jnp.moveaxis(x.reshape(b, s, blocks, c, *x.shape[3:]), 2, 0)
 
     total = _weighted_nll_sum(blocked(h), head.astype(hidden.dtype), blocked(y), blocked(cf))
     return Weighted(total, count)

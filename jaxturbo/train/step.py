@@ -66,7 +66,8 @@ class TrainConfig:
     attn_impl: attention implementation passed to the model ("auto", "xla", "cudnn", ...).
     loss_chunk_tokens: 0 computes the full [B, T, V] float32 logits; N > 0 computes the LM head
         and cross-entropy about N tokens at a time (N // B positions of every row) (`losses.chunked_cross_entropy`), so neither the
-        logits nor their gradient is ever whole in memory (larger batches fit).
+        logits nor their gradient is ever whole in memory (larger batches fit).  With sequence
+        parallelism the blocks run inside each device's piece of the sequence (no gather).
     remat_scope: "loss" applies `remat` to the whole loss (the backward recomputes the forward,
         but the layer loop's own backward still keeps every layer's residuals); "layer"
         checkpoints each layer with `remat`'s policy, so the backward holds one layer's
@@ -128,33 +129,40 @@ def sft_loss(model_cfg: ModelConfig, train_cfg: TrainConfig, attn_fn: Any = None
                    and train_cfg.remat != "none" else None)
     if mesh is not None and sequence_parallel == "none" and attn_fn is None:
         attn_fn = rows_local_attention(mesh, train_cfg.attn_impl)
-    if chunk and sequence_parallel != "none":
-        # the sequence-parallel forward returns logits; it has no hidden-state output yet
-        raise UserError("loss_chunk_tokens > 0 is not supported with sequence parallelism yet")
+    # chunked loss with sequence parallelism: the hidden states come back split over `sequence`
+    # (in the mode's token order, as targets/weights/segment ids are); the loss is a sum over
+    # tokens, so the order does not matter, and seq_shards makes its blocks run over positions
+    # inside each device's piece, so every device applies the LM head to its own tokens
+    seq_shards = (1 if sequence_parallel == "none"
+                  else dict(zip(mesh.axis_names, mesh.devices.shape))[sp_lib.SEQ_AXIS])
 
-    def logits_of(params: Params, batch: Batch) -> jax.Array:
+    def model_out(params: Params, batch: Batch, hidden: bool) -> jax.Array:
+        """Logits [B, T, V] float32, or with `hidden` the final normed hidden [B, T, D]."""
         if sequence_parallel == "none":
             return forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
                            attn_fn=attn_fn, unroll=train_cfg.unroll_layers,
-                           layer_remat=layer_remat)[0]
+                           layer_remat=layer_remat, return_hidden=hidden)[0]
         b, t = batch["tokens"].shape
         sp, u, _ = sp_lib.model_layout(sequence_parallel, model_cfg, mesh, batch=b, seq_len=t)
         return sp_lib.sp_forward_laid_out(params, model_cfg, batch["tokens"], batch["positions"],
-                                          batch["segment_ids"], mesh, sp, u)
+                                          batch["segment_ids"], mesh, sp, u,
+                                          return_hidden=hidden)
 
     def loss(params: Params, batch: Batch) -> tuple[Weighted, dict[str, jax.Array]]:
         if chunk:
-            hidden = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"], attn_impl=train_cfg.attn_impl,
-                             attn_fn=attn_fn, return_hidden=True,
-                             unroll=train_cfg.unroll_layers, layer_remat=layer_remat)[0]
             head = params["model.embed_tokens.weight" if model_cfg.tie_word_embeddings
                           else "lm_head.weight"]
-            return chunked_cross_entropy(hidden, head, batch["targets"], batch["weights"],
-                                         chunk_tokens=chunk, segment_ids=batch["segment_ids"],
-                                         normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
-        return cross_entropy(logits_of(params, batch), batch["targets"], batch["weights"],
+            if seq_shards > 1:
+                # the whole head on every device (as the SP forward's replicated parameters):
+                # left fsdp-sharded, XLA gathered the hidden blocks' rows over fsdp instead
+                head = jax.lax.with_sharding_constraint(head, shd.replicated(mesh))
+            return chunked_cross_entropy(model_out(params, batch, True), head, batch["targets"],
+                                         batch["weights"], chunk_tokens=chunk,
+                                         segment_ids=batch["segment_ids"],
+                                         normalize=train_cfg.normalize,
+                                         seq_shards=seq_shards), {}  # type: ignore[arg-type]
+        return cross_entropy(model_out(params, batch, False), batch["targets"], batch["weights"],
                              segment_ids=batch["segment_ids"],
                              normalize=train_cfg.normalize), {}  # type: ignore[arg-type]
     return loss

@@ -11,7 +11,9 @@ model forward is checked against the reference in test_sequence_model.py, and ra
 test's step (equal losses) when it was written, before being dropped for time.
 """
 
+import dataclasses
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -52,10 +54,10 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
                 weights=w, segment_ids=seg, positions=pos)
 
 
-def _run(mesh=None, mode: str = "none"):
+def _run(mesh=None, mode: str = "none", train: TrainConfig = TRAIN):
     params = init_params(CFG, jax.random.key(0))
     state = init_state(params, OPT, mesh=mesh)
-    step = make_train_step(CFG, TRAIN, OPT, mesh=mesh, params=params, sequence_parallel=mode)
+    step = make_train_step(CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode)
     ring = None
     if mode != "none":
         _, _, ring = model_layout(mode, CFG, mesh, batch=B, seq_len=T)
@@ -83,6 +85,38 @@ def test_sp_train_step_equals_plain_step(reference, mode, mesh_spec, ring):
     assert losses[1] != losses[0]
     for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+# chunked cross-entropy on the sequence-split hidden states: each device's 8 positions per row
+# are cut into blocks of chunk // (4 rows x 4 pieces) positions; vs the unchunked 1-device step
+@pytest.mark.parametrize("mode,mesh_spec,train", [
+    ("ulysses", "data=2,sequence=4", TrainConfig(compute_dtype="float32",
+                                                 loss_chunk_tokens=32)),          # 4 blocks of 2
+    ("ring", "fsdp=2,sequence=4", TrainConfig(compute_dtype="float32", remat="full",
+                                              loss_chunk_tokens=48)),             # 3 of 3, padded
+])
+def test_sp_chunked_loss_train_step_equals_plain_step(reference, mode, mesh_spec, train):
+    ref_state, ref_losses, _ = reference
+    state, losses, _ = _run(make_mesh(mesh_spec), mode, train)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # the blocks stay split over rows and sequence: the chunked step all-gathers no shape that
+    # the unchunked SP step does not (parameters, ids); no hidden state or block is gathered
+    unchunked = dataclasses.replace(train, loss_chunk_tokens=0)
+    assert _all_gathers(mesh_spec, mode, train) <= _all_gathers(mesh_spec, mode, unchunked)
+
+
+def _all_gathers(mesh_spec: str, mode: str, train: TrainConfig) -> set[str]:
+    """Result shapes (without layouts) of the all-gathers in the compiled step."""
+    mesh = make_mesh(mesh_spec)
+    params = init_params(CFG, jax.random.key(0))
+    state = init_state(params, OPT, mesh=mesh)
+    step = make_train_step(CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode,
+                           donate=False)
+    _, _, ring = model_layout(mode, CFG, mesh, batch=B, seq_len=T)
+    hlo = step.lower(state, shd.put_batch(_batch(0), mesh, sequence_ring=ring)).compile().as_text()
+    return set(re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo))
 
 
 def test_zigzag_rows_keeps_each_token_with_its_target_weight_and_position():

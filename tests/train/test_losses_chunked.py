@@ -87,9 +87,10 @@ def test_chunked_cross_entropy_direct_and_under_remat(remat):
 def test_chunked_loss_rejects_bad_settings():
     with pytest.raises(UserError):
         TrainConfig(loss_chunk_tokens=-1).validate()
-    with pytest.raises(UserError):
-        sft_loss(_cfg(True), TrainConfig(loss_chunk_tokens=8), mesh=object(),  # type: ignore[arg-type]
-                 sequence_parallel="ulysses")
+    with pytest.raises(ValueError, match="seq_shards"):   # pieces must split the rows evenly
+        h, y = jnp.zeros((2, 6, 4)), jnp.zeros((2, 6), jnp.int32)
+        losses.chunked_cross_entropy(h, jnp.zeros((5, 4)), y, jnp.ones((2, 6)), chunk_tokens=4,
+                                     seq_shards=4)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake CPU) devices")
