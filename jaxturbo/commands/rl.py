@@ -14,15 +14,25 @@ from jaxturbo.commands._common import add_mesh_argument, add_model_arguments
 from jaxturbo.errors import UserError
 
 NAME = "rl"
-HELP = "GRPO/PPO post-training on a verifiable task (arithmetic), rollouts in JAX or transformers"
-TASKS = ("arithmetic",)
+HELP = ("GRPO/PPO post-training on a verifiable task (arithmetic; calculator: multi-turn with a "
+        "tool, grpo), rollouts in JAX or transformers")
+TASKS = ("arithmetic", "calculator")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--algo", default="grpo", choices=("grpo", "ppo"),
                    help="grpo (group baseline, no critic) or ppo (value head, GAE)")
-    p.add_argument("--task", default="arithmetic", choices=TASKS)
+    p.add_argument("--task", default="arithmetic", choices=TASKS,
+                   help="arithmetic: \"a+b=\", one completion; calculator (grpo only): "
+                        "\"a+b+c=\" as a multi-turn episode, a turn \"X+Y=\" is answered by a "
+                        "calculator tool (its output is context, never trained), any other turn "
+                        "is the final answer")
+    p.add_argument("--max-turns", type=int, default=3,
+                   help="calculator: policy turns per episode (tool calls + answer)")
+    p.add_argument("--multi-turn-advantage", default="trajectory", choices=("trajectory", "step"),
+                   help="calculator: episode reward through --adv-estimator (trajectory) or "
+                        "per-turn returns-to-go normalised over the group (step)")
     p.add_argument("--steps", type=int, required=True, help="rollout + update steps")
     p.add_argument("--out", required=True,
                    help="run directory: metrics.jsonl, eval.json, reward.png")
@@ -65,6 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every refusal that needs no model: one UserError naming the bad value."""
+    if args.task == "calculator" and args.algo != "grpo":
+        raise UserError(f"--task calculator (multi-turn) is implemented for --algo grpo only "
+                        f"(got --algo {args.algo})")
+    if args.max_turns < 1:
+        raise UserError(f"--max-turns {args.max_turns}: must be >= 1")
     if args.async_rollouts and args.algo != "grpo":
         raise UserError("--async is implemented for --algo grpo only")
     min_group = 2 if args.algo == "grpo" else 1  # GRPO's baseline is the group
@@ -104,6 +119,8 @@ def run_meta(args: argparse.Namespace, model_cfg: Any, learner_cfg: Any, optimiz
             "chat": args.chat, "max_operand": args.max_operand, "seed": args.seed,
             "learner": dataclasses.asdict(learner_cfg), "optimizer": dataclasses.asdict(optimizer),
             "train": dataclasses.asdict(train)}
+    if args.task == "calculator":
+        meta["max_turns"] = args.max_turns
     return json.loads(json.dumps(meta))
 
 
@@ -117,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxturbo.rl.advantages import AdvantageConfig
     from jaxturbo.rl.envs import ArithmeticTask
     from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner, mean_reward
+    from jaxturbo.rl.multiturn import CalculatorEnv, MultiTurnTask
     from jaxturbo.rl.ppo import PPOConfig, PPOLearner
     from jaxturbo.rl.policy_loss import PolicyLossConfig
     from jaxturbo.rl.rollout import HFEngine, VLLMEngine
@@ -130,22 +148,37 @@ def run(args: argparse.Namespace) -> int:
         mesh = make_mesh(args.mesh)
     wall0 = time.perf_counter()
     cfg, params, tok = load_model(args.model, dtype=jnp.float32)
+
+    def plain(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+    calc = args.task == "calculator"
     if args.chat:
         def encode(text: str) -> list[int]:
             chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
             return tok.encode(chat, add_special_tokens=False)
-        template = "What is {a}+{b}? Answer with the number only."
+        template = ("What is {a}+{b}+{c}? You may use a calculator: write X+Y= and it replies "
+                    "with the value. Give the final answer as the number only." if calc else
+                    "What is {a}+{b}? Answer with the number only.")
     else:
-        def encode(text: str) -> list[int]:
-            return tok.encode(text, add_special_tokens=False)
-        template = "{a}+{b}="
-    task = ArithmeticTask(encode, tok.decode, max_operand=args.max_operand, template=template)
-    stop = tuple(cfg.eos_token_id) + tuple(tok.encode("\n", add_special_tokens=False)[-1:])
-    longest_prompt = len(task.encode(task.template.format(a=args.max_operand, b=args.max_operand)))
+        encode = plain
+        template = "{a}+{b}+{c}=" if calc else "{a}+{b}="
+    problems = ArithmeticTask(encode, tok.decode, max_operand=args.max_operand, template=template,
+                              operands=3 if calc else 2)
+    stop = tuple(cfg.eos_token_id) + tuple(plain("\n")[-1:])
+    longest_prompt = len(encode(template.format(**{k: args.max_operand for k in "abc"})))
+    completion_tokens = args.max_new_tokens
+    task: Any = problems
+    if calc:
+        # a tool call ends its turn at "="; a reply is at most the turn's digits + sign + "\n"
+        stop += tuple(plain("=")[-1:])
+        task = MultiTurnTask(problems, CalculatorEnv(
+            plain, lambda ids: tok.decode(ids, skip_special_tokens=True)), max_turns=args.max_turns,
+                             max_tool_tokens=args.max_new_tokens + 2)
+        completion_tokens = task.max_episode_tokens(args.max_new_tokens)
     common = dict(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  seq_len=longest_prompt + args.max_new_tokens + 8, kl_coef=args.kl_coef,
+                  seq_len=longest_prompt + completion_tokens + 8, kl_coef=args.kl_coef,
                   policy=PolicyLossConfig(loss_agg_mode=args.loss_agg_mode))
     if args.rollout_engine == "hf":
         engine = HFEngine(cfg, params)
@@ -160,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     if args.algo == "grpo":
         lcfg = GRPOConfig(**common, advantage=AdvantageConfig(args.adv_estimator),
                           rollout_mode="async" if args.async_rollouts else "sync",
-                          max_staleness=args.max_staleness)
+                          max_staleness=args.max_staleness,
+                          multi_turn_advantage=args.multi_turn_advantage)
         learner = GRPOLearner(cfg, params, task, lcfg, mesh=mesh, **kw)
     else:
         lcfg = PPOConfig(**common)

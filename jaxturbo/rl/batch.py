@@ -25,7 +25,7 @@ gets a similar number of tokens and the same number of rows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -180,9 +180,15 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
 
 def build_batch(rollouts: Sequence[Rollout], adv_cfg: AdvantageConfig, *, seq_len: int,
                 num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0,
-                dynamic_filter: bool = True, drop_truncated: bool = False) -> tuple[Batch, dict[str, float]]:
+                dynamic_filter: bool = True, drop_truncated: bool = False,
+                advantage_fn: Callable[[list[int]], np.ndarray] | None = None
+                ) -> tuple[Batch, dict[str, float]]:
     """Advantages (outcome estimators: grpo, rloo, reinforce_plus_plus*) and packed rows
     (see `pack_rollouts` for num_shards, rows_multiple, min_rows).
+
+    advantage_fn: instead of `adv_cfg`'s estimator on the outcome rewards, the completion-aligned
+    advantages [K, >= longest completion] of the kept rollouts, given their indices (e.g.
+    step-level multi-turn advantages, `jaxturbo.rl.multiturn`).
 
     dynamic_filter drops groups with equal rewards; drop_truncated drops every group that has a
     truncated rollout (rejection sampling).  Stats: reward_mean (over all rollouts, before
@@ -196,14 +202,18 @@ def build_batch(rollouts: Sequence[Rollout], adv_cfg: AdvantageConfig, *, seq_le
         keep &= np.array([g not in bad for g in groups])
     if dynamic_filter:
         keep &= filter_groups(rewards, groups)
-    kept = [r for r, k in zip(rollouts, keep) if k]
+    kept_idx = [int(i) for i in np.flatnonzero(keep)]
+    kept = [rollouts[i] for i in kept_idx]
     stats = {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
              "kept": float(len(kept)), "groups_kept": float(len({r.group for r in kept}))}
     if not kept:
         return {}, stats
-    arr = response_arrays(kept)
-    adv, _ = compute_advantages(jnp.asarray(arr["token_rewards"]), jnp.asarray(arr["mask"]),
-                                adv_cfg, group_ids=jnp.asarray(arr["group_ids"]))
+    if advantage_fn is not None:
+        adv = advantage_fn(kept_idx)
+    else:
+        arr = response_arrays(kept)
+        adv, _ = compute_advantages(jnp.asarray(arr["token_rewards"]), jnp.asarray(arr["mask"]),
+                                    adv_cfg, group_ids=jnp.asarray(arr["group_ids"]))
     batch = pack_rollouts(kept, np.asarray(adv), seq_len=seq_len, num_shards=num_shards,
                           rows_multiple=rows_multiple, min_rows=min_rows)
     per_shard = batch["weights"].reshape(num_shards, -1).sum(axis=1)

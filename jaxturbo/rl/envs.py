@@ -5,7 +5,7 @@
     task.reward(problem, completion_ids) -> float   # in [0, 1]
 
 Tasks work on token ids; those that are text tasks take an `encode`/`decode` pair (a HF
-tokenizer's, or `CharTokenizer` for tests).  Multi-turn environments are not implemented yet.
+tokenizer's, or `CharTokenizer` for tests).  Multi-turn environments (tool calls between turns) are in `jaxturbo.rl.multiturn`.
 """
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ class ArithmeticTask:
     """"a+b=" problems with operands in [0, max_operand]; reward 1 when the last integer the
     completion writes equals a + b (an exact-answer check, as in verifiable-reward RL; the last
     one, because models often restate the question: "7 + 8 = 15").  `template` is formatted
-    with a and b and then encoded (an `encode` may wrap it in a chat template)."""
+    with a and b and then encoded (an `encode` may wrap it in a chat template).  operands > 2
+    sums that many numbers, named a, b, c, ... in the template (e.g. "{a}+{b}+{c}=", the
+    multi-turn calculator task's problems)."""
 
     encode: Callable[[str], list[int]]
     decode: Callable[[Sequence[int]], str]
     max_operand: int = 9
     template: str = "{a}+{b}="
+    operands: int = 2
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
-        ab = rng.integers(0, self.max_operand + 1, size=(n, 2))
-        return [Problem(self.encode(self.template.format(a=a, b=b)), int(a + b)) for a, b in ab]
+        xs = rng.integers(0, self.max_operand + 1, size=(n, self.operands))
+        return [Problem(self.encode(self.template.format(**dict(zip("abcdefgh", map(int, x))))),
+                        int(x.sum())) for x in xs]
 
     def reward(self, problem: Problem, completion: Sequence[int]) -> float:
         nums = re.findall(r"-?\d+", self.decode(completion))

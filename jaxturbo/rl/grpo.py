@@ -28,6 +28,15 @@ packed rows over data x fsdp, `sharding.put_batch`); rows are packed per shard
 policy on the same mesh and splits the rollout rows over data x fsdp; the weight sync after
 each update is a device_put (all-gather) from the FSDP layout, never through the host.
 tensor/sequence axes > 1 are refused (`check_rl_mesh`).
+Multi-turn tasks (`jaxturbo.rl.multiturn.MultiTurnTask`, e.g. the calculator): step 2 plays
+group_size episodes per problem with `collect_episodes` (policy turns and tool replies in one
+context, through the same engine); the episode reward (sum of per-turn rewards) is the outcome.
+Advantages: `multi_turn_advantage="trajectory"` (default) puts the episode reward through
+`advantage.adv_estimator` (GRPO: group-normalised, equal to `multi_turn_advantages(level=
+"trajectory")`); "step" uses `multi_turn_advantages(level="step")` (per-turn returns-to-go,
+normalised over the group's turns).  The whole trajectory is one packed rollout whose weights
+are 1 on policy tokens only, so prompts and tool output never train; the behaviour logprobs of
+the policy tokens sit at the same target positions for the ratio.
 Not here yet: several updates per batch.
 """
 
@@ -46,12 +55,13 @@ import numpy as np
 from jaxturbo.generate.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
-from jaxturbo.rl.advantages import AdvantageConfig
+from jaxturbo.rl.advantages import AdvantageConfig, multi_turn_advantages
 from jaxturbo.rl.aggregation import aggregate
 from jaxturbo.rl.batch import build_batch
 from jaxturbo.rl.envs import Task
 from jaxturbo.rl.kl import kl_penalty
 from jaxturbo.rl.logprobs import logprobs_from_logits, token_logprobs
+from jaxturbo.rl.multiturn import MultiTurnTask, collect_episodes, run_episodes, step_arrays
 from jaxturbo.rl.policy_loss import (PolicyLossConfig, entropy_bonus, policy_loss,
                                      truncated_is_weights)
 from jaxturbo.rl.rollout import JaxEngine, RolloutEngine, collect_rollouts
@@ -80,6 +90,8 @@ class GRPOConfig:
       which reproduces sync mode through the async machinery).
     tis_cap: async only: cap of the truncated importance weights.
     policy / advantage: see PolicyLossConfig and AdvantageConfig.
+    multi_turn_advantage: multi-turn tasks only: "trajectory" (the episode reward through
+      `advantage`) or "step" (`multi_turn_advantages(level="step")`, gamma advantage.gamma).
     """
 
     prompts_per_step: int = 8
@@ -97,6 +109,7 @@ class GRPOConfig:
     tis_cap: float = 2.0
     policy: PolicyLossConfig = PolicyLossConfig()
     advantage: AdvantageConfig = AdvantageConfig("grpo")
+    multi_turn_advantage: str = "trajectory"
 
 
 def grpo_loss(model_cfg: ModelConfig, cfg: GRPOConfig, attn_impl: str = "auto") -> LossFn:
@@ -173,7 +186,8 @@ class GRPOLearner:
         # the rollout settings do not change the loss: learners that differ only there share
         # one compiled step
         loss_cfg = dataclasses.replace(cfg, rollout_mode="sync", max_staleness=0, tis_cap=1.0,
-                                       prompts_per_step=0, group_size=0, dynamic_filter=False)
+                                       prompts_per_step=0, group_size=0, dynamic_filter=False,
+                                       multi_turn_advantage="trajectory")
         if mesh is None:
             self.train_step = _train_step(model_cfg, loss_cfg, optimizer, train)
         else:  # the shardings come from the params' shapes: not an lru_cache key
@@ -192,6 +206,9 @@ class GRPOLearner:
             raise ValueError(f"rollout_mode {cfg.rollout_mode!r}; choose 'sync' or 'async'")
         if cfg.max_staleness < 0:
             raise ValueError(f"max_staleness={cfg.max_staleness} must be >= 0")
+        if cfg.multi_turn_advantage not in ("trajectory", "step"):
+            raise ValueError(f"multi_turn_advantage {cfg.multi_turn_advantage!r}; choose "
+                             "'trajectory' or 'step'")
         # async: the rollout thread starts on the first step, so that `restore` can set the
         # step count and sampler state it continues from
         self._producer: _Producer | None = None
@@ -215,10 +232,12 @@ class GRPOLearner:
         self.engine.update_weights(self.state.params)
 
     def _collect(self, index: int) -> tuple[list, dict[str, float]]:
+        """Rollouts (single-turn tasks) or `Episode`s (a `MultiTurnTask`) of batch `index`."""
         cfg = self.cfg
         with self._rng_lock:  # remembered for checkpoint_state (see there)
             self._rng_at[index] = self.rng.bit_generator.state
-        return collect_rollouts(
+        collect = collect_episodes if isinstance(self.task, MultiTurnTask) else collect_rollouts
+        return collect(
             self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
             SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
             max_new_tokens=cfg.max_new_tokens, rng=self.rng, stop_ids=self.stop_ids, seed=index)
@@ -237,6 +256,29 @@ class GRPOLearner:
         per_row = max(1, self.cfg.seq_len // longest)
         return -(-n // per_row)
 
+    def _episodes(self, items: list) -> tuple[list, Any, int]:
+        """(rollouts, build_batch's advantage_fn, the longest rollout's inputs bound for the
+        row count) of a collected batch: single-turn rollouts pass through; episodes become
+        their trajectories (policy_mask 0 on tool output)."""
+        cfg = self.cfg
+        if not isinstance(self.task, MultiTurnTask):
+            return items, None, max(len(r.prompt) for r in items) + cfg.max_new_tokens - 1
+        rollouts = [e.rollout for e in items]
+        bound = (max(len(r.prompt) for r in rollouts) - 1
+                 + self.task.max_episode_tokens(cfg.max_new_tokens))
+        longest = max(bound, max(len(r.prompt) + len(r.completion) - 1 for r in rollouts))
+        if cfg.multi_turn_advantage == "trajectory":
+            return rollouts, None, longest  # the episode reward through cfg.advantage
+
+        def step_level(kept: list[int]) -> np.ndarray:
+            arr = step_arrays([items[i] for i in kept])
+            adv = cfg.advantage
+            return np.asarray(multi_turn_advantages(
+                arr["step_rewards"], arr["step_mask"], arr["turn_ids"], arr["group_ids"],
+                level="step", gamma=adv.gamma, scale_by_std=adv.norm_adv_by_std_in_grpo,
+                eps=adv.epsilon))
+        return rollouts, step_level, longest
+
     def step(self) -> dict[str, float]:
         """One rollout batch and one optimizer step; returns float metrics."""
         cfg = self.cfg
@@ -247,10 +289,11 @@ class GRPOLearner:
         else:
             produced_at, rollouts, metrics = self._producer.get()
             metrics["staleness"] = float(self.steps - produced_at)
-        longest = max(len(r.prompt) for r in rollouts) + cfg.max_new_tokens - 1
+        rollouts, adv_fn, longest = self._episodes(rollouts)
         batch, stats = build_batch(rollouts, cfg.advantage, seq_len=cfg.seq_len,
                                    min_rows=self._rows(longest), rows_multiple=self.grad_accum,
-                                   dynamic_filter=cfg.dynamic_filter, num_shards=self.num_shards)
+                                   dynamic_filter=cfg.dynamic_filter, num_shards=self.num_shards,
+                                   advantage_fn=adv_fn)
         metrics.update(stats)
         if batch:
             b = shd.put_batch(batch, self.mesh)
@@ -321,7 +364,12 @@ class _Producer:
 def mean_reward(engine: RolloutEngine, task: Task, problems: list[Any], *,
                 max_new_tokens: int, stop_ids: tuple[int, ...] = (),
                 sampling: SamplingParams = SamplingParams()) -> float:
-    """Mean reward of the engine's policy on fixed problems (greedy by default): held-out eval."""
+    """Mean reward of the engine's policy on fixed problems (greedy by default): held-out eval.
+    A `MultiTurnTask`'s problems are played as episodes (the episode reward)."""
+    if isinstance(task, MultiTurnTask):
+        eps = run_episodes(engine, task, problems, sampling, max_turns=task.max_turns,
+                           max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        return float(np.mean([e.rollout.reward for e in eps]))
     out = engine.generate([p.prompt for p in problems], sampling, max_new_tokens=max_new_tokens,
                           stop_ids=stop_ids)
     return float(np.mean([task.reward(p, c) for p, c in zip(problems, out.completions)]))

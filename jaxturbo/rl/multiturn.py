@@ -6,6 +6,10 @@ the environment ends the episode with a reward.
     rollouts = [e.rollout for e in episodes]                 # policy_mask 0 on tool output
     adv = multi_turn_advantages(step_rewards, step_mask, turn_ids, group_ids, level="step")
 
+Learners train on it through a `MultiTurnTask` (problems from a `Task`, turns answered by a
+`ToolEnv`): `GRPOLearner` given one collects G episodes per problem with `collect_episodes`
+instead of single completions, and packs the whole trajectories (tool output weight 0).
+
 An environment (`ToolEnv`) sees the problem and the policy's latest turn and returns the tokens
 to append (None ends the episode) and that step's reward.  Tool output enters the context, so the
 next turn is conditioned on it, but it is never trained on (`Rollout.policy_mask` is 0 there) and
@@ -24,7 +28,7 @@ import numpy as np
 
 from jaxturbo.generate.sampling import SamplingParams
 from jaxturbo.rl.batch import Rollout
-from jaxturbo.rl.envs import Problem
+from jaxturbo.rl.envs import Problem, Task
 from jaxturbo.rl.rollout import RolloutEngine
 
 
@@ -49,7 +53,8 @@ def run_episodes(engine: RolloutEngine, env: ToolEnv, problems: Sequence[Problem
                  sampling: SamplingParams, *, max_turns: int, max_new_tokens: int,
                  stop_ids: Sequence[int] = (), groups: Sequence[int] | None = None,
                  seed: int = 0) -> list[Episode]:
-    """Play every problem to the end (or max_turns policy turns; the last reward then is 0)."""
+    """Play every problem to the end (or max_turns policy turns: the environment's answer to the
+    last turn gives its reward, its reply tokens are not appended)."""
     groups = list(range(len(problems))) if groups is None else list(groups)
     comp: list[list[int]] = [[] for _ in problems]
     mask: list[list[int]] = [[] for _ in problems]
@@ -71,7 +76,7 @@ def run_episodes(engine: RolloutEngine, env: ToolEnv, problems: Sequence[Problem
             turn_ids[i] += [turn + 1] * len(toks)
             reply, r = env.respond(problems[i], toks)
             rewards[i].append(float(r))
-            if reply is None:
+            if reply is None or turn == max_turns - 1:  # no turn would read a last reply
                 continue
             comp[i] += reply
             mask[i] += [0] * len(reply)
@@ -125,3 +130,50 @@ class CalculatorEnv:
             return self.encode(f"{value}\n"), 0.0
         ans = re.search(r"-?\d+", text)
         return None, float(ans is not None and int(ans.group()) == problem.answer)
+
+
+@dataclasses.dataclass
+class MultiTurnTask:
+    """A task played as episodes: problems from `problems` (a `Task`; its `reward` is unused),
+    every policy turn answered by `env`, at most `max_turns` policy turns.  max_tool_tokens:
+    a bound on one tool reply's tokens (sizes the learner's packed rows)."""
+
+    problems: Task
+    env: ToolEnv
+    max_turns: int = 3
+    max_tool_tokens: int = 8
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
+        return self.problems.sample(n, rng)
+
+    def respond(self, problem: Problem, turn: Sequence[int]) -> tuple[list[int] | None, float]:
+        return self.env.respond(problem, turn)
+
+    def max_episode_tokens(self, max_new_tokens: int) -> int:
+        """Most completion tokens one episode can have (policy turns and tool replies)."""
+        return self.max_turns * max_new_tokens + (self.max_turns - 1) * self.max_tool_tokens
+
+
+def collect_episodes(engine: RolloutEngine, task: MultiTurnTask, n_prompts: int, group_size: int,
+                     sampling: SamplingParams, *, max_new_tokens: int, rng: np.random.Generator,
+                     stop_ids: Sequence[int] = (), seed: int = 0
+                     ) -> tuple[list[Episode], dict[str, float]]:
+    """The multi-turn `collect_rollouts`: n_prompts problems, group_size episodes each (group id
+    = problem index), played with `run_episodes`.  Metrics: rollout_s, rollout_tokens (policy
+    tokens generated), response_len (completion tokens per episode, tool output included),
+    turns (policy turns per episode)."""
+    import time
+
+    problems = task.sample(n_prompts, rng)
+    t0 = time.perf_counter()
+    episodes = run_episodes(engine, task, [p for p in problems for _ in range(group_size)],
+                            sampling, max_turns=task.max_turns, max_new_tokens=max_new_tokens,
+                            stop_ids=stop_ids, seed=seed,
+                            groups=np.repeat(np.arange(n_prompts), group_size).tolist())
+    rollout_s = time.perf_counter() - t0
+    n = max(len(episodes), 1)
+    return episodes, {
+        "rollout_s": rollout_s,
+        "rollout_tokens": float(sum(int(np.sum(e.rollout.mask())) for e in episodes)),
+        "response_len": sum(len(e.rollout.completion) for e in episodes) / n,
+        "turns": sum(len(e.step_rewards) for e in episodes) / n}

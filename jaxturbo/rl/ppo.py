@@ -106,6 +106,9 @@ class PPOLearner:
                  train: TrainConfig = TrainConfig(compute_dtype="float32"),
                  engine: RolloutEngine | None = None, stop_ids: tuple[int, ...] = (),
                  seed: int = 0):
+        from jaxturbo.rl.multiturn import MultiTurnTask
+        if isinstance(task, MultiTurnTask):
+            raise ValueError("PPOLearner is single-turn; multi-turn tasks train with GRPOLearner")
         self.model_cfg, self.task, self.cfg, self.stop_ids = model_cfg, task, cfg, stop_ids
         opt = make_optimizer(optimizer)
         full = {"policy": params, "value_head": init_value_head(model_cfg)}
