@@ -51,6 +51,14 @@ XLA_PRESETS = {
                  "--xla_gpu_enable_latency_hiding_scheduler=true",
                  "--xla_gpu_all_reduce_combine_threshold_bytes=0",
                  "--xla_gpu_enable_highest_priority_async_stream=true"],
+    # the scheduler's cost model: XLA's speed-of-light estimator off (the approximate one gives
+    # every async collective a large latency to hide).  Adding
+    # --xla_gpu_enable_analytical_latency_estimator=true to this aborted XLA (SIGABRT) on H100.
+    "nccl_lhs_nosol": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+                       "--xla_gpu_enable_latency_hiding_scheduler=true",
+                       "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+                       "--xla_gpu_enable_highest_priority_async_stream=true",
+                       "--xla_gpu_enable_analytical_sol_latency_estimator=false"],
     # the same, with the whole decode step (collectives and the while loop included) captured
     # as CUDA graphs: gpt-fast's other lever, launch overhead
     "nccl_lhs_graph": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
@@ -75,7 +83,7 @@ PRESETS = {
                  num_attention_heads=8, num_key_value_heads=8, head_dim=16,
                  max_position_embeddings=512),
 }
-MODES = ("standard", "ladder", "parallel", "desync")
+MODES = ("standard", "ladder", "ladder+streams", "parallel", "desync")
 
 
 def _ints(s: str) -> list[int]:
@@ -85,7 +93,8 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--residual", default=",".join(MODES), help="comma list of residual modes")
+    p.add_argument("--residual", default="standard,ladder,parallel,desync",
+                   help="comma list of residual modes")
     p.add_argument("--tp", default="1,2,4,8", help="comma list of tensor-parallel sizes")
     p.add_argument("--batch", default="1", help="comma list of batch sizes (BENCHMARKS: 1,4,16,64)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)")
@@ -101,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ladder-barrier", action="store_true",
                    help="experiment: make the ladder's optimization barrier the identity in this run "
                         "(rows are labelled '<flags>+nobarrier')")
+    p.add_argument("--ladder-overlap", default="scheduler",
+                   help="comma list for the ladder rows: scheduler (XLA's latency-hiding scheduler "
+                        "places the all-reduces) and/or streams (each MLP on a second GPU stream, "
+                        "issued with its attention all-reduce; rows labelled 'ladder+streams')")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
@@ -177,14 +190,17 @@ def run_worker(a: argparse.Namespace) -> None:
         mesh = make_mesh({"tensor": tp}, devices[:tp])
         tensor.check_tensor_parallel(base, tp)
         params = _random_params(base, mesh, dtype)
-        model = tensor.TensorParallel(mesh, unroll=not a.scan)
+        runs = [(m, o) for m in a.residual.split(",")
+                for o in (a.ladder_overlap.split(",") if m == "ladder" else ["scheduler"])]
         for batch in _ints(a.batch):
             rng = np.random.RandomState(batch)
             toks = jnp.asarray(rng.randint(0, base.vocab_size, (batch, a.prompt)), jnp.int32)
             lens = jnp.full((batch,), a.prompt, jnp.int32)
-            for mode in a.residual.split(","):
+            for mode, overlap in runs:
                 cfg = base.replace(residual_mode=mode)
-                row = dict(preset=a.preset, residual=mode, tp=tp, batch=batch, prompt=a.prompt,
+                model = tensor.TensorParallel(mesh, unroll=not a.scan, ladder_overlap=overlap)
+                label = mode if overlap == "scheduler" else f"{mode}+{overlap}"
+                row = dict(preset=a.preset, residual=label, tp=tp, batch=batch, prompt=a.prompt,
                            new_tokens=a.new_tokens, p2p=p2p, device=devices[0].device_kind,
                            platform=devices[0].platform, layers="scan" if a.scan else "unrolled",
                            xla_preset=a.xla_preset,
@@ -203,7 +219,11 @@ def run_worker(a: argparse.Namespace) -> None:
 
                 t0 = time.perf_counter()
                 jax.block_until_ready(prefill(params, toks, lens))
-                jax.block_until_ready(_generate(params, toks, lens, key, stops, **gen_kw))
+                out = jax.block_until_ready(_generate(params, toks, lens, key, stops, **gen_kw))
+                # greedy tokens of row 0 and the mean log-prob: two ways of running one residual
+                # mode (e.g. ladder and ladder+streams) must agree here
+                row["first_tokens"] = np.asarray(out[0][0, :8]).tolist()
+                row["mean_logp"] = float(np.asarray(out[1], np.float64).mean())
                 row["compile_s"] = time.perf_counter() - t0
                 pre = _median_time(lambda: jax.block_until_ready(prefill(params, toks, lens)), a.reps)
                 gen = _median_time(lambda: jax.block_until_ready(
@@ -217,7 +237,7 @@ def run_worker(a: argparse.Namespace) -> None:
                 if a.dump_hlo:  # the schedule of the timed executable (compile cache hit)
                     Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
                     txt = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile().as_text()
-                    name = (f"generate_{a.preset}_{mode}_tp{tp}_b{batch}_{a.xla_preset}"
+                    name = (f"generate_{a.preset}_{label}_tp{tp}_b{batch}_{a.xla_preset}"
                             f"{'' if p2p else '_nop2p'}.hlo.txt")
                     (Path(a.dump_hlo) / name).write_text(txt)
                 print("ROW " + json.dumps(row), flush=True)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 COMPUTE_OPS = {"fusion", "custom-call", "dot", "convolution", "reduce", "scatter", "gather",
-               "dynamic-update-slice", "while", "conditional", "call"}
+               "dynamic-update-slice", "while", "conditional", "call",
+               "call-start", "async-start"}  # the last two: a computation on another stream
 
 
 @dataclass

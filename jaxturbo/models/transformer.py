@@ -35,9 +35,11 @@ import pallas_kernels
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.layers import linear, rms_norm, swiglu_mlp
 from jaxturbo.models.rope import apply_rope, rope_cos_sin
+from jaxturbo.parallel.overlap import psum_beside
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
+LADDER_OVERLAPS = ("scheduler", "streams")
 AttnFn = Callable[..., jax.Array]
 
 
@@ -174,6 +176,7 @@ def forward(
     unroll: bool = False,
     layer_remat: tuple[Any] | None = None,
     return_hidden: bool = False,
+    ladder_overlap: str = "scheduler",
 ) -> tuple[jax.Array, Cache | None]:
     """Run the decoder.
 
@@ -189,6 +192,10 @@ def forward(
       unroll: Python loop over layers instead of lax.scan (lets XLA schedule across layers).
       layer_remat: (policy,) to rematerialise each layer in the backward (see `_run_layers`).
       return_hidden: return the final normed hidden state [B, T, D] instead of logits.
+      ladder_overlap: how a ladder layer's attention all-reduce overlaps its MLP under tensor
+        parallelism: "scheduler" (left to XLA's latency-hiding scheduler) or "streams" (the MLP
+        runs on a second GPU stream, issued together with the all-reduce:
+        `jaxturbo.parallel.overlap.psum_beside`).  Same values either way.
     Returns:
       logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
     """
@@ -240,13 +247,27 @@ def forward(
             return y
         return jax.lax.optimization_barrier((y, prev))[0]
 
+    if ladder_overlap not in LADDER_OVERLAPS:
+        raise ValueError(f"ladder_overlap={ladder_overlap!r}; choose one of {LADDER_OVERLAPS}")
+    streams = ladder_overlap == "streams" and reduce_ax is not None
+    mlp_names = [n for n in params["layers"] if n.startswith("mlp.") or n.startswith("post_attention")]
+
+    def mlp_of_layer(weights, i, xin):
+        # the stacked weights go into the stream call whole: a slice made outside it is a copy
+        return mlp(_layer_slice(weights, i), xin)
+
     def ladder_step(carry, lp, i):
         x, pa, pm, c = carry
         x = x + pa                      # previous attention's all-reduce is needed only now
         a, c = attn(c, lp, i, x)
-        a = reduce(after(a, pm))
         x = x + pm                      # previous MLP's all-reduce, overlapped by attention
-        m = reduce(after(mlp(lp, x), a))
+        if streams:                     # this attention's all-reduce beside this MLP
+            a, m = psum_beside(after(a, pm), reduce_ax, mlp_of_layer,
+                               {n: params["layers"][n] for n in mlp_names}, i, x)
+        else:
+            a = reduce(after(a, pm))
+            m = mlp(lp, x)
+        m = reduce(after(m, a))
         return x, a, m, c
 
     zeros = jnp.zeros_like(x)

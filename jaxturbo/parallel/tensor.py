@@ -194,6 +194,7 @@ class TensorParallel:
 
     mesh: Mesh
     unroll: bool = False
+    ladder_overlap: str = "scheduler"  # see `forward`: "streams" puts each ladder MLP beside its all-reduce
 
     def __call__(self, params: Params, cfg: ModelConfig, tokens: jax.Array, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -207,7 +208,8 @@ class TensorParallel:
         def local(params, tokens, positions, segment_ids, cache, lengths):
             return forward(params, cfg, tokens, positions=positions, segment_ids=segment_ids,
                            cache=cache, lengths=lengths, tensor_axis=TENSOR,
-                           attn_impl=attn_impl, unroll=unroll, return_hidden=return_hidden)
+                           attn_impl=attn_impl, unroll=unroll, return_hidden=return_hidden,
+                           ladder_overlap=self.ladder_overlap)
 
         rows = P(b, None)
         cspec = None if cache is None else cache_specs(self.mesh)
