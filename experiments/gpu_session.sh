@@ -107,10 +107,28 @@ profile_nomerge() {  # XLA's dot merger off: no runtime concatenation of q/k/v o
 
 ladder4() {  # TP 4, Llama-3-8B shape: standard / ladder / desync (needs 4 GPUs)
   mkdir -p "$OUT/ladder"
-  timeout ${LADDER_TIMEOUT:-420} $PY experiments/ladder_bench.py --preset 8b --tp 4 \
+  rm -rf /tmp/ladder
+  timeout ${LADDER_TIMEOUT:-420} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-4} \
     --residual standard,ladder,desync --batch ${LADDER_BATCH:-1} --p2p ${LADDER_P2P:-on} \
-    --xla-preset ${LADDER_XLA:-default,nccl_lhs} --reps 3 --out /tmp/ladder 2>&1 | tee "$OUT/ladder/log.txt"
-  cp /tmp/ladder/results.* "$OUT/ladder/" 2>/dev/null
+    --xla-preset ${LADDER_XLA:-default,nccl_lhs} --reps 3 --out /tmp/ladder 2>&1 | tee "$OUT/ladder/log${TAG:-}.txt"
+  cp /tmp/ladder/results.json "$OUT/ladder/results${TAG:-}.json" 2>/dev/null
+  cp /tmp/ladder/results.md "$OUT/ladder/results${TAG:-}.md" 2>/dev/null
+}
+
+ladder_streams() {  # TP 4, 8B: ladder with XLA's scheduler vs each MLP on a second stream (needs 4 GPUs)
+  mkdir -p "$OUT/ladder"
+  rm -rf /tmp/ladder_hlo
+  timeout ${LADDER_TIMEOUT:-300} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-4} \
+    --residual ${LADDER_MODES:-standard,ladder,desync} --ladder-overlap scheduler,streams \
+    --batch ${LADDER_BATCH:-1} --p2p ${LADDER_P2P:-on} --xla-preset ${LADDER_XLA:-nccl_lhs} --reps 3 \
+    ${LADDER_DUMP:+--dump-hlo /tmp/ladder_hlo} --out /tmp/ladder_s 2>&1 | tee "$OUT/ladder/log_streams${TAG:-}.txt"
+  cp /tmp/ladder_s/results.json "$OUT/ladder/results_streams${TAG:-}.json" 2>/dev/null
+  cp /tmp/ladder_s/results.md "$OUT/ladder/results_streams${TAG:-}.md" 2>/dev/null
+  if [ -d /tmp/ladder_hlo ]; then
+    $PY experiments/ladder/hlo_overlap.py --excerpt /tmp/ladder_hlo/*ladder*.hlo.txt \
+      > "$OUT/ladder/hlo_overlap${TAG:-}.txt" 2>&1
+    gzip -c /tmp/ladder_hlo/*ladder+streams*.hlo.txt > "$OUT/ladder/ladder_streams_hlo.txt.gz" 2>/dev/null
+  fi
 }
 
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
@@ -127,9 +145,9 @@ longest() {  # longest trainable sequence, Llama-1B shape, SP 1/2/4 (needs 4 GPU
 
 fsdp8b() {  # Llama-3-8B train step with FSDP over all GPUs (needs 4 GPUs)
   mkdir -p "$OUT/train"
-  timeout ${FSDP_TIMEOUT:-200} $PY experiments/train_bench.py --preset llama-8b-fsdp \
-    --budget-s ${FSDP_BUDGET:-90} 2>&1 | tee "$OUT/train/log_8b_fsdp.txt"
-  cp experiments/train/results_llama-8b-fsdp.* "$OUT/train/" 2>/dev/null
+  timeout ${FSDP_TIMEOUT:-200} $PY experiments/train_bench.py --preset llama-8b-fsdp ${FSDP_FLAGS:-} \
+    ${FSDP_RUNS:+--runs "$FSDP_RUNS"} --budget-s ${FSDP_BUDGET:-150} 2>&1 | tee "$OUT/train/log_8b_fsdp${TAG:-}.txt"
+  cp experiments/train/results_llama-8b-fsdp*.* "$OUT/train/" 2>/dev/null
 }
 
 heal() {
