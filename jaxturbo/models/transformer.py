@@ -252,19 +252,22 @@ def forward(
     streams = ladder_overlap == "streams" and reduce_ax is not None
     mlp_names = [n for n in params["layers"] if n.startswith("mlp.") or n.startswith("post_attention")]
 
-    def mlp_of_layer(weights, i, xin):
-        # the stacked weights go into the stream call whole: a slice made outside it is a copy
-        return mlp(_layer_slice(weights, i), xin)
+    def mlp_of_layer(weights, i, x, pm):
+        # The stacked weights go into the stream call whole: a slice made outside it is a copy.
+        # x + pm is added in here too: added outside, XLA fused it with the next attention's
+        # input add, which then waited for this MLP all-reduce (all 64 all-reduces went sync).
+        x = x + pm
+        return mlp(_layer_slice(weights, i), x), x
 
     def ladder_step(carry, lp, i):
         x, pa, pm, c = carry
         x = x + pa                      # previous attention's all-reduce is needed only now
         a, c = attn(c, lp, i, x)
-        x = x + pm                      # previous MLP's all-reduce, overlapped by attention
         if streams:                     # this attention's all-reduce beside this MLP
-            a, m = psum_beside(after(a, pm), reduce_ax, mlp_of_layer,
-                               {n: params["layers"][n] for n in mlp_names}, i, x)
+            a, (m, x) = psum_beside(after(a, pm), reduce_ax, mlp_of_layer,
+                                    {n: params["layers"][n] for n in mlp_names}, i, x, pm)
         else:
+            x = x + pm                  # previous MLP's all-reduce, overlapped by attention
             a = reduce(after(a, pm))
             m = mlp(lp, x)
         m = reduce(after(m, a))
