@@ -73,7 +73,7 @@ class Case:
 
 def presets(name: str):
     """(attention cases, implementations, decode (batch, context) grid, kv-head config)."""
-    impls = ["pallas_triton", "cudnn", "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
+    impls = ["pallas_triton", "mosaic_gpu", "cudnn", "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
     if name == "tiny":
         cases = [Case(1, 64, 2, 1, 32, True), Case(1, 64, 2, 2, 32, False),
                  Case(1, 64, 2, 1, 32, True, segments=2)]
@@ -138,6 +138,10 @@ def attention_fn(impl: str, c: Case, seg, interpret: bool, config=None):
         return "needs a GPU"
     if impl == "cudnn":
         return lambda q, k, v: api.attention(q, k, v, implementation="cudnn", **kw)
+    if impl == "mosaic_gpu":
+        if c.segments or c.window:
+            return "no segment ids / sliding window yet"
+        return lambda q, k, v: api.attention(q, k, v, implementation="mosaic_gpu", **kw)
     if impl == "jax_pallas_mha":
         if c.kh != c.h or c.window:
             return "no GQA / sliding window"

@@ -9,6 +9,9 @@ a saved output and lse, for callers that merge partial results: ring attention),
                    directly (`flash_attention/cudnn_lse.py`; no segments/softcap/window);
   "pallas_triton"  Pallas kernels through the Triton lowering (GPU; interpret mode on CPU);
   "mosaic_tpu"     Pallas kernels through Mosaic TPU (TPU; TPU interpret mode on CPU);
+  "mosaic_gpu"     the Hopper forward through Mosaic GPU (bf16/fp16; no segments, window or
+                   softcap yet; GPU interpret mode on CPU) with the Pallas-Triton backward.
+                   Not chosen by "auto"/"pallas" until it is timed on a GPU;
   "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu, else pallas_triton;
                    on CPU it runs in interpret mode: slow, for tests);
   "auto"           the fastest correct choice for the platform and case (see `_auto_attention`).
@@ -26,8 +29,9 @@ from pallas_kernels.decode_attention.reference import (decode_attention_referenc
 from pallas_kernels.flash_attention.reference import (attention_backward_reference,
                                                       attention_mask, attention_reference)
 
-Implementation = Literal["auto", "pallas", "pallas_triton", "mosaic_tpu", "cudnn", "xla"]
-_ATTENTION_IMPLS = ("auto", "pallas", "pallas_triton", "mosaic_tpu", "cudnn", "xla")
+Implementation = Literal["auto", "pallas", "pallas_triton", "mosaic_tpu", "mosaic_gpu", "cudnn",
+                         "xla"]
+_ATTENTION_IMPLS = ("auto", "pallas", "pallas_triton", "mosaic_tpu", "mosaic_gpu", "cudnn", "xla")
 
 
 def _platform() -> str:
@@ -145,6 +149,9 @@ def attention(
     if implementation == "pallas_triton":
         from pallas_kernels.flash_attention import pallas_triton
         return pallas_triton.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
+    if implementation == "mosaic_gpu":
+        from pallas_kernels.flash_attention import mosaic_gpu
+        return mosaic_gpu.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
     from pallas_kernels.flash_attention import mosaic_tpu
     return mosaic_tpu.flash_attention(q, k, v, config=config, interpret=interp, **kwargs)
 
@@ -195,6 +202,8 @@ def attention_backward(
         from pallas_kernels.flash_attention import cudnn_lse
         return cudnn_lse.cudnn_attention_bwd(q, k, v, out, lse, dout, causal=causal,
                                              scale=scale)
+    if implementation == "mosaic_gpu":  # its backward is the Pallas-Triton one
+        implementation = "pallas_triton"
     interp = _interpret(implementation, interpret)
     if implementation == "pallas_triton":
         from pallas_kernels.flash_attention import pallas_triton
@@ -219,7 +228,7 @@ def decode_attention(
     config=None,
 ) -> jax.Array:
     """One query per sequence over its cache: q [B, H, D], caches [B, S, K, D], lengths [B]."""
-    if implementation not in _ATTENTION_IMPLS or implementation == "cudnn":
+    if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
         raise ValueError(f"decode attention implementation {implementation!r} is unknown; "
                          "choose one of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
     if implementation == "auto":
@@ -255,7 +264,7 @@ def mla_decode_attention(
 
     See `decode_attention.reference.mla_decode_reference`.
     """
-    if implementation not in _ATTENTION_IMPLS or implementation == "cudnn":
+    if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
         raise ValueError(f"MLA decode implementation {implementation!r} is unknown; choose one "
                          "of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
     if implementation == "auto":

@@ -195,7 +195,9 @@ def forward(
       ladder_overlap: how a ladder layer's attention all-reduce overlaps its MLP under tensor
         parallelism: "scheduler" (left to XLA's latency-hiding scheduler) or "streams" (the MLP
         runs on a second GPU stream, issued together with the all-reduce:
-        `jaxturbo.parallel.overlap.psum_beside`).  Same values either way.
+        `jaxturbo.parallel.overlap.psum_beside`).  Same values either way.  On 4x H100
+        (8B, TP 4, batch 1) "streams" hides every all-reduce and is still slower
+        (experiments/ladder/NOTES.md), so "scheduler" is the default.
     Returns:
       logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
     """

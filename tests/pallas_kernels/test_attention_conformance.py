@@ -19,6 +19,7 @@ from pallas_kernels.decode_attention import mosaic_tpu as decode_tpu
 from pallas_kernels.decode_attention import pallas_triton as decode_triton
 from pallas_kernels.decode_attention.reference import (decode_attention_reference,
                                                        mla_decode_reference)
+from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
 from pallas_kernels.flash_attention import mosaic_tpu as flash_tpu
 from pallas_kernels.flash_attention import pallas_triton as flash_triton
 from pallas_kernels.flash_attention.reference import attention_reference
@@ -111,6 +112,46 @@ def test_flash_attention_interpret(impl, case):
         pytest.skip("covered by the other implementation's run (interpret mode is slow)")
     kw = dict(dict(FLASH_CASES)[case])
     check_flash(lambda *a, **k: IMPLS[impl](q=a[0], k=a[1], v=a[2], interpret=True, **k), **kw)
+
+
+# The Mosaic GPU (Hopper) forward, in GPU interpret mode: bf16/fp16 only, and no segment ids,
+# window or soft-cap in its first version; its backward is the Pallas-Triton one.
+MGPU_CASES = [
+    ("full_gqa1_odd", dict(b=1, t=37, s=37, h=2, kh=2)),
+    ("causal_gqa4_two_q_blocks", dict(b=2, t=70, s=70, h=4, kh=1, d=32, causal=True)),
+    ("causal_cross_gqa8_scale", dict(b=1, t=20, s=90, h=8, kh=1, causal=True, scale=0.3)),
+    ("fp16_cross_three_k_blocks", dict(b=1, t=64, s=130, h=2, kh=1, d=64, dtype=jnp.float16)),
+]
+
+
+def _mgpu(interpret=True):
+    cfg = flash_mgpu.Config(bwd=flash_triton.Config(16, 16, 16, 16))
+    return lambda *a, **k: flash_mgpu.flash_attention(*a, config=cfg, interpret=interpret, **k)
+
+
+@pytest.mark.parametrize("case", [c[0] for c in MGPU_CASES])
+def test_flash_mosaic_gpu_interpret(case):
+    kw = dict(dict(MGPU_CASES)[case])
+    kw.setdefault("dtype", jnp.bfloat16)
+    check_flash(_mgpu(), **kw)
+
+
+def test_flash_mosaic_gpu_has_no_races():
+    """The interpreter's happens-before race detector over the TMA ring and the barriers."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    q, k, v = _inputs(5, 1, 50, 150, 2, 1, 16, jnp.bfloat16)
+    out = _mgpu(plgpu.InterpretGPUParams(detect_races=True))(q, k, v, causal=True)
+    assert not interpret_pallas_call.get_races().races_found
+    assert _rel(out, attention_reference(q, k, v, causal=True)) <= BF16_TOL
+
+
+def test_flash_mosaic_gpu_refuses_what_it_lacks():
+    q, k, v = _inputs(0, 1, 8, 8, 2, 1, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="segment ids, sliding window or softcap"):
+        flash_mgpu.flash_attention(q, k, v, sliding_window=4, interpret=True)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        flash_mgpu.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), interpret=True)
 
 
 def test_api_dispatch_matches_reference():
@@ -230,6 +271,14 @@ def test_flash_attention_native_gpu(case):
         kw["dtype"] = jnp.float32
     check_flash(lambda *a, **k: flash_triton.flash_attention(
         *a, config=flash_triton.Config(32, 32, 32, 32), **k), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_mosaic_gpu_native(causal):
+    """The Mosaic GPU kernel compiled for the GPU (forward and, through Triton, backward)."""
+    check_flash(_mgpu(interpret=False), b=2, t=300, s=300, h=4, kh=1, d=128,
+                dtype=jnp.bfloat16, causal=causal)
 
 
 @pytest.mark.gpu

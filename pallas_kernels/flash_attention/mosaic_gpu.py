@@ -1,0 +1,225 @@
+"""Flash attention forward for Hopper through Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`).
+
+Version 1, written to the Mosaic GPU programming model and checked on CPU in GPU interpret mode
+(`plgpu.InterpretGPUParams`); **not yet compiled or timed on a GPU** (experiments/attention/NOTES.md):
+
+- one warpgroup per program computes a [block_q = 64, D] tile of one (batch, head);
+- K/V blocks stream through a two-slot shared-memory ring filled by TMA copies: block j + 1 is
+  in flight while block j is multiplied;
+- S = Q K^T and P V are warpgroup matmuls (wgmma) with float32 accumulators (P staged in
+  shared memory); the online softmax keeps the running max and sum per row;
+- causal attention loops only over the key blocks a query block can see (a dynamic trip count),
+  and masks inside the diagonal block;
+- GQA reads the shared K/V head (h // (H / K)) without repeating it; sequences that are not a
+  multiple of the blocks are padded here and padded keys masked.
+
+Segment ids, sliding window and soft-cap are not in this version (ValueError names the
+implementations that have them).  The backward is the Pallas-Triton one, fed this forward's
+output and log-sum-exp (`common.flash_with_vjp`), so `jax.grad` works through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.flash_attention import common
+from pallas_kernels.flash_attention import pallas_triton
+
+NEG_INF = common.NEG_INF
+_SLOTS = 2  # K/V ring depth: one block computed while the next one loads
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tile sizes (static).  block_q is one warpgroup's wgmma M (64); block_k a multiple of 64
+    keeps the K tile a whole number of swizzled rows.  bwd: the Pallas-Triton backward's."""
+
+    block_q: int = 64
+    block_k: int = 64
+    bwd: pallas_triton.Config = pallas_triton.Config()
+
+
+def _smem_transforms(d: int, dtype) -> tuple:
+    """Tiling + swizzle of a [rows, d] shared-memory tile, as wgmma wants its operands."""
+    itemsize = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(d * itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpret: bool):
+    """q [B, T, H, D], k/v [B, S, K, D] (bf16/fp16) -> out [B, T, H, D], lse [B, H, T] f32."""
+    del q_seg, k_seg  # refused in flash_attention
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    bq, bk = cfg.block_q, cfg.block_k
+    tp, sp = common.round_up(t, bq), common.round_up(s, bk)
+    q_p, k_p, v_p = common.pad_seq(q, tp), common.pad_seq(k, sp), common.pad_seq(v, sp)
+    nq, nk = tp // bq, sp // bk
+    group = h // kh
+    dtype = q.dtype
+    tr = _smem_transforms(d, dtype)
+
+    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem,
+               q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars):
+        bh, qi = lax.axis_index("bh"), lax.axis_index("q")
+        bi, hi = bh // h, bh % h
+        ki = hi // group
+        row0 = qi * bq
+        # key blocks this query block can see: all of them, or (causal) up to its last row
+        n_blocks = nk
+        if spec.causal:
+            last = jnp.minimum(row0 + bq - 1 + spec.offset, s - 1)
+            n_blocks = jnp.clip(last // bk + 1, 0, nk)
+
+        def fetch(j, slot):
+            plgpu.copy_gmem_to_smem(k_gmem.at[bi, pl.ds(j * bk, bk), ki], k_smem.at[slot],
+                                    k_bars.at[slot])
+            plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(j * bk, bk), ki], v_smem.at[slot],
+                                    v_bars.at[slot])
+
+        plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(row0, bq), hi], q_smem, q_bar.at[0])
+
+        @pl.when(n_blocks > 0)
+        def _():
+            fetch(0, 0)
+
+        plgpu.barrier_wait(q_bar.at[0])
+
+        rows = lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + row0 + spec.offset
+        cols0 = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+
+        def body(j, carry):
+            m, l, o = carry
+            slot = lax.rem(j, _SLOTS)
+
+            @pl.when(j + 1 < n_blocks)
+            def _():  # the other slot's wgmmas finished last iteration (waited below)
+                fetch(j + 1, 1 - slot)
+
+            plgpu.barrier_wait(k_bars.at[slot])
+
+            def scores(acc):
+                plgpu.wgmma(acc, q_smem, k_smem.at[slot].T)
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            sc = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
+            sc = sc * spec.scale
+            cols = cols0 + j * bk
+            ok = cols < s
+            if spec.causal:
+                ok = ok & (cols <= rows)
+            sc = jnp.where(ok, sc, NEG_INF)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+            m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(sc - m_safe[:, None])
+            l = l * alpha + jnp.sum(p, axis=1)
+            plgpu.barrier_wait(v_bars.at[slot])
+
+            # P goes through shared memory (GPU interpret mode's wgmma reads its A operand
+            # from a ref; from registers would save this round trip on the GPU)
+            p_smem[...] = p.astype(dtype)
+            plgpu.commit_smem()
+
+            def values(acc):
+                plgpu.wgmma(acc, p_smem, v_smem.at[slot])
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            # (a pre-initialised accumulator, o * alpha, would save this add; GPU interpret
+            # mode does not run wgmma inside pl.run_state, so v1 adds in registers)
+            pv = pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
+            return m_new, l, o * alpha[:, None] + pv
+
+        init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
+                jnp.zeros((bq, d), jnp.float32))
+        m, l, o = lax.fori_loop(0, n_blocks, body, init)
+        l_safe = jnp.where(l == 0.0, 1.0, l)
+        o_smem[...] = (o / l_safe[:, None]).astype(dtype)
+        lse_smem[...] = jnp.where(l == 0.0, NEG_INF, m + jnp.log(l_safe))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, pl.ds(row0, bq), hi])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, hi, pl.ds(row0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((b, tp, h, d), dtype),
+                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
+        scratch_types=[
+            plgpu.SMEM((bq, d), dtype, transforms=tr),
+            plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
+            plgpu.SMEM((bq, d), dtype, transforms=tr),
+            plgpu.SMEM((bq,), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_barriers=_SLOTS),
+            plgpu.Barrier(num_barriers=_SLOTS),
+        ],
+        grid=(b * h, nq),
+        grid_names=("bh", "q"),
+        interpret=_interpret_params(interpret),
+    )
+    out, lse = call(q_p, k_p, v_p)
+    return out[:, :t], lse[:, :, :t]
+
+
+def _interpret_params(interpret) -> plgpu.InterpretGPUParams | bool:
+    """True -> default GPU interpret mode on CPU; an InterpretGPUParams (e.g. with
+    detect_races=True) is used as given; False compiles for the GPU."""
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams() if interpret else False
+
+
+def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg: Config, interpret):
+    return pallas_triton._backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec,
+                                   cfg.bwd, bool(interpret))
+
+
+_flash = common.flash_with_vjp(_forward, _backward)
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    config: Config | None = None,
+    interpret: bool | plgpu.InterpretGPUParams = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Flash attention, q [B, T, H, D], k/v [B, S, K, D] (bf16/fp16) -> out [B, T, H, D]
+    (, lse [B, H, T] float32).  Same semantics as `attention_reference` for what it covers.
+    interpret: run in GPU interpret mode on CPU (True, or InterpretGPUParams)."""
+    common.check_inputs(q, k, v)
+    if segment_ids is not None or sliding_window is not None or softcap is not None:
+        raise ValueError("the Mosaic GPU kernel has no segment ids, sliding window or softcap "
+                         "yet; use implementation='pallas_triton', 'cudnn' or 'xla'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 or float16 q/k/v, got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype}")
+    cfg = config or Config()
+    if cfg.block_q != 64 or cfg.block_k % 64:
+        raise ValueError(f"block_q must be 64 and block_k a multiple of 64, got {cfg}")
+    if q.shape[-1] % 16:
+        raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
+    spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=None, scale=scale,
+                                    softcap=None, segment_ids=None, kv_segment_ids=None)
+    out, lse = _flash(q, k, v, None, kv_seg, spec, cfg, interpret)
+    return (out, lse) if return_lse else out
