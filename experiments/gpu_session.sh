@@ -4,6 +4,7 @@
 #
 #   bash experiments/gpu_session.sh setup train mladecode profile   # MFU grid, MLA decode, TP-4 shard profile
 #   bash experiments/gpu_session.sh setup heal grpo    # needs the SmolLM2 GGUF (see below)
+#   bash experiments/gpu_session.sh setup mgpu         # Mosaic GPU flash kernel: native tests + grid
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
@@ -129,6 +130,14 @@ ladder_streams() {  # TP 4, 8B: ladder with XLA's scheduler vs each MLP on a sec
       > "$OUT/ladder/hlo_overlap${TAG:-}.txt" 2>&1
     gzip -c /tmp/ladder_hlo/*ladder+streams*.hlo.txt > "$OUT/ladder/ladder_streams_hlo.txt.gz" 2>/dev/null
   fi
+}
+
+mgpu() {  # Mosaic GPU flash forward: native conformance, then the attention grid (one H100)
+  mkdir -p "$OUT/attention"
+  timeout ${MGPU_TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu tests/pallas_kernels -k mosaic_gpu \
+    2>&1 | tail -40 | tee "$OUT/attention/pytest_mosaic_gpu.txt"
+  timeout ${MGPU_BENCH_TIMEOUT:-330} $PY experiments/attention_bench.py --preset h100 \
+    --only attention --no-configs --out "$OUT/attention" 2>&1 | tail -40
 }
 
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
