@@ -146,6 +146,19 @@ def test_flash_mosaic_gpu_has_no_races():
     assert _rel(out, attention_reference(q, k, v, causal=True)) <= BF16_TOL
 
 
+@pytest.mark.parametrize("d,causal", [(128, True), (64, False)])
+def test_flash_mosaic_gpu_lowers_for_cuda(d, causal):
+    """Pallas -> Mosaic GPU lowering (down to the NVVM-level module inside the custom call) runs
+    on CPU for a CUDA target: catches ops and layouts the real GPU path has no rule for, which
+    interpret mode would not notice."""
+    q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
+    f = lambda q, k, v: flash_mgpu.flash_attention(q, k, v, causal=causal, return_lse=True)
+    text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert "wgmma" in text and "nvvm.mbarrier" in text
+
+
 def test_flash_mosaic_gpu_refuses_what_it_lacks():
     q, k, v = _inputs(0, 1, 8, 8, 2, 1, 16, jnp.bfloat16)
     with pytest.raises(ValueError, match="segment ids, sliding window or softcap"):
