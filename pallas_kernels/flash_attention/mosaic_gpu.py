@@ -1,11 +1,14 @@
 """Flash attention forward for Hopper through Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`).
 
-Version 1, written to the Mosaic GPU programming model and checked on CPU in GPU interpret mode
-(`plgpu.InterpretGPUParams`); **not yet compiled or timed on a GPU** (experiments/attention/NOTES.md):
+Version 1, written to the Mosaic GPU programming model, checked on CPU in GPU interpret mode
+(`plgpu.InterpretGPUParams`, with its race detector) and lowered for a CUDA target on CPU;
+**not yet compiled to PTX, run or timed on a GPU** (experiments/attention/NOTES.md):
 
-- one warpgroup per program computes a [block_q = 64, D] tile of one (batch, head);
-- K/V blocks stream through a two-slot shared-memory ring filled by TMA copies: block j + 1 is
-  in flight while block j is multiplied;
+- one or two warpgroups per program (`Config.consumers`) each compute 64 query rows of one
+  (batch, head);
+- K/V blocks stream through a two-slot shared-memory ring filled by TMA copies that warpgroup 0
+  issues: block j + 1 is in flight while block j is multiplied; with two warpgroups each block
+  serves 128 rows and a "free" barrier tells warpgroup 0 when both have finished a slot;
 - S = Q K^T and P V are warpgroup matmuls (wgmma) with float32 accumulators (P staged in
   shared memory); the online softmax keeps the running max and sum per row;
 - causal attention loops only over the key blocks a query block can see (a dynamic trip count),
@@ -38,11 +41,16 @@ _SLOTS = 2  # K/V ring depth: one block computed while the next one loads
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Tile sizes (static).  block_q is one warpgroup's wgmma M (64); block_k a multiple of 64
-    keeps the K tile a whole number of swizzled rows.  bwd: the Pallas-Triton backward's."""
+    """Tile sizes (static).
+
+    block_q: rows per warpgroup (one wgmma M, 64); consumers: warpgroups per program sharing
+    one K/V ring (a program computes block_q * consumers rows, so each K/V block loaded serves
+    that many rows); block_k: a multiple of 64 keeps a K tile whole swizzled rows.
+    bwd: the Pallas-Triton backward's tiles."""
 
     block_q: int = 64
     block_k: int = 64
+    consumers: int = 1
     bwd: pallas_triton.Config = pallas_triton.Config()
 
 
@@ -53,29 +61,32 @@ def _smem_transforms(d: int, dtype) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpret: bool):
+def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpret):
     """q [B, T, H, D], k/v [B, S, K, D] (bf16/fp16) -> out [B, T, H, D], lse [B, H, T] f32."""
     del q_seg, k_seg  # refused in flash_attention
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
-    bq, bk = cfg.block_q, cfg.block_k
-    tp, sp = common.round_up(t, bq), common.round_up(s, bk)
+    bq, bk, nc = cfg.block_q, cfg.block_k, cfg.consumers
+    tile = bq * nc  # query rows per program
+    tp, sp = common.round_up(t, tile), common.round_up(s, bk)
     q_p, k_p, v_p = common.pad_seq(q, tp), common.pad_seq(k, sp), common.pad_seq(v, sp)
-    nq, nk = tp // bq, sp // bk
+    nq, nk = tp // tile, sp // bk
     group = h // kh
     dtype = q.dtype
     tr = _smem_transforms(d, dtype)
 
-    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem,
-               q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars):
+    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, k_smem, v_smem, p_smem,
+               o_smem, lse_smem, q_bar, k_bars, v_bars, *free_bars):
         bh, qi = lax.axis_index("bh"), lax.axis_index("q")
+        wg = lax.axis_index("wg") if nc > 1 else 0
         bi, hi = bh // h, bh % h
         ki = hi // group
-        row0 = qi * bq
-        # key blocks this query block can see: all of them, or (causal) up to its last row
+        row0 = qi * tile + wg * bq  # this warpgroup's rows
+        # key blocks the program's rows can see: all, or (causal) up to its last row.  Every
+        # warpgroup runs the same count (they share the ring); the mask does the rest.
         n_blocks = nk
         if spec.causal:
-            last = jnp.minimum(row0 + bq - 1 + spec.offset, s - 1)
+            last = jnp.minimum(qi * tile + tile - 1 + spec.offset, s - 1)
             n_blocks = jnp.clip(last // bk + 1, 0, nk)
 
         def fetch(j, slot):
@@ -84,13 +95,14 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(j * bk, bk), ki], v_smem.at[slot],
                                     v_bars.at[slot])
 
-        plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(row0, bq), hi], q_smem, q_bar.at[0])
+        plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(row0, bq), hi], q_smem.at[wg],
+                                q_bar.at[wg])
 
-        @pl.when(n_blocks > 0)
+        @pl.when((n_blocks > 0) & (wg == 0))  # warpgroup 0 also issues the K/V copies
         def _():
             fetch(0, 0)
 
-        plgpu.barrier_wait(q_bar.at[0])
+        plgpu.barrier_wait(q_bar.at[wg])
 
         rows = lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + row0 + spec.offset
         cols0 = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -99,14 +111,20 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             m, l, o = carry
             slot = lax.rem(j, _SLOTS)
 
-            @pl.when(j + 1 < n_blocks)
-            def _():  # the other slot's wgmmas finished last iteration (waited below)
+            @pl.when((j + 1 < n_blocks) & (wg == 0))
+            def _():
+                # the other slot was last read in iteration j - 1: by this warpgroup (its
+                # wgmmas were waited for), and with several, by all of them (free barrier)
+                if nc > 1:
+                    @pl.when(j >= 1)
+                    def _():
+                        plgpu.barrier_wait(free_bars[0].at[1 - slot])
                 fetch(j + 1, 1 - slot)
 
             plgpu.barrier_wait(k_bars.at[slot])
 
             def scores(acc):
-                plgpu.wgmma(acc, q_smem, k_smem.at[slot].T)
+                plgpu.wgmma(acc, q_smem.at[wg], k_smem.at[slot].T)
                 plgpu.wgmma_wait(0)
                 return acc[...]
 
@@ -126,28 +144,35 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
 
             # P goes through shared memory (GPU interpret mode's wgmma reads its A operand
             # from a ref; from registers would save this round trip on the GPU)
-            p_smem[...] = p.astype(dtype)
+            p_smem.at[wg][...] = p.astype(dtype)
             plgpu.commit_smem()
 
             def values(acc):
-                plgpu.wgmma(acc, p_smem, v_smem.at[slot])
+                plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[slot])
                 plgpu.wgmma_wait(0)
                 return acc[...]
 
             # (a pre-initialised accumulator, o * alpha, would save this add; GPU interpret
             # mode does not run wgmma inside pl.run_state, so v1 adds in registers)
             pv = pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
+            if nc > 1:
+                plgpu.barrier_arrive(free_bars[0].at[slot])  # done reading this slot
             return m_new, l, o * alpha[:, None] + pv
 
         init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
                 jnp.zeros((bq, d), jnp.float32))
         m, l, o = lax.fori_loop(0, n_blocks, body, init)
+        if nc > 1:  # warpgroup 0 observes the slots' last releases too (barrier phases balance)
+            for back in (1, 2):
+                @pl.when((wg == 0) & (n_blocks >= back))
+                def _():
+                    plgpu.barrier_wait(free_bars[0].at[lax.rem(n_blocks - back, _SLOTS)])
         l_safe = jnp.where(l == 0.0, 1.0, l)
-        o_smem[...] = (o / l_safe[:, None]).astype(dtype)
-        lse_smem[...] = jnp.where(l == 0.0, NEG_INF, m + jnp.log(l_safe))
+        o_smem.at[wg][...] = (o / l_safe[:, None]).astype(dtype)
+        lse_smem.at[wg][...] = jnp.where(l == 0.0, NEG_INF, m + jnp.log(l_safe))
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, pl.ds(row0, bq), hi])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[bi, hi, pl.ds(row0, bq)])
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[bi, pl.ds(row0, bq), hi])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[bi, hi, pl.ds(row0, bq)])
         plgpu.wait_smem_to_gmem(0)
 
     call = plgpu.kernel(
@@ -155,18 +180,21 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
         out_type=(jax.ShapeDtypeStruct((b, tp, h, d), dtype),
                   jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
         scratch_types=[
-            plgpu.SMEM((bq, d), dtype, transforms=tr),
+            plgpu.SMEM((nc, bq, d), dtype, transforms=tr),
             plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
             plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
-            plgpu.SMEM((bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
-            plgpu.SMEM((bq, d), dtype, transforms=tr),
-            plgpu.SMEM((bq,), jnp.float32),
-            plgpu.Barrier(num_barriers=1),
+            plgpu.SMEM((nc, bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
+            plgpu.SMEM((nc, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((nc, bq), jnp.float32),
+            plgpu.Barrier(num_barriers=nc),
             plgpu.Barrier(num_barriers=_SLOTS),
             plgpu.Barrier(num_barriers=_SLOTS),
+            *([plgpu.Barrier(num_arrivals=nc, num_barriers=_SLOTS)] if nc > 1 else []),
         ],
         grid=(b * h, nq),
         grid_names=("bh", "q"),
+        num_threads=nc if nc > 1 else None,
+        thread_name="wg" if nc > 1 else None,
         interpret=_interpret_params(interpret),
     )
     out, lse = call(q_p, k_p, v_p)
@@ -215,8 +243,9 @@ def flash_attention(
         raise ValueError(f"the Mosaic GPU kernel takes bfloat16 or float16 q/k/v, got "
                          f"{q.dtype}/{k.dtype}/{v.dtype}")
     cfg = config or Config()
-    if cfg.block_q != 64 or cfg.block_k % 64:
-        raise ValueError(f"block_q must be 64 and block_k a multiple of 64, got {cfg}")
+    if cfg.block_q != 64 or cfg.block_k % 64 or cfg.consumers not in (1, 2):
+        raise ValueError(f"block_q must be 64, block_k a multiple of 64 and consumers 1 or 2, "
+                         f"got {cfg}")
     if q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
     spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=None, scale=scale,
