@@ -10,7 +10,8 @@ a saved output and lse, for callers that merge partial results: ring attention),
   "pallas_triton"  Pallas kernels through the Triton lowering (GPU; interpret mode on CPU);
   "mosaic_tpu"     Pallas kernels through Mosaic TPU (TPU; TPU interpret mode on CPU);
   "mosaic_gpu"     the Hopper forward through Mosaic GPU (bf16/fp16; no segments, window or
-                   softcap yet; GPU interpret mode on CPU) with the Pallas-Triton backward.
+                   softcap yet; GPU interpret mode on CPU); its gradient is cuDNN's backward
+                   where that covers the call, else the Pallas-Triton one.
                    Not chosen by "auto"/"pallas" until it is timed on a GPU;
   "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu, else pallas_triton;
                    on CPU it runs in interpret mode: slow, for tests);
@@ -192,6 +193,8 @@ def attention_backward(
     if implementation == "auto":
         implementation = {"tpu": "mosaic_tpu",
                           "gpu": "cudnn" if cudnn_ok else "pallas_triton"}.get(_platform(), "xla")
+    if implementation == "mosaic_gpu":  # it has no backward kernel of its own
+        implementation = "cudnn" if cudnn_ok and _platform() == "gpu" else "pallas_triton"
     implementation = _resolve_pallas(implementation)
     kwargs = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                   scale=scale, softcap=softcap)
@@ -202,8 +205,6 @@ def attention_backward(
         from pallas_kernels.flash_attention import cudnn_lse
         return cudnn_lse.cudnn_attention_bwd(q, k, v, out, lse, dout, causal=causal,
                                              scale=scale)
-    if implementation == "mosaic_gpu":  # its backward is the Pallas-Triton one
-        implementation = "pallas_triton"
     interp = _interpret(implementation, interpret)
     if implementation == "pallas_triton":
         from pallas_kernels.flash_attention import pallas_triton

@@ -17,8 +17,9 @@ Version 1, written to the Mosaic GPU programming model, checked on CPU in GPU in
   multiple of the blocks are padded here and padded keys masked.
 
 Segment ids, sliding window and soft-cap are not in this version (ValueError names the
-implementations that have them).  The backward is the Pallas-Triton one, fed this forward's
-output and log-sum-exp (`common.flash_with_vjp`), so `jax.grad` works through it.
+implementations that have them).  There is no Mosaic GPU backward: `jax.grad` goes through
+cuDNN's flash backward fed this forward's output and log-sum-exp where cuDNN covers the call on
+a GPU, else through the Pallas-Triton backward (`_backward`, `common.flash_with_vjp`).
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class Config:
     block_q: rows per warpgroup (one wgmma M, 64); consumers: warpgroups per program sharing
     one K/V ring (a program computes block_q * consumers rows, so each K/V block loaded serves
     that many rows); block_k: a multiple of 64 keeps a K tile whole swizzled rows.
-    bwd: the Pallas-Triton backward's tiles."""
+    cudnn_bwd: on a GPU, differentiate with cuDNN's backward where it covers the call;
+    bwd: the Pallas-Triton backward's tiles (interpret mode, and what cuDNN does not cover)."""
 
     block_q: int = 64
     block_k: int = 64
     consumers: int = 1
+    cudnn_bwd: bool = True
     bwd: pallas_triton.Config = pallas_triton.Config()
 
 
@@ -210,8 +213,23 @@ def _interpret_params(interpret) -> plgpu.InterpretGPUParams | bool:
 
 
 def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg: Config, interpret):
-    return pallas_triton._backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec,
-                                   cfg.bwd, bool(interpret))
+    """cuDNN's flash backward from this forward's out/lse where it covers the call (compiled
+    GPU, no lse cotangent, no bottom-right causal offset); the Pallas-Triton backward else."""
+    def triton():
+        return pallas_triton._backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec,
+                                       cfg.bwd, bool(interpret))
+
+    if interpret or not cfg.cudnn_bwd or (spec.causal and spec.q_len != spec.kv_len):
+        return triton()
+    from pallas_kernels.flash_attention import cudnn_lse
+
+    def cudnn():
+        return cudnn_lse.cudnn_attention_bwd(q, k, v, out, lse, d_out, causal=spec.causal,
+                                             scale=spec.scale)
+
+    # cuDNN takes no lse cotangent: a caller that differentiates through the lse (ring
+    # attention merging blocks) gets the Triton backward, decided on device
+    return lax.cond(jnp.any(d_lse != 0), triton, cudnn)
 
 
 _flash = common.flash_with_vjp(_forward, _backward)
