@@ -9,8 +9,9 @@ Version 1, written to the Mosaic GPU programming model, checked on CPU in GPU in
 - K/V blocks stream through a two-slot shared-memory ring filled by TMA copies that warpgroup 0
   issues: block j + 1 is in flight while block j is multiplied; with two warpgroups each block
   serves 128 rows and a "free" barrier tells warpgroup 0 when both have finished a slot;
-- S = Q K^T and P V are warpgroup matmuls (wgmma) with float32 accumulators (P staged in
-  shared memory); the online softmax keeps the running max and sum per row;
+- S = Q K^T and P V are warpgroup matmuls (wgmma) with float32 accumulators, P fed from
+  registers (staged in shared memory in interpret mode); the online softmax keeps the running
+  max and sum per row;
 - causal attention loops only over the key blocks a query block can see (a dynamic trip count),
   and masks inside the diagonal block;
 - GQA reads the shared K/V head (h // (H / K)) without repeating it; sequences that are not a
@@ -78,8 +79,14 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
     dtype = q.dtype
     tr = _smem_transforms(d, dtype)
 
-    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, k_smem, v_smem, p_smem,
-               o_smem, lse_smem, q_bar, k_bars, v_bars, *free_bars):
+    p_via_smem = bool(interpret)
+
+    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, k_smem, v_smem, *rest):
+        if p_via_smem:
+            p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars, *free_bars = rest
+        else:
+            p_smem = None
+            o_smem, lse_smem, q_bar, k_bars, v_bars, *free_bars = rest
         bh, qi = lax.axis_index("bh"), lax.axis_index("q")
         wg = lax.axis_index("wg") if nc > 1 else 0
         bi, hi = bh // h, bh % h
@@ -145,13 +152,17 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             l = l * alpha + jnp.sum(p, axis=1)
             plgpu.barrier_wait(v_bars.at[slot])
 
-            # P goes through shared memory (GPU interpret mode's wgmma reads its A operand
-            # from a ref; from registers would save this round trip on the GPU)
-            p_smem.at[wg][...] = p.astype(dtype)
-            plgpu.commit_smem()
+            # On the GPU, wgmma takes P straight from registers.  GPU interpret mode's wgmma
+            # reads its A operand from a ref, so there P goes through shared memory.
+            if p_smem is None:
+                p_op = p.astype(dtype)
+            else:
+                p_smem.at[wg][...] = p.astype(dtype)
+                plgpu.commit_smem()
+                p_op = p_smem.at[wg]
 
             def values(acc):
-                plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[slot])
+                plgpu.wgmma(acc, p_op, v_smem.at[slot])
                 plgpu.wgmma_wait(0)
                 return acc[...]
 
@@ -186,7 +197,8 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             plgpu.SMEM((nc, bq, d), dtype, transforms=tr),
             plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
             plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
-            plgpu.SMEM((nc, bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
+            *([plgpu.SMEM((nc, bq, bk), dtype, transforms=_smem_transforms(bk, dtype))]
+              if p_via_smem else []),
             plgpu.SMEM((nc, bq, d), dtype, transforms=tr),
             plgpu.SMEM((nc, bq), jnp.float32),
             plgpu.Barrier(num_barriers=nc),
