@@ -26,7 +26,6 @@ a GPU, else through the Pallas-Triton backward (`_backward`, `common.flash_with_
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
