@@ -25,7 +25,7 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 FINAL=${OUT:-/tmp/out}
-OUT=/tmp/stage   # everything is packed into $FINAL/results.tgz at the end (8 files come back)
+OUT=/tmp/stage   # everything is packed into $FINAL/results_*.tgz at the end (8 files come back)
 rm -rf $OUT; mkdir -p $OUT $FINAL
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -181,4 +181,5 @@ for stage in "$@"; do
   $stage
 done
 echo "=== end $(date +%T)"
-tar czf "$FINAL/results.tgz" -C "$OUT" . && ls -la "$FINAL"
+# one archive per invocation (several invocations in one device call all come back)
+tar czf "$FINAL/results_$(date +%H%M%S)_$$.tgz" -C "$OUT" . && ls -la "$FINAL"
