@@ -63,7 +63,8 @@ def psum_beside(x: jax.Array, axis: str, fn: Callable[..., Any], *args: Any) -> 
 
     Call inside shard_map.  fn must not read the all-reduce's result (it runs concurrently) and
     its inputs should be whole arrays (e.g. stacked weights plus a layer index), not slices made
-    outside: a slice passed into the call would be copied on every call.
+    outside: a slice passed into the call would be copied on every call.  Inference only: the
+    group tag has no differentiation rule.
     """
     group = next(_GROUP_IDS)
     reduced = set_xla_metadata(jax.lax.psum(x, axis), _scheduling_group_id=group)
