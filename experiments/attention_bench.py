@@ -348,6 +348,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-configs", action="store_true")
     p.add_argument("--only", choices=["all", "attention", "decode"], default="all")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated implementations to keep (e.g. mosaic_gpu,cudnn)")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated indices into the preset's attention cases (e.g. 0)")
     args = p.parse_args(argv)
     on_gpu = jax.devices()[0].platform == "gpu"
     tiny = args.preset == "tiny"
@@ -356,6 +360,18 @@ def main(argv=None):
     reps = args.reps or (2 if tiny else 4)
     inner = 1 if tiny else 3
     cases, dec_grid, heads = presets(args.preset)
+    if args.cases:
+        picked = [int(i) for i in args.cases.split(",")]
+        bad = [i for i in picked if not 0 <= i < len(cases)]
+        if bad:
+            p.error(f"--cases {bad}: the {args.preset} preset has cases 0..{len(cases) - 1}")
+        cases = [cases[i] for i in picked]
+    if args.impls:
+        keep = args.impls.split(",")
+        known = {i for _, impls in presets("h100")[0] for i in impls}
+        if set(keep) - known:
+            p.error(f"--impls {sorted(set(keep) - known)}: choose from {sorted(known)}")
+        cases = [(c, [i for i in impls if i in keep]) for c, impls in cases]
     log = lambda s: print(s, flush=True)
     device = jax.devices()[0].device_kind
     log(f"device {device}, preset {args.preset}")

@@ -137,7 +137,7 @@ mgpu() {  # Mosaic GPU flash forward: native conformance, then the attention gri
   timeout ${MGPU_TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu tests/pallas_kernels -k mosaic_gpu \
     2>&1 | tail -40 | tee "$OUT/attention/pytest_mosaic_gpu.txt"
   timeout ${MGPU_BENCH_TIMEOUT:-330} $PY experiments/attention_bench.py --preset h100 \
-    --only attention --no-configs --out "$OUT/attention" 2>&1 | tail -40
+    --only attention --no-configs ${MGPU_BENCH_ARGS:-} --out "$OUT/attention" 2>&1 | tail -60
 }
 
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
