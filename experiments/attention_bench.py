@@ -73,7 +73,7 @@ class Case:
 
 def presets(name: str):
     """(attention cases, implementations, decode (batch, context) grid, kv-head config)."""
-    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_2wg", "mosaic_gpu_2wg_bk128", "cudnn",
+    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial", "mosaic_gpu_nopp", "cudnn",
              "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
     if name == "tiny":
         cases = [Case(1, 64, 2, 1, 32, True), Case(1, 64, 2, 2, 32, False),
@@ -139,12 +139,13 @@ def attention_fn(impl: str, c: Case, seg, interpret: bool, config=None):
         return "needs a GPU"
     if impl == "cudnn":
         return lambda q, k, v: api.attention(q, k, v, implementation="cudnn", **kw)
-    if impl.startswith("mosaic_gpu"):  # one or two warpgroups per program, 64 or 128 keys
+    if impl.startswith("mosaic_gpu"):  # default; without the in-warpgroup overlap; no ping-pong
         if c.segments or c.window:
             return "no segment ids / sliding window yet"
         from pallas_kernels.flash_attention import mosaic_gpu
-        cfg = mosaic_gpu.Config(consumers=2 if "2wg" in impl else 1,
-                                block_k=128 if impl.endswith("bk128") else 64)
+        cfg = {"mosaic_gpu": mosaic_gpu.Config(),
+               "mosaic_gpu_serial": mosaic_gpu.Config(overlap=False),
+               "mosaic_gpu_nopp": mosaic_gpu.Config(pingpong=False)}[impl]
         return lambda q, k, v: api.attention(q, k, v, implementation="mosaic_gpu", config=cfg,
                                              **kw)
     if impl == "jax_pallas_mha":

@@ -26,6 +26,7 @@ a GPU, else through the Pallas-Triton backward (`_backward`, `common.flash_with_
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,24 +38,39 @@ from pallas_kernels.flash_attention import common
 from pallas_kernels.flash_attention import pallas_triton
 
 NEG_INF = common.NEG_INF
-_SLOTS = 2  # K/V ring depth: one block computed while the next one loads
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Tile sizes (static).
+    """Tile sizes and schedule (static).
 
-    block_q: rows per warpgroup (one wgmma M, 64); consumers: warpgroups per program sharing
-    one K/V ring (a program computes block_q * consumers rows, so each K/V block loaded serves
-    that many rows); block_k: a multiple of 64 keeps a K tile whole swizzled rows.
-    cudnn_bwd: on a GPU, differentiate with cuDNN's backward where it covers the call;
-    bwd: the Pallas-Triton backward's tiles (interpret mode, and what cuDNN does not cover)."""
+    Each program computes 128 query rows of one (batch, head) with three warpgroups: two
+    consumers (64 rows each, one wgmma M) and one producer that only issues TMA copies.
+    block_k: keys per K/V block (64 or 128); slots: depth of the shared-memory K/V ring;
+    pingpong: the two consumers take turns on the tensor cores, so one's softmax runs while the
+    other's matmuls do; overlap: within a consumer, block j's softmax runs while block j-1's
+    P V matmul is in flight (software pipelining by one block).  cudnn_bwd: on a GPU, differentiate with cuDNN's backward where it
+    covers the call; bwd: the Pallas-Triton backward's tiles (interpret mode, and what cuDNN
+    does not cover)."""
 
-    block_q: int = 64
-    block_k: int = 64
-    consumers: int = 1
+    block_k: int = 128
+    slots: int = 2
+    pingpong: bool = True
+    overlap: bool = True
     cudnn_bwd: bool = True
     bwd: pallas_triton.Config = pallas_triton.Config()
+
+
+_BQ = 64  # rows per consumer warpgroup: the wgmma M
+_CONSUMERS = 2
+_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in maximum)
+_LOG2E = 1.4426950408889634
+
+
+def smem_bytes(d: int, cfg: Config, itemsize: int = 2) -> int:
+    """Shared memory one program asks for: Q/O tiles, the K/V ring and the lse rows."""
+    return (_CONSUMERS * _BQ * d + 2 * cfg.slots * cfg.block_k * d) * itemsize + \
+        _CONSUMERS * _BQ * 4
 
 
 def _smem_transforms(d: int, dtype) -> tuple:
@@ -69,146 +85,281 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
     del q_seg, k_seg  # refused in flash_attention
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
-    bq, bk, nc = cfg.block_q, cfg.block_k, cfg.consumers
-    tile = bq * nc  # query rows per program
+    bq, bk, slots = _BQ, cfg.block_k, cfg.slots
+    tile = bq * _CONSUMERS  # query rows per program
     tp, sp = common.round_up(t, tile), common.round_up(s, bk)
     q_p, k_p, v_p = common.pad_seq(q, tp), common.pad_seq(k, sp), common.pad_seq(v, sp)
     nq, nk = tp // tile, sp // bk
     group = h // kh
     dtype = q.dtype
     tr = _smem_transforms(d, dtype)
+    compiled = not interpret
+    # Scores are kept in log2 units (exp2 is the native instruction); with a positive scale the
+    # scaling folds into the subtraction of the running max (one FMA per score).
+    c = spec.scale * _LOG2E
+    # Blocks needing no mask: all but a padded last block (causal: also those left of the
+    # program's first row, worked out in the kernel).
+    n_unmasked_max = nk if s % bk == 0 else nk - 1
 
-    p_via_smem = bool(interpret)
-
-    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, q_smem, k_smem, v_smem, *rest):
-        if p_via_smem:
-            p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars, *free_bars = rest
-        else:
-            p_smem = None
-            o_smem, lse_smem, q_bar, k_bars, v_bars, *free_bars = rest
-        bh, qi = lax.axis_index("bh"), lax.axis_index("q")
-        wg = lax.axis_index("wg") if nc > 1 else 0
+    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, qo_smem, k_smem, v_smem, lse_smem,
+               q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem):
+        # Causal programs with the most key blocks start first (the launch order follows the
+        # grid's "bh"-fastest linear index), so the short ones fill the tail of the wave.
+        qi = nq - 1 - lax.axis_index("q") if spec.causal else lax.axis_index("q")
+        bh, wg = lax.axis_index("bh"), lax.axis_index("wg")
         bi, hi = bh // h, bh % h
         ki = hi // group
-        row0 = qi * tile + wg * bq  # this warpgroup's rows
-        # key blocks the program's rows can see: all, or (causal) up to its last row.  Every
-        # warpgroup runs the same count (they share the ring); the mask does the rest.
-        n_blocks = nk
+        n_blocks, n_unmasked = nk, n_unmasked_max
         if spec.causal:
-            last = jnp.minimum(qi * tile + tile - 1 + spec.offset, s - 1)
-            n_blocks = jnp.clip(last // bk + 1, 0, nk)
+            first = qi * tile + spec.offset  # absolute position of the program's first row
+            last = jnp.minimum(first + tile - 1, s - 1)
+            # at least block 0, even where every row of the program sees no key (q longer
+            # than kv): it is fully masked, so l = 0 gives out 0 and lse -inf
+            n_blocks = jnp.clip(last // bk + 1, 1, nk)
+            n_unmasked = jnp.clip((first + 1) // bk, 0, n_unmasked_max)
+        n_unmasked = jnp.minimum(n_unmasked, n_blocks)
 
         def fetch(j, slot):
-            plgpu.copy_gmem_to_smem(k_gmem.at[bi, pl.ds(j * bk, bk), ki], k_smem.at[slot],
-                                    k_bars.at[slot])
-            plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(j * bk, bk), ki], v_smem.at[slot],
-                                    v_bars.at[slot])
+            rows = (bi, pl.ds(j * bk, bk), ki)
+            plgpu.copy_gmem_to_smem(k_gmem.at[rows], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_gmem.at[rows], v_smem.at[slot], v_bar.at[slot])
 
-        plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(row0, bq), hi], q_smem.at[wg],
-                                q_bar.at[wg])
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            if compiled:
+                plgpu.set_max_registers(40, action="decrease")
+            for j in range(min(slots, nk)):
+                pl.when(j < n_blocks)(functools.partial(fetch, j, j))
 
-        @pl.when((n_blocks > 0) & (wg == 0))  # warpgroup 0 also issues the K/V copies
-        def _():
-            fetch(0, 0)
+            def refill(j, _):
+                # slot j % slots was last read in step j - slots: both consumers released it
+                slot = lax.rem(j, slots)
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_gmem.at[bi, pl.ds(j * bk, bk), ki], k_smem.at[slot],
+                                        k_bar.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(j * bk, bk), ki], v_smem.at[slot],
+                                        v_bar.at[slot])
 
-        plgpu.barrier_wait(q_bar.at[wg])
-
-        rows = lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + row0 + spec.offset
-        cols0 = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-
-        def body(j, carry):
-            m, l, o = carry
-            slot = lax.rem(j, _SLOTS)
-
-            @pl.when((j + 1 < n_blocks) & (wg == 0))
-            def _():
-                # the other slot was last read in iteration j - 1: by this warpgroup (its
-                # wgmmas were waited for), and with several, by all of them (free barrier)
-                if nc > 1:
-                    @pl.when(j >= 1)
-                    def _():
-                        plgpu.barrier_wait(free_bars[0].at[1 - slot])
-                fetch(j + 1, 1 - slot)
-
-            plgpu.barrier_wait(k_bars.at[slot])
-
-            def scores(acc):
-                plgpu.wgmma(acc, q_smem.at[wg], k_smem.at[slot].T)
-                plgpu.wgmma_wait(0)
-                return acc[...]
-
-            sc = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
-            sc = sc * spec.scale
-            cols = cols0 + j * bk
-            ok = cols < s
-            if spec.causal:
-                ok = ok & (cols <= rows)
-            sc = jnp.where(ok, sc, NEG_INF)
-            m_new = jnp.maximum(m, jnp.max(sc, axis=1))
-            m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(sc - m_safe[:, None])
-            l = l * alpha + jnp.sum(p, axis=1)
-            plgpu.barrier_wait(v_bars.at[slot])
-
-            # On the GPU, wgmma takes P straight from registers.  GPU interpret mode's wgmma
-            # reads its A operand from a ref, so there P goes through shared memory.
-            if p_smem is None:
-                p_op = p.astype(dtype)
-            else:
-                p_smem.at[wg][...] = p.astype(dtype)
-                plgpu.commit_smem()
-                p_op = p_smem.at[wg]
-
-            def values(acc):
-                plgpu.wgmma(acc, p_op, v_smem.at[slot])
-                plgpu.wgmma_wait(0)
-                return acc[...]
-
-            # (a pre-initialised accumulator, o * alpha, would save this add; GPU interpret
-            # mode does not run wgmma inside pl.run_state, so v1 adds in registers)
-            pv = pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
-            if nc > 1:
-                plgpu.barrier_arrive(free_bars[0].at[slot])  # done reading this slot
-            return m_new, l, o * alpha[:, None] + pv
-
-        init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
-                jnp.zeros((bq, d), jnp.float32))
-        m, l, o = lax.fori_loop(0, n_blocks, body, init)
-        if nc > 1:  # warpgroup 0 observes the slots' last releases too (barrier phases balance)
-            for back in (1, 2):
-                @pl.when((wg == 0) & (n_blocks >= back))
+            lax.fori_loop(slots, n_blocks, refill, None)
+            for back in range(1, min(slots, nk) + 1):  # observe the last releases (phases balance)
+                @pl.when(n_blocks >= back)
                 def _():
-                    plgpu.barrier_wait(free_bars[0].at[lax.rem(n_blocks - back, _SLOTS)])
-        l_safe = jnp.where(l == 0.0, 1.0, l)
-        o_smem.at[wg][...] = (o / l_safe[:, None]).astype(dtype)
-        lse_smem.at[wg][...] = jnp.where(l == 0.0, NEG_INF, m + jnp.log(l_safe))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[bi, pl.ds(row0, bq), hi])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[bi, hi, pl.ds(row0, bq)])
-        plgpu.wait_smem_to_gmem(0)
+                    slot = lax.rem(n_blocks - back, slots)
+                    plgpu.barrier_wait(k_free.at[slot])
+                    plgpu.barrier_wait(v_free.at[slot])
+
+        def serial_loop(issue_qk, softmax, p_operand, take_turn, finish, m, l, acc, n_blocks,
+                        n_unmasked):
+            """Each step: S = Q K_j^T, softmax, O = O * alpha + P V_j, in that order (the
+            consumers' ping-pong is what overlaps softmax with matmuls)."""
+
+            def step(j, carry, masked: bool):
+                m, l, acc = carry
+                slot = lax.rem(j, slots)
+
+                def scores(ref):
+                    issue_qk(ref, slot)
+                    take_turn()  # the other consumer issues its matmul behind this one
+                    return ref[...]
+
+                sc = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                m, l, alpha, p16 = softmax(sc, j, m, l, masked)
+                acc = acc * alpha[:, None]
+                if cfg.pingpong:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_bar.at[slot])
+                if cfg.pingpong:
+                    plgpu.barrier_wait(turn)  # the tensor cores are this consumer's now
+                if compiled:  # P V into an accumulator that already holds O * alpha
+                    def values(ref):
+                        plgpu.wgmma(ref, p16, v_smem.at[slot])
+                    acc = pl.run_state(values)(plgpu.ACC.init(acc))
+                else:  # interpret mode runs no wgmma inside pl.run_state: add here
+                    p_op = p_operand(p16)
+
+                    def values(ref):
+                        plgpu.wgmma(ref, p_op, v_smem.at[slot])
+                        return ref[...]
+                    acc = acc + pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return m, l, acc
+
+            carry = lax.fori_loop(0, n_unmasked, functools.partial(step, masked=False),
+                                  (m, l, acc))
+            finish(*lax.fori_loop(n_unmasked, n_blocks, functools.partial(step, masked=True),
+                                  carry))
+
+        def overlapped_loop(issue_qk, softmax, p_operand, take_turn, finish, m, l, acc,
+                            n_blocks, n_unmasked):
+            """Software-pipelined by one block (FA3's intra-warpgroup overlap): step j issues
+            S_j = Q K_j^T and then P_{j-1} V_{j-1}, and runs block j's softmax while the second
+            matmul is still in flight; O is rescaled by alpha_j once it lands.  Needs
+            n_blocks >= 1 (block 0's softmax is the prologue)."""
+
+            def run(acc_ref):
+                if compiled:  # O lives in the wgmma accumulator for the whole loop
+                    def issue_pv(p16, slot):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                    def read_acc():
+                        return acc_ref[...]  # waits for every wgmma in flight
+                else:  # interpret mode: O in shared memory, P V computed on the spot
+                    def issue_pv(p_op, slot):
+                        def values(ref):
+                            plgpu.wgmma(ref, p_op, v_smem.at[slot])
+                            return ref[...]
+                        acc_ref[...] += pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
+
+                    def read_acc():
+                        return acc_ref[...]
+
+                def scores(ref):
+                    issue_qk(ref, 0)
+                    take_turn()
+                    return ref[...]
+
+                sc = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[0])
+                m1, l1, _, p16 = softmax(sc, 0, m, l, masked=True)  # O is still zero
+
+                def step(j, carry, masked: bool):
+                    m, l, p_prev = carry
+                    slot, prev = lax.rem(j, slots), lax.rem(j - 1, slots)
+                    p_op = p_operand(p_prev)
+
+                    def both(ref):
+                        issue_qk(ref, slot)
+                        plgpu.barrier_wait(v_bar.at[prev])
+                        issue_pv(p_op, prev)
+                        take_turn()
+                        if compiled:  # S_j is the older of the two wgmma groups in flight
+                            return plgpu.wgmma_accumulator_load(ref, wait_n=1)
+                        return ref[...]
+
+                    sc = pl.run_scoped(both, plgpu.ACC((bq, bk), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    m, l, alpha, p16 = softmax(sc, j, m, l, masked)
+                    o = read_acc()
+                    plgpu.barrier_arrive(v_free.at[prev])
+                    acc_ref[...] = o * alpha[:, None]
+                    return m, l, p16
+
+                carry = lax.fori_loop(1, jnp.maximum(n_unmasked, 1),
+                                      functools.partial(step, masked=False), (m1, l1, p16))
+                m_f, l_f, p_last = lax.fori_loop(jnp.maximum(n_unmasked, 1), n_blocks,
+                                                 functools.partial(step, masked=True), carry)
+                last = lax.rem(n_blocks - 1, slots)
+                plgpu.barrier_wait(v_bar.at[last])
+                issue_pv(p_operand(p_last), last)
+                o = read_acc()
+                plgpu.barrier_arrive(v_free.at[last])
+                finish(m_f, l_f, o)
+
+            if compiled:
+                pl.run_state(run)(plgpu.ACC.init(acc))
+            else:
+                acc_smem = p_smem[1].at[wg]
+                acc_smem[...] = acc
+                run(acc_smem)
+
+        @pl.when(wg < _CONSUMERS)
+        def _consumer():
+            if compiled:
+                plgpu.set_max_registers(232, action="increase")
+            row0 = qi * tile + wg * bq  # this warpgroup's rows
+            q_tile = qo_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_gmem.at[bi, pl.ds(row0, bq), hi], q_tile, q_bar.at[wg])
+            rows = lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + row0 + spec.offset
+            cols0 = lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+
+            def take_turn():  # both consumers meet here; pairs alternate their matmuls
+                if cfg.pingpong:
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
+
+            def softmax(sc, j, m, l, masked: bool):
+                """Scores [bq, bk] of key block j -> (m, l, alpha, P) of the online softmax."""
+                if c <= 0:  # (a non-positive scale flips the max: scale first)
+                    sc = sc * c
+                if masked:
+                    cols = cols0 + j * bk
+                    ok = cols < s
+                    if spec.causal:
+                        ok = ok & (cols <= rows)
+                    sc = jnp.where(ok, sc, NEG_INF)
+                s_max = jnp.max(sc, axis=1)
+                m_new = jnp.maximum(m, s_max * c if c > 0 else s_max)
+                # a row with nothing visible yet keeps m = -inf; exp2 must see a finite max
+                m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2((sc * c if c > 0 else sc) - m_use[:, None])
+                return m_new, l * alpha + jnp.sum(p, axis=1), alpha, p.astype(dtype)
+
+            def p_operand(p16):
+                """wgmma takes P from registers on the GPU; GPU interpret mode reads its A
+                operand from a ref, so there P goes through shared memory."""
+                if compiled:
+                    return p16
+                p_smem[0].at[wg][...] = p16
+                plgpu.commit_smem()
+                return p_smem[0].at[wg]
+
+            def issue_qk(ref, slot):
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.wgmma(ref, q_tile, k_smem.at[slot].T)
+
+            m0 = jnp.full((bq,), NEG_INF, jnp.float32)
+            l0 = jnp.zeros((bq,), jnp.float32)
+            acc0 = jnp.zeros((bq, d), jnp.float32)
+            if compiled:
+                m0 = plgpu.layout_cast(m0, plgpu.Layout.WGMMA.reduce(1))
+                l0 = plgpu.layout_cast(l0, plgpu.Layout.WGMMA.reduce(1))
+                acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
+            plgpu.barrier_wait(q_bar.at[wg])
+            if cfg.pingpong:
+                pl.when(wg == 1)(take_turn)  # consumer 1 starts one turn behind consumer 0
+
+            def finish(m, l, acc):
+                if cfg.pingpong:
+                    pl.when(wg == 0)(take_turn)  # consumer 0 ends one turn behind (phases balance)
+                l_safe = jnp.where(l == 0.0, 1.0, l)
+                q_tile[...] = (acc * (1.0 / l_safe)[:, None]).astype(dtype)  # Q is not read now
+                lse_smem.at[wg][...] = jnp.where(l == 0.0, NEG_INF,
+                                                 (m + jnp.log2(l_safe)) / _LOG2E)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_tile, o_gmem.at[bi, pl.ds(row0, bq), hi])
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[bi, hi, pl.ds(row0, bq)])
+                plgpu.wait_smem_to_gmem(0)
+
+            loop = overlapped_loop if cfg.overlap else serial_loop
+            loop(issue_qk, softmax, p_operand, take_turn, finish, m0, l0, acc0, n_blocks,
+                 n_unmasked)
 
     call = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((b, tp, h, d), dtype),
                   jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
         scratch_types=[
-            plgpu.SMEM((nc, bq, d), dtype, transforms=tr),
-            plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
-            plgpu.SMEM((_SLOTS, bk, d), dtype, transforms=tr),
-            *([plgpu.SMEM((nc, bq, bk), dtype, transforms=_smem_transforms(bk, dtype))]
-              if p_via_smem else []),
-            plgpu.SMEM((nc, bq, d), dtype, transforms=tr),
-            plgpu.SMEM((nc, bq), jnp.float32),
-            plgpu.Barrier(num_barriers=nc),
-            plgpu.Barrier(num_barriers=_SLOTS),
-            plgpu.Barrier(num_barriers=_SLOTS),
-            *([plgpu.Barrier(num_arrivals=nc, num_barriers=_SLOTS)] if nc > 1 else []),
+            plgpu.SMEM((_CONSUMERS, bq, d), dtype, transforms=tr),
+            plgpu.SMEM((slots, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((slots, bk, d), dtype, transforms=tr),
+            plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+            plgpu.Barrier(num_barriers=_CONSUMERS),
+            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=_CONSUMERS),
+            *([plgpu.SMEM((_CONSUMERS, bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
+               plgpu.SMEM((_CONSUMERS, bq, d), jnp.float32)] if interpret else []),
         ],
         grid=(b * h, nq),
         grid_names=("bh", "q"),
-        num_threads=nc if nc > 1 else None,
-        thread_name="wg" if nc > 1 else None,
+        num_threads=_CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True) if compiled else None,
         interpret=_interpret_params(interpret),
     )
     out, lse = call(q_p, k_p, v_p)
@@ -272,11 +423,14 @@ def flash_attention(
         raise ValueError(f"the Mosaic GPU kernel takes bfloat16 or float16 q/k/v, got "
                          f"{q.dtype}/{k.dtype}/{v.dtype}")
     cfg = config or Config()
-    if cfg.block_q != 64 or cfg.block_k % 64 or cfg.consumers not in (1, 2):
-        raise ValueError(f"block_q must be 64, block_k a multiple of 64 and consumers 1 or 2, "
-                         f"got {cfg}")
+    if cfg.block_k not in (64, 128) or cfg.slots < 2:
+        raise ValueError(f"block_k must be 64 or 128 and slots at least 2, got {cfg}")
     if q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
+    if smem_bytes(q.shape[-1], cfg) > _SMEM_BYTES:
+        raise ValueError(f"head_dim {q.shape[-1]} with {cfg} needs {smem_bytes(q.shape[-1], cfg)}"
+                         f" bytes of shared memory (at most {_SMEM_BYTES}): lower block_k or "
+                         f"slots")
     spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=None, scale=scale,
                                     softcap=None, segment_ids=None, kv_segment_ids=None)
     out, lse = _flash(q, k, v, None, kv_seg, spec, cfg, interpret)

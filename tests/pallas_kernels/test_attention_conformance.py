@@ -117,49 +117,58 @@ def test_flash_attention_interpret(impl, case):
 # The Mosaic GPU (Hopper) forward, in GPU interpret mode: bf16/fp16 only, and no segment ids,
 # window or soft-cap in its first version; its backward is the Pallas-Triton one.
 # (name, kwargs, warpgroups per program)
-MGPU_CASES = [
-    ("full_gqa1_odd", dict(b=1, t=37, s=37, h=2, kh=2), 1),
-    ("causal_gqa4_two_q_blocks", dict(b=2, t=70, s=70, h=4, kh=1, d=32, causal=True), 1),
-    ("causal_cross_gqa8_scale", dict(b=1, t=20, s=90, h=8, kh=1, causal=True, scale=0.3), 1),
-    ("fp16_cross_three_k_blocks", dict(b=1, t=64, s=130, h=2, kh=1, d=64, dtype=jnp.float16), 1),
-    ("two_wg_causal_gqa4", dict(b=1, t=200, s=200, h=4, kh=1, d=32, causal=True), 2),
-    ("two_wg_cross_odd", dict(b=1, t=70, s=150, h=2, kh=2, d=16), 2),
+MGPU_CASES = [  # (name, shapes, Config overrides)
+    ("full_gqa1_odd", dict(b=1, t=37, s=37, h=2, kh=2), {}),
+    ("causal_gqa4_two_q_blocks", dict(b=2, t=200, s=200, h=4, kh=1, d=32, causal=True), {}),
+    ("causal_cross_gqa8_scale", dict(b=1, t=20, s=90, h=8, kh=1, causal=True, scale=0.3),
+     dict(block_k=64)),
+    ("fp16_cross_three_k_blocks", dict(b=1, t=64, s=330, h=2, kh=1, d=64, dtype=jnp.float16),
+     dict(slots=3)),
+    ("causal_bk64_no_pingpong", dict(b=1, t=200, s=200, h=4, kh=1, d=32, causal=True),
+     dict(block_k=64, pingpong=False)),
+    ("causal_serial_schedule", dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
+     dict(block_k=64, overlap=False)),
+    ("full_serial_no_pingpong", dict(b=2, t=70, s=200, h=2, kh=1, d=16),
+     dict(overlap=False, pingpong=False)),
+    ("causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=2, d=16, causal=True), {}),
 ]
 
 
-def _mgpu(interpret=True, consumers=1):
-    cfg = flash_mgpu.Config(consumers=consumers, bwd=flash_triton.Config(16, 16, 16, 16))
+def _mgpu(interpret=True, **overrides):
+    cfg = flash_mgpu.Config(bwd=flash_triton.Config(16, 16, 16, 16), **overrides)
     return lambda *a, **k: flash_mgpu.flash_attention(*a, config=cfg, interpret=interpret, **k)
 
 
 @pytest.mark.parametrize("case", [c[0] for c in MGPU_CASES])
 def test_flash_mosaic_gpu_interpret(case):
-    _, kw, consumers = next(c for c in MGPU_CASES if c[0] == case)
+    _, kw, overrides = next(c for c in MGPU_CASES if c[0] == case)
     kw = dict(kw)
     kw.setdefault("dtype", jnp.bfloat16)
-    check_flash(_mgpu(consumers=consumers), **kw)
+    check_flash(_mgpu(**overrides), **kw)
 
 
-@pytest.mark.parametrize("consumers", [1, 2])
-def test_flash_mosaic_gpu_has_no_races(consumers):
+@pytest.mark.parametrize("pingpong,overlap", [(True, True), (False, True), (True, False)])
+def test_flash_mosaic_gpu_has_no_races(pingpong, overlap):
     """The interpreter's happens-before race detector over the TMA ring and the barriers (it
     also raises on unbalanced barrier phases: a missing wait before reusing a slot fails)."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     import jax.experimental.pallas.mosaic_gpu as plgpu
     q, k, v = _inputs(5, 1, 150, 300, 2, 1, 16, jnp.bfloat16)
-    out = _mgpu(plgpu.InterpretGPUParams(detect_races=True), consumers)(q, k, v, causal=True)
+    out = _mgpu(plgpu.InterpretGPUParams(detect_races=True), block_k=64,
+                pingpong=pingpong, overlap=overlap)(q, k, v, causal=True)
     assert not interpret_pallas_call.get_races().races_found
     assert _rel(out, attention_reference(q, k, v, causal=True)) <= BF16_TOL
 
 
-@pytest.mark.parametrize("d,causal,consumers", [(128, True, 1), (64, False, 1), (128, True, 2)])
-def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, consumers):
+@pytest.mark.parametrize("d,causal,block_k,overlap", [(128, True, 128, True), (64, False, 64, True),
+                                                      (128, True, 64, False)])
+def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
     """Pallas -> Mosaic GPU lowering (down to the NVVM-level module inside the custom call) runs
     on CPU for a CUDA target: catches ops and layouts the real GPU path has no rule for, which
     interpret mode would not notice."""
     q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
-    cfg = flash_mgpu.Config(consumers=consumers)
+    cfg = flash_mgpu.Config(block_k=block_k, overlap=overlap)
     f = lambda q, k, v: flash_mgpu.flash_attention(q, k, v, causal=causal, return_lse=True,
                                                    config=cfg)
     text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
@@ -295,10 +304,13 @@ def test_flash_attention_native_gpu(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal,consumers", [(True, 1), (False, 1), (True, 2)])
-def test_flash_mosaic_gpu_native(causal, consumers):
+@pytest.mark.parametrize("causal,overrides", [(True, {}), (False, {}),
+                                              (True, dict(block_k=64, pingpong=False)),
+                                              (False, dict(block_k=64, slots=4)),
+                                              (True, dict(overlap=False))])
+def test_flash_mosaic_gpu_native(causal, overrides):
     """The Mosaic GPU kernel compiled for the GPU (forward and, through Triton, backward)."""
-    check_flash(_mgpu(interpret=False, consumers=consumers), b=2, t=300, s=300, h=4, kh=1,
+    check_flash(_mgpu(interpret=False, **overrides), b=2, t=300, s=300, h=4, kh=1,
                 d=128, dtype=jnp.bfloat16, causal=causal)
 
 
