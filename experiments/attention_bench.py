@@ -73,7 +73,7 @@ class Case:
 
 def presets(name: str):
     """(attention cases, implementations, decode (batch, context) grid, kv-head config)."""
-    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial", "mosaic_gpu_nopp", "cudnn",
+    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial_pp", "cudnn",
              "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
     if name == "tiny":
         cases = [Case(1, 64, 2, 1, 32, True), Case(1, 64, 2, 2, 32, False),
@@ -91,7 +91,9 @@ def presets(name: str):
     extra = [Case(4, 4096, 32, 8, 128, True),
              Case(4, 4096, 32, 32, 128, True, segments=4),
              Case(4, 4096, 32, 32, 128, True, window=1024)]
-    big = [(c, impls) for c in big] + [(c, ["pallas_triton", "cudnn"]) for c in extra]
+    # (the Mosaic GPU kernel takes the GQA case; it has no segment ids or window)
+    big = [(c, impls) for c in big] + [
+        (c, ["pallas_triton", "cudnn"] + (["mosaic_gpu"] if c.kh != c.h else [])) for c in extra]
     if name == "h100":
         dec = [(1, 8192), (16, 1024), (16, 8192), (16, 32768), (64, 8192)]
     else:
@@ -139,13 +141,12 @@ def attention_fn(impl: str, c: Case, seg, interpret: bool, config=None):
         return "needs a GPU"
     if impl == "cudnn":
         return lambda q, k, v: api.attention(q, k, v, implementation="cudnn", **kw)
-    if impl.startswith("mosaic_gpu"):  # default; without the in-warpgroup overlap; no ping-pong
+    if impl.startswith("mosaic_gpu"):  # default (in-warpgroup overlap); serial + ping-pong
         if c.segments or c.window:
             return "no segment ids / sliding window yet"
         from pallas_kernels.flash_attention import mosaic_gpu
         cfg = {"mosaic_gpu": mosaic_gpu.Config(),
-               "mosaic_gpu_serial": mosaic_gpu.Config(overlap=False),
-               "mosaic_gpu_nopp": mosaic_gpu.Config(pingpong=False)}[impl]
+               "mosaic_gpu_serial_pp": mosaic_gpu.Config(overlap=False, pingpong=True)}[impl]
         return lambda q, k, v: api.attention(q, k, v, implementation="mosaic_gpu", config=cfg,
                                              **kw)
     if impl == "jax_pallas_mha":

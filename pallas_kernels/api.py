@@ -10,11 +10,11 @@ a saved output and lse, for callers that merge partial results: ring attention),
   "pallas_triton"  Pallas kernels through the Triton lowering (GPU; interpret mode on CPU);
   "mosaic_tpu"     Pallas kernels through Mosaic TPU (TPU; TPU interpret mode on CPU);
   "mosaic_gpu"     the Hopper forward through Mosaic GPU (bf16/fp16; no segments, window or
-                   softcap yet; GPU interpret mode on CPU); its gradient is cuDNN's backward
-                   where that covers the call, else the Pallas-Triton one.
-                   Not chosen by "auto"/"pallas" until it is timed on a GPU;
-  "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu, else pallas_triton;
-                   on CPU it runs in interpret mode: slow, for tests);
+                   softcap; GPU interpret mode on CPU); its gradient is cuDNN's backward
+                   where that covers the call, else the Pallas-Triton one;
+  "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu; Hopper GPUs:
+                   mosaic_gpu where it covers the call, else pallas_triton; other GPUs and
+                   CPU: pallas_triton, on CPU in interpret mode: slow, for tests);
   "auto"           the fastest correct choice for the platform and case (see `_auto_attention`).
 """
 
@@ -39,10 +39,29 @@ def _platform() -> str:
     return jax.devices()[0].platform
 
 
-def _resolve_pallas(implementation: str) -> str:
+def _is_hopper() -> bool:
+    """A compute-capability 9.x GPU: wgmma and TMA, what the Mosaic GPU kernel is written to."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def mosaic_gpu_covers(q: jax.Array, k: jax.Array, *, segment_ids=None, softcap=None,
+                      sliding_window=None) -> bool:
+    """Whether the Mosaic GPU forward takes this call (platform aside)."""
+    from pallas_kernels.flash_attention import mosaic_gpu
+    d = q.shape[-1]
+    return (segment_ids is None and softcap is None and sliding_window is None
+            and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+            and d % 16 == 0 and mosaic_gpu.smem_bytes(d, mosaic_gpu.Config()) <=
+            mosaic_gpu.SMEM_BYTES)
+
+
+def _resolve_pallas(implementation: str, mosaic_gpu_ok: bool = False) -> str:
     if implementation != "pallas":
         return implementation
-    return "mosaic_tpu" if _platform() == "tpu" else "pallas_triton"
+    if _platform() == "tpu":
+        return "mosaic_tpu"
+    return "mosaic_gpu" if mosaic_gpu_ok and _is_hopper() else "pallas_triton"
 
 
 def _interpret(implementation: str, interpret: bool | None) -> bool:
@@ -53,16 +72,20 @@ def _interpret(implementation: str, interpret: bool | None) -> bool:
     return _platform() != want
 
 
-def _auto_attention(q: jax.Array, *, segment_ids, softcap, return_lse) -> str:
-    """cuDNN where it covers the case on GPU (measured fastest for plain causal/non-causal, see
-    experiments/attention/NOTES.md); our kernel for what cuDNN lacks or handles slowly (lse
-    output, soft-cap, packed segments); Mosaic TPU on TPU; XLA on CPU.  With `return_lse` "auto"
-    keeps the Pallas kernel: it differentiates through the lse, cuDNN's lse forward does not
-    (ring attention, which owns its backward, picks cuDNN explicitly)."""
+def _auto_attention(q: jax.Array, *, segment_ids, softcap, return_lse,
+                    mosaic_gpu_ok: bool) -> str:
+    """On Hopper, the Mosaic GPU kernel where it covers the case (measured at or above cuDNN's
+    forward, see experiments/attention/NOTES.md); elsewhere on GPU cuDNN where it covers the
+    case; our Pallas-Triton kernel for what cuDNN lacks or handles slowly (lse output, soft-cap,
+    packed segments); Mosaic TPU on TPU; XLA on CPU.  With `return_lse` "auto" keeps a Pallas
+    kernel: it differentiates through the lse, cuDNN's lse forward does not (ring attention,
+    which owns its backward, picks cuDNN explicitly)."""
     platform = _platform()
     if platform == "tpu":
         return "mosaic_tpu"
     if platform == "gpu":
+        if mosaic_gpu_ok and _is_hopper():
+            return "mosaic_gpu"
         if (segment_ids is None and softcap is None and not return_lse
                 and q.dtype in (jnp.bfloat16, jnp.float16)):
             return "cudnn"
@@ -125,10 +148,12 @@ def attention(
     if implementation not in _ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {implementation!r} is unknown; choose one "
                          f"of {_ATTENTION_IMPLS}")
+    mosaic_ok = mosaic_gpu_covers(q, k, segment_ids=segment_ids, softcap=softcap,
+                                  sliding_window=sliding_window)
     if implementation == "auto":
         implementation = _auto_attention(q, segment_ids=segment_ids, softcap=softcap,
-                                         return_lse=return_lse)
-    implementation = _resolve_pallas(implementation)
+                                         return_lse=return_lse, mosaic_gpu_ok=mosaic_ok)
+    implementation = _resolve_pallas(implementation, mosaic_ok)
     kwargs = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                   sliding_window=sliding_window, scale=scale, softcap=softcap,
                   return_lse=return_lse)

@@ -1,23 +1,28 @@
 """Flash attention forward for Hopper through Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`).
 
-Version 1, written to the Mosaic GPU programming model, checked on CPU in GPU interpret mode
-(`plgpu.InterpretGPUParams`, with its race detector) and lowered for a CUDA target on CPU;
-**not yet compiled to PTX, run or timed on a GPU** (experiments/attention/NOTES.md):
+Measured on an H100 at or above cuDNN's forward (experiments/attention/NOTES.md).  One program
+computes 128 query rows of one (batch, head) with three warpgroups:
 
-- one or two warpgroups per program (`Config.consumers`) each compute 64 query rows of one
-  (batch, head);
-- K/V blocks stream through a two-slot shared-memory ring filled by TMA copies that warpgroup 0
-  issues: block j + 1 is in flight while block j is multiplied; with two warpgroups each block
-  serves 128 rows and a "free" barrier tells warpgroup 0 when both have finished a slot;
-- S = Q K^T and P V are warpgroup matmuls (wgmma) with float32 accumulators, P fed from
-  registers (staged in shared memory in interpret mode); the online softmax keeps the running
-  max and sum per row;
-- causal attention loops only over the key blocks a query block can see (a dynamic trip count),
-  and masks inside the diagonal block;
-- GQA reads the shared K/V head (h // (H / K)) without repeating it; sequences that are not a
-  multiple of the blocks are padded here and padded keys masked.
+- a producer warpgroup (40 registers per thread) only issues TMA copies of K/V blocks into a
+  shared-memory ring (`Config.slots` deep), refilling a slot once both consumers released it;
+- two consumer warpgroups (232 registers) own 64 rows each: S = Q K^T and P V are warpgroup
+  matmuls (wgmma) with float32 accumulators, P fed from registers; the online softmax works
+  in log2 units (exp2, the scale folded into the max subtraction);
+- `Config.overlap` (default) software-pipelines each consumer by one block, as FlashAttention-3
+  does inside a warpgroup: step j issues S_j and then P_{j-1} V_{j-1} and runs block j's
+  softmax while the P V matmul is in flight; O lives in the wgmma accumulator all along;
+  without it, `Config.pingpong` makes the two consumers alternate on the tensor cores instead;
+- causal attention loops only over the key blocks a program can see, masks only the diagonal
+  blocks (an unmasked and a masked loop), and launches the longest programs first;
+- GQA reads the shared K/V head without repeating it; sequences that are not a multiple of the
+  blocks are padded here and padded keys masked; the log-sum-exp is an output.
 
-Segment ids, sliding window and soft-cap are not in this version (ValueError names the
+CPU checks: GPU interpret mode (`plgpu.InterpretGPUParams`, with its race detector) runs the
+same schedule with P and O staged in shared memory (it runs no wgmma inside `pl.run_state`
+and reads wgmma operands from refs), and a lowering test compiles to Mosaic GPU for a CUDA
+target; the GPU-only tests run the compiled kernel.
+
+Segment ids, sliding window and soft-cap are not in this kernel (ValueError names the
 implementations that have them).  There is no Mosaic GPU backward: `jax.grad` goes through
 cuDNN's flash backward fed this forward's output and log-sum-exp where cuDNN covers the call on
 a GPU, else through the Pallas-Triton backward (`_backward`, `common.flash_with_vjp`).
@@ -47,23 +52,24 @@ class Config:
     Each program computes 128 query rows of one (batch, head) with three warpgroups: two
     consumers (64 rows each, one wgmma M) and one producer that only issues TMA copies.
     block_k: keys per K/V block (64 or 128); slots: depth of the shared-memory K/V ring;
-    pingpong: the two consumers take turns on the tensor cores, so one's softmax runs while the
-    other's matmuls do; overlap: within a consumer, block j's softmax runs while block j-1's
-    P V matmul is in flight (software pipelining by one block).  cudnn_bwd: on a GPU, differentiate with cuDNN's backward where it
+    overlap: within a consumer, block j's softmax runs while block j-1's P V matmul is in
+    flight (software pipelining by one block; the default and fastest measured);
+    pingpong (only without overlap): the two consumers take turns on the tensor cores, so one's
+    softmax runs while the other's matmuls do.  cudnn_bwd: on a GPU, differentiate with cuDNN's backward where it
     covers the call; bwd: the Pallas-Triton backward's tiles (interpret mode, and what cuDNN
     does not cover)."""
 
     block_k: int = 128
     slots: int = 2
-    pingpong: bool = True
     overlap: bool = True
+    pingpong: bool = False
     cudnn_bwd: bool = True
     bwd: pallas_triton.Config = pallas_triton.Config()
 
 
 _BQ = 64  # rows per consumer warpgroup: the wgmma M
 _CONSUMERS = 2
-_SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in maximum)
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in maximum)
 _LOG2E = 1.4426950408889634
 
 
@@ -158,6 +164,8 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                 m, l, acc = carry
                 slot = lax.rem(j, slots)
 
+                plgpu.barrier_wait(k_bar.at[slot])  # before the accumulator's scope (see below)
+
                 def scores(ref):
                     issue_qk(ref, slot)
                     take_turn()  # the other consumer issues its matmul behind this one
@@ -165,7 +173,8 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
 
                 sc = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                m, l, alpha, p16 = softmax(sc, j, m, l, masked)
+                m, l, alpha, p = softmax(sc, j, m, l, masked)
+                p16 = p.astype(dtype)
                 acc = acc * alpha[:, None]
                 if cfg.pingpong:
                     plgpu.barrier_arrive(turn)
@@ -197,6 +206,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             S_j = Q K_j^T and then P_{j-1} V_{j-1}, and runs block j's softmax while the second
             matmul is still in flight; O is rescaled by alpha_j once it lands.  Needs
             n_blocks >= 1 (block 0's softmax is the prologue)."""
+            del take_turn  # (no ping-pong: measured slower on top of this overlap, NOTES.md)
 
             def run(acc_ref):
                 if compiled:  # O lives in the wgmma accumulator for the whole loop
@@ -215,36 +225,43 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                     def read_acc():
                         return acc_ref[...]
 
+                plgpu.barrier_wait(k_bar.at[0])
+
                 def scores(ref):
                     issue_qk(ref, 0)
-                    take_turn()
                     return ref[...]
 
                 sc = pl.run_scoped(scores, plgpu.ACC((bq, bk), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[0])
-                m1, l1, _, p16 = softmax(sc, 0, m, l, masked=True)  # O is still zero
+                m1, l1, _, p = softmax(sc, 0, m, l, masked=True)  # O is still zero
+                p16 = p.astype(dtype)
 
                 def step(j, carry, masked: bool):
                     m, l, p_prev = carry
                     slot, prev = lax.rem(j, slots), lax.rem(j - 1, slots)
                     p_op = p_operand(p_prev)
 
+                    # (barrier waits stay outside the accumulator's scope: inside it they cost
+                    # a third of the causal forward's speed on an H100, NOTES.md)
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    plgpu.barrier_wait(v_bar.at[prev])
+
                     def both(ref):
                         issue_qk(ref, slot)
-                        plgpu.barrier_wait(v_bar.at[prev])
                         issue_pv(p_op, prev)
-                        take_turn()
                         if compiled:  # S_j is the older of the two wgmma groups in flight
                             return plgpu.wgmma_accumulator_load(ref, wait_n=1)
                         return ref[...]
 
                     sc = pl.run_scoped(both, plgpu.ACC((bq, bk), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
-                    m, l, alpha, p16 = softmax(sc, j, m, l, masked)
+                    m, l, alpha, p = softmax(sc, j, m, l, masked)
                     o = read_acc()
                     plgpu.barrier_arrive(v_free.at[prev])
+                    # P_j becomes a wgmma operand only now: registers a pending wgmma reads
+                    # must not be written while it runs (ptxas would serialise every wgmma)
                     acc_ref[...] = o * alpha[:, None]
-                    return m, l, p16
+                    return m, l, p.astype(dtype)
 
                 carry = lax.fori_loop(1, jnp.maximum(n_unmasked, 1),
                                       functools.partial(step, masked=False), (m1, l1, p16))
@@ -280,7 +297,8 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                     plgpu.barrier_wait(turn)
 
             def softmax(sc, j, m, l, masked: bool):
-                """Scores [bq, bk] of key block j -> (m, l, alpha, P) of the online softmax."""
+                """Scores [bq, bk] of key block j -> (m, l, alpha, P float32) of the online
+                softmax."""
                 if c <= 0:  # (a non-positive scale flips the max: scale first)
                     sc = sc * c
                 if masked:
@@ -295,7 +313,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                 m_use = jnp.where(m_new == NEG_INF, 0.0, m_new) if masked else m_new
                 alpha = jnp.exp2(m - m_use)
                 p = jnp.exp2((sc * c if c > 0 else sc) - m_use[:, None])
-                return m_new, l * alpha + jnp.sum(p, axis=1), alpha, p.astype(dtype)
+                return m_new, l * alpha + jnp.sum(p, axis=1), alpha, p
 
             def p_operand(p16):
                 """wgmma takes P from registers on the GPU; GPU interpret mode reads its A
@@ -307,7 +325,6 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                 return p_smem[0].at[wg]
 
             def issue_qk(ref, slot):
-                plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.wgmma(ref, q_tile, k_smem.at[slot].T)
 
             m0 = jnp.full((bq,), NEG_INF, jnp.float32)
@@ -423,13 +440,14 @@ def flash_attention(
         raise ValueError(f"the Mosaic GPU kernel takes bfloat16 or float16 q/k/v, got "
                          f"{q.dtype}/{k.dtype}/{v.dtype}")
     cfg = config or Config()
-    if cfg.block_k not in (64, 128) or cfg.slots < 2:
-        raise ValueError(f"block_k must be 64 or 128 and slots at least 2, got {cfg}")
+    if cfg.block_k not in (64, 128) or cfg.slots < 2 or (cfg.overlap and cfg.pingpong):
+        raise ValueError(f"block_k must be 64 or 128, slots at least 2 and pingpong only "
+                         f"without overlap, got {cfg}")
     if q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
-    if smem_bytes(q.shape[-1], cfg) > _SMEM_BYTES:
+    if smem_bytes(q.shape[-1], cfg) > SMEM_BYTES:
         raise ValueError(f"head_dim {q.shape[-1]} with {cfg} needs {smem_bytes(q.shape[-1], cfg)}"
-                         f" bytes of shared memory (at most {_SMEM_BYTES}): lower block_k or "
+                         f" bytes of shared memory (at most {SMEM_BYTES}): lower block_k or "
                          f"slots")
     spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=None, scale=scale,
                                     softcap=None, segment_ids=None, kv_segment_ids=None)

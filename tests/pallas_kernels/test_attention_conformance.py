@@ -124,12 +124,10 @@ MGPU_CASES = [  # (name, shapes, Config overrides)
      dict(block_k=64)),
     ("fp16_cross_three_k_blocks", dict(b=1, t=64, s=330, h=2, kh=1, d=64, dtype=jnp.float16),
      dict(slots=3)),
-    ("causal_bk64_no_pingpong", dict(b=1, t=200, s=200, h=4, kh=1, d=32, causal=True),
-     dict(block_k=64, pingpong=False)),
-    ("causal_serial_schedule", dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
-     dict(block_k=64, overlap=False)),
-    ("full_serial_no_pingpong", dict(b=2, t=70, s=200, h=2, kh=1, d=16),
-     dict(overlap=False, pingpong=False)),
+    ("causal_bk64", dict(b=1, t=200, s=200, h=4, kh=1, d=32, causal=True), dict(block_k=64)),
+    ("causal_serial_pingpong", dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
+     dict(block_k=64, overlap=False, pingpong=True)),
+    ("full_serial", dict(b=2, t=70, s=200, h=2, kh=1, d=16), dict(overlap=False)),
     ("causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=2, d=16, causal=True), {}),
 ]
 
@@ -147,7 +145,7 @@ def test_flash_mosaic_gpu_interpret(case):
     check_flash(_mgpu(**overrides), **kw)
 
 
-@pytest.mark.parametrize("pingpong,overlap", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False)])
 def test_flash_mosaic_gpu_has_no_races(pingpong, overlap):
     """The interpreter's happens-before race detector over the TMA ring and the barriers (it
     also raises on unbalanced barrier phases: a missing wait before reusing a slot fails)."""
@@ -182,6 +180,32 @@ def test_flash_mosaic_gpu_refuses_what_it_lacks():
         flash_mgpu.flash_attention(q, k, v, sliding_window=4, interpret=True)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         flash_mgpu.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), interpret=True)
+    with pytest.raises(ValueError, match="pingpong only without overlap"):
+        flash_mgpu.flash_attention(q, k, v, config=flash_mgpu.Config(pingpong=True))
+    with pytest.raises(ValueError, match="shared memory"):
+        flash_mgpu.flash_attention(*(jnp.zeros((1, 8, 2, 256), jnp.bfloat16),) * 3)
+
+
+def test_pallas_and_auto_pick_mosaic_gpu_on_hopper(monkeypatch):
+    """Dispatch only (the kernels themselves are checked above): on a Hopper GPU "auto" and
+    "pallas" take the Mosaic GPU kernel where it covers the call, else what covers it."""
+    from pallas_kernels import api
+    q, k, _ = _inputs(0, 1, 8, 8, 2, 1, 64, jnp.bfloat16)
+    seg = jnp.zeros((1, 8), jnp.int32)
+    monkeypatch.setattr(api, "_platform", lambda: "gpu")
+    for hopper, plain, packed, fp32 in [(True, "mosaic_gpu", "pallas_triton", "pallas_triton"),
+                                        (False, "cudnn", "pallas_triton", "pallas_triton")]:
+        monkeypatch.setattr(api, "_is_hopper", lambda: hopper)
+        pick = lambda q, k, **kw: api._auto_attention(
+            q, segment_ids=kw.get("segment_ids"), softcap=None, return_lse=False,
+            mosaic_gpu_ok=api.mosaic_gpu_covers(q, k, **kw))
+        assert pick(q, k) == plain
+        assert pick(q, k, segment_ids=seg) == packed
+        assert pick(q.astype(jnp.float32), k.astype(jnp.float32)) == fp32
+        assert api._resolve_pallas("pallas", api.mosaic_gpu_covers(q, k)) == (
+            "mosaic_gpu" if hopper else "pallas_triton")
+    big = jnp.zeros((1, 8, 2, 256), jnp.bfloat16)  # head_dim 256 does not fit shared memory
+    assert not api.mosaic_gpu_covers(big, big)
 
 
 def test_api_dispatch_matches_reference():
@@ -305,9 +329,9 @@ def test_flash_attention_native_gpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal,overrides", [(True, {}), (False, {}),
-                                              (True, dict(block_k=64, pingpong=False)),
+                                              (True, dict(block_k=64)),
                                               (False, dict(block_k=64, slots=4)),
-                                              (True, dict(overlap=False))])
+                                              (True, dict(overlap=False, pingpong=True))])
 def test_flash_mosaic_gpu_native(causal, overrides):
     """The Mosaic GPU kernel compiled for the GPU (forward and, through Triton, backward)."""
     check_flash(_mgpu(interpret=False, **overrides), b=2, t=300, s=300, h=4, kh=1,
