@@ -116,6 +116,20 @@ ladder4() {  # TP 4, Llama-3-8B shape: standard / ladder / desync (needs 4 GPUs)
   cp /tmp/ladder/results.md "$OUT/ladder/results${TAG:-}.md" 2>/dev/null
 }
 
+ladder_host() {  # TP 4, 8B: the on-device decode loop against a host loop of jitted steps (4 GPUs)
+  mkdir -p "$OUT/ladder"
+  rm -rf /tmp/ladder_h /tmp/ladder_hlo
+  timeout ${LADDER_TIMEOUT:-480} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-4} \
+    --residual ${LADDER_MODES:-standard,ladder,desync} --decode-loop ${LADDER_LOOPS:-device,host} \
+    --batch ${LADDER_BATCH:-1} --xla-preset ${LADDER_XLA:-nccl_lhs} --reps ${LADDER_REPS:-2} \
+    --dump-hlo /tmp/ladder_hlo --out /tmp/ladder_h 2>&1 | tee "$OUT/ladder/log_host${TAG:-}.txt"
+  cp /tmp/ladder_h/results.json "$OUT/ladder/results_host${TAG:-}.json" 2>/dev/null
+  cp /tmp/ladder_h/results.md "$OUT/ladder/results_host${TAG:-}.md" 2>/dev/null
+  $PY experiments/ladder/hlo_overlap.py --around-sync /tmp/ladder_hlo/*.hlo.txt \
+    > "$OUT/ladder/hlo_overlap_host${TAG:-}.txt" 2>&1
+  for f in /tmp/ladder_hlo/*ladder*.hlo.txt; do gzip -c "$f" > "$OUT/ladder/$(basename $f).gz"; done
+}
+
 ladder_streams() {  # TP 4, 8B: ladder with XLA's scheduler vs each MLP on a second stream (needs 4 GPUs)
   mkdir -p "$OUT/ladder"
   rm -rf /tmp/ladder_hlo

@@ -19,6 +19,7 @@ process (`--worker`); the parent merges their JSON lines, prints the table last 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xla-preset", default="default",
                    help=f"comma list of XLA flag sets, one worker each: {', '.join(XLA_PRESETS)}")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--decode-loop", default="device",
+                   help="device (the foundation's on-device while loop), host (one jitted step "
+                        "per token from Python, dispatched asynchronously) or device,host")
     p.add_argument("--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO")
     p.add_argument("--out", default="runs/ladder_bench")
     p.add_argument("--no-ladder-barrier", action="store_true",
@@ -190,16 +194,18 @@ def run_worker(a: argparse.Namespace) -> None:
         mesh = make_mesh({"tensor": tp}, devices[:tp])
         tensor.check_tensor_parallel(base, tp)
         params = _random_params(base, mesh, dtype)
-        runs = [(m, o) for m in a.residual.split(",")
-                for o in (a.ladder_overlap.split(",") if m == "ladder" else ["scheduler"])]
+        runs = [(m, o, loop) for m in a.residual.split(",")
+                for o in (a.ladder_overlap.split(",") if m == "ladder" else ["scheduler"])
+                for loop in a.decode_loop.split(",")]
         for batch in _ints(a.batch):
             rng = np.random.RandomState(batch)
             toks = jnp.asarray(rng.randint(0, base.vocab_size, (batch, a.prompt)), jnp.int32)
             lens = jnp.full((batch,), a.prompt, jnp.int32)
-            for mode, overlap in runs:
+            for mode, overlap, loop in runs:
                 cfg = base.replace(residual_mode=mode)
                 model = tensor.TensorParallel(mesh, unroll=not a.scan, ladder_overlap=overlap)
                 label = mode if overlap == "scheduler" else f"{mode}+{overlap}"
+                label += "" if loop == "device" else "+hostloop"
                 row = dict(preset=a.preset, residual=label, tp=tp, batch=batch, prompt=a.prompt,
                            new_tokens=a.new_tokens, p2p=p2p, device=devices[0].device_kind,
                            platform=devices[0].platform, layers="scan" if a.scan else "unrolled",
@@ -219,15 +225,33 @@ def run_worker(a: argparse.Namespace) -> None:
 
                 t0 = time.perf_counter()
                 jax.block_until_ready(prefill(params, toks, lens))
-                out = jax.block_until_ready(_generate(params, toks, lens, key, stops, **gen_kw))
+                @functools.partial(jax.jit, donate_argnums=(2,))
+                def step(params, tok, cache):
+                    logits, cache = model(params, cfg, tok[:, None], cache=cache,
+                                          attn_impl="auto")
+                    return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
+
+                def host_generate(params, toks, lens, key, stops, **_):
+                    # greedy, like _generate with SamplingParams(); no host sync until the end
+                    tok, cache = prefill(params, toks, lens)
+                    out = []
+                    for _ in range(a.new_tokens):
+                        out.append(tok)
+                        tok, cache = step(params, tok, cache)
+                    out = jnp.stack(out, 1)
+                    return out, jnp.zeros(out.shape, jnp.float32), None
+
+                gen_fn = _generate if loop == "device" else host_generate
+                out = jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw))
                 # greedy tokens of row 0 and the mean log-prob: two ways of running one residual
                 # mode (e.g. ladder and ladder+streams) must agree here
                 row["first_tokens"] = np.asarray(out[0][0, :8]).tolist()
-                row["mean_logp"] = float(np.asarray(out[1], np.float64).mean())
+                if loop == "device":  # (the host loop keeps no log-probs)
+                    row["mean_logp"] = float(np.asarray(out[1], np.float64).mean())
                 row["compile_s"] = time.perf_counter() - t0
                 pre = _median_time(lambda: jax.block_until_ready(prefill(params, toks, lens)), a.reps)
                 gen = _median_time(lambda: jax.block_until_ready(
-                    _generate(params, toks, lens, key, stops, **gen_kw)), a.reps)
+                    gen_fn(params, toks, lens, key, stops, **gen_kw)), a.reps)
                 dec = max(gen - pre, 1e-9)
                 row.update(prefill_s=pre, decode_s=dec, generate_s=gen,
                            ms_per_step=1e3 * dec / a.new_tokens,
@@ -236,7 +260,12 @@ def run_worker(a: argparse.Namespace) -> None:
                 row["peak_bytes"] = stats.get("peak_bytes_in_use")
                 if a.dump_hlo:  # the schedule of the timed executable (compile cache hit)
                     Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
-                    txt = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile().as_text()
+                    if loop == "device":
+                        txt = _generate.lower(params, toks, lens, key, stops,
+                                              **gen_kw).compile().as_text()
+                    else:
+                        _, c0 = prefill(params, toks, lens)
+                        txt = step.lower(params, toks[:, 0], c0).compile().as_text()
                     name = (f"generate_{a.preset}_{label}_tp{tp}_b{batch}_{a.xla_preset}"
                             f"{'' if p2p else '_nop2p'}.hlo.txt")
                     (Path(a.dump_hlo) / name).write_text(txt)

@@ -104,10 +104,23 @@ def excerpt(text: str, start_name: str, context: int = 3) -> str:
     return "\n".join(short)
 
 
+def around_sync(text: str, computation: str, name: str, context: int = 12) -> str:
+    """The scheduled lines `context` before and after one synchronous all-reduce: what the
+    scheduler put next to it instead of inside an async pair."""
+    lines = text.splitlines()
+    start = next(k for k, l in enumerate(lines) if _COMPUTATION.match(l)
+                 and _COMPUTATION.match(l).group(1) == computation)
+    i = next(k for k in range(start, len(lines)) if re.search(rf"%{re.escape(name)} = ", lines[k]))
+    return "\n".join(re.sub(r", metadata=\{.*", "", l)[:200]
+                     for l in lines[max(0, i - context): i + context + 1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--excerpt", action="store_true", help="print the lines around one pair")
+    p.add_argument("--around-sync", action="store_true",
+                   help="print the lines around the middle synchronous all-reduce")
     a = p.parse_args(argv)
     for f in a.files:
         text = open(f).read()
@@ -118,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                 if r.pairs:
                     mid = r.pairs[len(r.pairs) // 2]
                     print(excerpt(text, mid.name))
+        if a.around_sync:
+            for r in reps:
+                if r.sync:
+                    print(f"-- {r.computation}, around {r.sync[len(r.sync) // 2][0]}:")
+                    print(around_sync(text, r.computation, r.sync[len(r.sync) // 2][0]))
                     break
     return 0
 
