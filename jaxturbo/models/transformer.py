@@ -268,11 +268,20 @@ def forward(
         if streams:                     # this attention's all-reduce beside this MLP
             a, (m, x) = psum_beside(after(a, pm), reduce_ax, mlp_of_layer,
                                     {n: params["layers"][n] for n in mlp_names}, i, x, pm)
+            m = after(m, a)
         else:
             x = x + pm                  # previous MLP's all-reduce, overlapped by attention
             a = reduce(after(a, pm))
             m = mlp(lp, x)
-        m = reduce(after(m, a))
+            if reduce_ax is not None:
+                # One barrier orders this MLP's all-reduce after the attention's (as `after`)
+                # and hands the next layer a new x.  Reading the same x, XLA's multi-output
+                # fusion merged the next attention's input norm (which reads this attention's
+                # all-reduce) into this MLP's input norm, so the MLP waited for the all-reduce
+                # it was meant to hide (every decode-step attention all-reduce went sync,
+                # experiments/ladder/NOTES.md, session 4).
+                m, a, x = jax.lax.optimization_barrier((m, a, x))
+        m = reduce(m)
         return x, a, m, c
 
     zeros = jnp.zeros_like(x)
