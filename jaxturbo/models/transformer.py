@@ -270,16 +270,18 @@ def forward(
                                     {n: params["layers"][n] for n in mlp_names}, i, x, pm)
             m = after(m, a)
         else:
+            # Each barrier orders an all-reduce after the previous one (as `after`) and hands
+            # the next module a new x, produced only once this module's compute is done.
+            # Reading one x, XLA's multi-output fusion merged two consecutive modules' input
+            # norms into one fusion, so a module waited for the all-reduce it was meant to
+            # hide (in the decode step every attention all-reduce, then with a barrier on the
+            # MLP side only, every MLP all-reduce went sync: experiments/ladder/NOTES.md).
+            if reduce_ax is not None:
+                a, pm, x = jax.lax.optimization_barrier((a, pm, x))
             x = x + pm                  # previous MLP's all-reduce, overlapped by attention
-            a = reduce(after(a, pm))
+            a = reduce(a)
             m = mlp(lp, x)
             if reduce_ax is not None:
-                # One barrier orders this MLP's all-reduce after the attention's (as `after`)
-                # and hands the next layer a new x.  Reading the same x, XLA's multi-output
-                # fusion merged the next attention's input norm (which reads this attention's
-                # all-reduce) into this MLP's input norm, so the MLP waited for the all-reduce
-                # it was meant to hide (every decode-step attention all-reduce went sync,
-                # experiments/ladder/NOTES.md, session 4).
                 m, a, x = jax.lax.optimization_barrier((m, a, x))
         m = reduce(m)
         return x, a, m, c
