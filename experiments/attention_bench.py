@@ -73,7 +73,7 @@ class Case:
 
 def presets(name: str):
     """(attention cases, implementations, decode (batch, context) grid, kv-head config)."""
-    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial_pp", "cudnn",
+    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial_pp", "mosaic_gpu_bwd", "cudnn",
              "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
     if name == "tiny":
         cases = [Case(1, 64, 2, 1, 32, True), Case(1, 64, 2, 2, 32, False),
@@ -141,12 +141,13 @@ def attention_fn(impl: str, c: Case, seg, interpret: bool, config=None):
         return "needs a GPU"
     if impl == "cudnn":
         return lambda q, k, v: api.attention(q, k, v, implementation="cudnn", **kw)
-    if impl.startswith("mosaic_gpu"):  # default (in-warpgroup overlap); serial + ping-pong
+    if impl.startswith("mosaic_gpu"):  # default; serial + ping-pong; our Mosaic backward
         if c.segments or c.window:
             return "no segment ids / sliding window yet"
         from pallas_kernels.flash_attention import mosaic_gpu
         cfg = {"mosaic_gpu": mosaic_gpu.Config(),
-               "mosaic_gpu_serial_pp": mosaic_gpu.Config(overlap=False, pingpong=True)}[impl]
+               "mosaic_gpu_serial_pp": mosaic_gpu.Config(overlap=False, pingpong=True),
+               "mosaic_gpu_bwd": mosaic_gpu.Config(backward="mosaic_gpu")}[impl]
         return lambda q, k, v: api.attention(q, k, v, implementation="mosaic_gpu", config=cfg,
                                              **kw)
     if impl == "jax_pallas_mha":

@@ -23,9 +23,10 @@ and reads wgmma operands from refs), and a lowering test compiles to Mosaic GPU 
 target; the GPU-only tests run the compiled kernel.
 
 Segment ids, sliding window and soft-cap are not in this kernel (ValueError names the
-implementations that have them).  There is no Mosaic GPU backward: `jax.grad` goes through
-cuDNN's flash backward fed this forward's output and log-sum-exp where cuDNN covers the call on
-a GPU, else through the Pallas-Triton backward (`_backward`, `common.flash_with_vjp`).
+implementations that have them).  `jax.grad` goes, by default, through cuDNN's flash backward
+fed this forward's output and log-sum-exp where cuDNN covers the call on a GPU, else through the
+Pallas-Triton backward; `Config(backward="mosaic_gpu")` picks our own Hopper backward kernels
+(`mosaic_gpu_bwd.py`, not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -55,15 +56,16 @@ class Config:
     overlap: within a consumer, block j's softmax runs while block j-1's P V matmul is in
     flight (software pipelining by one block; the default and fastest measured);
     pingpong (only without overlap): the two consumers take turns on the tensor cores, so one's
-    softmax runs while the other's matmuls do.  cudnn_bwd: on a GPU, differentiate with cuDNN's backward where it
-    covers the call; bwd: the Pallas-Triton backward's tiles (interpret mode, and what cuDNN
-    does not cover)."""
+    softmax runs while the other's matmuls do.
+    backward: "cudnn" (on a GPU, cuDNN's backward where it covers the call, the Pallas-Triton
+    one elsewhere), "mosaic_gpu" (`mosaic_gpu_bwd`: our Hopper dK/dV and dQ kernels, not yet
+    timed on a GPU) or "pallas_triton"; bwd: the Pallas-Triton backward's tiles."""
 
     block_k: int = 128
     slots: int = 2
     overlap: bool = True
     pingpong: bool = False
-    cudnn_bwd: bool = True
+    backward: str = "cudnn"
     bwd: pallas_triton.Config = pallas_triton.Config()
 
 
@@ -392,13 +394,19 @@ def _interpret_params(interpret) -> plgpu.InterpretGPUParams | bool:
 
 
 def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg: Config, interpret):
-    """cuDNN's flash backward from this forward's out/lse where it covers the call (compiled
-    GPU, no lse cotangent, no bottom-right causal offset); the Pallas-Triton backward else."""
+    """By `cfg.backward`: our Mosaic GPU kernels; or cuDNN's flash backward from this
+    forward's out/lse where it covers the call (compiled GPU, no lse cotangent, no bottom-right
+    causal offset) and the Pallas-Triton backward else."""
     def triton():
         return pallas_triton._backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec,
                                        cfg.bwd, bool(interpret))
 
-    if interpret or not cfg.cudnn_bwd or (spec.causal and spec.q_len != spec.kv_len):
+    if cfg.backward == "mosaic_gpu":
+        from pallas_kernels.flash_attention import mosaic_gpu_bwd
+        return mosaic_gpu_bwd.backward(q, k, v, out, lse, d_out, d_lse, spec,
+                                       _interpret_params(interpret))
+    if (interpret or cfg.backward == "pallas_triton"
+            or (spec.causal and spec.q_len != spec.kv_len)):
         return triton()
     from pallas_kernels.flash_attention import cudnn_lse
 
@@ -443,6 +451,9 @@ def flash_attention(
     if cfg.block_k not in (64, 128) or cfg.slots < 2 or (cfg.overlap and cfg.pingpong):
         raise ValueError(f"block_k must be 64 or 128, slots at least 2 and pingpong only "
                          f"without overlap, got {cfg}")
+    if cfg.backward not in ("cudnn", "mosaic_gpu", "pallas_triton"):
+        raise ValueError(f"backward={cfg.backward!r}: choose 'cudnn', 'mosaic_gpu' or "
+                         f"'pallas_triton'")
     if q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
     if smem_bytes(q.shape[-1], cfg) > SMEM_BYTES:

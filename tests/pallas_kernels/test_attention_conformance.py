@@ -128,6 +128,13 @@ MGPU_CASES = [  # (name, shapes, Config overrides)
     ("causal_serial_pingpong", dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
      dict(block_k=64, overlap=False, pingpong=True)),
     ("full_serial", dict(b=2, t=70, s=200, h=2, kh=1, d=16), dict(overlap=False)),
+    # our Mosaic GPU backward (dK/dV and dQ kernels) instead of the Pallas-Triton one
+    ("bwd_causal_gqa4", dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
+     dict(backward="mosaic_gpu")),
+    ("bwd_cross_fp16", dict(b=1, t=64, s=150, h=2, kh=2, d=16, dtype=jnp.float16),
+     dict(backward="mosaic_gpu")),
+    ("bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
+     dict(backward="mosaic_gpu")),
     ("causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=2, d=16, causal=True), {}),
 ]
 
@@ -174,12 +181,40 @@ def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
     assert "wgmma" in text and "nvvm.mbarrier" in text
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal):
+    """The dK/dV and dQ kernels through the Mosaic GPU lowering for a CUDA target."""
+    q = jax.ShapeDtypeStruct((2, 200, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 2, 128), jnp.bfloat16)
+    cfg = flash_mgpu.Config(backward="mosaic_gpu")
+    f = lambda q, k, v: jax.grad(lambda q, k, v: flash_mgpu.flash_attention(
+        q, k, v, causal=causal, config=cfg).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+    text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3  # forward, dK/dV, dQ
+
+
+def test_flash_mosaic_gpu_backward_has_no_races():
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    q, k, v = _inputs(6, 1, 130, 130, 2, 1, 16, jnp.bfloat16)
+    fn = _mgpu(plgpu.InterpretGPUParams(detect_races=True), backward="mosaic_gpu")
+    loss = lambda fn: lambda *a: fn(*a, causal=True).astype(jnp.float32).sum()
+    got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+    assert not interpret_pallas_call.get_races().races_found
+    want = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    for g, w in zip(got, want):
+        assert _rel(g, w) <= BF16_TOL
+
+
 def test_flash_mosaic_gpu_refuses_what_it_lacks():
     q, k, v = _inputs(0, 1, 8, 8, 2, 1, 16, jnp.bfloat16)
     with pytest.raises(ValueError, match="segment ids, sliding window or softcap"):
         flash_mgpu.flash_attention(q, k, v, sliding_window=4, interpret=True)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         flash_mgpu.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), interpret=True)
+    with pytest.raises(ValueError, match="backward='fast'"):
+        flash_mgpu.flash_attention(q, k, v, config=flash_mgpu.Config(backward="fast"))
     with pytest.raises(ValueError, match="pingpong only without overlap"):
         flash_mgpu.flash_attention(q, k, v, config=flash_mgpu.Config(pingpong=True))
     with pytest.raises(ValueError, match="shared memory"):
@@ -335,6 +370,14 @@ def test_flash_attention_native_gpu(case):
 def test_flash_mosaic_gpu_native(causal, overrides):
     """The Mosaic GPU kernel compiled for the GPU (forward and, through Triton, backward)."""
     check_flash(_mgpu(interpret=False, **overrides), b=2, t=300, s=300, h=4, kh=1,
+                d=128, dtype=jnp.bfloat16, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_mosaic_gpu_native_mosaic_backward(causal):
+    """Our Mosaic GPU backward kernels compiled for the GPU (outputs, lse and gradients)."""
+    check_flash(_mgpu(interpret=False, backward="mosaic_gpu"), b=2, t=300, s=300, h=4, kh=1,
                 d=128, dtype=jnp.bfloat16, causal=causal)
 
 
