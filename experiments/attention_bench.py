@@ -93,7 +93,8 @@ def presets(name: str):
              Case(4, 4096, 32, 32, 128, True, window=1024)]
     # (the Mosaic GPU kernel takes the GQA case; it has no segment ids or window)
     big = [(c, impls) for c in big] + [
-        (c, ["pallas_triton", "cudnn"] + (["mosaic_gpu"] if c.kh != c.h else [])) for c in extra]
+        (c, ["pallas_triton", "cudnn"] + (["mosaic_gpu", "mosaic_gpu_bwd"] if c.kh != c.h else []))
+        for c in extra]
     if name == "h100":
         dec = [(1, 8192), (16, 1024), (16, 8192), (16, 32768), (64, 8192)]
     else:

@@ -5,6 +5,7 @@
 #   bash experiments/gpu_session.sh setup train mladecode profile   # MFU grid, MLA decode, TP-4 shard profile
 #   bash experiments/gpu_session.sh setup heal grpo    # needs the SmolLM2 GGUF (see below)
 #   bash experiments/gpu_session.sh setup mgpu         # Mosaic GPU flash kernel: native tests + grid
+#   bash experiments/gpu_session.sh setup mgpu_bwd     # its Mosaic GPU backward against cuDNN's
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
@@ -152,6 +153,18 @@ mgpu() {  # Mosaic GPU flash forward: native conformance, then the attention gri
     2>&1 | tail -40 | tee "$OUT/attention/pytest_mosaic_gpu.txt"
   timeout ${MGPU_BENCH_TIMEOUT:-330} $PY experiments/attention_bench.py --preset h100 \
     --only attention --no-configs ${MGPU_BENCH_ARGS:-} --out "$OUT/attention" 2>&1 | tail -60
+}
+
+mgpu_bwd() {  # our Mosaic GPU backward: native tests, ptxas report, then against cuDNN's (one H100)
+  mkdir -p "$OUT/attention" /tmp/mgpu_dump
+  timeout ${MGPU_TEST_TIMEOUT:-200} $PY -m pytest -q -m gpu tests/pallas_kernels -k mosaic_backward \
+    2>&1 | tail -30 | tee "$OUT/attention/pytest_mosaic_bwd.txt"
+  MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/mgpu_dump timeout ${MGPU_BENCH_TIMEOUT:-300} \
+    $PY experiments/attention_bench.py --preset h100 --only attention --no-configs \
+    --cases ${MGPU_CASES:-0,1,3} --impls mosaic_gpu,mosaic_gpu_bwd,cudnn --out "$OUT/attention" \
+    2>&1 | grep "^| \|rror" | tee "$OUT/attention/bench_mosaic_bwd.txt"
+  grep -h "Performance Loss\|spill\|registers" -r /tmp/mgpu_dump | sort | uniq -c \
+    | tee "$OUT/attention/ptxas_mosaic_bwd.txt"
 }
 
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
