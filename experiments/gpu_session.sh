@@ -155,9 +155,11 @@ mgpu() {  # Mosaic GPU flash forward: native conformance, then the attention gri
     --only attention --no-configs ${MGPU_BENCH_ARGS:-} --out "$OUT/attention" 2>&1 | tail -60
 }
 
-mgpu_bwd() {  # our Mosaic GPU backward: native tests, ptxas report, then against cuDNN's (one H100)
+mgpu_bwd() {  # our Mosaic GPU backward (native tests, bench vs cuDNN's, ptxas report) and the
+  # SmolLM2-shape model through attn_impl="pallas" natively (one H100)
   mkdir -p "$OUT/attention" /tmp/mgpu_dump
-  timeout ${MGPU_TEST_TIMEOUT:-200} $PY -m pytest -q -m gpu tests/pallas_kernels -k mosaic_backward \
+  timeout ${MGPU_TEST_TIMEOUT:-240} $PY -m pytest -q -m gpu tests/models \
+    "tests/pallas_kernels/test_attention_conformance.py::test_flash_mosaic_gpu_native_mosaic_backward" \
     2>&1 | tail -30 | tee "$OUT/attention/pytest_mosaic_bwd.txt"
   MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/mgpu_dump timeout ${MGPU_BENCH_TIMEOUT:-300} \
     $PY experiments/attention_bench.py --preset h100 --only attention --no-configs \
