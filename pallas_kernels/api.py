@@ -11,7 +11,8 @@ a saved output and lse, for callers that merge partial results: ring attention),
   "mosaic_tpu"     Pallas kernels through Mosaic TPU (TPU; TPU interpret mode on CPU);
   "mosaic_gpu"     the Hopper forward through Mosaic GPU (bf16/fp16; no segments, window or
                    softcap; GPU interpret mode on CPU); its gradient is cuDNN's backward
-                   where that covers the call, else the Pallas-Triton one;
+                   where that covers the call, else the Pallas-Triton one, or our Mosaic
+                   GPU backward with `config=mosaic_gpu.Config(backward="mosaic_gpu")`;
   "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu; Hopper GPUs:
                    mosaic_gpu where it covers the call, else pallas_triton; other GPUs and
                    CPU: pallas_triton, on CPU in interpret mode: slow, for tests);
