@@ -36,24 +36,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention import common
+from pallas_kernels.flash_attention import mosaic_gpu
 
 _B = 64  # rows per consumer warpgroup and per streamed block: one wgmma M
 _CONSUMERS = 2
 _TILE = _B * _CONSUMERS  # rows (dQ) or keys (dK/dV) per program
 _SLOTS = 2
-_LOG2E = 1.4426950408889634
-
-
-def _transforms(cols: int, dtype) -> tuple:
-    itemsize = jnp.dtype(dtype).itemsize
-    swizzle = plgpu.find_swizzle(cols * itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _interpret_params(interpret):
-    if isinstance(interpret, plgpu.InterpretGPUParams):
-        return interpret
-    return plgpu.InterpretGPUParams() if interpret else False
+_LOG2E = mosaic_gpu._LOG2E
+_transforms = mosaic_gpu._smem_transforms
+_interpret_params = mosaic_gpu._interpret_params
 
 
 class _Ops:
