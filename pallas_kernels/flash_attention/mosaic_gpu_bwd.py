@@ -124,6 +124,13 @@ def _wait_ready(ready, slot, n_buffers: int):
         plgpu.barrier_wait(ready.at[n * _SLOTS + slot])
 
 
+def _launch(interpret) -> dict:
+    """`plgpu.kernel` arguments both kernels share: producer + consumers, fast math."""
+    return dict(num_threads=_CONSUMERS + 1, thread_name="wg",
+                compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+                interpret=_interpret_params(interpret))
+
+
 def _smem(shape, dtype, d):
     return plgpu.SMEM(shape, dtype, transforms=_transforms(d, dtype))
 
@@ -240,10 +247,7 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
         ],
         grid=(b * kh, sp // _TILE),
         grid_names=("bk", "k"),
-        num_threads=_CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True) if compiled else None,
-        interpret=_interpret_params(interpret),
+        **_launch(interpret),
     )(q, k, v, do, lse2, delta)
 
 
@@ -334,10 +338,7 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
         ],
         grid=(b * h, tp // _TILE),
         grid_names=("bh", "q"),
-        num_threads=_CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True) if compiled else None,
-        interpret=_interpret_params(interpret),
+        **_launch(interpret),
     )(q, k, v, do, lse2, delta)
 
 
