@@ -127,10 +127,14 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             n_unmasked = jnp.clip((first + 1) // bk, 0, n_unmasked_max)
         n_unmasked = jnp.minimum(n_unmasked, n_blocks)
 
-        def fetch(j, slot):
+        def fetch(j, slot, after_release: bool = False):
+            # a refill waits for both consumers to release the slot's K, then its V
             rows = (bi, pl.ds(j * bk, bk), ki)
-            plgpu.copy_gmem_to_smem(k_gmem.at[rows], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_gmem.at[rows], v_smem.at[slot], v_bar.at[slot])
+            for src, dst, ready, free in ((k_gmem, k_smem, k_bar, k_free),
+                                          (v_gmem, v_smem, v_bar, v_free)):
+                if after_release:
+                    plgpu.barrier_wait(free.at[slot])
+                plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], ready.at[slot])
 
         @pl.when(wg == _CONSUMERS)
         def _producer():
@@ -139,15 +143,8 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             for j in range(min(slots, nk)):
                 pl.when(j < n_blocks)(functools.partial(fetch, j, j))
 
-            def refill(j, _):
-                # slot j % slots was last read in step j - slots: both consumers released it
-                slot = lax.rem(j, slots)
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(k_gmem.at[bi, pl.ds(j * bk, bk), ki], k_smem.at[slot],
-                                        k_bar.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_gmem.at[bi, pl.ds(j * bk, bk), ki], v_smem.at[slot],
-                                        v_bar.at[slot])
+            def refill(j, _):  # slot j % slots was last read in step j - slots
+                fetch(j, lax.rem(j, slots), after_release=True)
 
             lax.fori_loop(slots, n_blocks, refill, None)
             for back in range(1, min(slots, nk) + 1):  # observe the last releases (phases balance)
@@ -166,7 +163,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                 m, l, acc = carry
                 slot = lax.rem(j, slots)
 
-                plgpu.barrier_wait(k_bar.at[slot])  # before the accumulator's scope (see below)
+                plgpu.barrier_wait(k_bar.at[slot])  # outside the accumulator's scope (NOTES.md)
 
                 def scores(ref):
                     issue_qk(ref, slot)
