@@ -1,0 +1,111 @@
+"""Compile the tensor-parallel decode loop for a lent GPU host without any GPU, and report
+whether its all-reduces overlap compute.
+
+The *schedule* of `ladder_bench.py`'s decode step (the same `_generate` while loop, the same
+shardings and XLA flags) decides whether each all-reduce is an async start/done pair with compute
+inside or a synchronous wait.  `experiments/aot_gpu.py` compiles it for an H100 host without one,
+so that schedule is read on a CPU machine before any device time is spent; timing still needs
+the GPU.  Setup (the CUDA plugin) in `experiments/aot_gpu.py`.
+
+    python experiments/ladder/aot_schedule.py --preset 8b --tp 4 --residual standard,ladder,desync
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+import aot_gpu  # noqa: E402
+import hlo_overlap  # noqa: E402
+import ladder_bench  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="8b", choices=sorted(ladder_bench.PRESETS))
+    p.add_argument("--residual", default="standard,ladder,desync")
+    p.add_argument("--tp", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--xla-preset", default="nccl_lhs", choices=sorted(ladder_bench.XLA_PRESETS))
+    p.add_argument("--target", default="h100", choices=sorted(aot_gpu.TARGETS),
+                   help="the GPU to compile for")
+    p.add_argument("--attn-impl", default="auto",
+                   help="attention implementation inside the step ('auto': what the lent H100 "
+                        "picks, decided here for a Hopper GPU)")
+    p.add_argument("--dump", default=None, help="folder for each mode's compiled HLO")
+    p.add_argument("--around-sync", action="store_true",
+                   help="print the scheduled lines around one synchronous all-reduce")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    # the same XLA flags as a ladder_bench worker: they are read when the backend starts
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *ladder_bench.GPU_FLAGS,
+                                        *ladder_bench.XLA_PRESETS[a.xla_preset]]).strip()
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxturbo.bridge.hf import global_shapes, layer_shapes
+    from jaxturbo.generate.decode import _generate
+    from jaxturbo.generate.sampling import SamplingParams
+    from jaxturbo.models.config import ModelConfig
+    from jaxturbo.parallel import tensor
+    from jaxturbo.parallel.mesh import make_mesh
+
+    devices = aot_gpu.gpu_devices(a.tp, a.target)
+    aot_gpu.dispatch_as_hopper()
+
+    dtype = jnp.bfloat16
+    base = ModelConfig(**ladder_bench.PRESETS[a.preset])
+    tensor.check_tensor_parallel(base, a.tp)
+    mesh = make_mesh({"tensor": a.tp}, devices)
+    specs = tensor.param_specs({**{n: None for n in global_shapes(base)},
+                                "layers": {n: None for n in layer_shapes(base)}})
+
+    def abstract(shape, spec, dt=dtype):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
+
+    params = {n: abstract(s, specs[n]) for n, s in global_shapes(base).items()}
+    params["layers"] = {n: abstract((base.num_hidden_layers, *s), specs["layers"][n])
+                        for n, s in layer_shapes(base).items()}
+    toks = abstract((a.batch, a.prompt), P(), jnp.int32)
+    lens = abstract((a.batch,), P(), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+    stops = abstract((1,), P(), jnp.int32)
+
+    print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}, compiled for "
+          f"{devices[0].device_kind} without a device")
+    for mode in a.residual.split(","):
+        cfg = base.replace(residual_mode=mode)
+        gen_kw = dict(cfg=cfg, max_new_tokens=a.new_tokens, sampling=SamplingParams(), stream=None,
+                      attn_impl=a.attn_impl, cache_dtype=jnp.dtype(dtype).name,
+                      model_fn=tensor.TensorParallel(mesh, unroll=True),
+                      kv_heads=tensor.cache_kv_heads(cfg, a.tp))
+        text = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile().as_text()
+        if a.dump:
+            Path(a.dump).mkdir(parents=True, exist_ok=True)
+            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}.hlo.txt"
+             ).write_text(text)
+        reports = hlo_overlap.analyse(text)
+        print(f"== {mode}\n{hlo_overlap.summary(reports)}", flush=True)
+        if a.around_sync:
+            for r in reports:
+                if r.sync:
+                    name = r.sync[len(r.sync) // 2][0]
+                    print(f"-- {r.computation}, around {name}:")
+                    print(hlo_overlap.around_sync(text, r.computation, name))
+                    break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
