@@ -247,6 +247,7 @@ def decode_attention(
     v_cache: jax.Array,
     lengths: jax.Array,
     *,
+    layer: jax.Array | int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
@@ -254,7 +255,11 @@ def decode_attention(
     interpret: bool | None = None,
     config=None,
 ) -> jax.Array:
-    """One query per sequence over its cache: q [B, H, D], caches [B, S, K, D], lengths [B]."""
+    """One query per sequence over its cache: q [B, H, D], caches [B, S, K, D], lengths [B].
+
+    layer: the caches hold every layer, [L, B, S, K, D], and this layer's is attended to.  The
+    kernels read it in place; `cache[layer]` as a kernel argument would cost a copy of the
+    layer's cache per call."""
     if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
         raise ValueError(f"decode attention implementation {implementation!r} is unknown; "
                          "choose one of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
@@ -262,16 +267,17 @@ def decode_attention(
         implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
     implementation = _resolve_pallas(implementation)
     kwargs = dict(scale=scale, softcap=softcap, sliding_window=sliding_window)
-    if implementation == "xla":
-        return decode_attention_reference(q, k_cache, v_cache, lengths, **kwargs)
     interp = _interpret(implementation, interpret)
+    if implementation == "xla":
+        if layer is not None:  # XLA fuses the slice into its consumer: no copy
+            k_cache, v_cache = k_cache[layer], v_cache[layer]
+        return decode_attention_reference(q, k_cache, v_cache, lengths, **kwargs)
     if implementation == "pallas_triton":
-        from pallas_kernels.decode_attention import pallas_triton
-        return pallas_triton.decode_attention(q, k_cache, v_cache, lengths, config=config,
-                                              interpret=interp, **kwargs)
-    from pallas_kernels.decode_attention import mosaic_tpu
-    return mosaic_tpu.decode_attention(q, k_cache, v_cache, lengths, config=config,
-                                       interpret=interp, **kwargs)
+        from pallas_kernels.decode_attention import pallas_triton as impl
+    else:
+        from pallas_kernels.decode_attention import mosaic_tpu as impl
+    return impl.decode_attention(q, k_cache, v_cache, lengths, layer=layer, config=config,
+                                 interpret=interp, **kwargs)
 
 
 def mla_decode_attention(

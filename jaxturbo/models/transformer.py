@@ -109,7 +109,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         pos = cache["lengths"]
         kc = cache["k"].at[layer, rows, pos].set(k[:, 0].astype(cache["k"].dtype))
         vc = cache["v"].at[layer, rows, pos].set(v[:, 0].astype(cache["v"].dtype))
-        out = pallas_kernels.decode_attention(q[:, 0], kc[layer], vc[layer], pos + 1,
+        out = pallas_kernels.decode_attention(q[:, 0], kc, vc, pos + 1, layer=layer,
                                               implementation=attn_impl)[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:

@@ -115,30 +115,42 @@ def decode_attention(
     v_cache: jax.Array,
     lengths: jax.Array,
     *,
+    layer: jax.Array | int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
     config: Config | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
-    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference)."""
+    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference).
+
+    layer: the caches are every layer's, [L, B, S, K, D]; layer `layer` is read in place (its
+    index is scalar-prefetched with the lengths), not copied out as `cache[layer]` would be."""
     cfg = config or Config()
     b, h, d = q.shape
-    s, kh = k_cache.shape[1], k_cache.shape[2]
+    s, kh = k_cache.shape[-3], k_cache.shape[-2]
     if h % kh:
         raise ValueError(f"kv heads {kh} must divide query heads {h}")
     bk = min(cfg.block_k, round_up(s, 8))
     sp = round_up(s, bk)
     nk = sp // bk
+    if layer is not None and sp != s:
+        # a last block overhanging the cache would leave stale VMEM rows, and 0 * NaN there
+        # poisons the output: such a cache is sliced and padded (a copy) as before
+        k_cache, v_cache, layer = k_cache[layer], v_cache[layer], None
+    if layer is None:
+        k_cache, v_cache, layer = pad_seq(k_cache, sp)[None], pad_seq(v_cache, sp)[None], 0
     scale = d ** -0.5 if scale is None else scale
-    cache_spec = pl.BlockSpec((None, bk, kh, d),
-                              lambda bb, j, lens: (bb, _last_block(j, lens[bb], bk), 0, 0))
-    q_spec = pl.BlockSpec((None, h, d), lambda bb, j, lens: (bb, 0, 0))
+    cache_spec = pl.BlockSpec(
+        (None, None, bk, kh, d),
+        lambda bb, j, lens, lay: (lay[0], bb, _last_block(j, lens[bb], bk), 0, 0))
+    q_spec = pl.BlockSpec((None, h, d), lambda bb, j, lens, lay: (bb, 0, 0))
+    kernel = functools.partial(_decode_kernel, scale=float(scale), softcap=softcap,
+                               window=sliding_window, bk=bk, nk=nk, kv_heads=kh, groups=h // kh)
     return pl.pallas_call(
-        functools.partial(_decode_kernel, scale=float(scale), softcap=softcap,
-                          window=sliding_window, bk=bk, nk=nk, kv_heads=kh, groups=h // kh),
+        lambda len_ref, lay_ref, *refs: kernel(len_ref, *refs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, nk), in_specs=[q_spec, cache_spec, cache_spec],
+            num_scalar_prefetch=2, grid=(b, nk), in_specs=[q_spec, cache_spec, cache_spec],
             out_specs=q_spec,
             scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
                             pltpu.VMEM((h, d), jnp.float32)]),
@@ -146,7 +158,7 @@ def decode_attention(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interp(interpret),
         name="jaxturbo_decode_tpu",
-    )(lengths.astype(jnp.int32), q, pad_seq(k_cache, sp), pad_seq(v_cache, sp))
+    )(lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache, v_cache)
 
 
 def mla_decode_attention(

@@ -5,12 +5,18 @@ the cache is cut into `num_splits` chunks processed in parallel, each writing a 
 and its log-sum-exp; a small jnp step merges the chunks.  The query heads that share a KV head
 (GQA) form the rows of one tile, so each cache block is read once per KV head.  Blocks past a
 sequence's length (or before its sliding window) are never loaded.
+
+The model's cache stacks every layer ([L, B, S, K, D]).  Handing a kernel `cache[layer]` costs a
+copy of that layer's whole cache on every decode step (a custom call's operand must be a buffer
+of its own: XLA materialises the slice), more bytes than the kernel itself reads.  So the decode
+kernel takes the stacked cache and the layer index and reads its blocks in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +45,15 @@ def _dot(a, b, trans_b=False):
 
 
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
-                  softcap: float | None, window: int | None, block_k: int, chunk: int):
+                  softcap: float | None, window: int | None, block_k: int, chunk: int,
+                  read: Callable | None = None):
     """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
 
-    v_ref is None for MLA, where the latent cache is both key and value.
+    v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start): the
+    [block_k, d] cache block at slot `start` (default: rows of a per-sequence [S, d] block).
     """
+    if read is None:
+        read = lambda ref, start: ref[pl.ds(start, block_k), :]  # noqa: E731
     split = pl.program_id(2)
     length = len_ref[...]
     q = q_ref[...]
@@ -58,10 +68,10 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
     def body(j, carry):
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]
+        k = read(k_ref, start)
         s = _dot(q, k, trans_b=True)
         if qr is not None:
-            s = s + _dot(qr, kr_ref[pl.ds(start, block_k), :], trans_b=True)
+            s = s + _dot(qr, read(kr_ref, start), trans_b=True)
         s = s * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -74,7 +84,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
-        v = k if v_ref is None else v_ref[pl.ds(start, block_k), :]
+        v = k if v_ref is None else read(v_ref, start)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, alpha * l + jnp.sum(p, axis=1)
 
@@ -108,7 +118,7 @@ def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
     splits = max(1, min(want, blocks))
     if s % cfg.block_k == 0:
         # Prefer a split count that divides the blocks: the chunks then tile the cache exactly
-        # and the caller's pad_seq is a no-op instead of a copy of the whole cache per call.
+        # and MLA's pad_seq is a no-op instead of a copy of the whole cache per call.
         exact = next(n for n in range(splits, 0, -1) if blocks % n == 0)
         if 2 * exact >= splits:
             splits = exact
@@ -117,42 +127,68 @@ def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
     return splits, chunk, splits * chunk
 
 
+def _layer_block_reader(layer_ref, s: int, block_k: int) -> Callable:
+    """read(ref, start) for a stacked cache ref [L, B, S, K, D]: this program's (layer, sequence,
+    KV head) rows [start, start + block_k).  Rows past S (a last block that overhangs the cache)
+    load as zeros rather than as the next sequence's or layer's slots."""
+    # (read outside the block loop: interpret mode substitutes program ids at the top level only)
+    layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
+
+    def read(ref, start):
+        view = ref.at[layer, seq, pl.ds(start, block_k), head, :]
+        if s % block_k == 0:
+            return view[...]
+        inside = (start + jnp.arange(block_k) < s)[:, None]
+        return plgpu.load(view, mask=inside, other=0)
+
+    return read
+
+
 def decode_attention(
     q: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     lengths: jax.Array,
     *,
+    layer: jax.Array | int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
     config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference)."""
+    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference).
+
+    layer: with it, the caches are every layer's, [L, B, S, K, D], and layer `layer` (an int or
+    int32 scalar, traced or not) is read in place."""
     cfg = config or Config()
+    if layer is None:  # one layer's cache: a stack of one (a free reshape)
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     b, h, d = q.shape
-    s, kh = k_cache.shape[1], k_cache.shape[2]
+    s, kh = k_cache.shape[2], k_cache.shape[3]
     if h % kh:
         raise ValueError(f"kv heads {kh} must divide query heads {h}")
     g = h // kh
     # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
     gp = max(16, pl.next_power_of_2(g))
     scale = d ** -0.5 if scale is None else scale
-    splits, chunk, sp = _chunking(s, b * kh, cfg)
-    kc = pad_seq(k_cache, sp)
-    vc = pad_seq(v_cache, sp)
+    splits, chunk, _ = _chunking(s, b * kh, cfg)
     qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    kernel = functools.partial(_split_kernel, scale=float(scale), softcap=softcap,
-                               window=sliding_window, block_k=cfg.block_k, chunk=chunk)
-    cache_spec = pl.BlockSpec((None, sp, None, d), lambda bb, hh, ss: (bb, 0, hh, 0))
+
+    def kernel(layer_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+        _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
+                      scale=float(scale), softcap=softcap,
+                      window=sliding_window, block_k=cfg.block_k, chunk=chunk,
+                      read=_layer_block_reader(layer_ref, s, cfg.block_k))
+
+    whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0, 0, 0, 0, 0))  # indexed in-kernel
     o, lse = pl.pallas_call(
-        lambda len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref: kernel(
-            len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref),
+        kernel,
         grid=(b, kh, splits),
-        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
+                  pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
                   pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0)),
-                  cache_spec, cache_spec],
+                  whole, whole],
         out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
                    pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, d), jnp.float32),
@@ -161,7 +197,7 @@ def decode_attention(
                                              num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_decode",
-    )(lengths.astype(jnp.int32), qg, kc, vc)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), qg, k_cache, v_cache)
     out = _merge(o, lse, axis=2)[:, :, :g]
     return out.reshape(b, h, d).astype(q.dtype)
 

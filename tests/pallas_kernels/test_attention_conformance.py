@@ -9,6 +9,8 @@ lse, so its cotangent path is checked).  Shapes are tiny and lengths are not mul
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,6 +310,43 @@ def test_decode_attention_interpret(impl, h, kh, extra):
     ref = decode_attention_reference(q, kc, vc, lengths, **extra)
     assert out.shape == (b, h, d)
     assert _rel(out, ref) <= F32_TOL
+
+
+@pytest.mark.parametrize("impl", list(DECODE_IMPLS))
+@pytest.mark.parametrize("s", [45, 48])  # a last block that overhangs the cache, and none
+def test_decode_attention_reads_one_layer_of_a_stacked_cache(impl, s):
+    """layer=: the kernel reads layer 1 of an [L, B, S, K, D] cache in place.  The other layers
+    are NaN, so a read outside layer 1 (a wrong index, an unmasked overhanging block of the last
+    sequence) poisons the output; the layer index is traced, as inside the model's scan."""
+    b, h, kh, d, n_layers = 3, 8, 2, 16, 3
+    ks = jax.random.split(jax.random.PRNGKey(s), 3)
+    q = jax.random.normal(ks[0], (b, h, d))
+    kc = jax.random.normal(ks[1], (b, s, kh, d))
+    vc = jax.random.normal(ks[2], (b, s, kh, d))
+    nan = jnp.full((n_layers, b, s, kh, d), jnp.nan)
+    k_all, v_all = nan.at[1].set(kc), nan.at[1].set(vc)
+    lengths = jnp.array([1, 17, s], jnp.int32)  # the last sequence's overhang is layer 2's
+    out = jax.jit(lambda lay: DECODE_IMPLS[impl](q, k_all, v_all, lengths, layer=lay))(1)
+    ref = decode_attention_reference(q, kc, vc, lengths)
+    assert _rel(out, ref) <= F32_TOL
+
+
+def test_decode_attention_stacked_cache_is_not_copied():
+    """Compiled for a GPU (the Pallas-Triton kernel), the stacked cache reaches the kernel
+    as it is: no slice of it, and no copy, in the lowered module."""
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
+        q = jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16)
+        cache = jax.ShapeDtypeStruct((4, 2, 256, 2, 64), jnp.bfloat16)
+        lens = jax.ShapeDtypeStruct((2,), jnp.int32)
+        step = lambda q, k, v, n, lay: decode_triton.decode_attention(q, k, v, n, layer=lay)  # noqa: E731
+        text = jax.jit(step).trace(q, cache, cache, lens, jax.ShapeDtypeStruct((), jnp.int32)
+                                   ).lower(lowering_platforms=("cuda",)).as_text()
+    call = next(line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line)
+    assert call.split("->")[0].count("tensor<4x2x256x2x64xbf16>") == 2  # k and v, whole
+    assert not re.search(r"slice.*\(tensor<4x2x256x2x64xbf16>", text)
 
 
 @pytest.mark.parametrize("impl", list(MLA_IMPLS))
