@@ -73,8 +73,8 @@ class Case:
 
 def presets(name: str):
     """(attention cases, implementations, decode (batch, context) grid, kv-head config)."""
-    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial_pp", "mosaic_gpu_bwd", "cudnn",
-             "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
+    impls = ["pallas_triton", "mosaic_gpu", "mosaic_gpu_serial_pp", "mosaic_gpu_bwd",
+             "mosaic_gpu_fused_bwd", "cudnn", "jax_pallas_mha", "jax_mgpu_fp16", "xla"]
     if name == "tiny":
         cases = [Case(1, 64, 2, 1, 32, True), Case(1, 64, 2, 2, 32, False),
                  Case(1, 64, 2, 1, 32, True, segments=2)]
@@ -93,7 +93,8 @@ def presets(name: str):
              Case(4, 4096, 32, 32, 128, True, window=1024)]
     # (the Mosaic GPU kernel takes the GQA case; it has no segment ids or window)
     big = [(c, impls) for c in big] + [
-        (c, ["pallas_triton", "cudnn"] + (["mosaic_gpu", "mosaic_gpu_bwd"] if c.kh != c.h else []))
+        (c, ["pallas_triton", "cudnn"] + (["mosaic_gpu", "mosaic_gpu_bwd", "mosaic_gpu_fused_bwd"]
+                                          if c.kh != c.h else []))
         for c in extra]
     if name == "h100":
         dec = [(1, 8192), (16, 1024), (16, 8192), (16, 32768), (64, 8192)]
@@ -142,13 +143,14 @@ def attention_fn(impl: str, c: Case, seg, interpret: bool, config=None):
         return "needs a GPU"
     if impl == "cudnn":
         return lambda q, k, v: api.attention(q, k, v, implementation="cudnn", **kw)
-    if impl.startswith("mosaic_gpu"):  # default; serial + ping-pong; our Mosaic backward
+    if impl.startswith("mosaic_gpu"):  # default; serial + ping-pong; our Mosaic backwards
         if c.segments or c.window:
             return "no segment ids / sliding window yet"
         from pallas_kernels.flash_attention import mosaic_gpu
         cfg = {"mosaic_gpu": mosaic_gpu.Config(),
                "mosaic_gpu_serial_pp": mosaic_gpu.Config(overlap=False, pingpong=True),
-               "mosaic_gpu_bwd": mosaic_gpu.Config(backward="mosaic_gpu")}[impl]
+               "mosaic_gpu_bwd": mosaic_gpu.Config(backward="mosaic_gpu"),
+               "mosaic_gpu_fused_bwd": mosaic_gpu.Config(backward="mosaic_gpu_fused")}[impl]
         return lambda q, k, v: api.attention(q, k, v, implementation="mosaic_gpu", config=cfg,
                                              **kw)
     if impl == "jax_pallas_mha":

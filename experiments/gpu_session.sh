@@ -163,7 +163,7 @@ mgpu_bwd() {  # our Mosaic GPU backward (native tests, bench vs cuDNN's, ptxas r
     2>&1 | tail -30 | tee "$OUT/attention/pytest_mosaic_bwd.txt"
   MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO=/tmp/mgpu_dump timeout ${MGPU_BENCH_TIMEOUT:-300} \
     $PY experiments/attention_bench.py --preset h100 --only attention --no-configs \
-    --cases ${MGPU_CASES:-0,1,3} --impls mosaic_gpu,mosaic_gpu_bwd,cudnn --out "$OUT/attention" \
+    --cases ${MGPU_CASES:-0,1,3} --impls mosaic_gpu,mosaic_gpu_bwd,mosaic_gpu_fused_bwd,cudnn --out "$OUT/attention" \
     2>&1 | grep "^| \|rror" | tee "$OUT/attention/bench_mosaic_bwd.txt"
   grep -h "Performance Loss\|spill\|registers" -r /tmp/mgpu_dump | sort | uniq -c \
     | tee "$OUT/attention/ptxas_mosaic_bwd.txt"

@@ -58,8 +58,9 @@ class Config:
     pingpong (only without overlap): the two consumers take turns on the tensor cores, so one's
     softmax runs while the other's matmuls do.
     backward: "cudnn" (on a GPU, cuDNN's backward where it covers the call, the Pallas-Triton
-    one elsewhere), "mosaic_gpu" (`mosaic_gpu_bwd`: our Hopper dK/dV and dQ kernels, not yet
-    timed on a GPU) or "pallas_triton"; bwd: the Pallas-Triton backward's tiles."""
+    one elsewhere), "mosaic_gpu" (`mosaic_gpu_bwd`: our Hopper dK/dV and dQ kernels),
+    "mosaic_gpu_fused" (one kernel, dQ by TMA reduce-adds; both not yet timed on a GPU) or
+    "pallas_triton"; bwd: the Pallas-Triton backward's tiles."""
 
     block_k: int = 128
     slots: int = 2
@@ -69,6 +70,7 @@ class Config:
     bwd: pallas_triton.Config = pallas_triton.Config()
 
 
+BACKWARDS = ("cudnn", "mosaic_gpu", "mosaic_gpu_fused", "pallas_triton")
 _BQ = 64  # rows per consumer warpgroup: the wgmma M
 _CONSUMERS = 2
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in maximum)
@@ -109,8 +111,8 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
     # program's first row, worked out in the kernel).
     n_unmasked_max = nk if s % bk == 0 else nk - 1
 
-    def kernel(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, qo_smem, k_smem, v_smem, lse_smem,
-               q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem):
+    def flash_fwd(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, qo_smem, k_smem, v_smem, lse_smem,
+                  q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem):
         # Causal programs with the most key blocks start first (the launch order follows the
         # grid's "bh"-fastest linear index), so the short ones fill the tail of the wave.
         qi = nq - 1 - lax.axis_index("q") if spec.causal else lax.axis_index("q")
@@ -354,7 +356,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                  n_unmasked)
 
     call = plgpu.kernel(
-        kernel,
+        flash_fwd,
         out_type=(jax.ShapeDtypeStruct((b, tp, h, d), dtype),
                   jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
         scratch_types=[
@@ -398,10 +400,11 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg: Config, 
         return pallas_triton._backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec,
                                        cfg.bwd, bool(interpret))
 
-    if cfg.backward == "mosaic_gpu":
+    if cfg.backward in ("mosaic_gpu", "mosaic_gpu_fused"):
         from pallas_kernels.flash_attention import mosaic_gpu_bwd
         return mosaic_gpu_bwd.backward(q, k, v, out, lse, d_out, d_lse, spec,
-                                       _interpret_params(interpret))
+                                       _interpret_params(interpret),
+                                       fused=cfg.backward == "mosaic_gpu_fused")
     if (interpret or cfg.backward == "pallas_triton"
             or (spec.causal and spec.q_len != spec.kv_len)):
         return triton()
@@ -448,9 +451,8 @@ def flash_attention(
     if cfg.block_k not in (64, 128) or cfg.slots < 2 or (cfg.overlap and cfg.pingpong):
         raise ValueError(f"block_k must be 64 or 128, slots at least 2 and pingpong only "
                          f"without overlap, got {cfg}")
-    if cfg.backward not in ("cudnn", "mosaic_gpu", "pallas_triton"):
-        raise ValueError(f"backward={cfg.backward!r}: choose 'cudnn', 'mosaic_gpu' or "
-                         f"'pallas_triton'")
+    if cfg.backward not in BACKWARDS:
+        raise ValueError(f"backward={cfg.backward!r}: choose one of {BACKWARDS}")
     if q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
     if smem_bytes(q.shape[-1], cfg) > SMEM_BYTES:

@@ -1,8 +1,10 @@
-"""Flash attention backward for Hopper through Mosaic GPU: a dK/dV kernel and a dQ kernel.
+"""Flash attention backward for Hopper through Mosaic GPU: a dK/dV kernel and a dQ kernel,
+or one fused kernel.
 
-Checked on CPU in GPU interpret mode (with its race detector) and lowered for a CUDA target;
-**not yet compiled, run or timed on a GPU**, so it is used only when asked for
-(`mosaic_gpu.Config(backward="mosaic_gpu")`; experiments/attention/NOTES.md).
+Checked on CPU in GPU interpret mode (with its race detector), lowered for a CUDA target and
+compiled by ptxas for sm_90a without a GPU (`experiments/attention/ptxas_report.py`); **not
+yet run or timed on a GPU**, so used only when asked for (`mosaic_gpu.Config(backward=
+"mosaic_gpu")` or `"mosaic_gpu_fused"`; experiments/attention/NOTES.md).
 
 Both kernels follow FlashAttention-2's split (no atomics): with delta = rowsum(dO * O) - dlse
 (the lse cotangent enters here, as in the Pallas-Triton backward) and P recomputed from the
@@ -15,6 +17,12 @@ saved lse, in log2 units,
 - dQ: a program owns 128 query rows of one (batch, head) and loops over the 64-key blocks they
   can see: S = Q K^T and dP = dO V^T (issued together), P = exp2(S - lse),
   dS = P (dP - delta), dQ += dS K.
+
+Fused (FlashAttention-3's form, 5 matmuls per block pair instead of the split's 7): the dK/dV
+kernel also computes dQ = dS K for each query block it visits.  dS^T goes to shared memory,
+the two consumers meet, each multiplies both consumers' dS^T (transposed) by its half of K's
+columns, and sends that float32 [64, D/2] slice to a zeroed dQ buffer in global memory by a TMA
+reduce-add (`copy_smem_to_gmem(..., reduction_op="add")`), which overlaps the next step.
 
 The skeleton is the forward's (`mosaic_gpu.py`, measured there): three warpgroups per program,
 a producer that only issues TMA copies into a shared-memory ring and two consumers with 64
@@ -42,6 +50,7 @@ _B = 64  # rows per consumer warpgroup and per streamed block: one wgmma M
 _CONSUMERS = 2
 _TILE = _B * _CONSUMERS  # rows (dQ) or keys (dK/dV) per program
 _SLOTS = 2
+_FUSED_REGS = (24, 240)  # producer, consumers (per thread) in the fused kernel
 _LOG2E = mosaic_gpu._LOG2E
 _transforms = mosaic_gpu._smem_transforms
 _interpret_params = mosaic_gpu._interpret_params
@@ -89,17 +98,27 @@ class _Ops:
             return plgpu.load(ref, layout=plgpu.Layout.WGMMA.reduce(axis))
         return ref[...]
 
+    @staticmethod
+    def positions(start, compiled: bool, axis: int, shape=(_B, _B)):
+        """start + 0..63 along `axis` of a [64, 64] accumulator, as a broadcast of a vector
+        laid out for it: a thread holds a few distinct values instead of a [64, 64] array
+        (the fused backward runs short of registers)."""
+        vec = lax.iota(jnp.int32, shape[axis])
+        if compiled:
+            vec = plgpu.layout_cast(vec, plgpu.Layout.WGMMA.reduce(1 - axis))
+        return lax.broadcast_in_dim(vec + start, shape, [axis])
+
     def zeros(self, shape):
         z = jnp.zeros(shape, jnp.float32)
         return plgpu.layout_cast(z, plgpu.Layout.WGMMA) if self.compiled else z
 
 
-def _producer(n_steps, copies, ready, free, compiled: bool):
+def _producer(n_steps, copies, ready, free, compiled: bool, registers: int = 40):
     """The producer warpgroup: step i's copies (`copies(i)` -> [(src, dst ring ref)]) into slot
     i % _SLOTS, refilled once both consumers released it (`free`); `ready[n * _SLOTS + slot]`
     is buffer n's barrier."""
     if compiled:
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(registers, action="decrease")
 
     def fill(i):
         slot = lax.rem(i, _SLOTS)
@@ -135,9 +154,21 @@ def _smem(shape, dtype, d):
     return plgpu.SMEM(shape, dtype, transforms=_transforms(d, dtype))
 
 
-def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
+def _first_q_block(kt, spec: common.MaskSpec, nq: int):
+    """The first 64-row query block that sees any key of key tile kt: causal, the one holding
+    the tile's first key position (both consumers walk the same blocks: they share the ring)."""
+    if not spec.causal:
+        return 0
+    return jnp.clip((kt * _TILE - spec.offset) // _B, 0, nq - 1)
+
+
+def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: int,
+          fused: bool = False):
     """q/do [B, Tp, H, D], k/v [B, Sp, K, D] (Tp a multiple of 64, Sp of 128), lse2/delta
-    [B, H, Tp] (lse in log2 units, +inf for rows without keys) -> dk, dv [B, Sp, K, D]."""
+    [B, H, Tp] (lse in log2 units, +inf for rows without keys) -> dk, dv [B, Sp, K, D].
+
+    fused: also dQ / scale, float32 [B, Tp, H, D] (compiled: TMA reduce-adds into one zeroed
+    buffer; interpret mode, which has no reduce stores: one slice per key tile, summed here)."""
     b, tp, h, d = q.shape
     sp, kh = k.shape[1], k.shape[2]
     group = h // kh
@@ -145,16 +176,17 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
     dtype = q.dtype
     compiled = not interpret
     c = spec.scale * _LOG2E
+    half = d // _CONSUMERS  # dQ columns per consumer
 
-    def kernel(q_g, k_g, v_g, do_g, lse_g, dl_g, dk_g, dv_g, k_s, v_s, q_s, do_s, lse_s, dl_s,
-               kv_bar, ready, free, *a_smem):
+    def flash_bwd_dkdv(q_g, k_g, v_g, do_g, lse_g, dl_g, *refs):
+        if fused:
+            (dq_g, dk_g, dv_g, k_s, v_s, q_s, do_s, lse_s, dl_s, kv_bar, ready, free,
+             ds_s, dq_s, ds_bar, *a_smem) = refs
+        else:
+            dk_g, dv_g, k_s, v_s, q_s, do_s, lse_s, dl_s, kv_bar, ready, free, *a_smem = refs
         bk, kt, wg = lax.axis_index("bk"), lax.axis_index("k"), lax.axis_index("wg")
         bi, hk = bk // kh, bk % kh
-        # query blocks that see any of the program's keys: causal, from the one holding the
-        # first key's position on (both consumers walk the same blocks: they share the ring)
-        j0 = 0
-        if spec.causal:
-            j0 = jnp.clip((kt * _TILE - spec.offset) // _B, 0, nq - 1)
+        j0 = _first_q_block(kt, spec, nq)
         per_head = nq - j0
         n_steps = group * per_head
 
@@ -166,14 +198,15 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
             return [(q_g.at[rows], q_s), (do_g.at[rows], do_s), (lse_g.at[vec], lse_s),
                     (dl_g.at[vec], dl_s)]
 
+        # fused: dK, dV and a dQ slice live at once in the consumers (FA3's 24/240 split)
         @pl.when(wg == _CONSUMERS)
         def _():
-            _producer(n_steps, copies, ready, free, compiled)
+            _producer(n_steps, copies, ready, free, compiled, _FUSED_REGS[0] if fused else 40)
 
         @pl.when(wg < _CONSUMERS)
         def _():
             if compiled:
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(_FUSED_REGS[1] if fused else 232, action="increase")
             ops = _Ops(compiled, a_smem[0].at[wg] if a_smem else None)
             k0 = kt * _TILE + wg * _B  # this consumer's keys
             k_w, v_w = k_s.at[wg], v_s.at[wg]
@@ -181,10 +214,10 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
             plgpu.copy_gmem_to_smem(v_g.at[bi, pl.ds(k0, _B), hk], v_w, kv_bar.at[2 * wg + 1])
             plgpu.barrier_wait(kv_bar.at[2 * wg])
             plgpu.barrier_wait(kv_bar.at[2 * wg + 1])
-            keys = lax.broadcasted_iota(jnp.int32, (_B, _B), 0) + k0
-            cols0 = lax.broadcasted_iota(jnp.int32, (_B, _B), 1) + spec.offset
 
-            def step(i, carry):
+            def step(i, carry, masked=spec.causal):
+                # masked: a query block on the tile's diagonal.  The position iotas are made
+                # here, so they need no registers in the steps that do not mask.
                 dk, dv = carry
                 slot = lax.rem(i, _SLOTS)
                 _wait_ready(ready, slot, 4)
@@ -197,9 +230,12 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
                 st = pl.run_scoped(scores, plgpu.ACC((_B, _B), jnp.float32))
                 lse = _Ops.vector(lse_s.at[slot], compiled, 0)
                 pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, (_B, _B), [1]))
-                if spec.causal:
-                    j = j0 + i % per_head
-                    pt = jnp.where(keys <= cols0 + j * _B, pt, 0.0)
+                j = j0 + i % per_head
+                if masked:
+                    pt = jnp.where(_Ops.positions(k0, compiled, 0)
+                                   <= _Ops.positions(j * _B + spec.offset, compiled, 1), pt, 0.0)
+                if fused and sp != s_len:  # padded keys: K = V = 0 there, but P is not
+                    pt = jnp.where(_Ops.positions(k0, compiled, 0) < s_len, pt, 0.0)
                 pt16 = pt.astype(dtype)
                 if compiled:  # dV += P^T dO and dP^T = V dO^T issued together, one wait
                     def both(refs):
@@ -216,12 +252,63 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
                     dpt = pl.run_scoped(dp, plgpu.ACC((_B, _B), jnp.float32))
                 dl = _Ops.vector(dl_s.at[slot], compiled, 0)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dl, (_B, _B), [1]))).astype(dtype)
-                dk = ops.add(dk, dst, q_i)
-                plgpu.barrier_arrive(free.at[slot])
+                if fused:
+                    dk = dk_and_dq(i, j, slot, dk, dst)
+                else:
+                    dk = ops.add(dk, dst, q_i)
+                    plgpu.barrier_arrive(free.at[slot])
                 return dk, dv
+
+            def dk_and_dq(i, j, slot, dk, dst):
+                """dK += dS^T Q, and dQ[block j, this consumer's columns] += dS K over both
+                consumers' keys.  dS^T goes to shared memory first (two buffers, by step
+                parity), which frees its registers and makes it the A operand of both: the
+                consumers meet, each issues its dK and its dQ slice (both halves of dS^T,
+                transposed, times its columns of K) together, and the float32 slice leaves by
+                a TMA reduce-add while the next step computes."""
+                par = lax.rem(i, 2)
+                ds_w = ds_s.at[par, wg]
+                ds_w[...] = dst
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_bar.at[par])
+                plgpu.barrier_wait(ds_bar.at[par])
+                q_i = q_s.at[slot]
+
+                def both(dk_ref, dq_ref):
+                    plgpu.wgmma(dk_ref, ds_w, q_i)
+                    for cc in range(_CONSUMERS):
+                        plgpu.wgmma(dq_ref, ds_s.at[par, cc].T,
+                                    k_s.at[cc, :, pl.ds(wg * half, half)])
+
+                if compiled:
+                    dk, dqh = pl.run_state(lambda r: both(*r))(
+                        (plgpu.ACC.init(dk), plgpu.ACC.init(ops.zeros((_B, half)))))
+                else:  # interpret mode: fresh accumulators, added here
+                    def run(dk_ref, dq_ref):
+                        both(dk_ref, dq_ref)
+                        return dk_ref[...], dq_ref[...]
+                    dk_add, dqh = pl.run_scoped(run, plgpu.ACC((_B, d), jnp.float32),
+                                                plgpu.ACC((_B, half), jnp.float32))
+                    dk = dk + dk_add
+                plgpu.barrier_arrive(free.at[slot])
+                hq = hk * group + i // per_head
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last slice has left
+                dq_s.at[wg][...] = dqh
+                plgpu.commit_smem()
+                cols = pl.ds(wg * half, half)
+                if compiled:
+                    plgpu.copy_smem_to_gmem(dq_s.at[wg], dq_g.at[bi, pl.ds(j * _B, _B), hq, cols],
+                                            reduction_op="add")
+                else:
+                    plgpu.copy_smem_to_gmem(dq_s.at[wg],
+                                            dq_g.at[kt, bi, pl.ds(j * _B, _B), hq, cols])
+                return dk
 
             zero = ops.zeros((_B, d))
             dk, dv = lax.fori_loop(0, n_steps, step, (zero, zero))
+            if fused:  # the other consumer's last dQ matmul reads this consumer's K tile
+                plgpu.barrier_arrive(ds_bar.at[lax.rem(n_steps, 2)])
+                plgpu.barrier_wait(ds_bar.at[lax.rem(n_steps, 2)])
             k_w[...] = (dk * spec.scale).astype(dtype)  # this consumer's K/V are not read now
             v_w[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -230,9 +317,15 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
             plgpu.wait_smem_to_gmem(0)
 
     kv = jax.ShapeDtypeStruct((b, sp, kh, d), dtype)
-    return plgpu.kernel(
-        kernel,
-        out_type=(kv, kv),
+    fused_scratch = [
+        _smem((2, _CONSUMERS, _B, _B), dtype, _B),           # dS^T, by step parity
+        plgpu.SMEM((_CONSUMERS, _B, half), jnp.float32),    # each consumer's dQ slice
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=2),
+    ] if fused else []
+    call = plgpu.kernel(
+        flash_bwd_dkdv,
+        out_type=(kv, kv) if not fused or compiled else (
+            jax.ShapeDtypeStruct((sp // _TILE, b, tp, h, d), jnp.float32), kv, kv),
         scratch_types=[
             _smem((_CONSUMERS, _B, d), dtype, d),
             _smem((_CONSUMERS, _B, d), dtype, d),
@@ -243,12 +336,28 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret):
             plgpu.Barrier(num_barriers=2 * _CONSUMERS),
             plgpu.Barrier(num_barriers=4 * _SLOTS),
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_SLOTS),
+            *fused_scratch,
             *([_smem((_CONSUMERS, _B, _B), dtype, _B)] if interpret else []),
         ],
         grid=(b * kh, sp // _TILE),
         grid_names=("bk", "k"),
+        kernel_name="flash_bwd_fused" if fused else None,  # (profiles, ptxas reports)
         **_launch(interpret),
-    )(q, k, v, do, lse2, delta)
+    )
+    if not fused:
+        return call(q, k, v, do, lse2, delta)
+    if not compiled:
+        parts, dk, dv = call(q, k, v, do, lse2, delta)
+        # a key tile writes only the query blocks it visits; the rest of its slice is unset
+        kt = jnp.arange(sp // _TILE)[:, None]
+        seen = jnp.arange(nq)[None, :] >= _first_q_block(kt, spec, nq)
+        seen = jnp.repeat(seen, _B, axis=1)[:, None, :, None, None]
+        return dk, dv, jnp.where(seen, parts, 0.0).sum(0)
+    # a zeroed float32 accumulator the kernel reduce-adds into (a Ref operand is aliased to
+    # the kernel's output, so no copy)
+    acc = jax.new_ref(jnp.zeros((b, tp, h, d), jnp.float32))
+    dk, dv = call(q, k, v, do, lse2, delta, acc)
+    return dk, dv, acc[...]
 
 
 def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
@@ -262,8 +371,8 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
     compiled = not interpret
     c = spec.scale * _LOG2E
 
-    def kernel(q_g, k_g, v_g, do_g, lse_g, dl_g, dq_g, q_s, do_s, lse_s, dl_s, k_s, v_s,
-               q_bar, ready, free, *a_smem):
+    def flash_bwd_dq(q_g, k_g, v_g, do_g, lse_g, dl_g, dq_g, q_s, do_s, lse_s, dl_s, k_s, v_s,
+                     q_bar, ready, free, *a_smem):
         bh, qt, wg = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("wg")
         bi, hi = bh // h, bh % h
         hk = hi // group
@@ -322,7 +431,7 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
             plgpu.wait_smem_to_gmem(0)
 
     return plgpu.kernel(
-        kernel,
+        flash_bwd_dq,
         out_type=jax.ShapeDtypeStruct((b, tp, h, d), dtype),
         scratch_types=[
             _smem((_CONSUMERS, _B, d), dtype, d),
@@ -342,8 +451,11 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
     )(q, k, v, do, lse2, delta)
 
 
-def backward(q, k, v, out, lse, d_out, d_lse, spec: common.MaskSpec, interpret):
-    """q/out/d_out [B, T, H, D], k/v [B, S, K, D], lse/d_lse [B, H, T] -> (dq, dk, dv)."""
+def backward(q, k, v, out, lse, d_out, d_lse, spec: common.MaskSpec, interpret,
+             fused: bool = False):
+    """q/out/d_out [B, T, H, D], k/v [B, S, K, D], lse/d_lse [B, H, T] -> (dq, dk, dv).
+
+    fused: one kernel (dQ by reduce-adds) instead of the dK/dV + dQ pair."""
     t, s = q.shape[1], k.shape[1]
     tp, sp = common.round_up(t, _TILE), common.round_up(s, _TILE)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
@@ -356,6 +468,11 @@ def backward(q, k, v, out, lse, d_out, d_lse, spec: common.MaskSpec, interpret):
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - t)))
     q_p, do_p = common.pad_seq(q, tp), common.pad_seq(d_out.astype(q.dtype), tp)
     k_p, v_p = common.pad_seq(k, sp), common.pad_seq(v, sp)
-    dk, dv = _dkdv(q_p, k_p, v_p, do_p, lse2, delta, spec, interpret)
+    if fused:
+        dk, dv, dq = _dkdv(q_p, k_p, v_p, do_p, lse2, delta, spec, interpret, s_len=s,
+                           fused=True)
+        dq = (dq[:, :t] * spec.scale).astype(q.dtype)
+        return dq, dk[:, :s], dv[:, :s]
+    dk, dv = _dkdv(q_p, k_p, v_p, do_p, lse2, delta, spec, interpret, s_len=s)
     dq = _dq(q_p, k_p, v_p, do_p, lse2, delta, spec, s, interpret)
     return dq[:, :t], dk[:, :s], dv[:, :s]

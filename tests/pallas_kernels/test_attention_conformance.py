@@ -138,6 +138,15 @@ MGPU_CASES = [  # (name, shapes, Config overrides)
     ("bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
      dict(backward="mosaic_gpu")),
     ("causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=2, d=16, causal=True), {}),
+    # the fused backward: dQ reduce-added from the dK/dV kernel (interpret mode: per-key-tile
+    # slices summed, since it has no reduce stores)
+    ("fused_bwd_causal_gqa4", dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
+     dict(backward="mosaic_gpu_fused")),
+    ("fused_bwd_cross_fp16_padded_keys", dict(b=1, t=64, s=150, h=2, kh=2, d=16,
+                                              dtype=jnp.float16),
+     dict(backward="mosaic_gpu_fused")),
+    ("fused_bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
+     dict(backward="mosaic_gpu_fused")),
 ]
 
 
@@ -184,22 +193,25 @@ def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal):
-    """The dK/dV and dQ kernels through the Mosaic GPU lowering for a CUDA target."""
+@pytest.mark.parametrize("backward,kernels", [("mosaic_gpu", 3), ("mosaic_gpu_fused", 2)])
+def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, backward, kernels):
+    """The backward kernels through the Mosaic GPU lowering for a CUDA target: forward + dK/dV
+    + dQ, or forward + the fused kernel (with its TMA reduce-add, which interpret mode lacks)."""
     q = jax.ShapeDtypeStruct((2, 200, 8, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 200, 2, 128), jnp.bfloat16)
-    cfg = flash_mgpu.Config(backward="mosaic_gpu")
+    cfg = flash_mgpu.Config(backward=backward)
     f = lambda q, k, v: jax.grad(lambda q, k, v: flash_mgpu.flash_attention(
         q, k, v, causal=causal, config=cfg).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
     text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 3  # forward, dK/dV, dQ
+    assert text.count("custom_call @mosaic_gpu") == kernels
 
 
-def test_flash_mosaic_gpu_backward_has_no_races():
+@pytest.mark.parametrize("backward", ["mosaic_gpu", "mosaic_gpu_fused"])
+def test_flash_mosaic_gpu_backward_has_no_races(backward):
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     import jax.experimental.pallas.mosaic_gpu as plgpu
     q, k, v = _inputs(6, 1, 130, 130, 2, 1, 16, jnp.bfloat16)
-    fn = _mgpu(plgpu.InterpretGPUParams(detect_races=True), backward="mosaic_gpu")
+    fn = _mgpu(plgpu.InterpretGPUParams(detect_races=True), backward=backward)
     loss = lambda fn: lambda *a: fn(*a, causal=True).astype(jnp.float32).sum()
     got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
     assert not interpret_pallas_call.get_races().races_found
@@ -414,9 +426,10 @@ def test_flash_mosaic_gpu_native(causal, overrides):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_mosaic_gpu_native_mosaic_backward(causal):
+@pytest.mark.parametrize("backward", ["mosaic_gpu", "mosaic_gpu_fused"])
+def test_flash_mosaic_gpu_native_mosaic_backward(causal, backward):
     """Our Mosaic GPU backward kernels compiled for the GPU (outputs, lse and gradients)."""
-    check_flash(_mgpu(interpret=False, backward="mosaic_gpu"), b=2, t=300, s=300, h=4, kh=1,
+    check_flash(_mgpu(interpret=False, backward=backward), b=2, t=300, s=300, h=4, kh=1,
                 d=128, dtype=jnp.bfloat16, causal=causal)
 
 
