@@ -288,6 +288,7 @@ def mla_decode_attention(
     lengths: jax.Array,
     *,
     scale: float,
+    layer: jax.Array | int | None = None,
     implementation: Implementation = "auto",
     interpret: bool | None = None,
     config=None,
@@ -295,7 +296,8 @@ def mla_decode_attention(
     """MLA decode with absorbed queries: q_latent [B, H, R], q_rope [B, H, Dr],
     latent_cache [B, S, R], rope_cache [B, S, Dr], lengths [B] -> latent output [B, H, R].
 
-    See `decode_attention.reference.mla_decode_reference`.
+    layer: the caches hold every layer ([L, B, S, R], [L, B, S, Dr]); read in place as in
+    `decode_attention`.  See `decode_attention.reference.mla_decode_reference`.
     """
     if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
         raise ValueError(f"MLA decode implementation {implementation!r} is unknown; choose one "
@@ -309,14 +311,14 @@ def mla_decode_attention(
             implementation = "xla"
     implementation = _resolve_pallas(implementation)
     if implementation == "xla":
+        if layer is not None:
+            latent_cache, rope_cache = latent_cache[layer], rope_cache[layer]
         return mla_decode_reference(q_latent, q_rope, latent_cache, rope_cache, lengths,
                                     scale=scale)
     interp = _interpret(implementation, interpret)
     if implementation == "pallas_triton":
-        from pallas_kernels.decode_attention import pallas_triton
-        return pallas_triton.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache,
-                                                  lengths, scale=scale, config=config,
-                                                  interpret=interp)
-    from pallas_kernels.decode_attention import mosaic_tpu
-    return mosaic_tpu.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache, lengths,
-                                           scale=scale, config=config, interpret=interp)
+        from pallas_kernels.decode_attention import pallas_triton as impl
+    else:
+        from pallas_kernels.decode_attention import mosaic_tpu as impl
+    return impl.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache, lengths,
+                                     scale=scale, layer=layer, config=config, interpret=interp)

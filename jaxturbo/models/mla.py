@@ -170,18 +170,19 @@ def _naive(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array, lat
 
 def absorbed_decode(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array,
                     latent_cache: jax.Array, rope_cache: jax.Array, lengths: jax.Array,
-                    attn_impl: str = "auto") -> jax.Array:
+                    attn_impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
     """One decode step with kv_b_proj absorbed (DeepSeek-V2 §2.1.2).
 
     q_nope [B,H,dn], q_rope [B,H,dr] (roped), latent_cache [B,S,R], rope_cache [B,S,dr],
     lengths [B] valid slots -> [B, H, dv].  Keys/values are never expanded: the query moves
     into the latent space (q_nope . W_UK_h) and W_UV_h is applied to the latent output.
+    layer: the caches are every layer's ([L, B, S, R], ...); the kernel reads this one in place.
     """
     h, dn, dv = q_nope.shape[1], cfg.qk_nope_head_dim, cfg.v_head_dim
     w = lp["self_attn.kv_b_proj.weight"].reshape(h, dn + dv, -1)       # [H, dn+dv, R]
     q_latent = jnp.einsum("bhd,hdr->bhr", q_nope, w[:, :dn])
     out_latent = pallas_kernels.mla_decode_attention(
-        q_latent, q_rope, latent_cache, rope_cache, lengths, scale=cfg.scale,
+        q_latent, q_rope, latent_cache, rope_cache, lengths, scale=cfg.scale, layer=layer,
         implementation=attn_impl)
     return jnp.einsum("bhr,hvr->bhv", out_latent, w[:, dn:])
 
@@ -203,8 +204,8 @@ def mla_attention_block(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array
         rc = cache["k_rope"].at[layer, rows, pos].set(k_rope[:, 0].astype(cache["k_rope"].dtype))
         cache = {**cache, "latent": lc, "k_rope": rc}
         if absorb:
-            out = absorbed_decode(lp, cfg, q_nope[:, 0], q_rope[:, 0], lc[layer], rc[layer],
-                                  pos + 1, attn_impl)[:, None]
+            out = absorbed_decode(lp, cfg, q_nope[:, 0], q_rope[:, 0], lc, rc, pos + 1,
+                                  attn_impl, layer=layer)[:, None]
         else:
             out = _naive(lp, cfg, q_nope, q_rope, lc[layer], rc[layer], causal=False,
                          lengths=pos + 1, segment_ids=None, attn_impl=attn_impl)

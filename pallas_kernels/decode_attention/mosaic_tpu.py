@@ -169,26 +169,37 @@ def mla_decode_attention(
     lengths: jax.Array,
     *,
     scale: float,
+    layer: jax.Array | int | None = None,
     config: Config | None = None,
     interpret: bool | pltpu.InterpretParams = False,
 ) -> jax.Array:
     """MLA latent decode: q_latent [B, H, R], q_rope [B, H, Dr], latent_cache [B, S, R],
-    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`)."""
+    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`).
+
+    layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]), read in place as in
+    `decode_attention`."""
     cfg = config or Config()
     b, h, r = q_latent.shape
     dr = q_rope.shape[-1]
-    s = latent_cache.shape[1]
+    s = latent_cache.shape[-2]
     bk = min(cfg.block_k, round_up(s, 8))
     sp = round_up(s, bk)
     nk = sp // bk
-    cmap = lambda bb, j, lens: (bb, _last_block(j, lens[bb], bk), 0)
-    qmap = lambda bb, j, lens: (bb, 0, 0)
+    if layer is not None and sp != s:  # see decode_attention
+        latent_cache, rope_cache, layer = latent_cache[layer], rope_cache[layer], None
+    if layer is None:
+        latent_cache, rope_cache = pad_seq(latent_cache, sp)[None], pad_seq(rope_cache, sp)[None]
+        layer = 0
+    cmap = lambda bb, j, lens, lay: (lay[0], bb, _last_block(j, lens[bb], bk), 0)
+    qmap = lambda bb, j, lens, lay: (bb, 0, 0)
+    kernel = functools.partial(_mla_kernel, scale=float(scale), bk=bk, nk=nk)
     return pl.pallas_call(
-        functools.partial(_mla_kernel, scale=float(scale), bk=bk, nk=nk),
+        lambda len_ref, lay_ref, *refs: kernel(len_ref, *refs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(b, nk),
+            num_scalar_prefetch=2, grid=(b, nk),
             in_specs=[pl.BlockSpec((None, h, r), qmap), pl.BlockSpec((None, h, dr), qmap),
-                      pl.BlockSpec((None, bk, r), cmap), pl.BlockSpec((None, bk, dr), cmap)],
+                      pl.BlockSpec((None, None, bk, r), cmap),
+                      pl.BlockSpec((None, None, bk, dr), cmap)],
             out_specs=pl.BlockSpec((None, h, r), qmap),
             scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
                             pltpu.VMEM((h, r), jnp.float32)]),
@@ -196,5 +207,5 @@ def mla_decode_attention(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interp(interpret),
         name="jaxturbo_mla_decode_tpu",
-    )(lengths.astype(jnp.int32), q_latent, q_rope, pad_seq(latent_cache, sp),
-      pad_seq(rope_cache, sp))
+    )(lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_latent, q_rope,
+      latent_cache, rope_cache)

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.common import NEG_INF, pad_seq, round_up
+from pallas_kernels.flash_attention.common import NEG_INF, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
     splits = max(1, min(want, blocks))
     if s % cfg.block_k == 0:
         # Prefer a split count that divides the blocks: the chunks then tile the cache exactly
-        # and MLA's pad_seq is a no-op instead of a copy of the whole cache per call.
+        # (no chunk of only overhang).
         exact = next(n for n in range(splits, 0, -1) if blocks % n == 0)
         if 2 * exact >= splits:
             splits = exact
@@ -127,15 +127,17 @@ def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
     return splits, chunk, splits * chunk
 
 
-def _layer_block_reader(layer_ref, s: int, block_k: int) -> Callable:
-    """read(ref, start) for a stacked cache ref [L, B, S, K, D]: this program's (layer, sequence,
-    KV head) rows [start, start + block_k).  Rows past S (a last block that overhangs the cache)
-    load as zeros rather than as the next sequence's or layer's slots."""
+def _layer_block_reader(layer_ref, s: int, block_k: int, per_head: bool = True) -> Callable:
+    """read(ref, start) for a stacked cache ref [L, B, S, K, D] (per_head) or [L, B, S, R]:
+    this program's (layer, sequence[, KV head]) rows [start, start + block_k).  Rows past S (a
+    last block that overhangs the cache) load as zeros rather than as the next sequence's or
+    layer's slots."""
     # (read outside the block loop: interpret mode substitutes program ids at the top level only)
-    layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
+    layer, seq = layer_ref[...], pl.program_id(0)
+    head = (pl.program_id(1),) if per_head else ()
 
     def read(ref, start):
-        view = ref.at[layer, seq, pl.ds(start, block_k), head, :]
+        view = ref.at[(layer, seq, pl.ds(start, block_k), *head, slice(None))]
         if s % block_k == 0:
             return view[...]
         inside = (start + jnp.arange(block_k) < s)[:, None]
@@ -181,7 +183,7 @@ def decode_attention(
                       window=sliding_window, block_k=cfg.block_k, chunk=chunk,
                       read=_layer_block_reader(layer_ref, s, cfg.block_k))
 
-    whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0, 0, 0, 0, 0))  # indexed in-kernel
+    whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0,) * 5)  # indexed in-kernel
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, kh, splits),
@@ -210,33 +212,44 @@ def mla_decode_attention(
     lengths: jax.Array,
     *,
     scale: float,
+    layer: jax.Array | int | None = None,
     config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """MLA latent decode: q_latent [B, H, R], q_rope [B, H, Dr], latent_cache [B, S, R],
-    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`)."""
+    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`).
+
+    layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]); layer `layer` is read
+    in place."""
     cfg = config or Config()
+    if layer is None:
+        latent_cache, rope_cache, layer = latent_cache[None], rope_cache[None], 0
     b, h, r = q_latent.shape
     dr = q_rope.shape[-1]
-    s = latent_cache.shape[1]
+    s = latent_cache.shape[2]
     bh = max(16, min(cfg.block_h, pl.next_power_of_2(h)))
     hp = round_up(h, bh)
-    splits, chunk, sp = _chunking(s, b * (hp // bh), cfg)
-    cache = pad_seq(latent_cache, sp)
-    rcache = pad_seq(rope_cache, sp)
+    splits, chunk, _ = _chunking(s, b * (hp // bh), cfg)
     ql = jnp.pad(q_latent, ((0, 0), (0, hp - h), (0, 0)))
     qr = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
-    kernel = functools.partial(_split_kernel, scale=float(scale), softcap=None, window=None,
-                               block_k=cfg.block_k, chunk=chunk)
+
+    def kernel(layer_ref, len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref):
+        _split_kernel(len_ref, q_ref, c_ref, None, qr_ref, kr_ref, o_ref, lse_ref,
+                      scale=float(scale), softcap=None, window=None, block_k=cfg.block_k,
+                      chunk=chunk, read=_layer_block_reader(layer_ref, s, cfg.block_k,
+                                                            per_head=False))
+
+    def whole(x):  # indexed in-kernel
+        return pl.BlockSpec(x.shape, lambda bb, hh, ss: (0,) * x.ndim)
+
     o, lse = pl.pallas_call(
-        lambda len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref: kernel(
-            len_ref, q_ref, c_ref, None, qr_ref, kr_ref, o_ref, lse_ref),
+        kernel,
         grid=(b, hp // bh, splits),
-        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
+                  pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
                   pl.BlockSpec((None, bh, r), lambda bb, hh, ss: (bb, hh, 0)),
                   pl.BlockSpec((None, bh, dr), lambda bb, hh, ss: (bb, hh, 0)),
-                  pl.BlockSpec((None, sp, r), lambda bb, hh, ss: (bb, 0, 0)),
-                  pl.BlockSpec((None, sp, dr), lambda bb, hh, ss: (bb, 0, 0))],
+                  whole(latent_cache), whole(rope_cache)],
         out_specs=[pl.BlockSpec((None, None, bh, r), lambda bb, hh, ss: (bb, ss, hh, 0)),
                    pl.BlockSpec((None, None, bh), lambda bb, hh, ss: (bb, ss, hh))],
         out_shape=[jax.ShapeDtypeStruct((b, splits, hp, r), jnp.float32),
@@ -245,5 +258,6 @@ def mla_decode_attention(
                                              num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_mla_decode",
-    )(lengths.astype(jnp.int32), ql, qr, cache, rcache)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), ql, qr, latent_cache,
+      rope_cache)
     return _merge(o, lse, axis=1)[:, :h].astype(q_latent.dtype)

@@ -375,6 +375,25 @@ def test_mla_decode_interpret(impl):
     assert _rel(out, ref) <= F32_TOL
 
 
+@pytest.mark.parametrize("impl", list(MLA_IMPLS))
+@pytest.mark.parametrize("s", [40, 48])
+def test_mla_decode_reads_one_layer_of_a_stacked_cache(impl, s):
+    """As for decode attention: layer 1 of NaN-surrounded [L, B, S, R] / [L, B, S, Dr] caches."""
+    b, h, r, dr, n_layers = 3, 5, 32, 8, 3
+    ks = jax.random.split(jax.random.PRNGKey(s), 4)
+    ql = jax.random.normal(ks[0], (b, h, r))
+    qr = jax.random.normal(ks[1], (b, h, dr))
+    cache = jax.random.normal(ks[2], (b, s, r))
+    rope = jax.random.normal(ks[3], (b, s, dr))
+    c_all = jnp.full((n_layers, b, s, r), jnp.nan).at[1].set(cache)
+    r_all = jnp.full((n_layers, b, s, dr), jnp.nan).at[1].set(rope)
+    lengths = jnp.array([3, 21, s], jnp.int32)
+    out = jax.jit(lambda lay: MLA_IMPLS[impl](ql, qr, c_all, r_all, lengths, scale=0.2,
+                                              layer=lay))(1)
+    ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.2)
+    assert _rel(out, ref) <= F32_TOL
+
+
 def test_mla_reference_matches_expanded_attention():
     """The absorbed form equals ordinary attention with per-head keys W_UK c and values W_UV c."""
     b, h, s, r, dn, dr, dv = 2, 3, 11, 16, 8, 4, 8
