@@ -90,13 +90,20 @@ def main(argv: list[str] | None = None) -> int:
                       attn_impl=a.attn_impl, cache_dtype=jnp.dtype(dtype).name,
                       model_fn=tensor.TensorParallel(mesh, unroll=True),
                       kv_heads=tensor.cache_kv_heads(cfg, a.tp))
-        text = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile().as_text()
+        compiled = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile()
+        text = compiled.as_text()
+        mem = compiled.memory_analysis()
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
             (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}.hlo.txt"
              ).write_text(text)
         reports = hlo_overlap.analyse(text)
-        print(f"== {mode}\n{hlo_overlap.summary(reports)}", flush=True)
+        gib = ""
+        if mem is not None:  # per GPU: weights + cache in, XLA's scratch; does it fit?
+            gib = (f" (per GPU: arguments {mem.argument_size_in_bytes / 2**30:.1f} GiB, "
+                   f"outputs {mem.output_size_in_bytes / 2**30:.1f} GiB, "
+                   f"temporaries {mem.temp_size_in_bytes / 2**30:.1f} GiB)")
+        print(f"== {mode}{gib}\n{hlo_overlap.summary(reports)}", flush=True)
         if a.around_sync:
             for r in reports:
                 if r.sync:
