@@ -177,6 +177,7 @@ def run_worker(a: argparse.Namespace) -> None:
     import numpy as np
 
     from jaxturbo.generate.decode import _generate
+    from jaxturbo.generate.decode import prefill as decode_prefill
     from jaxturbo.generate.sampling import SamplingParams
     from jaxturbo.models.config import ModelConfig
     from jaxturbo.models.transformer import kv_cache_bytes_per_token
@@ -217,11 +218,11 @@ def run_worker(a: argparse.Namespace) -> None:
                 key, stops = jax.random.key(0), jnp.asarray([-1], jnp.int32)  # never stops early
 
                 @jax.jit
-                def prefill(params, toks, lens):
+                def prefill(params, toks, lens):  # what _generate's prefill does, alone
                     cache = tensor.init_cache(cfg, toks.shape[0], a.prompt + a.new_tokens, dtype,
                                               kv_heads=tensor.cache_kv_heads(cfg, tp))
-                    logits, cache = model(params, cfg, toks, cache=cache, lengths=lens)
-                    return jnp.argmax(logits[:, -1], -1), cache
+                    last, cache = decode_prefill(model, params, cfg, toks, lens, cache, "auto")
+                    return jnp.argmax(last, -1), cache
 
                 t0 = time.perf_counter()
                 jax.block_until_ready(prefill(params, toks, lens))
