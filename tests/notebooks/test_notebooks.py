@@ -1,5 +1,6 @@
 """Every notebook under notebooks/ runs end to end (tiny presets, CPU)."""
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -10,11 +11,18 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_executes(path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    # The notebooks write exports and checkpoints under tempfile.mkdtemp() (04_sft: 1.4 GB of
+    # SmolLM2 weights and Adam state); the kernel inherits TMPDIR, and the folder goes when the
+    # notebook is done, so a test run leaves no gigabytes behind on a shared disk.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}})
-    client.execute()  # raises CellExecutionError on any failing cell
+    try:
+        client.execute()  # raises CellExecutionError on any failing cell
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
