@@ -45,3 +45,26 @@ def test_sampling_is_seeded():
     c = generate(params, cfg, [[1, 2, 3]], max_new_tokens=8, sampling=sp, seed=8, bucket_multiple=8)
     assert a.sequences() == b.sequences()
     assert a.sequences() != c.sequences()
+
+
+def test_prefill_logits_are_each_rows_last_prompt_token():
+    """decode.prefill runs the LM head on each row's last prompt token only: those logits equal
+    transformers' last-position logits of each prompt alone (rows right-padded to 11)."""
+    import jax.numpy as jnp
+
+    from jaxturbo.generate.decode import prefill
+    from jaxturbo.models.transformer import forward, init_cache
+
+    model, cfg, params = tiny_hf_model("qwen2", seed=2)
+    full = random_tokens((3, 11), seed=6)
+    lengths = np.array([11, 4, 7], np.int32)
+    toks = np.where(np.arange(11)[None] < lengths[:, None], full, 0).astype(np.int32)
+    cache = init_cache(cfg, 3, 16, jnp.float32)
+    logits, cache = prefill(forward, params, cfg, jnp.asarray(toks), jnp.asarray(lengths), cache,
+                            "xla")
+    assert logits.shape == (3, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(cache["lengths"]), lengths)
+    for row, n in enumerate(lengths):
+        with torch.no_grad():
+            ref = model(torch.tensor(full[row:row + 1, :n])).logits[0, -1].numpy()
+        np.testing.assert_allclose(np.asarray(logits[row]), ref, rtol=1e-4, atol=1e-4)
