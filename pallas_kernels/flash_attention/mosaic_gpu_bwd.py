@@ -154,6 +154,14 @@ def _smem(shape, dtype, d):
     return plgpu.SMEM(shape, dtype, transforms=_transforms(d, dtype))
 
 
+def _dims(q, k, spec: common.MaskSpec):
+    """(B, Tp, H, D, Sp, K, GQA group, softmax scale in log2 units) of padded q [B, Tp, H, D]
+    and k [B, Sp, K, D]: what both kernels are shaped by."""
+    b, tp, h, d = q.shape
+    sp, kh = k.shape[1], k.shape[2]
+    return b, tp, h, d, sp, kh, h // kh, spec.scale * _LOG2E
+
+
 def _first_q_block(kt, spec: common.MaskSpec, nq: int):
     """The first 64-row query block that sees any key of key tile kt: causal, the one holding
     the tile's first key position (both consumers walk the same blocks: they share the ring)."""
@@ -169,13 +177,10 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
 
     fused: also dQ / scale, float32 [B, Tp, H, D] (compiled: TMA reduce-adds into one zeroed
     buffer; interpret mode, which has no reduce stores: one slice per key tile, summed here)."""
-    b, tp, h, d = q.shape
-    sp, kh = k.shape[1], k.shape[2]
-    group = h // kh
+    b, tp, h, d, sp, kh, group, c = _dims(q, k, spec)
     nq = tp // _B
     dtype = q.dtype
     compiled = not interpret
-    c = spec.scale * _LOG2E
     half = d // _CONSUMERS  # dQ columns per consumer
 
     def flash_bwd_dkdv(q_g, k_g, v_g, do_g, lse_g, dl_g, *refs):
@@ -363,13 +368,10 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
 def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
     """q/do [B, Tp, H, D] (Tp a multiple of 128), k/v [B, Sp, K, D] (Sp a multiple of 64),
     lse2/delta as for `_dkdv` -> dq [B, Tp, H, D]."""
-    b, tp, h, d = q.shape
-    sp, kh = k.shape[1], k.shape[2]
-    group = h // kh
+    b, tp, h, d, sp, kh, group, c = _dims(q, k, spec)
     nk = sp // _B
     dtype = q.dtype
     compiled = not interpret
-    c = spec.scale * _LOG2E
 
     def flash_bwd_dq(q_g, k_g, v_g, do_g, lse_g, dl_g, dq_g, q_s, do_s, lse_s, dl_s, k_s, v_s,
                      q_bar, ready, free, *a_smem):
