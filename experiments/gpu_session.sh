@@ -6,6 +6,7 @@
 #   bash experiments/gpu_session.sh setup heal grpo    # needs the SmolLM2 GGUF (see below)
 #   bash experiments/gpu_session.sh setup mgpu         # Mosaic GPU flash kernel: native tests + grid
 #   bash experiments/gpu_session.sh setup mgpu_bwd     # its Mosaic GPU backward against cuDNN's
+#   bash experiments/gpu_session.sh setup attn_tests   # then: setup attn_grid (the final table)
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
@@ -167,6 +168,18 @@ mgpu_bwd() {  # our Mosaic GPU backward (native tests, bench vs cuDNN's, ptxas r
     2>&1 | grep "^| \|rror" | tee "$OUT/attention/bench_mosaic_bwd.txt"
   grep -h "Performance Loss\|spill\|registers" -r /tmp/mgpu_dump | sort | uniq -c \
     | tee "$OUT/attention/ptxas_mosaic_bwd.txt"
+}
+
+attn_tests() {  # every GPU-marked test natively: kernels, backward blocks, models (one H100)
+  mkdir -p "$OUT/attention"
+  timeout ${ATTN_TEST_TIMEOUT:-540} $PY -m pytest -q -m gpu tests/pallas_kernels tests/models \
+    --durations=8 2>&1 | tail -40 | tee "$OUT/attention/pytest_gpu.txt"
+}
+
+attn_grid() {  # the whole attention + decode grid of BENCHMARKS.md, every row in one run (one H100)
+  mkdir -p "$OUT/attention"
+  timeout ${ATTN_BENCH_TIMEOUT:-540} $PY experiments/attention_bench.py --preset h100 --no-configs \
+    --out "$OUT/attention" 2>&1 | tee "$OUT/attention/log.txt" | grep "^| \|rror\|Copy\|Device"
 }
 
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)

@@ -12,7 +12,8 @@ a saved output and lse, for callers that merge partial results: ring attention),
   "mosaic_gpu"     the Hopper forward through Mosaic GPU (bf16/fp16; no segments, window or
                    softcap; GPU interpret mode on CPU); its gradient is cuDNN's backward
                    where that covers the call, else the Pallas-Triton one, or our Mosaic
-                   GPU backward with `config=mosaic_gpu.Config(backward="mosaic_gpu")`;
+                   GPU backward with `config=mosaic_gpu.Config(backward="mosaic_gpu")`
+                   (or "mosaic_gpu_fused"); in `attention_backward`, always ours;
   "pallas"         the Pallas kernel for the platform (TPU: mosaic_tpu; Hopper GPUs:
                    mosaic_gpu where it covers the call, else pallas_triton; other GPUs and
                    CPU: pallas_triton, on CPU in interpret mode: slow, for tests);
@@ -210,6 +211,8 @@ def attention_backward(
     result is then this block's share of the gradient (ring attention sums the blocks).  See
     `flash_attention.reference.attention_backward_reference`.  "auto": cuDNN on GPU where it
     covers the case (`cudnn_lse_supported`), else the Pallas kernel; Mosaic on TPU; XLA on CPU.
+    "mosaic_gpu" (and "pallas" on a Hopper GPU where it covers the call): our Hopper backward
+    kernels, `mosaic_gpu.flash_attention_backward`.
     """
     if implementation not in _ATTENTION_IMPLS:
         raise ValueError(f"attention_backward implementation {implementation!r} is unknown; "
@@ -219,9 +222,15 @@ def attention_backward(
     if implementation == "auto":
         implementation = {"tpu": "mosaic_tpu",
                           "gpu": "cudnn" if cudnn_ok else "pallas_triton"}.get(_platform(), "xla")
-    if implementation == "mosaic_gpu":  # it has no backward kernel of its own
-        implementation = "cudnn" if cudnn_ok and _platform() == "gpu" else "pallas_triton"
-    implementation = _resolve_pallas(implementation)
+    mosaic_ok = kv_segment_ids is None and mosaic_gpu_covers(q, k, segment_ids=segment_ids,
+                                                             softcap=softcap)
+    if implementation == "mosaic_gpu" and not mosaic_ok:
+        raise ValueError("attention_backward implementation='mosaic_gpu' takes bf16/fp16 q/k/v "
+                         "without segment ids or softcap, head_dim a multiple of 16 (got "
+                         f"{q.dtype}, head_dim {q.shape[-1]}, segment_ids "
+                         f"{'set' if segment_ids is not None else 'none'}, softcap {softcap}); "
+                         "use 'pallas_triton', 'cudnn' or 'xla'")
+    implementation = _resolve_pallas(implementation, mosaic_ok)
     kwargs = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                   scale=scale, softcap=softcap)
     if implementation == "xla":
@@ -232,6 +241,10 @@ def attention_backward(
         return cudnn_lse.cudnn_attention_bwd(q, k, v, out, lse, dout, causal=causal,
                                              scale=scale)
     interp = _interpret(implementation, interpret)
+    if implementation == "mosaic_gpu":
+        from pallas_kernels.flash_attention import mosaic_gpu
+        return mosaic_gpu.flash_attention_backward(q, k, v, out, lse, dout, causal=causal,
+                                                   scale=scale, config=config, interpret=interp)
     if implementation == "pallas_triton":
         from pallas_kernels.flash_attention import pallas_triton
         return pallas_triton.flash_attention_backward(q, k, v, out, lse, dout, config=config,

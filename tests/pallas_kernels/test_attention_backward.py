@@ -2,9 +2,9 @@
 
 The property ring attention relies on: with the output and lse of attention over the *whole*
 key sequence, the backward of each key block gives that block's dk/dv and a share of dq that
-sums to the full gradient.  Checked for the pure-jnp reference and the Pallas-Triton kernel
-(interpret mode on CPU); the cuDNN path is only shape-checked here (it needs a GPU: see
-experiments/sp_bench.py --check-only).
+sums to the full gradient.  Checked for the pure-jnp reference, the Pallas-Triton kernel and our
+Mosaic GPU kernels (interpret mode on CPU; the latter also compiled, on a Hopper GPU); the cuDNN
+path is only shape-checked here (it needs a GPU: see experiments/sp_bench.py --check-only).
 """
 
 from __future__ import annotations
@@ -91,3 +91,44 @@ def test_cudnn_lse_rejects_unsupported():
         api.attention(q, q, q, return_lse=True, implementation="cudnn")
     with pytest.raises(ValueError, match="bf16/fp16"):
         api.attention_backward(q, q, q, q, jnp.zeros((1, 2, 8)), q, implementation="cudnn")
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backward", ["mosaic_gpu", "mosaic_gpu_fused"])
+def test_mosaic_gpu_blockwise_backward_sums_to_full_grad(backward, interpret):
+    """Our Hopper backward kernels (GPU interpret mode on CPU, compiled on a Hopper GPU) from
+    the whole row's out/lse, per key block: bf16, GQA 2, two key blocks of 80 (padded to the
+    kernels' 128-key tiles)."""
+    from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
+    q, k, v, do = _inputs(t=96, s=160, h=4, kh=2, d=32)
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+    up = lambda x: x.astype(jnp.float32)
+    out, lse = attention_reference(up(q), up(k), up(v), return_lse=True)
+    with jax.default_matmul_precision("highest"):
+        _, vjp = jax.vjp(lambda *a: attention_reference(*a), up(q), up(k), up(v))
+        gq, gk, gv = vjp(up(do))
+    dq, dks, dvs = 0.0, [], []
+    for j in range(2):
+        sl = slice(80 * j, 80 * j + 80)
+        g = api.attention_backward(q, k[:, sl], v[:, sl], out, lse, do,
+                                   implementation="mosaic_gpu", interpret=interpret,
+                                   config=flash_mgpu.Config(backward=backward))
+        assert g[0].dtype == g[1].dtype == jnp.bfloat16
+        dq = dq + up(g[0])
+        dks.append(up(g[1]))
+        dvs.append(up(g[2]))
+    tol = 2e-2  # bf16 operands (the conformance tests' bound)
+    assert _rel(dq, gq) < tol
+    assert _rel(jnp.concatenate(dks, 1), gk) < tol
+    assert _rel(jnp.concatenate(dvs, 1), gv) < tol
+
+
+def test_mosaic_gpu_backward_refuses_what_it_lacks():
+    q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+    lse = jnp.zeros((1, 2, 8))
+    with pytest.raises(ValueError, match="segment ids"):
+        api.attention_backward(q, q, q, q, lse, q, segment_ids=jnp.zeros((1, 8), jnp.int32),
+                               implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="float32"):
+        api.attention_backward(*(x.astype(jnp.float32) for x in (q, q, q, q)), lse, q,
+                               implementation="mosaic_gpu")
