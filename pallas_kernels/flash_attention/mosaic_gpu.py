@@ -457,6 +457,7 @@ def flash_attention(
         raise ValueError(f"backward={cfg.backward!r}: choose one of {BACKWARDS}")
     if q.shape[-1] % 16:
         raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
+    _check_fused(q.shape[-1], cfg)
     if smem_bytes(q.shape[-1], cfg) > SMEM_BYTES:
         raise ValueError(f"head_dim {q.shape[-1]} with {cfg} needs {smem_bytes(q.shape[-1], cfg)}"
                          f" bytes of shared memory (at most {SMEM_BYTES}): lower block_k or "
@@ -468,6 +469,13 @@ def flash_attention(
 
 
 OUR_BACKWARDS = ("mosaic_gpu", "mosaic_gpu_fused")
+
+
+def _check_fused(d: int, cfg: Config) -> None:
+    from pallas_kernels.flash_attention.mosaic_gpu_bwd import FUSED_HEAD_DIMS
+    if cfg.backward == "mosaic_gpu_fused" and d not in FUSED_HEAD_DIMS:
+        raise ValueError(f"backward='mosaic_gpu_fused' takes head_dim in {FUSED_HEAD_DIMS}, got "
+                         f"{d}; backward='mosaic_gpu' takes any multiple of 16")
 
 
 def flash_attention_backward(
@@ -497,6 +505,7 @@ def flash_attention_backward(
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16 q/k/v, got "
                          f"{q.dtype}/{k.dtype}/{v.dtype}")
+    _check_fused(q.shape[-1], cfg)
     return common.run_backward(_backward, q, k, v, out, lse, dout, causal=causal,
                                segment_ids=None, kv_segment_ids=None, sliding_window=None,
                                scale=scale, softcap=None, cfg=cfg, interpret=interpret)

@@ -51,6 +51,10 @@ _CONSUMERS = 2
 _TILE = _B * _CONSUMERS  # rows (dQ) or keys (dK/dV) per program
 _SLOTS = 2
 _FUSED_REGS = (24, 240)  # producer, consumers (per thread) in the fused kernel
+# head dims the fused kernel compiles for: each consumer's half of K's columns is a wgmma
+# operand, whose shared-memory rows must be 32, 64 or 128 bytes (swizzle); 160 and up exceed
+# shared memory (found by lowering every multiple of 16 for a CUDA target)
+FUSED_HEAD_DIMS = (32, 64, 96, 128)
 _LOG2E = mosaic_gpu._LOG2E
 _transforms = mosaic_gpu._smem_transforms
 _interpret_params = mosaic_gpu._interpret_params
@@ -182,6 +186,7 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
     dtype = q.dtype
     compiled = not interpret
     half = d // _CONSUMERS  # dQ columns per consumer
+    tile_d = half if fused else d  # shared-memory tile width of the [rows, d] operands
 
     def flash_bwd_dkdv(q_g, k_g, v_g, do_g, lse_g, dl_g, *refs):
         if fused:
@@ -323,7 +328,7 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
 
     kv = jax.ShapeDtypeStruct((b, sp, kh, d), dtype)
     fused_scratch = [
-        _smem((2, _CONSUMERS, _B, _B), dtype, _B),           # dS^T, by step parity
+        _smem((2, _CONSUMERS, _B, _B), dtype, tile_d),       # dS^T, by step parity
         plgpu.SMEM((_CONSUMERS, _B, half), jnp.float32),    # each consumer's dQ slice
         plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=2),
     ] if fused else []
@@ -332,10 +337,13 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
         out_type=(kv, kv) if not fused or compiled else (
             jax.ShapeDtypeStruct((sp // _TILE, b, tp, h, d), jnp.float32), kv, kv),
         scratch_types=[
-            _smem((_CONSUMERS, _B, d), dtype, d),
-            _smem((_CONSUMERS, _B, d), dtype, d),
-            _smem((_SLOTS, _B, d), dtype, d),
-            _smem((_SLOTS, _B, d), dtype, d),
+            # fused, each consumer reads half of K's columns as a wgmma operand, so K's
+            # tiles, and those of what meets K in a wgmma, are made that wide (head_dim 128
+            # and up: the same tiles as unfused)
+            _smem((_CONSUMERS, _B, d), dtype, tile_d),
+            _smem((_CONSUMERS, _B, d), dtype, tile_d),
+            _smem((_SLOTS, _B, d), dtype, tile_d),
+            _smem((_SLOTS, _B, d), dtype, tile_d),
             plgpu.SMEM((_SLOTS, _B), jnp.float32),
             plgpu.SMEM((_SLOTS, _B), jnp.float32),
             plgpu.Barrier(num_barriers=2 * _CONSUMERS),

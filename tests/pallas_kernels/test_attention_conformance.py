@@ -140,10 +140,10 @@ MGPU_CASES = [  # (name, shapes, Config overrides)
     # slices summed, since it has no reduce stores)
     ("fused_bwd_causal_gqa4", dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
      dict(backward="mosaic_gpu_fused")),
-    ("fused_bwd_cross_fp16_padded_keys", dict(b=1, t=64, s=150, h=2, kh=2, d=16,
+    ("fused_bwd_cross_fp16_padded_keys", dict(b=1, t=64, s=150, h=2, kh=2, d=32,
                                               dtype=jnp.float16),
      dict(backward="mosaic_gpu_fused")),
-    ("fused_bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
+    ("fused_bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=32, causal=True),
      dict(backward="mosaic_gpu_fused")),
 ]
 
@@ -190,13 +190,15 @@ def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
     assert "wgmma" in text and "nvvm.mbarrier" in text
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal,d", [(True, 128), (False, 128), (True, 64), (False, 32)])
 @pytest.mark.parametrize("backward,kernels", [("mosaic_gpu", 3), ("mosaic_gpu_fused", 2)])
-def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, backward, kernels):
+def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, d, backward, kernels):
     """The backward kernels through the Mosaic GPU lowering for a CUDA target: forward + dK/dV
-    + dQ, or forward + the fused kernel (with its TMA reduce-add, which interpret mode lacks)."""
-    q = jax.ShapeDtypeStruct((2, 200, 8, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 200, 2, 128), jnp.bfloat16)
+    + dQ, or forward + the fused kernel (with its TMA reduce-add, which interpret mode lacks).
+    head_dim 64 (SmolLM2's) and 32: the fused kernel slices K's columns in half, which must
+    fall on whole shared-memory tiles (a native run at 32 found that; interpret mode did not)."""
+    q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
     cfg = flash_mgpu.Config(backward=backward)
     f = lambda q, k, v: jax.grad(lambda q, k, v: flash_mgpu.flash_attention(
         q, k, v, causal=causal, config=cfg).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
@@ -208,7 +210,7 @@ def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, backward, kernels):
 def test_flash_mosaic_gpu_backward_has_no_races(backward):
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    q, k, v = _inputs(6, 1, 130, 130, 2, 1, 16, jnp.bfloat16)
+    q, k, v = _inputs(6, 1, 130, 130, 2, 1, 32, jnp.bfloat16)
     fn = _mgpu(plgpu.InterpretGPUParams(detect_races=True), backward=backward)
     loss = lambda fn: lambda *a: fn(*a, causal=True).astype(jnp.float32).sum()
     got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
@@ -227,6 +229,9 @@ def test_flash_mosaic_gpu_refuses_what_it_lacks():
         flash_mgpu.flash_attention(*(x.astype(jnp.float32) for x in (q, k, v)), interpret=True)
     with pytest.raises(ValueError, match="backward='fast'"):
         flash_mgpu.flash_attention(q, k, v, config=flash_mgpu.Config(backward="fast"))
+    with pytest.raises(ValueError, match="head_dim in .* got 48"):
+        flash_mgpu.flash_attention(*(jnp.zeros((1, 8, 2, 48), jnp.bfloat16),) * 3,
+                                   config=flash_mgpu.Config(backward="mosaic_gpu_fused"))
     with pytest.raises(ValueError, match="pingpong only without overlap"):
         flash_mgpu.flash_attention(q, k, v, config=flash_mgpu.Config(pingpong=True))
     with pytest.raises(ValueError, match="shared memory"):
