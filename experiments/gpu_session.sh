@@ -173,7 +173,7 @@ mgpu_bwd() {  # our Mosaic GPU backward (native tests, bench vs cuDNN's, ptxas r
 attn_tests() {  # every GPU-marked test natively: kernels, backward blocks, models (one H100)
   mkdir -p "$OUT/attention"
   timeout ${ATTN_TEST_TIMEOUT:-540} $PY -m pytest -q -m gpu tests/pallas_kernels tests/models \
-    --durations=8 2>&1 | tail -40 | tee "$OUT/attention/pytest_gpu.txt"
+    ${ATTN_TEST_K:+-k "$ATTN_TEST_K"} --durations=8 2>&1 | tail -40 | tee "$OUT/attention/pytest_gpu.txt"
 }
 
 attn_grid() {  # the whole attention + decode grid of BENCHMARKS.md, every row in one run (one H100)
