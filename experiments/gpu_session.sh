@@ -132,6 +132,26 @@ ladder_host() {  # TP 4, 8B: the on-device decode loop against a host loop of ji
   for f in /tmp/ladder_hlo/*ladder*.hlo.txt; do gzip -c "$f" > "$OUT/ladder/$(basename $f).gz"; done
 }
 
+ladder_nccl() {  # TP 2, 8B, batch 1: NCCL's channel count / protocol against ladder's hidden
+  # all-reduces (does the NCCL kernel's share of the SMs cost the GEMVs?), then P2P off
+  mkdir -p "$OUT/ladder"
+  export JAX_COMPILATION_CACHE_DIR=/tmp/ladder_jax_cache  # one compile per mode for all settings
+  local i=0
+  for e in ${LADDER_NCCL_ENVS:-NONE NCCL_MAX_NCHANNELS=1 NCCL_MAX_NCHANNELS=2 NCCL_PROTO=LL}; do
+    i=$((i + 1))
+    echo "=== NCCL setting $e"
+    env $([ "$e" = NONE ] || echo "$e") timeout 150 $PY experiments/ladder_bench.py --preset 8b \
+      --tp ${LADDER_TP:-2} --residual ${LADDER_MODES:-standard,ladder,desync} --batch 1 \
+      --xla-preset nccl_lhs --reps 3 --out /tmp/ladder_nccl_$i 2>&1 | grep "^# " \
+      | sed "s/^/[$e] /" | tee -a "$OUT/ladder/log_nccl.txt"
+  done
+  echo "=== P2P off"
+  timeout 200 $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
+    --residual standard,ladder,desync --batch 1 --p2p off --xla-preset nccl_lhs --reps 3 \
+    --out /tmp/ladder_p2poff 2>&1 | grep "^# " | tee -a "$OUT/ladder/log_nccl.txt"
+  cp /tmp/ladder_p2poff/results.json "$OUT/ladder/results_p2poff.json" 2>/dev/null
+}
+
 ladder_streams() {  # TP 4, 8B: ladder with XLA's scheduler vs each MLP on a second stream (needs 4 GPUs)
   mkdir -p "$OUT/ladder"
   rm -rf /tmp/ladder_hlo
