@@ -398,9 +398,11 @@ def main(argv=None):
     dec_cfgs = []
     if on_gpu and not args.no_configs:
         D = decode_triton.Config
-        dec_cfgs = [("splits16", D(num_splits=16)), ("bk128 w4", D(block_k=128, num_warps=4)),
-                    ("bk64 w8 s4", D(block_k=64, num_warps=8, num_stages=4)),
-                    ("bk128 splits64", D(block_k=128, num_splits=64))]
+        # around the default (block 128, 4 warps, 3 stages, ~512 programs)
+        dec_cfgs = [("splits8", D(num_splits=8)), ("splits16", D(num_splits=16)),
+                    ("bk64 w4", D(block_k=64)), ("bk64 w8 s4", D(block_k=64, num_warps=8, num_stages=4)),
+                    ("bk128 w8", D(num_warps=8)), ("bk128 s4", D(num_stages=4)),
+                    ("bk256 w8", D(block_k=256, num_warps=8))]
     result["decode"] = []
     if args.only != "attention":
         result["decode"] = bench_decode(dec_grid, heads, dtype, reps, inner, interpret,

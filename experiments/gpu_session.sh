@@ -202,6 +202,12 @@ attn_grid() {  # the whole attention + decode grid of BENCHMARKS.md, every row i
     --out "$OUT/attention" 2>&1 | tee "$OUT/attention/log.txt" | grep "^| \|rror\|Copy\|Device"
 }
 
+decode_sweep() {  # the decode kernel's tiles and split counts around its default (one H100)
+  mkdir -p "$OUT/attention"
+  timeout ${DECODE_TIMEOUT:-300} $PY experiments/attention_bench.py --preset h100 --only decode \
+    --out "$OUT/attention" 2>&1 | grep "^| \|rror\|Copy"
+}
+
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
   mkdir -p "$OUT/sp"
   timeout ${SP_TIMEOUT:-420} $PY experiments/sp_bench.py --preset gpu4 2>&1 | tee "$OUT/sp/log.txt"
