@@ -152,6 +152,22 @@ ladder_nccl() {  # TP 2, 8B, batch 1: NCCL's channel count / protocol against la
   cp /tmp/ladder_p2poff/results.json "$OUT/ladder/results_p2poff.json" 2>/dev/null
 }
 
+ladder_profile() {  # TP 2, 8B, batch 1: a traced generate per mode, read per GPU and stream
+  # (experiments/ladder/trace_streams.py: busy vs idle, idle waiting for a collective)
+  mkdir -p "$OUT/ladder"
+  rm -rf /tmp/ladder_prof /tmp/ladder_p
+  timeout ${LADDER_TIMEOUT:-400} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
+    --residual ${LADDER_MODES:-standard,ladder,desync} --batch ${LADDER_BATCH:-1} --new-tokens 64 \
+    --xla-preset nccl_lhs --reps 3 --profile /tmp/ladder_prof --out /tmp/ladder_p 2>&1 \
+    | grep -v "^\s*$" | tee "$OUT/ladder/log_profile${TAG:-}.txt"
+  cp /tmp/ladder_p/profile.* /tmp/ladder_p/results.json "$OUT/ladder/" 2>/dev/null
+  for d in /tmp/ladder_prof/*; do  # top kernels per GPU and step (prefill's few included)
+    $PY -c "import sys, json; sys.path.insert(0, 'experiments'); from bench_util import \
+kernel_summary; print(json.dumps(kernel_summary(sys.argv[1], steps=int(sys.argv[2]), top=25)))" \
+      "$d" $((64 * ${LADDER_TP:-2})) > "$OUT/ladder/kernels_$(basename $d).json" 2>/dev/null
+  done
+}
+
 ladder_streams() {  # TP 4, 8B: ladder with XLA's scheduler vs each MLP on a second stream (needs 4 GPUs)
   mkdir -p "$OUT/ladder"
   rm -rf /tmp/ladder_hlo

@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="device (the foundation's on-device while loop), host (one jitted step "
                         "per token from Python, dispatched asynchronously) or device,host")
     p.add_argument("--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO")
+    p.add_argument("--profile", default=None,
+                   help="folder: trace one more generate call per setting and print where each "
+                        "GPU's decode step goes (experiments/ladder/trace_streams.py)")
     p.add_argument("--out", default="runs/ladder_bench")
     p.add_argument("--no-ladder-barrier", action="store_true",
                    help="experiment: make the ladder's optimization barrier the identity in this run "
@@ -257,6 +260,10 @@ def run_worker(a: argparse.Namespace) -> None:
                 row.update(prefill_s=pre, decode_s=dec, generate_s=gen,
                            ms_per_step=1e3 * dec / a.new_tokens,
                            tokens_per_s=batch * a.new_tokens / dec)
+                if a.profile:  # one more call, traced (after timing: tracing slows it)
+                    with jax.profiler.trace(str(Path(a.profile) / _setting_name(row)),
+                                            create_perfetto_trace=True):
+                        jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw))
                 stats = devices[0].memory_stats() or {}
                 row["peak_bytes"] = stats.get("peak_bytes_in_use")
                 if a.dump_hlo:  # the schedule of the timed executable (compile cache hit)
@@ -272,6 +279,11 @@ def run_worker(a: argparse.Namespace) -> None:
                     (Path(a.dump_hlo) / name).write_text(txt)
                 print("ROW " + json.dumps(row), flush=True)
         del params
+
+
+def _setting_name(row: dict) -> str:
+    return (f"{row['residual']}_tp{row['tp']}_b{row['batch']}_{row['xla_preset']}"
+            f"{'' if row['p2p'] else '_nop2p'}")
 
 
 # ----------------------------------------------------------------------------- driver
@@ -356,6 +368,26 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, out / "tokens_per_s.png")
     print(f"\n{rows[0]['preset']} on {rows[0]['device']} ({rows[0]['layers']} layers, "
           f"XLA flag sets {a.xla_preset})\n{table}")
+    if a.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "ladder"))
+        import trace_streams
+        prof = []
+        for r in rows:
+            d = Path(a.profile) / _setting_name(r)
+            try:
+                got = trace_streams.summarize(trace_streams.load_events(d),
+                                              PRESETS[a.preset]["num_hidden_layers"])
+            except (FileNotFoundError, ValueError) as e:
+                print(f"# profile {d}: {e}", file=sys.stderr)
+                continue
+            prof += [dict(setting=_setting_name(r), **g) for g in got]
+        if not prof:
+            print("# profile: no GPU kernels in the traces (CPU run?)", file=sys.stderr)
+        else:
+            (out / "profile.json").write_text(json.dumps(prof, indent=1))
+            (out / "profile.md").write_text(trace_streams.table(prof) + "\n")
+            print("\nwhere each GPU's decode step goes (ms per step; trace_streams.py)\n"
+                  + trace_streams.table(prof))
     return 0
 
 

@@ -1,0 +1,60 @@
+"""experiments/ladder/trace_streams.py: the per-stream reading of a profiler trace that tells
+whether a decode step waits for its all-reduces or runs slower beside them."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "ladder"))
+import trace_streams  # noqa: E402
+
+
+def _trace():
+    """One GPU, 2 layers per step, 1 step: compute stream (tid 1) and a collective stream (tid 2).
+    Compute gaps: [50, 60) right after the all-reduce ends at 58 (waiting for it), [150, 180)
+    with no collective ending there (something else)."""
+    meta = [dict(ph="M", name="process_name", pid=7, args=dict(name="/device:GPU:0")),
+            dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU"))]
+    k = lambda name, ts, dur, tid=1: dict(ph="X", pid=7, tid=tid, name=name, ts=ts, dur=dur)
+    kernels = [k("jaxturbo_decode_0", 0, 10), k("gemv", 10, 40), k("gemv_overlapping", 30, 15),
+               k("gemv", 60, 40), k("jaxturbo_decode_1", 100, 10), k("gemv", 110, 40),
+               k("gemv", 180, 20), k("jaxturbo_decode_0", 200, 10),
+               k("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 20, 38, tid=2),
+               k("prefill_gemm", 500, 100)]  # outside the decode window
+    host = [dict(ph="X", pid=1, tid=3, name="jaxturbo_decode launch", ts=0, dur=5)]
+    return meta + kernels + host
+
+
+def test_summarize_splits_idle_into_waiting_for_comm_and_the_rest():
+    (row,) = trace_streams.summarize(_trace(), layers=2)
+    assert row["gpu"] == "/device:GPU:0"
+    assert row["window_ms"] == pytest.approx(210e-3)
+    assert row["busy_ms"] == pytest.approx(170e-3)  # the overlapping kernel counted once
+    assert row["idle_ms"] == pytest.approx(40e-3)
+    assert row["idle_at_comm_ms"] == pytest.approx(10e-3)
+    assert row["comm_per_step"] == 1 and row["comm_mean_us"] == pytest.approx(38)
+    assert row["kernels_per_step"] == 8
+
+
+def test_a_gap_long_after_the_collective_is_not_waiting_for_it():
+    ev = _trace()
+    for e in ev:
+        if e.get("name", "").startswith("nccl"):
+            e["dur"] = 20  # ends at 40, long before the gap at 50
+    (row,) = trace_streams.summarize(ev, layers=2)
+    assert row["idle_at_comm_ms"] == 0.0
+
+
+def test_cli_reads_a_trace_folder(tmp_path, capsys):
+    d = tmp_path / "ladder_tp2_b1" / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as fh:
+        json.dump(dict(traceEvents=_trace()), fh)
+    assert trace_streams.main([str(tmp_path / "ladder_tp2_b1"), "--layers", "2"]) == 0
+    assert "| ladder_tp2_b1 | /device:GPU:0 | 0.210 | 0.170 | 0.040 | 0.010 |" in capsys.readouterr().out
+    assert trace_streams.main([str(tmp_path / "missing"), "--layers", "2"]) == 1
