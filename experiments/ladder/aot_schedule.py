@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             gib = (f" (per GPU: arguments {mem.argument_size_in_bytes / 2**30:.1f} GiB, "
                    f"outputs {mem.output_size_in_bytes / 2**30:.1f} GiB, "
                    f"temporaries {mem.temp_size_in_bytes / 2**30:.1f} GiB)")
-        print(f"== {mode}{gib}\n{hlo_overlap.summary(reports)}", flush=True)
+        print(f"== {mode}{gib}\n{hlo_overlap.summary(reports)}\n{hlo_overlap.loops(text)}",
+              flush=True)
         if a.around_sync:
             for r in reports:
                 if r.sync:

@@ -94,6 +94,23 @@ def summary(reports: list[Report]) -> str:
     return "\n".join(lines)
 
 
+_WHILE = re.compile(r"^\s*%(\S+) = .* while\(.*?body=%([\w.\-]+)(.*)$", re.M)
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def loops(text: str) -> str:
+    """One line per `while` of a compiled module: its body and whether XLA knows its trip count.
+    A GPU while loop without one copies its predicate to the host on every iteration and waits
+    for it (the device's queue drains each time); with one, the iterations launch back to back."""
+    lines = []
+    for name, body, rest in _WHILE.findall(text):
+        trip = _TRIP.search(rest)
+        lines.append(f"loop {name} (body {body}): " + (
+            f"known trip count {trip.group(1)}, no host round trip" if trip else
+            "trip count unknown: the host reads the predicate every iteration"))
+    return "\n".join(lines)
+
+
 def excerpt(text: str, start_name: str, context: int = 3) -> str:
     """The scheduled lines from `context` before an all-reduce-start to its done."""
     lines = text.splitlines()

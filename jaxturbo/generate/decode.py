@@ -2,8 +2,9 @@
 
 Prompts of different lengths are right-padded to a bucketed length; each row keeps its own
 length in the KV cache, so a decode step writes and attends per row.  The loop stops on the
-device once every row has produced a stop token or `max_new_tokens`; tokens reach the host
-through an ordered `io_callback` only when streaming is asked for.
+device once every row has produced a stop token (tested every `STOP_CHECK_EVERY` steps) or
+`max_new_tokens`; tokens reach the host through an ordered
+`io_callback` only when streaming is asked for.
 """
 
 from __future__ import annotations
@@ -78,10 +79,6 @@ def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Ar
     done = jnp.zeros((b,), bool)
     count = jnp.zeros((b,), jnp.int32)
 
-    def cond(state):
-        step, _, _, _, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
     def body(state):
         step, tok, logp, cache, out_tok, out_logp, done, count, key = state
         live = ~done
@@ -96,9 +93,30 @@ def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Ar
         tok, logp = sample(logits[:, 0], sub, sampling)
         return step + 1, tok, logp, cache, out_tok, out_logp, done, count, key
 
+    # The stop test runs every `k` steps: a GPU while loop whose trip count XLA cannot know
+    # copies its predicate to the host and waits for it on every iteration, so the device's
+    # queue drains once per step (under tensor parallelism each GPU's host thread then
+    # relaunches on its own; experiments/ladder/NOTES.md, session 6, shows the GPUs out of step
+    # at every all-reduce).  The inner loops' trip counts are static, so they run without a
+    # host round trip; steps after every row stopped are masked no-ops.
+    k = min(STOP_CHECK_EVERY, max_new_tokens)
+    full, rest = max_new_tokens - max_new_tokens % k, max_new_tokens % k
+
+    def steps(n):
+        return lambda state: jax.lax.fori_loop(0, n, lambda _, st: body(st), state)
+
+    def cond(state):
+        step, _, _, _, _, _, done, _, _ = state
+        return (step < full) & ~jnp.all(done)
+
     state = (jnp.int32(0), tok, logp, cache, out_tok, out_logp, done, count, key)
-    state = jax.lax.while_loop(cond, body, state)
+    state = jax.lax.while_loop(cond, steps(k), state)
+    if rest:  # the last max_new_tokens % k steps, unless every row has stopped
+        state = jax.lax.cond(jnp.all(state[6]), lambda st: st, steps(rest), state)
     return state[4], state[5], state[7]
+
+
+STOP_CHECK_EVERY = 16  # decode steps between host-visible stop tests, at most
 
 
 def generate(

@@ -37,6 +37,34 @@ def test_stop_tokens_end_rows_and_streaming_sees_every_token():
     assert streamed_row0 == res.sequences()[0]
 
 
+def test_stop_checks_every_few_steps_without_changing_tokens():
+    """The loop tests for stops every STOP_CHECK_EVERY steps (a static inner loop: no host
+    round trip per step) and runs the max_new_tokens % STOP_CHECK_EVERY tail after it: 37 new
+    tokens are 2 chunks of 16 and a tail of 5.  Greedy tokens still equal transformers'; with
+    every row stopped early, the loop ends at the first chunk boundary (16 streamed steps, not
+    37) and skips the tail."""
+    from jaxturbo.generate.decode import STOP_CHECK_EVERY
+    assert STOP_CHECK_EVERY == 16
+    model, cfg, params = tiny_hf_model("llama", seed=4)
+    prompts = [[5, 6, 7], [9, 3]]
+    free = generate(params, cfg, prompts, max_new_tokens=37, bucket_multiple=8)
+    for p, got in zip(prompts, free.sequences()):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=37, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+        assert got == ref
+    stops = [int(free.tokens[0, 3]), int(free.tokens[1, 2])]
+    steps = []
+    res = generate(params, cfg, prompts, max_new_tokens=37, stop_ids=stops, bucket_multiple=8,
+                   stream=lambda t, live: steps.append(live.copy()))
+    for row in range(2):
+        first = min(i for i, t in enumerate(free.tokens[row]) if int(t) in stops)
+        assert res.num_tokens[row] == first + 1
+        assert res.sequences()[row] == list(free.tokens[row, : first + 1])
+        assert (res.tokens[row, first + 1:] == 0).all()
+    assert len(steps) == STOP_CHECK_EVERY and not steps[-1].any()
+
+
 def test_sampling_is_seeded():
     _, cfg, params = tiny_hf_model("qwen3", seed=3)
     sp = SamplingParams(temperature=1.0, top_p=0.9)

@@ -58,3 +58,19 @@ def test_cli_reads_a_trace_folder(tmp_path, capsys):
     assert trace_streams.main([str(tmp_path / "ladder_tp2_b1"), "--layers", "2"]) == 0
     assert "| ladder_tp2_b1 | /device:GPU:0 | 0.210 | 0.170 | 0.040 | 0.010 |" in capsys.readouterr().out
     assert trace_streams.main([str(tmp_path / "missing"), "--layers", "2"]) == 1
+
+
+def test_hlo_loops_tell_known_trip_counts_from_host_checked_ones():
+    """experiments/ladder/hlo_overlap.loops: which compiled `while` loops read their predicate
+    on the host every iteration (the decode loop's stop test) and which XLA runs blind."""
+    import hlo_overlap
+    text = (
+        '  %while.1 = (s32[], bf16[8]{0}) while(%tuple.1), condition=%cond.2, body=%body.3, '
+        'metadata={op_name="jit(f)/while/body/while"}, backend_config={"known_trip_count":{"n":"16"},'
+        '"known_init_step":{"init":"0","step":"1"}}\n'
+        '  %while.9 = (s32[], bf16[8]{0}) while(%tuple.8), condition=%cond.4, body=%body.5, '
+        'metadata={op_name="jit(f)/while"}\n')
+    got = hlo_overlap.loops(text).splitlines()
+    assert got == ["loop while.1 (body body.3): known trip count 16, no host round trip",
+                   "loop while.9 (body body.5): trip count unknown: the host reads the predicate "
+                   "every iteration"]
