@@ -7,16 +7,20 @@ from jaxturbo.generate import SamplingParams, generate
 from tests.hf_tiny import random_tokens, tiny_hf_model
 
 
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of one prompt: n new tokens, no stop token."""
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+
+
 def test_greedy_batch_of_different_lengths_matches_transformers():
     model, cfg, params = tiny_hf_model("llama", seed=1)
     full = random_tokens((3, 11), seed=5)
     prompts = [list(full[0, :11]), list(full[1, :4]), list(full[2, :7])]
     res = generate(params, cfg, prompts, max_new_tokens=12, bucket_multiple=8)
     for p, got in zip(prompts, res.sequences()):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
-        assert got == ref
+        assert got == _hf_greedy(model, p, 12)
     # logprobs are those of the chosen greedy tokens: <= 0 and finite
     assert np.all(res.logprobs <= 0) and np.isfinite(res.logprobs).all()
 
@@ -49,10 +53,7 @@ def test_stop_checks_every_few_steps_without_changing_tokens():
     prompts = [[5, 6, 7], [9, 3]]
     free = generate(params, cfg, prompts, max_new_tokens=37, bucket_multiple=8)
     for p, got in zip(prompts, free.sequences()):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=37, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
-        assert got == ref
+        assert got == _hf_greedy(model, p, 37)
     stops = [int(free.tokens[0, 3]), int(free.tokens[1, 2])]
     steps = []
     res = generate(params, cfg, prompts, max_new_tokens=37, stop_ids=stops, bucket_multiple=8,
