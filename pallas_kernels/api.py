@@ -1,6 +1,7 @@
 """Public entry points: `attention` (prefill/training), `attention_backward` (the backward from
 a saved output and lse, for callers that merge partial results: ring attention),
-`decode_attention` and `mla_decode_attention` (generation).
+`decode_attention`, `decode_attention_append` (a whole decode step's attention: cache write
+included) and `mla_decode_attention` (generation).
 
 `implementation` picks the backend:
   "xla"            the pure-jnp reference, compiled by XLA (any platform);
@@ -27,7 +28,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention.reference import (decode_attention_reference,
+from pallas_kernels.decode_attention.reference import (append_to_cache,
+                                                       decode_attention_reference,
                                                        mla_decode_reference)
 from pallas_kernels.flash_attention.reference import (attention_backward_reference,
                                                       attention_mask, attention_reference)
@@ -254,6 +256,16 @@ def attention_backward(
                                                interpret=interp, **kwargs)
 
 
+def _decode_implementation(implementation: str, what: str) -> str:
+    """The decode kernels' backend for `implementation` (they have no cuDNN or Mosaic GPU one)."""
+    if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
+        raise ValueError(f"{what} implementation {implementation!r} is unknown; "
+                         "choose one of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
+    if implementation == "auto":
+        implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
+    return _resolve_pallas(implementation)
+
+
 def decode_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -273,12 +285,7 @@ def decode_attention(
     layer: the caches hold every layer, [L, B, S, K, D], and this layer's is attended to.  The
     kernels read it in place; `cache[layer]` as a kernel argument would cost a copy of the
     layer's cache per call."""
-    if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
-        raise ValueError(f"decode attention implementation {implementation!r} is unknown; "
-                         "choose one of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
-    if implementation == "auto":
-        implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
-    implementation = _resolve_pallas(implementation)
+    implementation = _decode_implementation(implementation, "decode attention")
     kwargs = dict(scale=scale, softcap=softcap, sliding_window=sliding_window)
     interp = _interpret(implementation, interpret)
     if implementation == "xla":
@@ -291,6 +298,53 @@ def decode_attention(
         from pallas_kernels.decode_attention import mosaic_tpu as impl
     return impl.decode_attention(q, k_cache, v_cache, lengths, layer=layer, config=config,
                                  interpret=interp, **kwargs)
+
+
+# The Pallas-Triton decode step writes the new key and value in its attention kernel; False
+# writes them with XLA first (four more small kernels per layer: the benchmarks' baseline).
+FUSED_APPEND = True
+
+
+def decode_attention_append(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    layer: jax.Array | int | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    implementation: Implementation = "auto",
+    interpret: bool | None = None,
+    config=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention: the new token's key k_new [B, K, D] (rotated by
+    rope = (cos, sin), each [B, D], when given) and value v_new are written at slot lengths[b]
+    of the caches ([B, S, K, D], or layer `layer` of [L, B, S, K, D]), then q [B, H, D]
+    (already rotated) attends to slots [0, lengths[b]].  Returns (out [B, H, D], k_cache,
+    v_cache).  See `decode_append_reference`.
+
+    Pallas-Triton does all of it in one kernel, the caches updated in place (head_dim twice a
+    power of two); the other implementations write the caches with XLA, then attend."""
+    implementation = _decode_implementation(implementation, "decode attention")
+    half = q.shape[-1] // 2
+    if (implementation == "pallas_triton" and FUSED_APPEND and q.shape[-1] % 2 == 0
+            and half & (half - 1) == 0):
+        from pallas_kernels.decode_attention import pallas_triton
+        return pallas_triton.decode_attention_append(
+            q, k_new, v_new, k_cache, v_cache, lengths, layer=layer, rope=rope, scale=scale,
+            softcap=softcap, sliding_window=sliding_window, config=config,
+            interpret=_interpret(implementation, interpret))
+    k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, layer=layer,
+                                       rope=rope)
+    out = decode_attention(q, k_cache, v_cache, lengths + 1, layer=layer, scale=scale,
+                           softcap=softcap, sliding_window=sliding_window,
+                           implementation=implementation, interpret=interpret, config=config)
+    return out, k_cache, v_cache
 
 
 def mla_decode_attention(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxturbo.models.config import ModelConfig
+from pallas_kernels.decode_attention.reference import rope_rotate
 
 
 def inv_frequencies(cfg: ModelConfig, rotary_dim: int | None = None) -> np.ndarray:
@@ -47,8 +48,5 @@ def rope_cos_sin(cfg: ModelConfig, positions: jax.Array,
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate x [batch, seq, heads, rotary_dim] by cos/sin [batch, seq, rotary_dim]."""
-    half = x.shape[-1] // 2
-    xf = x.astype(jnp.float32)
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rot * sin[:, :, None, :]
-    return out.astype(x.dtype)
+    # the one rotation, shared with the decode kernels' reference (which rotate a key in-kernel)
+    return rope_rotate(x, cos[:, :, None, :], sin[:, :, None, :])

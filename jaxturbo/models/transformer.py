@@ -102,17 +102,18 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
         q = rms_norm(q, lp["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["self_attn.k_norm.weight"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = apply_rope(q, cos, sin)
 
     if cache is not None and t == 1:
-        rows = jnp.arange(b)
-        pos = cache["lengths"]
-        kc = cache["k"].at[layer, rows, pos].set(k[:, 0].astype(cache["k"].dtype))
-        vc = cache["v"].at[layer, rows, pos].set(v[:, 0].astype(cache["v"].dtype))
-        out = pallas_kernels.decode_attention(q[:, 0], kc, vc, pos + 1, layer=layer,
-                                              implementation=attn_impl)[:, None]
+        # k's rotation and the cache write go into the decode kernel on GPU (four small
+        # kernels fewer per layer; experiments/ladder/NOTES.md)
+        out, kc, vc = pallas_kernels.decode_attention_append(
+            q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache["lengths"], layer=layer,
+            rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl)
+        out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
+        k = apply_rope(k, cos, sin)
         if cache is not None:
             start = (layer, 0, 0, 0, 0)
             cache = {**cache,

@@ -36,6 +36,13 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     block_h: int = 16  # MLA: query heads per program (they share the latent cache)
+    # GQA decode: merge the chunks in a second Pallas kernel ("kernel": one launch) or in jnp
+    # ("xla": XLA makes two kernels of it, a max-and-exp and a weighted sum)
+    merge: str = "kernel"
+
+
+# Used when no config is passed (the models pass none); benchmarks may swap it.
+DEFAULT_CONFIG = Config()
 
 
 def _dot(a, b, trans_b=False):
@@ -46,11 +53,14 @@ def _dot(a, b, trans_b=False):
 
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
                   softcap: float | None, window: int | None, block_k: int, chunk: int,
-                  read: Callable | None = None):
+                  read: Callable | None = None, appended: Callable | None = None):
     """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
 
     v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start): the
     [block_k, d] cache block at slot `start` (default: rows of a per-sequence [S, d] block).
+    appended(slot, owns): the token being appended at `slot` (the last of `length`), which is
+    not read from the cache: its raw scores [rows] and value [dv] (float32); the chunk that
+    holds its slot (`owns`) adds it to the softmax.
     """
     if read is None:
         read = lambda ref, start: ref[pl.ds(start, block_k), :]  # noqa: E731
@@ -59,7 +69,9 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
     q = q_ref[...]
     qr = qr_ref[...] if qr_ref is not None else None
     begin = split * chunk
-    end = jnp.minimum(begin + chunk, length)
+    cached = length if appended is None else length - 1
+    owns = (cached >= begin) & (cached < begin + chunk)
+    end = jnp.minimum(begin + chunk, cached)
     if window is not None:
         begin = jnp.maximum(begin, (jnp.maximum(length - 1 - window, 0) // block_k) * block_k)
     lo = begin // block_k
@@ -93,6 +105,17 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
     acc, m, l = lax.fori_loop(lo, hi, body, (jnp.zeros((rows, dv), jnp.float32),
                                              jnp.full((rows,), NEG_INF, jnp.float32),
                                              jnp.zeros((rows,), jnp.float32)))
+    if appended is not None:  # one more column of the online softmax, in the owning chunk
+        s, v = appended(cached, owns)
+        s = s * scale
+        if softcap is not None:
+            s = softcap * jnp.tanh(s / softcap)
+        s = jnp.where(owns, s, NEG_INF)
+        m_new = jnp.maximum(m, s)
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha, p = jnp.exp(m - m_safe), jnp.exp(s - m_safe)
+        acc = acc * alpha[:, None] + p[:, None] * v[None, :]
+        m, l = m_new, alpha * l + p
     empty = l == 0.0
     o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
     lse_ref[...] = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
@@ -104,6 +127,44 @@ def _merge(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
     w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
     w = w / jnp.maximum(jnp.sum(w, axis=axis, keepdims=True), 1e-30)
     return jnp.sum(o * w[..., None], axis=axis)
+
+
+def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int):
+    """One (sequence, KV head, slice of D): `_merge` over the chunk axis, every chunk loaded at
+    once (a loop over the chunks is a chain of dependent loads: slower than XLA's two kernels,
+    experiments/ladder/NOTES.md).  The chunk axis is padded to a power of two; the padding
+    (index >= splits) is never written by the chunks' kernel and is masked here."""
+    real = jnp.arange(lse_ref.shape[0]) < splits
+    lse = jnp.where(real[:, None], lse_ref[...], NEG_INF)          # [chunks, G]
+    m = jnp.max(lse, axis=0)
+    w = jnp.exp(lse - jnp.where(m == NEG_INF, 0.0, m)[None, :])
+    w = w / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[None, :]
+    o = jnp.where(real[:, None, None], o_ref[...], 0.0)            # [chunks, G, Dblk]
+    out_ref[...] = jnp.sum(o * w[:, :, None], axis=0).astype(out_ref.dtype)
+
+
+def _merge_chunks(o: jax.Array, lse: jax.Array, splits: int, dtype, cfg: Config,
+                  interpret: bool) -> jax.Array:
+    """o [B, K, C, G, D], lse [B, K, C, G] (chunks C >= splits: a power of two, padding
+    unwritten) -> [B, K, G, D] in `dtype`."""
+    if cfg.merge == "xla":
+        return _merge(o[:, :, :splits], lse[:, :, :splits], axis=2).astype(dtype)
+    if cfg.merge != "kernel":
+        raise ValueError(f"Config.merge={cfg.merge!r}; choose 'kernel' or 'xla'")
+    b, kh, chunks, gp, d = o.shape
+    dblk = min(d, 32)  # chunks x G x 32 float32 tiles: 64 registers a thread at 16 x 16
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, splits=splits),
+        grid=(b, kh, d // dblk),
+        in_specs=[pl.BlockSpec((None, None, chunks, gp, dblk),
+                               lambda bb, hh, dd: (bb, hh, 0, 0, dd)),
+                  pl.BlockSpec((None, None, chunks, gp), lambda bb, hh, dd: (bb, hh, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, gp, dblk), lambda bb, hh, dd: (bb, hh, 0, dd)),
+        out_shape=jax.ShapeDtypeStruct((b, kh, gp, d), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=interpret,
+        name="jaxturbo_decode_merge",
+    )(o, lse)
 
 
 # About four programs per H100 SM: small batches need many chunks to keep HBM busy, large
@@ -146,6 +207,115 @@ def _layer_block_reader(layer_ref, s: int, block_k: int, per_head: bool = True) 
     return read
 
 
+def _append_writer(layer_ref, len_ref, kn_ref, vn_ref, cos_ref, sin_ref, qh_ref,
+                   kc_out, vc_out, s: int) -> Callable:
+    """appended(slot, owns) for `_split_kernel`: rotates this program's new key (HF half-split
+    RoPE, by halves: a register tile cannot be sliced), writes it and the new value at `slot`
+    of the stacked caches (the owning chunk only), and returns the query rows' raw scores
+    against the key and the value as the cache will hold them."""
+    layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
+    d = vn_ref.shape[-1]
+    half = d // 2
+
+    def appended(slot, owns):
+        lo, hi = pl.ds(0, half), pl.ds(half, half)
+        k_lo = kn_ref[lo].astype(jnp.float32)
+        k_hi = kn_ref[hi].astype(jnp.float32)
+        if cos_ref is not None:
+            c_lo, c_hi = cos_ref[lo], cos_ref[hi]
+            s_lo, s_hi = sin_ref[lo], sin_ref[hi]
+            k_lo, k_hi = k_lo * c_lo - k_hi * s_lo, k_hi * c_hi + k_lo * s_hi
+        # rounded as the unfused path rounds: to the key's dtype, then the cache's
+        k_lo = k_lo.astype(kn_ref.dtype).astype(kc_out.dtype)
+        k_hi = k_hi.astype(kn_ref.dtype).astype(kc_out.dtype)
+        v = vn_ref[...].astype(vc_out.dtype)
+
+        @pl.when(owns & (slot < s))  # a slot past the cache is dropped, as by a scatter
+        def _():
+            row = (layer, seq, slot, head)
+            kc_out[(*row, lo)] = k_lo
+            kc_out[(*row, hi)] = k_hi
+            vc_out[(*row, slice(None))] = v
+
+        q_lo = qh_ref[:, lo].astype(jnp.float32)
+        q_hi = qh_ref[:, hi].astype(jnp.float32)
+        score = (jnp.sum(q_lo * k_lo.astype(jnp.float32)[None, :], axis=1)
+                 + jnp.sum(q_hi * k_hi.astype(jnp.float32)[None, :], axis=1))
+        return score, v.astype(jnp.float32)
+
+    return appended
+
+
+def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding_window,
+            config, interpret):
+    """The GQA decode kernel over stacked caches [L, B, S, K, D]; lengths counts the valid
+    slots including an appended token.  new: None, or (k_new, v_new [B, K, D], cos, sin
+    [B, D] or None) to append in-kernel; then the updated caches are returned too."""
+    cfg = config or DEFAULT_CONFIG
+    b, h, d = q.shape
+    s, kh = k_cache.shape[2], k_cache.shape[3]
+    if h % kh:
+        raise ValueError(f"kv heads {kh} must divide query heads {h}")
+    g = h // kh
+    # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
+    gp = max(16, pl.next_power_of_2(g))
+    scale = d ** -0.5 if scale is None else scale
+    splits, chunk, _ = _chunking(s, b * kh, cfg)
+    qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    grid = (b, kh, splits)
+    whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0,) * 5)  # indexed in-kernel
+    q_spec = pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0))
+    in_specs = [pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
+                pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)), q_spec, whole, whole]
+    out_specs = [pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
+                 pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0))]
+    chunks = pl.next_power_of_2(splits)  # the merge kernel's tile (the padding stays unwritten)
+    out_shape = [jax.ShapeDtypeStruct((b, kh, chunks, gp, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kh, chunks, gp), jnp.float32)]
+    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), qg, k_cache,
+            v_cache]
+    aliases = {}
+    if new is not None:
+        k_new, v_new, cos, sin = new
+        row = pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh, 0))
+        in_specs += [row, row]
+        args += [k_new, v_new]
+        if cos is not None:
+            per_seq = pl.BlockSpec((None, d), lambda bb, hh, ss: (bb, 0))
+            in_specs += [per_seq, per_seq]
+            args += [cos.astype(jnp.float32), sin.astype(jnp.float32)]
+        out_specs += [whole, whole]
+        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+        aliases = {3: 2, 4: 3}  # the caches are updated in place
+
+    def kernel(*refs):
+        layer_ref, len_ref, q_ref, k_ref, v_ref = refs[:5]
+        appended = None
+        if new is None:
+            o_ref, lse_ref = refs[5:]
+        else:
+            rope = refs[7:9] if cos is not None else (None, None)
+            o_ref, lse_ref, kc_out, vc_out = refs[-4:]
+            appended = _append_writer(layer_ref, len_ref, refs[5], refs[6], *rope, q_ref,
+                                      kc_out, vc_out, s)
+        _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
+                      scale=float(scale), softcap=softcap,
+                      window=sliding_window, block_k=cfg.block_k, chunk=chunk,
+                      read=_layer_block_reader(layer_ref, s, cfg.block_k), appended=appended)
+
+    res = pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="jaxturbo_decode" if new is None else "jaxturbo_decode_append",
+    )(*args)
+    out = _merge_chunks(res[0], res[1], splits, q.dtype, cfg, interpret)[:, :, :g].reshape(b, h, d)
+    return out, res[2:]
+
+
 def decode_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -163,45 +333,48 @@ def decode_attention(
 
     layer: with it, the caches are every layer's, [L, B, S, K, D], and layer `layer` (an int or
     int32 scalar, traced or not) is read in place."""
-    cfg = config or Config()
     if layer is None:  # one layer's cache: a stack of one (a free reshape)
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
-    b, h, d = q.shape
-    s, kh = k_cache.shape[2], k_cache.shape[3]
-    if h % kh:
-        raise ValueError(f"kv heads {kh} must divide query heads {h}")
-    g = h // kh
-    # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
-    gp = max(16, pl.next_power_of_2(g))
-    scale = d ** -0.5 if scale is None else scale
-    splits, chunk, _ = _chunking(s, b * kh, cfg)
-    qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    out, _ = _decode(q, k_cache, v_cache, lengths, layer, None, scale=scale, softcap=softcap,
+                     sliding_window=sliding_window, config=config, interpret=interpret)
+    return out
 
-    def kernel(layer_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
-                      scale=float(scale), softcap=softcap,
-                      window=sliding_window, block_k=cfg.block_k, chunk=chunk,
-                      read=_layer_block_reader(layer_ref, s, cfg.block_k))
 
-    whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0,) * 5)  # indexed in-kernel
-    o, lse = pl.pallas_call(
-        kernel,
-        grid=(b, kh, splits),
-        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
-                  pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
-                  pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0)),
-                  whole, whole],
-        out_specs=[pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
-                   pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, gp, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kh, splits, gp), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
-        interpret=interpret,
-        name="jaxturbo_decode",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), qg, k_cache, v_cache)
-    out = _merge(o, lse, axis=2)[:, :, :g]
-    return out.reshape(b, h, d).astype(q.dtype)
+def decode_attention_append(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    layer: jax.Array | int | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention in one kernel (see `decode_append_reference`): the new key
+    k_new [B, K, D] (rotated in-kernel by rope = (cos, sin) [B, D]) and value are written at
+    slot lengths[b] of the caches (in place: the caches are aliased to the outputs), and
+    q [B, H, D] attends to slots [0, lengths[b]].  Returns (out [B, H, D], k_cache, v_cache).
+
+    In XLA the same step is four kernels more per layer (the key's rotation, two scatter
+    guards, two cache writes): at batch 1 such kernels cost more in launches than in bytes."""
+    d = q.shape[-1]
+    if d % 2 or pl.next_power_of_2(d // 2) != d // 2:
+        raise ValueError(f"decode_attention_append needs a head_dim of twice a power of two; "
+                         f"got {d} (use decode_attention after writing the cache)")
+    stacked = layer is not None
+    if not stacked:
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+    cos, sin = rope if rope is not None else (None, None)
+    out, (kc, vc) = _decode(q, k_cache, v_cache, lengths + 1, layer, (k_new, v_new, cos, sin),
+                            scale=scale, softcap=softcap, sliding_window=sliding_window,
+                            config=config, interpret=interpret)
+    return (out, kc, vc) if stacked else (out, kc[0], vc[0])
 
 
 def mla_decode_attention(
@@ -221,7 +394,7 @@ def mla_decode_attention(
 
     layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]); layer `layer` is read
     in place."""
-    cfg = config or Config()
+    cfg = config or DEFAULT_CONFIG
     if layer is None:
         latent_cache, rope_cache, layer = latent_cache[None], rope_cache[None], 0
     b, h, r = q_latent.shape

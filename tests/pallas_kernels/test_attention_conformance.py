@@ -17,7 +17,8 @@ import pytest
 from pallas_kernels import api
 from pallas_kernels.decode_attention import mosaic_tpu as decode_tpu
 from pallas_kernels.decode_attention import pallas_triton as decode_triton
-from pallas_kernels.decode_attention.reference import (decode_attention_reference,
+from pallas_kernels.decode_attention.reference import (decode_append_reference,
+                                                       decode_attention_reference,
                                                        mla_decode_reference)
 from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
 from pallas_kernels.flash_attention import mosaic_tpu as flash_tpu
@@ -290,7 +291,7 @@ def test_flash_triton_lowers_for_cuda(monkeypatch):
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v), dec, mla
 
     text = jax.jit(step).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 5  # fwd, dq, dkv, decode, mla
+    assert text.count("__gpu$xla.gpu.triton") == 6  # fwd, dq, dkv, decode + its merge, mla
 
 
 # ---- decode -----------------------------------------------------------------------------------
@@ -298,6 +299,9 @@ def test_flash_triton_lowers_for_cuda(monkeypatch):
 DECODE_IMPLS = {
     "pallas_triton": lambda *a, **kw: decode_triton.decode_attention(
         *a, config=decode_triton.Config(block_k=16, num_splits=3), interpret=True, **kw),
+    "pallas_triton_jnp_merge": lambda *a, **kw: decode_triton.decode_attention(
+        *a, config=decode_triton.Config(block_k=16, num_splits=3, merge="xla"), interpret=True,
+        **kw),
     "mosaic_tpu": lambda *a, **kw: decode_tpu.decode_attention(
         *a, config=decode_tpu.Config(block_k=16), interpret=True, **kw),
 }
@@ -364,10 +368,117 @@ def test_decode_attention_stacked_cache_is_not_copied():
     whole = "tensor<4x2x256x2x64xbf16>"
     calls = [op for op in ops if op.operation.name == "stablehlo.custom_call"
              and "xla.gpu.triton" in str(op.attributes["call_target_name"])]
-    assert len(calls) == 1
+    assert len(calls) == 2  # the chunks' kernel and their merge
     assert [str(x.type) for x in calls[0].operands].count(whole) == 2  # k and v, whole
     # nothing reads the cache but the kernel (no slice, no copy)
     assert all(op is calls[0] for op in ops for x in op.operands if str(x.type) == whole)
+
+
+def test_decode_merge_kernel_ignores_padding_chunks():
+    """The merge kernel reads a power-of-two chunk axis whose padding the chunks' kernel never
+    writes: NaN there must not reach the output; empty chunks (lse -inf) weigh nothing."""
+    b, kh, splits, gp, d = 2, 3, 5, 16, 64
+    ks = jax.random.split(jax.random.PRNGKey(4), 2)
+    o = jax.random.normal(ks[0], (b, kh, 8, gp, d))
+    lse = jax.random.normal(ks[1], (b, kh, 8, gp)).at[:, :, 1].set(-jnp.inf)
+    o, lse = o.at[:, :, splits:].set(jnp.nan), lse.at[:, :, splits:].set(jnp.nan)
+    got = decode_triton._merge_chunks(o, lse, splits, jnp.float32, decode_triton.Config(),
+                                      interpret=True)
+    want = decode_triton._merge(o[:, :, :splits], lse[:, :, :splits], axis=2)
+    assert _rel(got, want) <= F32_TOL
+
+
+def _append_inputs(seed, b, h, kh, s, d, n_layers, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (b, h, d))
+    k_new, v_new = (jax.random.normal(k, (b, kh, d)) for k in ks[1:3])
+    # NaN in the other layers: a read or write outside the attended layer shows
+    nan = jnp.full((n_layers, b, s, kh, d), jnp.nan, dtype)
+    k_all = nan.at[1].set(jax.random.normal(ks[3], (b, s, kh, d)).astype(dtype))
+    v_all = nan.at[1].set(jax.random.normal(ks[4], (b, s, kh, d)).astype(dtype))
+    ang = jnp.tile(jax.random.uniform(ks[5], (b, d // 2), maxval=6.0), (1, 2))
+    return q, k_new, v_new, k_all, v_all, (jnp.cos(ang), jnp.sin(ang))
+
+
+@pytest.mark.parametrize("extra", [{}, dict(softcap=3.0), dict(sliding_window=9)])
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_append_fused_kernel(extra, cache_dtype):
+    """Pallas-Triton's one-kernel decode step (key rotated, key and value written in place,
+    the new token attended from registers) equals writing with XLA and then attending: the
+    output, the written slot, and every other slot and layer untouched.  Slots: the last of the
+    cache, an empty cache, a chunk's first slot, a block's last slot (chunks of 16 here)."""
+    b, h, kh, s, d = 4, 8, 2, 45, 16
+    q, k_new, v_new, k_all, v_all, rope = _append_inputs(1, b, h, kh, s, d, 3, cache_dtype)
+    lengths = jnp.array([44, 0, 16, 31], jnp.int32)
+    cfg = decode_triton.Config(block_k=16, num_splits=3)
+    out, kc, vc = jax.jit(lambda lay: decode_triton.decode_attention_append(
+        q, k_new, v_new, k_all, v_all, lengths, layer=lay, rope=rope, config=cfg,
+        interpret=True, **extra))(1)
+    ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths,
+                                          rope=rope, **extra)
+    # (a bf16 cache: the kernel's p @ V runs in bf16, the reference's in float32)
+    assert _rel(out, ref) <= (F32_TOL if cache_dtype == jnp.float32 else BF16_TOL)
+    written = np.zeros((b, s), bool)
+    written[np.arange(b), np.asarray(lengths)] = True
+    # the rotation rounds like XLA's up to one unit in the last place (operation order)
+    ulp = 2.0 ** -7 if cache_dtype == jnp.bfloat16 else 1e-6
+    for got, want, old in ((kc, rk, k_all), (vc, rv, v_all)):
+        got, want, old = (np.asarray(x, np.float32) for x in (got[1], want, old[1]))
+        np.testing.assert_allclose(got[written], want[written], rtol=ulp, atol=ulp)
+        np.testing.assert_array_equal(got[~written], old[~written])  # nothing else written
+    assert np.isnan(np.asarray(kc[::2], np.float32)).all()
+    assert np.isnan(np.asarray(vc[::2], np.float32)).all()
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton", "mosaic_tpu"])
+def test_decode_append_api(impl, monkeypatch):
+    """`api.decode_attention_append` for every backend (Mosaic TPU and XLA: the cache written
+    by XLA, then attended), an unstacked cache, and Pallas-Triton with the fused kernel off."""
+    b, h, kh, s, d = 2, 4, 2, 40, 16
+    q, k_new, v_new, k_all, v_all, rope = _append_inputs(2, b, h, kh, s, d, 3)
+    lengths = jnp.array([7, 39], jnp.int32)
+    ref = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths, rope=rope)
+    fused = [True, False] if impl == "pallas_triton" else [True]
+    for on in fused:
+        monkeypatch.setattr(api, "FUSED_APPEND", on)
+        got = api.decode_attention_append(q, k_new, v_new, k_all, v_all, lengths, layer=1,
+                                          rope=rope, implementation=impl, interpret=True)
+        assert _rel(got[0], ref[0]) <= F32_TOL, (impl, on)
+        assert _rel(got[1][1], ref[1]) <= F32_TOL and _rel(got[2][1], ref[2]) <= F32_TOL
+    flat = api.decode_attention_append(q, k_new, v_new, k_all[1], v_all[1], lengths, rope=rope,
+                                       implementation=impl, interpret=True)
+    assert flat[1].shape == (b, s, kh, d) and _rel(flat[0], ref[0]) <= F32_TOL
+    with pytest.raises(ValueError, match="unknown"):
+        api.decode_attention_append(q, k_new, v_new, k_all, v_all, lengths, layer=1,
+                                    implementation="cudnn")
+
+
+def test_decode_append_lowers_in_place_for_cuda():
+    """Lowered for a GPU, the fused step is one Triton call whose cache outputs alias its cache
+    inputs (the update is in place) and nothing else touches the cache."""
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    S = jax.ShapeDtypeStruct
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
+        cache = S((4, 2, 256, 2, 128), jnp.bfloat16)
+        row = S((2, 2, 128), jnp.bfloat16)
+        rope = S((2, 128), jnp.float32)
+        step = lambda q, kn, vn, kc, vc, n, c, sn, lay: decode_triton.decode_attention_append(  # noqa: E731
+            q, kn, vn, kc, vc, n, layer=lay, rope=(c, sn))
+        lowered = jax.jit(step).trace(S((2, 8, 128), jnp.bfloat16), row, row, cache, cache,
+                                      S((2,), jnp.int32), rope, rope, S((), jnp.int32)
+                                      ).lower(lowering_platforms=("cuda",))
+    ops = [op for f in lowered.compiler_ir("stablehlo").body.operations
+           for region in f.regions for block in region.blocks for op in block.operations]
+    calls = [op for op in ops if op.operation.name == "stablehlo.custom_call"]
+    assert len(calls) == 2  # the step and the chunks' merge
+    assert all("xla.gpu.triton" in str(c.attributes["call_target_name"]) for c in calls)
+    aliases = str(calls[0].attributes["output_operand_aliases"])
+    assert aliases.count("output_operand_alias") == 2
+    whole = "tensor<4x2x256x2x128xbf16>"
+    users = {op.operation.name for op in ops for x in op.operands if str(x.type) == whole}
+    assert users == {"stablehlo.custom_call", "func.return"}  # no slice, scatter or copy
 
 
 @pytest.mark.parametrize("impl", list(MLA_IMPLS))
@@ -488,3 +599,21 @@ def test_decode_native_gpu():
     ref = decode_attention_reference(q.astype(jnp.float32), kc.astype(jnp.float32),
                                      vc.astype(jnp.float32), lengths)
     assert _rel(out, ref) <= BF16_TOL
+
+
+@pytest.mark.gpu
+def test_decode_append_native_gpu():
+    """The one-kernel decode step compiled for the GPU (bf16 cache, head_dim 128, a stacked
+    cache, GQA 4) against the XLA write-then-attend reference."""
+    b, h, kh, s, d = 3, 16, 4, 1280, 128
+    q, k_new, v_new, k_all, v_all, rope = _append_inputs(3, b, h, kh, s, d, 3, jnp.bfloat16)
+    k_all, v_all = (jnp.nan_to_num(x, nan=0.0) for x in (k_all, v_all))
+    lengths = jnp.array([0, 700, 1279], jnp.int32)
+    q, k_new, v_new = (x.astype(jnp.bfloat16) for x in (q, k_new, v_new))
+    out, kc, vc = jax.jit(lambda *a: decode_triton.decode_attention_append(
+        *a, layer=1, rope=rope))(q, k_new, v_new, k_all, v_all, lengths)
+    ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths,
+                                          rope=rope)
+    assert _rel(out, ref) <= BF16_TOL
+    assert _rel(kc[1], rk) <= 1e-3 and _rel(vc[1], rv) == 0.0
+    assert _rel(kc[0], k_all[0]) == 0.0
