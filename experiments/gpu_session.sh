@@ -132,6 +132,24 @@ ladder_host() {  # TP 4, 8B: the on-device decode loop against a host loop of ji
   for f in /tmp/ladder_hlo/*ladder*.hlo.txt; do gzip -c "$f" > "$OUT/ladder/$(basename $f).gz"; done
 }
 
+ladder_append() {  # TP 2, 8B: the decode step's cache write and chunk merge as Pallas kernels
+  # (session 7) against the XLA kernels they replace; native tests of the kernels first (2 GPUs)
+  mkdir -p "$OUT/ladder"
+  timeout 120 $PY -m pytest -q -m gpu tests/pallas_kernels -k "append or decode_native" 2>&1 \
+    | tail -5 | tee "$OUT/ladder/pytest_append.txt"
+  local v
+  for v in ${LADDER_VARIANTS:-new new_xlamerge old}; do
+    local flags="" modes=${LADDER_MODES:-standard,ladder,desync}
+    [ "$v" = old ] && flags="--unfused-append --jnp-merge"
+    [ "$v" = new_xlamerge ] && flags="--jnp-merge"
+    echo "=== variant $v ($flags)"
+    timeout 300 $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} --residual $modes \
+      --batch ${LADDER_BATCH:-1} --xla-preset nccl_lhs --reps 3 $flags --out /tmp/ladder_$v 2>&1 \
+      | grep -v "^\s*$" | tee "$OUT/ladder/log_append_$v.txt"
+    cp /tmp/ladder_$v/results.json "$OUT/ladder/results_append_$v.json" 2>/dev/null
+  done
+}
+
 ladder_nccl() {  # TP 2, 8B, batch 1: NCCL's channel count / protocol against ladder's hidden
   # all-reduces (does the NCCL kernel's share of the SMs cost the GEMVs?), then P2P off
   mkdir -p "$OUT/ladder"

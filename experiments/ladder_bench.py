@@ -117,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ladder-barrier", action="store_true",
                    help="experiment: make the ladder's optimization barrier the identity in this run "
                         "(rows are labelled '<flags>+nobarrier')")
+    p.add_argument("--unfused-append", action="store_true",
+                   help="baseline: the decode step writes the KV cache with XLA before the "
+                        "attention kernel (pallas_kernels.api.FUSED_APPEND off; rows labelled "
+                        "'<flags>+unfused')")
+    p.add_argument("--jnp-merge", action="store_true",
+                   help="baseline: the decode kernel's chunks merged in jnp (two XLA kernels) "
+                        "instead of the Pallas merge kernel (rows labelled '<flags>+jnpmerge')")
     p.add_argument("--ladder-overlap", default="scheduler",
                    help="comma list for the ladder rows: scheduler (XLA's latency-hiding scheduler "
                         "places the all-reduces) and/or streams (each MLP on a second GPU stream, "
@@ -172,6 +179,14 @@ def run_worker(a: argparse.Namespace) -> None:
         # only the ladder step calls it; this process then traces the ladder without the barrier
         jax.lax.optimization_barrier = lambda operand: operand
         a.xla_preset = a.xla_preset + "+nobarrier"
+    if a.unfused_append:
+        import pallas_kernels.api
+        pallas_kernels.api.FUSED_APPEND = False
+        a.xla_preset = a.xla_preset + "+unfused"
+    if a.jnp_merge:
+        from pallas_kernels.decode_attention import pallas_triton
+        pallas_triton.DEFAULT_CONFIG = pallas_triton.Config(merge="xla")
+        a.xla_preset = a.xla_preset + "+jnpmerge"
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

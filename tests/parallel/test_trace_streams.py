@@ -48,6 +48,34 @@ def test_a_gap_long_after_the_collective_is_not_waiting_for_it():
             e["dur"] = 20  # ends at 40, long before the gap at 50
     (row,) = trace_streams.summarize(ev, layers=2)
     assert row["idle_at_comm_ms"] == 0.0
+    assert row["idle_after_comm_ms"] == 0.0
+
+
+def test_a_gap_ending_a_while_after_the_collective_is_a_late_hand_off():
+    ev = _trace()
+    for e in ev:
+        if e.get("name", "").startswith("nccl"):
+            e["dur"] = 32  # ends at 52, inside the gap [50, 60): the gap ends 8 us after it
+    (row,) = trace_streams.summarize(ev, layers=2)
+    assert row["idle_at_comm_ms"] == 0.0 and row["idle_after_comm_ms"] == pytest.approx(10e-3)
+    (row,) = trace_streams.summarize(ev, layers=2, late_us=5.0)
+    assert row["idle_after_comm_ms"] == 0.0
+
+
+def test_launch_lead_and_merge_kernels_are_not_markers():
+    """Each compute kernel's start against its launch call on the host (same correlation id);
+    the decode kernel's merge kernel is not a per-layer marker (the step count stays 1)."""
+    ev = _trace()
+    kernels = [e for e in ev if e.get("pid") == 7 and e.get("tid") == 1 and e["ts"] < 500]
+    for i, e in enumerate(kernels):
+        e["args"] = {"correlation_id": i}
+        # the first three start 4 us after their launch (launch-bound), the rest 300 us after
+        ev.append(dict(ph="X", pid=1, tid=3, name="cuLaunchKernelEx", dur=2,
+                       ts=e["ts"] - (4 if i < 3 else 300), args={"correlation_id": i}))
+    ev.append(dict(ph="X", pid=7, tid=1, name="jaxturbo_decode_merge", ts=112, dur=1))
+    (row,) = trace_streams.summarize(ev, layers=2)
+    assert row["window_ms"] == pytest.approx(210e-3)  # still one step
+    assert row["lead_median_us"] == 300 and row["lead_under_10us"] == pytest.approx(3 / 8)
 
 
 def test_cli_reads_a_trace_folder(tmp_path, capsys):
