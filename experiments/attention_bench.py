@@ -402,7 +402,9 @@ def main(argv=None):
         dec_cfgs = [("splits8", D(num_splits=8)), ("splits16", D(num_splits=16)),
                     ("bk64 w4", D(block_k=64)), ("bk64 w8 s4", D(block_k=64, num_warps=8, num_stages=4)),
                     ("bk128 w8", D(num_warps=8)), ("bk128 s4", D(num_stages=4)),
-                    ("bk256 w8", D(block_k=256, num_warps=8))]
+                    ("bk256 w8", D(block_k=256, num_warps=8)),
+                    # the chunks merged by XLA's two kernels or by the Pallas merge kernel
+                    ("jnp merge", D(merge="xla")), ("merge kernel", D(merge="kernel"))]
     result["decode"] = []
     if args.only != "attention":
         result["decode"] = bench_decode(dec_grid, heads, dtype, reps, inner, interpret,

@@ -23,15 +23,21 @@ def block(x: Any) -> Any:
     return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
 
-def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time in seconds of fn() (which must return device arrays), after warm-up."""
+def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, inner: int = 1) -> float:
+    """Median wall time in seconds of fn() (which must return device arrays), after warm-up.
+
+    inner: calls per timed window, back to back (the dispatch queue hides the host's launch and
+    sync overhead, which otherwise dominates sub-millisecond calls); the window's time / inner."""
     for _ in range(warmup):
         block(fn())
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        block(fn())
-        ts.append(time.perf_counter() - t0)
+        out = None
+        for _ in range(inner):
+            out = fn()
+        block(out)
+        ts.append((time.perf_counter() - t0) / inner)
     return sorted(ts)[len(ts) // 2]
 
 

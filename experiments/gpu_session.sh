@@ -242,6 +242,14 @@ decode_sweep() {  # the decode kernel's tiles and split counts around its defaul
     --out "$OUT/attention" 2>&1 | grep "^| \|rror\|Copy"
 }
 
+gemv() {  # batch-1 GEMV: the Pallas-Triton kernel's configs against cuBLAS on the 8B
+  # projections' per-GPU shapes (one GPU; experiments/gemv_bench.py)
+  mkdir -p "$OUT/gemv"
+  timeout ${GEMV_TIMEOUT:-300} $PY experiments/gemv_bench.py --preset h100 --tp ${GEMV_TP:-2,4} \
+    --out "$OUT/gemv" > "$OUT/gemv/log.txt" 2>&1
+  grep "^#\|rror" "$OUT/gemv/log.txt"
+}
+
 sp4() {  # sequence parallelism at 8K/32K tokens per device (needs 4 GPUs)
   mkdir -p "$OUT/sp"
   timeout ${SP_TIMEOUT:-420} $PY experiments/sp_bench.py --preset gpu4 2>&1 | tee "$OUT/sp/log.txt"
