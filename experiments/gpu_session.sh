@@ -132,21 +132,30 @@ ladder_host() {  # TP 4, 8B: the on-device decode loop against a host loop of ji
   for f in /tmp/ladder_hlo/*ladder*.hlo.txt; do gzip -c "$f" > "$OUT/ladder/$(basename $f).gz"; done
 }
 
-ladder_append() {  # TP 2, 8B: the decode step's cache write and chunk merge as Pallas kernels
-  # (session 7) against the XLA kernels they replace; native tests of the kernels first (2 GPUs)
+ladder_variants() {  # 8B decode-step variants against each other, 3 modes each (TP 2 default):
+  #   new       the defaults (in-kernel cache write, merge kernel, separate projections)
+  #   old       XLA's cache write and merge (--unfused-append --jnp-merge: before session 7)
+  #   xlamerge  the in-kernel cache write with XLA's merge
+  #   fused     q/k/v and gate/up stored fused (--fused-projections, jaxturbo.models.fused)
+  # native tests of the decode kernels first
   mkdir -p "$OUT/ladder"
   timeout 120 $PY -m pytest -q -m gpu tests/pallas_kernels -k "append or decode_native" 2>&1 \
     | tail -5 | tee "$OUT/ladder/pytest_append.txt"
-  local v
-  for v in ${LADDER_VARIANTS:-new new_xlamerge old}; do
-    local flags="" modes=${LADDER_MODES:-standard,ladder,desync}
-    [ "$v" = old ] && flags="--unfused-append --jnp-merge"
-    [ "$v" = new_xlamerge ] && flags="--jnp-merge"
+  local v flags
+  for v in ${LADDER_VARIANTS:-new fused}; do
+    case $v in
+      new) flags="" ;;
+      old) flags="--unfused-append --jnp-merge" ;;
+      xlamerge) flags="--jnp-merge" ;;
+      fused) flags="--fused-projections" ;;
+      *) echo "unknown variant $v (new old xlamerge fused)"; return 1 ;;
+    esac
     echo "=== variant $v ($flags)"
-    timeout 300 $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} --residual $modes \
-      --batch ${LADDER_BATCH:-1} --xla-preset nccl_lhs --reps 3 $flags --out /tmp/ladder_$v 2>&1 \
-      | grep -v "^\s*$" | tee "$OUT/ladder/log_append_$v.txt"
-    cp /tmp/ladder_$v/results.json "$OUT/ladder/results_append_$v.json" 2>/dev/null
+    timeout ${LADDER_TIMEOUT:-300} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
+      --residual ${LADDER_MODES:-standard,ladder,desync} --batch ${LADDER_BATCH:-1} \
+      --xla-preset nccl_lhs --reps 3 $flags --out /tmp/ladder_$v 2>&1 \
+      | grep -v "^\s*$" | tee "$OUT/ladder/log_variant_$v.txt"
+    cp /tmp/ladder_$v/results.json "$OUT/ladder/results_variant_$v.json" 2>/dev/null
   done
 }
 

@@ -121,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="baseline: the decode step writes the KV cache with XLA before the "
                         "attention kernel (pallas_kernels.api.FUSED_APPEND off; rows labelled "
                         "'<flags>+unfused')")
+    p.add_argument("--fused-projections", action="store_true",
+                   help="q/k/v and gate/up stored as one matrix each (jaxturbo.models.fused: "
+                        "two GEMVs a layer instead of five; rows labelled '<flags>+fusedproj')")
     p.add_argument("--jnp-merge", action="store_true",
                    help="baseline: the decode kernel's chunks merged in jnp (two XLA kernels) "
                         "instead of the Pallas merge kernel (rows labelled '<flags>+jnpmerge')")
@@ -137,14 +140,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- worker
-def _random_params(cfg, mesh, dtype):
-    """Random weights made directly in their shards on the devices (8B never touches the host)."""
+def _random_params(cfg, mesh, dtype, fuse=False):
+    """Random weights made directly in their shards on the devices (8B never touches the host);
+    fuse: q/k/v and gate/up in the fused layout (jaxturbo.models.fused)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
     from jaxturbo.bridge.hf import global_shapes, layer_shapes
+    from jaxturbo.models import fused
     from jaxturbo.parallel import tensor
+
+    shapes = layer_shapes(cfg)
+    if fuse:  # random values: the shard-by-shard order of the rows needs no care here
+        kv = tensor.cache_kv_heads(cfg, tensor.tensor_size(mesh))
+        shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
 
     def draw(key, shape, is_norm):
         if is_norm:
@@ -156,10 +166,10 @@ def _random_params(cfg, mesh, dtype):
         return f(jax.random.key(seed))
 
     specs = tensor.param_specs({**{n: None for n in global_shapes(cfg)},
-                                "layers": {n: None for n in layer_shapes(cfg)}})
+                                "layers": {n: None for n in shapes}})
     params = {n: make(n, s, specs[n], i) for i, (n, s) in enumerate(global_shapes(cfg).items())}
     params["layers"] = {n: make(n, (cfg.num_hidden_layers, *s), specs["layers"][n], 100 + i)
-                        for i, (n, s) in enumerate(layer_shapes(cfg).items())}
+                        for i, (n, s) in enumerate(shapes.items())}
     return params
 
 
@@ -183,6 +193,8 @@ def run_worker(a: argparse.Namespace) -> None:
         import pallas_kernels.api
         pallas_kernels.api.FUSED_APPEND = False
         a.xla_preset = a.xla_preset + "+unfused"
+    if a.fused_projections:
+        a.xla_preset = a.xla_preset + "+fusedproj"
     if a.jnp_merge:
         from pallas_kernels.decode_attention import pallas_triton
         pallas_triton.DEFAULT_CONFIG = pallas_triton.Config(merge="xla")
@@ -212,7 +224,7 @@ def run_worker(a: argparse.Namespace) -> None:
             continue
         mesh = make_mesh({"tensor": tp}, devices[:tp])
         tensor.check_tensor_parallel(base, tp)
-        params = _random_params(base, mesh, dtype)
+        params = _random_params(base, mesh, dtype, fuse=a.fused_projections)
         runs = [(m, o, loop) for m in a.residual.split(",")
                 for o in (a.ladder_overlap.split(",") if m == "ladder" else ["scheduler"])
                 for loop in a.decode_loop.split(",")]

@@ -321,6 +321,8 @@ def decode_attention_append(
     implementation: Implementation = "auto",
     interpret: bool | None = None,
     config=None,
+    k_head_offset: int = 0,
+    v_head_offset: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: the new token's key k_new [B, K, D] (rotated by
     rope = (cos, sin), each [B, D], when given) and value v_new are written at slot lengths[b]
@@ -328,8 +330,15 @@ def decode_attention_append(
     (already rotated) attends to slots [0, lengths[b]].  Returns (out [B, H, D], k_cache,
     v_cache).  See `decode_append_reference`.
 
+    k_head_offset, v_head_offset: the new keys (values) are heads [off, off + K) of k_new
+    (v_new), K the caches' head count: both may be one fused q/k/v projection's output.
+
     Pallas-Triton does all of it in one kernel, the caches updated in place (head_dim twice a
     power of two); the other implementations write the caches with XLA, then attend."""
+    kh = k_cache.shape[-2]
+    for name, arr, off in (("k_new", k_new, k_head_offset), ("v_new", v_new, v_head_offset)):
+        if not 0 <= off <= arr.shape[1] - kh:
+            raise ValueError(f"{name} has {arr.shape[1]} heads: no {kh} heads at offset {off}")
     implementation = _decode_implementation(implementation, "decode attention")
     half = q.shape[-1] // 2
     if (implementation == "pallas_triton" and FUSED_APPEND and q.shape[-1] % 2 == 0
@@ -338,7 +347,10 @@ def decode_attention_append(
         return pallas_triton.decode_attention_append(
             q, k_new, v_new, k_cache, v_cache, lengths, layer=layer, rope=rope, scale=scale,
             softcap=softcap, sliding_window=sliding_window, config=config,
-            interpret=_interpret(implementation, interpret))
+            interpret=_interpret(implementation, interpret), k_head_offset=k_head_offset,
+            v_head_offset=v_head_offset)
+    k_new = k_new[:, k_head_offset:k_head_offset + kh]
+    v_new = v_new[:, v_head_offset:v_head_offset + kh]
     k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, layer=layer,
                                        rope=rope)
     out = decode_attention(q, k_cache, v_cache, lengths + 1, layer=layer, scale=scale,

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-impl", default="auto",
                    help="attention implementation inside the step ('auto': what the lent H100 "
                         "picks, decided here for a Hopper GPU)")
+    p.add_argument("--fused-projections", action="store_true",
+                   help="q/k/v and gate/up in the fused layout (jaxturbo.models.fused)")
     p.add_argument("--dump", default=None, help="folder for each mode's compiled HLO")
     p.add_argument("--around-sync", action="store_true",
                    help="print the scheduled lines around one synchronous all-reduce")
@@ -67,22 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     base = ModelConfig(**ladder_bench.PRESETS[a.preset])
     tensor.check_tensor_parallel(base, a.tp)
     mesh = make_mesh({"tensor": a.tp}, devices)
+    shapes = layer_shapes(base)
+    if a.fused_projections:
+        from jaxturbo.models import fused
+        shapes = fused.fused_layer_shapes(shapes, tensor.cache_kv_heads(base, a.tp), base.head_dim)
     specs = tensor.param_specs({**{n: None for n in global_shapes(base)},
-                                "layers": {n: None for n in layer_shapes(base)}})
+                                "layers": {n: None for n in shapes}})
 
     def abstract(shape, spec, dt=dtype):
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
 
     params = {n: abstract(s, specs[n]) for n, s in global_shapes(base).items()}
     params["layers"] = {n: abstract((base.num_hidden_layers, *s), specs["layers"][n])
-                        for n, s in layer_shapes(base).items()}
+                        for n, s in shapes.items()}
     toks = abstract((a.batch, a.prompt), P(), jnp.int32)
     lens = abstract((a.batch,), P(), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
     stops = abstract((1,), P(), jnp.int32)
 
-    print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}, compiled for "
+    print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}"
+          f"{', fused projections' if a.fused_projections else ''}, compiled for "
           f"{devices[0].device_kind} without a device")
     for mode in a.residual.split(","):
         cfg = base.replace(residual_mode=mode)
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = compiled.memory_analysis()
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
-            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}.hlo.txt"
+            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}{'_fusedproj' if a.fused_projections else ''}.hlo.txt"
              ).write_text(text)
         reports = hlo_overlap.analyse(text)
         gib = ""

@@ -30,4 +30,9 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
 def swiglu_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """Llama MLP: down(silu(gate(x)) * up(x)).  Column-parallel gate/up, row-parallel down."""
-    return linear(jax.nn.silu(linear(x, gate)) * linear(x, up), down)
+    return swiglu_down(linear(x, gate), linear(x, up), down)
+
+
+def swiglu_down(gate_out: jax.Array, up_out: jax.Array, down: jax.Array) -> jax.Array:
+    """The MLP after its gate and up projections: down(silu(gate_out) * up_out)."""
+    return linear(jax.nn.silu(gate_out) * up_out, down)

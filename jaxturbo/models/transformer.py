@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from jaxturbo.models import fused
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.layers import linear, rms_norm, swiglu_mlp
+from jaxturbo.models.layers import linear, rms_norm, swiglu_down, swiglu_mlp
 from jaxturbo.models.rope import apply_rope, rope_cos_sin
 from jaxturbo.parallel.overlap import psum_beside
 
@@ -96,20 +97,30 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     """
     b, t, _ = h.shape
     hd = cfg.head_dim
-    q = linear(h, lp["self_attn.q_proj.weight"], lp.get("self_attn.q_proj.bias")).reshape(b, t, -1, hd)
-    k = linear(h, lp["self_attn.k_proj.weight"], lp.get("self_attn.k_proj.bias")).reshape(b, t, -1, hd)
-    v = linear(h, lp["self_attn.v_proj.weight"], lp.get("self_attn.v_proj.bias")).reshape(b, t, -1, hd)
+    packed = None  # the fused projection's output, when k and v can be read from it in place
+    if fused.QKV_W in lp:  # one GEMV for q, k and v (models/fused.py)
+        q_heads = lp["self_attn.o_proj.weight"].shape[-1] // hd  # local, as every count here
+        packed = linear(h, lp[fused.QKV_W], lp.get(fused.QKV_B)).reshape(b, t, -1, hd)
+        q, k, v = fused.split_qkv(packed, q_heads)
+    else:
+        q, k, v = (linear(h, lp[f"self_attn.{n}_proj.weight"], lp.get(f"self_attn.{n}_proj.bias"))
+                   .reshape(b, t, -1, hd) for n in "qkv")
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
         q = rms_norm(q, lp["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["self_attn.k_norm.weight"], cfg.rms_norm_eps)
+        packed = None
     q = apply_rope(q, cos, sin)
 
     if cache is not None and t == 1:
         # k's rotation and the cache write go into the decode kernel on GPU (four small
-        # kernels fewer per layer; experiments/ladder/NOTES.md)
+        # kernels fewer per layer; experiments/ladder/NOTES.md).  From a fused projection the
+        # kernel reads k and v at their head offsets: slicing them out would cost a copy each.
+        src = ((packed[:, 0], packed[:, 0], q.shape[2], q.shape[2] + k.shape[2])
+               if packed is not None else (k[:, 0], v[:, 0], 0, 0))
         out, kc, vc = pallas_kernels.decode_attention_append(
-            q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], cache["lengths"], layer=layer,
-            rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl)
+            q[:, 0], src[0], src[1], cache["k"], cache["v"], cache["lengths"], layer=layer,
+            rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl, k_head_offset=src[2],
+            v_head_offset=src[3])
         out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
@@ -129,6 +140,9 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
 
 def mlp_block(lp: Params, h: jax.Array) -> jax.Array:
     """SwiGLU MLP of one layer on normed input, before any all-reduce."""
+    if fused.GATE_UP_W in lp:  # one GEMV for gate and up (models/fused.py)
+        gate, up = jnp.split(linear(h, lp[fused.GATE_UP_W]), 2, axis=-1)
+        return swiglu_down(gate, up, lp["mlp.down_proj.weight"])
     return swiglu_mlp(h, lp["mlp.gate_proj.weight"], lp["mlp.up_proj.weight"], lp["mlp.down_proj.weight"])
 
 

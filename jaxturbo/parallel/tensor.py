@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxturbo.errors import UserError
+from jaxturbo.models import fused
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Cache, Params, forward, init_cache
 
@@ -49,6 +50,8 @@ _LAYER_SPECS: dict[str, P] = {
     "self_attn.v_proj.bias": P(None, TENSOR),
     "self_attn.o_proj.weight": _ROW,
     "mlp.gate_proj.weight": _COLUMN, "mlp.up_proj.weight": _COLUMN, "mlp.down_proj.weight": _ROW,
+    # fused layouts (models/fused.py: rows grouped shard by shard, so a column split is right)
+    fused.QKV_W: _COLUMN, fused.QKV_B: P(None, TENSOR), fused.GATE_UP_W: _COLUMN,
     "input_layernorm.weight": P(), "post_attention_layernorm.weight": P(),
     "self_attn.q_norm.weight": P(), "self_attn.k_norm.weight": P(),
 }
@@ -153,14 +156,19 @@ def param_specs(params: Params) -> Params:
     return out
 
 
-def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
+def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh,
+                 fuse_projections: bool = False) -> Params:
     """Place `params` on `mesh`: column/row/vocab-parallel over `tensor`, replicated over `data`.
 
     KV heads are replicated first when the tensor size exceeds them (`replicate_kv_heads`).
+    fuse_projections: store q/k/v and gate/up as one matrix each, laid out for this tensor
+    size (`jaxturbo.models.fused`: two GEMVs a layer at decode instead of five; same logits).
     """
     tp = tensor_size(mesh)
     check_tensor_parallel(cfg, tp)
     params = replicate_kv_heads(params, cfg, tp)
+    if fuse_projections:
+        params = fused.fuse_projections(params, cfg, tp)
     specs = param_specs(params)
     return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
 

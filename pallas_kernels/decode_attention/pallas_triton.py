@@ -249,8 +249,9 @@ def _append_writer(layer_ref, len_ref, kn_ref, vn_ref, cos_ref, sin_ref, qh_ref,
 def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding_window,
             config, interpret):
     """The GQA decode kernel over stacked caches [L, B, S, K, D]; lengths counts the valid
-    slots including an appended token.  new: None, or (k_new, v_new [B, K, D], cos, sin
-    [B, D] or None) to append in-kernel; then the updated caches are returned too."""
+    slots including an appended token.  new: None, or (k_new, v_new, cos, sin [B, D] or None,
+    k_off, v_off) to append in-kernel (the new key heads are k_new[:, k_off:k_off + K], the
+    values v_new[:, v_off:v_off + K]); then the updated caches are returned too."""
     cfg = config or DEFAULT_CONFIG
     b, h, d = q.shape
     s, kh = k_cache.shape[2], k_cache.shape[3]
@@ -276,9 +277,12 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
             v_cache]
     aliases = {}
     if new is not None:
-        k_new, v_new, cos, sin = new
-        row = pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh, 0))
-        in_specs += [row, row]
+        k_new, v_new, cos, sin, k_off, v_off = new
+
+        def row(off):  # this program's KV head, `off` heads into the array
+            return pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh + off, 0))
+
+        in_specs += [row(k_off), row(v_off)]
         args += [k_new, v_new]
         if cos is not None:
             per_seq = pl.BlockSpec((None, d), lambda bb, hh, ss: (bb, 0))
@@ -355,11 +359,16 @@ def decode_attention_append(
     sliding_window: int | None = None,
     config: Config | None = None,
     interpret: bool = False,
+    k_head_offset: int = 0,
+    v_head_offset: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention in one kernel (see `decode_append_reference`): the new key
     k_new [B, K, D] (rotated in-kernel by rope = (cos, sin) [B, D]) and value are written at
     slot lengths[b] of the caches (in place: the caches are aliased to the outputs), and
     q [B, H, D] attends to slots [0, lengths[b]].  Returns (out [B, H, D], k_cache, v_cache).
+
+    k_head_offset, v_head_offset: the new keys are heads [off, off + K) of k_new (likewise
+    v_new), so both can be the one output of a fused q/k/v projection, read without a copy.
 
     In XLA the same step is four kernels more per layer (the key's rotation, two scatter
     guards, two cache writes): at batch 1 such kernels cost more in launches than in bytes."""
@@ -371,7 +380,8 @@ def decode_attention_append(
     if not stacked:
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     cos, sin = rope if rope is not None else (None, None)
-    out, (kc, vc) = _decode(q, k_cache, v_cache, lengths + 1, layer, (k_new, v_new, cos, sin),
+    new = (k_new, v_new, cos, sin, k_head_offset, v_head_offset)
+    out, (kc, vc) = _decode(q, k_cache, v_cache, lengths + 1, layer, new,
                             scale=scale, softcap=softcap, sliding_window=sliding_window,
                             config=config, interpret=interpret)
     return (out, kc, vc) if stacked else (out, kc[0], vc[0])

@@ -453,6 +453,25 @@ def test_decode_append_api(impl, monkeypatch):
                                     implementation="cudnn")
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+def test_decode_append_reads_k_and_v_at_head_offsets(impl):
+    """k and v given as one fused projection's output [B, Hq + 2K, D] with head offsets (the
+    kernel reads them in place) equal k and v given apart; a window off the array is refused."""
+    b, h, kh, s, d = 2, 4, 2, 40, 16
+    q, k_new, v_new, k_all, v_all, rope = _append_inputs(6, b, h, kh, s, d, 3)
+    lengths = jnp.array([3, 20], jnp.int32)
+    packed = jnp.concatenate([jnp.full((b, 3, d), jnp.nan), k_new, v_new], axis=1)
+    kw = dict(layer=1, rope=rope, implementation=impl, interpret=True)
+    want = api.decode_attention_append(q, k_new, v_new, k_all, v_all, lengths, **kw)
+    got = api.decode_attention_append(q, packed, packed, k_all, v_all, lengths,
+                                      k_head_offset=3, v_head_offset=3 + kh, **kw)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises(ValueError, match="no 2 heads at offset 6"):
+        api.decode_attention_append(q, packed, packed, k_all, v_all, lengths,
+                                    k_head_offset=6, **kw)
+
+
 def test_decode_append_lowers_in_place_for_cuda():
     """Lowered for a GPU, the fused step is one Triton call whose cache outputs alias its cache
     inputs (the update is in place) and nothing else touches the cache."""

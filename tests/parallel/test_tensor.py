@@ -177,3 +177,58 @@ def test_error_kv_heads_and_vocab():
         tensor.check_mesh(cfg, make_mesh({"tensor": 4, "sequence": 2}))
     with pytest.raises(UserError, match=r"batch 3 is not divisible by the data axis 2"):
         tensor.check_mesh(TINY, make_mesh({"tensor": 4, "data": 2}), batch=3)
+
+
+@pytest.mark.parametrize("mode", ["standard", "ladder"])
+def test_fused_projections_give_the_same_logits(setup, mode):
+    """q/k/v and gate/up stored fused (models/fused.py), laid out shard by shard: the same
+    logits as the separate weights on one device and at TP 2 (KV heads split) and TP 4 (KV
+    heads replicated first), prefill and decode; and the layout undoes exactly."""
+    from jaxturbo.models import fused
+    _, tokens, lengths = setup
+    # ladder with Qwen2's q/k/v biases (fused like the weights)
+    cfg = TINY.replace(residual_mode=mode, attention_bias=mode == "ladder")
+    params = random_params(cfg, seed=5)
+    ref_pre, ref_dec = _reference(params, cfg, tokens, lengths)
+    one = fused.fuse_projections(params, cfg)
+    assert (fused.QKV_B in one["layers"]) == cfg.attention_bias
+    from jaxturbo.bridge.hf import layer_shapes
+    want = fused.fused_layer_shapes(layer_shapes(cfg), cfg.num_key_value_heads, cfg.head_dim)
+    assert {n: w.shape[1:] for n, w in one["layers"].items()} == want
+    assert "self_attn.q_proj.weight" not in one["layers"]
+    pre, dec = _reference(one, cfg, tokens, lengths)
+    valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
+    assert _rel(pre[valid], ref_pre[valid]) <= 1e-5 and _rel(dec, ref_dec) <= 1e-5
+    # the Pallas kernels (interpret mode): the decode kernel reads k and v inside the fused
+    # projection's output at their head offsets
+    pallas = lambda *a, **kw: forward(*a, attn_impl="pallas", **kw)  # noqa: E731
+    _, dec = jax.jit(lambda p, t, n: prefill_decode(pallas, p, cfg, t, n, STEPS))(
+        one, tokens, lengths)
+    assert _rel(dec, ref_dec) <= 1e-5
+    for tp in (2, 4):
+        mesh = tp_mesh(tp)
+        sp = tensor.shard_params(params, cfg, mesh, fuse_projections=True)
+        # shard 0's rows: its 8/tp query heads then its KV heads' k and v rows (hd = 8)
+        kv_local = tensor.cache_kv_heads(cfg, tp) // tp
+        assert sp["layers"][fused.QKV_W].sharding.shard_shape(sp["layers"][fused.QKV_W].shape)[1] \
+            == (8 // tp + 2 * kv_local) * 8
+        fwd = tensor.TensorParallel(mesh)
+        heads = tensor.cache_kv_heads(cfg, tp)
+        pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS, heads))(
+            sp, tokens, lengths)
+        assert _rel(pre[valid], ref_pre[valid]) <= 1e-5, tp
+        assert _rel(dec, ref_dec) <= 1e-5, tp
+        rep = tensor.replicate_kv_heads(params, cfg, tp)
+        back = fused.unfuse_projections(fused.fuse_projections(rep, cfg, tp), cfg, tp)
+        for n, w in rep["layers"].items():
+            np.testing.assert_array_equal(np.asarray(back["layers"][n]), np.asarray(w))
+
+
+def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
+    from jaxturbo.models import fused
+    params, _, _ = setup
+    with pytest.raises(ValueError, match="replicate them first"):
+        fused.fuse_projections(params, TINY, 4)  # 2 KV heads, 4 shards, not replicated
+    once = fused.fuse_projections(params, TINY)
+    with pytest.raises(ValueError, match="already fused"):
+        fused.fuse_projections(once, TINY)
