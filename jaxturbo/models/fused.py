@@ -67,6 +67,10 @@ def fuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Param
     layers = dict(params["layers"])
     if is_fused(layers):
         raise ValueError("the projections are already fused")
+    missing = [n for n in (*(f"{p}.weight" for p in _QKV), *_GATE_UP) if n not in layers]
+    if missing:
+        raise ValueError(f"fuse_projections needs the q/k/v and gate/up weights of a GQA model; "
+                         f"missing {missing}")
     kv = layers["self_attn.k_proj.weight"].shape[1] // cfg.head_dim
     if tensor > 1 and kv % tensor:
         raise ValueError(f"{kv} KV heads do not split {tensor} ways; replicate them first "

@@ -232,3 +232,7 @@ def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
     once = fused.fuse_projections(params, TINY)
     with pytest.raises(ValueError, match="already fused"):
         fused.fuse_projections(once, TINY)
+    no_q = {**params, "layers": {n: w for n, w in params["layers"].items()
+                                 if n != "self_attn.q_proj.weight"}}
+    with pytest.raises(ValueError, match="missing"):
+        fused.fuse_projections(no_q, TINY)
