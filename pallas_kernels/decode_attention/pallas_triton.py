@@ -6,6 +6,11 @@ and its log-sum-exp; a small jnp step merges the chunks.  The query heads that s
 (GQA) form the rows of one tile, so each cache block is read once per KV head.  Blocks past a
 sequence's length (or before its sliding window) are never loaded.
 
+`decode_attention_append` is the decode step's whole attention in the same kernel: the new
+token's key is rotated and written, with its value, into the cache in place (the caches are
+aliased to outputs), and the token joins the softmax of the chunk that holds its slot from
+registers; XLA would need four more small kernels per layer for the write.
+
 The model's cache stacks every layer ([L, B, S, K, D]).  Handing a kernel `cache[layer]` costs a
 copy of that layer's whole cache on every decode step (a custom call's operand must be a buffer
 of its own: XLA materialises the slice), more bytes than the kernel itself reads.  So the decode
@@ -207,8 +212,8 @@ def _layer_block_reader(layer_ref, s: int, block_k: int, per_head: bool = True) 
     return read
 
 
-def _append_writer(layer_ref, len_ref, kn_ref, vn_ref, cos_ref, sin_ref, qh_ref,
-                   kc_out, vc_out, s: int) -> Callable:
+def _append_writer(layer_ref, kn_ref, vn_ref, cos_ref, sin_ref, qh_ref, kc_out, vc_out,
+                   s: int) -> Callable:
     """appended(slot, owns) for `_split_kernel`: rotates this program's new key (HF half-split
     RoPE, by halves: a register tile cannot be sliced), writes it and the new value at `slot`
     of the stacked caches (the owning chunk only), and returns the query rows' raw scores
@@ -301,8 +306,8 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
         else:
             rope = refs[7:9] if cos is not None else (None, None)
             o_ref, lse_ref, kc_out, vc_out = refs[-4:]
-            appended = _append_writer(layer_ref, len_ref, refs[5], refs[6], *rope, q_ref,
-                                      kc_out, vc_out, s)
+            appended = _append_writer(layer_ref, refs[5], refs[6], *rope, q_ref, kc_out,
+                                      vc_out, s)
         _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
                       scale=float(scale), softcap=softcap,
                       window=sliding_window, block_k=cfg.block_k, chunk=chunk,
