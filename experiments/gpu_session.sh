@@ -7,6 +7,8 @@
 #   bash experiments/gpu_session.sh setup mgpu         # Mosaic GPU flash kernel: native tests + grid
 #   bash experiments/gpu_session.sh setup mgpu_bwd     # its Mosaic GPU backward against cuDNN's
 #   bash experiments/gpu_session.sh setup attn_tests   # then: setup attn_grid (the final table)
+#   LADDER_VARIANTS="new fused" bash experiments/gpu_session.sh setup ladder_variants  # 2+ GPUs
+#   bash experiments/gpu_session.sh setup gemv         # Pallas GEMV vs cuBLAS (one GPU)
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
