@@ -140,6 +140,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- worker
+def bench_layer_shapes(cfg, tp: int, fuse: bool = False) -> dict:
+    """Per-layer parameter shapes as `shard_params` holds them at tensor size `tp`: KV heads
+    replicated up to `tp` where it exceeds them; fuse: q/k/v and gate/up fused."""
+    from jaxturbo.bridge.hf import layer_shapes
+    from jaxturbo.models import fused
+    from jaxturbo.parallel import tensor
+
+    shapes = layer_shapes(cfg)
+    kv = tensor.cache_kv_heads(cfg, tp)
+    for n in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        shapes[n] = (kv * cfg.head_dim, cfg.hidden_size)
+    if fuse:  # random values: the shard-by-shard order of the rows needs no care here
+        shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
+    return shapes
+
+
 def _random_params(cfg, mesh, dtype, fuse=False):
     """Random weights made directly in their shards on the devices (8B never touches the host);
     fuse: q/k/v and gate/up in the fused layout (jaxturbo.models.fused)."""
@@ -147,14 +163,10 @@ def _random_params(cfg, mesh, dtype, fuse=False):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from jaxturbo.bridge.hf import global_shapes, layer_shapes
-    from jaxturbo.models import fused
+    from jaxturbo.bridge.hf import global_shapes
     from jaxturbo.parallel import tensor
 
-    shapes = layer_shapes(cfg)
-    if fuse:  # random values: the shard-by-shard order of the rows needs no care here
-        kv = tensor.cache_kv_heads(cfg, tensor.tensor_size(mesh))
-        shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
+    shapes = bench_layer_shapes(cfg, tensor.tensor_size(mesh), fuse)
 
     def draw(key, shape, is_norm):
         if is_norm:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxturbo.bridge.hf import global_shapes, layer_shapes
+    from jaxturbo.bridge.hf import global_shapes
     from jaxturbo.generate.decode import _generate
     from jaxturbo.generate.sampling import SamplingParams
     from jaxturbo.models.config import ModelConfig
@@ -69,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     base = ModelConfig(**ladder_bench.PRESETS[a.preset])
     tensor.check_tensor_parallel(base, a.tp)
     mesh = make_mesh({"tensor": a.tp}, devices)
-    shapes = layer_shapes(base)
-    if a.fused_projections:
-        from jaxturbo.models import fused
-        shapes = fused.fused_layer_shapes(shapes, tensor.cache_kv_heads(base, a.tp), base.head_dim)
+    shapes = ladder_bench.bench_layer_shapes(base, a.tp, a.fused_projections)
     specs = tensor.param_specs({**{n: None for n in global_shapes(base)},
                                 "layers": {n: None for n in shapes}})
 
