@@ -337,6 +337,8 @@ def decode_attention_append(
     power of two); the other implementations write the caches with XLA, then attend."""
     kh = k_cache.shape[-2]
     for name, arr, off in (("k_new", k_new, k_head_offset), ("v_new", v_new, v_head_offset)):
+        if off == 0 and arr.shape[1] != kh:  # without an offset the heads must match exactly
+            raise ValueError(f"{name} has {arr.shape[1]} heads but the cache {kh}")
         if not 0 <= off <= arr.shape[1] - kh:
             raise ValueError(f"{name} has {arr.shape[1]} heads: no {kh} heads at offset {off}")
     implementation = _decode_implementation(implementation, "decode attention")

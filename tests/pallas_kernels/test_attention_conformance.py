@@ -469,7 +469,9 @@ def test_decode_append_reads_k_and_v_at_head_offsets(impl):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     with pytest.raises(ValueError, match="no 2 heads at offset 6"):
         api.decode_attention_append(q, packed, packed, k_all, v_all, lengths,
-                                    k_head_offset=6, **kw)
+                                    k_head_offset=6, v_head_offset=5, **kw)
+    with pytest.raises(ValueError, match="7 heads but the cache 2"):
+        api.decode_attention_append(q, packed, v_new, k_all, v_all, lengths, **kw)
 
 
 def test_decode_append_lowers_in_place_for_cuda():
