@@ -139,6 +139,7 @@ ladder_variants() {  # 8B decode-step variants against each other, 3 modes each 
   #   old       XLA's cache write and merge (--unfused-append --jnp-merge: before session 7)
   #   xlamerge  the in-kernel cache write with XLA's merge
   #   fused     q/k/v and gate/up stored fused (--fused-projections, jaxturbo.models.fused)
+  # LADDER_XLA: comma list of ladder_bench XLA flag sets (e.g. nccl_lhs,nccl_lhs_symm)
   # native tests of the decode kernels first
   mkdir -p "$OUT/ladder"
   timeout 120 $PY -m pytest -q -m gpu tests/pallas_kernels -k "append or decode_native" 2>&1 \
@@ -155,7 +156,7 @@ ladder_variants() {  # 8B decode-step variants against each other, 3 modes each 
     echo "=== variant $v ($flags)"
     timeout ${LADDER_TIMEOUT:-300} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
       --residual ${LADDER_MODES:-standard,ladder,desync} --batch ${LADDER_BATCH:-1} \
-      --xla-preset nccl_lhs --reps 3 $flags --out /tmp/ladder_$v 2>&1 \
+      --xla-preset ${LADDER_XLA:-nccl_lhs} --reps 3 $flags --out /tmp/ladder_$v 2>&1 \
       | grep -v "^\s*$" | tee "$OUT/ladder/log_variant_$v.txt"
     cp /tmp/ladder_$v/results.json "$OUT/ladder/results_variant_$v.json" 2>/dev/null
   done

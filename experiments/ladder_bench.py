@@ -60,6 +60,18 @@ XLA_PRESETS = {
                        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
                        "--xla_gpu_enable_highest_priority_async_stream=true",
                        "--xla_gpu_enable_analytical_sol_latency_estimator=false"],
+    # NCCL's symmetric-memory kernels (NCCL >= 2.27: low-latency small all-reduces over
+    # NVLink), and NCCL user buffers (no copy into NCCL's own buffers); untimed (session 7)
+    "nccl_lhs_symm": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+                      "--xla_gpu_enable_latency_hiding_scheduler=true",
+                      "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+                      "--xla_gpu_enable_highest_priority_async_stream=true",
+                      "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"],
+    "nccl_lhs_ub": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+                    "--xla_gpu_enable_latency_hiding_scheduler=true",
+                    "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+                    "--xla_gpu_enable_highest_priority_async_stream=true",
+                    "--xla_gpu_enable_nccl_user_buffers=true"],
     # the same, with the whole decode step (collectives and the while loop included) captured
     # as CUDA graphs: gpt-fast's other lever, launch overhead
     "nccl_lhs_graph": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
