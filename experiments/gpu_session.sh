@@ -7,7 +7,7 @@
 #   bash experiments/gpu_session.sh setup mgpu         # Mosaic GPU flash kernel: native tests + grid
 #   bash experiments/gpu_session.sh setup mgpu_bwd     # its Mosaic GPU backward against cuDNN's
 #   bash experiments/gpu_session.sh setup attn_tests   # then: setup attn_grid (the final table)
-#   LADDER_VARIANTS="new fused" bash experiments/gpu_session.sh setup ladder_variants  # 2+ GPUs
+#   LADDER_VARIANTS="fused folded" bash experiments/gpu_session.sh setup ladder_variants  # 2+ GPUs
 #   bash experiments/gpu_session.sh setup gemv         # Pallas GEMV vs cuBLAS (one GPU)
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
@@ -135,28 +135,30 @@ ladder_host() {  # TP 4, 8B: the on-device decode loop against a host loop of ji
 }
 
 ladder_variants() {  # 8B decode-step variants against each other, 3 modes each (TP 2 default):
-  #   new       the defaults (in-kernel cache write, merge kernel, separate projections)
-  #   old       XLA's cache write and merge (--unfused-append --jnp-merge: before session 7)
-  #   xlamerge  the in-kernel cache write with XLA's merge
-  #   fused     q/k/v and gate/up stored fused (--fused-projections, jaxturbo.models.fused)
+  #   new       in-kernel cache write, merge kernel, separate projections (session 7's default)
+  #   old       XLA's cache write and merge, separate projections (before session 7)
+  #   xlamerge  the in-kernel cache write with XLA's merge, separate projections
+  #   fused     q/k/v and gate/up stored fused (jaxturbo.models.fused; the default since session 8)
+  #   folded    fused, with the RMSNorm gains folded into them (fused.fold_norms)
   # LADDER_XLA: comma list of ladder_bench XLA flag sets (e.g. nccl_lhs,nccl_lhs_symm)
   # native tests of the decode kernels first
   mkdir -p "$OUT/ladder"
   timeout 120 $PY -m pytest -q -m gpu tests/pallas_kernels -k "append or decode_native" 2>&1 \
     | tail -5 | tee "$OUT/ladder/pytest_append.txt"
   local v flags
-  for v in ${LADDER_VARIANTS:-new fused}; do
+  for v in ${LADDER_VARIANTS:-fused folded}; do
     case $v in
-      new) flags="" ;;
-      old) flags="--unfused-append --jnp-merge" ;;
-      xlamerge) flags="--jnp-merge" ;;
-      fused) flags="--fused-projections" ;;
-      *) echo "unknown variant $v (new old xlamerge fused)"; return 1 ;;
+      new) flags="--projections separate" ;;
+      old) flags="--projections separate --unfused-append --jnp-merge" ;;
+      xlamerge) flags="--projections separate --jnp-merge" ;;
+      fused) flags="--projections fused" ;;
+      folded) flags="--projections folded" ;;
+      *) echo "unknown variant $v (new old xlamerge fused folded)"; return 1 ;;
     esac
     echo "=== variant $v ($flags)"
     timeout ${LADDER_TIMEOUT:-300} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
       --residual ${LADDER_MODES:-standard,ladder,desync} --batch ${LADDER_BATCH:-1} \
-      --xla-preset ${LADDER_XLA:-nccl_lhs} --reps 3 $flags --out /tmp/ladder_$v 2>&1 \
+      --xla-preset ${LADDER_XLA:-nccl_lhs} --reps 3 --p2p ${LADDER_P2P:-on} $flags --out /tmp/ladder_$v 2>&1 \
       | grep -v "^\s*$" | tee "$OUT/ladder/log_variant_$v.txt"
     cp /tmp/ladder_$v/results.json "$OUT/ladder/results_variant_$v.json" 2>/dev/null
   done
@@ -164,6 +166,7 @@ ladder_variants() {  # 8B decode-step variants against each other, 3 modes each 
 
 ladder_nccl() {  # TP 2, 8B, batch 1: NCCL's channel count / protocol against ladder's hidden
   # all-reduces (does the NCCL kernel's share of the SMs cost the GEMVs?), then P2P off
+  # LADDER_ARGS: extra ladder_bench flags (e.g. --projections folded)
   mkdir -p "$OUT/ladder"
   export JAX_COMPILATION_CACHE_DIR=/tmp/ladder_jax_cache  # one compile per mode for all settings
   local i=0
@@ -172,23 +175,24 @@ ladder_nccl() {  # TP 2, 8B, batch 1: NCCL's channel count / protocol against la
     echo "=== NCCL setting $e"
     env $([ "$e" = NONE ] || echo "$e") timeout 150 $PY experiments/ladder_bench.py --preset 8b \
       --tp ${LADDER_TP:-2} --residual ${LADDER_MODES:-standard,ladder,desync} --batch 1 \
-      --xla-preset nccl_lhs --reps 3 --out /tmp/ladder_nccl_$i 2>&1 | grep "^# " \
+      --xla-preset nccl_lhs --reps 3 ${LADDER_ARGS:-} --out /tmp/ladder_nccl_$i 2>&1 | grep "^# " \
       | sed "s/^/[$e] /" | tee -a "$OUT/ladder/log_nccl.txt"
   done
   echo "=== P2P off"
   timeout 200 $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
-    --residual standard,ladder,desync --batch 1 --p2p off --xla-preset nccl_lhs --reps 3 \
-    --out /tmp/ladder_p2poff 2>&1 | grep "^# " | tee -a "$OUT/ladder/log_nccl.txt"
+    --residual ${LADDER_MODES:-standard,ladder,desync} --batch 1 --p2p off --xla-preset nccl_lhs \
+    --reps 3 ${LADDER_ARGS:-} --out /tmp/ladder_p2poff 2>&1 | grep "^# " | tee -a "$OUT/ladder/log_nccl.txt"
   cp /tmp/ladder_p2poff/results.json "$OUT/ladder/results_p2poff.json" 2>/dev/null
 }
 
 ladder_profile() {  # TP 2, 8B, batch 1: a traced generate per mode, read per GPU and stream
   # (experiments/ladder/trace_streams.py: busy vs idle, idle waiting for a collective)
+  # LADDER_ARGS: extra ladder_bench flags (e.g. --projections folded)
   mkdir -p "$OUT/ladder"
   rm -rf /tmp/ladder_prof /tmp/ladder_p
   timeout ${LADDER_TIMEOUT:-400} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
     --residual ${LADDER_MODES:-standard,ladder,desync} --batch ${LADDER_BATCH:-1} --new-tokens 64 \
-    --xla-preset nccl_lhs --reps 3 --profile /tmp/ladder_prof --out /tmp/ladder_p 2>&1 \
+    --xla-preset nccl_lhs --reps 3 ${LADDER_ARGS:-} --profile /tmp/ladder_prof --out /tmp/ladder_p 2>&1 \
     | grep -v "^\s*$" | tee "$OUT/ladder/log_profile${TAG:-}.txt"
   cp /tmp/ladder_p/profile.* /tmp/ladder_p/results.json "$OUT/ladder/" 2>/dev/null
   for d in /tmp/ladder_prof/*; do  # top kernels per GPU and step (prefill's few included)

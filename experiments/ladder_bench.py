@@ -96,6 +96,7 @@ PRESETS = {
                  num_attention_heads=8, num_key_value_heads=8, head_dim=16,
                  max_position_embeddings=512),
 }
+PROJECTIONS = ("separate", "fused", "folded")
 MODES = ("standard", "ladder", "ladder+streams", "parallel", "desync")
 
 
@@ -133,9 +134,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="baseline: the decode step writes the KV cache with XLA before the "
                         "attention kernel (pallas_kernels.api.FUSED_APPEND off; rows labelled "
                         "'<flags>+unfused')")
-    p.add_argument("--fused-projections", action="store_true",
-                   help="q/k/v and gate/up stored as one matrix each (jaxturbo.models.fused: "
-                        "two GEMVs a layer instead of five; rows labelled '<flags>+fusedproj')")
+    p.add_argument("--projections", default="fused", choices=PROJECTIONS,
+                   help="weight layout: separate (q, k, v, gate, up as HF stores them), fused "
+                        "(q/k/v and gate/up one matrix each: jaxturbo.models.fused; 1.10x at TP 4 "
+                        "on 4x H100; rows labelled '<flags>+fusedproj'), folded (fused, with the "
+                        "RMSNorm gains in those weights: fused.fold_norms; '+foldnorm')")
     p.add_argument("--jnp-merge", action="store_true",
                    help="baseline: the decode kernel's chunks merged in jnp (two XLA kernels) "
                         "instead of the Pallas merge kernel (rows labelled '<flags>+jnpmerge')")
@@ -152,9 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- worker
-def bench_layer_shapes(cfg, tp: int, fuse: bool = False) -> dict:
+def bench_layer_shapes(cfg, tp: int, projections: str = "separate") -> dict:
     """Per-layer parameter shapes as `shard_params` holds them at tensor size `tp`: KV heads
-    replicated up to `tp` where it exceeds them; fuse: q/k/v and gate/up fused."""
+    replicated up to `tp` where it exceeds them; projections: a `PROJECTIONS` layout."""
     from jaxturbo.bridge.hf import layer_shapes
     from jaxturbo.models import fused
     from jaxturbo.parallel import tensor
@@ -163,14 +166,19 @@ def bench_layer_shapes(cfg, tp: int, fuse: bool = False) -> dict:
     kv = tensor.cache_kv_heads(cfg, tp)
     for n in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
         shapes[n] = (kv * cfg.head_dim, cfg.hidden_size)
-    if fuse:  # random values: the shard-by-shard order of the rows needs no care here
+    if projections not in PROJECTIONS:
+        raise ValueError(f"projections={projections!r}; choose one of {PROJECTIONS}")
+    if projections != "separate":  # random values: the rows' shard-by-shard order needs no care
         shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
+    if projections == "folded":  # the gains live in the fused weights
+        for norm, _ in fused.FOLDED_NORMS:
+            shapes.pop(norm)
     return shapes
 
 
-def _random_params(cfg, mesh, dtype, fuse=False):
-    """Random weights made directly in their shards on the devices (8B never touches the host);
-    fuse: q/k/v and gate/up in the fused layout (jaxturbo.models.fused)."""
+def _random_params(cfg, mesh, dtype, projections="separate"):
+    """Random weights made directly in their shards on the devices (8B never touches the host),
+    in the `projections` layout (`bench_layer_shapes`)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -178,7 +186,7 @@ def _random_params(cfg, mesh, dtype, fuse=False):
     from jaxturbo.bridge.hf import global_shapes
     from jaxturbo.parallel import tensor
 
-    shapes = bench_layer_shapes(cfg, tensor.tensor_size(mesh), fuse)
+    shapes = bench_layer_shapes(cfg, tensor.tensor_size(mesh), projections)
 
     def draw(key, shape, is_norm):
         if is_norm:
@@ -217,8 +225,8 @@ def run_worker(a: argparse.Namespace) -> None:
         import pallas_kernels.api
         pallas_kernels.api.FUSED_APPEND = False
         a.xla_preset = a.xla_preset + "+unfused"
-    if a.fused_projections:
-        a.xla_preset = a.xla_preset + "+fusedproj"
+    if a.projections != "separate":
+        a.xla_preset = a.xla_preset + ("+fusedproj" if a.projections == "fused" else "+foldnorm")
     if a.jnp_merge:
         from pallas_kernels.decode_attention import pallas_triton
         pallas_triton.DEFAULT_CONFIG = pallas_triton.Config(merge="xla")
@@ -248,7 +256,7 @@ def run_worker(a: argparse.Namespace) -> None:
             continue
         mesh = make_mesh({"tensor": tp}, devices[:tp])
         tensor.check_tensor_parallel(base, tp)
-        params = _random_params(base, mesh, dtype, fuse=a.fused_projections)
+        params = _random_params(base, mesh, dtype, a.projections)
         runs = [(m, o, loop) for m in a.residual.split(",")
                 for o in (a.ladder_overlap.split(",") if m == "ladder" else ["scheduler"])
                 for loop in a.decode_loop.split(",")]

@@ -323,6 +323,7 @@ def decode_attention_append(
     config=None,
     k_head_offset: int = 0,
     v_head_offset: int = 0,
+    kv_rms: tuple[jax.Array, int, float] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: the new token's key k_new [B, K, D] (rotated by
     rope = (cos, sin), each [B, D], when given) and value v_new are written at slot lengths[b]
@@ -332,6 +333,9 @@ def decode_attention_append(
 
     k_head_offset, v_head_offset: the new keys (values) are heads [off, off + K) of k_new
     (v_new), K the caches' head count: both may be one fused q/k/v projection's output.
+    kv_rms (sum_sq [B], n, eps): k_new and v_new are first multiplied by
+    rsqrt(sum_sq[b] / n + eps) (float32, rounded back to their dtype): an RMSNorm's factor
+    applied after the projection (jaxturbo.models.fused.fold_norms).
 
     Pallas-Triton does all of it in one kernel, the caches updated in place (head_dim twice a
     power of two); the other implementations write the caches with XLA, then attend."""
@@ -350,11 +354,11 @@ def decode_attention_append(
             q, k_new, v_new, k_cache, v_cache, lengths, layer=layer, rope=rope, scale=scale,
             softcap=softcap, sliding_window=sliding_window, config=config,
             interpret=_interpret(implementation, interpret), k_head_offset=k_head_offset,
-            v_head_offset=v_head_offset)
+            v_head_offset=v_head_offset, kv_rms=kv_rms)
     k_new = k_new[:, k_head_offset:k_head_offset + kh]
     v_new = v_new[:, v_head_offset:v_head_offset + kh]
     k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, layer=layer,
-                                       rope=rope)
+                                       rope=rope, kv_rms=kv_rms)
     out = decode_attention(q, k_cache, v_cache, lengths + 1, layer=layer, scale=scale,
                            softcap=softcap, sliding_window=sliding_window,
                            implementation=implementation, interpret=interpret, config=config)

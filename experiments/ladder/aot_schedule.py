@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attn-impl", default="auto",
                    help="attention implementation inside the step ('auto': what the lent H100 "
                         "picks, decided here for a Hopper GPU)")
-    p.add_argument("--fused-projections", action="store_true",
-                   help="q/k/v and gate/up in the fused layout (jaxturbo.models.fused)")
+    p.add_argument("--projections", default="fused", choices=ladder_bench.PROJECTIONS,
+                   help="weight layout, as ladder_bench's --projections")
     p.add_argument("--dump", default=None, help="folder for each mode's compiled HLO")
     p.add_argument("--around-sync", action="store_true",
                    help="print the scheduled lines around one synchronous all-reduce")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     base = ModelConfig(**ladder_bench.PRESETS[a.preset])
     tensor.check_tensor_parallel(base, a.tp)
     mesh = make_mesh({"tensor": a.tp}, devices)
-    shapes = ladder_bench.bench_layer_shapes(base, a.tp, a.fused_projections)
+    shapes = ladder_bench.bench_layer_shapes(base, a.tp, a.projections)
     specs = tensor.param_specs({**{n: None for n in global_shapes(base)},
                                 "layers": {n: None for n in shapes}})
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     stops = abstract((1,), P(), jnp.int32)
 
     print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}"
-          f"{', fused projections' if a.fused_projections else ''}, compiled for "
+          f", {a.projections} projections, compiled for "
           f"{devices[0].device_kind} without a device")
     for mode in a.residual.split(","):
         cfg = base.replace(residual_mode=mode)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = compiled.memory_analysis()
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
-            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}{'_fusedproj' if a.fused_projections else ''}.hlo.txt"
+            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}.hlo.txt"
              ).write_text(text)
         reports = hlo_overlap.analyse(text)
         gib = ""

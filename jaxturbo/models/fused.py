@@ -82,6 +82,34 @@ def fuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Param
     return {**params, "layers": layers}
 
 
+FOLDED_NORMS = (("input_layernorm.weight", QKV_W), ("post_attention_layernorm.weight", GATE_UP_W))
+
+
+def norms_folded(layers: Params) -> bool:
+    """Whether the layers' input norms' gains live in the fused weights (`fold_norms`)."""
+    return GATE_UP_W in layers and FOLDED_NORMS[0][0] not in layers
+
+
+def fold_norms(params: Params) -> Params:
+    """Fused `params` with each layer's two RMSNorm gains multiplied into the weight that reads
+    the norm's output (q/k/v: the input norm; gate/up: the post-attention norm), the gains
+    dropped.  The model then projects the raw residual stream and scales the projection's
+    output by the row's rsqrt(mean(x^2) + eps) (`layers.rms_scale`): the norm's separate
+    normalise-and-scale kernel goes (XLA fuses the scaling into the projection's consumers), one
+    kernel fewer per norm at decode.  Same function; rounding differs in low-precision dtypes
+    (the product W * gain is rounded once, the normed activation is not)."""
+    layers = dict(params["layers"])
+    if not (QKV_W in layers and GATE_UP_W in layers):
+        raise ValueError("fold_norms needs fused projections (fuse_projections first)")
+    if norms_folded(layers):
+        raise ValueError("the norms are already folded")
+    for norm, w in FOLDED_NORMS:
+        gain = layers.pop(norm)
+        layers[w] = (layers[w].astype(jnp.float32)
+                     * gain.astype(jnp.float32)[:, None, :]).astype(layers[w].dtype)
+    return {**params, "layers": layers}
+
+
 def unfuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Params:
     """Inverse of `fuse_projections` (the HF names back, e.g. before an export)."""
     layers = dict(params["layers"])

@@ -12,9 +12,22 @@ import jax.numpy as jnp
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, statistics in float32 (as HF Llama/Qwen do)."""
+    return weight * (x.astype(jnp.float32) * rms_scale(x, eps)).astype(x.dtype)
+
+
+def sum_squares(x: jax.Array) -> jax.Array:
+    """sum(x^2) over the last axis, float32, kept as [..., 1]."""
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+    return jnp.sum(xf * xf, axis=-1, keepdims=True)
+
+
+def rms_scale(x: jax.Array, eps: float, ss: jax.Array | None = None) -> jax.Array:
+    """RMSNorm's per-row factor rsqrt(mean(x^2) + eps) [..., 1], float32 (ss: x's
+    `sum_squares`, if already computed).  With the norm's gain folded into the next projection
+    (`jaxturbo.models.fused.fold_norms`), that projection's output times this factor is the
+    projection of the normed input."""
+    ss = sum_squares(x) if ss is None else ss
+    return jax.lax.rsqrt(ss / x.shape[-1] + eps)
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

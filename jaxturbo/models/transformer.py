@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from jaxturbo.models import fused
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.layers import linear, rms_norm, swiglu_down, swiglu_mlp
+from jaxturbo.models.layers import linear, rms_norm, rms_scale, sum_squares, swiglu_down, swiglu_mlp
 from jaxturbo.models.rope import apply_rope, rope_cos_sin
 from jaxturbo.parallel.overlap import psum_beside
 
@@ -87,8 +87,13 @@ def lm_head(params: Params, cfg: ModelConfig, x: jax.Array,
 # ----------------------------------------------------------------------------- attention
 def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
                     layer: jax.Array, *, segment_ids: jax.Array | None, cache: Cache | None,
-                    attn_impl: str, attn_fn: AttnFn | None) -> tuple[jax.Array, Cache | None]:
+                    attn_impl: str, attn_fn: AttnFn | None, norm_ss: jax.Array | None = None
+                    ) -> tuple[jax.Array, Cache | None]:
     """Self-attention of one layer on normed input h [B, T, D] (local heads under TP).
+
+    norm_ss [B, T, 1]: h is the raw residual stream, with this `sum_squares`, and the input
+    norm's gain is folded into the fused q/k/v weight (`fused.fold_norms`): the projection's
+    output is scaled by the norm's factor instead (for k and v by the decode kernel).
 
     Without a cache: causal attention over the T tokens (packed rows via segment_ids).
     With a cache and T > 1 (prefill): also writes K/V into slots [0, T) of `layer`.
@@ -97,11 +102,25 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     """
     b, t, _ = h.shape
     hd = cfg.head_dim
+    decode = cache is not None and t == 1
     packed = None  # the fused projection's output, when k and v can be read from it in place
+    kv_rms = None  # a folded norm's factor, still to be applied to k and v (by the kernel)
+    row_scale = None if norm_ss is None else rms_scale(h, cfg.rms_norm_eps, norm_ss)
     if fused.QKV_W in lp:  # one GEMV for q, k and v (models/fused.py)
         q_heads = lp["self_attn.o_proj.weight"].shape[-1] // hd  # local, as every count here
-        packed = linear(h, lp[fused.QKV_W], lp.get(fused.QKV_B)).reshape(b, t, -1, hd)
+        packed = linear(h, lp[fused.QKV_W])
+        if norm_ss is not None and decode and fused.QKV_B not in lp and not cfg.qk_norm:
+            # the decode kernel scales k and v as it reads them, from the sum of squares: the
+            # product made here would be a copy, the factor alone a kernel of its own
+            kv_rms = (norm_ss[:, 0, 0], h.shape[-1], cfg.rms_norm_eps)
+        elif row_scale is not None:
+            packed = (packed * row_scale).astype(h.dtype)
+        if fused.QKV_B in lp:
+            packed = packed + lp[fused.QKV_B].astype(packed.dtype)
+        packed = packed.reshape(b, t, -1, hd)
         q, k, v = fused.split_qkv(packed, q_heads)
+        if kv_rms is not None:  # q's scaling joins its rotation's kernel
+            q = (q * row_scale[..., None]).astype(q.dtype)
     else:
         q, k, v = (linear(h, lp[f"self_attn.{n}_proj.weight"], lp.get(f"self_attn.{n}_proj.bias"))
                    .reshape(b, t, -1, hd) for n in "qkv")
@@ -111,7 +130,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         packed = None
     q = apply_rope(q, cos, sin)
 
-    if cache is not None and t == 1:
+    if decode:
         # k's rotation and the cache write go into the decode kernel on GPU (four small
         # kernels fewer per layer; experiments/ladder/NOTES.md).  From a fused projection the
         # kernel reads k and v at their head offsets: slicing them out would cost a copy each.
@@ -120,7 +139,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         out, kc, vc = pallas_kernels.decode_attention_append(
             q[:, 0], src[0], src[1], cache["k"], cache["v"], cache["lengths"], layer=layer,
             rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl, k_head_offset=src[2],
-            v_head_offset=src[3])
+            v_head_offset=src[3], kv_rms=kv_rms)
         out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
@@ -138,10 +157,14 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
 
 
-def mlp_block(lp: Params, h: jax.Array) -> jax.Array:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce."""
+def mlp_block(lp: Params, h: jax.Array, row_scale: jax.Array | None = None) -> jax.Array:
+    """SwiGLU MLP of one layer on normed input, before any all-reduce (row_scale: as in
+    `attention_block`, for a gain folded into the fused gate/up weight)."""
     if fused.GATE_UP_W in lp:  # one GEMV for gate and up (models/fused.py)
-        gate, up = jnp.split(linear(h, lp[fused.GATE_UP_W]), 2, axis=-1)
+        gate_up = linear(h, lp[fused.GATE_UP_W])
+        if row_scale is not None:
+            gate_up = (gate_up * row_scale).astype(h.dtype)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
         return swiglu_down(gate, up, lp["mlp.down_proj.weight"])
     return swiglu_mlp(h, lp["mlp.gate_proj.weight"], lp["mlp.up_proj.weight"], lp["mlp.down_proj.weight"])
 
@@ -236,11 +259,18 @@ def forward(
     eps = cfg.rms_norm_eps
     kw = dict(segment_ids=segment_ids, attn_impl=attn_impl, attn_fn=attn_fn)
 
+    folded = fused.norms_folded(params["layers"])
+
     def attn(c_cache, lp, i, xin):
+        if folded:  # the gain is in the q/k/v weight: one kernel fewer (fused.fold_norms)
+            return attention_block(lp, cfg, xin, cos, sin, i, cache=c_cache,
+                                   norm_ss=sum_squares(xin), **kw)
         return attention_block(lp, cfg, rms_norm(xin, lp["input_layernorm.weight"], eps),
                                cos, sin, i, cache=c_cache, **kw)
 
     def mlp(lp, xin):
+        if folded:
+            return mlp_block(lp, xin, row_scale=rms_scale(xin, eps))
         return mlp_block(lp, rms_norm(xin, lp["post_attention_layernorm.weight"], eps))
 
     def standard_step(carry, lp, i):

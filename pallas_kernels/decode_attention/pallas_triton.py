@@ -212,20 +212,27 @@ def _layer_block_reader(layer_ref, s: int, block_k: int, per_head: bool = True) 
     return read
 
 
-def _append_writer(layer_ref, kn_ref, vn_ref, cos_ref, sin_ref, qh_ref, kc_out, vc_out,
-                   s: int) -> Callable:
-    """appended(slot, owns) for `_split_kernel`: rotates this program's new key (HF half-split
-    RoPE, by halves: a register tile cannot be sliced), writes it and the new value at `slot`
-    of the stacked caches (the owning chunk only), and returns the query rows' raw scores
-    against the key and the value as the cache will hold them."""
+def _append_writer(layer_ref, kn_ref, vn_ref, cos_ref, sin_ref, ss_ref, qh_ref, kc_out,
+                   vc_out, s: int, rms: tuple[int, float] | None) -> Callable:
+    """appended(slot, owns) for `_split_kernel`: scales this program's new key and value by
+    the sequence's RMS factor rsqrt(ss / n + eps) (ss_ref, rms = (n, eps); if given; rounded
+    back to their dtype as the unfused path rounds), rotates the key (HF half-split RoPE, by halves: a register tile cannot be sliced),
+    writes both at `slot` of the stacked caches (the owning chunk only), and returns the query
+    rows' raw scores against the key and the value as the cache will hold them."""
     layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
     d = vn_ref.shape[-1]
     half = d // 2
 
+    def scaled(x):
+        if ss_ref is None:
+            return x.astype(jnp.float32)
+        f = lax.rsqrt(ss_ref[...] / rms[0] + rms[1])
+        return (x.astype(jnp.float32) * f).astype(x.dtype).astype(jnp.float32)
+
     def appended(slot, owns):
         lo, hi = pl.ds(0, half), pl.ds(half, half)
-        k_lo = kn_ref[lo].astype(jnp.float32)
-        k_hi = kn_ref[hi].astype(jnp.float32)
+        k_lo = scaled(kn_ref[lo])
+        k_hi = scaled(kn_ref[hi])
         if cos_ref is not None:
             c_lo, c_hi = cos_ref[lo], cos_ref[hi]
             s_lo, s_hi = sin_ref[lo], sin_ref[hi]
@@ -233,7 +240,7 @@ def _append_writer(layer_ref, kn_ref, vn_ref, cos_ref, sin_ref, qh_ref, kc_out, 
         # rounded as the unfused path rounds: to the key's dtype, then the cache's
         k_lo = k_lo.astype(kn_ref.dtype).astype(kc_out.dtype)
         k_hi = k_hi.astype(kn_ref.dtype).astype(kc_out.dtype)
-        v = vn_ref[...].astype(vc_out.dtype)
+        v = scaled(vn_ref[...]).astype(vn_ref.dtype).astype(vc_out.dtype)
 
         @pl.when(owns & (slot < s))  # a slot past the cache is dropped, as by a scatter
         def _():
@@ -255,8 +262,9 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
             config, interpret):
     """The GQA decode kernel over stacked caches [L, B, S, K, D]; lengths counts the valid
     slots including an appended token.  new: None, or (k_new, v_new, cos, sin [B, D] or None,
-    k_off, v_off) to append in-kernel (the new key heads are k_new[:, k_off:k_off + K], the
-    values v_new[:, v_off:v_off + K]); then the updated caches are returned too."""
+    k_off, v_off, kv_rms (sum_sq [B], n, eps) or None) to append in-kernel (the new key heads
+    are k_new[:, k_off:k_off + K], the values v_new[:, v_off:v_off + K], both times
+    rsqrt(sum_sq[b] / n + eps)); then the updated caches are returned too."""
     cfg = config or DEFAULT_CONFIG
     b, h, d = q.shape
     s, kh = k_cache.shape[2], k_cache.shape[3]
@@ -282,7 +290,7 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
             v_cache]
     aliases = {}
     if new is not None:
-        k_new, v_new, cos, sin, k_off, v_off = new
+        k_new, v_new, cos, sin, k_off, v_off, kv_rms = new
 
         def row(off):  # this program's KV head, `off` heads into the array
             return pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh + off, 0))
@@ -293,6 +301,9 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
             per_seq = pl.BlockSpec((None, d), lambda bb, hh, ss: (bb, 0))
             in_specs += [per_seq, per_seq]
             args += [cos.astype(jnp.float32), sin.astype(jnp.float32)]
+        if kv_rms is not None:
+            in_specs.append(pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)))
+            args.append(kv_rms[0].astype(jnp.float32))
         out_specs += [whole, whole]
         out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                       jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
@@ -304,10 +315,13 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
         if new is None:
             o_ref, lse_ref = refs[5:]
         else:
-            rope = refs[7:9] if cos is not None else (None, None)
+            extra = list(refs[7:-4])  # [cos, sin], [sum_sq]
+            rope = (extra.pop(0), extra.pop(0)) if cos is not None else (None, None)
+            ss_ref = extra.pop(0) if kv_rms is not None else None
             o_ref, lse_ref, kc_out, vc_out = refs[-4:]
-            appended = _append_writer(layer_ref, refs[5], refs[6], *rope, q_ref, kc_out,
-                                      vc_out, s)
+            appended = _append_writer(layer_ref, refs[5], refs[6], *rope, ss_ref, q_ref,
+                                      kc_out, vc_out, s,
+                                      None if kv_rms is None else tuple(kv_rms[1:]))
         _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
                       scale=float(scale), softcap=softcap,
                       window=sliding_window, block_k=cfg.block_k, chunk=chunk,
@@ -366,6 +380,7 @@ def decode_attention_append(
     interpret: bool = False,
     k_head_offset: int = 0,
     v_head_offset: int = 0,
+    kv_rms: tuple[jax.Array, int, float] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention in one kernel (see `decode_append_reference`): the new key
     k_new [B, K, D] (rotated in-kernel by rope = (cos, sin) [B, D]) and value are written at
@@ -374,6 +389,9 @@ def decode_attention_append(
 
     k_head_offset, v_head_offset: the new keys are heads [off, off + K) of k_new (likewise
     v_new), so both can be the one output of a fused q/k/v projection, read without a copy.
+    kv_rms (sum_sq [B], n, eps): k_new and v_new times rsqrt(sum_sq[b] / n + eps), an
+    RMSNorm's factor moved past the projection (`jaxturbo.models.fused.fold_norms`), applied
+    here: as an XLA product it would cost a copy (and its rsqrt a kernel) per layer.
 
     In XLA the same step is four kernels more per layer (the key's rotation, two scatter
     guards, two cache writes): at batch 1 such kernels cost more in launches than in bytes."""
@@ -385,7 +403,7 @@ def decode_attention_append(
     if not stacked:
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     cos, sin = rope if rope is not None else (None, None)
-    new = (k_new, v_new, cos, sin, k_head_offset, v_head_offset)
+    new = (k_new, v_new, cos, sin, k_head_offset, v_head_offset, kv_rms)
     out, (kc, vc) = _decode(q, k_cache, v_cache, lengths + 1, layer, new,
                             scale=scale, softcap=softcap, sliding_window=sliding_window,
                             config=config, interpret=interpret)

@@ -400,7 +400,12 @@ def _append_inputs(seed, b, h, kh, s, d, n_layers, dtype=jnp.float32):
     return q, k_new, v_new, k_all, v_all, (jnp.cos(ang), jnp.sin(ang))
 
 
-@pytest.mark.parametrize("extra", [{}, dict(softcap=3.0), dict(sliding_window=9)])
+# an RMSNorm factor for the 4 rows of test_decode_append_fused_kernel: (sum of squares, n, eps)
+_RMS = ((3.0, 50.0, 0.25, 8.0), 16, 1e-5)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(softcap=3.0), dict(sliding_window=9),
+                                   dict(kv_rms=_RMS)])
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_append_fused_kernel(extra, cache_dtype):
     """Pallas-Triton's one-kernel decode step (key rotated, key and value written in place,
@@ -410,6 +415,8 @@ def test_decode_append_fused_kernel(extra, cache_dtype):
     b, h, kh, s, d = 4, 8, 2, 45, 16
     q, k_new, v_new, k_all, v_all, rope = _append_inputs(1, b, h, kh, s, d, 3, cache_dtype)
     lengths = jnp.array([44, 0, 16, 31], jnp.int32)
+    if "kv_rms" in extra:
+        extra = dict(kv_rms=(jnp.array(_RMS[0], jnp.float32), *_RMS[1:]))
     cfg = decode_triton.Config(block_k=16, num_splits=3)
     out, kc, vc = jax.jit(lambda lay: decode_triton.decode_attention_append(
         q, k_new, v_new, k_all, v_all, lengths, layer=lay, rope=rope, config=cfg,
@@ -474,7 +481,26 @@ def test_decode_append_reads_k_and_v_at_head_offsets(impl):
         api.decode_attention_append(q, packed, v_new, k_all, v_all, lengths, **kw)
 
 
-def test_decode_append_lowers_in_place_for_cuda():
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+def test_decode_append_scales_by_the_rms_factor(impl):
+    """kv_rms = (sum of squares, n, eps): k and v read from a fused projection's output at head
+    offsets and scaled by rsqrt(ss / n + eps) equal the pre-scaled k and v given apart."""
+    b, h, kh, s, d = 2, 4, 2, 40, 16
+    q, k_new, v_new, k_all, v_all, rope = _append_inputs(8, b, h, kh, s, d, 3)
+    lengths = jnp.array([5, 33], jnp.int32)
+    ss = jnp.array([40.0, 2.0])
+    f = jax.lax.rsqrt(ss / 64 + 1e-6)[:, None, None]
+    packed = jnp.concatenate([jnp.full((b, 3, d), jnp.nan), k_new, v_new], axis=1)
+    kw = dict(layer=1, rope=rope, implementation=impl, interpret=True)
+    want = api.decode_attention_append(q, k_new * f, v_new * f, k_all, v_all, lengths, **kw)
+    got = api.decode_attention_append(q, packed, packed, k_all, v_all, lengths, k_head_offset=3,
+                                      v_head_offset=3 + kh, kv_rms=(ss, 64, 1e-6), **kw)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_decode_append_lowers_in_place_for_cuda(rms):
     """Lowered for a GPU, the fused step is one Triton call whose cache outputs alias its cache
     inputs (the update is in place) and nothing else touches the cache."""
     from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
@@ -485,11 +511,12 @@ def test_decode_append_lowers_in_place_for_cuda():
         cache = S((4, 2, 256, 2, 128), jnp.bfloat16)
         row = S((2, 2, 128), jnp.bfloat16)
         rope = S((2, 128), jnp.float32)
-        step = lambda q, kn, vn, kc, vc, n, c, sn, lay: decode_triton.decode_attention_append(  # noqa: E731
-            q, kn, vn, kc, vc, n, layer=lay, rope=(c, sn))
+        step = lambda q, kn, vn, kc, vc, n, c, sn, lay, ss: decode_triton.decode_attention_append(  # noqa: E731
+            q, kn, vn, kc, vc, n, layer=lay, rope=(c, sn),
+            kv_rms=(ss, 4096, 1e-5) if rms else None)
         lowered = jax.jit(step).trace(S((2, 8, 128), jnp.bfloat16), row, row, cache, cache,
-                                      S((2,), jnp.int32), rope, rope, S((), jnp.int32)
-                                      ).lower(lowering_platforms=("cuda",))
+                                      S((2,), jnp.int32), rope, rope, S((), jnp.int32),
+                                      S((2,), jnp.float32)).lower(lowering_platforms=("cuda",))
     ops = [op for f in lowered.compiler_ir("stablehlo").body.operations
            for region in f.regions for block in region.blocks for op in block.operations]
     calls = [op for op in ops if op.operation.name == "stablehlo.custom_call"]
@@ -638,3 +665,11 @@ def test_decode_append_native_gpu():
     assert _rel(out, ref) <= BF16_TOL
     assert _rel(kc[1], rk) <= 1e-3 and _rel(vc[1], rv) == 0.0
     assert _rel(kc[0], k_all[0]) == 0.0
+    # with an RMSNorm factor (models.fused.fold_norms), as the model's folded decode step
+    rms = (jnp.array([4096.0, 100.0, 9000.0]), 4096, 1e-5)
+    out, kc, vc = jax.jit(lambda *a: decode_triton.decode_attention_append(
+        *a, layer=1, rope=rope, kv_rms=rms))(q, k_new, v_new, k_all, v_all, lengths)
+    ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths,
+                                          rope=rope, kv_rms=rms)
+    assert _rel(out, ref) <= BF16_TOL
+    assert _rel(kc[1], rk) <= 1e-3 and _rel(vc[1], rv) <= 1e-3

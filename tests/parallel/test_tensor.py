@@ -179,49 +179,78 @@ def test_error_kv_heads_and_vocab():
         tensor.check_mesh(TINY, make_mesh({"tensor": 4, "data": 2}), batch=3)
 
 
-@pytest.mark.parametrize("mode", ["standard", "ladder"])
-def test_fused_projections_give_the_same_logits(setup, mode):
-    """q/k/v and gate/up stored fused (models/fused.py), laid out shard by shard: the same
-    logits as the separate weights on one device and at TP 2 (KV heads split) and TP 4 (KV
-    heads replicated first), prefill and decode; and the layout undoes exactly."""
-    from jaxturbo.models import fused
-    _, tokens, lengths = setup
-    # ladder with Qwen2's q/k/v biases (fused like the weights)
-    cfg = TINY.replace(residual_mode=mode, attention_bias=mode == "ladder")
-    params = random_params(cfg, seed=5)
+def _same_logits_in_layout(one, params, cfg, tokens, lengths, **shard_kw):
+    """`one` (params in another layout, on one device) and `params` sharded with shard_kw at
+    TP 2 and 4 give the logits of `params`: prefill, and decode by XLA and by the Pallas
+    kernels (interpret mode).  Returns the TP-sharded params by tensor size."""
     ref_pre, ref_dec = _reference(params, cfg, tokens, lengths)
-    one = fused.fuse_projections(params, cfg)
-    assert (fused.QKV_B in one["layers"]) == cfg.attention_bias
-    from jaxturbo.bridge.hf import layer_shapes
-    want = fused.fused_layer_shapes(layer_shapes(cfg), cfg.num_key_value_heads, cfg.head_dim)
-    assert {n: w.shape[1:] for n, w in one["layers"].items()} == want
-    assert "self_attn.q_proj.weight" not in one["layers"]
-    pre, dec = _reference(one, cfg, tokens, lengths)
     valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
+    pre, dec = _reference(one, cfg, tokens, lengths)
     assert _rel(pre[valid], ref_pre[valid]) <= 1e-5 and _rel(dec, ref_dec) <= 1e-5
-    # the Pallas kernels (interpret mode): the decode kernel reads k and v inside the fused
-    # projection's output at their head offsets
     pallas = lambda *a, **kw: forward(*a, attn_impl="pallas", **kw)  # noqa: E731
     _, dec = jax.jit(lambda p, t, n: prefill_decode(pallas, p, cfg, t, n, STEPS))(
         one, tokens, lengths)
     assert _rel(dec, ref_dec) <= 1e-5
+    sharded = {}
     for tp in (2, 4):
         mesh = tp_mesh(tp)
-        sp = tensor.shard_params(params, cfg, mesh, fuse_projections=True)
-        # shard 0's rows: its 8/tp query heads then its KV heads' k and v rows (hd = 8)
-        kv_local = tensor.cache_kv_heads(cfg, tp) // tp
-        assert sp["layers"][fused.QKV_W].sharding.shard_shape(sp["layers"][fused.QKV_W].shape)[1] \
-            == (8 // tp + 2 * kv_local) * 8
+        sharded[tp] = sp = tensor.shard_params(params, cfg, mesh, **shard_kw)
         fwd = tensor.TensorParallel(mesh)
         heads = tensor.cache_kv_heads(cfg, tp)
         pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS, heads))(
             sp, tokens, lengths)
         assert _rel(pre[valid], ref_pre[valid]) <= 1e-5, tp
         assert _rel(dec, ref_dec) <= 1e-5, tp
+    return sharded
+
+
+@pytest.mark.parametrize("mode", ["standard", "ladder"])
+def test_fused_projections_give_the_same_logits(setup, mode):
+    """q/k/v and gate/up stored fused (models/fused.py), laid out shard by shard: the same
+    logits as the separate weights on one device and at TP 2 (KV heads split) and TP 4 (KV
+    heads replicated first), prefill and decode (the decode kernel reads k and v inside the
+    fused projection's output at their head offsets); and the layout undoes exactly."""
+    from jaxturbo.bridge.hf import layer_shapes
+    from jaxturbo.models import fused
+    _, tokens, lengths = setup
+    # ladder with Qwen2's q/k/v biases (fused like the weights)
+    cfg = TINY.replace(residual_mode=mode, attention_bias=mode == "ladder")
+    params = random_params(cfg, seed=5)
+    one = fused.fuse_projections(params, cfg)
+    assert (fused.QKV_B in one["layers"]) == cfg.attention_bias
+    want = fused.fused_layer_shapes(layer_shapes(cfg), cfg.num_key_value_heads, cfg.head_dim)
+    assert {n: w.shape[1:] for n, w in one["layers"].items()} == want
+    assert "self_attn.q_proj.weight" not in one["layers"]
+    sharded = _same_logits_in_layout(one, params, cfg, tokens, lengths, fuse_projections=True)
+    for tp, sp in sharded.items():
+        # shard 0's rows: its 8/tp query heads then its KV heads' k and v rows (hd = 8)
+        kv_local = tensor.cache_kv_heads(cfg, tp) // tp
+        assert sp["layers"][fused.QKV_W].sharding.shard_shape(sp["layers"][fused.QKV_W].shape)[1] \
+            == (8 // tp + 2 * kv_local) * 8
         rep = tensor.replicate_kv_heads(params, cfg, tp)
         back = fused.unfuse_projections(fused.fuse_projections(rep, cfg, tp), cfg, tp)
         for n, w in rep["layers"].items():
             np.testing.assert_array_equal(np.asarray(back["layers"][n]), np.asarray(w))
+
+
+@pytest.mark.parametrize("mode", ["standard", "ladder"])
+def test_folded_norms_give_the_same_logits(setup, mode):
+    """RMSNorm gains folded into the fused weights (fused.fold_norms; the norm's factor applied
+    after the projection, for k and v inside the decode kernel): the same logits as the
+    unfolded model on one device (XLA and the Pallas kernels) and at TP 2 and 4."""
+    from jaxturbo.models import fused
+    _, tokens, lengths = setup
+    # ladder with q/k/v biases: the factor is then applied before the bias, in XLA
+    cfg = TINY.replace(residual_mode=mode, attention_bias=mode == "ladder")
+    params = random_params(cfg, seed=7)
+    layers = params["layers"]  # gains away from 1, so a gain applied twice or never shows
+    for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        layers[n] = jax.random.uniform(jax.random.key(len(n)), layers[n].shape,
+                                       layers[n].dtype, minval=0.5, maxval=1.5)
+    folded = fused.fold_norms(fused.fuse_projections(params, cfg))
+    assert fused.norms_folded(folded["layers"]) and "input_layernorm.weight" not in folded["layers"]
+    _same_logits_in_layout(folded, params, cfg, tokens, lengths, fuse_projections=True,
+                           fold_norms=True)
 
 
 def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
@@ -236,3 +265,9 @@ def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
                                  if n != "self_attn.q_proj.weight"}}
     with pytest.raises(ValueError, match="missing"):
         fused.fuse_projections(no_q, TINY)
+    with pytest.raises(ValueError, match="fuse_projections first"):
+        fused.fold_norms(params)
+    with pytest.raises(ValueError, match="already folded"):
+        fused.fold_norms(fused.fold_norms(once))
+    with pytest.raises(ValueError, match="needs fuse_projections"):
+        tensor.shard_params(params, TINY, tp_mesh(2), fold_norms=True)
