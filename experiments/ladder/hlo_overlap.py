@@ -30,11 +30,19 @@ class Pair:
     between: list[str] = field(default_factory=list)  # compute instructions between start/done
 
 
+# Instructions that put work on a GPU stream: kernels (fusions, custom calls, copies) and
+# collectives (a start is the launch, its done only a wait).  Control flow launches nothing.
+LAUNCH_OPS = (COMPUTE_OPS - {"while", "conditional", "call", "call-start", "async-start"}) | {
+    "copy", "all-reduce", "all-reduce-start", "all-gather", "all-gather-start",
+    "reduce-scatter", "collective-permute", "collective-permute-start", "all-to-all"}
+
+
 @dataclass
 class Report:
     computation: str
     sync: list[tuple[str, int]] = field(default_factory=list)  # (name, operand count)
     pairs: list[Pair] = field(default_factory=list)
+    launches: int = 0  # kernels and collectives launched by one run of the computation
 
 
 def _operand_count(args: str) -> int:
@@ -64,7 +72,7 @@ def analyse(text: str) -> list[Report]:
 
 
 def _pairs(comp: str, order: list[tuple[str, str, str]]) -> Report:
-    rep = Report(comp)
+    rep = Report(comp, launches=sum(op in LAUNCH_OPS for _, op, _ in order))
     open_: dict[str, Pair] = {}
     for name, op, args in order:
         if op == "all-reduce":
@@ -90,7 +98,7 @@ def summary(reports: list[Report]) -> str:
         lines.append(
             f"{r.computation}: {len(r.sync)} sync all-reduce, {len(r.pairs)} async pairs, "
             f"{len(overl)} with compute inside (mean {sum(len(p.between) for p in r.pairs) / max(len(r.pairs), 1):.1f} "
-            f"kernels), {comb} combined (multi-operand)")
+            f"kernels), {comb} combined (multi-operand), {r.launches} launches")
     return "\n".join(lines)
 
 

@@ -60,6 +60,11 @@ def is_fused(layers: Params) -> bool:
     return QKV_W in layers or GATE_UP_W in layers
 
 
+def can_fuse(layers: Params) -> bool:
+    """Whether `fuse_projections` applies: separate q/k/v and gate/up weights (not MLA)."""
+    return all(n in layers for n in (*(f"{p}.weight" for p in _QKV), *_GATE_UP))
+
+
 def fuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Params:
     """`params` with q/k/v (weights and biases) and gate/up stored fused, laid out for
     `tensor`-way tensor parallelism (see the module docstring).  The KV heads must already

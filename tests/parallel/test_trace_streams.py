@@ -102,3 +102,25 @@ def test_hlo_loops_tell_known_trip_counts_from_host_checked_ones():
     assert got == ["loop while.1 (body body.3): known trip count 16, no host round trip",
                    "loop while.9 (body body.5): trip count unknown: the host reads the predicate "
                    "every iteration"]
+
+
+def test_hlo_overlap_counts_pairs_and_launches():
+    """experiments/ladder/hlo_overlap.analyse on a scheduled computation: one async pair with a
+    kernel inside, one sync all-reduce, and the launches (kernels, copies, collectives; not the
+    done, the tuple or the parameter)."""
+    import hlo_overlap
+    text = """%body.1 (p: bf16[8]) -> bf16[8] {
+  %p = bf16[8]{0} parameter(0)
+  %ars = bf16[8]{0} all-reduce-start(%p), replica_groups={{0,1}}, to_apply=%add
+  %f1 = bf16[8]{0} fusion(%p), kind=kLoop, calls=%fused_1
+  %ard = bf16[8]{0} all-reduce-done(%ars)
+  %cc = bf16[8]{0} custom-call(%ard), custom_call_target="__gpu$xla.gpu.triton"
+  %ar = bf16[8]{0} all-reduce(%cc), replica_groups={{0,1}}, to_apply=%add
+  %c = bf16[8]{0} copy(%ar)
+  ROOT %t = (bf16[8]{0}) tuple(%c)
+}
+"""
+    (rep,) = hlo_overlap.analyse(text)
+    assert rep.computation == "body.1" and rep.launches == 5
+    assert [p.between for p in rep.pairs] == [["fusion f1"]] and [n for n, _ in rep.sync] == ["ar"]
+    assert hlo_overlap.summary([rep]).endswith("0 combined (multi-operand), 5 launches")
