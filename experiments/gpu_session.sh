@@ -140,20 +140,22 @@ ladder_variants() {  # 8B decode-step variants against each other, 3 modes each 
   #   xlamerge  the in-kernel cache write with XLA's merge, separate projections
   #   fused     q/k/v and gate/up stored fused (jaxturbo.models.fused; the default since session 8)
   #   folded    fused, with the RMSNorm gains folded into them (fused.fold_norms)
+  #   folded_q  folded, the queries scaled and rotated in the decode kernel (--q-in-kernel)
   # LADDER_XLA: comma list of ladder_bench XLA flag sets (e.g. nccl_lhs,nccl_lhs_symm)
   # native tests of the decode kernels first
   mkdir -p "$OUT/ladder"
   timeout 120 $PY -m pytest -q -m gpu tests/pallas_kernels -k "append or decode_native" 2>&1 \
     | tail -5 | tee "$OUT/ladder/pytest_append.txt"
   local v flags
-  for v in ${LADDER_VARIANTS:-fused folded}; do
+  for v in ${LADDER_VARIANTS:-fused folded folded_q}; do
     case $v in
       new) flags="--projections separate" ;;
       old) flags="--projections separate --unfused-append --jnp-merge" ;;
       xlamerge) flags="--projections separate --jnp-merge" ;;
       fused) flags="--projections fused" ;;
       folded) flags="--projections folded" ;;
-      *) echo "unknown variant $v (new old xlamerge fused folded)"; return 1 ;;
+      folded_q) flags="--projections folded --q-in-kernel" ;;
+      *) echo "unknown variant $v (new old xlamerge fused folded folded_q)"; return 1 ;;
     esac
     echo "=== variant $v ($flags)"
     timeout ${LADDER_TIMEOUT:-300} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \

@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(q/k/v and gate/up one matrix each: jaxturbo.models.fused; 1.10x at TP 4 "
                         "on 4x H100; rows labelled '<flags>+fusedproj'), folded (fused, with the "
                         "RMSNorm gains in those weights: fused.fold_norms; '+foldnorm')")
+    p.add_argument("--q-in-kernel", action="store_true",
+                   help="fused layouts: the decode kernel scales and rotates the queries itself "
+                        "(pallas_kernels.api.ROTATE_Q_IN_KERNEL; rows labelled '<flags>+qkern')")
     p.add_argument("--jnp-merge", action="store_true",
                    help="baseline: the decode kernel's chunks merged in jnp (two XLA kernels) "
                         "instead of the Pallas merge kernel (rows labelled '<flags>+jnpmerge')")
@@ -227,6 +230,10 @@ def run_worker(a: argparse.Namespace) -> None:
         a.xla_preset = a.xla_preset + "+unfused"
     if a.projections != "separate":
         a.xla_preset = a.xla_preset + ("+fusedproj" if a.projections == "fused" else "+foldnorm")
+    if a.q_in_kernel:
+        import pallas_kernels.api
+        pallas_kernels.api.ROTATE_Q_IN_KERNEL = True
+        a.xla_preset = a.xla_preset + "+qkern"
     if a.jnp_merge:
         from pallas_kernels.decode_attention import pallas_triton
         pallas_triton.DEFAULT_CONFIG = pallas_triton.Config(merge="xla")

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.decode_attention.reference import (append_to_cache,
                                                        decode_attention_reference,
-                                                       mla_decode_reference)
+                                                       mla_decode_reference, rms_scale_rows,
+                                                       rope_rotate)
 from pallas_kernels.flash_attention.reference import (attention_backward_reference,
                                                       attention_mask, attention_reference)
 
@@ -303,6 +304,9 @@ def decode_attention(
 # The Pallas-Triton decode step writes the new key and value in its attention kernel; False
 # writes them with XLA first (four more small kernels per layer: the benchmarks' baseline).
 FUSED_APPEND = True
+# With a raw q (`q_heads`), the Pallas-Triton kernel also scales and rotates the queries as it
+# reads them (one XLA kernel fewer per layer; untimed, so off: experiments/ladder/NOTES.md).
+ROTATE_Q_IN_KERNEL = False
 
 
 def decode_attention_append(
@@ -323,7 +327,8 @@ def decode_attention_append(
     config=None,
     k_head_offset: int = 0,
     v_head_offset: int = 0,
-    kv_rms: tuple[jax.Array, int, float] | None = None,
+    rms: tuple[jax.Array, int, float] | None = None,
+    q_heads: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: the new token's key k_new [B, K, D] (rotated by
     rope = (cos, sin), each [B, D], when given) and value v_new are written at slot lengths[b]
@@ -333,9 +338,12 @@ def decode_attention_append(
 
     k_head_offset, v_head_offset: the new keys (values) are heads [off, off + K) of k_new
     (v_new), K the caches' head count: both may be one fused q/k/v projection's output.
-    kv_rms (sum_sq [B], n, eps): k_new and v_new are first multiplied by
+    rms (sum_sq [B], n, eps): k_new and v_new are first multiplied by
     rsqrt(sum_sq[b] / n + eps) (float32, rounded back to their dtype): an RMSNorm's factor
     applied after the projection (jaxturbo.models.fused.fold_norms).
+    q_heads: q is raw, the projection's output: its first q_heads heads are the queries, to be
+    scaled (rms) and rotated (rope) like the key; q may then be the array k_new and v_new are
+    read from.  Pallas-Triton does it in the kernel when ROTATE_Q_IN_KERNEL is on.
 
     Pallas-Triton does all of it in one kernel, the caches updated in place (head_dim twice a
     power of two); the other implementations write the caches with XLA, then attend."""
@@ -345,24 +353,40 @@ def decode_attention_append(
             raise ValueError(f"{name} has {arr.shape[1]} heads but the cache {kh}")
         if not 0 <= off <= arr.shape[1] - kh:
             raise ValueError(f"{name} has {arr.shape[1]} heads: no {kh} heads at offset {off}")
+    if q_heads is not None and not 0 < q_heads <= q.shape[1]:
+        raise ValueError(f"q_heads={q_heads}: q has {q.shape[1]} heads")
     implementation = _decode_implementation(implementation, "decode attention")
-    half = q.shape[-1] // 2
-    if (implementation == "pallas_triton" and FUSED_APPEND and q.shape[-1] % 2 == 0
-            and half & (half - 1) == 0):
+    d = q.shape[-1]
+    if (implementation == "pallas_triton" and FUSED_APPEND and d % 2 == 0
+            and d & (d - 1) == 0):
         from pallas_kernels.decode_attention import pallas_triton
+        if q_heads is not None and not ROTATE_Q_IN_KERNEL:
+            q, q_heads = _prepare_query(q, q_heads, rope, rms), None
         return pallas_triton.decode_attention_append(
             q, k_new, v_new, k_cache, v_cache, lengths, layer=layer, rope=rope, scale=scale,
             softcap=softcap, sliding_window=sliding_window, config=config,
             interpret=_interpret(implementation, interpret), k_head_offset=k_head_offset,
-            v_head_offset=v_head_offset, kv_rms=kv_rms)
+            v_head_offset=v_head_offset, rms=rms, q_heads=q_heads)
+    if q_heads is not None:
+        q = _prepare_query(q, q_heads, rope, rms)
     k_new = k_new[:, k_head_offset:k_head_offset + kh]
     v_new = v_new[:, v_head_offset:v_head_offset + kh]
     k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, layer=layer,
-                                       rope=rope, kv_rms=kv_rms)
+                                       rope=rope, rms=rms)
     out = decode_attention(q, k_cache, v_cache, lengths + 1, layer=layer, scale=scale,
                            softcap=softcap, sliding_window=sliding_window,
                            implementation=implementation, interpret=interpret, config=config)
     return out, k_cache, v_cache
+
+
+def _prepare_query(q: jax.Array, q_heads: int, rope, rms) -> jax.Array:
+    """A raw q's queries as XLA makes them: the first q_heads heads, scaled, rotated."""
+    q = q[:, :q_heads]
+    if rms is not None:
+        q = rms_scale_rows(q, rms)
+    if rope is not None:
+        q = rope_rotate(q, rope[0][:, None, :], rope[1][:, None, :])
+    return q
 
 
 def mla_decode_attention(

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "picks, decided here for a Hopper GPU)")
     p.add_argument("--projections", default="fused", choices=ladder_bench.PROJECTIONS,
                    help="weight layout, as ladder_bench's --projections")
+    p.add_argument("--q-in-kernel", action="store_true",
+                   help="the decode kernel scales and rotates the queries (as ladder_bench's)")
     p.add_argument("--dump", default=None, help="folder for each mode's compiled HLO")
     p.add_argument("--around-sync", action="store_true",
                    help="print the scheduled lines around one synchronous all-reduce")
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxturbo.parallel import tensor
     from jaxturbo.parallel.mesh import make_mesh
 
+    if a.q_in_kernel:
+        import pallas_kernels.api
+        pallas_kernels.api.ROTATE_Q_IN_KERNEL = True
     devices = aot_gpu.gpu_devices(a.tp, a.target)
     aot_gpu.dispatch_as_hopper()
 
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     stops = abstract((1,), P(), jnp.int32)
 
     print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}"
-          f", {a.projections} projections, compiled for "
+          f", {a.projections} projections{', q in kernel' if a.q_in_kernel else ''}, compiled for "
           f"{devices[0].device_kind} without a device")
     for mode in a.residual.split(","):
         cfg = base.replace(residual_mode=mode)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         mem = compiled.memory_analysis()
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
-            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}.hlo.txt"
+            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}{'_qkern' if a.q_in_kernel else ''}.hlo.txt"
              ).write_text(text)
         reports = hlo_overlap.analyse(text)
         gib = ""

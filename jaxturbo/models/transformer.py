@@ -103,24 +103,22 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     b, t, _ = h.shape
     hd = cfg.head_dim
     decode = cache is not None and t == 1
-    packed = None  # the fused projection's output, when k and v can be read from it in place
-    kv_rms = None  # a folded norm's factor, still to be applied to k and v (by the kernel)
+    packed = None  # the fused projection's output, when q, k and v can be read from it in place
+    rms = None  # a folded norm's factor, still to be applied (by the decode step)
     row_scale = None if norm_ss is None else rms_scale(h, cfg.rms_norm_eps, norm_ss)
     if fused.QKV_W in lp:  # one GEMV for q, k and v (models/fused.py)
         q_heads = lp["self_attn.o_proj.weight"].shape[-1] // hd  # local, as every count here
         packed = linear(h, lp[fused.QKV_W])
         if norm_ss is not None and decode and fused.QKV_B not in lp and not cfg.qk_norm:
-            # the decode kernel scales k and v as it reads them, from the sum of squares: the
+            # the decode step scales q, k and v as it reads them, from the sum of squares: the
             # product made here would be a copy, the factor alone a kernel of its own
-            kv_rms = (norm_ss[:, 0, 0], h.shape[-1], cfg.rms_norm_eps)
+            rms = (norm_ss[:, 0, 0], h.shape[-1], cfg.rms_norm_eps)
         elif row_scale is not None:
             packed = (packed * row_scale).astype(h.dtype)
         if fused.QKV_B in lp:
             packed = packed + lp[fused.QKV_B].astype(packed.dtype)
         packed = packed.reshape(b, t, -1, hd)
         q, k, v = fused.split_qkv(packed, q_heads)
-        if kv_rms is not None:  # q's scaling joins its rotation's kernel
-            q = (q * row_scale[..., None]).astype(q.dtype)
     else:
         q, k, v = (linear(h, lp[f"self_attn.{n}_proj.weight"], lp.get(f"self_attn.{n}_proj.bias"))
                    .reshape(b, t, -1, hd) for n in "qkv")
@@ -128,22 +126,25 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         q = rms_norm(q, lp["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["self_attn.k_norm.weight"], cfg.rms_norm_eps)
         packed = None
-    q = apply_rope(q, cos, sin)
 
     if decode:
         # k's rotation and the cache write go into the decode kernel on GPU (four small
         # kernels fewer per layer; experiments/ladder/NOTES.md).  From a fused projection the
-        # kernel reads k and v at their head offsets: slicing them out would cost a copy each.
-        src = ((packed[:, 0], packed[:, 0], q.shape[2], q.shape[2] + k.shape[2])
-               if packed is not None else (k[:, 0], v[:, 0], 0, 0))
+        # step reads q, k and v at their head offsets, raw (it scales and rotates q itself):
+        # slicing them out would cost a copy each.
+        if packed is not None:
+            raw = packed[:, 0]
+            qv, src, q_raw = raw, (raw, raw, q.shape[2], q.shape[2] + k.shape[2]), q.shape[2]
+        else:
+            qv, src, q_raw = apply_rope(q, cos, sin)[:, 0], (k[:, 0], v[:, 0], 0, 0), None
         out, kc, vc = pallas_kernels.decode_attention_append(
-            q[:, 0], src[0], src[1], cache["k"], cache["v"], cache["lengths"], layer=layer,
+            qv, src[0], src[1], cache["k"], cache["v"], cache["lengths"], layer=layer,
             rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl, k_head_offset=src[2],
-            v_head_offset=src[3], kv_rms=kv_rms)
+            v_head_offset=src[3], rms=rms, q_heads=q_raw)
         out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
-        k = apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             start = (layer, 0, 0, 0, 0)
             cache = {**cache,

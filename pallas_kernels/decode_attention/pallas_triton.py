@@ -58,20 +58,22 @@ def _dot(a, b, trans_b=False):
 
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
                   softcap: float | None, window: int | None, block_k: int, chunk: int,
-                  read: Callable | None = None, appended: Callable | None = None):
+                  read: Callable | None = None, appended: Callable | None = None,
+                  load_q: Callable | None = None):
     """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
 
     v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start): the
     [block_k, d] cache block at slot `start` (default: rows of a per-sequence [S, d] block).
-    appended(slot, owns): the token being appended at `slot` (the last of `length`), which is
-    not read from the cache: its raw scores [rows] and value [dv] (float32); the chunk that
-    holds its slot (`owns`) adds it to the softmax.
+    appended(slot, owns, q): the token being appended at `slot` (the last of `length`), which
+    is not read from the cache: its raw scores against the query tile q [rows] and its value
+    [dv] (float32); the chunk that holds its slot (`owns`) adds it to the softmax.
+    load_q(): the query tile, when it is not simply q_ref's block.
     """
     if read is None:
         read = lambda ref, start: ref[pl.ds(start, block_k), :]  # noqa: E731
     split = pl.program_id(2)
     length = len_ref[...]
-    q = q_ref[...]
+    q = q_ref[...] if load_q is None else load_q()
     qr = qr_ref[...] if qr_ref is not None else None
     begin = split * chunk
     cached = length if appended is None else length - 1
@@ -111,7 +113,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
                                              jnp.full((rows,), NEG_INF, jnp.float32),
                                              jnp.zeros((rows,), jnp.float32)))
     if appended is not None:  # one more column of the online softmax, in the owning chunk
-        s, v = appended(cached, owns)
+        s, v = appended(cached, owns, q)
         s = s * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -212,61 +214,72 @@ def _layer_block_reader(layer_ref, s: int, block_k: int, per_head: bool = True) 
     return read
 
 
-def _append_writer(layer_ref, kn_ref, vn_ref, cos_ref, sin_ref, ss_ref, qh_ref, kc_out,
-                   vc_out, s: int, rms: tuple[int, float] | None) -> Callable:
-    """appended(slot, owns) for `_split_kernel`: scales this program's new key and value by
-    the sequence's RMS factor rsqrt(ss / n + eps) (ss_ref, rms = (n, eps); if given; rounded
-    back to their dtype as the unfused path rounds), rotates the key (HF half-split RoPE, by halves: a register tile cannot be sliced),
-    writes both at `slot` of the stacked caches (the owning chunk only), and returns the query
-    rows' raw scores against the key and the value as the cache will hold them."""
-    layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
-    d = vn_ref.shape[-1]
-    half = d // 2
+def _swap_halves(d: int) -> tuple[jax.Array, jax.Array]:
+    """Column order of a head vector with its two halves swapped, and whether each column is in
+    the first half: rotate_half(x) = where(first, -x[swap], x[swap]) (HF's half-split RoPE)
+    from one gather-load, since a register tile cannot be sliced into halves."""
+    cols = jnp.arange(d)
+    return (cols + d // 2) % d, cols < d // 2
+
+
+def _prepare_new(load: Callable, dtype, d: int, rope: tuple | None, ss_ref,
+                 rms: tuple[int, float] | None) -> jax.Array:
+    """The new token's q, k or v [..., d] as the unfused path makes them: times the sequence's
+    RMS factor rsqrt(ss / n + eps) (ss_ref and rms = (n, eps), if given; rounded to `dtype`),
+    then rotated by rope = (cos_ref, sin_ref) if given (float32, rounded to `dtype`).
+    load(cols) reads the vector's columns `cols` in that order."""
+    f = None if ss_ref is None else lax.rsqrt(ss_ref[...] / rms[0] + rms[1])
 
     def scaled(x):
-        if ss_ref is None:
-            return x.astype(jnp.float32)
-        f = lax.rsqrt(ss_ref[...] / rms[0] + rms[1])
-        return (x.astype(jnp.float32) * f).astype(x.dtype).astype(jnp.float32)
+        x = x.astype(jnp.float32)
+        return x if f is None else (x * f).astype(dtype).astype(jnp.float32)
 
-    def appended(slot, owns):
-        lo, hi = pl.ds(0, half), pl.ds(half, half)
-        k_lo = scaled(kn_ref[lo])
-        k_hi = scaled(kn_ref[hi])
-        if cos_ref is not None:
-            c_lo, c_hi = cos_ref[lo], cos_ref[hi]
-            s_lo, s_hi = sin_ref[lo], sin_ref[hi]
-            k_lo, k_hi = k_lo * c_lo - k_hi * s_lo, k_hi * c_hi + k_lo * s_hi
-        # rounded as the unfused path rounds: to the key's dtype, then the cache's
-        k_lo = k_lo.astype(kn_ref.dtype).astype(kc_out.dtype)
-        k_hi = k_hi.astype(kn_ref.dtype).astype(kc_out.dtype)
-        v = scaled(vn_ref[...]).astype(vn_ref.dtype).astype(vc_out.dtype)
+    x = scaled(load(jnp.arange(d)))
+    if rope is None:
+        return x.astype(dtype)
+    swap, first = _swap_halves(d)
+    x_sw = scaled(load(swap))
+    return (x * rope[0][...] + jnp.where(first, -x_sw, x_sw) * rope[1][...]).astype(dtype)
+
+
+def _append_writer(layer_ref, kn_ref, vn_ref, kc_out, vc_out, s: int,
+                   prepare: Callable) -> Callable:
+    """appended(slot, owns, q) for `_split_kernel`: this program's new key and value, made by
+    prepare(load, dtype, rotate) (`_prepare_new`: scaled, the key rotated), are written at
+    `slot` of the stacked caches (the owning chunk only); returns the query tile's raw scores
+    against the key and the value, as the cache holds them."""
+    layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
+
+    def appended(slot, owns, q):
+        k = prepare(lambda cols: kn_ref[cols], kn_ref.dtype, True).astype(kc_out.dtype)
+        v = prepare(lambda cols: vn_ref[cols], vn_ref.dtype, False).astype(vc_out.dtype)
 
         @pl.when(owns & (slot < s))  # a slot past the cache is dropped, as by a scatter
         def _():
             row = (layer, seq, slot, head)
-            kc_out[(*row, lo)] = k_lo
-            kc_out[(*row, hi)] = k_hi
+            kc_out[(*row, slice(None))] = k
             vc_out[(*row, slice(None))] = v
 
-        q_lo = qh_ref[:, lo].astype(jnp.float32)
-        q_hi = qh_ref[:, hi].astype(jnp.float32)
-        score = (jnp.sum(q_lo * k_lo.astype(jnp.float32)[None, :], axis=1)
-                 + jnp.sum(q_hi * k_hi.astype(jnp.float32)[None, :], axis=1))
+        score = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1)
         return score, v.astype(jnp.float32)
 
     return appended
 
 
 def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding_window,
-            config, interpret):
+            config, interpret, q_heads: int | None = None):
     """The GQA decode kernel over stacked caches [L, B, S, K, D]; lengths counts the valid
     slots including an appended token.  new: None, or (k_new, v_new, cos, sin [B, D] or None,
-    k_off, v_off, kv_rms (sum_sq [B], n, eps) or None) to append in-kernel (the new key heads
+    k_off, v_off, rms (sum_sq [B], n, eps) or None) to append in-kernel (the new key heads
     are k_new[:, k_off:k_off + K], the values v_new[:, v_off:v_off + K], both times
-    rsqrt(sum_sq[b] / n + eps)); then the updated caches are returned too."""
+    rsqrt(sum_sq[b] / n + eps)); then the updated caches are returned too.
+    q_heads: q is raw (appending only): its first q_heads heads are the queries, which the
+    kernel scales and rotates like the key, read in place (q may be a fused projection's
+    output); otherwise q [B, H, D] is ready."""
     cfg = config or DEFAULT_CONFIG
     b, h, d = q.shape
+    if q_heads is not None:
+        h = q_heads
     s, kh = k_cache.shape[2], k_cache.shape[3]
     if h % kh:
         raise ValueError(f"kv heads {kh} must divide query heads {h}")
@@ -275,10 +288,14 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
     gp = max(16, pl.next_power_of_2(g))
     scale = d ** -0.5 if scale is None else scale
     splits, chunk, _ = _chunking(s, b * kh, cfg)
-    qg = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     grid = (b, kh, splits)
     whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0,) * 5)  # indexed in-kernel
-    q_spec = pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0))
+    if q_heads is None:
+        q_in = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+        q_spec = pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0))
+    else:  # the sequence's whole row of heads; the group's rows are gathered in-kernel
+        q_in = q
+        q_spec = pl.BlockSpec((None, q.shape[1], d), lambda bb, hh, ss: (bb, 0, 0))
     in_specs = [pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
                 pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)), q_spec, whole, whole]
     out_specs = [pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
@@ -286,11 +303,11 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
     chunks = pl.next_power_of_2(splits)  # the merge kernel's tile (the padding stays unwritten)
     out_shape = [jax.ShapeDtypeStruct((b, kh, chunks, gp, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, kh, chunks, gp), jnp.float32)]
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), qg, k_cache,
+    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), q_in, k_cache,
             v_cache]
     aliases = {}
     if new is not None:
-        k_new, v_new, cos, sin, k_off, v_off, kv_rms = new
+        k_new, v_new, cos, sin, k_off, v_off, rms = new
 
         def row(off):  # this program's KV head, `off` heads into the array
             return pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh + off, 0))
@@ -301,31 +318,46 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
             per_seq = pl.BlockSpec((None, d), lambda bb, hh, ss: (bb, 0))
             in_specs += [per_seq, per_seq]
             args += [cos.astype(jnp.float32), sin.astype(jnp.float32)]
-        if kv_rms is not None:
+        if rms is not None:
             in_specs.append(pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)))
-            args.append(kv_rms[0].astype(jnp.float32))
+            args.append(rms[0].astype(jnp.float32))
         out_specs += [whole, whole]
         out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                       jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
         aliases = {3: 2, 4: 3}  # the caches are updated in place
+    elif q_heads is not None:
+        raise ValueError("a raw q (q_heads) needs a token to append")
 
     def kernel(*refs):
         layer_ref, len_ref, q_ref, k_ref, v_ref = refs[:5]
-        appended = None
+        appended = load_q = None
         if new is None:
             o_ref, lse_ref = refs[5:]
         else:
             extra = list(refs[7:-4])  # [cos, sin], [sum_sq]
-            rope = (extra.pop(0), extra.pop(0)) if cos is not None else (None, None)
-            ss_ref = extra.pop(0) if kv_rms is not None else None
+            rope = (extra.pop(0), extra.pop(0)) if cos is not None else None
+            ss_ref = extra.pop(0) if rms is not None else None
             o_ref, lse_ref, kc_out, vc_out = refs[-4:]
-            appended = _append_writer(layer_ref, refs[5], refs[6], *rope, ss_ref, q_ref,
-                                      kc_out, vc_out, s,
-                                      None if kv_rms is None else tuple(kv_rms[1:]))
+
+            def prepare(load, dtype, rotate):
+                return _prepare_new(load, dtype, d, rope if rotate else None, ss_ref,
+                                    None if rms is None else tuple(rms[1:]))
+
+            appended = _append_writer(layer_ref, refs[5], refs[6], kc_out, vc_out, s, prepare)
+            if q_heads is not None:
+                idx = jnp.arange(gp)
+                # the group's rows (padding rows clamped inside the array, zeroed after)
+                rows = jnp.minimum(pl.program_id(1) * g + idx, q_ref.shape[0] - 1)[:, None]
+
+                def load_q():
+                    qt = prepare(lambda cols: q_ref[rows, cols[None, :]], q_ref.dtype, True)
+                    return jnp.where((idx < g)[:, None], qt, 0).astype(q_ref.dtype)
+
         _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
                       scale=float(scale), softcap=softcap,
                       window=sliding_window, block_k=cfg.block_k, chunk=chunk,
-                      read=_layer_block_reader(layer_ref, s, cfg.block_k), appended=appended)
+                      read=_layer_block_reader(layer_ref, s, cfg.block_k), appended=appended,
+                      load_q=load_q)
 
     res = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -380,7 +412,8 @@ def decode_attention_append(
     interpret: bool = False,
     k_head_offset: int = 0,
     v_head_offset: int = 0,
-    kv_rms: tuple[jax.Array, int, float] | None = None,
+    rms: tuple[jax.Array, int, float] | None = None,
+    q_heads: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention in one kernel (see `decode_append_reference`): the new key
     k_new [B, K, D] (rotated in-kernel by rope = (cos, sin) [B, D]) and value are written at
@@ -389,24 +422,27 @@ def decode_attention_append(
 
     k_head_offset, v_head_offset: the new keys are heads [off, off + K) of k_new (likewise
     v_new), so both can be the one output of a fused q/k/v projection, read without a copy.
-    kv_rms (sum_sq [B], n, eps): k_new and v_new times rsqrt(sum_sq[b] / n + eps), an
-    RMSNorm's factor moved past the projection (`jaxturbo.models.fused.fold_norms`), applied
-    here: as an XLA product it would cost a copy (and its rsqrt a kernel) per layer.
+    rms (sum_sq [B], n, eps): k_new and v_new (and a raw q) times rsqrt(sum_sq[b] / n + eps),
+    an RMSNorm's factor moved past the projection (`jaxturbo.models.fused.fold_norms`),
+    applied here: as an XLA product it would cost a copy (and its rsqrt a kernel) per layer.
+    q_heads: q is the projection's raw output, its first q_heads heads the queries; the kernel
+    scales (rms) and rotates (rope) them as it reads them (XLA would spend a kernel per layer
+    on it), so q may be the same fused array as k_new and v_new.
 
     In XLA the same step is four kernels more per layer (the key's rotation, two scatter
     guards, two cache writes): at batch 1 such kernels cost more in launches than in bytes."""
     d = q.shape[-1]
-    if d % 2 or pl.next_power_of_2(d // 2) != d // 2:
-        raise ValueError(f"decode_attention_append needs a head_dim of twice a power of two; "
+    if d % 2 or pl.next_power_of_2(d) != d:
+        raise ValueError(f"decode_attention_append needs a power-of-two head_dim; "
                          f"got {d} (use decode_attention after writing the cache)")
     stacked = layer is not None
     if not stacked:
         k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
     cos, sin = rope if rope is not None else (None, None)
-    new = (k_new, v_new, cos, sin, k_head_offset, v_head_offset, kv_rms)
+    new = (k_new, v_new, cos, sin, k_head_offset, v_head_offset, rms)
     out, (kc, vc) = _decode(q, k_cache, v_cache, lengths + 1, layer, new,
                             scale=scale, softcap=softcap, sliding_window=sliding_window,
-                            config=config, interpret=interpret)
+                            config=config, interpret=interpret, q_heads=q_heads)
     return (out, kc, vc) if stacked else (out, kc[0], vc[0])
 
 

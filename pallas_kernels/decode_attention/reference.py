@@ -97,19 +97,24 @@ def rope_rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
+def rms_scale_rows(x: jax.Array, rms: tuple[jax.Array, int, float]) -> jax.Array:
+    """x [B, ..., D] times rsqrt(sum_sq[b] / n + eps) for rms = (sum_sq [B], n, eps): an
+    RMSNorm's factor applied after the projection; float32 math, result in x.dtype."""
+    f = jax.lax.rsqrt(rms[0].astype(jnp.float32) / rms[1] + rms[2])
+    return (x.astype(jnp.float32) * f.reshape(-1, *(1,) * (x.ndim - 1))).astype(x.dtype)
+
+
 def append_to_cache(k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     lengths: jax.Array, *, layer: jax.Array | int | None = None,
                     rope: tuple[jax.Array, jax.Array] | None = None,
-                    kv_rms: tuple[jax.Array, int, float] | None = None
+                    rms: tuple[jax.Array, int, float] | None = None
                     ) -> tuple[jax.Array, jax.Array]:
     """Write each row's new key (rotated by rope = (cos, sin) [B, D] if given) and value
     [B, K, D] at slot lengths[b] of caches [B, S, K, D] (or layer `layer` of [L, B, S, K, D]).
-    kv_rms = (sum_sq [B], n, eps): both are first multiplied by rsqrt(sum_sq[b] / n + eps) (in
-    float32, rounded back to their dtype).  A slot past the cache is dropped."""
-    if kv_rms is not None:
-        f = jax.lax.rsqrt(kv_rms[0].astype(jnp.float32) / kv_rms[1] + kv_rms[2])[:, None, None]
-        k_new = (k_new.astype(jnp.float32) * f).astype(k_new.dtype)
-        v_new = (v_new.astype(jnp.float32) * f).astype(v_new.dtype)
+    rms = (sum_sq [B], n, eps): both are first multiplied by rsqrt(sum_sq[b] / n + eps)
+    (`rms_scale_rows`).  A slot past the cache is dropped."""
+    if rms is not None:
+        k_new, v_new = rms_scale_rows(k_new, rms), rms_scale_rows(v_new, rms)
     if rope is not None:
         k_new = rope_rotate(k_new, rope[0][:, None, :], rope[1][:, None, :])
     rows = jnp.arange(k_new.shape[0])
@@ -130,20 +135,20 @@ def decode_append_reference(
     scale: float | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
-    kv_rms: tuple[jax.Array, int, float] | None = None,
+    rms: tuple[jax.Array, int, float] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: append, then attend.
 
     Args:
       q: [B, H, D], already rotated; k_new, v_new: [B, K, D], the new token's key (rotated here
         by rope = (cos, sin), each [B, D] float32, when given) and value, both first scaled by
-        kv_rms's factor when given (see `append_to_cache`).
+        rms's factor when given (see `append_to_cache`).
       k_cache, v_cache: [B, S, K, D]; lengths: [B] slots already filled (the new token's slot).
     Returns:
       out [B, H, D] over slots [0, lengths[b]], and the caches with slot lengths[b] written.
     """
     k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, rope=rope,
-                                       kv_rms=kv_rms)
+                                       rms=rms)
     out = decode_attention_reference(q, k_cache, v_cache, lengths + 1, scale=scale,
                                      softcap=softcap, sliding_window=sliding_window)
     return out, k_cache, v_cache

@@ -405,7 +405,7 @@ _RMS = ((3.0, 50.0, 0.25, 8.0), 16, 1e-5)
 
 
 @pytest.mark.parametrize("extra", [{}, dict(softcap=3.0), dict(sliding_window=9),
-                                   dict(kv_rms=_RMS)])
+                                   dict(rms=_RMS)])
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_append_fused_kernel(extra, cache_dtype):
     """Pallas-Triton's one-kernel decode step (key rotated, key and value written in place,
@@ -415,8 +415,8 @@ def test_decode_append_fused_kernel(extra, cache_dtype):
     b, h, kh, s, d = 4, 8, 2, 45, 16
     q, k_new, v_new, k_all, v_all, rope = _append_inputs(1, b, h, kh, s, d, 3, cache_dtype)
     lengths = jnp.array([44, 0, 16, 31], jnp.int32)
-    if "kv_rms" in extra:
-        extra = dict(kv_rms=(jnp.array(_RMS[0], jnp.float32), *_RMS[1:]))
+    if "rms" in extra:
+        extra = dict(rms=(jnp.array(_RMS[0], jnp.float32), *_RMS[1:]))
     cfg = decode_triton.Config(block_k=16, num_splits=3)
     out, kc, vc = jax.jit(lambda lay: decode_triton.decode_attention_append(
         q, k_new, v_new, k_all, v_all, lengths, layer=lay, rope=rope, config=cfg,
@@ -483,7 +483,7 @@ def test_decode_append_reads_k_and_v_at_head_offsets(impl):
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
 def test_decode_append_scales_by_the_rms_factor(impl):
-    """kv_rms = (sum of squares, n, eps): k and v read from a fused projection's output at head
+    """rms = (sum of squares, n, eps): k and v read from a fused projection's output at head
     offsets and scaled by rsqrt(ss / n + eps) equal the pre-scaled k and v given apart."""
     b, h, kh, s, d = 2, 4, 2, 40, 16
     q, k_new, v_new, k_all, v_all, rope = _append_inputs(8, b, h, kh, s, d, 3)
@@ -494,15 +494,45 @@ def test_decode_append_scales_by_the_rms_factor(impl):
     kw = dict(layer=1, rope=rope, implementation=impl, interpret=True)
     want = api.decode_attention_append(q, k_new * f, v_new * f, k_all, v_all, lengths, **kw)
     got = api.decode_attention_append(q, packed, packed, k_all, v_all, lengths, k_head_offset=3,
-                                      v_head_offset=3 + kh, kv_rms=(ss, 64, 1e-6), **kw)
+                                      v_head_offset=3 + kh, rms=(ss, 64, 1e-6), **kw)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("rms", [False, True])
-def test_decode_append_lowers_in_place_for_cuda(rms):
+@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
+@pytest.mark.parametrize("in_kernel", [False, True])
+def test_decode_append_takes_a_raw_query(impl, in_kernel, monkeypatch):
+    """q_heads: q, k and v all read from one fused projection's raw output [B, Hq + 2K, D]; the
+    queries scaled (rms) and rotated by the step (in the Pallas-Triton kernel when
+    ROTATE_Q_IN_KERNEL, else by XLA) equal queries prepared beforehand; bad counts refused."""
+    monkeypatch.setattr(api, "ROTATE_Q_IN_KERNEL", in_kernel)
+    b, h, kh, s, d = 3, 6, 2, 40, 16
+    q, k_new, v_new, k_all, v_all, rope = _append_inputs(9, b, h, kh, s, d, 3)
+    lengths = jnp.array([0, 17, 39], jnp.int32)
+    rms = (jnp.array([40.0, 2.0, 11.0]), 64, 1e-6)
+    packed = jnp.concatenate([q, k_new, v_new], axis=1)
+    kw = dict(layer=1, rope=rope, implementation=impl, interpret=True)
+    want = api.decode_attention_append(api._prepare_query(q, h, rope, rms), k_new, v_new,
+                                       k_all, v_all, lengths, rms=rms, **kw)
+    got = api.decode_attention_append(packed, packed, packed, k_all, v_all, lengths, q_heads=h,
+                                      k_head_offset=h, v_head_offset=h + kh, rms=rms, **kw)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    ref = decode_append_reference(api._prepare_query(q, h, rope, None), k_new, v_new,
+                                  k_all[1], v_all[1], lengths, rope=rope)
+    got = api.decode_attention_append(packed, packed, packed, k_all, v_all, lengths, q_heads=h,
+                                      k_head_offset=h, v_head_offset=h + kh, **kw)
+    assert _rel(got[0], ref[0]) <= F32_TOL
+    with pytest.raises(ValueError, match="q_heads=11: q has 10 heads"):
+        api.decode_attention_append(packed, packed, packed, k_all, v_all, lengths, q_heads=11,
+                                    k_head_offset=h, v_head_offset=h + kh, **kw)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_decode_append_lowers_in_place_for_cuda(raw):
     """Lowered for a GPU, the fused step is one Triton call whose cache outputs alias its cache
-    inputs (the update is in place) and nothing else touches the cache."""
+    inputs (the update is in place) and nothing else touches the cache; also with an RMS factor
+    and a raw q (scaled and rotated in the kernel)."""
     from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     S = jax.ShapeDtypeStruct
@@ -513,7 +543,7 @@ def test_decode_append_lowers_in_place_for_cuda(rms):
         rope = S((2, 128), jnp.float32)
         step = lambda q, kn, vn, kc, vc, n, c, sn, lay, ss: decode_triton.decode_attention_append(  # noqa: E731
             q, kn, vn, kc, vc, n, layer=lay, rope=(c, sn),
-            kv_rms=(ss, 4096, 1e-5) if rms else None)
+            rms=(ss, 4096, 1e-5) if raw else None, q_heads=8 if raw else None)
         lowered = jax.jit(step).trace(S((2, 8, 128), jnp.bfloat16), row, row, cache, cache,
                                       S((2,), jnp.int32), rope, rope, S((), jnp.int32),
                                       S((2,), jnp.float32)).lower(lowering_platforms=("cuda",))
@@ -666,10 +696,18 @@ def test_decode_append_native_gpu():
     assert _rel(kc[1], rk) <= 1e-3 and _rel(vc[1], rv) == 0.0
     assert _rel(kc[0], k_all[0]) == 0.0
     # with an RMSNorm factor (models.fused.fold_norms), as the model's folded decode step
-    rms = (jnp.array([4096.0, 100.0, 9000.0]), 4096, 1e-5)
+    factor = (jnp.array([4096.0, 100.0, 9000.0]), 4096, 1e-5)
     out, kc, vc = jax.jit(lambda *a: decode_triton.decode_attention_append(
-        *a, layer=1, rope=rope, kv_rms=rms))(q, k_new, v_new, k_all, v_all, lengths)
+        *a, layer=1, rope=rope, rms=factor))(q, k_new, v_new, k_all, v_all, lengths)
     ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths,
-                                          rope=rope, kv_rms=rms)
+                                          rope=rope, rms=factor)
     assert _rel(out, ref) <= BF16_TOL
     assert _rel(kc[1], rk) <= 1e-3 and _rel(vc[1], rv) <= 1e-3
+    # and a raw q read from the fused projection's output, scaled and rotated in the kernel
+    packed = jnp.concatenate([q, k_new, v_new], axis=1)
+    out, kc, vc = jax.jit(lambda *a: decode_triton.decode_attention_append(
+        *a, layer=1, rope=rope, rms=factor, q_heads=h, k_head_offset=h, v_head_offset=h + kh))(
+        packed, packed, packed, k_all, v_all, lengths)
+    ref, rk, _ = decode_append_reference(api._prepare_query(q, h, rope, factor), k_new, v_new,
+                                         k_all[1], v_all[1], lengths, rope=rope, rms=factor)
+    assert _rel(out, ref) <= BF16_TOL and _rel(kc[1], rk) <= 1e-3

@@ -233,12 +233,16 @@ def test_fused_projections_give_the_same_logits(setup, mode):
             np.testing.assert_array_equal(np.asarray(back["layers"][n]), np.asarray(w))
 
 
-@pytest.mark.parametrize("mode", ["standard", "ladder"])
-def test_folded_norms_give_the_same_logits(setup, mode):
+@pytest.mark.parametrize("mode,q_in_kernel", [("standard", False), ("standard", True),
+                                               ("ladder", False)])
+def test_folded_norms_give_the_same_logits(setup, mode, q_in_kernel, monkeypatch):
     """RMSNorm gains folded into the fused weights (fused.fold_norms; the norm's factor applied
-    after the projection, for k and v inside the decode kernel): the same logits as the
-    unfolded model on one device (XLA and the Pallas kernels) and at TP 2 and 4."""
+    after the projection, for q, k and v by the decode step): the same logits as the unfolded
+    model on one device (XLA and the Pallas kernels, the queries scaled and rotated by XLA or
+    in the kernel) and at TP 2 and 4."""
+    import pallas_kernels.api
     from jaxturbo.models import fused
+    monkeypatch.setattr(pallas_kernels.api, "ROTATE_Q_IN_KERNEL", q_in_kernel)
     _, tokens, lengths = setup
     # ladder with q/k/v biases: the factor is then applied before the bias, in XLA
     cfg = TINY.replace(residual_mode=mode, attention_bias=mode == "ladder")
