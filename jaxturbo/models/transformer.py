@@ -47,9 +47,7 @@ AttnFn = Callable[..., jax.Array]
 # ----------------------------------------------------------------------------- cache
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
                kv_heads: int | None = None) -> Cache:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""Empty KV cache for `batch` rows of up to `max_len` tokens (kv_heads: local count under TP)."""
+    """Empty KV cache for `batch` rows of up to `max_len` tokens (kv_heads: local count under TP)."""
     k = cfg.num_key_value_heads if kv_heads is None else kv_heads
     shape = (cfg.num_hidden_layers, batch, max_len, k, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
@@ -57,17 +55,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> int:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""Bytes of K and V cached per token over all layers."""
+    """Bytes of K and V cached per token over all layers."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- embedding / head
 def embed(params: Params, tokens: jax.Array, tensor_axis: str | None = None) -> jax.Array:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""tokens [B, T] -> [B, T, D]; vocab-parallel (masked local lookup + psum) under `tensor_axis`."""
+    """tokens [B, T] -> [B, T, D]; vocab-parallel (masked local lookup + psum) under `tensor_axis`."""
     table = params["model.embed_tokens.weight"]
     if tensor_axis is None:
         return table[tokens]
@@ -80,9 +74,7 @@ def embed(params: Params, tokens: jax.Array, tensor_axis: str | None = None) -> 
 
 def lm_head(params: Params, cfg: ModelConfig, x: jax.Array,
             tensor_axis: str | None = None) -> jax.Array:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""Final hidden [B, T, D] -> logits [B, T, V] float32 (all-gathered over `tensor_axis`)."""
+    """Final hidden [B, T, D] -> logits [B, T, V] float32 (all-gathered over `tensor_axis`)."""
     w = params["model.embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
     # product in the parameters' dtype, then float32 (as HF does): a float32-result GEMV is 4x
     # slower at batch 1 on an H100 (see layers.linear)
@@ -97,9 +89,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
                     layer: jax.Array, *, segment_ids: jax.Array | None, cache: Cache | None,
                     attn_impl: str, attn_fn: AttnFn | None, norm_ss: jax.Array | None = None
                     ) -> tuple[jax.Array, Cache | None]:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""Self-attention of one layer on normed input h [B, T, D] (local heads under TP).
+    """Self-attention of one layer on normed input h [B, T, D] (local heads under TP).
 
     norm_ss [B, T, 1]: h is the raw residual stream, with this `sum_squares`, and the input
     norm's gain is folded into the fused q/k/v weight (`fused.fold_norms`): the projection's
@@ -109,9 +99,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     With a cache and T > 1 (prefill): also writes K/V into slots [0, T) of `layer`.
     With a cache and T == 1 (decode): writes slot lengths[b], attends to [0, lengths[b]].
     Returns the o_proj output before any all-reduce, and the updated cache.
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""
+    """
     b, t, _ = h.shape
     hd = cfg.head_dim
     decode = cache is not None and t == 1
@@ -172,8 +160,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
 def mlp_block(lp: Params, h: jax.Array, row_scale: jax.Array | None = None) -> jax.Array:
     """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
     h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""SwiGLU MLP of one layer on normed input, before any all-reduce (row_scale: as in
-    `attention_block`, for a gain folded into the fused gate/up weight)."""
+    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""
     if fused.GATE_UP_W in lp:  # one GEMV for gate and up (models/fused.py)
         gate_up = linear(h, lp[fused.GATE_UP_W])
         if row_scale is not None:
@@ -190,9 +177,7 @@ def _layer_slice(layers: Params, i: Any) -> Params:
 
 def _run_layers(step: Callable, carry: Any, layers: Params, start: int, stop: int,
                 unroll: bool, remat: tuple[Any] | None = None) -> Any:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""Apply step(carry, layer_params, layer_index) over layers [start, stop).
+    """Apply step(carry, layer_params, layer_index) over layers [start, stop).
 
     remat: (policy,) checkpoints every layer with that `jax.checkpoint` policy (None inside the
     tuple: save nothing), so the backward keeps one layer's residuals instead of all of them."""
@@ -232,9 +217,7 @@ def forward(
     return_hidden: bool = False,
     ladder_overlap: str = "scheduler",
 ) -> tuple[jax.Array, Cache | None]:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""Run the decoder.
+    """Run the decoder.
 
     Args:
       tokens: [B, T] int32.
@@ -256,9 +239,7 @@ def forward(
         (experiments/ladder/NOTES.md), so "scheduler" is the default.
     Returns:
       logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""
+    """
     b, t = tokens.shape
     if positions is None:
         if cache is not None and t == 1:
@@ -306,9 +287,7 @@ def forward(
         return x + reduce(a + mlp(lp, x)), pa, pm, c
 
     def after(y: jax.Array, prev: jax.Array) -> jax.Array:
-        """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""y, but only once `prev` (the previous module's all-reduce) is done.  Without it XLA's
+        """y, but only once `prev` (the previous module's all-reduce) is done.  Without it XLA's
         all-reduce combiner merges each module's all-reduce with the next, independent one, so
         the first waits for the second's compute and nothing overlaps (experiments/ladder/NOTES.md).
         The compute producing y is not held back: only the start of y's own all-reduce is."""
