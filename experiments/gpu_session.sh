@@ -141,7 +141,10 @@ ladder_variants() {  # 8B decode-step variants against each other, 3 modes each 
   #   fused     q/k/v and gate/up stored fused (jaxturbo.models.fused; the default since session 8)
   #   folded    fused, with the RMSNorm gains folded into them (fused.fold_norms)
   #   folded_q  folded, the queries scaled and rotated in the decode kernel (--q-in-kernel)
+  #   folded_mlp / folded_attn  only the post-attention / the input norm folded
+  #   fused_q   fused, the queries rotated in the decode kernel
   # LADDER_XLA: comma list of ladder_bench XLA flag sets (e.g. nccl_lhs,nccl_lhs_symm)
+  # LADDER_PROCS: worker processes per setting, one after another (per-run ratios and medians)
   # native tests of the decode kernels first
   mkdir -p "$OUT/ladder"
   timeout 120 $PY -m pytest -q -m gpu tests/pallas_kernels -k "append or decode_native" 2>&1 \
@@ -155,12 +158,16 @@ ladder_variants() {  # 8B decode-step variants against each other, 3 modes each 
       fused) flags="--projections fused" ;;
       folded) flags="--projections folded" ;;
       folded_q) flags="--projections folded --q-in-kernel" ;;
-      *) echo "unknown variant $v (new old xlamerge fused folded folded_q)"; return 1 ;;
+      folded_mlp) flags="--projections folded_mlp" ;;
+      folded_attn) flags="--projections folded_attn" ;;
+      fused_q) flags="--projections fused --q-in-kernel" ;;
+      *) echo "unknown variant $v (new old xlamerge fused folded folded_q folded_mlp folded_attn fused_q)"; return 1 ;;
     esac
     echo "=== variant $v ($flags)"
     timeout ${LADDER_TIMEOUT:-300} $PY experiments/ladder_bench.py --preset 8b --tp ${LADDER_TP:-2} \
       --residual ${LADDER_MODES:-standard,ladder,desync} --batch ${LADDER_BATCH:-1} \
-      --xla-preset ${LADDER_XLA:-nccl_lhs} --reps 3 --p2p ${LADDER_P2P:-on} $flags --out /tmp/ladder_$v 2>&1 \
+      --xla-preset ${LADDER_XLA:-nccl_lhs} --reps 3 --p2p ${LADDER_P2P:-on} --processes ${LADDER_PROCS:-1} \
+      $flags --out /tmp/ladder_$v 2>&1 \
       | grep -v "^\s*$" | tee "$OUT/ladder/log_variant_$v.txt"
     cp /tmp/ladder_$v/results.json "$OUT/ladder/results_variant_$v.json" 2>/dev/null
   done

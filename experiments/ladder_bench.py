@@ -96,7 +96,11 @@ PRESETS = {
                  num_attention_heads=8, num_key_value_heads=8, head_dim=16,
                  max_position_embeddings=512),
 }
-PROJECTIONS = ("separate", "fused", "folded")
+PROJECTIONS = ("separate", "fused", "folded", "folded_mlp", "folded_attn")
+# which norms each folded layout folds (fused.FOLDED_NORMS' names)
+FOLDS = {"folded": ("input_layernorm.weight", "post_attention_layernorm.weight"),
+         "folded_mlp": ("post_attention_layernorm.weight",),
+         "folded_attn": ("input_layernorm.weight",)}
 MODES = ("standard", "ladder", "ladder+streams", "parallel", "desync")
 
 
@@ -119,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xla-preset", default="default",
                    help=f"comma list of XLA flag sets, one worker each: {', '.join(XLA_PRESETS)}")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run each setting's worker this many times, one after another (rows "
+                        "tagged run 1..N, each run's ratio against its own standard; between "
+                        "processes standard moved by up to 4%% on 4x H100: experiments/ladder/"
+                        "NOTES.md, session 9); with N > 1 the per-run ratios and their medians "
+                        "are printed too (experiments/ladder/runs_report.py)")
     p.add_argument("--decode-loop", default="device",
                    help="device (the foundation's on-device while loop), host (one jitted step "
                         "per token from Python, dispatched asynchronously) or device,host")
@@ -138,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight layout: separate (q, k, v, gate, up as HF stores them), fused "
                         "(q/k/v and gate/up one matrix each: jaxturbo.models.fused; 1.10x at TP 4 "
                         "on 4x H100; rows labelled '<flags>+fusedproj'), folded (fused, with the "
-                        "RMSNorm gains in those weights: fused.fold_norms; '+foldnorm')")
+                        "RMSNorm gains in those weights: fused.fold_norms; '+foldnorm'), "
+                        "folded_mlp / folded_attn (only the post-attention / input norm folded: "
+                        "'+foldmlp' / '+foldattn')")
     p.add_argument("--q-in-kernel", action="store_true",
                    help="fused layouts: the decode kernel scales and rotates the queries itself "
                         "(pallas_kernels.api.ROTATE_Q_IN_KERNEL; rows labelled '<flags>+qkern')")
@@ -173,9 +185,8 @@ def bench_layer_shapes(cfg, tp: int, projections: str = "separate") -> dict:
         raise ValueError(f"projections={projections!r}; choose one of {PROJECTIONS}")
     if projections != "separate":  # random values: the rows' shard-by-shard order needs no care
         shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
-    if projections == "folded":  # the gains live in the fused weights
-        for norm, _ in fused.FOLDED_NORMS:
-            shapes.pop(norm)
+    for norm in FOLDS.get(projections, ()):  # the gains live in the fused weights
+        shapes.pop(norm)
     return shapes
 
 
@@ -229,7 +240,9 @@ def run_worker(a: argparse.Namespace) -> None:
         pallas_kernels.api.FUSED_APPEND = False
         a.xla_preset = a.xla_preset + "+unfused"
     if a.projections != "separate":
-        a.xla_preset = a.xla_preset + ("+fusedproj" if a.projections == "fused" else "+foldnorm")
+        a.xla_preset = a.xla_preset + {"fused": "+fusedproj", "folded": "+foldnorm",
+                                       "folded_mlp": "+foldmlp",
+                                       "folded_attn": "+foldattn"}[a.projections]
     if a.q_in_kernel:
         import pallas_kernels.api
         pallas_kernels.api.ROTATE_Q_IN_KERNEL = True
@@ -354,16 +367,17 @@ def _setting_name(row: dict) -> str:
 
 # ----------------------------------------------------------------------------- driver
 def _table(rows: list[dict]) -> str:
-    key = lambda r: (r["tp"], r["batch"], r["p2p"], r["xla_preset"])  # noqa: E731
+    key = lambda r: (r["tp"], r["batch"], r["p2p"], r["xla_preset"], r.get("run", 1))  # noqa: E731
     base = {key(r): r["tokens_per_s"] for r in rows if r["residual"] == "standard"}
     head = ("| residual | TP | batch | P2P | XLA flags | tokens/s | prefill s | decode s | ms/step | speedup vs standard |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
-    for r in sorted(rows, key=lambda r: (r["xla_preset"], not r["p2p"], r["tp"], r["batch"], MODES.index(r["residual"])
-                                         if r["residual"] in MODES else 9)):
+    for r in sorted(rows, key=lambda r: (r["xla_preset"], not r["p2p"], r.get("run", 1), r["tp"], r["batch"],
+                                         MODES.index(r["residual"]) if r["residual"] in MODES else 9)):
         ref = base.get(key(r))
         sp = f"{r['tokens_per_s'] / ref:.3f}x" if ref else "-"
-        lines.append(f"| {r['residual']} | {r['tp']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['xla_preset']} | "
+        run = f" (run {r['run']})" if r.get("run", 1) > 1 else ""
+        lines.append(f"| {r['residual']} | {r['tp']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['xla_preset']}{run} | "
                      f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.4f} | {r['decode_s']:.4f} | "
                      f"{r['ms_per_step']:.3f} | {sp} |")
     return "\n".join(lines)
@@ -398,8 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    settings = [(s, x) for x in a.xla_preset.split(",") for s in a.p2p.split(",")]
-    for setting, xla in settings:
+    if a.processes < 1:
+        raise SystemExit(f"--processes {a.processes}: use 1 or more")
+    if a.processes > 1 and a.profile:
+        raise SystemExit("--profile traces one process per setting: use it with --processes 1")
+    settings = [(s, x, run) for x in a.xla_preset.split(",") for s in a.p2p.split(",")
+                for run in range(1, a.processes + 1)]
+    for setting, xla, run in settings:
         if setting not in ("on", "off") or xla not in XLA_PRESETS:
             raise SystemExit(f"--p2p {setting!r} / --xla-preset {xla!r}: use on/off and {list(XLA_PRESETS)}")
         env = dict(os.environ)
@@ -417,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if line.startswith("ROW "):
-                rows.append(json.loads(line[4:]))
+                rows.append(dict(json.loads(line[4:]), run=run))
                 r = rows[-1]
-                print(f"# {r['residual']} tp={r['tp']} b={r['batch']} p2p={setting} xla={xla}: "
+                print(f"# {r['residual']} tp={r['tp']} b={r['batch']} p2p={setting} xla={xla}"
+                      f"{f' run {run}' if a.processes > 1 else ''}: "
                       f"{r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.3f} ms/step, "
                       f"prefill {r['prefill_s']:.3f} s (compile {r['compile_s']:.0f} s)", flush=True)
                 (out / "results.json").write_text(json.dumps(rows, indent=1))
@@ -434,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, out / "tokens_per_s.png")
     print(f"\n{rows[0]['preset']} on {rows[0]['device']} ({rows[0]['layers']} layers, "
           f"XLA flag sets {a.xla_preset})\n{table}")
+    if a.processes > 1:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "ladder"))
+        import runs_report
+        runs = runs_report.table(runs_report.group_runs(rows))
+        (out / "runs.md").write_text(runs + "\n")
+        print(f"\nrun by run (each ladder against the standard of its own process)\n{runs}")
     if a.profile:
         sys.path.insert(0, str(Path(__file__).resolve().parent / "ladder"))
         import trace_streams

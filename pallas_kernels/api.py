@@ -305,7 +305,8 @@ def decode_attention(
 # writes them with XLA first (four more small kernels per layer: the benchmarks' baseline).
 FUSED_APPEND = True
 # With a raw q (`q_heads`), the Pallas-Triton kernel also scales and rotates the queries as it
-# reads them (one XLA kernel fewer per layer; untimed, so off: experiments/ladder/NOTES.md).
+# reads them (one XLA kernel fewer per layer).  Off: at TP 4 on 4x H100 it made the ladder
+# decode step slower, not faster (experiments/ladder/NOTES.md, session 9).
 ROTATE_Q_IN_KERNEL = False
 
 

@@ -90,25 +90,42 @@ def fuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Param
 FOLDED_NORMS = (("input_layernorm.weight", QKV_W), ("post_attention_layernorm.weight", GATE_UP_W))
 
 
+def norm_folded(layers: Params, norm: str) -> bool:
+    """Whether the gain of `norm` (a name in `FOLDED_NORMS`) lives in its fused weight."""
+    return QKV_W in layers and GATE_UP_W in layers and norm not in layers
+
+
 def norms_folded(layers: Params) -> bool:
-    """Whether the layers' input norms' gains live in the fused weights (`fold_norms`)."""
-    return GATE_UP_W in layers and FOLDED_NORMS[0][0] not in layers
+    """Whether both norms' gains live in the fused weights (`fold_norms`)."""
+    return all(norm_folded(layers, n) for n, _ in FOLDED_NORMS)
 
 
-def fold_norms(params: Params) -> Params:
+def fold_norms(params: Params, norms: tuple[str, ...] | None = None) -> Params:
     """Fused `params` with each layer's two RMSNorm gains multiplied into the weight that reads
     the norm's output (q/k/v: the input norm; gate/up: the post-attention norm), the gains
     dropped.  The model then projects the raw residual stream and scales the projection's
     output by the row's rsqrt(mean(x^2) + eps) (`layers.rms_scale`): the norm's separate
     normalise-and-scale kernel goes (XLA fuses the scaling into the projection's consumers), one
     kernel fewer per norm at decode.  Same function; rounding differs in low-precision dtypes
-    (the product W * gain is rounded once, the normed activation is not)."""
+    (the product W * gain is rounded once, the normed activation is not).
+
+    norms: which of `FOLDED_NORMS`' names to fold (default both).  Folding only one side is a
+    timing experiment (experiments/ladder/NOTES.md, session 9): under Ladder-Residual the
+    attention block is the window that hides the MLP's all-reduce, and a kernel removed there
+    can lengthen the wait instead of shortening the step."""
     layers = dict(params["layers"])
     if not (QKV_W in layers and GATE_UP_W in layers):
         raise ValueError("fold_norms needs fused projections (fuse_projections first)")
-    if norms_folded(layers):
+    names = [n for n, _ in FOLDED_NORMS]
+    norms = tuple(names) if norms is None else tuple(norms)
+    bad = [n for n in norms if n not in names]
+    if bad or not norms:
+        raise ValueError(f"norms={norms!r}: choose from {names}")
+    if any(norm_folded(layers, n) for n in norms):
         raise ValueError("the norms are already folded")
     for norm, w in FOLDED_NORMS:
+        if norm not in norms:
+            continue
         gain = layers.pop(norm)
         layers[w] = (layers[w].astype(jnp.float32)
                      * gain.astype(jnp.float32)[:, None, :]).astype(layers[w].dtype)

@@ -260,17 +260,18 @@ def forward(
     eps = cfg.rms_norm_eps
     kw = dict(segment_ids=segment_ids, attn_impl=attn_impl, attn_fn=attn_fn)
 
-    folded = fused.norms_folded(params["layers"])
+    fold_attn = fused.norm_folded(params["layers"], "input_layernorm.weight")
+    fold_mlp = fused.norm_folded(params["layers"], "post_attention_layernorm.weight")
 
     def attn(c_cache, lp, i, xin):
-        if folded:  # the gain is in the q/k/v weight: one kernel fewer (fused.fold_norms)
+        if fold_attn:  # the gain is in the q/k/v weight: one kernel fewer (fused.fold_norms)
             return attention_block(lp, cfg, xin, cos, sin, i, cache=c_cache,
                                    norm_ss=sum_squares(xin), **kw)
         return attention_block(lp, cfg, rms_norm(xin, lp["input_layernorm.weight"], eps),
                                cos, sin, i, cache=c_cache, **kw)
 
     def mlp(lp, xin):
-        if folded:
+        if fold_mlp:
             return mlp_block(lp, xin, row_scale=rms_scale(xin, eps))
         return mlp_block(lp, rms_norm(xin, lp["post_attention_layernorm.weight"], eps))
 

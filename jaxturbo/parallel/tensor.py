@@ -157,14 +157,16 @@ def param_specs(params: Params) -> Params:
 
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh,
-                 fuse_projections: bool = False, fold_norms: bool = False) -> Params:
+                 fuse_projections: bool = False,
+                 fold_norms: bool | tuple[str, ...] = False) -> Params:
     """Place `params` on `mesh`: column/row/vocab-parallel over `tensor`, replicated over `data`.
 
     KV heads are replicated first when the tensor size exceeds them (`replicate_kv_heads`).
     fuse_projections: store q/k/v and gate/up as one matrix each, laid out for this tensor
     size (`jaxturbo.models.fused`: two GEMVs a layer at decode instead of five; same logits).
     fold_norms: also fold the layers' RMSNorm gains into those matrices (`fused.fold_norms`:
-    one kernel fewer per norm at decode; the same function, rounded differently in bf16).
+    one kernel fewer per norm at decode; the same function, rounded differently in bf16);
+    a tuple of norm names folds only those.
     """
     tp = tensor_size(mesh)
     check_tensor_parallel(cfg, tp)
@@ -174,7 +176,7 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh,
     if fuse_projections:
         params = fused.fuse_projections(params, cfg, tp)
     if fold_norms:
-        params = fused.fold_norms(params)
+        params = fused.fold_norms(params, None if fold_norms is True else tuple(fold_norms))
     specs = param_specs(params)
     return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
 

@@ -233,13 +233,18 @@ def test_fused_projections_give_the_same_logits(setup, mode):
             np.testing.assert_array_equal(np.asarray(back["layers"][n]), np.asarray(w))
 
 
-@pytest.mark.parametrize("mode,q_in_kernel", [("standard", False), ("standard", True),
-                                               ("ladder", False)])
-def test_folded_norms_give_the_same_logits(setup, mode, q_in_kernel, monkeypatch):
+MLP_NORM = ("post_attention_layernorm.weight",)
+
+
+@pytest.mark.parametrize("mode,q_in_kernel,norms", [("standard", False, None),
+                                                     ("standard", True, None),
+                                                     ("ladder", False, None),
+                                                     ("ladder", True, MLP_NORM)])
+def test_folded_norms_give_the_same_logits(setup, mode, q_in_kernel, norms, monkeypatch):
     """RMSNorm gains folded into the fused weights (fused.fold_norms; the norm's factor applied
     after the projection, for q, k and v by the decode step): the same logits as the unfolded
     model on one device (XLA and the Pallas kernels, the queries scaled and rotated by XLA or
-    in the kernel) and at TP 2 and 4."""
+    in the kernel) and at TP 2 and 4; also with only the post-attention norm folded."""
     import pallas_kernels.api
     from jaxturbo.models import fused
     monkeypatch.setattr(pallas_kernels.api, "ROTATE_Q_IN_KERNEL", q_in_kernel)
@@ -251,10 +256,12 @@ def test_folded_norms_give_the_same_logits(setup, mode, q_in_kernel, monkeypatch
     for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         layers[n] = jax.random.uniform(jax.random.key(len(n)), layers[n].shape,
                                        layers[n].dtype, minval=0.5, maxval=1.5)
-    folded = fused.fold_norms(fused.fuse_projections(params, cfg))
-    assert fused.norms_folded(folded["layers"]) and "input_layernorm.weight" not in folded["layers"]
+    folded = fused.fold_norms(fused.fuse_projections(params, cfg), norms)
+    assert fused.norm_folded(folded["layers"], "post_attention_layernorm.weight")
+    assert fused.norms_folded(folded["layers"]) == (norms is None)
+    assert ("input_layernorm.weight" in folded["layers"]) == (norms is not None)
     _same_logits_in_layout(folded, params, cfg, tokens, lengths, fuse_projections=True,
-                           fold_norms=True)
+                           fold_norms=True if norms is None else norms)
 
 
 def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
@@ -273,5 +280,7 @@ def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
         fused.fold_norms(params)
     with pytest.raises(ValueError, match="already folded"):
         fused.fold_norms(fused.fold_norms(once))
+    with pytest.raises(ValueError, match="choose from"):
+        fused.fold_norms(once, ("mlp",))
     with pytest.raises(ValueError, match="needs fuse_projections"):
         tensor.shard_params(params, TINY, tp_mesh(2), fold_norms=True)
