@@ -109,10 +109,10 @@ def fold_norms(params: Params, norms: tuple[str, ...] | None = None) -> Params:
     kernel fewer per norm at decode.  Same function; rounding differs in low-precision dtypes
     (the product W * gain is rounded once, the normed activation is not).
 
-    norms: which of `FOLDED_NORMS`' names to fold (default both).  Folding only one side is a
-    timing experiment (experiments/ladder/NOTES.md, session 9): under Ladder-Residual the
-    attention block is the window that hides the MLP's all-reduce, and a kernel removed there
-    can lengthen the wait instead of shortening the step."""
+    norms: which of `FOLDED_NORMS`' names to fold (default both); one side alone is for timing
+    experiments.  On 4x H100 at TP 4 folding made the unsynchronised desync step faster but
+    the standard and ladder steps slower and noisier (experiments/ladder/NOTES.md, session 9),
+    so the models' default layout leaves the norms unfolded."""
     layers = dict(params["layers"])
     if not (QKV_W in layers and GATE_UP_W in layers):
         raise ValueError("fold_norms needs fused projections (fuse_projections first)")
