@@ -97,10 +97,6 @@ PRESETS = {
                  max_position_embeddings=512),
 }
 PROJECTIONS = ("separate", "fused", "folded", "folded_mlp", "folded_attn")
-# which norms each folded layout folds (fused.FOLDED_NORMS' names)
-FOLDS = {"folded": ("input_layernorm.weight", "post_attention_layernorm.weight"),
-         "folded_mlp": ("post_attention_layernorm.weight",),
-         "folded_attn": ("input_layernorm.weight",)}
 MODES = ("standard", "ladder", "ladder+streams", "parallel", "desync")
 
 
@@ -185,7 +181,9 @@ def bench_layer_shapes(cfg, tp: int, projections: str = "separate") -> dict:
         raise ValueError(f"projections={projections!r}; choose one of {PROJECTIONS}")
     if projections != "separate":  # random values: the rows' shard-by-shard order needs no care
         shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
-    for norm in FOLDS.get(projections, ()):  # the gains live in the fused weights
+    (attn_norm, _), (mlp_norm, _) = fused.FOLDED_NORMS
+    folds = {"folded": (attn_norm, mlp_norm), "folded_mlp": (mlp_norm,), "folded_attn": (attn_norm,)}
+    for norm in folds.get(projections, ()):  # the gains live in the fused weights
         shapes.pop(norm)
     return shapes
 
