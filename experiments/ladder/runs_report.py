@@ -8,6 +8,12 @@ runs, prints every run's ratio and each layout's median, and plots them against 
 
     python experiments/ladder/runs_report.py experiments/ladder/results_8b_s9_h100x4.json \
         --bar 1.28 --png experiments/ladder/runs_8b_s9_h100x4.png
+
+`--grid` instead reads several sessions' rows files and prints the benchmark grid (TP x batch x
+P2P) for one XLA flag set and layout, each cell from the latest session that measured both
+standard and ladder there (medians over that session's runs):
+
+    python experiments/ladder/runs_report.py --grid experiments/ladder/results_8b_s*_h100x4.json
 """
 
 from __future__ import annotations
@@ -109,21 +115,93 @@ def plot(runs: list[dict], path: Path, bar: float | None, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+GRID_MODES = ("standard", "ladder", "parallel", "desync")
+
+
+def grid(rows: list[dict], xla_preset: str) -> list[dict]:
+    """Rows of several sessions -> one dict per (tp, batch, p2p) measured with `xla_preset`:
+    {tp, batch, p2p, session, <mode>: median tokens/s, ratio: ladder / standard, borrowed:
+    {mode: session}}.  A cell's session is the latest that measured both standard and ladder
+    there, so its ratio is a same-session one; a mode that session lacks is taken from the
+    latest session that has it and named in `borrowed` (it is not part of the ratio)."""
+    cells: dict[tuple, dict[int, dict[str, list[float]]]] = {}
+    for r in rows:
+        if r.get("xla_preset") != xla_preset or r["residual"] not in GRID_MODES:
+            continue
+        by_session = cells.setdefault((r["tp"], r["batch"], bool(r["p2p"])), {})
+        by_session.setdefault(r.get("session", 0), {}).setdefault(r["residual"], []).append(
+            r["tokens_per_s"])
+    out = []
+    for (tp, batch, p2p), by_session in sorted(cells.items(), key=lambda kv: (-kv[0][0], kv[0][1], not kv[0][2])):
+        paired = [s for s, m in by_session.items() if "standard" in m and "ladder" in m]
+        if not paired:
+            continue
+        session = max(paired)
+        cell = dict(tp=tp, batch=batch, p2p=p2p, session=session, borrowed={})
+        for mode in GRID_MODES:
+            have = [s for s, m in by_session.items() if mode in m]
+            if not have:
+                continue
+            src = session if session in have else max(have)
+            cell[mode] = statistics.median(by_session[src][mode])
+            if src != session:
+                cell["borrowed"][mode] = src
+        cell["ratio"] = cell["ladder"] / cell["standard"]
+        out.append(cell)
+    return out
+
+
+def grid_table(cells: list[dict]) -> str:
+    lines = ["| TP | batch | P2P | standard | ladder | parallel | desync | ladder / standard | session |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c in cells:
+        vals = [(f"{c[m]:,.1f}" + (f" (s{c['borrowed'][m]})" if m in c["borrowed"] else ""))
+                if m in c else "-" for m in GRID_MODES]
+        lines.append(f"| {c['tp']} | {c['batch']} | {'on' if c['p2p'] else 'off'} | "
+                     f"{' | '.join(vals)} | {c['ratio']:.3f}x | {c['session']} |")
+    return "\n".join(lines)
+
+
+def _load_rows(path: Path) -> list[dict]:
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("expected a non-empty JSON list")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("rows", type=Path, help="rows JSON (a list of ladder_bench rows)")
+    p.add_argument("rows", type=Path, nargs="+",
+                   help="rows JSON (a list of ladder_bench rows); several only with --grid")
     p.add_argument("--bar", type=float, default=None, help="ratio to draw as the bar")
     p.add_argument("--png", type=Path, default=None, help="write the plot here")
     p.add_argument("--md", type=Path, default=None, help="write the table here")
+    p.add_argument("--grid", action="store_true",
+                   help="the TP x batch x P2P grid over all the files' sessions instead")
+    p.add_argument("--xla-preset", default="nccl_lhs+fusedproj",
+                   help="with --grid: the rows' xla_preset (flag set + layout) to tabulate")
     a = p.parse_args(argv)
-    try:
-        rows = json.loads(a.rows.read_text())
-        if not isinstance(rows, list) or not rows:
-            raise ValueError("expected a non-empty JSON list")
-        runs = group_runs(rows)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {a.rows}: not a ladder_bench rows list ({e})", file=sys.stderr)
+    if len(a.rows) > 1 and not a.grid:
+        print(f"error: {len(a.rows)} files given; one, or use --grid", file=sys.stderr)
         return 2
+    try:
+        rows = [r for path in a.rows for r in _load_rows(path)]
+        runs = None if a.grid else group_runs(rows)
+        cells = grid(rows, a.xla_preset) if a.grid else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: {' '.join(map(str, a.rows))}: not ladder_bench rows lists ({e})", file=sys.stderr)
+        return 2
+    if a.grid:
+        if not cells:
+            presets = sorted({str(r.get("xla_preset")) for r in rows})
+            print(f"error: no standard/ladder pair with xla_preset {a.xla_preset!r}; the files "
+                  f"have {', '.join(presets)}", file=sys.stderr)
+            return 2
+        text = grid_table(cells)
+        print(text)
+        if a.md:
+            a.md.write_text(text + "\n")
+        return 0
     text = table(runs)
     print(text)
     if a.md:
