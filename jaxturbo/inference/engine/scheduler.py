@@ -1,0 +1,298 @@
+"""Continuous-batching scheduler: which requests compute which tokens in the next model step.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running requests are served first, in admission order: a decode costs one token, a prompt still
+being prefilled gets its next chunk.  Then waiting requests are admitted in policy order (after a
+prefix-cache lookup) until the budget, the sequence cap or the pages run out; the first one that
+does not fit stops admission, so a large request is not overtaken forever.  When a running request
+cannot get pages, the policy's victim is preempted by recompute: its pages are freed and it goes
+back to the waiting queue with its generated tokens, to be recomputed as part of its prompt.
+
+Protocol: `schedule()`, run the step, `update_from_output(sampled)`, repeat.  The step handed to
+the runner must run as scheduled even if a request of it is aborted meanwhile: another request of
+the same step may read pages it writes (prefix hits are registered at allocation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from jaxturbo.errors import UserError
+from jaxturbo.inference.engine.config import EngineConfig
+from jaxturbo.inference.engine.kv_cache_manager import KVCacheManager, KVCacheStats
+from jaxturbo.inference.engine.policy import PriorityFCFS, SchedulingPolicy
+from jaxturbo.inference.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    token_ids: the tokens to compute, at positions start_position .. start_position + n - 1 (a
+        prompt chunk, or the last sampled token); start_position = tokens already cached.
+    page_table: the request's pages after allocation, covering at least start_position + n
+        tokens; 0 marks pages released by the sliding window.
+    samples: whether the step ends with a sampled token (the last prompt chunk, or a decode).
+    sampling: the request's opaque sampling settings.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_position: int
+    page_table: tuple[int, ...]
+    samples: bool
+    sampling: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """KV length after the step: start_position + number of new tokens."""
+        return self.start_position + len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    """What one model step computes, plus the requests whose device-side state can be dropped:
+    preempted in this schedule, or finished/aborted since the previous one."""
+
+    scheduled: tuple[ScheduledRequest, ...]
+    num_scheduled_tokens: int
+    preempted_ids: tuple[str, ...] = ()
+    finished_ids: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """The token a step sampled for one request and whether that ended it."""
+
+    request_id: str
+    new_token_id: int
+    finish_reason: FinishReason | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerStats:
+    """Queue sizes, cumulative counters, the last step's token count and the KV cache snapshot."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    num_steps: int
+    num_scheduled_tokens: int
+    total_scheduled_tokens: int
+    kv: KVCacheStats
+
+
+class Scheduler:
+    """Requests in, `SchedulerOutput` per step out; plain Python over integers."""
+
+    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager,
+                 policy: SchedulingPolicy | None = None) -> None:
+        if kv_manager.page_size != config.page_size or kv_manager.sliding_window != config.sliding_window:
+            raise ValueError(f"kv_manager (page_size={kv_manager.page_size}, sliding_window="
+                             f"{kv_manager.sliding_window}) disagrees with the config (page_size="
+                             f"{config.page_size}, sliding_window={config.sliding_window})")
+        self.config = config
+        self.kv = kv_manager
+        self.policy: SchedulingPolicy = PriorityFCFS() if policy is None else policy
+        self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._arrivals = 0
+        self._pending: list[tuple[Request, ScheduledRequest]] | None = None
+        self._finished_ids: list[str] = []
+        self._num_preemptions = 0
+        self._num_steps = 0
+        self._last_tokens = 0
+        self._total_tokens = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a new request.  UserError if its id is taken, its prompt leaves no room to
+        generate within max_model_len, or it could never fit in the page pool."""
+        cfg, rid = self.config, request.request_id
+        if rid in self._requests:
+            raise UserError(f"request id {rid!r} is already in use by an unfinished request")
+        if request.status is not RequestStatus.WAITING or request.output_token_ids or request.page_table:
+            raise ValueError(f"request {rid!r} is not fresh ({request!r}); build a new Request")
+        if request.num_prompt_tokens >= cfg.max_model_len:
+            raise UserError(f"the prompt of request {rid!r} has {request.num_prompt_tokens} tokens; "
+                            f"max_model_len={cfg.max_model_len} allows at most {cfg.max_model_len - 1} "
+                            "so that at least one token can be generated")
+        # the last sampled token is never computed, so at most total - 1 tokens need K/V
+        most_computed = min(request.num_prompt_tokens + request.max_tokens, cfg.max_model_len) - 1
+        need = self.kv.max_pages_needed(most_computed, cfg.max_chunk_tokens)
+        if need > self.kv.num_usable_pages:
+            raise UserError(
+                f"request {rid!r} may need {need} KV pages ({most_computed} tokens, page_size "
+                f"{cfg.page_size}) but the pool has {self.kv.num_usable_pages}; lower its prompt length or "
+                f"max_tokens={request.max_tokens}, or give the KV cache more pages")
+        request.arrival = self._arrivals
+        self._arrivals += 1
+        self._requests[rid] = request
+        self.policy.add(request)
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> bool:
+        """End a request now (a stop string found by the caller, or an abort) and free its pages;
+        False if no unfinished request has this id."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, reason)
+        return True
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a waiting or running request; its pages are freed at once."""
+        return self.finish_request(request_id, FinishReason.ABORT)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.policy.remove(request)
+        request.status = RequestStatus.finished(reason)
+        self.kv.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the request's pages; its generated tokens stay and are
+        recomputed with the prompt when it is admitted again."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.policy.add(request)
+
+    # -- steps --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's requests and tokens, allocating their pages (see the module doc)."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called twice: call update_from_output() after each step")
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        chunk_cap = cfg.max_chunk_tokens
+        num_new: dict[str, int] = {}  # request id -> tokens this step, in scheduling order
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens_to_compute, chunk_cap, budget)
+            while not self.kv.allocate_slots(request, n):
+                victim = self.policy.select_victim(self.running)
+                if self.running.index(victim) < i:
+                    i -= 1
+                budget += num_new.pop(victim.request_id, 0)  # its allocation this step is undone too
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                num_new[request.request_id] = n
+                budget -= n
+                i += 1
+
+        # admitting new requests right after preempting would only thrash the pool
+        while not preempted and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.policy.peek()
+            if request is None:
+                break
+            hits, num_hit_tokens = self.kv.get_computed_pages(request)
+            n = min(request.num_tokens - num_hit_tokens, chunk_cap, budget)
+            if not self.kv.allocate_slots(request, n, hits):
+                break
+            self.policy.pop()
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_new[request.request_id] = n
+            budget -= n
+
+        pending, scheduled = [], []
+        for rid, n in num_new.items():
+            request = self._requests[rid]
+            start = request.num_computed_tokens
+            sr = ScheduledRequest(
+                request_id=rid, token_ids=tuple(request.all_token_ids[start:start + n]),
+                start_position=start, page_table=tuple(request.page_table),
+                samples=start + n == request.num_tokens, sampling=request.sampling)
+            pending.append((request, sr))
+            scheduled.append(sr)
+        total = cfg.max_num_batched_tokens - budget
+        out = SchedulerOutput(scheduled=tuple(scheduled), num_scheduled_tokens=total,
+                              preempted_ids=tuple(preempted), finished_ids=tuple(self._finished_ids))
+        self._finished_ids.clear()
+        self._last_tokens = total
+        if scheduled:
+            self._pending = pending
+            self._num_steps += 1
+            self._total_tokens += total
+        return out
+
+    def update_from_output(self, sampled: Mapping[str, int]) -> list[RequestOutput]:
+        """Account for the step `schedule()` returned: advance every scheduled request's computed
+        tokens, append the sampled token of each request whose step samples, apply the stop rules
+        (stop ids / EOS -> "stop", max_tokens / max_model_len -> "length") and free finished
+        requests' pages.  Requests finished or aborted since `schedule()` are skipped."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            if sampled:
+                raise RuntimeError(f"tokens for {sorted(sampled)} but no step is pending")
+            return []
+        expected = {sr.request_id for _, sr in pending if sr.samples}
+        needed = {sr.request_id for r, sr in pending if sr.samples and not r.is_finished}
+        if not needed <= set(sampled) <= expected:
+            self._pending = pending  # nothing was applied; let the caller retry with the right keys
+            raise ValueError(f"sampled tokens for {sorted(sampled)}, but the step samples for {sorted(needed)} "
+                             f"(and optionally the since-finished {sorted(expected - needed)})")
+        outputs = []
+        for request, sr in pending:
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += sr.num_tokens
+            if not sr.samples:
+                continue
+            token = int(sampled[sr.request_id])
+            request.append_output_token(token)
+            reason = request.stop_reason(self.config.max_model_len)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(RequestOutput(sr.request_id, token, reason))
+        return outputs
+
+    # -- introspection ------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id."""
+        return self._requests.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.policy)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(num_running=len(self.running), num_waiting=len(self.policy),
+                              num_preemptions=self._num_preemptions, num_steps=self._num_steps,
+                              num_scheduled_tokens=self._last_tokens,
+                              total_scheduled_tokens=self._total_tokens, kv=self.kv.stats())
