@@ -19,10 +19,15 @@ included) and `mla_decode_attention` (generation).
                    mosaic_gpu where it covers the call, else pallas_triton; other GPUs and
                    CPU: pallas_triton, on CPU in interpret mode: slow, for tests);
   "auto"           the fastest correct choice for the platform and case (see `_auto_attention`).
+
+What "auto" picks, and any fallback from the fused or kernel path, is logged once per distinct
+(op, implementation, reason) on the "pallas_kernels" logger (`log_choice`); `CHOICES` holds each
+op's latest choice, for benchmarks to report the path that ran.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import jax
@@ -38,6 +43,23 @@ from pallas_kernels.flash_attention.reference import (attention_backward_referen
 Implementation = Literal["auto", "pallas", "pallas_triton", "mosaic_tpu", "mosaic_gpu", "cudnn",
                          "xla"]
 _ATTENTION_IMPLS = ("auto", "pallas", "pallas_triton", "mosaic_tpu", "mosaic_gpu", "cudnn", "xla")
+
+
+logger = logging.getLogger("pallas_kernels")
+_LOGGED: set[tuple[str, str, str]] = set()
+# op -> (implementation, reason) of its latest dispatch (at trace time, as the logging is)
+CHOICES: dict[str, tuple[str, str]] = {}
+
+
+def log_choice(op: str, impl: str, reason: str, level: int = logging.INFO) -> str:
+    """Record that `op` runs `impl` because of `reason` and log it, once per distinct
+    (op, impl, reason) in the process ("mla_decode_attention: xla (no GPU or TPU: cpu)").
+    level: WARNING for a fallback from a faster path the platform has.  Returns impl."""
+    CHOICES[op] = (impl, reason)
+    if (op, impl, reason) not in _LOGGED:
+        _LOGGED.add((op, impl, reason))
+        logger.log(level, "%s: %s (%s)", op, impl, reason)
+    return impl
 
 
 def _platform() -> str:
@@ -87,15 +109,22 @@ def _auto_attention(q: jax.Array, *, segment_ids, softcap, return_lse,
     which owns its backward, picks cuDNN explicitly)."""
     platform = _platform()
     if platform == "tpu":
-        return "mosaic_tpu"
+        return log_choice("attention", "mosaic_tpu", "TPU")
     if platform == "gpu":
-        if mosaic_gpu_ok and _is_hopper():
-            return "mosaic_gpu"
-        if (segment_ids is None and softcap is None and not return_lse
-                and q.dtype in (jnp.bfloat16, jnp.float16)):
-            return "cudnn"
-        return "pallas_triton"
-    return "xla"
+        hopper = _is_hopper()
+        if mosaic_gpu_ok and hopper:
+            return log_choice("attention", "mosaic_gpu", "Hopper GPU; the Mosaic GPU kernel "
+                                                         "covers the call")
+        why = "Hopper GPU; the Mosaic GPU kernel does not cover the call; " if hopper else "GPU; "
+        lacks = [what for what, hit in (("segment ids", segment_ids is not None),
+                                        ("softcap", softcap is not None), ("an lse", return_lse),
+                                        (f"{q.dtype} inputs",
+                                         q.dtype not in (jnp.bfloat16, jnp.float16))) if hit]
+        if not lacks:
+            return log_choice("attention", "cudnn", why + "cuDNN covers the call")
+        return log_choice("attention", "pallas_triton",
+                          why + f"cuDNN's path lacks {', '.join(lacks)}")
+    return log_choice("attention", "xla", f"no GPU or TPU: {platform}")
 
 
 def _cudnn_attention(q, k, v, *, causal, segment_ids, kv_segment_ids, sliding_window, scale):
@@ -223,8 +252,17 @@ def attention_backward(
     cudnn_ok = cudnn_lse_supported(q, k, causal=causal, segment_ids=segment_ids,
                                    softcap=softcap)
     if implementation == "auto":
-        implementation = {"tpu": "mosaic_tpu",
-                          "gpu": "cudnn" if cudnn_ok else "pallas_triton"}.get(_platform(), "xla")
+        platform = _platform()
+        if platform == "gpu":
+            implementation = log_choice(
+                "attention_backward",
+                *(("cudnn", "GPU; cuDNN's saved-lse backward covers the call") if cudnn_ok else
+                  ("pallas_triton", "GPU; cuDNN's saved-lse backward needs bf16/fp16, no "
+                   "segment ids or softcap, q_len == kv_len when causal")))
+        elif platform == "tpu":
+            implementation = log_choice("attention_backward", "mosaic_tpu", "TPU")
+        else:
+            implementation = log_choice("attention_backward", "xla", f"no GPU or TPU: {platform}")
     mosaic_ok = kv_segment_ids is None and mosaic_gpu_covers(q, k, segment_ids=segment_ids,
                                                              softcap=softcap)
     if implementation == "mosaic_gpu" and not mosaic_ok:
@@ -257,14 +295,25 @@ def attention_backward(
                                                interpret=interp, **kwargs)
 
 
-def _decode_implementation(implementation: str, what: str) -> str:
-    """The decode kernels' backend for `implementation` (they have no cuDNN or Mosaic GPU one)."""
+def _decode_implementation(implementation: str, op: str) -> str:
+    """The decode kernels' backend for `implementation` (they have no cuDNN or Mosaic GPU one),
+    recorded in CHOICES under `op` (an explicit one logged at DEBUG only)."""
     if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
-        raise ValueError(f"{what} implementation {implementation!r} is unknown; "
+        raise ValueError(f"{op} implementation {implementation!r} is unknown; "
                          "choose one of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
     if implementation == "auto":
-        implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
-    return _resolve_pallas(implementation)
+        return _auto_decode(op)
+    resolved = _resolve_pallas(implementation)
+    return log_choice(op, resolved, f"asked for {implementation!r}", level=logging.DEBUG)
+
+
+def _auto_decode(op: str) -> str:
+    """The decode kernels' "auto": the platform's Pallas kernel, XLA without GPU or TPU."""
+    platform = _platform()
+    impl = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(platform)
+    if impl is None:
+        return log_choice(op, "xla", f"no GPU or TPU: {platform}")
+    return log_choice(op, impl, platform.upper())
 
 
 def decode_attention(
@@ -286,7 +335,7 @@ def decode_attention(
     layer: the caches hold every layer, [L, B, S, K, D], and this layer's is attended to.  The
     kernels read it in place; `cache[layer]` as a kernel argument would cost a copy of the
     layer's cache per call."""
-    implementation = _decode_implementation(implementation, "decode attention")
+    implementation = _decode_implementation(implementation, "decode_attention")
     kwargs = dict(scale=scale, softcap=softcap, sliding_window=sliding_window)
     interp = _interpret(implementation, interpret)
     if implementation == "xla":
@@ -356,10 +405,14 @@ def decode_attention_append(
             raise ValueError(f"{name} has {arr.shape[1]} heads: no {kh} heads at offset {off}")
     if q_heads is not None and not 0 < q_heads <= q.shape[1]:
         raise ValueError(f"q_heads={q_heads}: q has {q.shape[1]} heads")
-    implementation = _decode_implementation(implementation, "decode attention")
+    implementation = _decode_implementation(implementation, "decode_attention_append")
     d = q.shape[-1]
-    if (implementation == "pallas_triton" and FUSED_APPEND and d % 2 == 0
-            and d & (d - 1) == 0):
+    fused = implementation == "pallas_triton" and FUSED_APPEND and d % 2 == 0 and d & (d - 1) == 0
+    if implementation == "pallas_triton" and not fused:
+        log_choice("decode_attention_append", "pallas_triton, cache written by XLA",
+                   f"head_dim {d} is not a power of two" if FUSED_APPEND else "FUSED_APPEND off",
+                   level=logging.WARNING if FUSED_APPEND else logging.INFO)
+    if fused:
         from pallas_kernels.decode_attention import pallas_triton
         if q_heads is not None and not ROTATE_Q_IN_KERNEL:
             q, q_heads = _prepare_query(q, q_heads, rope, rms), None
@@ -407,19 +460,11 @@ def mla_decode_attention(
     latent_cache [B, S, R], rope_cache [B, S, Dr], lengths [B] -> latent output [B, H, R].
 
     layer: the caches hold every layer ([L, B, S, R], [L, B, S, Dr]); read in place as in
-    `decode_attention`.  See `decode_attention.reference.mla_decode_reference`.
+    `decode_attention`.  See `decode_attention.reference.mla_decode_reference`.  Every kernel
+    takes any R and Dr (CARE conversions give ranks like 160 or 187): "auto" is the platform's
+    kernel, XLA only without a GPU or TPU.
     """
-    if implementation not in _ATTENTION_IMPLS or implementation in ("cudnn", "mosaic_gpu"):
-        raise ValueError(f"MLA decode implementation {implementation!r} is unknown; choose one "
-                         "of 'auto', 'pallas', 'pallas_triton', 'mosaic_tpu', 'xla'")
-    if implementation == "auto":
-        implementation = {"gpu": "pallas_triton", "tpu": "mosaic_tpu"}.get(_platform(), "xla")
-        pow2 = all(n & (n - 1) == 0 for n in (q_latent.shape[-1], q_rope.shape[-1]))
-        if implementation == "pallas_triton" and not pow2:
-            # Triton blocks must be powers of two and the kernel loads whole latent rows;
-            # CARE conversions give ranks like 160 or 352, so those take the XLA path.
-            implementation = "xla"
-    implementation = _resolve_pallas(implementation)
+    implementation = _decode_implementation(implementation, "mla_decode_attention")
     if implementation == "xla":
         if layer is not None:
             latent_cache, rope_cache = latent_cache[layer], rope_cache[layer]

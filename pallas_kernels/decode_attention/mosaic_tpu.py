@@ -177,7 +177,8 @@ def mla_decode_attention(
     rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`).
 
     layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]), read in place as in
-    `decode_attention`."""
+    `decode_attention`.  Any R, Dr and H: every block spans whole rows (and all heads), which
+    Mosaic accepts at any width, padding lanes in VMEM, not in HBM."""
     cfg = config or Config()
     b, h, r = q_latent.shape
     dr = q_rope.shape[-1]

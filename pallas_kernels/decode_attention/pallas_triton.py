@@ -15,6 +15,11 @@ The model's cache stacks every layer ([L, B, S, K, D]).  Handing a kernel `cache
 copy of that layer's whole cache on every decode step (a custom call's operand must be a buffer
 of its own: XLA materialises the slice), more bytes than the kernel itself reads.  So the decode
 kernel takes the stacked cache and the layer index and reads its blocks in place.
+
+MLA latent and rope widths need not be powers of two (CARE conversions give ranks like 160 or
+187): the kernel reads such a row as power-of-two column pieces (`_column_pieces`: 160 = 128 +
+32; 187 = 128 + a 64-wide piece moved back to end at column 187), each piece a Triton tile, so
+only the row's own bytes are read and the cache keeps its layout.
 """
 
 from __future__ import annotations
@@ -51,30 +56,83 @@ DEFAULT_CONFIG = Config()
 
 
 def _dot(a, b, trans_b=False):
+    """a [M, K] @ b [K, N] (b [N, K] with trans_b) in float32.  tl.dot needs every dimension
+    >= 16: narrower products (an 8-wide rope key) are a broadcast multiply and sum."""
+    if min(*a.shape, *b.shape) < 16:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        if trans_b:
+            return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
+        return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=prec,
                            preferred_element_type=jnp.float32)
 
 
+# (start, width, owned_from): columns [start, start + width) of a row, of which the first
+# `owned_from` also belong to the piece before (see `_column_pieces`).
+Pieces = tuple[tuple[int, int, int], ...]
+
+
+def _column_pieces(n: int) -> Pieces:
+    """Power-of-two column pieces covering a row of width n, none reaching past column n.
+
+    n >= 16: the binary digits of round_up(n, 16) (each >= 16, tl.dot's least width), the last
+    moved back to end at n, so it overlaps the piece before by round_up(n, 16) - n columns
+    (187 -> 128 + 64 at column 123); a power-of-two round_up(n, 16) above n is cut in halves
+    (120 -> 64 + 64 at column 56).  n < 16: its binary digits exactly (then `_dot` multiplies
+    and sums).  Overlapped columns are read twice from the same cache lines; no byte outside
+    the row is read.
+    """
+    if n < 16:
+        widths = [1 << i for i in reversed(range(n.bit_length())) if n >> i & 1]
+    else:
+        m = round_up(n, 16)
+        widths = [1 << i for i in reversed(range(m.bit_length())) if m >> i & 1]
+        if len(widths) == 1 and m > n:
+            widths = [m // 2, m // 2]
+    pieces, end = [], 0
+    for w in widths:
+        start = min(end, n - w)
+        pieces.append((start, w, end - start))
+        end = start + w
+    return tuple(pieces)
+
+
+def _load_pieces(ref, cols: Pieces | None):
+    """ref's [rows, width] block as a tuple of column pieces (cols None: one piece), each
+    piece's overlapped columns zeroed so that summed products count every column once."""
+    if cols is None:
+        return (ref[...],)
+    out = []
+    for start, w, own in cols:
+        x = ref[:, pl.ds(start, w)]
+        out.append(x if own == 0 else jnp.where(jnp.arange(w)[None, :] >= own, x, 0))
+    return tuple(out)
+
+
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
                   softcap: float | None, window: int | None, block_k: int, chunk: int,
                   read: Callable | None = None, appended: Callable | None = None,
-                  load_q: Callable | None = None):
+                  load_q: Callable | None = None, k_cols: Pieces | None = None,
+                  kr_cols: Pieces | None = None):
     """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
 
-    v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start): the
-    [block_k, d] cache block at slot `start` (default: rows of a per-sequence [S, d] block).
+    v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start,
+    cols): the [block_k, d] cache block at slot `start` as a tuple of column pieces (cols, or
+    one piece for None; default: rows of a per-sequence [S, d] block).
     appended(slot, owns, q): the token being appended at `slot` (the last of `length`), which
     is not read from the cache: its raw scores against the query tile q [rows] and its value
     [dv] (float32); the chunk that holds its slot (`owns`) adds it to the softmax.
     load_q(): the query tile, when it is not simply q_ref's block.
+    k_cols, kr_cols: column pieces of k (and q, and the output when v_ref is None) and of the
+    rope key kr (and qr), for widths that are not one power of two (`_column_pieces`).
     """
     if read is None:
-        read = lambda ref, start: ref[pl.ds(start, block_k), :]  # noqa: E731
+        read = lambda ref, start, cols: (ref[pl.ds(start, block_k), :],)  # noqa: E731
     split = pl.program_id(2)
     length = len_ref[...]
-    q = q_ref[...] if load_q is None else load_q()
-    qr = qr_ref[...] if qr_ref is not None else None
+    q = _load_pieces(q_ref, k_cols) if load_q is None else (load_q(),)
+    qr = _load_pieces(qr_ref, kr_cols) if qr_ref is not None else ()
     begin = split * chunk
     cached = length if appended is None else length - 1
     owns = (cached >= begin) & (cached < begin + chunk)
@@ -84,13 +142,16 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
     lo = begin // block_k
     hi = jnp.maximum(lo, (end + block_k - 1) // block_k)
 
+    def scores(qs, ks):  # products summed over the column pieces
+        return sum(_dot(a, b, trans_b=True) for a, b in zip(qs, ks, strict=True))
+
     def body(j, carry):
         acc, m, l = carry
         start = pl.multiple_of(j * block_k, block_k)
-        k = read(k_ref, start)
-        s = _dot(q, k, trans_b=True)
-        if qr is not None:
-            s = s + _dot(qr, read(kr_ref, start), trans_b=True)
+        k = read(k_ref, start, k_cols)
+        s = scores(q, k)
+        if qr:
+            s = s + scores(qr, read(kr_ref, start, kr_cols))
         s = s * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -103,17 +164,19 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
-        v = k if v_ref is None else read(v_ref, start)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        v = k if v_ref is None else read(v_ref, start, None)
+        acc = tuple(a * alpha[:, None] + _dot(p.astype(x.dtype), x) for a, x in zip(acc, v))
         return acc, m_new, alpha * l + jnp.sum(p, axis=1)
 
-    rows = q.shape[0]
-    dv = o_ref.shape[-1]
-    acc, m, l = lax.fori_loop(lo, hi, body, (jnp.zeros((rows, dv), jnp.float32),
+    rows = q[0].shape[0]
+    out_cols = k_cols if v_ref is None and k_cols is not None else ((0, o_ref.shape[-1], 0),)
+    acc, m, l = lax.fori_loop(lo, hi, body, (tuple(jnp.zeros((rows, w), jnp.float32)
+                                                   for _, w, _ in out_cols),
                                              jnp.full((rows,), NEG_INF, jnp.float32),
                                              jnp.zeros((rows,), jnp.float32)))
     if appended is not None:  # one more column of the online softmax, in the owning chunk
-        s, v = appended(cached, owns, q)
+        (a,) = acc  # (the GQA kernel: one piece)
+        s, v = appended(cached, owns, q[0])
         s = s * scale
         if softcap is not None:
             s = softcap * jnp.tanh(s / softcap)
@@ -121,10 +184,12 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
         m_new = jnp.maximum(m, s)
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha, p = jnp.exp(m - m_safe), jnp.exp(s - m_safe)
-        acc = acc * alpha[:, None] + p[:, None] * v[None, :]
+        acc = (a * alpha[:, None] + p[:, None] * v[None, :],)
         m, l = m_new, alpha * l + p
     empty = l == 0.0
-    o_ref[...] = acc / jnp.where(empty, 1.0, l)[:, None]
+    denom = jnp.where(empty, 1.0, l)[:, None]
+    for (start, w, _), a in zip(out_cols, acc, strict=True):
+        o_ref[:, pl.ds(start, w)] = a / denom  # an overlapped column gets the same value twice
     lse_ref[...] = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
@@ -196,20 +261,25 @@ def _chunking(s: int, rows: int, cfg: Config) -> tuple[int, int, int]:
 
 
 def _layer_block_reader(layer_ref, s: int, block_k: int, per_head: bool = True) -> Callable:
-    """read(ref, start) for a stacked cache ref [L, B, S, K, D] (per_head) or [L, B, S, R]:
-    this program's (layer, sequence[, KV head]) rows [start, start + block_k).  Rows past S (a
-    last block that overhangs the cache) load as zeros rather than as the next sequence's or
-    layer's slots."""
+    """read(ref, start, cols) for a stacked cache ref [L, B, S, K, D] (per_head) or
+    [L, B, S, R]: this program's (layer, sequence[, KV head]) rows [start, start + block_k), as
+    the tuple of column pieces `cols` (None: the whole row, one piece).  Rows past S (a last
+    block that overhangs the cache) load as zeros rather than as the next sequence's or layer's
+    slots."""
     # (read outside the block loop: interpret mode substitutes program ids at the top level only)
     layer, seq = layer_ref[...], pl.program_id(0)
     head = (pl.program_id(1),) if per_head else ()
 
-    def read(ref, start):
-        view = ref.at[(layer, seq, pl.ds(start, block_k), *head, slice(None))]
-        if s % block_k == 0:
-            return view[...]
-        inside = (start + jnp.arange(block_k) < s)[:, None]
-        return plgpu.load(view, mask=inside, other=0)
+    def read(ref, start, cols=None):
+        out = []
+        for col in (slice(None),) if cols is None else (pl.ds(c, w) for c, w, _ in cols):
+            view = ref.at[(layer, seq, pl.ds(start, block_k), *head, col)]
+            if s % block_k == 0:
+                out.append(view[...])
+            else:
+                inside = (start + jnp.arange(block_k) < s)[:, None]
+                out.append(plgpu.load(view, mask=inside, other=0))
+        return tuple(out)
 
     return read
 
@@ -462,16 +532,25 @@ def mla_decode_attention(
     rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`).
 
     layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]); layer `layer` is read
-    in place."""
+    in place.  Any R and Dr: rows are read as power-of-two column pieces (`_column_pieces`)."""
     cfg = config or DEFAULT_CONFIG
     if layer is None:
         latent_cache, rope_cache, layer = latent_cache[None], rope_cache[None], 0
     b, h, r = q_latent.shape
     dr = q_rope.shape[-1]
     s = latent_cache.shape[2]
+    # Column pieces of the unpadded rows rather than a cache padded to powers of two: padding
+    # would cost every decode step the padding's bytes (160 -> 256 reads 1.6x the latent).
+    r_cols, dr_cols = _column_pieces(r), _column_pieces(dr)
+    cfg = dataclasses.replace(cfg, block_k=mla_block_k(
+        cfg, sum(w for _, w, _ in r_cols + dr_cols), latent_cache.dtype.itemsize))
     bh = max(16, min(cfg.block_h, pl.next_power_of_2(h)))
     hp = round_up(h, bh)
     splits, chunk, _ = _chunking(s, b * (hp // bh), cfg)
+    # partial outputs laid out as `_merge_chunks` takes them ([B, head tiles, chunks, bh, .]):
+    # a power-of-two chunk axis, rows of whole 32-column slices (the chunks past `splits` and
+    # the columns past R are never written, and are dropped by the merge)
+    tiles, chunks, rw = hp // bh, pl.next_power_of_2(splits), round_up(r, 32)
     ql = jnp.pad(q_latent, ((0, 0), (0, hp - h), (0, 0)))
     qr = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
 
@@ -479,27 +558,45 @@ def mla_decode_attention(
         _split_kernel(len_ref, q_ref, c_ref, None, qr_ref, kr_ref, o_ref, lse_ref,
                       scale=float(scale), softcap=None, window=None, block_k=cfg.block_k,
                       chunk=chunk, read=_layer_block_reader(layer_ref, s, cfg.block_k,
-                                                            per_head=False))
+                                                            per_head=False),
+                      k_cols=r_cols, kr_cols=dr_cols)
 
     def whole(x):  # indexed in-kernel
         return pl.BlockSpec(x.shape, lambda bb, hh, ss: (0,) * x.ndim)
 
     o, lse = pl.pallas_call(
         kernel,
-        grid=(b, hp // bh, splits),
+        grid=(b, tiles, splits),
         in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
                   pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
                   pl.BlockSpec((None, bh, r), lambda bb, hh, ss: (bb, hh, 0)),
                   pl.BlockSpec((None, bh, dr), lambda bb, hh, ss: (bb, hh, 0)),
                   whole(latent_cache), whole(rope_cache)],
-        out_specs=[pl.BlockSpec((None, None, bh, r), lambda bb, hh, ss: (bb, ss, hh, 0)),
-                   pl.BlockSpec((None, None, bh), lambda bb, hh, ss: (bb, ss, hh))],
-        out_shape=[jax.ShapeDtypeStruct((b, splits, hp, r), jnp.float32),
-                   jax.ShapeDtypeStruct((b, splits, hp), jnp.float32)],
+        out_specs=[pl.BlockSpec((None, None, None, bh, rw),
+                                lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
+                   pl.BlockSpec((None, None, None, bh), lambda bb, hh, ss: (bb, hh, ss, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, tiles, chunks, bh, rw), jnp.float32),
+                   jax.ShapeDtypeStruct((b, tiles, chunks, bh), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_mla_decode",
     )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), ql, qr, latent_cache,
       rope_cache)
-    return _merge(o, lse, axis=1)[:, :h].astype(q_latent.dtype)
+    out = _merge_chunks(o, lse, splits, q_latent.dtype, cfg, interpret)
+    return out.reshape(b, hp, rw)[:, :h, :r]
+
+
+# Shared memory the pipelined cache tiles of the MLA kernel may take (num_stages copies of a
+# [block_k, R + Dr] tile): an H100/H200 block gets 227 KiB, the rest is for the dots' operands.
+_MLA_TILE_SMEM = 160 * 1024
+
+
+def mla_block_k(cfg: Config, cols: int, itemsize: int) -> int:
+    """The MLA kernel's cache block: cfg.block_k, halved (not below 16) while num_stages tiles
+    of `cols` (the column pieces' total width) would overflow `_MLA_TILE_SMEM` (a 352 + 32
+    bf16 row: 64)."""
+    bk = cfg.block_k
+    while bk > 16 and max(cfg.num_stages, 1) * bk * cols * itemsize > _MLA_TILE_SMEM:
+        bk //= 2
+    return bk
