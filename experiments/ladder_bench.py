@@ -6,13 +6,19 @@ greedy decode of `--new-tokens` through the foundation's on-device loop
 
     prefill s   one jitted cached prefill of the prompt (same forward, same shardings)
     decode s    generate(prompt, N new tokens) - prefill s: N decode steps in one while_loop
+                (median over --reps of back-to-back pairs; a run where it is not positive fails)
     tokens/s    batch * N / decode s        speedup: tokens/s over `standard` at the same TP/batch
+
+The random model is the same at every tensor size and weight layout (drawn in HF's layout, then
+laid out for the TP size), so each setting's greedy tokens and next-token logits are checked
+against its run at the first TP size (`same_model_check`); a disagreement is printed, recorded
+in the row's `tp_check`, and makes the run exit with status 1.
 
 NCCL reads NCCL_P2P_DISABLE once per process, so each P2P setting runs in its own worker
 process (`--worker`); the parent merges their JSON lines, prints the table last and writes
 `results.json`, `results.md` and `tokens_per_s.png` to `--out`.
 
-    python experiments/ladder_bench.py --preset tiny --mesh cpu-8            # CPU, TP 1/2/4/8
+    python experiments/ladder_bench.py --preset tiny                         # CPU, TP 1/2/4/8
     python experiments/ladder_bench.py --preset 8b --tp 1,2 --batch 1 --p2p on,off
 """
 
@@ -179,26 +185,38 @@ def bench_layer_shapes(cfg, tp: int, projections: str = "separate") -> dict:
         shapes[n] = (kv * cfg.head_dim, cfg.hidden_size)
     if projections not in PROJECTIONS:
         raise ValueError(f"projections={projections!r}; choose one of {PROJECTIONS}")
-    if projections != "separate":  # random values: the rows' shard-by-shard order needs no care
+    if projections != "separate":
         shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
-    (attn_norm, _), (mlp_norm, _) = fused.FOLDED_NORMS
-    folds = {"folded": (attn_norm, mlp_norm), "folded_mlp": (mlp_norm,), "folded_attn": (attn_norm,)}
-    for norm in folds.get(projections, ()):  # the gains live in the fused weights
+    for norm in folded_norms(projections):  # the gains live in the fused weights
         shapes.pop(norm)
     return shapes
 
 
+def folded_norms(projections: str) -> tuple[str, ...]:
+    """The RMSNorm gains a `PROJECTIONS` layout folds into its fused weights (fused.fold_norms)."""
+    from jaxturbo.models import fused
+
+    (attn_norm, _), (mlp_norm, _) = fused.FOLDED_NORMS
+    return {"folded": (attn_norm, mlp_norm), "folded_mlp": (mlp_norm,),
+            "folded_attn": (attn_norm,)}.get(projections, ())
+
+
 def _random_params(cfg, mesh, dtype, projections="separate"):
-    """Random weights made directly in their shards on the devices (8B never touches the host),
-    in the `projections` layout (`bench_layer_shapes`)."""
+    """Random weights of one model at every tensor size and layout: drawn in HF's layout from
+    keys fixed per name (and layer), then laid out for `mesh` as `tensor.shard_params` lays out
+    loaded weights (KV heads replicated up to the tensor size, q/k/v and gate/up fused shard by
+    shard, norm gains folded).  Made on the devices, one layer at a time into the stacked
+    shards (8B never touches the host; the layout change of one layer fits beside 70B's shards
+    whatever XLA does with it).  Layer shapes: `bench_layer_shapes(cfg, tp, projections)`."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from jaxturbo.bridge.hf import global_shapes
+    from jaxturbo.bridge.hf import global_shapes, layer_shapes
+    from jaxturbo.models import fused
     from jaxturbo.parallel import tensor
 
-    shapes = bench_layer_shapes(cfg, tensor.tensor_size(mesh), projections)
+    tp = tensor.tensor_size(mesh)
 
     def draw(key, shape, is_norm):
         if is_norm:
@@ -209,21 +227,113 @@ def _random_params(cfg, mesh, dtype, projections="separate"):
         f = jax.jit(lambda k: draw(k, shape, "norm" in name), out_shardings=NamedSharding(mesh, spec))
         return f(jax.random.key(seed))
 
+    hf_shapes = sorted(layer_shapes(cfg).items())  # K KV heads, whatever tp
+
+    def layer(i):  # layer i's weights [1, ...] in the bench layout
+        lp = {n: draw(jax.random.fold_in(jax.random.key(100 + j), i), (1, *s), "norm" in n)
+              for j, (n, s) in enumerate(hf_shapes)}
+        p = tensor.replicate_kv_heads({"layers": lp}, cfg, tp)
+        if projections != "separate":
+            p = fused.fuse_projections(p, cfg, tp)
+        if folded_norms(projections):
+            p = fused.fold_norms(p, folded_norms(projections))
+        return p["layers"]
+
+    shapes = jax.eval_shape(layer, 0)
+    want = bench_layer_shapes(cfg, tp, projections)
+    if {n: s.shape[1:] for n, s in shapes.items()} != {n: tuple(s) for n, s in want.items()}:
+        raise AssertionError(f"drawn layout {shapes} is not bench_layer_shapes {want}")
     specs = tensor.param_specs({**{n: None for n in global_shapes(cfg)},
                                 "layers": {n: None for n in shapes}})
     params = {n: make(n, s, specs[n], i) for i, (n, s) in enumerate(global_shapes(cfg).items())}
-    params["layers"] = {n: make(n, (cfg.num_hidden_layers, *s), specs["layers"][n], 100 + i)
-                        for i, (n, s) in enumerate(shapes.items())}
+    shard = {n: NamedSharding(mesh, specs["layers"][n]) for n in shapes}
+    n_layers = cfg.num_hidden_layers
+    stack = jax.jit(lambda: {n: jnp.zeros((n_layers, *s.shape[1:]), s.dtype)
+                             for n, s in shapes.items()}, out_shardings=shard)()
+    one = jax.jit(layer, out_shardings=shard)
+    put = jax.jit(lambda st, lp, i: {n: jax.lax.dynamic_update_slice_in_dim(st[n], lp[n], i, 0)
+                                     for n in st}, donate_argnums=0, out_shardings=shard)
+    for i in range(n_layers):
+        stack = put(stack, one(jnp.int32(i)), jnp.int32(i))
+    params["layers"] = stack
     return params
 
 
-def _median_time(fn, reps: int) -> float:
-    times = []
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def decode_seconds(prefill_fn, generate_fn, reps: int) -> tuple[float, float, float]:
+    """(prefill s, generate s, decode s) of blocking calls: medians over `reps` pairs, the
+    prefill timed right before its generate so that a change in the machine's load (a shared
+    CPU) moves both; decode = the median of the pairs' differences.  Raises when it is not
+    positive: the decode steps were below the timer's noise, and any tokens/s from it would be
+    made up."""
+    pres, gens = [], []
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        t0 = time.perf_counter()
+        prefill_fn()
+        t1 = time.perf_counter()
+        generate_fn()
+        pres.append(t1 - t0)
+        gens.append(time.perf_counter() - t1)
+    dec = _median([g - p for g, p in zip(gens, pres)])
+    if dec <= 0:
+        raise RuntimeError(
+            f"decode time {dec * 1e3:.3f} ms <= 0: generate (prefill + decode) took "
+            f"{_median(gens) * 1e3:.3f} ms, its prefill alone {_median(pres) * 1e3:.3f} ms "
+            f"(median of {reps}); the decode steps are below the timing noise: raise "
+            "--new-tokens (or --reps)")
+    return _median(pres), _median(gens), dec
+
+
+# Cross-TP check: every tensor size runs the same model, so each setting's run must agree with
+# its run at the first tensor size.  float32 on CPU rounds alike at every TP (sums reordered
+# only): greedy tokens must be equal.  bf16 (and GPU float32, TF32 matmuls) rounds the partial
+# sums of an all-reduce differently from one GEMM's, so greedy tokens may part at a near tie
+# (8B bf16, one model at TP 1 and 2: at the third token, experiments/ladder/
+# results_8b_tp12_h100x4.json; the tiny preset in bf16 on CPU: at the twelfth, its logits
+# 0.6-0.8% apart): the next-token logits after the prompt must agree to ROUNDED_TOL of their
+# largest.  Another model's logits are ~140% off.
+EXACT_TOL = 1e-4
+ROUNDED_TOL = 0.15
+
+
+def same_model_check(ref: dict, got: dict, *, exact: bool) -> dict:
+    """`got`'s run against the reference run `ref` of the same setting at another TP size.
+
+    ref, got: dict(tp, tokens: row 0's first greedy tokens, logp: their log-probs or None,
+    logits: row 0's next-token logits after the prompt, [V] numpy).  exact: float32 on CPU.
+    Returns dict(ref_tp, logits_rel_err, tokens_agree, logp_max_err, ok, why) for the row."""
+    import numpy as np
+
+    lr, lg = (np.asarray(x, np.float64) for x in (ref["logits"], got["logits"]))
+    diff = float(np.abs(lg - lr).max())
+    rel = diff / max(float(np.abs(lr).max()), 1e-30)
+    n = min(len(ref["tokens"]), len(got["tokens"]))
+    agree = next((i for i in range(n) if ref["tokens"][i] != got["tokens"][i]), n)
+    logp_err = None
+    if ref.get("logp") is not None and got.get("logp") is not None:
+        upto = min(agree + 1, n)  # the common prefix, and where they part (both near a tie)
+        logp_err = float(np.abs(np.subtract(ref["logp"][:upto], got["logp"][:upto])).max())
+    top2 = np.sort(lr)[-2:]
+    margin = float(top2[1] - top2[0])  # the reference's first greedy choice over the runner-up
+    tol = EXACT_TOL if exact else ROUNDED_TOL
+    why = ""
+    if rel > tol:
+        why = (f"next-token logits differ by {rel:.2e} of their largest (> {tol:.0e}): not the "
+               "same model, or the tensor-parallel forward is wrong")
+    elif agree < n and exact:
+        why = f"greedy tokens part at token {agree} of {n} (float32 on CPU: they must agree)"
+    elif exact and logp_err is not None and logp_err > tol * max(1.0, float(np.abs(ref["logp"]).max())):
+        why = f"greedy tokens' log-probs differ by {logp_err:.2e}"
+    elif agree == 0 and n and margin > 4 * diff:
+        why = (f"first greedy token differs though the reference's top-2 margin {margin:.3g} is "
+               f"over 4x the logits' difference {diff:.3g}")
+    return dict(ref_tp=ref["tp"], logits_rel_err=rel, tokens_agree=agree, tokens=n,
+                logp_max_err=logp_err, ok=not why, why=why or (
+                    "same tokens" if agree == n else
+                    f"same tokens up to token {agree}, then a near tie in rounding"))
 
 
 def run_worker(a: argparse.Namespace) -> None:
@@ -268,6 +378,9 @@ def run_worker(a: argparse.Namespace) -> None:
     devices = jax.devices()
     base = ModelConfig(**PRESETS[a.preset])
     p2p = os.environ.get("NCCL_P2P_DISABLE", "0") != "1"
+    # (residual label, batch) -> its run at the first TP size (`same_model_check`)
+    refs: dict[tuple[str, int], dict] = {}
+    exact = devices[0].platform == "cpu" and dtype == jnp.float32
     for tp in _ints(a.tp):
         if tp > len(devices):
             print(f"# skip TP {tp}: only {len(devices)} devices", file=sys.stderr)
@@ -302,7 +415,8 @@ def run_worker(a: argparse.Namespace) -> None:
                     cache = tensor.init_cache(cfg, toks.shape[0], a.prompt + a.new_tokens, dtype,
                                               kv_heads=tensor.cache_kv_heads(cfg, tp))
                     last, cache = decode_prefill(model, params, cfg, toks, lens, cache, "auto")
-                    return jnp.argmax(last, -1), cache
+                    # + row 0's logits ([V], for the cross-TP check: a copy too small to time)
+                    return jnp.argmax(last, -1), last[0], cache
 
                 t0 = time.perf_counter()
                 jax.block_until_ready(prefill(params, toks, lens))
@@ -314,7 +428,7 @@ def run_worker(a: argparse.Namespace) -> None:
 
                 def host_generate(params, toks, lens, key, stops, **_):
                     # greedy, like _generate with SamplingParams(); no host sync until the end
-                    tok, cache = prefill(params, toks, lens)
+                    tok, _, cache = prefill(params, toks, lens)
                     out = []
                     for _ in range(a.new_tokens):
                         out.append(tok)
@@ -324,16 +438,28 @@ def run_worker(a: argparse.Namespace) -> None:
 
                 gen_fn = _generate if loop == "device" else host_generate
                 out = jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw))
+                row["compile_s"] = time.perf_counter() - t0
                 # greedy tokens of row 0 and the mean log-prob: two ways of running one residual
                 # mode (e.g. ladder and ladder+streams) must agree here
-                row["first_tokens"] = np.asarray(out[0][0, :8]).tolist()
+                first = min(16, a.new_tokens)
+                row["first_tokens"] = np.asarray(out[0][0, :first]).tolist()
+                run = dict(tp=tp, tokens=row["first_tokens"], logp=None,
+                           logits=np.asarray(prefill(params, toks, lens)[1]))
                 if loop == "device":  # (the host loop keeps no log-probs)
                     row["mean_logp"] = float(np.asarray(out[1], np.float64).mean())
-                row["compile_s"] = time.perf_counter() - t0
-                pre = _median_time(lambda: jax.block_until_ready(prefill(params, toks, lens)), a.reps)
-                gen = _median_time(lambda: jax.block_until_ready(
-                    gen_fn(params, toks, lens, key, stops, **gen_kw)), a.reps)
-                dec = max(gen - pre, 1e-9)
+                    run["logp"] = np.asarray(out[1][0, :first], np.float64).tolist()
+                if mode == "desync" and (label, batch) in refs:
+                    row["tp_check"] = dict(ok=True, why="not checked: desync drops the "
+                                           "all-reduces, another function at TP > 1")
+                elif (label, batch) in refs:
+                    row["tp_check"] = same_model_check(refs[(label, batch)], run, exact=exact)
+                else:
+                    refs[(label, batch)] = run
+                    row["tp_check"] = dict(ok=True, why="reference")
+                pre, gen, dec = decode_seconds(
+                    lambda: jax.block_until_ready(prefill(params, toks, lens)),
+                    lambda: jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw)),
+                    a.reps)
                 row.update(prefill_s=pre, decode_s=dec, generate_s=gen,
                            ms_per_step=1e3 * dec / a.new_tokens,
                            tokens_per_s=batch * a.new_tokens / dec)
@@ -349,7 +475,7 @@ def run_worker(a: argparse.Namespace) -> None:
                         txt = _generate.lower(params, toks, lens, key, stops,
                                               **gen_kw).compile().as_text()
                     else:
-                        _, c0 = prefill(params, toks, lens)
+                        _, _, c0 = prefill(params, toks, lens)
                         txt = step.lower(params, toks[:, 0], c0).compile().as_text()
                     name = (f"generate_{a.preset}_{label}_tp{tp}_b{batch}_{a.xla_preset}"
                             f"{'' if p2p else '_nop2p'}.hlo.txt")
@@ -367,8 +493,8 @@ def _setting_name(row: dict) -> str:
 def _table(rows: list[dict]) -> str:
     key = lambda r: (r["tp"], r["batch"], r["p2p"], r["xla_preset"], r.get("run", 1))  # noqa: E731
     base = {key(r): r["tokens_per_s"] for r in rows if r["residual"] == "standard"}
-    head = ("| residual | TP | batch | P2P | XLA flags | tokens/s | prefill s | decode s | ms/step | speedup vs standard |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ("| residual | TP | batch | P2P | XLA flags | tokens/s | prefill s | decode s | ms/step | speedup vs standard | same model as TP |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["xla_preset"], not r["p2p"], r.get("run", 1), r["tp"], r["batch"],
                                          MODES.index(r["residual"]) if r["residual"] in MODES else 9)):
@@ -377,8 +503,25 @@ def _table(rows: list[dict]) -> str:
         run = f" (run {r['run']})" if r.get("run", 1) > 1 else ""
         lines.append(f"| {r['residual']} | {r['tp']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['xla_preset']}{run} | "
                      f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.4f} | {r['decode_s']:.4f} | "
-                     f"{r['ms_per_step']:.3f} | {sp} |")
+                     f"{r['ms_per_step']:.3f} | {sp} | {_check_cell(r)} |")
     return "\n".join(lines)
+
+
+def _check_cell(row: dict) -> str:
+    """The row's cross-TP check in a few words (`same_model_check`)."""
+    c = row.get("tp_check")
+    if not c or "ref_tp" not in c:
+        return c["why"] if c else "-"
+    verdict = "ok" if c["ok"] else "FAILED"
+    return (f"{c['ref_tp']}: {verdict}, {c['tokens_agree']}/{c['tokens']} tokens, "
+            f"logits {c['logits_rel_err']:.1e}")
+
+
+def check_failures(rows: list[dict]) -> list[str]:
+    """One line per row whose run disagrees with its run at the first TP size."""
+    return [f"{r['residual']} TP {r['tp']} batch {r['batch']} ({r['xla_preset']}, P2P "
+            f"{'on' if r['p2p'] else 'off'}) against TP {r['tp_check']['ref_tp']}: "
+            f"{r['tp_check']['why']}" for r in rows if not r.get("tp_check", {}).get("ok", True)]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -410,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    failed_workers: list[str] = []
     if a.processes < 1:
         raise SystemExit(f"--processes {a.processes}: use 1 or more")
     if a.processes > 1 and a.profile:
@@ -439,10 +583,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {r['residual']} tp={r['tp']} b={r['batch']} p2p={setting} xla={xla}"
                       f"{f' run {run}' if a.processes > 1 else ''}: "
                       f"{r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.3f} ms/step, "
-                      f"prefill {r['prefill_s']:.3f} s (compile {r['compile_s']:.0f} s)", flush=True)
+                      f"prefill {r['prefill_s']:.3f} s (compile {r['compile_s']:.0f} s); "
+                      f"same model: {_check_cell(r)}", flush=True)
                 (out / "results.json").write_text(json.dumps(rows, indent=1))
         if proc.wait():
             print(f"# worker (P2P {setting}, xla {xla}) exited with {proc.returncode}", file=sys.stderr)
+            failed_workers.append(f"worker (P2P {setting}, xla {xla}, run {run}) exited with "
+                                  f"{proc.returncode}")
     if not rows:
         print("no results", file=sys.stderr)
         return 1
@@ -478,7 +625,15 @@ def main(argv: list[str] | None = None) -> int:
             (out / "profile.md").write_text(trace_streams.table(prof) + "\n")
             print("\nwhere each GPU's decode step goes (ms per step; trace_streams.py)\n"
                   + trace_streams.table(prof))
-    return 0
+    failed = check_failures(rows)
+    if failed:  # last, so that the table and the files above are there to look at
+        print("\nCROSS-TP CHECK FAILED: a tensor size disagrees with the first (another model, "
+              "or a wrong tensor-parallel forward)\n  "
+              + "\n  ".join(failed), file=sys.stderr)
+    if failed_workers:
+        print("\nINCOMPLETE: " + "; ".join(failed_workers) + " (its error is above)",
+              file=sys.stderr)
+    return 1 if failed or failed_workers else 0
 
 
 if __name__ == "__main__":

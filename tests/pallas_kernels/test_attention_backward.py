@@ -2,9 +2,9 @@
 
 The property ring attention relies on: with the output and lse of attention over the *whole*
 key sequence, the backward of each key block gives that block's dk/dv and a share of dq that
-sums to the full gradient.  Checked for the pure-jnp reference, the Pallas-Triton kernel and our
-Mosaic GPU kernels (interpret mode on CPU; the latter also compiled, on a Hopper GPU); the cuDNN
-path is only shape-checked here (it needs a GPU: see experiments/sp_bench.py --check-only).
+sums to the full gradient.  Checked for the pure-jnp reference, the Pallas-Triton kernel, the
+Mosaic TPU kernel and our Mosaic GPU kernels (interpret mode on CPU; the latter also compiled,
+on a Hopper GPU); the cuDNN path is only shape-checked here (on a GPU: test_cudnn_lse.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ def _rel(a, b):
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
 def test_blockwise_backward_sums_to_full_grad(causal, softcap, impl):
+    extra = {} if impl == "xla" else dict(config=flash_triton.Config(16, 16, 16, 16))
+    _check_blockwise(causal, softcap, impl, extra)
+
+
+def test_mosaic_tpu_blockwise_backward_sums_to_full_grad():
+    """The Mosaic TPU backward (TPU interpret mode: slow, so one case), what ring attention runs
+    per key block on a TPU (`attention_backward(implementation="mosaic_tpu")`): each block
+    given as its own k/v slice, with its key segment ids, soft-cap on, GQA 2.  Ring attention
+    itself with it, causal blocks included: tests/parallel/test_sequence_attention.py."""
+    from pallas_kernels.flash_attention import mosaic_tpu as flash_tpu
+    _check_blockwise(False, 5.0, "mosaic_tpu", dict(config=flash_tpu.Config(16, 16, 16, 16)))
+
+
+def _check_blockwise(causal, softcap, impl, extra):
     q, k, v, do = _inputs()
     seg = jnp.array([[0] * 20 + [1] * 12, [0] * 32])
     kw = dict(causal=causal, segment_ids=seg, softcap=softcap)
@@ -44,7 +58,6 @@ def test_blockwise_backward_sums_to_full_grad(causal, softcap, impl):
     _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kw), q, k, v)
     gq, gk, gv = vjp(do)
     # Two key blocks: block j holds keys [16j, 16j+16).
-    extra = {} if impl == "xla" else dict(config=flash_triton.Config(16, 16, 16, 16))
     dq = 0.0
     dks, dvs = [], []
     for j in range(2):

@@ -35,10 +35,11 @@ def _rel(a, b):
 
 
 def _check(mode, sp_size, heads, kv_heads, causal, packed, *, t=32, ulysses_size=None,
-           layout="zigzag", softcap=None, b=2, d=8):
+           layout="zigzag", softcap=None, b=2, d=8, implementation="auto"):
     mesh = make_mesh({"sequence": sp_size}, devices=jax.devices()[:sp_size])
     q, k, v, ct, seg = _inputs(b, t, heads, kv_heads, d, packed)
-    sp = S.SequenceParallel(mode, ulysses_size=ulysses_size, layout=layout)
+    sp = S.SequenceParallel(mode, ulysses_size=ulysses_size, layout=layout,
+                            implementation=implementation)
     u = S.validate(sp, sp_size=sp_size, num_heads=heads, num_kv_heads=kv_heads, seq_len=t,
                    causal=causal)
     r = S.layout_ring_size(sp, sp_size=sp_size, ulysses_size=u, causal=causal)
@@ -86,6 +87,28 @@ def test_ring(sp_size, heads, kv_heads, causal, packed, layout):
 
 def test_ring_softcap():
     _check("ring", 4, 8, 2, True, False, softcap=5.0)
+
+
+def test_ring_mosaic_tpu_kernels(monkeypatch):
+    """Ring attention through the Mosaic TPU forward and backward kernels (TPU interpret mode:
+    slow, so the smallest case with every block kind: the causal diagonal, zigzag's lower and
+    upper halves, packed documents' key segments) against the single-device reference."""
+    from pallas_kernels.flash_attention import mosaic_tpu
+    ran = []
+
+    def spy(name, kernel):
+        def run(q, k, *args, **kw):
+            ran.append((name, q.shape[1], k.shape[1], kw["causal"]))
+            return kernel(q, k, *args, **kw)
+        return run
+
+    for name in ("flash_attention", "flash_attention_backward"):
+        monkeypatch.setattr(mosaic_tpu, name, spy(name, getattr(mosaic_tpu, name)))
+    _check("ring", 2, 2, 1, True, True, t=16, b=1, implementation="mosaic_tpu")
+    # (query rows, key rows, causal) per block kind: diagonal, lower half, upper half
+    for name in ("flash_attention", "flash_attention_backward"):
+        assert {r[1:] for r in ran if r[0] == name} == {(8, 8, True), (8, 4, False),
+                                                        (4, 8, False)}, ran
 
 
 @pytest.mark.parametrize("sp_size,ulysses_size,heads,kv_heads,causal,packed,t", [
