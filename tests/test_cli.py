@@ -50,6 +50,15 @@ def test_help_lists_every_command():
         assert cmd in out
 
 
+def test_subprocesses_cache_under_the_test_run(run_cache_root):
+    # conftest points JAXTURBO_CACHE (and the other caches) at the run's temp root; a child
+    # process (a CLI run, a notebook kernel) inherits it instead of writing ~/.cache/jaxturbo
+    code = "from jaxturbo.bridge.registry import cache_dir; print(cache_dir())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert Path(out) == run_cache_root / "jaxturbo-cache"
+
+
 def test_unknown_model(capsys):
     code, _, err = run_cli(capsys, "generate", "--model", "no-such-model", "--prompt", "hi")
     assert_one_line_error(code, err, "no-such-model", "smollm2-135m")

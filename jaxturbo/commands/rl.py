@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", type=int, default=1,
                    help="with --async: how many updates old rollouts may be")
     p.add_argument("--eval-problems", type=int, default=64,
-                   help="fixed held-out problems scored greedily (0: no evaluation)")
+                   help="fixed held-out problems scored greedily, never drawn for training "
+                        "(in any operand order; 0: no evaluation)")
     p.add_argument("--eval-every", type=int, default=10,
                    help="score the held-out problems every K steps (0: only before and after)")
     p.add_argument("--save-every", type=int, default=0,
@@ -89,9 +90,15 @@ def _check_args(args: argparse.Namespace) -> None:
                         f"{args.prompts_per_step})")
     for flag, value, low in (("--eval-every", args.eval_every, 0),
                              ("--eval-problems", args.eval_problems, 0),
-                             ("--save-every", args.save_every, 0), ("--keep", args.keep, 1)):
+                             ("--save-every", args.save_every, 0), ("--keep", args.keep, 1),
+                             ("--max-operand", args.max_operand, 0)):
         if value < low:
             raise UserError(f"{flag} {value}: must be >= {low}")
+    from jaxturbo.rl.envs import ArithmeticTask
+    # a held-out set that leaves no training problem is refused before the model loads
+    ArithmeticTask(lambda text: [], lambda ids: "", max_operand=args.max_operand,
+                   operands=3 if args.task == "calculator" else 2,
+                   held_out_size=args.eval_problems)
     if args.resume and args.save_every < 1:
         raise UserError("--resume needs --save-every N >= 1 (the resumed run saves checkpoints "
                         f"too); got --save-every {args.save_every}")
@@ -117,6 +124,7 @@ def run_meta(args: argparse.Namespace, model_cfg: Any, learner_cfg: Any, optimiz
     lists, so a saved meta compares equal to a fresh one)."""
     meta = {"model": model_cfg.to_hf_dict(), "algo": args.algo, "task": args.task,
             "chat": args.chat, "max_operand": args.max_operand, "seed": args.seed,
+            "eval_problems": args.eval_problems,  # the held-out set is excluded from training
             "learner": dataclasses.asdict(learner_cfg), "optimizer": dataclasses.asdict(optimizer),
             "train": dataclasses.asdict(train)}
     if args.task == "calculator":
@@ -127,7 +135,6 @@ def run_meta(args: argparse.Namespace, model_cfg: Any, learner_cfg: Any, optimiz
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxturbo.bridge import load_model
     from jaxturbo.bridge.registry import resolve_model
@@ -163,8 +170,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         encode = plain
         template = "{a}+{b}+{c}=" if calc else "{a}+{b}="
+    # the held-out problems are drawn first (their own RNG: every evaluation and every resumed
+    # run scores the same prompts) and the training sampler never draws one of them
     problems = ArithmeticTask(encode, tok.decode, max_operand=args.max_operand, template=template,
-                              operands=3 if calc else 2)
+                              operands=3 if calc else 2, held_out_size=args.eval_problems,
+                              held_out_seed=10_000 + args.seed)
     stop = tuple(cfg.eos_token_id) + tuple(plain("\n")[-1:])
     longest_prompt = len(encode(template.format(**{k: args.max_operand for k in "abc"})))
     completion_tokens = args.max_new_tokens
@@ -223,9 +233,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--resume: the checkpoint is at step {start}, which is already "
                         f"--steps {args.steps}; nothing to do")
     log = JsonlWriter(out / "metrics.jsonl", resume_step=start if args.resume else None)
-    # the held-out problems come from their own RNG, so every evaluation (and every resumed
-    # run) scores the same prompts: equal shapes, one compiled sampler for all of them
-    held = task.sample(args.eval_problems, np.random.default_rng(10_000 + args.seed))
+    # fixed prompts: equal shapes, one compiled sampler for all evaluations
+    held = task.held_out()
     curve = [{"step": r["step"], "held_out_reward": r["held_out_reward"]}
              for r in log.read() if r.get("kind") == "eval"]
 

@@ -364,7 +364,8 @@ class _Producer:
 def mean_reward(engine: RolloutEngine, task: Task, problems: list[Any], *,
                 max_new_tokens: int, stop_ids: tuple[int, ...] = (),
                 sampling: SamplingParams = SamplingParams()) -> float:
-    """Mean reward of the engine's policy on fixed problems (greedy by default): held-out eval.
+    """Mean reward of the engine's policy on fixed problems (greedy by default): held-out eval
+    on `task.held_out()`, which the task's training sampler never draws.
     A `MultiTurnTask`'s problems are played as episodes (the episode reward)."""
     if isinstance(task, MultiTurnTask):
         eps = run_episodes(engine, task, problems, sampling, max_turns=task.max_turns,

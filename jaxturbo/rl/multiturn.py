@@ -136,7 +136,8 @@ class CalculatorEnv:
 class MultiTurnTask:
     """A task played as episodes: problems from `problems` (a `Task`; its `reward` is unused),
     every policy turn answered by `env`, at most `max_turns` policy turns.  max_tool_tokens:
-    a bound on one tool reply's tokens (sizes the learner's packed rows)."""
+    a bound on one tool reply's tokens (sizes the learner's packed rows).  The train/held-out
+    split is that of `problems` (`sample` never returns one of `held_out()`)."""
 
     problems: Task
     env: ToolEnv
@@ -145,6 +146,9 @@ class MultiTurnTask:
 
     def sample(self, n: int, rng: np.random.Generator) -> list[Problem]:
         return self.problems.sample(n, rng)
+
+    def held_out(self) -> list[Problem]:
+        return self.problems.held_out()
 
     def respond(self, problem: Problem, turn: Sequence[int]) -> tuple[list[int] | None, float]:
         return self.env.respond(problem, turn)

@@ -20,6 +20,8 @@ from jaxturbo.cli import main
     (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
     (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
     (["--resume"], "--resume needs --save-every N >= 1"),
+    # operands in [0, 9], order ignored: 55 distinct sums, all of them held out
+    (["--max-operand", "9", "--eval-problems", "55"], "held-out set of 55 problems"),
 ])
 def test_rl_cli_refuses_unsupported(capsys, tmp_path, extra, needle, monkeypatch):
     if "vllm" in extra:
@@ -70,17 +72,30 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
     import jaxturbo.rl.grpo as grpo
     from jaxturbo.generate import decode
 
-    cache_sizes = []
-    real = grpo.mean_reward
+    cache_sizes, held, trained = [], [], []
+    real, real_collect = grpo.mean_reward, grpo.collect_rollouts
 
-    def counted(*a, **k):
-        r = real(*a, **k)
+    def counted(engine, task, problems, **k):
+        r = real(engine, task, problems, **k)
         cache_sizes.append(decode._generate._cache_size())
+        held.append([task.decode(p.prompt) for p in problems])
         return r
+
+    def collect(engine, task, *a, **k):
+        rollouts, m = real_collect(engine, task, *a, **k)
+        trained.extend(task.decode(r.prompt) for r in rollouts)
+        return rollouts, m
     monkeypatch.setattr(grpo, "mean_reward", counted)
+    monkeypatch.setattr(grpo, "collect_rollouts", collect)
     out = tmp_path / "run"
     assert _rl(tiny_rl_model, out, "--steps", "3", "--eval-every", "2") == 0
     err = capsys.readouterr().err
+    # every evaluation scores the same 4 distinct problems, and no training prompt is one of
+    # them in either operand order ("a+b=" read back from the prompt text)
+    def sums(texts):
+        return {tuple(sorted(int(x) for x in t.strip().rstrip("=").split("+"))) for t in texts}
+    assert len(held) == 3 and held[0] == held[1] == held[2] and len(sums(held[0])) == 4
+    assert len(trained) == 3 * 4 * 4 and not sums(held[0]) & sums(trained)
     assert [r["step"] for r in _records(out, "eval")] == [0, 2, 3]
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
     assert len(set(cache_sizes[1:])) == 1, cache_sizes  # later evaluations compile nothing new
@@ -109,7 +124,7 @@ def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch
     if algo == "grpo-async":  # zero staleness: deterministic, and the thread restarts at step 2
         args += ("--async", "--max-staleness", "0")
     if algo != "ppo":  # operands <= 1: the random model gets some sums right, groups are kept
-        args += ("--max-operand", "1")
+        args += ("--max-operand", "1", "--eval-problems", "1")  # 3 distinct sums: 1 held out
     assert _rl(tiny_rl_model, full, *args) == 0
 
     real_step = learner_cls.step

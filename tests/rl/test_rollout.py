@@ -3,8 +3,6 @@ after a weight update; the JAX engine's sampling logprobs equal its scoring logp
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,10 +62,3 @@ def test_greedy_generation_hf_equals_jax(tiny):
     for a, b, s in zip(ho.logprobs, jo.logprobs, scored):
         np.testing.assert_allclose(b, s, atol=1e-4)
         np.testing.assert_allclose(a, b, atol=1e-4)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vllm is not installed (it cannot be on these machines); there is no "
-                           "vLLM rollout engine yet either")
-def test_vllm_engine():
-    pytest.skip("no VLLMEngine is implemented")

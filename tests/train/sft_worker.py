@@ -3,8 +3,10 @@
     python tests/train/sft_worker.py OUT_DIR STEPS [--resume]
 
 Prints `STEP <n> <loss as float.hex>` after every step (flushed) so the parent can kill it.
-With SFT_WORKER_KILL_IN_SAVE=N the process SIGKILLs itself right after the asynchronous save of
-step N has started, while orbax is still writing it (a kill during a save).
+With SFT_WORKER_KILL_IN_SAVE=N the process SIGKILLs itself inside the save of step N, at one
+fixed point of every run: all of the step's items are written to orbax's temporary directory
+and the commit (success marker, rename to the step's name) has not begun.  It prints
+`KILLED-IN-SAVE <N> <temporary directory>` first.
 """
 
 import os
@@ -35,21 +37,21 @@ def docs(n: int = 40) -> list[dict]:
 
 
 def _kill_during_save(step_to_kill: int) -> None:
-    """Make `Checkpointer.save` of `step_to_kill` start the (async) write, then SIGKILL us."""
+    """SIGKILL this process when orbax starts committing step `step_to_kill` (its data written,
+    not yet renamed into place): the commit of an atomic-rename save is this `finalize`."""
     import signal
 
-    from jaxturbo.train import checkpoint
+    from orbax.checkpoint._src.path import atomicity
 
-    real = checkpoint.Checkpointer.save
+    real = atomicity.AtomicRenameTemporaryPath.finalize
 
-    def save(self, step, *args, **kwargs):
-        started = real(self, step, *args, **kwargs)
-        if step == step_to_kill and started:
-            print(f"KILLED-IN-SAVE {step}", flush=True)
+    async def finalize(self, *args, **kwargs):
+        if self.get_final().name == str(step_to_kill):
+            print(f"KILLED-IN-SAVE {step_to_kill} {self.get()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        return started
+        return await real(self, *args, **kwargs)
 
-    checkpoint.Checkpointer.save = save
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
 def main() -> None:

@@ -69,14 +69,23 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
 
 
 def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
-    """Killed while orbax writes step 4 (saves every 2 steps): step 4 never becomes a
-    checkpoint, the resumed run starts from step 2 and repeats steps 3.. exactly."""
+    """Killed inside the save of step 4 (saves every 2 steps) at a fixed point: every item of
+    step 4 is written to orbax's temporary directory, the commit has not begun (the worker
+    kills itself there, no timing involved).  Step 4 never becomes a checkpoint, the resumed run
+    starts from step 2, repeats steps 3.. exactly, and the half-saved directory is removed."""
     full = _start(tmp_path / "full")
     victim = _start(tmp_path / "killed", env_extra={"SFT_WORKER_KILL_IN_SAVE": "4"})
     out_v, err_v = victim.communicate(timeout=300)
     assert victim.returncode == -signal.SIGKILL, err_v[-2000:]
-    assert "KILLED-IN-SAVE 4" in out_v
-    ckpt = Checkpointer(tmp_path / "killed" / "checkpoints", every=2, keep=2)
+    killed = [ln.split() for ln in out_v.splitlines() if ln.startswith("KILLED-IN-SAVE")]
+    assert len(killed) == 1 and killed[0][1] == "4", out_v
+    ckpts = tmp_path / "killed" / "checkpoints"
+    half = Path(killed[0][2])
+    # the kill came mid-save: step 4's state is on disk under the temporary name only
+    assert half.parent == ckpts and half.name.startswith("4.orbax-checkpoint-tmp")
+    assert any(p.is_file() for p in (half / "state").rglob("*"))
+    assert not (ckpts / "4").exists()
+    ckpt = Checkpointer(ckpts, every=2, keep=2)
     assert ckpt.latest_step() == 2, ckpt.all_steps()   # the interrupted save did not count
     ckpt.close()
     resumed = _start(tmp_path / "killed", "--resume")
@@ -85,8 +94,9 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     assert resumed.returncode == 0, err_r[-2000:]
     assert full.returncode == 0, err_f[-2000:]
     want, after = _losses(out_f.splitlines()), _losses(out_r.splitlines())
-    assert min(after) == 3 and max(after) == STEPS
+    assert sorted(after) == [3, 4, 5, 6]
     assert {s: want[s] for s in after} == after
+    assert not half.exists() and sorted(p.name for p in ckpts.iterdir()) == ["4", "6"]
 
 
 def test_incompatible_checkpoint_names_the_differences(tmp_path):

@@ -22,10 +22,14 @@ WORKER = Path(__file__).with_name("multihost_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def _held_port() -> socket.socket:
+    """A socket bound to a free port with SO_REUSEPORT and kept open (not listening) while the
+    processes run: a plain bind or an ephemeral port elsewhere cannot take the port, yet the
+    coordinator (a gRPC server, which binds with SO_REUSEPORT too) can join it."""
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # "[::]:port", the coordinator's
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("::", 0))
+    return s
 
 
 def _start(out: Path, nproc: int, pid: int, port: int) -> subprocess.Popen:
@@ -45,7 +49,8 @@ def _losses(proc: subprocess.Popen) -> list[float] | None:
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path):
-    port = _free_port()
+    held = _held_port()  # held until the end, so nothing can take the port before the coordinator
+    port = held.getsockname()[1]
     procs = [_start(tmp_path / "two", 2, 0, port), _start(tmp_path / "two", 2, 1, port),
              _start(tmp_path / "one", 1, 0, 0)]
     try:
@@ -54,6 +59,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        held.close()
     assert other is None and two is not None and one is not None   # process 0 reports
     assert len(two) == 2 and two[1] != two[0]
     # the cross-process all-reduce may add in another order: last-bit differences only
