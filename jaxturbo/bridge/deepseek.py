@@ -17,6 +17,20 @@ tensors, both undone on export:
 
 Converted models may have frequencies chosen by CARE; those export when they form a geometric
 sequence (theta'^(-2i/dr) / factor: rope_type "linear"), which the converter arranges.
+
+Supported: what `jaxturbo convert-mla` writes and any DeepSeek-V3 checkpoint of the same shape
+(q_proj without q-LoRA, a dense MLP in every layer, the latent norm, default or linear rope,
+interleaved rope rows, per-layer ranks zero-padded to kv_lora_rank).  Anything else DeepSeek-V3
+can be (q-LoRA, MoE layers, yarn and other rope types, attention biases, half-layout rope rows)
+is refused with a UserError naming the field.
+
+Round trips.  HF -> jaxturbo -> HF gives back every tensor bit for bit (the rope permutation is
+a row shuffle, the latent norm is kept as stored); tensors the model does not use (a tied
+checkpoint's duplicate lm_head, rotary buffers) are dropped and config.json is rewritten in
+jaxturbo's form (same model).  jaxturbo -> HF -> jaxturbo is bitwise for latent_norm=True params;
+for latent_norm=False (CARE) params the export applies the latent-norm trick above, so the
+re-imported params are latent_norm=True with scaled latent rows: the same function within a
+relative 5e-7, not the same tensors.
 """
 
 from __future__ import annotations
@@ -26,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxturbo.bridge.hf import read_hf_tensors, write_hf_dir
+from jaxturbo.bridge.hf import (DEFAULT_SHARD_BYTES, generation_config, read_hf_tensors,
+                                tokenizer_writer, write_hf_dir)
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.mla import MLAConfig
@@ -57,25 +72,72 @@ def _permute_rope_rows(w: np.ndarray, heads: int, dn: int, dr: int, perm: np.nda
 
 
 # ----------------------------------------------------------------------------- config
-def mla_config_from_hf(d: dict[str, Any]) -> MLAConfig:
-    """MLAConfig from a DeepSeek-V3 config dict; refuses MoE and q-LoRA checkpoints."""
-    if d.get("model_type") != "deepseek_v3":
-        raise UserError(f"expected model_type 'deepseek_v3', got {d.get('model_type')!r}")
-    L = int(d["num_hidden_layers"])
-    if d.get("q_lora_rank") is not None:
-        raise UserError(f"q_lora_rank={d['q_lora_rank']}: only q_proj (q_lora_rank null) is supported")
-    if int(d.get("first_k_dense_replace", 3)) < L and int(d.get("n_routed_experts") or 0) > 0:
-        raise UserError("MoE layers are not supported; need first_k_dense_replace >= "
-                        f"num_hidden_layers ({L})")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+             "v_head_dim")
+
+
+def is_deepseek_config(d: dict[str, Any]) -> bool:
+    """Whether an HF config dict describes a DeepSeek-V3 model (this module's format)."""
+    return d.get("model_type") == "deepseek_v3"
+
+
+def _refuse_unsupported(d: dict[str, Any], layers: int) -> None:
+    """UserError for the DeepSeek-V3 variants jaxturbo's MLA model does not implement.
+    Absent fields take transformers' DeepseekV3Config defaults (q_lora_rank 1536,
+    first_k_dense_replace 3, rope_interleave true), as transformers would build the model."""
+    q_lora = d.get("q_lora_rank", 1536)
+    if q_lora is not None:
+        why = "" if "q_lora_rank" in d else " (the default when absent)"
+        raise UserError(f"q_lora_rank={q_lora}{why}: q-LoRA (q_a_proj, q_a_layernorm, q_b_proj) "
+                        "is not supported; supported: q_lora_rank null (one q_proj)")
+    dense = d.get("first_k_dense_replace", 3)
+    if dense is None or int(dense) < layers:
+        raise UserError(f"first_k_dense_replace={dense} with num_hidden_layers={layers}: layers "
+                        f"{dense}..{layers - 1} are mixture-of-experts, which is not supported; "
+                        f"supported: a dense MLP in every layer (first_k_dense_replace >= {layers})")
+    if d.get("attention_bias", False):
+        raise UserError("attention_bias=true: biases on kv_a_proj_with_mqa / o_proj are not "
+                        "supported; supported: attention_bias false")
+    if not d.get("rope_interleave", True):
+        raise UserError("rope_interleave=false (rope rows in halves) is not supported; "
+                        "supported: rope_interleave true (DeepSeek's interleaved pairs)")
+
+
+def _rope_inv_freq(d: dict[str, Any], dr: int) -> tuple[float, tuple[float, ...] | None]:
+    """(rope_theta, inverse frequencies or None for theta's default schedule) of a config dict;
+    UserError for rope types other than default and linear."""
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))
-    dn, dr = int(d["qk_nope_head_dim"]), int(d["qk_rope_head_dim"])
-    inv = None
-    if kind == "linear":
-        inv = tuple(float(f) for f in (1.0 / theta ** (np.arange(0, dr, 2) / dr)) / float(rope["factor"]))
-    elif kind != "default":
+    if kind == "default":
+        return theta, None
+    if kind != "linear":
         raise UserError(f"unsupported DeepSeek rope type {kind!r}; supported: default, linear")
+    if "factor" not in rope:
+        raise UserError("rope_type 'linear' without a 'factor' in rope_parameters")
+    factor = float(rope["factor"])
+    if rope.get("mscale_all_dim") and factor > 1:
+        # transformers then multiplies the softmax scale by yarn_get_mscale(factor, m)^2
+        raise UserError(f"rope mscale_all_dim={rope['mscale_all_dim']} (with factor {factor}) "
+                        "rescales the attention scores, which is not supported; supported: "
+                        "mscale_all_dim 0 or absent")
+    inv = (1.0 / theta ** (np.arange(0, dr, 2) / dr)) / factor
+    return theta, tuple(float(f) for f in inv)
+
+
+def mla_config_from_hf(d: dict[str, Any]) -> MLAConfig:
+    """MLAConfig from a DeepSeek-V3 config dict; UserError for what is not supported (module
+    docstring) or a missing field."""
+    if not is_deepseek_config(d):
+        raise UserError(f"expected model_type 'deepseek_v3', got {d.get('model_type')!r}")
+    missing = [k for k in _REQUIRED if d.get(k) is None]
+    if missing:
+        raise UserError(f"config.json lacks required DeepSeek-V3 field(s) {', '.join(missing)}")
+    L = int(d["num_hidden_layers"])
+    _refuse_unsupported(d, L)
+    dn, dr = int(d["qk_nope_head_dim"]), int(d["qk_rope_head_dim"])
+    theta, inv = _rope_inv_freq(d, dr)
     heads = int(d["num_attention_heads"])
     base = ModelConfig(
         model_type="llama", vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
@@ -84,7 +146,7 @@ def mla_config_from_hf(d: dict[str, Any]) -> MLAConfig:
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"),
+        hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
         eos_token_id=() if d.get("eos_token_id") is None else (
             tuple(d["eos_token_id"]) if isinstance(d["eos_token_id"], list) else (int(d["eos_token_id"]),)),
         pad_token_id=d.get("pad_token_id"))
@@ -94,6 +156,11 @@ def mla_config_from_hf(d: dict[str, Any]) -> MLAConfig:
                      qk_rope_head_dim=dr, v_head_dim=int(d["v_head_dim"]),
                      layer_ranks=tuple(ranks) if ranks else None, rope_inv_freq=inv,
                      latent_norm=True, latent_norm_eps=LATENT_NORM_EPS)
+
+
+def _digits(x: float) -> float:
+    """x to 12 significant digits: exported rope numbers read back to the same config."""
+    return float(f"{x:.12g}")
 
 
 def _rope_parameters(cfg: MLAConfig) -> dict[str, Any]:
@@ -107,11 +174,12 @@ def _rope_parameters(cfg: MLAConfig) -> dict[str, Any]:
     if not np.allclose(ratio, ratio[0], rtol=1e-5) or ratio[0] >= 1:
         raise UserError("the rope frequencies are not a decreasing geometric sequence, which "
                         "DeepSeek-V3's config cannot express; convert with rope_layout='geometric'")
-    theta2 = float(ratio[0] ** (-dr / 2))
-    factor = float(1.0 / f[0])
+    if not np.allclose(ratio, theta ** (-2.0 / dr), rtol=1e-9):
+        theta = _digits(float(ratio[0] ** (-dr / 2)))  # the base's theta has another schedule
+    factor = _digits(float(1.0 / f[0]))
     if abs(factor - 1.0) < 1e-7:
-        return {"rope_theta": theta2, "rope_type": "default"}
-    return {"rope_theta": theta2, "rope_type": "linear", "factor": factor}
+        return {"rope_theta": theta, "rope_type": "default"}
+    return {"rope_theta": theta, "rope_type": "linear", "factor": factor}
 
 
 def mla_config_to_hf(cfg: MLAConfig) -> dict[str, Any]:
@@ -128,7 +196,7 @@ def mla_config_to_hf(cfg: MLAConfig) -> dict[str, Any]:
         "first_k_dense_replace": b.num_hidden_layers, "q_lora_rank": None,
         "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
         "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-        "head_dim": cfg.qk_rope_head_dim, "rope_interleave": True, "hidden_act": "silu",
+        "head_dim": cfg.qk_rope_head_dim, "rope_interleave": True, "hidden_act": b.hidden_act,
         "rms_norm_eps": b.rms_norm_eps, "rope_theta": rope["rope_theta"],
         "rope_parameters": rope, "max_position_embeddings": b.max_position_embeddings,
         "tie_word_embeddings": b.tie_word_embeddings, "attention_bias": False,
@@ -143,22 +211,53 @@ def mla_config_to_hf(cfg: MLAConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- tensors
+def mla_tensor_shapes(cfg: MLAConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(global HF names -> shape, per-layer suffixes -> shape) of a DeepSeek-V3 checkpoint."""
+    b = cfg.base
+    D, V, F, H, R = b.hidden_size, b.vocab_size, b.intermediate_size, cfg.num_heads, cfg.kv_lora_rank
+    dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    glob = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not b.tie_word_embeddings:
+        glob["lm_head.weight"] = (V, D)
+    layer = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+             "self_attn.q_proj.weight": (H * (dn + dr), D),
+             "self_attn.kv_a_proj_with_mqa.weight": (R + dr, D), _NORM: (R,),
+             "self_attn.kv_b_proj.weight": (H * (dn + dv), R), "self_attn.o_proj.weight": (D, H * dv),
+             "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D),
+             "mlp.down_proj.weight": (D, F)}
+    return glob, layer
+
+
 def mla_params_from_hf(tensors: dict[str, np.ndarray], cfg: MLAConfig) -> Params:
-    """HF tensors -> stacked jaxturbo MLA params (numpy), rope rows to half layout."""
+    """HF tensors -> stacked jaxturbo MLA params (numpy), rope rows to half layout.
+
+    Every tensor must be one the config implies, with its shape (UserError naming it
+    otherwise); a tied checkpoint's lm_head and rotary buffers are ignored."""
     L, H = cfg.base.num_hidden_layers, cfg.num_heads
     dn, dr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    glob, layer = mla_tensor_shapes(cfg)
+    want = dict(glob)
+    want.update({f"model.layers.{i}.{k}": s for i in range(L) for k, s in layer.items()})
+    for name, a in tensors.items():
+        if name not in want:
+            if name.endswith("rotary_emb.inv_freq") or (
+                    name == "lm_head.weight" and cfg.base.tie_word_embeddings):
+                continue
+            raise UserError(f"unexpected tensor {name} for a dense, q_proj-only DeepSeek-V3 model "
+                            f"with {L} layers; config.json and the weights do not match")
+        if tuple(a.shape) != want[name]:
+            raise UserError(f"tensor {name} has shape {list(a.shape)} but config.json implies "
+                            f"{list(want[name])}; config.json and the weights do not match")
+    absent = [n for n in want if n not in tensors]
+    if absent:
+        more = f" (and {len(absent) - 3} more)" if len(absent) > 3 else ""
+        raise UserError(f"checkpoint lacks {', '.join(absent[:3])}{more}")
     perm = _interleaved_to_half(dr)
-    out: Params = {"model.embed_tokens.weight": tensors["model.embed_tokens.weight"],
-                   "model.norm.weight": tensors["model.norm.weight"]}
-    if not cfg.base.tie_word_embeddings:
-        out["lm_head.weight"] = tensors["lm_head.weight"]
-    layers: dict[str, list[np.ndarray]] = {k: [] for k in (*_LAYER_KEYS, _NORM)}
+    out: Params = {k: tensors[k] for k in glob}
+    layers: dict[str, list[np.ndarray]] = {k: [] for k in layer}
     for i in range(L):
         for k in layers:
-            name = f"model.layers.{i}.{k}"
-            if name not in tensors:
-                raise UserError(f"checkpoint lacks {name}")
-            w = tensors[name]
+            w = tensors[f"model.layers.{i}.{k}"]
             if k == "self_attn.q_proj.weight":
                 w = _permute_rope_rows(w, H, dn, dr, perm)
             elif k == "self_attn.kv_a_proj_with_mqa.weight":
@@ -223,19 +322,22 @@ def load_deepseek(path: str | Path, dtype: Any = None) -> tuple[MLAConfig, Param
 
 
 def save_deepseek(params: Params, cfg: MLAConfig, out_dir: str | Path,
-                  tokenizer: Any = None, *, extra_files: dict[str, str] | None = None,
-                  overwrite: bool = False) -> Path:
-    """Write a DeepSeek-V3 HF directory transformers loads (tokenizer: object with
-    save_pretrained; extra_files: name -> text written beside the weights)."""
+                  tokenizer: str | Path | Any | None = None, *,
+                  extra_files: dict[str, str] | None = None,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write a DeepSeek-V3 HF directory transformers loads: weights, config.json,
+    generation_config.json, the tokenizer (an object with save_pretrained, or a directory whose
+    tokenizer files are copied, as `save_hf`) and extra_files (name -> text)."""
+    write_tokenizer = tokenizer_writer(tokenizer)
     hf_cfg = mla_config_to_hf(cfg)
     tensors = mla_params_to_hf(params, cfg)
     dt = str(next(iter(tensors.values())).dtype)
     hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dt else dt
 
     def extra(tmp: Path) -> None:
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(tmp))
+        write_tokenizer(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    return write_hf_dir(out_dir, tensors, hf_cfg, None, extra=extra,
+    return write_hf_dir(out_dir, tensors, hf_cfg, generation_config(hf_cfg), extra=extra,
+                        max_shard_bytes=max_shard_bytes,
                         exists="overwrite" if overwrite else "error")

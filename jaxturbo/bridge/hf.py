@@ -301,22 +301,32 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path,
     tensors = hf_from_params(params, cfg)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = _dtype_name(params)
-    gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-           if hf_cfg.get(k) is not None}
+    return write_hf_dir(out_dir, tensors, hf_cfg, generation_config(hf_cfg),
+                        extra=tokenizer_writer(tokenizer_src), max_shard_bytes=max_shard_bytes,
+                        exists="overwrite" if overwrite else "error")
+
+
+def generation_config(hf_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`generation_config.json` of an export: the config's special token ids that are set."""
+    return {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if hf_cfg.get(k) is not None}
+
+
+def tokenizer_writer(tokenizer_src: str | Path | Any | None) -> Callable[[Path], None]:
+    """What writes an export's tokenizer into its directory: `tokenizer_src` is a directory
+    whose tokenizer files (and generation config, if any) are copied, a tokenizer object with
+    `save_pretrained`, or None.  A missing directory is a UserError now, before any work."""
     src = None
     if tokenizer_src is not None and not hasattr(tokenizer_src, "save_pretrained"):
         src = Path(tokenizer_src)
         if not src.is_dir():
             raise UserError(f"tokenizer source {src} is not a directory")
 
-    def copy_tokenizer(tmp: Path) -> None:
+    def write(tmp: Path) -> None:
         if src is not None:
             for name in TOKENIZER_FILES + ("generation_config.json",):
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
         elif tokenizer_src is not None:
             tokenizer_src.save_pretrained(str(tmp))
-
-    return write_hf_dir(out_dir, tensors, hf_cfg, gen, extra=copy_tokenizer,
-                        max_shard_bytes=max_shard_bytes,
-                        exists="overwrite" if overwrite else "error")
+    return write

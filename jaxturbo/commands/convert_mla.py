@@ -1,4 +1,11 @@
-"""`jaxturbo convert-mla`: convert a GQA model to multi-head latent attention (CARE)."""
+"""`jaxturbo convert-mla`: convert a GQA model to multi-head latent attention (CARE).
+
+Data, all from the tokens of --calib-data: the last --eval-windows x --eval-window tokens are
+held out and only scored (perplexity before/after); calibration reads the first
+--calib-samples x --calib-len tokens before them, and healing trains on every position of
+consecutive --calib-len windows from the start of those same training tokens (cycled when the
+steps need more; overlapping the calibration tokens), never on a held-out token.
+"""
 
 from __future__ import annotations
 
@@ -39,13 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rank (kv head, frequency) pairs by score energy, or by energy times how "
                         "much the pair rotates over --calib-len tokens")
     p.add_argument("--alpha", type=float, default=0.01, help="covariance shrinkage in [0, 1]")
-    p.add_argument("--calib-data", default=str(_DEFAULT_DATA), help="calibration text (UTF-8)")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--calib-data", default=str(_DEFAULT_DATA),
+                   help="text (UTF-8) for calibration, healing and the held-out perplexity")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration windows, from the start of --calib-data")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
     p.add_argument("--eval-windows", type=int, default=4,
-                   help="perplexity windows (from the end of --calib-data) before/after; 0 skips")
+                   help="perplexity windows before/after, the last tokens of --calib-data, "
+                        "held out from calibration and healing; 0 skips")
     p.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
-    p.add_argument("--heal-steps", type=int, default=0, help="KL-distillation steps after conversion")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="KL-distillation steps after conversion, trained on every token of "
+                        "--calib-len windows from the start of --calib-data (cycled if the text "
+                        "runs out), never on the held-out perplexity windows")
     p.add_argument("--heal-batch", type=int, default=4, help="rows per heal step")
     p.add_argument("--heal-lr", type=float, default=1e-4, help="heal peak learning rate")
 
@@ -74,12 +87,18 @@ def run(args: argparse.Namespace) -> int:
     from jaxturbo.bridge import load_model
     from jaxturbo.bridge.deepseek import save_deepseek
     from jaxturbo.evaluate import perplexity
-    from jaxturbo.mla.calibrate import attention_input_covariance, calibration_batches
+    from jaxturbo.mla.calibrate import (attention_input_covariance, calibration_batches,
+                                        split_held_out)
     from jaxturbo.mla.convert import convert_to_mla
     from jaxturbo.mla.evaluate import mla_perplexity
+    from jaxturbo.mla.heal import heal, heal_batches
+    from jaxturbo.models.mla import MLAConfig
 
     text = read_text_file(args.calib_data)
     cfg, params, tok = load_model(args.model)
+    if isinstance(cfg, MLAConfig):
+        raise UserError(f"--model {args.model} is already an MLA (DeepSeek-V3) model; "
+                        "convert-mla takes a GQA model (llama family)")
     params = jax.tree.map(np.asarray, params)
     ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
     n_eval = args.eval_windows * args.eval_window
@@ -87,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.calib_data} has {len(ids)} tokens, fewer than calibration "
                         f"({args.calib_samples} x {args.calib_len}) plus evaluation ({n_eval}); "
                         "lower --calib-samples/--calib-len/--eval-windows")
-    eval_ids = ids[len(ids) - n_eval:]
-    batches = calibration_batches(ids, args.calib_samples, args.calib_len)
+    # the scored tokens are held out: calibration and healing see only train_ids
+    train_ids, eval_ids = split_held_out(ids, n_eval)
+    batches = calibration_batches(train_ids, args.calib_samples, args.calib_len)
+    hb = (heal_batches(train_ids, args.heal_steps, args.heal_batch, args.calib_len)
+          if args.heal_steps else [])
     with tqdm(total=args.calib_samples, desc="calibrate", unit="sample") as bar:
         cov = attention_input_covariance(params, cfg, batches, progress=bar.update)
     with tqdm(total=cfg.num_hidden_layers, desc=f"factorise ({args.method})", unit="layer") as bar:
@@ -99,9 +121,6 @@ def run(args: argparse.Namespace) -> int:
                              progress=bar.update)
     mparams = res.params
     if args.heal_steps:
-        from jaxturbo.mla.heal import heal
-        hb = calibration_batches(ids, args.heal_batch * args.heal_steps, args.calib_len,
-                                 batch_size=args.heal_batch)
         with tqdm(total=args.heal_steps, desc="heal", unit="step") as bar:
             def tick(m: dict) -> None:
                 bar.set_postfix(kl=f"{m['kl']:.4f}")
@@ -111,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
                                                     progress=tick))
     summary = res.summary()
     summary["heal_tokens"] = args.heal_steps * args.heal_batch * args.calib_len
+    # token index ranges of --calib-data each stage read ([start, end)); evaluation is disjoint
+    summary["data_tokens"] = {
+        "calibration": [0, args.calib_samples * args.calib_len],
+        "heal": [0, sum(b.size for b in hb)],
+        "evaluation": [len(train_ids), len(ids)]}
     if n_eval:
         with tqdm(total=2 * args.eval_windows, desc="perplexity", unit="window") as bar:
             summary["ppl_before"] = perplexity(params, cfg, eval_ids, window=args.eval_window,

@@ -7,7 +7,8 @@ import argparse
 from jaxturbo.commands._common import add_model_arguments
 
 NAME = "export-hf"
-HELP = "export a model (registry name, HF dir or GGUF) as an HF safetensors directory"
+HELP = ("export a model (registry name, HF dir or GGUF) as an HF safetensors directory "
+        "(a DeepSeek-V3 / MLA model as DeepSeek-V3 again)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,10 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxturbo.bridge import export_hf, load_hf, resolve_model
+    from jaxturbo.bridge import export_hf, load_params, resolve_model
 
     src = resolve_model(args.model)
-    cfg, params, _ = load_hf(src, dtype=None if args.dtype == "float32" else args.dtype)
+    cfg, params = load_params(src, dtype=None if args.dtype == "float32" else args.dtype)
     out = export_hf(params, cfg, args.out, tokenizer=src, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

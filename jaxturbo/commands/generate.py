@@ -81,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
     use_decode_xla_flags()
     from jaxturbo.bridge import load_model
     from jaxturbo.generate import SamplingParams, generate
+    from jaxturbo.models.dispatch import check_mesh_supported
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     cfg, params, tokenizer = load_model(args.model, dtype=args.dtype)
     prompts = encode_prompts(tokenizer, args.prompt, args.chat)
+    check_mesh_supported(cfg, args.mesh)  # MLA: one device only
     params, mesh = tensor_parallel_setup(args.mesh, cfg, params, len(prompts))  # before any output
     streamer = None if args.no_stream else _Streamer(tokenizer)
     if streamer is not None:

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from jaxturbo.bridge import load_model
     from jaxturbo.evaluate import perplexity, window_plan
+    from jaxturbo.models.dispatch import check_mesh_supported
     from jaxturbo.parallel.tensor import TensorParallel
 
     text = read_text_file(args.data)
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be >= 1")
     cfg, params, tokenizer = load_model(args.model, dtype=args.dtype)
+    check_mesh_supported(cfg, args.mesh)  # MLA: one device only
     params, mesh = tensor_parallel_setup(args.mesh, cfg, params, args.batch_size)
     if args.window > cfg.max_position_embeddings:
         raise UserError(f"--window {args.window} is larger than the model's context of "

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxturbo.errors import UserError
-from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.transformer import Params, forward
+from jaxturbo.models.dispatch import AnyConfig, model_functions
+from jaxturbo.models.transformer import Params
 
 
 @dataclasses.dataclass
@@ -46,23 +46,26 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "model_fn"))
-def _window_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, weights: jax.Array,
+def _window_nll(params: Params, cfg: AnyConfig, tokens: jax.Array, weights: jax.Array,
                 attn_impl: str, model_fn: Callable | None = None) -> jax.Array:
     """Sum of NLL of tokens[:, 1:] weighted by weights[:, 1:] (tokens [B, W]).
 
-    model_fn: a hashable stand-in for `forward` (e.g. `parallel.tensor.TensorParallel`)."""
-    logits, _ = (forward if model_fn is None else model_fn)(params, cfg, tokens, attn_impl=attn_impl)
+    model_fn: a hashable stand-in for the config's forward (e.g. `parallel.tensor.TensorParallel`)."""
+    fwd = model_functions(cfg).forward if model_fn is None else model_fn  # chosen while tracing
+    logits, _ = fwd(params, cfg, tokens, attn_impl=attn_impl)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(nll * weights[:, 1:])
 
 
-def perplexity(params: Params, cfg: ModelConfig, token_ids: np.ndarray, *, window: int = 1024,
+def perplexity(params: Params, cfg: AnyConfig, token_ids: np.ndarray, *, window: int = 1024,
                stride: int | None = None, batch_size: int = 4, attn_impl: str = "auto",
                progress: Callable[[int], None] | None = None,
                model_fn: Callable | None = None) -> PerplexityResult:
-    """Perplexity of a 1-D token array, evaluated in batches of windows (model_fn: see
-    `_window_nll`; tensor parallel scoring passes `TensorParallel(mesh)`)."""
+    """Perplexity of a 1-D token array, evaluated in batches of windows.
+
+    cfg: a `ModelConfig` (GQA) or an `MLAConfig` (`jaxturbo.models.model_functions` picks the
+    forward); model_fn: see `_window_nll` (tensor parallel scoring passes `TensorParallel(mesh)`)."""
     stride = window if stride is None else stride
     if window > cfg.max_position_embeddings:
         raise UserError(f"--window {window} is larger than the model's context of "

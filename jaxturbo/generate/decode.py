@@ -20,8 +20,8 @@ from jax.experimental import io_callback
 
 from jaxturbo.errors import UserError
 from jaxturbo.generate.sampling import SamplingParams, sample
-from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.transformer import Cache, Params, forward, init_cache, lm_head
+from jaxturbo.models.dispatch import AnyConfig, model_functions
+from jaxturbo.models.transformer import Cache, Params, lm_head
 
 
 @dataclasses.dataclass
@@ -42,14 +42,15 @@ def bucket(n: int, multiple: int = 64) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def prefill(fwd: Callable, params: Params, cfg: ModelConfig, tokens: jax.Array,
+def prefill(fwd: Callable, params: Params, cfg: AnyConfig, tokens: jax.Array,
             lengths: jax.Array, cache: Cache, attn_impl: str) -> tuple[jax.Array, Cache]:
     """Cached prefill of right-padded prompts tokens [B, T] -> (logits [B, V] float32 at each
     row's last prompt token, cache).  The LM head runs on those B rows only: over all B x T
     positions it is a [B, T, V] float32 tensor (3 GB for 16 x 1024 tokens of a 49K vocabulary,
     20 GB per GPU for 64 x 1024 of Llama-3's 128K at TP 8) and a fifth of a small model's
-    prefill FLOPs, for logits nobody reads.  fwd: `forward` or a wrapper with its signature
-    (e.g. tensor-parallel), which returns the final normed hidden state with return_hidden."""
+    prefill FLOPs, for logits nobody reads.  fwd: the config's forward (`models.model_functions`)
+    or a wrapper with its signature (e.g. tensor-parallel), which returns the final normed
+    hidden state with return_hidden."""
     b, t = tokens.shape
     seg = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
     hidden, cache = fwd(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths,
@@ -61,15 +62,17 @@ def prefill(fwd: Callable, params: Params, cfg: ModelConfig, tokens: jax.Array,
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stream",
                                              "attn_impl", "cache_dtype", "model_fn", "kv_heads"))
 def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
-              stop_ids: jax.Array, *, cfg: ModelConfig, max_new_tokens: int,
+              stop_ids: jax.Array, *, cfg: AnyConfig, max_new_tokens: int,
               sampling: SamplingParams, stream: Callable | None, attn_impl: str,
               cache_dtype: str, model_fn: Callable | None = None,
               kv_heads: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    # model_fn: a hashable stand-in for `forward` with its signature (e.g. tensor-parallel
+    # model_fn: a hashable stand-in for the forward with its signature (e.g. tensor-parallel
     # `jaxturbo.parallel.tensor.TensorParallel`); kv_heads: the cache's (global) KV head count.
-    fwd = forward if model_fn is None else model_fn
+    fns = model_functions(cfg)  # GQA or MLA, chosen while tracing
+    fwd = fns.forward if model_fn is None else model_fn
     b, p = tokens.shape
-    cache = init_cache(cfg, b, p + max_new_tokens, jnp.dtype(cache_dtype), kv_heads=kv_heads)
+    heads = {} if kv_heads is None else {"kv_heads": kv_heads}
+    cache = fns.init_cache(cfg, b, p + max_new_tokens, jnp.dtype(cache_dtype), **heads)
     last, cache = prefill(fwd, params, cfg, tokens, lengths, cache, attn_impl)
     key, sub = jax.random.split(key)
     tok, logp = sample(last, sub, sampling)
@@ -121,7 +124,7 @@ STOP_CHECK_EVERY = 16  # decode steps between host-visible stop tests, at most
 
 def generate(
     params: Params,
-    cfg: ModelConfig,
+    cfg: AnyConfig,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 32,
@@ -137,11 +140,14 @@ def generate(
 ) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
+    cfg: a `ModelConfig` (GQA, KV cache) or an `MLAConfig` (latent cache, absorbed decode);
+    `jaxturbo.models.model_functions` picks the forward and the cache.
+
     Args:
       prompts: B lists of token ids (each non-empty).
       stop_ids: tokens that end a row (included in its output).
       stream: called on the host once per step with (tokens [B], live [B]) while the loop runs.
-      model_fn: hashable replacement for `forward` with its signature (tensor parallel:
+      model_fn: hashable replacement for the forward with its signature (tensor parallel:
         `jaxturbo.parallel.tensor.TensorParallel(mesh)`, params from `shard_params`).
       kv_heads: KV heads of the cache when they differ from the config's (replicated under TP).
       batch_sharding: a NamedSharding whose spec splits the prompt rows (e.g. over a mesh's batch

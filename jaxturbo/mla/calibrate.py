@@ -69,6 +69,17 @@ def shrink(c: np.ndarray, alpha: float) -> np.ndarray:
     return (1 - alpha) * c + alpha * (np.trace(c) / d) * np.eye(d)
 
 
+def split_held_out(token_ids: np.ndarray, held_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training tokens, held-out tokens) of a 1-D token array: the last `held_out` tokens are
+    kept for scoring (perplexity); calibration and healing read only the first part, so no
+    scored token is ever trained or calibrated on."""
+    if not 0 <= held_out <= len(token_ids):
+        from jaxturbo.errors import UserError
+        raise UserError(f"cannot hold out {held_out} of {len(token_ids)} tokens for evaluation")
+    cut = len(token_ids) - held_out
+    return token_ids[:cut], token_ids[cut:]
+
+
 def calibration_batches(token_ids: np.ndarray, samples: int, length: int,
                         batch_size: int = 8) -> list[np.ndarray]:
     """`samples` disjoint windows of `length` tokens from the start of `token_ids`, batched."""

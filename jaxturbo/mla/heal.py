@@ -3,6 +3,11 @@
 The teacher's logits come from the GQA forward with frozen params; the student's from
 `mla_forward`; the loss is `train.losses.distill_kl` and the step is the training core's
 `make_train_step` (float32 master weights, AdamW).
+
+Data: healing trains on every position of its windows (`heal_batches`: disjoint windows from
+the start of the training tokens, cycled); `jaxturbo convert-mla` gives it only the tokens
+before its held-out perplexity windows (`calibrate.split_held_out`), so the scored tokens are
+never healed on.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from jaxturbo.models.transformer import Params, forward
 from jaxturbo.train.losses import distill_kl
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
 from jaxturbo.train.step import TrainConfig, init_state, make_train_step
+
+
+def heal_batches(token_ids: np.ndarray, steps: int, batch: int, length: int) -> list[np.ndarray]:
+    """[batch, length] int32 token batches for `steps` heal steps: consecutive disjoint windows
+    from the start of `token_ids`, as many as the steps use or the text holds (whole batches);
+    `heal` cycles them when there are fewer than `steps`."""
+    windows = min(steps * batch, len(token_ids) // length // batch * batch)
+    if windows < batch:
+        from jaxturbo.errors import UserError
+        raise UserError(f"healing needs at least one batch of {batch} x {length} = "
+                        f"{batch * length} tokens, the training text has {len(token_ids)}; "
+                        "lower --heal-batch or --calib-len")
+    w = np.asarray(token_ids[:windows * length], np.int32).reshape(windows, length)
+    return [w[i:i + batch] for i in range(0, windows, batch)]
 
 
 def heal(student: Params, mla_cfg: MLAConfig, teacher: Params, teacher_cfg: ModelConfig,

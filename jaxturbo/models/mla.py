@@ -21,7 +21,9 @@ token per layer instead of 2*K*hd.  Decode (T == 1) absorbs kv_b_proj into the q
 output (`pallas_kernels.mla_decode_attention`); everything else expands keys/values (naive).
 
 Everything but attention (embedding, norms, SwiGLU MLP, LM head, RoPE tables) is imported from
-the GQA model, so the two share one implementation of each.
+the GQA model, so the two share one implementation of each.  Generation and perplexity reach
+this model through `models.dispatch.model_functions` (an MLAConfig picks `mla_forward` and
+`init_mla_cache`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,28 @@ class MLAConfig:
         if self.rope_inv_freq is not None and 2 * len(self.rope_inv_freq) != self.qk_rope_head_dim:
             raise UserError(f"{len(self.rope_inv_freq)} rope frequencies for qk_rope_head_dim "
                             f"{self.qk_rope_head_dim} (need {self.qk_rope_head_dim // 2})")
+
+    # The base's fields that code written for any config reads (the decode loop's context
+    # check and LM head, perplexity's window check, the CLI's stop tokens).
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.base.num_hidden_layers
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.base.max_position_embeddings
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.base.tie_word_embeddings
+
+    @property
+    def eos_token_id(self) -> tuple[int, ...]:
+        return self.base.eos_token_id
 
     @property
     def num_heads(self) -> int:

@@ -112,15 +112,19 @@ def test_budget_too_small_is_a_user_error(gqa):
         convert_to_mla(params, CFG, cov, kv_budget=0.1, rope_dim=8)
 
 
-def test_uniform_care_export_loads_in_transformers(gqa, tmp_path):
+@pytest.mark.parametrize("ranks", ["uniform", "adjusted"])
+def test_care_export_loads_in_transformers(gqa, tmp_path, ranks):
+    """The DeepSeek-V3 export (latent-norm trick; adjusted: layers zero-padded to the widest
+    rank) gives transformers the logits of the converted model within 1e-4."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from jaxturbo.bridge.deepseek import save_deepseek
 
     params, cov = gqa
-    res = convert_to_mla(params, CFG, cov, method="care", kv_budget=0.5, rope_dim=8)
+    res = convert_to_mla(params, CFG, cov, method="care", ranks=ranks, kv_budget=0.5, rope_dim=8)
     assert not res.cfg.latent_norm
+    assert (res.cfg.layer_ranks is not None) == (ranks == "adjusted")
     out = save_deepseek(res.params, res.cfg, tmp_path / "mla")
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     toks = _tokens((1, 10))

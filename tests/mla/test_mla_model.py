@@ -1,4 +1,5 @@
-"""MLA attention: DeepSeek-V3 parity with transformers, absorbed decode == naive, HF round trip."""
+"""MLA attention: DeepSeek-V3 parity with transformers, absorbed decode == naive, HF round trip,
+perplexity of an MLAConfig."""
 
 from __future__ import annotations
 
@@ -6,46 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxturbo.bridge.deepseek import (load_deepseek, mla_config_from_hf, mla_params_from_hf,
-                                      save_deepseek)
+from jaxturbo.bridge.deepseek import load_deepseek, save_deepseek
 from jaxturbo.models.mla import init_mla_cache, mla_forward
+from tests.bridge.deepseek_tiny import V, tiny_deepseek, torch_logits
 from tests.hf_tiny import random_tokens
-
-V = 97
-
-
-def tiny_deepseek(seed: int = 0):
-    """(torch DeepSeek-V3 model, MLAConfig, params) with dense MLPs and random norms."""
-    import torch
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
-
-    torch.manual_seed(seed)
-    hc = DeepseekV3Config(vocab_size=V, hidden_size=48, intermediate_size=64,
-                          moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=3,
-                          num_key_value_heads=3, q_lora_rank=None, kv_lora_rank=24,
-                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
-                          first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
-                          n_group=1, topk_group=1, max_position_embeddings=128,
-                          tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(hc).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    cfg = mla_config_from_hf(hc.to_dict())
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    return model, cfg, jax_tree(mla_params_from_hf(sd, cfg))
-
-
-def jax_tree(p):
-    import jax
-    return jax.tree.map(jnp.asarray, p)
-
-
-def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
-    import torch
-    with torch.no_grad():
-        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +56,21 @@ def test_export_round_trip_loads_in_transformers(tiny, tmp_path):
     assert cfg2 == cfg
     np.testing.assert_array_equal(np.asarray(params2["layers"]["self_attn.q_proj.weight"]),
                                   np.asarray(params["layers"]["self_attn.q_proj.weight"]))
+
+
+def test_perplexity_takes_an_mla_config(tiny):
+    """`jaxturbo.evaluate.perplexity` runs an MLAConfig model (the forward picked by
+    `models.model_functions`): its NLL equals transformers' over the same two windows."""
+    import torch
+
+    from jaxturbo.evaluate import perplexity
+
+    model, cfg, params = tiny
+    ids = random_tokens((40,), V, seed=4)
+    res = perplexity(params, cfg, ids, window=20, batch_size=2, attn_impl="xla")
+    nll = []
+    for w in (ids[:20], ids[20:]):   # disjoint windows: each scores its last 19 tokens
+        logp = torch.log_softmax(torch.tensor(torch_logits(model, w[None])[0, :-1]), -1)
+        nll += (-logp[torch.arange(19), torch.tensor(w[1:], dtype=torch.long)]).tolist()
+    assert res.tokens_scored == 38
+    np.testing.assert_allclose(res.nll, np.mean(nll), rtol=1e-5)
