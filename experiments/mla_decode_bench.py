@@ -306,9 +306,11 @@ def bench_models(original: str, converted: list[Path], contexts, batch: int, new
         else:
             cfg, params = load_deepseek(where, dtype=dtype)
             base = cfg.base
-            kv_stored = base.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+            kv_stored = base.num_hidden_layers * (cfg.cache_rank + cfg.qk_rope_head_dim)
             kv_ranks = cfg.kv_values_per_token()
             widths = f"{cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
+            if cfg.cache_rank != cfg.kv_lora_rank:
+                widths += f" (stored {cfg.cache_rank})"
             if cfg.layer_ranks:
                 widths += f" (ranks {min(cfg.layer_ranks)}..{max(cfg.layer_ranks)})"
             step = lambda p, t, c, m=cfg, i=impl: mla_forward(p, m, t, cache=c,  # noqa: E731

@@ -22,7 +22,7 @@ def test_model_functions_pick_the_mla_forward_and_latent_cache(tiny):
     assert fns.forward is mla_forward and fns.init_cache is init_mla_cache
     assert not fns.tensor_parallel
     cache = fns.init_cache(cfg, 2, 8, np.float32)
-    assert cache["latent"].shape == (2, 2, 8, cfg.kv_lora_rank)
+    assert cache["latent"].shape == (2, 2, 8, cfg.cache_rank)
     assert cache["k_rope"].shape == (2, 2, 8, cfg.qk_rope_head_dim)
 
 
