@@ -4,7 +4,7 @@
 PY ?= python3.12
 VENV := .venv
 BIN := $(VENV)/bin
-DATA ?= datasets/wikitext-2/valid.txt
+DATA ?= jaxturbo/data/wikitext-2/valid.txt
 MODEL ?= smollm2-135m
 # fake CPU devices so that mesh tests run anywhere
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu

@@ -26,7 +26,7 @@ from bench_util import copy_bandwidth, device_name, time_fn, write_table  # noqa
 import jaxturbo.models.layers as layers  # noqa: E402
 import jaxturbo.models.transformer as tr  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
-from jaxturbo.train.init import init_params  # noqa: E402
+from jaxturbo.models.init import init_params  # noqa: E402
 
 CFG = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                   num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8, head_dim=128,

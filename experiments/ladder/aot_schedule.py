@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxturbo.bridge.hf import global_shapes
-    from jaxturbo.generate.decode import _generate
-    from jaxturbo.generate.sampling import SamplingParams
+    from jaxturbo.inference.generate import _generate
+    from jaxturbo.inference.sampling import SamplingParams
     from jaxturbo.models.config import ModelConfig
     from jaxturbo.parallel import tensor
     from jaxturbo.parallel.mesh import make_mesh

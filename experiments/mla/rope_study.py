@@ -17,15 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from jaxturbo.bridge import load_model  # noqa: E402
-from jaxturbo.mla.calibrate import attention_input_covariance, calibration_batches  # noqa: E402
-from jaxturbo.mla.convert import convert_to_mla  # noqa: E402
-from jaxturbo.mla.evaluate import mla_perplexity  # noqa: E402
+from jaxturbo.convert.mla.calibrate import attention_input_covariance, calibration_batches  # noqa: E402
+from jaxturbo.convert.mla.convert import convert_to_mla  # noqa: E402
+from jaxturbo.convert.mla.evaluate import mla_perplexity  # noqa: E402
+from jaxturbo.data import WIKITEXT2_VALID  # noqa: E402
 
 
 def main() -> None:
     cfg, params, tok = load_model("smollm2-135m", progress=False)
     params = jax.tree.map(np.asarray, params)
-    ids = np.asarray(tok.encode((ROOT / "datasets/wikitext-2/valid.txt").read_text(),
+    ids = np.asarray(tok.encode(WIKITEXT2_VALID.read_text(),
                                 add_special_tokens=False), np.int32)
     eval_ids = ids[-8 * 512:]
     cov = attention_input_covariance(params, cfg, calibration_batches(ids, 32, 256))

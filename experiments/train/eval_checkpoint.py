@@ -16,9 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxturbo.bridge import load_model
-from jaxturbo.commands.sft import _held_in_tokens
+from jaxturbo.cli.sft import _held_in_tokens
 from jaxturbo.data import read_records
-from jaxturbo.evaluate.perplexity import perplexity
+from jaxturbo.inference.perplexity import perplexity
 from jaxturbo.train.checkpoint import Checkpointer
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
 from jaxturbo.train.step import init_state

@@ -1,1 +1,31 @@
-"""Serving-side inference: a paged-KV engine with continuous batching (see `jaxturbo.inference.engine`)."""
+"""Inference: static batched generation, sampling, sliding-window perplexity, the opt-in fused
+decode weight layout, and the serving engine (`jaxturbo.inference.engine`).
+
+The public names below are imported lazily (PEP 562), so that importing the engine's
+host-side modules (plain Python) does not start JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GenerationResult": "jaxturbo.inference.generate",
+    "generate": "jaxturbo.inference.generate",
+    "SamplingParams": "jaxturbo.inference.sampling",
+    "sample": "jaxturbo.inference.sampling",
+    "PerplexityResult": "jaxturbo.inference.perplexity",
+    "perplexity": "jaxturbo.inference.perplexity",
+    "window_plan": "jaxturbo.inference.perplexity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'jaxturbo.inference' has no attribute {name!r}")

@@ -25,7 +25,7 @@ FAMILIES: dict[str, tuple[str, bool, bool]] = {
 # the config's "jaxturbo" block): ladder/hybrid checkpoints carry their own modeling file.
 MODEL_TYPE_ALIASES = {"ladder_llama": "llama"}
 
-RESIDUAL_MODES = ("standard", "ladder", "hybrid", "parallel", "desync")
+RESIDUAL_MODES = ("standard", "ladder", "hybrid", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,24 +10,24 @@ import jax
 import jax.numpy as jnp
 
 
+# Parameter names of the fused projection layout (q/k/v as one matrix, gate/up as one), which
+# the model reads as well as the HF one; `jaxturbo.inference.fused` makes it.
+QKV_W, QKV_B = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias"
+GATE_UP_W = "mlp.gate_up_proj.weight"
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, statistics in float32 (as HF Llama/Qwen do)."""
-    return weight * (x.astype(jnp.float32) * rms_scale(x, eps)).astype(x.dtype)
-
-
-def sum_squares(x: jax.Array) -> jax.Array:
-    """sum(x^2) over the last axis, float32, kept as [..., 1]."""
     xf = x.astype(jnp.float32)
-    return jnp.sum(xf * xf, axis=-1, keepdims=True)
+    scale = jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) / x.shape[-1] + eps)
+    return weight * (xf * scale).astype(x.dtype)
 
 
-def rms_scale(x: jax.Array, eps: float, ss: jax.Array | None = None) -> jax.Array:
-    """RMSNorm's per-row factor rsqrt(mean(x^2) + eps) [..., 1], float32 (ss: x's
-    `sum_squares`, if already computed).  With the norm's gain folded into the next projection
-    (`jaxturbo.models.fused.fold_norms`), that projection's output times this factor is the
-    projection of the normed input."""
-    ss = sum_squares(x) if ss is None else ss
-    return jax.lax.rsqrt(ss / x.shape[-1] + eps)
+def split_qkv(qkv: jax.Array, q_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A fused projection's local output [..., Hl + 2 Kl, hd] -> q, k, v (split on the heads)."""
+    kv_heads = (qkv.shape[-2] - q_heads) // 2
+    return (qkv[..., :q_heads, :], qkv[..., q_heads:q_heads + kv_heads, :],
+            qkv[..., q_heads + kv_heads:, :])
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

@@ -17,7 +17,9 @@ Residual modes (cfg.residual_mode), over the same parameters:
             previous module's output is added, so that output's all-reduce overlaps this
             module's compute; the last two outputs are added before the final norm
   hybrid    standard on the first L-N layers, ladder on the last N (cfg.ladder_layers)
-  desync    standard with the tensor-parallel all-reduces left out (speed bound, not a model)
+
+`forward(..., skip_allreduce=True)` leaves the tensor-parallel all-reduces out: the "desync"
+speed bound the benchmarks compare the residual modes with (not a model).
 
 Cache: {"k", "v": [L, B, S, K, hd], "lengths": [B] int32}.  A row's valid slots are
 [0, lengths[b]); prompts are right-padded, so a decode step writes slot lengths[b].
@@ -32,15 +34,13 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from jaxturbo.models import fused
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.layers import linear, rms_norm, rms_scale, sum_squares, swiglu_down, swiglu_mlp
+from jaxturbo.models.layers import (GATE_UP_W, QKV_B, QKV_W, linear, rms_norm, split_qkv,
+                                    swiglu_down, swiglu_mlp)
 from jaxturbo.models.rope import apply_rope, rope_cos_sin
-from jaxturbo.parallel.overlap import psum_beside
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
-LADDER_OVERLAPS = ("scheduler", "streams")
 AttnFn = Callable[..., jax.Array]
 
 
@@ -87,13 +87,8 @@ def lm_head(params: Params, cfg: ModelConfig, x: jax.Array,
 # ----------------------------------------------------------------------------- attention
 def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
                     layer: jax.Array, *, segment_ids: jax.Array | None, cache: Cache | None,
-                    attn_impl: str, attn_fn: AttnFn | None, norm_ss: jax.Array | None = None
-                    ) -> tuple[jax.Array, Cache | None]:
+                    attn_impl: str, attn_fn: AttnFn | None) -> tuple[jax.Array, Cache | None]:
     """Self-attention of one layer on normed input h [B, T, D] (local heads under TP).
-
-    norm_ss [B, T, 1]: h is the raw residual stream, with this `sum_squares`, and the input
-    norm's gain is folded into the fused q/k/v weight (`fused.fold_norms`): the projection's
-    output is scaled by the norm's factor instead (for k and v by the decode kernel).
 
     Without a cache: causal attention over the T tokens (packed rows via segment_ids).
     With a cache and T > 1 (prefill): also writes K/V into slots [0, T) of `layer`.
@@ -104,20 +99,13 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     hd = cfg.head_dim
     decode = cache is not None and t == 1
     packed = None  # the fused projection's output, when q, k and v can be read from it in place
-    rms = None  # a folded norm's factor, still to be applied (by the decode step)
-    if fused.QKV_W in lp:  # one GEMV for q, k and v (models/fused.py)
+    if QKV_W in lp:  # one GEMV for q, k and v (jaxturbo/inference/fused.py)
         q_heads = lp["self_attn.o_proj.weight"].shape[-1] // hd  # local, as every count here
-        packed = linear(h, lp[fused.QKV_W])
-        if norm_ss is not None and decode and fused.QKV_B not in lp and not cfg.qk_norm:
-            # the decode step scales q, k and v as it reads them, from the sum of squares: the
-            # product made here would be a copy, the factor alone a kernel of its own
-            rms = (norm_ss[:, 0, 0], h.shape[-1], cfg.rms_norm_eps)
-        elif norm_ss is not None:
-            packed = (packed * rms_scale(h, cfg.rms_norm_eps, norm_ss)).astype(h.dtype)
-        if fused.QKV_B in lp:
-            packed = packed + lp[fused.QKV_B].astype(packed.dtype)
+        packed = linear(h, lp[QKV_W])
+        if QKV_B in lp:
+            packed = packed + lp[QKV_B].astype(packed.dtype)
         packed = packed.reshape(b, t, -1, hd)
-        q, k, v = fused.split_qkv(packed, q_heads)
+        q, k, v = split_qkv(packed, q_heads)
     else:
         q, k, v = (linear(h, lp[f"self_attn.{n}_proj.weight"], lp.get(f"self_attn.{n}_proj.bias"))
                    .reshape(b, t, -1, hd) for n in "qkv")
@@ -139,7 +127,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         out, kc, vc = pallas_kernels.decode_attention_append(
             qv, src[0], src[1], cache["k"], cache["v"], cache["lengths"], layer=layer,
             rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl, k_head_offset=src[2],
-            v_head_offset=src[3], rms=rms, q_heads=q_raw)
+            v_head_offset=src[3], q_heads=q_raw)
         out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
@@ -157,14 +145,10 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
 
 
-def mlp_block(lp: Params, h: jax.Array, row_scale: jax.Array | None = None) -> jax.Array:
-    """SwiGLU MLP of one layer on normed input, before any all-reduce.  row_scale [B, T, 1]:
-    h is the raw residual stream and the post-attention norm's gain is folded into the fused
-    gate/up weight (`fused.fold_norms`); the projection's output is scaled by it instead."""
-    if fused.GATE_UP_W in lp:  # one GEMV for gate and up (models/fused.py)
-        gate_up = linear(h, lp[fused.GATE_UP_W])
-        if row_scale is not None:
-            gate_up = (gate_up * row_scale).astype(h.dtype)
+def mlp_block(lp: Params, h: jax.Array) -> jax.Array:
+    """SwiGLU MLP of one layer on normed input h [B, T, D], before any all-reduce."""
+    if GATE_UP_W in lp:  # one GEMV for gate and up (jaxturbo/inference/fused.py)
+        gate_up = linear(h, lp[GATE_UP_W])
         gate, up = jnp.split(gate_up, 2, axis=-1)
         return swiglu_down(gate, up, lp["mlp.down_proj.weight"])
     return swiglu_mlp(h, lp["mlp.gate_proj.weight"], lp["mlp.up_proj.weight"], lp["mlp.down_proj.weight"])
@@ -215,7 +199,7 @@ def forward(
     unroll: bool = False,
     layer_remat: tuple[Any] | None = None,
     return_hidden: bool = False,
-    ladder_overlap: str = "scheduler",
+    skip_allreduce: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
     """Run the decoder.
 
@@ -231,12 +215,8 @@ def forward(
       unroll: Python loop over layers instead of lax.scan (lets XLA schedule across layers).
       layer_remat: (policy,) to rematerialise each layer in the backward (see `_run_layers`).
       return_hidden: return the final normed hidden state [B, T, D] instead of logits.
-      ladder_overlap: how a ladder layer's attention all-reduce overlaps its MLP under tensor
-        parallelism: "scheduler" (left to XLA's latency-hiding scheduler) or "streams" (the MLP
-        runs on a second GPU stream, issued together with the all-reduce:
-        `jaxturbo.parallel.overlap.psum_beside`).  Same values either way.  On 4x H100
-        (8B, TP 4, batch 1) "streams" hides every all-reduce and is still slower
-        (experiments/ladder/NOTES.md), so "scheduler" is the default.
+      skip_allreduce: leave out the per-layer tensor-parallel all-reduces ("desync"): wrong
+        values, the speed bound that benchmarks compare the residual modes with.
     Returns:
       logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
     """
@@ -251,8 +231,9 @@ def forward(
     cos, sin = rope_cos_sin(cfg, positions)
     x = embed(params, tokens, tensor_axis)
 
-    # Desync drops the per-layer all-reduces; every other mode sums partial outputs.
-    reduce_ax = None if cfg.residual_mode == "desync" else tensor_axis
+    # every residual mode sums the layers' partial outputs over the tensor axis; a benchmark's
+    # desync variant leaves the sums out
+    reduce_ax = None if skip_allreduce else tensor_axis
 
     def reduce(y: jax.Array) -> jax.Array:
         return y if reduce_ax is None else jax.lax.psum(y, reduce_ax)
@@ -260,19 +241,11 @@ def forward(
     eps = cfg.rms_norm_eps
     kw = dict(segment_ids=segment_ids, attn_impl=attn_impl, attn_fn=attn_fn)
 
-    fold_attn = fused.norm_folded(params["layers"], "input_layernorm.weight")
-    fold_mlp = fused.norm_folded(params["layers"], "post_attention_layernorm.weight")
-
     def attn(c_cache, lp, i, xin):
-        if fold_attn:  # the gain is in the q/k/v weight: one kernel fewer (fused.fold_norms)
-            return attention_block(lp, cfg, xin, cos, sin, i, cache=c_cache,
-                                   norm_ss=sum_squares(xin), **kw)
         return attention_block(lp, cfg, rms_norm(xin, lp["input_layernorm.weight"], eps),
                                cos, sin, i, cache=c_cache, **kw)
 
     def mlp(lp, xin):
-        if fold_mlp:
-            return mlp_block(lp, xin, row_scale=rms_scale(xin, eps))
         return mlp_block(lp, rms_norm(xin, lp["post_attention_layernorm.weight"], eps))
 
     def standard_step(carry, lp, i):
@@ -287,49 +260,22 @@ def forward(
         a, c = attn(c, lp, i, x)
         return x + reduce(a + mlp(lp, x)), pa, pm, c
 
-    def after(y: jax.Array, prev: jax.Array) -> jax.Array:
-        """y, but only once `prev` (the previous module's all-reduce) is done.  Without it XLA's
-        all-reduce combiner merges each module's all-reduce with the next, independent one, so
-        the first waits for the second's compute and nothing overlaps (experiments/ladder/NOTES.md).
-        The compute producing y is not held back: only the start of y's own all-reduce is."""
-        if reduce_ax is None:
-            return y
-        return jax.lax.optimization_barrier((y, prev))[0]
-
-    if ladder_overlap not in LADDER_OVERLAPS:
-        raise ValueError(f"ladder_overlap={ladder_overlap!r}; choose one of {LADDER_OVERLAPS}")
-    streams = ladder_overlap == "streams" and reduce_ax is not None
-    mlp_names = [n for n in params["layers"] if n.startswith("mlp.") or n.startswith("post_attention")]
-
-    def mlp_of_layer(weights, i, x, pm):
-        # The stacked weights go into the stream call whole: a slice made outside it is a copy.
-        # x + pm is added in here too: added outside, XLA fused it with the next attention's
-        # input add, which then waited for this MLP all-reduce (all 64 all-reduces went sync).
-        x = x + pm
-        return mlp(_layer_slice(weights, i), x), x
-
     def ladder_step(carry, lp, i):
         x, pa, pm, c = carry
         x = x + pa                      # previous attention's all-reduce is needed only now
         a, c = attn(c, lp, i, x)
-        if streams:                     # this attention's all-reduce beside this MLP
-            a, (m, x) = psum_beside(after(a, pm), reduce_ax, mlp_of_layer,
-                                    {n: params["layers"][n] for n in mlp_names}, i, x, pm)
-            m = after(m, a)
-        else:
-            # Each barrier orders an all-reduce after the previous one (as `after`) and hands
-            # the next module a new x, produced only once this module's compute is done.
-            # Reading one x, XLA's multi-output fusion merged two consecutive modules' input
-            # norms into one fusion, so a module waited for the all-reduce it was meant to
-            # hide (in the decode step every attention all-reduce, then with a barrier on the
-            # MLP side only, every MLP all-reduce went sync: experiments/ladder/NOTES.md).
-            if reduce_ax is not None:
-                a, pm, x = jax.lax.optimization_barrier((a, pm, x))
-            x = x + pm                  # previous MLP's all-reduce, overlapped by attention
-            a = reduce(a)
-            m = mlp(lp, x)
-            if reduce_ax is not None:
-                m, a, x = jax.lax.optimization_barrier((m, a, x))
+        # Each barrier orders an all-reduce after the previous one and hands the next module a
+        # new x, produced only once this module's compute is done.  Without them XLA's
+        # all-reduce combiner merges each module's all-reduce with the next, independent one,
+        # and its multi-output fusion merges two consecutive modules' input norms, so a module
+        # waits for the all-reduce it was meant to hide (docs/findings.md, Ladder-Residual).
+        if reduce_ax is not None:
+            a, pm, x = jax.lax.optimization_barrier((a, pm, x))
+        x = x + pm                      # previous MLP's all-reduce, overlapped by attention
+        a = reduce(a)
+        m = mlp(lp, x)
+        if reduce_ax is not None:
+            m, a, x = jax.lax.optimization_barrier((m, a, x))
         m = reduce(m)
         return x, a, m, c
 

@@ -1,6 +1,6 @@
 """Meshes: presets from `meshes/*.json` or `axis=size,...` strings, made one way for every mode.
 
-Decision (DESIGN.md): jaxturbo's meshes use `AxisType.Auto` axes.  Every parallel mode is written
+Decision: jaxturbo's meshes use `AxisType.Auto` axes.  Every parallel mode is written
 as explicit per-device code inside `jax.shard_map`, where the collectives are visible; outside
 it, jit propagates shardings, so glue code needs no `out_sharding` annotations.
 Axis order is fixed: (data, fsdp, sequence, tensor) — tensor innermost so that TP groups are
@@ -18,8 +18,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from jaxturbo.errors import UserError
+from jaxturbo.parallel.axes import AXES
 
-AXES = ("data", "fsdp", "sequence", "tensor")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "meshes"
 
 

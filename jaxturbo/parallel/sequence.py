@@ -33,16 +33,16 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from jaxturbo.errors import UserError
+from jaxturbo.parallel.axes import BATCH_AXES, SEQUENCE, divisors
 from jaxturbo.parallel import ring as ring_lib
 from jaxturbo.parallel import ulysses as ulysses_lib
 from pallas_kernels import attention
 
 Mode = Literal["none", "ulysses", "ring", "hybrid"]
 MODES = ("none", "ulysses", "ring", "hybrid")
-SEQ_AXIS = "sequence"
+SEQ_AXIS = SEQUENCE
 RING_AXIS = "sequence_ring"
 ULYSSES_AXIS = "sequence_ulysses"
-BATCH_AXES = ("data", "fsdp")
 # The Pallas kernels behind `attention` declare outputs without varying-axes types, which
 # shard_map's check_vma rejects; the ring code itself passes check_vma=True (pure-jnp backend).
 CHECK_VMA = False
@@ -65,17 +65,13 @@ class SequenceParallel:
     implementation: str = "auto"
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def resolve_ulysses_size(sp: SequenceParallel, sp_size: int, num_heads: int) -> int:
     """Ulysses group size: sp_size for ulysses, 1 for ring/none, the chosen u for hybrid."""
     if sp.mode == "ulysses":
         return sp_size
     if sp.mode != "hybrid":
         return 1
-    valid = sorted(set(_divisors(sp_size)) & set(_divisors(num_heads)))
+    valid = sorted(set(divisors(sp_size)) & set(divisors(num_heads)))
     if sp.ulysses_size is None:
         return valid[-1]
     if sp.ulysses_size not in valid:
@@ -160,7 +156,7 @@ def hybrid_mesh(mesh: Mesh, ulysses_size: int) -> Mesh:
     shape = mesh.devices.shape
     if shape[i] % ulysses_size:
         raise UserError(f"ulysses_size {ulysses_size} does not divide the sequence axis "
-                        f"{shape[i]}; choose one of {_divisors(shape[i])}")
+                        f"{shape[i]}; choose one of {divisors(shape[i])}")
     devs = mesh.devices.reshape(shape[:i] + (shape[i] // ulysses_size, ulysses_size)
                                 + shape[i + 1:])
     new = names[:i] + (RING_AXIS, ULYSSES_AXIS) + names[i + 1:]
@@ -249,7 +245,7 @@ def sp_attention(
     if q.shape[2] % tp or k.shape[2] % tp:
         raise UserError(f"tensor axis {tp} must divide {q.shape[2]} query and {k.shape[2]} KV "
                         f"heads; choose a tensor size from "
-                        f"{sorted(set(_divisors(q.shape[2])) & set(_divisors(k.shape[2])))}")
+                        f"{sorted(set(divisors(q.shape[2])) & set(divisors(k.shape[2])))}")
     u = validate(sp, sp_size=sizes[SEQ_AXIS], num_heads=q.shape[2] // tp,
                  num_kv_heads=k.shape[2] // tp, seq_len=q.shape[1], causal=causal,
                  sliding_window=sliding_window)

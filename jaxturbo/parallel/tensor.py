@@ -10,8 +10,8 @@ Layout of the parameters (names of `jaxturbo.models.transformer`, layer axis fir
 
 Each device then runs the unchanged per-device `forward(..., tensor_axis="tensor")`: it reads
 its local head/FFN counts from the weight shapes and `psum`s the partial outputs of o_proj and
-down_proj (2 all-reduces of [B, T, D] per layer; `parallel` fuses them into 1, `desync` drops
-them, `ladder` delays each one by a module so it overlaps compute).
+down_proj (2 all-reduces of [B, T, D] per layer; `parallel` fuses them into 1, `ladder` delays
+each one by a module so it overlaps compute; a benchmark's `skip_allreduce` drops them).
 
 KV heads: with K KV heads and tensor size P, P | K shards them (K/P per device); K | P
 replicates each KV head P/K times before sharding (1 per device), which keeps every device's
@@ -33,12 +33,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxturbo.errors import UserError
-from jaxturbo.models import fused
 from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.layers import GATE_UP_W, QKV_B, QKV_W
 from jaxturbo.models.transformer import Cache, Params, forward, init_cache
-
-TENSOR = "tensor"
-DATA = "data"
+from jaxturbo.parallel.axes import DATA, TENSOR, divisors
 
 # Per-layer parameter suffix -> spec of the stacked [L, ...] array.
 _COLUMN = P(None, TENSOR, None)
@@ -50,8 +48,9 @@ _LAYER_SPECS: dict[str, P] = {
     "self_attn.v_proj.bias": P(None, TENSOR),
     "self_attn.o_proj.weight": _ROW,
     "mlp.gate_proj.weight": _COLUMN, "mlp.up_proj.weight": _COLUMN, "mlp.down_proj.weight": _ROW,
-    # fused layouts (models/fused.py: rows grouped shard by shard, so a column split is right)
-    fused.QKV_W: _COLUMN, fused.QKV_B: P(None, TENSOR), fused.GATE_UP_W: _COLUMN,
+    # fused layouts (jaxturbo/inference/fused.py: rows grouped shard by shard, so a column split
+    # is right)
+    QKV_W: _COLUMN, QKV_B: P(None, TENSOR), GATE_UP_W: _COLUMN,
     "input_layernorm.weight": P(), "post_attention_layernorm.weight": P(),
     "self_attn.q_norm.weight": P(), "self_attn.k_norm.weight": P(),
 }
@@ -62,17 +61,13 @@ _GLOBAL_SPECS: dict[str, P] = {
 
 
 # ----------------------------------------------------------------------------- validation
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def _kv_ok(kv_heads: int, tp: int) -> bool:
     return kv_heads % tp == 0 or tp % kv_heads == 0
 
 
 def valid_tensor_sizes(cfg: ModelConfig) -> list[int]:
     """Every tensor-axis size the model can be split over."""
-    return [d for d in _divisors(cfg.num_attention_heads)
+    return [d for d in divisors(cfg.num_attention_heads)
             if _kv_ok(cfg.num_key_value_heads, d) and cfg.intermediate_size % d == 0
             and cfg.vocab_size % d == 0 and cfg.hidden_size % d == 0]
 
@@ -156,27 +151,16 @@ def param_specs(params: Params) -> Params:
     return out
 
 
-def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh,
-                 fuse_projections: bool = False,
-                 fold_norms: bool | tuple[str, ...] = False) -> Params:
+def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
     """Place `params` on `mesh`: column/row/vocab-parallel over `tensor`, replicated over `data`.
 
     KV heads are replicated first when the tensor size exceeds them (`replicate_kv_heads`).
-    fuse_projections: store q/k/v and gate/up as one matrix each, laid out for this tensor
-    size (`jaxturbo.models.fused`: two GEMVs a layer at decode instead of five; same logits).
-    fold_norms: also fold the layers' RMSNorm gains into those matrices (`fused.fold_norms`:
-    one kernel fewer per norm at decode; the same function, rounded differently in bf16);
-    a tuple of norm names folds only those.
+    Params in the fused projection layout (`jaxturbo.inference.fused.shard_fused` makes and
+    places them) must be laid out for this tensor size already.
     """
     tp = tensor_size(mesh)
     check_tensor_parallel(cfg, tp)
     params = replicate_kv_heads(params, cfg, tp)
-    if fold_norms and not fuse_projections:
-        raise ValueError("fold_norms needs fuse_projections=True")
-    if fuse_projections:
-        params = fused.fuse_projections(params, cfg, tp)
-    if fold_norms:
-        params = fused.fold_norms(params, None if fold_norms is True else tuple(fold_norms))
     specs = param_specs(params)
     return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
 
@@ -210,7 +194,7 @@ class TensorParallel:
 
     mesh: Mesh
     unroll: bool = False
-    ladder_overlap: str = "scheduler"  # see `forward`: "streams" puts each ladder MLP beside its all-reduce
+    skip_allreduce: bool = False  # the benchmarks' desync bound (see `forward`)
 
     def __call__(self, params: Params, cfg: ModelConfig, tokens: jax.Array, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -225,7 +209,7 @@ class TensorParallel:
             return forward(params, cfg, tokens, positions=positions, segment_ids=segment_ids,
                            cache=cache, lengths=lengths, tensor_axis=TENSOR,
                            attn_impl=attn_impl, unroll=unroll, return_hidden=return_hidden,
-                           ladder_overlap=self.ladder_overlap)
+                           skip_allreduce=self.skip_allreduce)
 
         rows = P(b, None)
         cspec = None if cache is None else cache_specs(self.mesh)
@@ -236,18 +220,3 @@ class TensorParallel:
             # logits come from all_gather (equal on every tensor device, but typed as varying)
             check_vma=False)
         return fn(params, tokens, positions, segment_ids, cache, lengths)
-
-
-# ----------------------------------------------------------------------------- generation
-def generate(params: Params, cfg: ModelConfig, mesh: Mesh, prompts: Any, *, unroll: bool = False,
-             **kw: Any) -> Any:
-    """`jaxturbo.generate.generate` with the model split over `mesh` (params from `shard_params`).
-
-    The prefill and the on-device decode loop are the foundation's; only the forward runs in
-    shard_map, and the cache [L, B, S, max(K, tp), hd] stays sharded over its head axis.
-    """
-    from jaxturbo.generate.decode import generate as _generate
-
-    check_mesh(cfg, mesh, len(prompts))
-    return _generate(params, cfg, prompts, model_fn=TensorParallel(mesh, unroll=unroll),
-                     kv_heads=cache_kv_heads(cfg, tensor_size(mesh)), **kw)

@@ -17,7 +17,7 @@ def logprobs_from_logits(logits: jax.Array, targets: jax.Array,
                          temperature: float = 1.0) -> jax.Array:
     """log softmax(logits / temperature)[target]: logits [B, T, V], targets [B, T] -> [B, T].
 
-    The temperature matches the sampler's (`jaxturbo.generate.sampling.sample`): rollouts drawn
+    The temperature matches the sampler's (`jaxturbo.inference.sampling.sample`): rollouts drawn
     at temperature tau are scored under the same tau-scaled, unfiltered distribution.
     """
     z = logits.astype(jnp.float32) / temperature

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.rl.batch import Rollout
 from jaxturbo.rl.envs import Problem, Task
 from jaxturbo.rl.rollout import RolloutEngine

@@ -5,12 +5,12 @@
     out.completions[i], out.logprobs[i]              # tokens and log pi_old of each
 
 Logprobs are those of the temperature-scaled, unfiltered distribution (top-k/top-p only choose
-which token is drawn), the convention of `jaxturbo.generate.sampling.sample`; greedy sampling
+which token is drawn), the convention of `jaxturbo.inference.sampling.sample`; greedy sampling
 scores under temperature 1.  `score` gives the same numbers for tokens that are already known,
 which is how engines are checked against the trainer's policy.
 
 Engines ("rollout_engine"):
-  jax  `jaxturbo.generate.generate` in this process.  Weight sync is a device_put into the
+  jax  `jaxturbo.inference.generate` in this process.  Weight sync is a device_put into the
        sampler's dtype and layout (pass `shardings` for a sub-mesh; the trainer's float32
        FSDP layout is resharded there, on device).  With `mesh` (a data/fsdp training mesh)
        the sampler's params are replicated on it and the prompt rows split over its batch
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxturbo.errors import UserError
-from jaxturbo.generate.decode import generate
-from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.inference.generate import generate
+from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params
 from jaxturbo.rl.logprobs import (cut_completions, logprobs_from_logits, padded_sequences,

@@ -32,9 +32,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxturbo.errors import UserError
+from jaxturbo.parallel.axes import BATCH_AXES
 from jaxturbo.parallel.sequence import MODES as SP_MODES, zigzag_permutation
-
-BATCH_AXES = ("data", "fsdp")
 
 
 

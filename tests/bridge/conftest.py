@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bridge.gguf_tiny import write_tiny_gguf
+from tests.helpers.gguf_tiny import write_tiny_gguf
 
 
 @pytest.fixture(scope="session")

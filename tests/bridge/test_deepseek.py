@@ -16,7 +16,7 @@ from jaxturbo.bridge.hf import read_hf_tensors
 from jaxturbo.cli import main
 from jaxturbo.errors import UserError
 from jaxturbo.models.mla import MLAConfig, mla_forward
-from tests.bridge.deepseek_tiny import (TINY_DEEPSEEK, save_with_tokenizer, tiny_deepseek_torch,
+from tests.helpers.deepseek_tiny import (TINY_DEEPSEEK, save_with_tokenizer, tiny_deepseek_torch,
                                         torch_logits)
 
 LINEAR_ROPE = {"rope_type": "linear", "factor": 2.5, "rope_theta": 500.0}

@@ -11,7 +11,7 @@ from jaxturbo.bridge.gguf import GGUFFile, convert_gguf
 from jaxturbo.bridge.hf import load_hf
 from jaxturbo.bridge.safetensors_io import read_safetensors
 from jaxturbo.errors import UserError
-from tests.bridge.gguf_tiny import HD, write_tiny_gguf
+from tests.helpers.gguf_tiny import HD, write_tiny_gguf
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

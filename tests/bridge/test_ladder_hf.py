@@ -12,7 +12,7 @@ import pytest
 from jaxturbo.bridge.ladder_hf import ladder_config, save_ladder_hf
 from jaxturbo.errors import UserError
 from jaxturbo.models.transformer import forward
-from tests.hf_tiny import random_tokens, tiny_hf_model
+from tests.helpers.hf_tiny import random_tokens, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_ladder_export_reads_back_into_jaxturbo(tmp_path):
     from jaxturbo.bridge.hf import load_hf
     from jaxturbo.bridge.ladder_hf import ladder_config, save_ladder_hf
     from jaxturbo.models.transformer import forward
-    from tests.hf_tiny import random_tokens, tiny_hf_model
+    from tests.helpers.hf_tiny import random_tokens, tiny_hf_model
 
     _, cfg, params = tiny_hf_model("llama")
     hyb = ladder_config(cfg, 2)

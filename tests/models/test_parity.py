@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jaxturbo.models.transformer import forward, init_cache
-from tests.hf_tiny import random_tokens, tiny_hf_model
+from tests.helpers.hf_tiny import random_tokens, tiny_hf_model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

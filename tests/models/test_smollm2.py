@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from jaxturbo.bridge import load_model
-from jaxturbo.evaluate import perplexity, window_plan
-from jaxturbo.generate import generate
+from jaxturbo.inference import perplexity, window_plan
+from jaxturbo.inference import generate
+from jaxturbo.data import WIKITEXT2_VALID
 
 PROMPTS = [
     "The capital of France is",
@@ -23,7 +24,7 @@ PROMPTS = [
     "Water boils at",
     "The three primary colors are red,",
 ]
-DATA = Path(__file__).resolve().parents[2] / "datasets" / "wikitext-2" / "valid.txt"
+DATA = WIKITEXT2_VALID
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_logits_with_pallas_attention_match_xla_native():
     import jax.random as jr
 
     from jaxturbo.models.config import ModelConfig
-    from jaxturbo.train.init import init_params
+    from jaxturbo.models.init import init_params
     cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576,
                       intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, head_dim=64, rope_theta=100000.0,

@@ -201,7 +201,7 @@ def _tiny_mla(r: int = 40, dr: int = 8):
     """A 2-layer MLA model, 3 heads, latent 40 + rope 8, latent norm on; random weights."""
     from jaxturbo.models.config import ModelConfig
     from jaxturbo.models.mla import MLAConfig
-    from jaxturbo.train.init import init_params
+    from jaxturbo.models.init import init_params
 
     base = ModelConfig(model_type="llama", vocab_size=61, hidden_size=48, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,

@@ -26,7 +26,7 @@ from jaxturbo.models.config import ModelConfig  # noqa: E402
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
 from jaxturbo.parallel.sequence import model_layout  # noqa: E402
 from jaxturbo.train import sharding as shd  # noqa: E402
-from jaxturbo.train.init import init_params  # noqa: E402
+from jaxturbo.models.init import init_params  # noqa: E402
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from jaxturbo.train.step import TrainConfig, init_state, make_train_step  # noqa: E402
 

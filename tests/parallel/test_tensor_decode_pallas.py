@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import pallas_kernels.api  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
 from jaxturbo.models.transformer import forward, init_cache  # noqa: E402
+from jaxturbo.inference import fused  # noqa: E402
 from jaxturbo.parallel import tensor  # noqa: E402
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
 from pallas_kernels.decode_attention import pallas_triton as decode_triton  # noqa: E402
@@ -83,7 +84,7 @@ def test_tp_decode_with_the_fused_pallas_kernel(mode, prompts, monkeypatch):
     monkeypatch.setattr(pallas_kernels.api, "append_to_cache", no_xla_write)
     for tp in (2, 4):
         mesh = make_mesh({"tensor": tp}, jax.devices()[:tp])
-        sharded = tensor.shard_params(params, cfg, mesh, fuse_projections=True)
+        sharded = fused.shard_fused(params, cfg, mesh)
         heads = tensor.cache_kv_heads(cfg, tp)
         calls.clear()
         got_tok, got_lg = jax.jit(lambda p: greedy(tensor.TensorParallel(mesh), p, cfg, tokens,

@@ -70,7 +70,7 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
     for mod in ("orbax", "orbax.checkpoint", "jaxturbo.train.checkpoint"):
         monkeypatch.setitem(sys.modules, mod, None)
     import jaxturbo.rl.grpo as grpo
-    from jaxturbo.generate import decode
+    from jaxturbo.inference import decode
 
     cache_sizes, held, trained = [], [], []
     real, real_collect = grpo.mean_reward, grpo.collect_rollouts

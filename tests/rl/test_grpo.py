@@ -15,7 +15,7 @@ from jaxturbo.models.transformer import forward
 from jaxturbo.rl.envs import ArithmeticTask, CharTokenizer, Problem, TokenSetTask
 from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner
 from jaxturbo.rl.rollout import RolloutOutput
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -14,7 +14,7 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.parallel.mesh import make_mesh
 from jaxturbo.rl.envs import TokenSetTask
 from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

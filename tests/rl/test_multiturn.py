@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.rl.advantages import multi_turn_advantages
 from jaxturbo.rl.batch import pack_rollouts
 from jaxturbo.rl.envs import CharTokenizer, Problem

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxturbo.cli import main
-from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import forward
 from jaxturbo.rl.advantages import multi_turn_advantages
@@ -19,7 +19,7 @@ from jaxturbo.rl.envs import CharTokenizer, Problem, TokenSetTask
 from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner
 from jaxturbo.rl.multiturn import CalculatorEnv, MultiTurnTask, run_episodes, step_arrays
 from jaxturbo.rl.rollout import RolloutOutput
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 from tests.rl.test_cli_rl import _records, _rl, tiny_rl_model  # noqa: F401 (fixture)
 

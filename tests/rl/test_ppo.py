@@ -10,7 +10,7 @@ import pytest
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.rl.envs import TokenSetTask
 from jaxturbo.rl.ppo import PPOConfig, PPOLearner
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 
 

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.rl.logprobs import logprobs_from_logits
 from jaxturbo.rl.rollout import HFEngine, JaxEngine
 from jaxturbo.models.transformer import forward
-from jaxturbo.train.init import init_params
-from tests.hf_tiny import tiny_hf_model
+from jaxturbo.models.init import init_params
+from tests.helpers.hf_tiny import tiny_hf_model
 
 # prompt + completion is 8 tokens in every row, so the reference needs no padding
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]

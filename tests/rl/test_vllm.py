@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxturbo.errors import UserError
-from jaxturbo.generate.sampling import SamplingParams
+from jaxturbo.inference.sampling import SamplingParams
 
 
 class FakeLogprob:
@@ -123,7 +123,7 @@ def fake_vllm(monkeypatch):
 def tiny_dir(tmp_path_factory):
     """(torch model, ModelConfig, params, HF directory) of a tiny random Llama (tied head)."""
     from jaxturbo.bridge import export_hf
-    from tests.hf_tiny import tiny_hf_model
+    from tests.helpers.hf_tiny import tiny_hf_model
 
     hf, cfg, params = tiny_hf_model("llama")
     return hf, cfg, params, export_hf(params, cfg, tmp_path_factory.mktemp("vllm") / "tiny")
@@ -286,7 +286,7 @@ def test_vllm_engine_matches_jax_engine(tmp_path):
         "JaxEngine's and prompt logprobs match it within 1e-3"))
     from jaxturbo.bridge import export_hf
     from jaxturbo.rl.rollout import JaxEngine, VLLMEngine
-    from tests.hf_tiny import tiny_hf_model
+    from tests.helpers.hf_tiny import tiny_hf_model
 
     _, cfg, params = tiny_hf_model("llama")
     d = export_hf(params, cfg, tmp_path / "tiny")

@@ -22,7 +22,7 @@ initialize(f"localhost:{port}", nproc, pid)
 import jax  # noqa: E402
 
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
-from jaxturbo.train.init import init_params  # noqa: E402
+from jaxturbo.models.init import init_params  # noqa: E402
 from jaxturbo.train.loop import RunConfig, train_sft  # noqa: E402
 from jaxturbo.train.optimizer import OptimizerConfig  # noqa: E402
 from jaxturbo.train.step import TrainConfig  # noqa: E402

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.loop import RunConfig, train_sft
 from jaxturbo.train.optimizer import OptimizerConfig
 from jaxturbo.train.step import TrainConfig

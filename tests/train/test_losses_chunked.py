@@ -10,7 +10,7 @@ import pytest
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.train import losses
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.step import REMAT_POLICIES, TrainConfig, sft_loss
 
 

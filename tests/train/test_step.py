@@ -10,7 +10,7 @@ import pytest
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.parallel.mesh import make_mesh
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
 from jaxturbo.train.sharding import put_batch
 from jaxturbo.train.step import TrainConfig, init_state, make_train_step, sft_loss

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxturbo.train.init import init_params
+from jaxturbo.models.init import init_params
 from jaxturbo.train.step import TrainConfig, sft_loss
 from tests.train.test_losses_chunked import _batch, _cfg
 

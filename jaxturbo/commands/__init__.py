@@ -1,1 +1,0 @@
-"""Sub-commands of the `jaxturbo` CLI, one module each (see jaxturbo/cli.py)."""
