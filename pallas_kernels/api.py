@@ -390,7 +390,7 @@ def decode_attention_append(
     (v_new), K the caches' head count: both may be one fused q/k/v projection's output.
     rms (sum_sq [B], n, eps): k_new and v_new are first multiplied by
     rsqrt(sum_sq[b] / n + eps) (float32, rounded back to their dtype): an RMSNorm's factor
-    applied after the projection (jaxturbo.models.fused.fold_norms).
+    applied after the projection (jaxturbo.inference.fused.fold_norms).
     q_heads: q is raw, the projection's output: its first q_heads heads are the queries, to be
     scaled (rms) and rotated (rope) like the key; q may then be the array k_new and v_new are
     read from.  Pallas-Triton does it in the kernel when ROTATE_Q_IN_KERNEL is on.

@@ -493,7 +493,7 @@ def decode_attention_append(
     k_head_offset, v_head_offset: the new keys are heads [off, off + K) of k_new (likewise
     v_new), so both can be the one output of a fused q/k/v projection, read without a copy.
     rms (sum_sq [B], n, eps): k_new and v_new (and a raw q) times rsqrt(sum_sq[b] / n + eps),
-    an RMSNorm's factor moved past the projection (`jaxturbo.models.fused.fold_norms`),
+    an RMSNorm's factor moved past the projection (`jaxturbo.inference.fused.fold_norms`),
     applied here: as an XLA product it would cost a copy (and its rsqrt a kernel) per layer.
     q_heads: q is the projection's raw output, its first q_heads heads the queries; the kernel
     scales (rms) and rotates (rope) them as it reads them (XLA would spend a kernel per layer
