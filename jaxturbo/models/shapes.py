@@ -1,0 +1,47 @@
+"""Named model shapes: the configurations benchmarks, tests and examples draw random weights
+for, in one table (HF's published configs for these models; no weights).
+
+    cfg = shape("llama3-8b")                    # a ModelConfig
+    cfg = shape("llama3-8b", num_hidden_layers=4)  # with fields replaced
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxturbo.errors import UserError
+from jaxturbo.models.config import ModelConfig
+
+SHAPES: dict[str, ModelConfig] = {
+    # Meta Llama-3-8B (the Ladder-Residual paper's decode shape)
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                             head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                             max_position_embeddings=8192),
+    # Meta Llama-3-70B
+    "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                              head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                              max_position_embeddings=8192),
+    # Meta Llama-3.2-1B (tied embeddings)
+    "llama3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                               num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                               head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5,
+                               tie_word_embeddings=True, max_position_embeddings=8192),
+    # SmolLM2-135M's shape, for machines where the real model (a PyPI GGUF) is not at hand
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                max_position_embeddings=8192, tie_word_embeddings=True),
+    # seconds on a CPU: smoke presets of the benchmarks
+    "tiny": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768,
+                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                        head_dim=32, max_position_embeddings=2048),
+}
+
+
+def shape(name: str, **replace: Any) -> ModelConfig:
+    """The named shape's ModelConfig, with `replace`'s fields changed."""
+    if name not in SHAPES:
+        raise UserError(f"unknown model shape {name!r}; shapes: {', '.join(SHAPES)}")
+    return SHAPES[name].replace(**replace) if replace else SHAPES[name]
