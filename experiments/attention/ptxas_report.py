@@ -1,14 +1,14 @@
 """ptxas's verdict on the Mosaic GPU attention kernels, for an H100, without a GPU.
 
 Compiles the forward and (optionally) the backward of `pallas_kernels.flash_attention.mosaic_gpu`
-for sm_90a through `experiments/aot_gpu.py` (deviceless XLA) with Mosaic GPU's ptxas dump on,
+for sm_90a through `experiments/tools/aot_gpu.py` (deviceless XLA) with Mosaic GPU's ptxas dump on,
 and prints one row per kernel: registers, spill bytes, and every ptxas warning (the one that
 matters most here: "wgmma.mma_async instructions are serialized", which halves a kernel's
 speed without changing its results).  A pre-flight check for a kernel change: it costs no
 device time, and a kernel that spills or serialises need not be timed.
 
-    python experiments/attention/ptxas_report.py                    # default forward + backwards
-    python experiments/attention/ptxas_report.py --configs "overlap=False,pingpong=True"
+    python -m experiments.attention.ptxas_report                    # default forward + backwards
+    python -m experiments.attention.ptxas_report --configs "overlap=False,pingpong=True"
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import aot_gpu  # noqa: E402
+from experiments.tools import aot_gpu
 
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -67,7 +66,8 @@ def compile_report(fn, args, dump: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.attention.ptxas_report",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="4,4096,32,8,128", help="B,T,H,K,D (K: KV heads)")
     p.add_argument("--configs", default=";backward=mosaic_gpu",
                    help="';'-separated Config overrides; a config whose backward is mosaic_gpu "
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from pallas_kernels.flash_attention import mosaic_gpu
+    from pallas_kernels import api
 
     b, t, h, kh, d = (int(x) for x in a.shape.split(","))
     mesh = jax.sharding.Mesh(devices, ("x",))
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(text)
 
         def fwd(q, k, v, cfg=cfg):
-            return mosaic_gpu.flash_attention(q, k, v, causal=causal, config=cfg)
+            return api.attention(q, k, v, causal=causal, implementation="mosaic_gpu",
+                                 config=cfg, interpret=False)
 
         def grad(q, k, v, cfg=cfg):
             return jax.grad(lambda *x: fwd(*x).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)

@@ -1,13 +1,13 @@
 """Compile the tensor-parallel decode loop for a lent GPU host without any GPU, and report
 whether its all-reduces overlap compute.
 
-The *schedule* of `ladder_bench.py`'s decode step (the same `_generate` while loop, the same
-shardings and XLA flags) decides whether each all-reduce is an async start/done pair with compute
-inside or a synchronous wait.  `experiments/aot_gpu.py` compiles it for an H100 host without one,
+The *schedule* of `bench.py`'s decode step (the same `generate_arrays` while loop, the same shardings
+and XLA flags) decides whether each all-reduce is an async start/done pair with compute inside
+or a synchronous wait.  `experiments/tools/aot_gpu.py` compiles it for an H100 host without one,
 so that schedule is read on a CPU machine before any device time is spent; timing still needs
-the GPU.  Setup (the CUDA plugin) in `experiments/aot_gpu.py`.
+the GPU.  Setup (the CUDA plugin) in `experiments/tools/aot_gpu.py`.
 
-    python experiments/ladder/aot_schedule.py --preset 8b --tp 4 --residual standard,ladder,desync
+    python -m experiments.ladder.aot_schedule --preset 8b --tp 4 --residual standard,ladder,desync
 """
 
 from __future__ import annotations
@@ -17,31 +17,26 @@ import os
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
-import aot_gpu  # noqa: E402
-import hlo_overlap  # noqa: E402
-import ladder_bench  # noqa: E402
+from experiments.ladder import bench, hlo_overlap
+from experiments.tools import aot_gpu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="8b", choices=sorted(ladder_bench.PRESETS))
+    p.add_argument("--preset", default="8b", choices=sorted(bench.PRESETS))
     p.add_argument("--residual", default="standard,ladder,desync")
     p.add_argument("--tp", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--xla-preset", default="nccl_lhs", choices=sorted(ladder_bench.XLA_PRESETS))
+    p.add_argument("--xla-preset", default="nccl_lhs", choices=sorted(bench.XLA_PRESETS))
     p.add_argument("--target", default="h100", choices=sorted(aot_gpu.TARGETS),
                    help="the GPU to compile for")
     p.add_argument("--attn-impl", default="auto",
                    help="attention implementation inside the step ('auto': what the lent H100 "
                         "picks, decided here for a Hopper GPU)")
-    p.add_argument("--projections", default="fused", choices=ladder_bench.PROJECTIONS,
-                   help="weight layout, as ladder_bench's --projections")
-    p.add_argument("--q-in-kernel", action="store_true",
-                   help="the decode kernel scales and rotates the queries (as ladder_bench's)")
+    p.add_argument("--projections", default="fused", choices=bench.PROJECTIONS,
+                   help="weight layout, as bench's --projections")
     p.add_argument("--dump", default=None, help="folder for each mode's compiled HLO")
     p.add_argument("--around-sync", action="store_true",
                    help="print the scheduled lines around one synchronous all-reduce")
@@ -50,31 +45,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    # the same XLA flags as a ladder_bench worker: they are read when the backend starts
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *ladder_bench.GPU_FLAGS,
-                                        *ladder_bench.XLA_PRESETS[a.xla_preset]]).strip()
+    # the same XLA flags as a bench.py worker: they are read when the backend starts
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *bench.GPU_FLAGS,
+                                        *bench.XLA_PRESETS[a.xla_preset]]).strip()
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from jaxturbo.bridge.hf import global_shapes
-    from jaxturbo.inference.generate import _generate
+    from jaxturbo.inference.generation import generate_arrays
     from jaxturbo.inference.sampling import SamplingParams
-    from jaxturbo.models.config import ModelConfig
     from jaxturbo.parallel import tensor
     from jaxturbo.parallel.mesh import make_mesh
 
-    if a.q_in_kernel:
-        import pallas_kernels.api
-        pallas_kernels.api.ROTATE_Q_IN_KERNEL = True
     devices = aot_gpu.gpu_devices(a.tp, a.target)
     aot_gpu.dispatch_as_hopper()
 
     dtype = jnp.bfloat16
-    base = ModelConfig(**ladder_bench.PRESETS[a.preset])
+    base = bench.preset_config(a.preset)
     tensor.check_tensor_parallel(base, a.tp)
     mesh = make_mesh({"tensor": a.tp}, devices)
-    shapes = ladder_bench.bench_layer_shapes(base, a.tp, a.projections)
+    shapes = bench.bench_layer_shapes(base, a.tp, a.projections)
     specs = tensor.param_specs({**{n: None for n in global_shapes(base)},
                                 "layers": {n: None for n in shapes}})
 
@@ -91,20 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     stops = abstract((1,), P(), jnp.int32)
 
     print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}"
-          f", {a.projections} projections{', q in kernel' if a.q_in_kernel else ''}, compiled for "
+          f", {a.projections} projections, compiled for "
           f"{devices[0].device_kind} without a device")
     for mode in a.residual.split(","):
-        cfg = base.replace(residual_mode=mode)
+        # desync: the standard model without its all-reduces (as in bench.py)
+        cfg = base.replace(residual_mode="standard" if mode == "desync" else mode)
         gen_kw = dict(cfg=cfg, max_new_tokens=a.new_tokens, sampling=SamplingParams(), stream=None,
                       attn_impl=a.attn_impl, cache_dtype=jnp.dtype(dtype).name,
-                      model_fn=tensor.TensorParallel(mesh, unroll=True),
+                      model_fn=tensor.TensorParallel(mesh, unroll=True,
+                                                     skip_allreduce=mode == "desync"),
                       kv_heads=tensor.cache_kv_heads(cfg, a.tp))
-        compiled = _generate.lower(params, toks, lens, key, stops, **gen_kw).compile()
+        compiled = generate_arrays.lower(params, toks, lens, key, stops, **gen_kw).compile()
         text = compiled.as_text()
         mem = compiled.memory_analysis()
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
-            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}{'_qkern' if a.q_in_kernel else ''}.hlo.txt"
+            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}.hlo.txt"
              ).write_text(text)
         reports = hlo_overlap.analyse(text)
         gib = ""

@@ -1,8 +1,10 @@
 """Ladder-Residual decode benchmark: residual mode x tensor parallel x batch (x P2P on/off).
 
-Llama-3-8B shape with random bf16 weights (or a tiny CPU preset), prompt of `--prompt` tokens,
-greedy decode of `--new-tokens` through the foundation's on-device loop
-(`jaxturbo.inference.generate._generate` with the tensor-parallel forward).  Per setting:
+Llama-3-8B shape (`jaxturbo.models.shapes`) with random bf16 weights (or a tiny CPU preset),
+prompt of `--prompt` tokens, greedy decode of `--new-tokens` through generate's on-device loop
+(`jaxturbo.inference.generation.generate_arrays` with the tensor-parallel forward).  Residual modes:
+standard, ladder, parallel, and desync (standard without its all-reduces,
+`TensorParallel(mesh, skip_allreduce=True)`: the speed bound, not a model).  Per setting:
 
     prefill s   one jitted cached prefill of the prompt (same forward, same shardings)
     decode s    generate(prompt, N new tokens) - prefill s: N decode steps in one while_loop
@@ -18,8 +20,11 @@ NCCL reads NCCL_P2P_DISABLE once per process, so each P2P setting runs in its ow
 process (`--worker`); the parent merges their JSON lines, prints the table last and writes
 `results.json`, `results.md` and `tokens_per_s.png` to `--out`.
 
-    python experiments/ladder_bench.py --preset tiny                         # CPU, TP 1/2/4/8
-    python experiments/ladder_bench.py --preset 8b --tp 1,2 --batch 1 --p2p on,off
+    python -m experiments.ladder.bench --preset tiny                         # CPU, TP 1/2/4/8
+    python -m experiments.ladder.bench --preset 8b --tp 1,2 --batch 1 --p2p on,off
+
+Run from the repository root (the workers are `python -m experiments.ladder.bench --worker`).
+Measurements: experiments/ladder/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ import sys
 import time
 from pathlib import Path
 
-# Decode GEMVs: XLA's Triton GEMM fusions are 1.76x slower than cuBLAS here (BENCHMARKS.md).
-# XLA's dot merger (default: dots under 32 MB sharing an input) turns q/k/v and gate/up into
-# one GEMM over weights it concatenates on every step: a full weight copy per layer and token.
-# Off, one GPU's share of a TP-4 8B decode step went from 3.51 to 2.35 ms (H100,
-# experiments/ladder/NOTES.md).  The "merge" preset turns it back on for comparison.
+from experiments.ladder import runs_report, trace_streams
+
+ROOT = Path(__file__).resolve().parents[2]
+# Decode GEMVs: XLA's Triton GEMM fusions are slower than cuBLAS at batch 1.  XLA's dot merger
+# (default: dots under 32 MB sharing an input) turns q/k/v and gate/up into one GEMM over
+# weights it concatenates on every step: a full weight copy per layer and token (off, one
+# GPU's share of a TP-4 8B decode step went from 3.51 to 2.35 ms on an H100:
+# results/dot_merger_tp4_h100x4.json).  The "merge" preset turns it back on for comparison.
 GPU_FLAGS = ["--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_threshold_mb=0"]
-# Flag sets tried for overlap (see experiments/ladder/NOTES.md); chosen with --xla-preset.
+# Flag sets tried for overlap (experiments/ladder/RESULTS.md); chosen with --xla-preset.
 XLA_PRESETS = {
     "default": [],
     "merge": ["--xla_gpu_dot_merger_threshold_mb=32"],
@@ -67,7 +75,7 @@ XLA_PRESETS = {
                        "--xla_gpu_enable_highest_priority_async_stream=true",
                        "--xla_gpu_enable_analytical_sol_latency_estimator=false"],
     # NCCL's symmetric-memory kernels (NCCL >= 2.27: low-latency small all-reduces over
-    # NVLink), and NCCL user buffers (no copy into NCCL's own buffers); untimed (session 7)
+    # NVLink), and NCCL user buffers (no copy into NCCL's own buffers)
     "nccl_lhs_symm": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
                       "--xla_gpu_enable_latency_hiding_scheduler=true",
                       "--xla_gpu_all_reduce_combine_threshold_bytes=0",
@@ -88,22 +96,24 @@ XLA_PRESETS = {
                        "COLLECTIVES,CONDITIONAL,WHILE",
                        "--xla_gpu_graph_min_graph_size=1"],
 }
+# preset -> (named shape of jaxturbo.models.shapes, fields replaced)
 PRESETS = {
-    # Llama-3-8B: the paper's and BENCHMARKS.md's shape
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-               rms_norm_eps=1e-5, max_position_embeddings=8192),
-    # Llama-3-70B (issue 9, TP 8 only)
-    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                rms_norm_eps=1e-5, max_position_embeddings=8192),
+    "8b": ("llama3-8b", {}),
+    "70b": ("llama3-70b", {}),
     # runs in seconds on 8 fake CPU devices, at every TP up to 8
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=8, head_dim=16,
-                 max_position_embeddings=512),
+    "tiny": ("tiny", dict(vocab_size=512, hidden_size=128, intermediate_size=256,
+                          num_key_value_heads=8, head_dim=16, max_position_embeddings=512)),
 }
-PROJECTIONS = ("separate", "fused", "folded", "folded_mlp", "folded_attn")
-MODES = ("standard", "ladder", "ladder+streams", "parallel", "desync")
+PROJECTIONS = ("separate", "fused")
+MODES = ("standard", "ladder", "parallel", "desync")
+
+
+def preset_config(name: str):
+    """The ModelConfig of preset `name`."""
+    from jaxturbo.models.shapes import shape
+
+    shape_name, fields = PRESETS[name]
+    return shape(shape_name, **fields)
 
 
 def _ints(s: str) -> list[int]:
@@ -116,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--residual", default="standard,ladder,parallel,desync",
                    help="comma list of residual modes")
     p.add_argument("--tp", default="1,2,4,8", help="comma list of tensor-parallel sizes")
-    p.add_argument("--batch", default="1", help="comma list of batch sizes (BENCHMARKS: 1,4,16,64)")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes (e.g. 1,4,16,64)")
     p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)")
     p.add_argument("--new-tokens", type=int, default=None, help="default 256 (512 for full runs); tiny: 16")
     p.add_argument("--p2p", default="on", help="on, off or on,off (NCCL_P2P_DISABLE=1 when off)")
@@ -128,41 +138,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--processes", type=int, default=1,
                    help="run each setting's worker this many times, one after another (rows "
                         "tagged run 1..N, each run's ratio against its own standard; between "
-                        "processes standard moved by up to 4%% on 4x H100: experiments/ladder/"
-                        "NOTES.md, session 9); with N > 1 the per-run ratios and their medians "
-                        "are printed too (experiments/ladder/runs_report.py)")
+                        "processes standard moved by up to 4%% on 4x H100); with N > 1 the "
+                        "per-run ratios and their medians are printed too (runs_report.py)")
     p.add_argument("--decode-loop", default="device",
-                   help="device (the foundation's on-device while loop), host (one jitted step "
+                   help="device (generate's on-device while loop), host (one jitted step "
                         "per token from Python, dispatched asynchronously) or device,host")
     p.add_argument("--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO")
     p.add_argument("--profile", default=None,
                    help="folder: trace one more generate call per setting and print where each "
-                        "GPU's decode step goes (experiments/ladder/trace_streams.py)")
+                        "GPU's decode step goes (trace_streams.py)")
     p.add_argument("--out", default="runs/ladder_bench")
     p.add_argument("--no-ladder-barrier", action="store_true",
                    help="experiment: make the ladder's optimization barrier the identity in this run "
                         "(rows are labelled '<flags>+nobarrier')")
-    p.add_argument("--unfused-append", action="store_true",
-                   help="baseline: the decode step writes the KV cache with XLA before the "
-                        "attention kernel (pallas_kernels.api.FUSED_APPEND off; rows labelled "
-                        "'<flags>+unfused')")
     p.add_argument("--projections", default="fused", choices=PROJECTIONS,
-                   help="weight layout: separate (q, k, v, gate, up as HF stores them), fused "
-                        "(q/k/v and gate/up one matrix each: jaxturbo.inference.fused; 1.10x at TP 4 "
-                        "on 4x H100; rows labelled '<flags>+fusedproj'), folded (fused, with the "
-                        "RMSNorm gains in those weights: fused.fold_norms; '+foldnorm'), "
-                        "folded_mlp / folded_attn (only the post-attention / input norm folded: "
-                        "'+foldmlp' / '+foldattn')")
-    p.add_argument("--q-in-kernel", action="store_true",
-                   help="fused layouts: the decode kernel scales and rotates the queries itself "
-                        "(pallas_kernels.api.ROTATE_Q_IN_KERNEL; rows labelled '<flags>+qkern')")
-    p.add_argument("--jnp-merge", action="store_true",
-                   help="baseline: the decode kernel's chunks merged in jnp (two XLA kernels) "
-                        "instead of the Pallas merge kernel (rows labelled '<flags>+jnpmerge')")
-    p.add_argument("--ladder-overlap", default="scheduler",
-                   help="comma list for the ladder rows: scheduler (XLA's latency-hiding scheduler "
-                        "places the all-reduces) and/or streams (each MLP on a second GPU stream, "
-                        "issued with its attention all-reduce; rows labelled 'ladder+streams')")
+                   help="weight layout: separate (q, k, v, gate, up as HF stores them) or fused "
+                        "(q/k/v and gate/up one matrix each: jaxturbo.inference.fused; rows "
+                        "labelled '<flags>+fusedproj')")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
@@ -185,27 +177,16 @@ def bench_layer_shapes(cfg, tp: int, projections: str = "separate") -> dict:
         shapes[n] = (kv * cfg.head_dim, cfg.hidden_size)
     if projections not in PROJECTIONS:
         raise ValueError(f"projections={projections!r}; choose one of {PROJECTIONS}")
-    if projections != "separate":
+    if projections == "fused":
         shapes = fused.fused_layer_shapes(shapes, kv, cfg.head_dim)
-    for norm in folded_norms(projections):  # the gains live in the fused weights
-        shapes.pop(norm)
     return shapes
-
-
-def folded_norms(projections: str) -> tuple[str, ...]:
-    """The RMSNorm gains a `PROJECTIONS` layout folds into its fused weights (fused.fold_norms)."""
-    from jaxturbo.inference import fused
-
-    (attn_norm, _), (mlp_norm, _) = fused.FOLDED_NORMS
-    return {"folded": (attn_norm, mlp_norm), "folded_mlp": (mlp_norm,),
-            "folded_attn": (attn_norm,)}.get(projections, ())
 
 
 def _random_params(cfg, mesh, dtype, projections="separate"):
     """Random weights of one model at every tensor size and layout: drawn in HF's layout from
     keys fixed per name (and layer), then laid out for `mesh` as `tensor.shard_params` lays out
     loaded weights (KV heads replicated up to the tensor size, q/k/v and gate/up fused shard by
-    shard, norm gains folded).  Made on the devices, one layer at a time into the stacked
+    shard as `jaxturbo.inference.fused.shard_fused` does).  Made on the devices, one layer at a time into the stacked
     shards (8B never touches the host; the layout change of one layer fits beside 70B's shards
     whatever XLA does with it).  Layer shapes: `bench_layer_shapes(cfg, tp, projections)`."""
     import jax
@@ -233,10 +214,8 @@ def _random_params(cfg, mesh, dtype, projections="separate"):
         lp = {n: draw(jax.random.fold_in(jax.random.key(100 + j), i), (1, *s), "norm" in n)
               for j, (n, s) in enumerate(hf_shapes)}
         p = tensor.replicate_kv_heads({"layers": lp}, cfg, tp)
-        if projections != "separate":
+        if projections == "fused":
             p = fused.fuse_projections(p, cfg, tp)
-        if folded_norms(projections):
-            p = fused.fold_norms(p, folded_norms(projections))
         return p["layers"]
 
     shapes = jax.eval_shape(layer, 0)
@@ -291,10 +270,9 @@ def decode_seconds(prefill_fn, generate_fn, reps: int) -> tuple[float, float, fl
 # its run at the first tensor size.  float32 on CPU rounds alike at every TP (sums reordered
 # only): greedy tokens must be equal.  bf16 (and GPU float32, TF32 matmuls) rounds the partial
 # sums of an all-reduce differently from one GEMM's, so greedy tokens may part at a near tie
-# (8B bf16, one model at TP 1 and 2: at the third token, experiments/ladder/
-# results_8b_tp12_h100x4.json; the tiny preset in bf16 on CPU: at the twelfth, its logits
-# 0.6-0.8% apart): the next-token logits after the prompt must agree to ROUNDED_TOL of their
-# largest.  Another model's logits are ~140% off.
+# (8B bf16, one model at TP 1 and 2: at the third token; the tiny preset in bf16 on CPU: at
+# the twelfth, its logits 0.6-0.8% apart): the next-token logits after the prompt must agree
+# to ROUNDED_TOL of their largest.  Another model's logits are ~140% off.
 EXACT_TOL = 1e-4
 ROUNDED_TOL = 0.15
 
@@ -343,22 +321,8 @@ def run_worker(a: argparse.Namespace) -> None:
         # only the ladder step calls it; this process then traces the ladder without the barrier
         jax.lax.optimization_barrier = lambda operand: operand
         a.xla_preset = a.xla_preset + "+nobarrier"
-    if a.unfused_append:
-        import pallas_kernels.api
-        pallas_kernels.api.FUSED_APPEND = False
-        a.xla_preset = a.xla_preset + "+unfused"
-    if a.projections != "separate":
-        a.xla_preset = a.xla_preset + {"fused": "+fusedproj", "folded": "+foldnorm",
-                                       "folded_mlp": "+foldmlp",
-                                       "folded_attn": "+foldattn"}[a.projections]
-    if a.q_in_kernel:
-        import pallas_kernels.api
-        pallas_kernels.api.ROTATE_Q_IN_KERNEL = True
-        a.xla_preset = a.xla_preset + "+qkern"
-    if a.jnp_merge:
-        from pallas_kernels.decode_attention import pallas_triton
-        pallas_triton.DEFAULT_CONFIG = pallas_triton.Config(merge="xla")
-        a.xla_preset = a.xla_preset + "+jnpmerge"
+    if a.projections == "fused":
+        a.xla_preset = a.xla_preset + "+fusedproj"
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -366,17 +330,16 @@ def run_worker(a: argparse.Namespace) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxturbo.inference.generate import _generate
-    from jaxturbo.inference.generate import prefill as decode_prefill
+    from jaxturbo.inference.generation import generate_arrays
+    from jaxturbo.inference.generation import prefill as decode_prefill
     from jaxturbo.inference.sampling import SamplingParams
-    from jaxturbo.models.config import ModelConfig
-    from jaxturbo.models.transformer import kv_cache_bytes_per_token
+    from jaxturbo.models.transformer import init_cache, kv_cache_bytes_per_token
     from jaxturbo.parallel import tensor
     from jaxturbo.parallel.mesh import make_mesh
 
     dtype = jnp.dtype(a.dtype)
     devices = jax.devices()
-    base = ModelConfig(**PRESETS[a.preset])
+    base = preset_config(a.preset)
     p2p = os.environ.get("NCCL_P2P_DISABLE", "0") != "1"
     # (residual label, batch) -> its run at the first TP size (`same_model_check`)
     refs: dict[tuple[str, int], dict] = {}
@@ -388,18 +351,20 @@ def run_worker(a: argparse.Namespace) -> None:
         mesh = make_mesh({"tensor": tp}, devices[:tp])
         tensor.check_tensor_parallel(base, tp)
         params = _random_params(base, mesh, dtype, a.projections)
-        runs = [(m, o, loop) for m in a.residual.split(",")
-                for o in (a.ladder_overlap.split(",") if m == "ladder" else ["scheduler"])
-                for loop in a.decode_loop.split(",")]
+        runs = [(m, loop) for m in a.residual.split(",") for loop in a.decode_loop.split(",")]
+        bad = sorted({m for m, _ in runs} - set(MODES))
+        if bad:
+            raise SystemExit(f"--residual {','.join(bad)}: choose from {', '.join(MODES)}")
         for batch in _ints(a.batch):
             rng = np.random.RandomState(batch)
             toks = jnp.asarray(rng.randint(0, base.vocab_size, (batch, a.prompt)), jnp.int32)
             lens = jnp.full((batch,), a.prompt, jnp.int32)
-            for mode, overlap, loop in runs:
-                cfg = base.replace(residual_mode=mode)
-                model = tensor.TensorParallel(mesh, unroll=not a.scan, ladder_overlap=overlap)
-                label = mode if overlap == "scheduler" else f"{mode}+{overlap}"
-                label += "" if loop == "device" else "+hostloop"
+            for mode, loop in runs:
+                # desync: the standard model without its all-reduces
+                cfg = base.replace(residual_mode="standard" if mode == "desync" else mode)
+                model = tensor.TensorParallel(mesh, unroll=not a.scan,
+                                              skip_allreduce=mode == "desync")
+                label = mode + ("" if loop == "device" else "+hostloop")
                 row = dict(preset=a.preset, residual=label, tp=tp, batch=batch, prompt=a.prompt,
                            new_tokens=a.new_tokens, p2p=p2p, device=devices[0].device_kind,
                            platform=devices[0].platform, layers="scan" if a.scan else "unrolled",
@@ -411,9 +376,9 @@ def run_worker(a: argparse.Namespace) -> None:
                 key, stops = jax.random.key(0), jnp.asarray([-1], jnp.int32)  # never stops early
 
                 @jax.jit
-                def prefill(params, toks, lens):  # what _generate's prefill does, alone
-                    cache = tensor.init_cache(cfg, toks.shape[0], a.prompt + a.new_tokens, dtype,
-                                              kv_heads=tensor.cache_kv_heads(cfg, tp))
+                def prefill(params, toks, lens):  # what generate_arrays's prefill does, alone
+                    cache = init_cache(cfg, toks.shape[0], a.prompt + a.new_tokens, dtype,
+                                       kv_heads=tensor.cache_kv_heads(cfg, tp))
                     last, cache = decode_prefill(model, params, cfg, toks, lens, cache, "auto")
                     # + row 0's logits ([V], for the cross-TP check: a copy too small to time)
                     return jnp.argmax(last, -1), last[0], cache
@@ -427,7 +392,7 @@ def run_worker(a: argparse.Namespace) -> None:
                     return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
 
                 def host_generate(params, toks, lens, key, stops, **_):
-                    # greedy, like _generate with SamplingParams(); no host sync until the end
+                    # greedy, like generate_arrays with SamplingParams(); no host sync until the end
                     tok, _, cache = prefill(params, toks, lens)
                     out = []
                     for _ in range(a.new_tokens):
@@ -436,11 +401,11 @@ def run_worker(a: argparse.Namespace) -> None:
                     out = jnp.stack(out, 1)
                     return out, jnp.zeros(out.shape, jnp.float32), None
 
-                gen_fn = _generate if loop == "device" else host_generate
+                gen_fn = generate_arrays if loop == "device" else host_generate
                 out = jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw))
                 row["compile_s"] = time.perf_counter() - t0
                 # greedy tokens of row 0 and the mean log-prob: two ways of running one residual
-                # mode (e.g. ladder and ladder+streams) must agree here
+                # mode (the device and host loops) must agree here
                 first = min(16, a.new_tokens)
                 row["first_tokens"] = np.asarray(out[0][0, :first]).tolist()
                 run = dict(tp=tp, tokens=row["first_tokens"], logp=None,
@@ -472,7 +437,7 @@ def run_worker(a: argparse.Namespace) -> None:
                 if a.dump_hlo:  # the schedule of the timed executable (compile cache hit)
                     Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
                     if loop == "device":
-                        txt = _generate.lower(params, toks, lens, key, stops,
+                        txt = generate_arrays.lower(params, toks, lens, key, stops,
                                               **gen_kw).compile().as_text()
                     else:
                         _, _, c0 = prefill(params, toks, lens)
@@ -565,15 +530,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--p2p {setting!r} / --xla-preset {xla!r}: use on/off and {list(XLA_PRESETS)}")
         env = dict(os.environ)
         # compiled executables are shared between workers (P2P only changes NCCL at run time)
-        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "jax_cache"))
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str((out / "jax_cache").resolve()))
         # the host platform gets 8 fake devices (the cpu-8 mesh); GPUs are unaffected
         env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                                      *GPU_FLAGS, *XLA_PRESETS[xla]]).strip()
         env.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared hosts
         env["NCCL_P2P_DISABLE"] = "1" if setting == "off" else "0"
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # the worker imports this package wherever the parent was started
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--worker"]
-        cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--worker", "--xla-preset", xla]
+        cmd = [sys.executable, "-m", "experiments.ladder.bench", *args, "--worker",
+               "--xla-preset", xla]
         # rows are streamed, so a run cut off by a time limit still leaves what it measured
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
@@ -600,20 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{rows[0]['preset']} on {rows[0]['device']} ({rows[0]['layers']} layers, "
           f"XLA flag sets {a.xla_preset})\n{table}")
     if a.processes > 1:
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "ladder"))
-        import runs_report
         runs = runs_report.table(runs_report.group_runs(rows))
         (out / "runs.md").write_text(runs + "\n")
         print(f"\nrun by run (each ladder against the standard of its own process)\n{runs}")
     if a.profile:
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "ladder"))
-        import trace_streams
         prof = []
         for r in rows:
             d = Path(a.profile) / _setting_name(r)
             try:
                 got = trace_streams.summarize(trace_streams.load_events(d),
-                                              PRESETS[a.preset]["num_hidden_layers"])
+                                              preset_config(a.preset).num_hidden_layers)
             except (FileNotFoundError, ValueError) as e:
                 print(f"# profile {d}: {e}", file=sys.stderr)
                 continue

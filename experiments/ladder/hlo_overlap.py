@@ -6,7 +6,7 @@ between the two run while the collective is in flight.  A synchronous `all-reduc
 nothing.  A tuple all-reduce with several operands means XLA combined independent reductions,
 which in `ladder` makes the attention all-reduce wait for the MLP (no overlap left to win).
 
-    python experiments/ladder/hlo_overlap.py runs/hlo/decode_8b_ladder_tp2_b1_p2p.hlo.txt [--excerpt]
+    python -m experiments.ladder.hlo_overlap runs/hlo/decode_8b_ladder_tp2_b1_p2p.hlo.txt [--excerpt]
 """
 
 from __future__ import annotations

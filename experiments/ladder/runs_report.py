@@ -1,19 +1,21 @@
-"""Ladder-vs-standard ratios run by run, from a session's rows JSON (ladder_bench rows with
-`call`, `run`, `host` and `note` added), as a table and a plot.
+"""Ladder-vs-standard ratios run by run, from a rows JSON (`bench.py` rows, with `call`, `run`,
+`host` and `note` added where several calls are merged), as a table and a plot.
 
-One ladder_bench process measures standard, ladder and desync back to back; a *run* is that
-triple.  Between processes on the same host, standard's tokens/s moved by up to 7% in session 9
-(the same executable), so one run's ratio is not the layout's ratio: this groups rows into
-runs, prints every run's ratio and each layout's median, and plots them against the bar.
+One bench process measures standard, ladder and desync back to back; a *run* is that triple.
+Between processes on the same host, standard's tokens/s moved by up to 7% (the same
+executable), so one run's ratio is not the layout's ratio: this groups rows into runs, prints
+every run's ratio and each layout's median, and plots them against the bar.
 
-    python experiments/ladder/runs_report.py experiments/ladder/results_8b_s9_h100x4.json \
-        --bar 1.28 --png experiments/ladder/runs_8b_s9_h100x4.png
+    python -m experiments.ladder.runs_report experiments/ladder/results/runs_h100x4.json \
+        --bar 1.28 --png runs.png
 
-`--grid` instead reads several sessions' rows files and prints the benchmark grid (TP x batch x
-P2P) for one XLA flag set and layout, each cell from the latest session that measured both
-standard and ladder there (medians over that session's runs):
+`--grid` instead reads one or more rows files and prints the benchmark grid (TP x batch x P2P)
+for one XLA flag set and layout, each cell from the latest round of runs (the rows' `session`
+number) that measured both standard and ladder there (medians over that round's runs):
 
-    python experiments/ladder/runs_report.py --grid experiments/ladder/results_8b_s*_h100x4.json
+    python -m experiments.ladder.runs_report --grid experiments/ladder/results/runs_h100x4.json
+
+A rows file is a JSON list of rows, or an object whose "rows" is that list.
 """
 
 from __future__ import annotations
@@ -119,11 +121,12 @@ GRID_MODES = ("standard", "ladder", "parallel", "desync")
 
 
 def grid(rows: list[dict], xla_preset: str) -> list[dict]:
-    """Rows of several sessions -> one dict per (tp, batch, p2p) measured with `xla_preset`:
-    {tp, batch, p2p, session, <mode>: median tokens/s, ratio: ladder / standard, borrowed:
-    {mode: session}}.  A cell's session is the latest that measured both standard and ladder
-    there, so its ratio is a same-session one; a mode that session lacks is taken from the
-    latest session that has it and named in `borrowed` (it is not part of the ratio)."""
+    """Rows of several rounds of runs (their `session` number) -> one dict per (tp, batch, p2p)
+    measured with `xla_preset`: {tp, batch, p2p, session, <mode>: median tokens/s, ratio:
+    ladder / standard, borrowed: {mode: session}}.  A cell's round is the latest that measured
+    both standard and ladder there, so its ratio is a same-round one; a mode that round lacks
+    is taken from the latest round that has it and named in `borrowed` (it is not part of the
+    ratio)."""
     cells: dict[tuple, dict[int, dict[str, list[float]]]] = {}
     for r in rows:
         if r.get("xla_preset") != xla_preset or r["residual"] not in GRID_MODES:
@@ -152,7 +155,7 @@ def grid(rows: list[dict], xla_preset: str) -> list[dict]:
 
 
 def grid_table(cells: list[dict]) -> str:
-    lines = ["| TP | batch | P2P | standard | ladder | parallel | desync | ladder / standard | session |",
+    lines = ["| TP | batch | P2P | standard | ladder | parallel | desync | ladder / standard | round |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in cells:
         vals = [(f"{c[m]:,.1f}" + (f" (s{c['borrowed'][m]})" if m in c["borrowed"] else ""))
@@ -164,20 +167,22 @@ def grid_table(cells: list[dict]) -> str:
 
 def _load_rows(path: Path) -> list[dict]:
     rows = json.loads(path.read_text())
+    if isinstance(rows, dict) and "rows" in rows:
+        rows = rows["rows"]
     if not isinstance(rows, list) or not rows:
-        raise ValueError("expected a non-empty JSON list")
+        raise ValueError("expected a non-empty JSON list of rows (or {\"rows\": [...]})")
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", type=Path, nargs="+",
-                   help="rows JSON (a list of ladder_bench rows); several only with --grid")
+                   help="rows JSON (a list of bench.py rows); several only with --grid")
     p.add_argument("--bar", type=float, default=None, help="ratio to draw as the bar")
     p.add_argument("--png", type=Path, default=None, help="write the plot here")
     p.add_argument("--md", type=Path, default=None, help="write the table here")
     p.add_argument("--grid", action="store_true",
-                   help="the TP x batch x P2P grid over all the files' sessions instead")
+                   help="the TP x batch x P2P grid over all the files' rounds of runs instead")
     p.add_argument("--xla-preset", default="nccl_lhs+fusedproj",
                    help="with --grid: the rows' xla_preset (flag set + layout) to tabulate")
     a = p.parse_args(argv)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = None if a.grid else group_runs(rows)
         cells = grid(rows, a.xla_preset) if a.grid else None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"error: {' '.join(map(str, a.rows))}: not ladder_bench rows lists ({e})", file=sys.stderr)
+        print(f"error: {' '.join(map(str, a.rows))}: not ladder bench rows ({e})", file=sys.stderr)
         return 2
     if a.grid:
         if not cells:

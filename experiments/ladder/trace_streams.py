@@ -1,6 +1,6 @@
 """Where a tensor-parallel decode step's time goes, per GPU and stream, from a profiler trace.
 
-`ladder_bench.py --profile DIR` traces one generate call per setting (`jax.profiler.trace(...,
+`bench.py --profile DIR` traces one generate call per setting (`jax.profiler.trace(...,
 create_perfetto_trace=True)`).  This reads such a trace and, for each GPU, over the decode
 window (first to last decode-attention kernel, so prefill is left out):
 
@@ -23,7 +23,7 @@ window (first to last decode-attention kernel, so prefill is left out):
 Read against `desync` (no all-reduce): ladder's busy above desync's means its kernels ran
 slower beside the collectives (contention); idle@comm means it waited for them.
 
-    python experiments/ladder/trace_streams.py DIR/ladder_tp2_b1 DIR/desync_tp2_b1 --layers 32
+    python -m experiments.ladder.trace_streams DIR/ladder_tp2_b1 DIR/desync_tp2_b1 --layers 32
 """
 
 from __future__ import annotations

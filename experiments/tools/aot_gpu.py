@@ -13,9 +13,12 @@ Needs, beside jax 0.11.2: the CUDA PJRT plugin, CUDA 13 libraries and a `ptxas` 
     pip install jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2   # libs: nvidia-* cu13 wheels
                                                                     # (PyTorch's cu13 build has them)
 
-Checked against the GPU: session 4's ladder decode step compiled this way has the same 33
-synchronous / 32 async all-reduces that the H100 host's own compile had, and the Mosaic GPU
+Checked against the GPU: an earlier ladder decode step compiled this way had the same 33
+synchronous / 32 async all-reduces as the H100 host's own compile of it, and the Mosaic GPU
 forward the same 168 registers and no spills that ptxas reported there.
+
+    from experiments.tools import aot_gpu
+    devices = aot_gpu.gpu_devices(4)        # four abstract H100s for a Mesh
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ def gpu_devices(count: int, target: str = "h100") -> list:
     except Exception as e:  # noqa: BLE001 - any failure here means: no usable CUDA plugin
         raise SystemExit(f"deviceless CUDA compile unavailable ({type(e).__name__}: {e}); "
                          "pip install jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2 "
-                         "(see experiments/aot_gpu.py)") from None
+                         "(see experiments/tools/aot_gpu.py)") from None
     return list(topo.devices)
 
 
 def dispatch_as_hopper() -> None:
     """Make the kernels' `auto` dispatch answer for the target GPU rather than this machine's
     CPU (it asks `jax.devices()`), so that a compiled step holds the kernels an H100 would run."""
-    import pallas_kernels.api as kernels_api
+    from pallas_kernels import registry
 
-    kernels_api._platform = lambda: "gpu"
-    kernels_api._is_hopper = lambda: True
+    registry.platform = lambda: "gpu"
+    registry.is_hopper = lambda: True

@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.decode_attention.common import DecodeCall, MLADecodeCall
 from pallas_kernels.flash_attention.common import NEG_INF, pad_seq, round_up
 
 
@@ -32,7 +33,7 @@ def _dot(a, b, trans_b=False):
                            preferred_element_type=jnp.float32)
 
 
-def _update(m_sc, l_sc, acc_sc, rows, s, v):
+def softmax_update(m_sc, l_sc, acc_sc, rows, s, v):
     """Online-softmax update of scratch rows `rows` (a static slice) with logits s and values v."""
     m = m_sc[rows]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -78,7 +79,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, s
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
             s = jnp.where(ok, s, NEG_INF)
-            _update(m_sc, l_sc, acc_sc, rows, s, v_ref[:, kh, :])
+            softmax_update(m_sc, l_sc, acc_sc, rows, s, v_ref[:, kh, :])
 
     _finish(j, nk, o_ref, m_sc, l_sc, acc_sc)
 
@@ -95,7 +96,7 @@ def _mla_kernel(len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_sc, l_sc, acc_sc
         s = (_dot(q_ref[...], c, trans_b=True) + _dot(qr_ref[...], kr_ref[...], trans_b=True))
         pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         s = jnp.where(pos < length, s * scale, NEG_INF)
-        _update(m_sc, l_sc, acc_sc, slice(None), s, c)
+        softmax_update(m_sc, l_sc, acc_sc, slice(None), s, c)
 
     _finish(j, nk, o_ref, m_sc, l_sc, acc_sc)
 
@@ -109,23 +110,13 @@ def _interp(interpret):
     return pltpu.InterpretParams() if interpret is True else interpret
 
 
-def decode_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    layer: jax.Array | int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    config: Config | None = None,
-    interpret: bool | pltpu.InterpretParams = False,
-) -> jax.Array:
-    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference).
+def decode_attention(call: DecodeCall, *, config: Config | None = None,
+                     interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+    """`call.q` [B, H, D] over its caches -> [B, H, D] (see the reference).
 
-    layer: the caches are every layer's, [L, B, S, K, D]; layer `layer` is read in place (its
-    index is scalar-prefetched with the lengths), not copied out as `cache[layer]` would be."""
+    Stacked caches ([L, B, S, K, D] with `call.layer`) are read in place (the layer index is
+    scalar-prefetched with the lengths), not copied out as `cache[layer]` would be."""
+    q, k_cache, v_cache, layer = call.q, call.k_cache, call.v_cache, call.layer
     cfg = config or Config()
     b, h, d = q.shape
     s, kh = k_cache.shape[-3], k_cache.shape[-2]
@@ -140,13 +131,14 @@ def decode_attention(
         k_cache, v_cache, layer = k_cache[layer], v_cache[layer], None
     if layer is None:
         k_cache, v_cache, layer = pad_seq(k_cache, sp)[None], pad_seq(v_cache, sp)[None], 0
-    scale = d ** -0.5 if scale is None else scale
+    scale = d ** -0.5 if call.scale is None else call.scale
     cache_spec = pl.BlockSpec(
         (None, None, bk, kh, d),
         lambda bb, j, lens, lay: (lay[0], bb, _last_block(j, lens[bb], bk), 0, 0))
     q_spec = pl.BlockSpec((None, h, d), lambda bb, j, lens, lay: (bb, 0, 0))
-    kernel = functools.partial(_decode_kernel, scale=float(scale), softcap=softcap,
-                               window=sliding_window, bk=bk, nk=nk, kv_heads=kh, groups=h // kh)
+    kernel = functools.partial(_decode_kernel, scale=float(scale), softcap=call.softcap,
+                               window=call.sliding_window, bk=bk, nk=nk, kv_heads=kh,
+                               groups=h // kh)
     return pl.pallas_call(
         lambda len_ref, lay_ref, *refs: kernel(len_ref, *refs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -158,27 +150,21 @@ def decode_attention(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interp(interpret),
         name="jaxturbo_decode_tpu",
-    )(lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache, v_cache)
+    )(call.lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache,
+      v_cache)
 
 
-def mla_decode_attention(
-    q_latent: jax.Array,
-    q_rope: jax.Array,
-    latent_cache: jax.Array,
-    rope_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    scale: float,
-    layer: jax.Array | int | None = None,
-    config: Config | None = None,
-    interpret: bool | pltpu.InterpretParams = False,
-) -> jax.Array:
-    """MLA latent decode: q_latent [B, H, R], q_rope [B, H, Dr], latent_cache [B, S, R],
-    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`).
+def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
+                         interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+    """MLA latent decode of `call` (q_latent [B, H, R], q_rope [B, H, Dr] over the latent and
+    rope caches) -> [B, H, R] (see `mla_decode_reference`).
 
-    layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]), read in place as in
-    `decode_attention`.  Any R, Dr and H: every block spans whole rows (and all heads), which
-    Mosaic accepts at any width, padding lanes in VMEM, not in HBM."""
+    Stacked caches (with `call.layer`) are read in place as in `decode_attention`.  Any R, Dr
+    and H: every block spans whole rows (and all heads), which Mosaic accepts at any width,
+    padding lanes in VMEM, not in HBM."""
+    q_latent, q_rope, latent_cache, rope_cache = (call.q_latent, call.q_rope, call.latent_cache,
+                                                  call.rope_cache)
+    layer = call.layer
     cfg = config or Config()
     b, h, r = q_latent.shape
     dr = q_rope.shape[-1]
@@ -193,7 +179,7 @@ def mla_decode_attention(
         layer = 0
     cmap = lambda bb, j, lens, lay: (lay[0], bb, _last_block(j, lens[bb], bk), 0)
     qmap = lambda bb, j, lens, lay: (bb, 0, 0)
-    kernel = functools.partial(_mla_kernel, scale=float(scale), bk=bk, nk=nk)
+    kernel = functools.partial(_mla_kernel, scale=float(call.scale), bk=bk, nk=nk)
     return pl.pallas_call(
         lambda len_ref, lay_ref, *refs: kernel(len_ref, *refs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -208,5 +194,5 @@ def mla_decode_attention(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interp(interpret),
         name="jaxturbo_mla_decode_tpu",
-    )(lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_latent, q_rope,
-      latent_cache, rope_cache)
+    )(call.lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_latent,
+      q_rope, latent_cache, rope_cache)

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.decode_attention.common import DecodeCall, MLADecodeCall
 from pallas_kernels.flash_attention.common import NEG_INF, round_up
 
 
@@ -41,7 +42,7 @@ from pallas_kernels.flash_attention.common import NEG_INF, round_up
 class Config:
     """Cache block size, number of parallel chunks, Triton launch parameters, MLA head tile."""
 
-    block_k: int = 128  # H100 sweep (experiments/attention/NOTES.md): 0.80 vs 0.71 of copy BW
+    block_k: int = 128  # an H100 sweep's best (experiments/attention/RESULTS.md)
     num_splits: int | None = None  # None: enough chunks for ~_TARGET_PROGRAMS programs
     num_warps: int = 4
     num_stages: int = 3
@@ -49,10 +50,6 @@ class Config:
     # GQA decode: merge the chunks in a second Pallas kernel ("kernel": one launch) or in jnp
     # ("xla": XLA makes two kernels of it, a max-and-exp and a weighted sum)
     merge: str = "kernel"
-
-
-# Used when no config is passed (the models pass none); benchmarks may swap it.
-DEFAULT_CONFIG = Config()
 
 
 def _dot(a, b, trans_b=False):
@@ -113,8 +110,7 @@ def _load_pieces(ref, cols: Pieces | None):
 def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
                   softcap: float | None, window: int | None, block_k: int, chunk: int,
                   read: Callable | None = None, appended: Callable | None = None,
-                  load_q: Callable | None = None, k_cols: Pieces | None = None,
-                  kr_cols: Pieces | None = None):
+                  k_cols: Pieces | None = None, kr_cols: Pieces | None = None):
     """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
 
     v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start,
@@ -123,7 +119,6 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
     appended(slot, owns, q): the token being appended at `slot` (the last of `length`), which
     is not read from the cache: its raw scores against the query tile q [rows] and its value
     [dv] (float32); the chunk that holds its slot (`owns`) adds it to the softmax.
-    load_q(): the query tile, when it is not simply q_ref's block.
     k_cols, kr_cols: column pieces of k (and q, and the output when v_ref is None) and of the
     rope key kr (and qr), for widths that are not one power of two (`_column_pieces`).
     """
@@ -131,7 +126,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
         read = lambda ref, start, cols: (ref[pl.ds(start, block_k), :],)  # noqa: E731
     split = pl.program_id(2)
     length = len_ref[...]
-    q = _load_pieces(q_ref, k_cols) if load_q is None else (load_q(),)
+    q = _load_pieces(q_ref, k_cols)
     qr = _load_pieces(qr_ref, kr_cols) if qr_ref is not None else ()
     begin = split * chunk
     cached = length if appended is None else length - 1
@@ -193,7 +188,7 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
     lse_ref[...] = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _merge(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
+def merge_partials(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
     """Merge partial softmax results along `axis` by their log-sum-exp (empty chunks: -inf)."""
     m = jnp.max(lse, axis=axis, keepdims=True)
     w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -202,10 +197,10 @@ def _merge(o: jax.Array, lse: jax.Array, axis: int) -> jax.Array:
 
 
 def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int):
-    """One (sequence, KV head, slice of D): `_merge` over the chunk axis, every chunk loaded at
-    once (a loop over the chunks is a chain of dependent loads: slower than XLA's two kernels,
-    experiments/ladder/NOTES.md).  The chunk axis is padded to a power of two; the padding
-    (index >= splits) is never written by the chunks' kernel and is masked here."""
+    """One (sequence, KV head, slice of D): `merge_partials` over the chunk axis, every chunk
+    loaded at once (a loop over the chunks is a chain of dependent loads: slower than XLA's two
+    kernels, experiments/ladder/RESULTS.md).  The chunk axis is padded to a power of two; the
+    padding (index >= splits) is never written by the chunks' kernel and is masked here."""
     real = jnp.arange(lse_ref.shape[0]) < splits
     lse = jnp.where(real[:, None], lse_ref[...], NEG_INF)          # [chunks, G]
     m = jnp.max(lse, axis=0)
@@ -215,12 +210,12 @@ def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int):
     out_ref[...] = jnp.sum(o * w[:, :, None], axis=0).astype(out_ref.dtype)
 
 
-def _merge_chunks(o: jax.Array, lse: jax.Array, splits: int, dtype, cfg: Config,
+def merge_chunks(o: jax.Array, lse: jax.Array, splits: int, dtype, cfg: Config,
                   interpret: bool) -> jax.Array:
     """o [B, K, C, G, D], lse [B, K, C, G] (chunks C >= splits: a power of two, padding
     unwritten) -> [B, K, G, D] in `dtype`."""
     if cfg.merge == "xla":
-        return _merge(o[:, :, :splits], lse[:, :, :splits], axis=2).astype(dtype)
+        return merge_partials(o[:, :, :splits], lse[:, :, :splits], axis=2).astype(dtype)
     if cfg.merge != "kernel":
         raise ValueError(f"Config.merge={cfg.merge!r}; choose 'kernel' or 'xla'")
     b, kh, chunks, gp, d = o.shape
@@ -292,37 +287,29 @@ def _swap_halves(d: int) -> tuple[jax.Array, jax.Array]:
     return (cols + d // 2) % d, cols < d // 2
 
 
-def _prepare_new(load: Callable, dtype, d: int, rope: tuple | None, ss_ref,
-                 rms: tuple[int, float] | None) -> jax.Array:
-    """The new token's q, k or v [..., d] as the unfused path makes them: times the sequence's
-    RMS factor rsqrt(ss / n + eps) (ss_ref and rms = (n, eps), if given; rounded to `dtype`),
-    then rotated by rope = (cos_ref, sin_ref) if given (float32, rounded to `dtype`).
-    load(cols) reads the vector's columns `cols` in that order."""
-    f = None if ss_ref is None else lax.rsqrt(ss_ref[...] / rms[0] + rms[1])
-
-    def scaled(x):
-        x = x.astype(jnp.float32)
-        return x if f is None else (x * f).astype(dtype).astype(jnp.float32)
-
-    x = scaled(load(jnp.arange(d)))
+def _rotate_new(ref, rope: tuple | None, d: int) -> jax.Array:
+    """The new token's key (rope = (cos_ref, sin_ref): rotated, float32 math rounded to its
+    dtype, as `reference.rope_rotate`) or value (rope None) [d] from its row ref."""
+    x = ref[...]
     if rope is None:
-        return x.astype(dtype)
+        return x
     swap, first = _swap_halves(d)
-    x_sw = scaled(load(swap))
-    return (x * rope[0][...] + jnp.where(first, -x_sw, x_sw) * rope[1][...]).astype(dtype)
+    x_sw = ref[swap].astype(jnp.float32)
+    out = x.astype(jnp.float32) * rope[0][...] + jnp.where(first, -x_sw, x_sw) * rope[1][...]
+    return out.astype(x.dtype)
 
 
 def _append_writer(layer_ref, kn_ref, vn_ref, kc_out, vc_out, s: int,
-                   prepare: Callable) -> Callable:
-    """appended(slot, owns, q) for `_split_kernel`: this program's new key and value, made by
-    prepare(load, dtype, rotate) (`_prepare_new`: scaled, the key rotated), are written at
-    `slot` of the stacked caches (the owning chunk only); returns the query tile's raw scores
-    against the key and the value, as the cache holds them."""
+                   rope: tuple | None) -> Callable:
+    """appended(slot, owns, q) for `_split_kernel`: this program's new key (rotated by rope)
+    and value are written at `slot` of the stacked caches (the owning chunk only); returns the
+    query tile's raw scores against the key and the value, as the cache holds them."""
     layer, seq, head = layer_ref[...], pl.program_id(0), pl.program_id(1)
+    d = kn_ref.shape[-1]
 
     def appended(slot, owns, q):
-        k = prepare(lambda cols: kn_ref[cols], kn_ref.dtype, True).astype(kc_out.dtype)
-        v = prepare(lambda cols: vn_ref[cols], vn_ref.dtype, False).astype(vc_out.dtype)
+        k = _rotate_new(kn_ref, rope, d).astype(kc_out.dtype)
+        v = _rotate_new(vn_ref, None, d).astype(vc_out.dtype)
 
         @pl.when(owns & (slot < s))  # a slot past the cache is dropped, as by a scatter
         def _():
@@ -336,38 +323,37 @@ def _append_writer(layer_ref, kn_ref, vn_ref, kc_out, vc_out, s: int,
     return appended
 
 
-def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding_window,
-            config, interpret, q_heads: int | None = None):
-    """The GQA decode kernel over stacked caches [L, B, S, K, D]; lengths counts the valid
-    slots including an appended token.  new: None, or (k_new, v_new, cos, sin [B, D] or None,
-    k_off, v_off, rms (sum_sq [B], n, eps) or None) to append in-kernel (the new key heads
-    are k_new[:, k_off:k_off + K], the values v_new[:, v_off:v_off + K], both times
-    rsqrt(sum_sq[b] / n + eps)); then the updated caches are returned too.
-    q_heads: q is raw (appending only): its first q_heads heads are the queries, which the
-    kernel scales and rotates like the key, read in place (q may be a fused projection's
-    output); otherwise q [B, H, D] is ready."""
-    cfg = config or DEFAULT_CONFIG
+def _stacked(call: DecodeCall) -> tuple[jax.Array, jax.Array, jax.Array | int]:
+    """(k_cache, v_cache, layer) with one layer's caches given as a stack of one (a free
+    reshape)."""
+    if call.layer is None:
+        return call.k_cache[None], call.v_cache[None], 0
+    return call.k_cache, call.v_cache, call.layer
+
+
+def _decode(call: DecodeCall, config: Config | None, interpret: bool):
+    """The GQA decode kernel over stacked caches [L, B, S, K, D]; with `call.new`, the token is
+    appended in-kernel (its key heads read at their offset and rotated, key and value written
+    at slot lengths[b]) and the updated caches are returned too."""
+    cfg = config or Config()
+    k_cache, v_cache, layer = _stacked(call)
+    q, new = call.q, call.new
+    lengths = call.lengths if new is None else call.lengths + 1  # the new token is attended
     b, h, d = q.shape
-    if q_heads is not None:
-        h = q_heads
     s, kh = k_cache.shape[2], k_cache.shape[3]
     if h % kh:
         raise ValueError(f"kv heads {kh} must divide query heads {h}")
     g = h // kh
     # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
     gp = max(16, pl.next_power_of_2(g))
-    scale = d ** -0.5 if scale is None else scale
+    scale = d ** -0.5 if call.scale is None else call.scale
     splits, chunk, _ = _chunking(s, b * kh, cfg)
     grid = (b, kh, splits)
     whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0,) * 5)  # indexed in-kernel
-    if q_heads is None:
-        q_in = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-        q_spec = pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0))
-    else:  # the sequence's whole row of heads; the group's rows are gathered in-kernel
-        q_in = q
-        q_spec = pl.BlockSpec((None, q.shape[1], d), lambda bb, hh, ss: (bb, 0, 0))
+    q_in = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     in_specs = [pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
-                pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)), q_spec, whole, whole]
+                pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+                pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0)), whole, whole]
     out_specs = [pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
                  pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0))]
     chunks = pl.next_power_of_2(splits)  # the merge kernel's tile (the padding stays unwritten)
@@ -377,57 +363,33 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
             v_cache]
     aliases = {}
     if new is not None:
-        k_new, v_new, cos, sin, k_off, v_off, rms = new
-
         def row(off):  # this program's KV head, `off` heads into the array
             return pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh + off, 0))
 
-        in_specs += [row(k_off), row(v_off)]
-        args += [k_new, v_new]
-        if cos is not None:
+        in_specs += [row(new.k_head_offset), row(new.v_head_offset)]
+        args += [new.k, new.v]
+        if new.rope is not None:
             per_seq = pl.BlockSpec((None, d), lambda bb, hh, ss: (bb, 0))
             in_specs += [per_seq, per_seq]
-            args += [cos.astype(jnp.float32), sin.astype(jnp.float32)]
-        if rms is not None:
-            in_specs.append(pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)))
-            args.append(rms[0].astype(jnp.float32))
+            args += [x.astype(jnp.float32) for x in new.rope]
         out_specs += [whole, whole]
         out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                       jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
         aliases = {3: 2, 4: 3}  # the caches are updated in place
-    elif q_heads is not None:
-        raise ValueError("a raw q (q_heads) needs a token to append")
 
     def kernel(*refs):
         layer_ref, len_ref, q_ref, k_ref, v_ref = refs[:5]
-        appended = load_q = None
+        appended = None
         if new is None:
             o_ref, lse_ref = refs[5:]
         else:
-            extra = list(refs[7:-4])  # [cos, sin], [sum_sq]
-            rope = (extra.pop(0), extra.pop(0)) if cos is not None else None
-            ss_ref = extra.pop(0) if rms is not None else None
+            rope = tuple(refs[7:-4]) or None  # (cos, sin)
             o_ref, lse_ref, kc_out, vc_out = refs[-4:]
-
-            def prepare(load, dtype, rotate):
-                return _prepare_new(load, dtype, d, rope if rotate else None, ss_ref,
-                                    None if rms is None else tuple(rms[1:]))
-
-            appended = _append_writer(layer_ref, refs[5], refs[6], kc_out, vc_out, s, prepare)
-            if q_heads is not None:
-                idx = jnp.arange(gp)
-                # the group's rows (padding rows clamped inside the array, zeroed after)
-                rows = jnp.minimum(pl.program_id(1) * g + idx, q_ref.shape[0] - 1)[:, None]
-
-                def load_q():
-                    qt = prepare(lambda cols: q_ref[rows, cols[None, :]], q_ref.dtype, True)
-                    return jnp.where((idx < g)[:, None], qt, 0).astype(q_ref.dtype)
-
+            appended = _append_writer(layer_ref, refs[5], refs[6], kc_out, vc_out, s, rope)
         _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
-                      scale=float(scale), softcap=softcap,
-                      window=sliding_window, block_k=cfg.block_k, chunk=chunk,
-                      read=_layer_block_reader(layer_ref, s, cfg.block_k), appended=appended,
-                      load_q=load_q)
+                      scale=float(scale), softcap=call.softcap,
+                      window=call.sliding_window, block_k=cfg.block_k, chunk=chunk,
+                      read=_layer_block_reader(layer_ref, s, cfg.block_k), appended=appended)
 
     res = pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -437,103 +399,47 @@ def _decode(q, k_cache, v_cache, lengths, layer, new, *, scale, softcap, sliding
         interpret=interpret,
         name="jaxturbo_decode" if new is None else "jaxturbo_decode_append",
     )(*args)
-    out = _merge_chunks(res[0], res[1], splits, q.dtype, cfg, interpret)[:, :, :g].reshape(b, h, d)
+    out = merge_chunks(res[0], res[1], splits, q.dtype, cfg, interpret)[:, :, :g].reshape(b, h, d)
     return out, res[2:]
 
 
-def decode_attention(
-    q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    layer: jax.Array | int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """q [B, H, D] over caches [B, S, K, D] with lengths [B] -> [B, H, D] (see the reference).
-
-    layer: with it, the caches are every layer's, [L, B, S, K, D], and layer `layer` (an int or
-    int32 scalar, traced or not) is read in place."""
-    if layer is None:  # one layer's cache: a stack of one (a free reshape)
-        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
-    out, _ = _decode(q, k_cache, v_cache, lengths, layer, None, scale=scale, softcap=softcap,
-                     sliding_window=sliding_window, config=config, interpret=interpret)
+def decode_attention(call: DecodeCall, *, config: Config | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """`call.q` [B, H, D] over its caches -> [B, H, D] (see the reference).  Stacked caches
+    ([L, B, S, K, D] with `call.layer`, an int or int32 scalar, traced or not) are read in
+    place."""
+    out, _ = _decode(dataclasses.replace(call, new=None), config, interpret)
     return out
 
 
-def decode_attention_append(
-    q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    layer: jax.Array | int | None = None,
-    rope: tuple[jax.Array, jax.Array] | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-    config: Config | None = None,
-    interpret: bool = False,
-    k_head_offset: int = 0,
-    v_head_offset: int = 0,
-    rms: tuple[jax.Array, int, float] | None = None,
-    q_heads: int | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def decode_attention_append(call: DecodeCall, *, config: Config | None = None,
+                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention in one kernel (see `decode_append_reference`): the new key
-    k_new [B, K, D] (rotated in-kernel by rope = (cos, sin) [B, D]) and value are written at
-    slot lengths[b] of the caches (in place: the caches are aliased to the outputs), and
-    q [B, H, D] attends to slots [0, lengths[b]].  Returns (out [B, H, D], k_cache, v_cache).
-
-    k_head_offset, v_head_offset: the new keys are heads [off, off + K) of k_new (likewise
-    v_new), so both can be the one output of a fused q/k/v projection, read without a copy.
-    rms (sum_sq [B], n, eps): k_new and v_new (and a raw q) times rsqrt(sum_sq[b] / n + eps),
-    an RMSNorm's factor moved past the projection (`jaxturbo.inference.fused.fold_norms`),
-    applied here: as an XLA product it would cost a copy (and its rsqrt a kernel) per layer.
-    q_heads: q is the projection's raw output, its first q_heads heads the queries; the kernel
-    scales (rms) and rotates (rope) them as it reads them (XLA would spend a kernel per layer
-    on it), so q may be the same fused array as k_new and v_new.
+    (`call.new`: read at its head offset, rotated in-kernel) and value are written at slot
+    lengths[b] of the caches (in place: the caches are aliased to the outputs), and q [B, H, D]
+    attends to slots [0, lengths[b]].  Returns (out [B, H, D], k_cache, v_cache).  head_dim: a
+    power of two.
 
     In XLA the same step is four kernels more per layer (the key's rotation, two scatter
     guards, two cache writes): at batch 1 such kernels cost more in launches than in bytes."""
-    d = q.shape[-1]
+    d = call.head_dim
     if d % 2 or pl.next_power_of_2(d) != d:
         raise ValueError(f"decode_attention_append needs a power-of-two head_dim; "
                          f"got {d} (use decode_attention after writing the cache)")
-    stacked = layer is not None
-    if not stacked:
-        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
-    cos, sin = rope if rope is not None else (None, None)
-    new = (k_new, v_new, cos, sin, k_head_offset, v_head_offset, rms)
-    out, (kc, vc) = _decode(q, k_cache, v_cache, lengths + 1, layer, new,
-                            scale=scale, softcap=softcap, sliding_window=sliding_window,
-                            config=config, interpret=interpret, q_heads=q_heads)
-    return (out, kc, vc) if stacked else (out, kc[0], vc[0])
+    out, (kc, vc) = _decode(call, config, interpret)
+    return (out, kc, vc) if call.layer is not None else (out, kc[0], vc[0])
 
 
-def mla_decode_attention(
-    q_latent: jax.Array,
-    q_rope: jax.Array,
-    latent_cache: jax.Array,
-    rope_cache: jax.Array,
-    lengths: jax.Array,
-    *,
-    scale: float,
-    layer: jax.Array | int | None = None,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """MLA latent decode: q_latent [B, H, R], q_rope [B, H, Dr], latent_cache [B, S, R],
-    rope_cache [B, S, Dr], lengths [B] -> [B, H, R] (see `mla_decode_reference`).
-
-    layer: the caches are every layer's ([L, B, S, R], [L, B, S, Dr]); layer `layer` is read
-    in place.  Any R and Dr: rows are read as power-of-two column pieces (`_column_pieces`)."""
-    cfg = config or DEFAULT_CONFIG
+def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
+                         interpret: bool = False) -> jax.Array:
+    """MLA latent decode of `call` (q_latent [B, H, R], q_rope [B, H, Dr] over the latent and
+    rope caches) -> [B, H, R] (see `mla_decode_reference`).  Stacked caches (with
+    `call.layer`) are read in place.  Any R and Dr: rows are read as power-of-two column pieces
+    (`_column_pieces`)."""
+    cfg = config or Config()
+    q_latent, q_rope, latent_cache, rope_cache = (call.q_latent, call.q_rope, call.latent_cache,
+                                                  call.rope_cache)
+    layer, scale = call.layer, call.scale
     if layer is None:
         latent_cache, rope_cache, layer = latent_cache[None], rope_cache[None], 0
     b, h, r = q_latent.shape
@@ -547,7 +453,7 @@ def mla_decode_attention(
     bh = max(16, min(cfg.block_h, pl.next_power_of_2(h)))
     hp = round_up(h, bh)
     splits, chunk, _ = _chunking(s, b * (hp // bh), cfg)
-    # partial outputs laid out as `_merge_chunks` takes them ([B, head tiles, chunks, bh, .]):
+    # partial outputs laid out as `merge_chunks` takes them ([B, head tiles, chunks, bh, .]):
     # a power-of-two chunk axis, rows of whole 32-column slices (the chunks past `splits` and
     # the columns past R are never written, and are dropped by the merge)
     tiles, chunks, rw = hp // bh, pl.next_power_of_2(splits), round_up(r, 32)
@@ -581,9 +487,9 @@ def mla_decode_attention(
                                              num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_mla_decode",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), ql, qr, latent_cache,
-      rope_cache)
-    out = _merge_chunks(o, lse, splits, q_latent.dtype, cfg, interpret)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), call.lengths.astype(jnp.int32), ql, qr,
+      latent_cache, rope_cache)
+    out = merge_chunks(o, lse, splits, q_latent.dtype, cfg, interpret)
     return out.reshape(b, hp, rw)[:, :h, :r]
 
 

@@ -97,24 +97,13 @@ def rope_rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-def rms_scale_rows(x: jax.Array, rms: tuple[jax.Array, int, float]) -> jax.Array:
-    """x [B, ..., D] times rsqrt(sum_sq[b] / n + eps) for rms = (sum_sq [B], n, eps): an
-    RMSNorm's factor applied after the projection; float32 math, result in x.dtype."""
-    f = jax.lax.rsqrt(rms[0].astype(jnp.float32) / rms[1] + rms[2])
-    return (x.astype(jnp.float32) * f.reshape(-1, *(1,) * (x.ndim - 1))).astype(x.dtype)
-
-
 def append_to_cache(k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     lengths: jax.Array, *, layer: jax.Array | int | None = None,
-                    rope: tuple[jax.Array, jax.Array] | None = None,
-                    rms: tuple[jax.Array, int, float] | None = None
+                    rope: tuple[jax.Array, jax.Array] | None = None
                     ) -> tuple[jax.Array, jax.Array]:
     """Write each row's new key (rotated by rope = (cos, sin) [B, D] if given) and value
     [B, K, D] at slot lengths[b] of caches [B, S, K, D] (or layer `layer` of [L, B, S, K, D]).
-    rms = (sum_sq [B], n, eps): both are first multiplied by rsqrt(sum_sq[b] / n + eps)
-    (`rms_scale_rows`).  A slot past the cache is dropped."""
-    if rms is not None:
-        k_new, v_new = rms_scale_rows(k_new, rms), rms_scale_rows(v_new, rms)
+    A slot past the cache is dropped."""
     if rope is not None:
         k_new = rope_rotate(k_new, rope[0][:, None, :], rope[1][:, None, :])
     rows = jnp.arange(k_new.shape[0])
@@ -135,20 +124,17 @@ def decode_append_reference(
     scale: float | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
-    rms: tuple[jax.Array, int, float] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention: append, then attend.
 
     Args:
       q: [B, H, D], already rotated; k_new, v_new: [B, K, D], the new token's key (rotated here
-        by rope = (cos, sin), each [B, D] float32, when given) and value, both first scaled by
-        rms's factor when given (see `append_to_cache`).
+        by rope = (cos, sin), each [B, D] float32, when given) and value.
       k_cache, v_cache: [B, S, K, D]; lengths: [B] slots already filled (the new token's slot).
     Returns:
       out [B, H, D] over slots [0, lengths[b]], and the caches with slot lengths[b] written.
     """
-    k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, rope=rope,
-                                       rms=rms)
+    k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, rope=rope)
     out = decode_attention_reference(q, k_cache, v_cache, lengths + 1, scale=scale,
                                      softcap=softcap, sliding_window=sliding_window)
     return out, k_cache, v_cache

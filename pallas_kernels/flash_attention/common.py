@@ -1,5 +1,5 @@
-"""Pieces every flash-attention implementation shares: the static problem description, the
-in-block mask, block skipping, and padding to whole blocks.
+"""Pieces every flash-attention implementation shares: the call description (`AttentionCall`)
+and its static mask description, the in-block mask, block skipping, and padding to whole blocks.
 
 Kernels work on whole blocks; sequences that are not a multiple of the block are padded here and
 the padded keys masked in the kernel (the padded query rows are computed and dropped).  Which
@@ -170,32 +170,58 @@ def block_ranges(vis: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return lo.astype(jnp.int32), jnp.maximum(hi, lo).astype(jnp.int32)
 
 
-def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
-    """Clear errors before tracing a kernel."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected q, k, v of rank 4 [batch, seq, heads, head_dim]; got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape:
-        raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}; "
-                         f"choose kv heads from the divisors of {q.shape[2]}")
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionCall:
+    """One attention call as the public function received it; every backend takes this.
 
+    q [B, T, H, D], k/v [B, S, K, D] (H % K == 0); segment_ids [B, T] (the keys' too unless
+    kv_segment_ids [B, S]); the options as in `reference.attention_reference`."""
 
-def mask_spec(q: jax.Array, k: jax.Array, *, causal: bool, sliding_window: int | None,
-              scale: float | None, softcap: float | None, segment_ids: jax.Array | None,
-              kv_segment_ids: jax.Array | None) -> tuple[MaskSpec, jax.Array | None]:
-    """The static mask description of a call, and the key segment ids (query ids by default)."""
-    spec = MaskSpec(q_len=q.shape[1], kv_len=k.shape[1], causal=causal,
-                    sliding_window=sliding_window,
-                    scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-                    softcap=softcap, has_segments=segment_ids is not None)
-    kv_seg = None
-    if segment_ids is not None:
-        kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
-    return spec, kv_seg
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    causal: bool = False
+    segment_ids: jax.Array | None = None
+    kv_segment_ids: jax.Array | None = None
+    sliding_window: int | None = None
+    scale: float | None = None
+    softcap: float | None = None
+    return_lse: bool = False
+
+    def options(self) -> dict:
+        """The keyword options of `reference.attention_reference` (return_lse aside)."""
+        return dict(causal=self.causal, segment_ids=self.segment_ids,
+                    kv_segment_ids=self.kv_segment_ids, sliding_window=self.sliding_window,
+                    scale=self.scale, softcap=self.softcap)
+
+    def check(self) -> None:
+        """Clear errors before tracing a kernel."""
+        q, k, v = self.q, self.k, self.v
+        if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+            raise ValueError(f"expected q, k, v of rank 4 [batch, seq, heads, head_dim]; got "
+                             f"{q.shape}, {k.shape}, {v.shape}")
+        if k.shape != v.shape:
+            raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
+        if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+            raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}; "
+                             f"choose kv heads from the divisors of {q.shape[2]}")
+
+    def spec(self) -> MaskSpec:
+        """The static mask description of the call."""
+        return MaskSpec(q_len=self.q.shape[1], kv_len=self.k.shape[1], causal=self.causal,
+                        sliding_window=self.sliding_window,
+                        scale=float(self.q.shape[-1] ** -0.5 if self.scale is None
+                                    else self.scale),
+                        softcap=self.softcap, has_segments=self.segment_ids is not None)
+
+    @property
+    def kv_seg(self) -> jax.Array | None:
+        """The keys' segment ids (the queries' by default)."""
+        if self.segment_ids is None:
+            return None
+        return self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
 
 
 def flash_with_vjp(forward, backward):
@@ -223,17 +249,22 @@ def flash_with_vjp(forward, backward):
     return flash
 
 
-def run_backward(backward, q, k, v, out, lse, dout, *, causal: bool, segment_ids,
-                 kv_segment_ids, sliding_window: int | None, scale: float | None,
-                 softcap: float | None, cfg, interpret):
+def run_forward(flash, call: AttentionCall, cfg, interpret):
+    """One backend's differentiable `flash` (from `flash_with_vjp`) on `call`: out, and lse
+    [B, H, T] with `call.return_lse`."""
+    call.check()
+    out, lse = flash(call.q, call.k, call.v, call.segment_ids, call.kv_seg, call.spec(), cfg,
+                     interpret)
+    return (out, lse) if call.return_lse else out
+
+
+def run_backward(backward, call: AttentionCall, out, lse, dout, cfg, interpret):
     """One backend's `backward` called directly from a saved (out, lse), no lse cotangent.
 
     For callers that own the forward (ring attention: out/lse are those of the whole row, k/v
     one block of it); `backward` has the signature documented in `flash_with_vjp`.
     """
-    check_inputs(q, k, v)
-    spec, kv_seg = mask_spec(q, k, causal=causal, sliding_window=sliding_window, scale=scale,
-                             softcap=softcap, segment_ids=segment_ids,
-                             kv_segment_ids=kv_segment_ids)
-    return backward(q, k, v, segment_ids, kv_seg, out.astype(q.dtype), lse,
-                    dout.astype(q.dtype), None, spec, cfg, interpret)
+    call.check()
+    q = call.q
+    return backward(q, call.k, call.v, call.segment_ids, call.kv_seg, out.astype(q.dtype), lse,
+                    dout.astype(q.dtype), None, call.spec(), cfg, interpret)

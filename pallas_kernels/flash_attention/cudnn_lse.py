@@ -14,8 +14,8 @@ lists below were read from that version's source (`_dot_product_attention_bwd_ru
 `_dot_product_attention_bwd_impl`).  If a JAX upgrade breaks this file, the fallback is the
 Pallas-Triton kernel (`implementation="pallas_triton"`), which needs no private API.
 
-Assumptions not yet checked on a GPU when written (experiments/sp_bench.py checks them before
-timing, see `--check-only`):
+Assumptions, checked on a GPU by tests/pallas_kernels/test_cudnn_lse.py (and by
+`python -m experiments.sp.bench --check-only` before timing):
   * cuDNN's residual is the FlashAttention-2 logsumexp of the *scaled* logits in natural log,
     i.e. jaxturbo's lse convention (`attention_reference`): ln sum_j exp(scale * q.k_j).  The
     conversion is kept in `_from_cudnn_stats` / `_to_cudnn_stats` (identity) so a different

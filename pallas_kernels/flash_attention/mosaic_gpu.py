@@ -1,6 +1,6 @@
 """Flash attention forward for Hopper through Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`).
 
-Measured on an H100 at or above cuDNN's forward (experiments/attention/NOTES.md).  One program
+Measured on an H100 at or above cuDNN's forward (experiments/attention/RESULTS.md).  One program
 computes 128 query rows of one (batch, head) with three warpgroups:
 
 - a producer warpgroup (40 registers per thread) only issues TMA copies of K/V blocks into a
@@ -22,12 +22,13 @@ same schedule with P and O staged in shared memory (it runs no wgmma inside `pl.
 and reads wgmma operands from refs), and a lowering test compiles to Mosaic GPU for a CUDA
 target; the GPU-only tests run the compiled kernel.
 
-Segment ids, sliding window and soft-cap are not in this kernel (ValueError names the
-implementations that have them).  `jax.grad` goes, by default, through cuDNN's flash backward
+Segment ids, sliding window and soft-cap are not in this kernel (`refuses`: the registry names
+the implementations that have them).  `jax.grad` goes, by default, through cuDNN's flash backward
 fed this forward's output and log-sum-exp where cuDNN covers the call on a GPU, else through the
 Pallas-Triton backward; `Config(backward="mosaic_gpu")` / `"mosaic_gpu_fused"` pick our own
 Hopper backward kernels (`mosaic_gpu_bwd.py`; on an H100 within 3% of cuDNN's backward either
-way, see the NOTES).  `flash_attention_backward` runs ours from a saved output and lse.
+way, experiments/attention/RESULTS.md).  `flash_attention_backward` runs ours from a saved
+output and lse.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.flash_attention import common
-from pallas_kernels.flash_attention import pallas_triton
+from pallas_kernels.flash_attention import common, pallas_triton
 
 NEG_INF = common.NEG_INF
 
@@ -61,8 +61,8 @@ class Config:
     backward: "cudnn" (on a GPU, cuDNN's backward where it covers the call, the Pallas-Triton
     one elsewhere), "mosaic_gpu" (`mosaic_gpu_bwd`: our Hopper dK/dV and dQ kernels),
     "mosaic_gpu_fused" (one kernel, dQ by TMA reduce-adds) or "pallas_triton"; bwd: the
-    Pallas-Triton backward's tiles.  cuDNN stays the default: on an H100 (session 6) its
-    backward and ours were within 3% of each other, cuDNN ahead on full and GQA attention."""
+    Pallas-Triton backward's tiles.  cuDNN stays the default: on an H100 its backward and
+    ours were within 3% of each other, cuDNN ahead on full and GQA attention."""
 
     block_k: int = 128
     slots: int = 2
@@ -167,7 +167,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                 m, l, acc = carry
                 slot = lax.rem(j, slots)
 
-                plgpu.barrier_wait(k_bar.at[slot])  # outside the accumulator's scope (NOTES.md)
+                plgpu.barrier_wait(k_bar.at[slot])  # outside the accumulator's scope (below)
 
                 def scores(ref):
                     issue_qk(ref, slot)
@@ -209,7 +209,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             S_j = Q K_j^T and then P_{j-1} V_{j-1}, and runs block j's softmax while the second
             matmul is still in flight; O is rescaled by alpha_j once it lands.  Needs
             n_blocks >= 1 (block 0's softmax is the prologue)."""
-            del take_turn  # (no ping-pong: measured slower on top of this overlap, NOTES.md)
+            del take_turn  # (no ping-pong: measured slower on top of this overlap)
 
             def run(acc_ref):
                 if compiled:  # O lives in the wgmma accumulator for the whole loop
@@ -245,7 +245,7 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                     p_op = p_operand(p_prev)
 
                     # (barrier waits stay outside the accumulator's scope: inside it they cost
-                    # a third of the causal forward's speed on an H100, NOTES.md)
+                    # a third of the causal forward's speed on an H100)
                     plgpu.barrier_wait(k_bar.at[slot])
                     plgpu.barrier_wait(v_bar.at[prev])
 
@@ -424,48 +424,48 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg: Config, 
 _flash = common.flash_with_vjp(_forward, _backward)
 
 
-def flash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = False,
-    segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    return_lse: bool = False,
-    config: Config | None = None,
-    interpret: bool | plgpu.InterpretGPUParams = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Flash attention, q [B, T, H, D], k/v [B, S, K, D] (bf16/fp16) -> out [B, T, H, D]
-    (, lse [B, H, T] float32).  Same semantics as `attention_reference` for what it covers.
-    interpret: run in GPU interpret mode on CPU (True, or InterpretGPUParams)."""
-    common.check_inputs(q, k, v)
-    if segment_ids is not None or sliding_window is not None or softcap is not None:
-        raise ValueError("the Mosaic GPU kernel has no segment ids, sliding window or softcap "
-                         "yet; use implementation='pallas_triton', 'cudnn' or 'xla'")
+def refuses(call: common.AttentionCall, cfg: Config | None = None) -> str | None:
+    """Why the Mosaic GPU kernels cannot take `call` with `cfg` (default Config; platform
+    aside), or None."""
+    q, k, v = call.q, call.k, call.v
+    if (call.segment_ids is not None or call.kv_segment_ids is not None
+            or call.sliding_window is not None or call.softcap is not None):
+        return "the Mosaic GPU kernels have no segment ids, sliding window or softcap"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 or float16 q/k/v, got "
-                         f"{q.dtype}/{k.dtype}/{v.dtype}")
+        return (f"the Mosaic GPU kernels take bfloat16 or float16 q/k/v, got "
+                f"{q.dtype}/{k.dtype}/{v.dtype}")
+    d, cfg = q.shape[-1], cfg or Config()
+    if d % 16:
+        return f"head_dim {d} must be a multiple of 16"
+    if smem_bytes(d, cfg) > SMEM_BYTES:
+        return (f"head_dim {d} with {cfg} needs {smem_bytes(d, cfg)} bytes of shared memory "
+                f"(at most {SMEM_BYTES}): lower block_k or slots")
+    return None
+
+
+def _check(call: common.AttentionCall, cfg: Config) -> None:
+    call.check()
+    why = refuses(call, cfg)
+    if why is not None:
+        raise ValueError(f"{why}; use implementation='pallas_triton', 'cudnn' or 'xla'")
+    _check_fused(call.q.shape[-1], cfg)
+
+
+def flash_attention(call: common.AttentionCall, *, config: Config | None = None,
+                    interpret: bool | plgpu.InterpretGPUParams = False
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Flash attention of `call` (q [B, T, H, D], k/v [B, S, K, D], bf16/fp16) -> out
+    [B, T, H, D] (, lse [B, H, T] float32).  Same semantics as `attention_reference` for what
+    it covers (`refuses`).  interpret: run in GPU interpret mode on CPU (True, or
+    InterpretGPUParams)."""
     cfg = config or Config()
     if cfg.block_k not in (64, 128) or cfg.slots < 2 or (cfg.overlap and cfg.pingpong):
         raise ValueError(f"block_k must be 64 or 128, slots at least 2 and pingpong only "
                          f"without overlap, got {cfg}")
     if cfg.backward not in BACKWARDS:
         raise ValueError(f"backward={cfg.backward!r}: choose one of {BACKWARDS}")
-    if q.shape[-1] % 16:
-        raise ValueError(f"head_dim {q.shape[-1]} must be a multiple of 16")
-    _check_fused(q.shape[-1], cfg)
-    if smem_bytes(q.shape[-1], cfg) > SMEM_BYTES:
-        raise ValueError(f"head_dim {q.shape[-1]} with {cfg} needs {smem_bytes(q.shape[-1], cfg)}"
-                         f" bytes of shared memory (at most {SMEM_BYTES}): lower block_k or "
-                         f"slots")
-    spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=None, scale=scale,
-                                    softcap=None, segment_ids=None, kv_segment_ids=None)
-    out, lse = _flash(q, k, v, None, kv_seg, spec, cfg, interpret)
-    return (out, lse) if return_lse else out
+    _check(call, cfg)
+    return common.run_forward(_flash, call, cfg, interpret)
 
 
 OUR_BACKWARDS = ("mosaic_gpu", "mosaic_gpu_fused")
@@ -478,19 +478,10 @@ def _check_fused(d: int, cfg: Config) -> None:
                          f"{d}; backward='mosaic_gpu' takes any multiple of 16")
 
 
-def flash_attention_backward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    out: jax.Array,
-    lse: jax.Array,
-    dout: jax.Array,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    config: Config | None = None,
-    interpret: bool | plgpu.InterpretGPUParams = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def flash_attention_backward(call: common.AttentionCall, out: jax.Array, lse: jax.Array,
+                             dout: jax.Array, *, config: Config | None = None,
+                             interpret: bool | plgpu.InterpretGPUParams = False
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Our Hopper backward kernels from a saved out [B, T, H, D] (bf16/fp16) and lse [B, H, T]
     -> (dq [B, T, H, D], dk, dv [B, S, K, D]) in the inputs' dtype (see
     `reference.attention_backward_reference`; ring attention calls it per key block).
@@ -502,10 +493,5 @@ def flash_attention_backward(
     if cfg.backward not in OUR_BACKWARDS:
         raise ValueError(f"flash_attention_backward runs our kernels: config.backward must be "
                          f"one of {OUR_BACKWARDS}, got {cfg.backward!r}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16 q/k/v, got "
-                         f"{q.dtype}/{k.dtype}/{v.dtype}")
-    _check_fused(q.shape[-1], cfg)
-    return common.run_backward(_backward, q, k, v, out, lse, dout, causal=causal,
-                               segment_ids=None, kv_segment_ids=None, sliding_window=None,
-                               scale=scale, softcap=None, cfg=cfg, interpret=interpret)
+    _check(call, cfg)
+    return common.run_backward(_backward, call, out, lse, dout, cfg, interpret)

@@ -305,53 +305,17 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
 _flash = common.flash_with_vjp(_forward, _backward)
 
 
-def flash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = False,
-    segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    return_lse: bool = False,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Flash attention, q [B, T, H, D], k/v [B, S, K, D] -> out [B, T, H, D] (, lse [B, H, T]).
-
-    Same semantics as `attention_reference`; differentiable in q, k, v (and through lse).
-    """
-    common.check_inputs(q, k, v)
-    spec, kv_seg = common.mask_spec(q, k, causal=causal, sliding_window=sliding_window,
-                                    scale=scale, softcap=softcap, segment_ids=segment_ids,
-                                    kv_segment_ids=kv_segment_ids)
-    out, lse = _flash(q, k, v, segment_ids, kv_seg, spec, config or Config(), interpret)
-    return (out, lse) if return_lse else out
+def flash_attention(call: common.AttentionCall, *, config: Config | None = None,
+                    interpret: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Flash attention of `call` (q [B, T, H, D], k/v [B, S, K, D]) -> out [B, T, H, D]
+    (, lse [B, H, T]).  Same semantics as `attention_reference`; differentiable in q, k, v
+    (and through lse)."""
+    return common.run_forward(_flash, call, config or Config(), interpret)
 
 
-def flash_attention_backward(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    out: jax.Array,
-    lse: jax.Array,
-    dout: jax.Array,
-    *,
-    causal: bool = False,
-    segment_ids: jax.Array | None = None,
-    kv_segment_ids: jax.Array | None = None,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def flash_attention_backward(call: common.AttentionCall, out: jax.Array, lse: jax.Array,
+                             dout: jax.Array, *, config: Config | None = None,
+                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernels' backward from a saved out [B, T, H, D] and lse [B, H, T] (see
     `reference.attention_backward_reference`) -> (dq, dk, dv) in the inputs' dtype."""
-    return common.run_backward(_backward, q, k, v, out, lse, dout, causal=causal,
-                               segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                               sliding_window=sliding_window, scale=scale, softcap=softcap,
-                               cfg=config or Config(), interpret=interpret)
+    return common.run_backward(_backward, call, out, lse, dout, config or Config(), interpret)

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.decode_attention.mosaic_tpu import _dot, _interp
+from pallas_kernels.decode_attention.mosaic_tpu import _dot, _interp, softmax_update
 from pallas_kernels.flash_attention.common import NEG_INF, round_up
 from pallas_kernels.ragged_paged_attention import common
 from pallas_kernels.ragged_paged_attention.reference import sequence_of
@@ -147,15 +147,7 @@ def _kernel(layer_ref, pt_ref, meta_ref, q_ref, *refs, scale, softcap, window, p
             s = s * scale
             if softcap is not None:
                 s = softcap * jnp.tanh(s / softcap)
-            s = jnp.where(vis, s, NEG_INF)
-            m = m_sc[kh]
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe)
-            l_sc[kh] = alpha * l_sc[kh] + jnp.sum(p, axis=1, keepdims=True)
-            acc_sc[kh] = alpha * acc_sc[kh] + _dot(p.astype(v.dtype), v)
-            m_sc[kh] = m_new
+            softmax_update(m_sc, l_sc, acc_sc, kh, jnp.where(vis, s, NEG_INF), v)
 
     @pl.when((at(_LAST) == 1) & (j == last_step))
     def _():
@@ -224,58 +216,29 @@ def _run(qs, pools, layer, page_tables, seq_lens, query_start_loc, *, kv_heads: 
     return out.transpose(2, 0, 1, 3).reshape(tp, h, dv)[:t]
 
 
-def ragged_paged_attention(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_tables: jax.Array,
-    seq_lens: jax.Array,
-    query_start_loc: jax.Array,
-    *,
-    layer: jax.Array | int | None = None,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    config: Config | None = None,
-    interpret: bool | pltpu.InterpretParams = False,
-) -> jax.Array:
-    """q [T, H, D] over paged k_pages, v_pages [(L,) num_pages, page_size, K, D] -> [T, H, D]
-    (see `reference.ragged_paged_attention_reference`; padding tokens' outputs are 0).
-
-    layer: the pools stack every layer; layer `layer` is read in place (its index is
-    scalar-prefetched with the page tables)."""
-    k_pages, v_pages, layer = common.stack_layers(k_pages, v_pages, layer)
-    common.check_gqa(q, k_pages, v_pages, page_tables, seq_lens, query_start_loc,
-                     sliding_window)
-    d = q.shape[-1]
-    return _run((q,), (k_pages, v_pages), layer, page_tables, seq_lens, query_start_loc,
-                kv_heads=k_pages.shape[3], scale=d ** -0.5 if scale is None else scale,
-                softcap=softcap, window=sliding_window, mla=False, cfg=config or Config(),
+def ragged_paged_attention(call: common.RaggedCall, *, config: Config | None = None,
+                           interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+    """`call.q` [T, H, D] over its paged K/V -> [T, H, D] (see
+    `reference.ragged_paged_attention_reference`; padding tokens' outputs are 0).  Stacked
+    pools are read in place (the layer index is scalar-prefetched with the page tables)."""
+    call.check()
+    k_pages, v_pages, layer = call.stacked()
+    d = call.q.shape[-1]
+    return _run((call.q,), (k_pages, v_pages), layer, call.page_tables, call.seq_lens,
+                call.query_start_loc, kv_heads=k_pages.shape[3],
+                scale=d ** -0.5 if call.scale is None else call.scale, softcap=call.softcap,
+                window=call.sliding_window, mla=False, cfg=config or Config(),
                 interpret=interpret, name="jaxturbo_ragged_paged_attention_tpu")
 
 
-def ragged_paged_mla_attention(
-    q_latent: jax.Array,
-    q_rope: jax.Array,
-    latent_pages: jax.Array,
-    rope_pages: jax.Array,
-    page_tables: jax.Array,
-    seq_lens: jax.Array,
-    query_start_loc: jax.Array,
-    *,
-    scale: float,
-    layer: jax.Array | int | None = None,
-    config: Config | None = None,
-    interpret: bool | pltpu.InterpretParams = False,
-) -> jax.Array:
-    """MLA latent attention of a ragged batch: q_latent [T, H, R], q_rope [T, H, Dr] over
-    latent_pages [(L,) num_pages, page_size, R], rope_pages [(L,) ..., Dr] -> [T, H, R]
-    (see `reference.ragged_paged_mla_reference`): one "KV head" (the latent) whose G = H
-    query heads all share each page."""
-    latent_pages, rope_pages, layer = common.stack_layers(latent_pages, rope_pages, layer)
-    common.check_mla(q_latent, q_rope, latent_pages, rope_pages, page_tables, seq_lens,
-                     query_start_loc)
-    return _run((q_latent, q_rope), (latent_pages, rope_pages), layer, page_tables, seq_lens,
-                query_start_loc, kv_heads=1, scale=scale, softcap=None, window=None,
-                mla=True, cfg=config or Config(), interpret=interpret,
-                name="jaxturbo_ragged_paged_mla_tpu")
+def ragged_paged_mla_attention(call: common.RaggedMLACall, *, config: Config | None = None,
+                               interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+    """MLA latent attention of a ragged batch (`call`: q_latent [T, H, R], q_rope [T, H, Dr]
+    over paged latent and rope pools) -> [T, H, R] (see `reference.ragged_paged_mla_reference`):
+    one "KV head" (the latent) whose G = H query heads all share each page."""
+    call.check()
+    latent_pages, rope_pages, layer = call.stacked()
+    return _run((call.q_latent, call.q_rope), (latent_pages, rope_pages), layer,
+                call.page_tables, call.seq_lens, call.query_start_loc, kv_heads=1,
+                scale=call.scale, softcap=None, window=None, mla=True, cfg=config or Config(),
+                interpret=interpret, name="jaxturbo_ragged_paged_mla_tpu")

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_attention import pallas_triton as decode_triton
-from pallas_kernels.decode_attention.pallas_triton import _dot, _merge, _merge_chunks
+from pallas_kernels.decode_attention.pallas_triton import _dot, merge_chunks, merge_partials
 from pallas_kernels.flash_attention.common import NEG_INF
 from pallas_kernels.ragged_paged_attention import common
 
@@ -51,9 +51,6 @@ class Config:
     num_stages: int = 2
     block_h: int = 16              # MLA: query heads per program (they share the latent)
     merge: str = "kernel"          # splits merged by a Pallas kernel ("kernel") or jnp ("xla")
-
-
-DEFAULT_CONFIG = Config()
 
 # Programs to aim for when splitting the KV range (the contiguous decode kernel's target:
 # about four per H100 SM).
@@ -323,83 +320,59 @@ def _run(q, qr, k_rows, kr_rows, v_rows, layer, qsl, seq_lens, page_tables, plan
     o = res[0].reshape(t, plan.head_blocks, chunks, gp, dp)
     lse = res[1].reshape(t, plan.head_blocks, chunks, gp)
     if cfg.merge == "kernel" and chunks * gp <= _MERGE_KERNEL_MAX_ROWS:
-        merged = _merge_chunks(o, lse, plan.splits, q.dtype, decode_triton.Config(), interpret)
+        merged = merge_chunks(o, lse, plan.splits, q.dtype, decode_triton.Config(), interpret)
     elif cfg.merge in ("kernel", "xla"):
-        merged = _merge(o[:, :, :plan.splits], lse[:, :, :plan.splits], axis=2).astype(q.dtype)
+        merged = merge_partials(o[:, :, :plan.splits], lse[:, :, :plan.splits],
+                                axis=2).astype(q.dtype)
     else:
         raise ValueError(f"Config.merge={cfg.merge!r}; choose 'kernel' or 'xla'")
     merged = merged[:, :, :plan.group, :plan.dim]
     return merged.reshape(t, plan.head_blocks * plan.group, plan.dim)[:, :h]
 
 
-def ragged_paged_attention(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_tables: jax.Array,
-    seq_lens: jax.Array,
-    query_start_loc: jax.Array,
-    *,
-    layer: jax.Array | int | None = None,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """q [T, H, D] over paged k_pages, v_pages [(L,) num_pages, page_size, K, D] -> [T, H, D]
-    (see `reference.ragged_paged_attention_reference`; padding tokens' outputs are 0).
+def ragged_paged_attention(call: common.RaggedCall, *, config: Config | None = None,
+                           interpret: bool = False) -> jax.Array:
+    """`call.q` [T, H, D] over its paged K/V -> [T, H, D] (see
+    `reference.ragged_paged_attention_reference`; padding tokens' outputs are 0).
 
-    layer: the pools stack every layer ([L, ...]) and layer `layer` (int or int32 scalar,
-    traced or not) is read in place.  head_dim: any (padded to a power of two in registers;
-    a power of two reads without masked columns)."""
-    cfg = config or DEFAULT_CONFIG
-    k_pages, v_pages, layer = common.stack_layers(k_pages, v_pages, layer)
-    common.check_gqa(q, k_pages, v_pages, page_tables, seq_lens, query_start_loc,
-                     sliding_window)
+    Stacked pools ([L, ...] with `call.layer`, int or int32 scalar, traced or not) are read
+    in place.  head_dim: any (padded to a power of two in registers; a power of two reads
+    without masked columns)."""
+    cfg = config or Config()
+    call.check()
+    k_pages, v_pages, layer = call.stacked()
+    q, scale = call.q, call.scale
     t, h, d = q.shape
     n_layers, pool, page, kh, _ = k_pages.shape
-    plan = _plan(t, seq_lens.shape[0], h, h // kh, kh, mla=False, dim=d, rope_dim=0,
-                 page_size=page, pool_pages=pool, max_pages=page_tables.shape[1],
+    plan = _plan(t, call.seq_lens.shape[0], h, h // kh, kh, mla=False, dim=d, rope_dim=0,
+                 page_size=page, pool_pages=pool, max_pages=call.page_tables.shape[1],
                  itemsize=k_pages.dtype.itemsize, scale=d ** -0.5 if scale is None else scale,
-                 softcap=softcap, window=sliding_window, cfg=cfg)
+                 softcap=call.softcap, window=call.sliding_window, cfg=cfg)
     rows = (n_layers * pool * page, kh * d)  # a free reshape: no copy of the pool
     return _run(q, None, k_pages.reshape(rows), None, v_pages.reshape(rows), layer,
-                query_start_loc, seq_lens, page_tables, plan, cfg, interpret,
+                call.query_start_loc, call.seq_lens, call.page_tables, plan, cfg, interpret,
                 "jaxturbo_ragged_paged_attention")
 
 
-def ragged_paged_mla_attention(
-    q_latent: jax.Array,
-    q_rope: jax.Array,
-    latent_pages: jax.Array,
-    rope_pages: jax.Array,
-    page_tables: jax.Array,
-    seq_lens: jax.Array,
-    query_start_loc: jax.Array,
-    *,
-    scale: float,
-    layer: jax.Array | int | None = None,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """MLA latent attention of a ragged batch: q_latent [T, H, R], q_rope [T, H, Dr] over
-    latent_pages [(L,) num_pages, page_size, R] and rope_pages [(L,) ..., Dr] -> [T, H, R]
-    (see `reference.ragged_paged_mla_reference`).  Any R and Dr: the kernel pads them to
-    powers of two in registers and masks the extra columns."""
-    cfg = config or DEFAULT_CONFIG
-    latent_pages, rope_pages, layer = common.stack_layers(latent_pages, rope_pages, layer)
-    common.check_mla(q_latent, q_rope, latent_pages, rope_pages, page_tables, seq_lens,
-                     query_start_loc)
+def ragged_paged_mla_attention(call: common.RaggedMLACall, *, config: Config | None = None,
+                               interpret: bool = False) -> jax.Array:
+    """MLA latent attention of a ragged batch (`call`: q_latent [T, H, R], q_rope [T, H, Dr]
+    over paged latent and rope pools) -> [T, H, R] (see `reference.ragged_paged_mla_reference`).
+    Any R and Dr: the kernel pads them to powers of two in registers and masks the extra
+    columns."""
+    cfg = config or Config()
+    call.check()
+    latent_pages, rope_pages, layer = call.stacked()
+    q_latent, q_rope = call.q_latent, call.q_rope
     t, h, r = q_latent.shape
     dr = q_rope.shape[-1]
     n_layers, pool, page, _ = latent_pages.shape
     bh = min(pl.next_power_of_2(h), pl.next_power_of_2(cfg.block_h))
-    plan = _plan(t, seq_lens.shape[0], h, bh, -(-h // bh), mla=True, dim=r, rope_dim=dr,
-                 page_size=page, pool_pages=pool, max_pages=page_tables.shape[1],
-                 itemsize=latent_pages.dtype.itemsize, scale=scale, softcap=None, window=None,
-                 cfg=cfg)
+    plan = _plan(t, call.seq_lens.shape[0], h, bh, -(-h // bh), mla=True, dim=r, rope_dim=dr,
+                 page_size=page, pool_pages=pool, max_pages=call.page_tables.shape[1],
+                 itemsize=latent_pages.dtype.itemsize, scale=call.scale, softcap=None,
+                 window=None, cfg=cfg)
     n = n_layers * pool * page
     return _run(q_latent, q_rope, latent_pages.reshape(n, r), rope_pages.reshape(n, dr), None,
-                layer, query_start_loc, seq_lens, page_tables, plan, cfg, interpret,
-                "jaxturbo_ragged_paged_mla")
+                layer, call.query_start_loc, call.seq_lens, call.page_tables, plan, cfg,
+                interpret, "jaxturbo_ragged_paged_mla")

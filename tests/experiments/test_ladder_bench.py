@@ -1,7 +1,8 @@
-"""experiments/ladder_bench.py end to end on the cpu-8 mesh: TP 8 (issue 9's code path) decodes
-the same greedy tokens as TP 1 in each residual mode with the fused weight layout the benchmark
-times (the random model is the same at every TP size), the bench's own cross-TP check says so,
-and the table, JSON and plot are written.  Also the check's and the timing's failure rules."""
+"""experiments/ladder/bench.py end to end on the cpu-8 mesh: TP 8 decodes the same greedy tokens
+as TP 1 in each residual mode with the fused weight layout the benchmark times (the random
+model is the same at every TP size), the bench's own cross-TP check says so, and the table,
+JSON and plot are written; desync (no all-reduces) runs and is not checked across TP sizes.
+Also the check's and the timing's failure rules, and the presets' named shapes."""
 
 from __future__ import annotations
 
@@ -14,23 +15,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.ladder import bench as ladder_bench
+from jaxturbo.models.shapes import shape
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "experiments"))
-import ladder_bench  # noqa: E402
 
 
 def test_ladder_bench_tp8_matches_tp1(tmp_path):
     out = tmp_path / "bench"
     # --new-tokens 32: the decode steps well above the timing noise of a shared CPU (the bench
     # fails on a decode time that is not positive)
-    cmd = [sys.executable, str(ROOT / "experiments" / "ladder_bench.py"), "--preset", "tiny",
-           "--tp", "1,8", "--residual", "standard,ladder", "--dtype", "float32", "--reps", "3",
+    cmd = [sys.executable, "-m", "experiments.ladder.bench", "--preset", "tiny", "--tp", "1,8",
+           "--residual", "standard,ladder,desync", "--dtype", "float32", "--reps", "3",
            "--prompt", "16", "--new-tokens", "32", "--out", str(out), "--projections", "fused"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())
     by = {(r["residual"], r["tp"]): r for r in rows}
-    assert set(by) == {("standard", 1), ("standard", 8), ("ladder", 1), ("ladder", 8)}
+    assert set(by) == {(m, tp) for m in ("standard", "ladder", "desync") for tp in (1, 8)}
     assert all(r["xla_preset"] == "default+fusedproj" for r in rows)
     for mode in ("standard", "ladder"):
         assert len(by[(mode, 1)]["first_tokens"]) == 16
@@ -43,6 +45,11 @@ def test_ladder_bench_tp8_matches_tp1(tmp_path):
     # ladder is a different model from standard: the check above would pass vacuously otherwise
     assert by[("ladder", 1)]["mean_logp"] != by[("standard", 1)]["mean_logp"]
     assert by[("ladder", 1)]["first_tokens"] != by[("standard", 1)]["first_tokens"]
+    # desync at TP 1 has no all-reduce to skip: the standard model; at TP 8 another function
+    assert by[("desync", 1)]["first_tokens"] == by[("standard", 1)]["first_tokens"]
+    assert by[("desync", 8)]["tp_check"]["ok"] and "not checked" in by[("desync", 8)][
+        "tp_check"]["why"]
+    assert by[("desync", 8)]["mean_logp"] != by[("standard", 8)]["mean_logp"]
     md = (out / "results.md").read_text()
     assert "| ladder | 8 | 1 |" in md and "| 1: ok, 16/16 tokens" in md
     assert (out / "tokens_per_s.png").stat().st_size > 0
@@ -95,3 +102,15 @@ def test_decode_time_must_be_positive():
         ladder_bench.decode_seconds(lambda: time.sleep(0.02), lambda: None, reps=1)
     pre, gen, dec = ladder_bench.decode_seconds(lambda: None, lambda: time.sleep(0.01), reps=3)
     assert gen >= 0.01 and 0 < dec <= gen and pre < gen
+
+
+def test_presets_are_the_named_shapes():
+    """8b and 70b are the shapes table's Llama-3 entries; tiny is its tiny shape, shrunk to
+    run on the cpu-8 mesh at every TP up to 8."""
+    assert ladder_bench.preset_config("8b") == shape("llama3-8b")
+    assert ladder_bench.preset_config("70b") == shape("llama3-70b")
+    tiny = ladder_bench.preset_config("tiny")
+    assert tiny.num_key_value_heads == 8 and tiny.hidden_size == 128
+    assert tiny.num_hidden_layers == shape("tiny").num_hidden_layers
+    assert ladder_bench.MODES == ("standard", "ladder", "parallel", "desync")
+    assert ladder_bench.PROJECTIONS == ("separate", "fused")

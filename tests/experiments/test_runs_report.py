@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "ladder"))
-import runs_report  # noqa: E402
+from experiments.ladder import runs_report
 
 
 def _row(mode, tps, call, run=1, note="fused", batch=1, p2p=True):
@@ -54,7 +51,7 @@ def test_cli_writes_table_and_plot(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert runs_report.main([str(bad)]) == 2
-    assert "not ladder_bench rows lists" in capsys.readouterr().err
+    assert "not ladder bench rows" in capsys.readouterr().err
     assert runs_report.main([str(src), str(src)]) == 2  # two files only with --grid
     assert "use --grid" in capsys.readouterr().err
 
@@ -65,11 +62,11 @@ def _grid_row(mode, tps, session, tp=4, batch=1, p2p=True, xla="nccl_lhs+fusedpr
 
 
 GRID_ROWS = [
-    # session 8: TP 4 batch 1 with desync; session 10 repeats standard/ladder three times
+    # round 8: TP 4 batch 1 with desync; round 10 repeats standard/ladder three times
     _grid_row("standard", 320.0, 8), _grid_row("ladder", 400.0, 8), _grid_row("desync", 460.0, 8),
     *[_grid_row("standard", t, 10) for t in (330.0, 326.0, 328.0)],
     *[_grid_row("ladder", t, 10) for t in (410.0, 409.0, 411.0)],
-    # another flag set in the same session: not part of the grid
+    # another flag set in the same round: not part of the grid
     _grid_row("standard", 350.0, 10, xla="nccl_lhs_symm+fusedproj"),
     _grid_row("ladder", 395.0, 10, xla="nccl_lhs_symm+fusedproj"),
     # TP 2, P2P off, with parallel; a TP 1 cell with standard only (no ratio: left out)
@@ -79,11 +76,11 @@ GRID_ROWS = [
 ]
 
 
-def test_grid_takes_each_cell_from_the_latest_session_with_a_pair():
+def test_grid_takes_each_cell_from_the_latest_round_with_a_pair():
     cells = runs_report.grid(GRID_ROWS, "nccl_lhs+fusedproj")
     assert [(c["tp"], c["batch"], c["p2p"]) for c in cells] == [(4, 1, True), (2, 1, False)]
     tp4, tp2 = cells
-    # medians of session 10's runs; desync only in session 8, so borrowed and marked
+    # medians of round 10's runs; desync only in round 8, so borrowed and marked
     assert (tp4["session"], tp4["standard"], tp4["ladder"]) == (10, 328.0, 410.0)
     assert tp4["ratio"] == pytest.approx(410.0 / 328.0)
     assert tp4["desync"] == 460.0 and tp4["borrowed"] == {"desync": 8}
@@ -96,9 +93,11 @@ def test_grid_takes_each_cell_from_the_latest_session_with_a_pair():
 
 
 def test_grid_cli(tmp_path, capsys):
+    """Two files (a list of rows, and an object holding them under "rows", as the committed
+    results file) read as one."""
     a, b = tmp_path / "s8.json", tmp_path / "s10.json"
     a.write_text(json.dumps([r for r in GRID_ROWS if r["session"] == 8]))
-    b.write_text(json.dumps([r for r in GRID_ROWS if r["session"] == 10]))
+    b.write_text(json.dumps(dict(rows=[r for r in GRID_ROWS if r["session"] == 10])))
     md = tmp_path / "grid.md"
     assert runs_report.main(["--grid", str(a), str(b), "--md", str(md)]) == 0
     assert "460.0 (s8)" in md.read_text()

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "ladder"))
-import trace_streams  # noqa: E402
+from experiments.ladder import hlo_overlap, trace_streams
 
 
 def _trace():
@@ -91,7 +88,6 @@ def test_cli_reads_a_trace_folder(tmp_path, capsys):
 def test_hlo_loops_tell_known_trip_counts_from_host_checked_ones():
     """experiments/ladder/hlo_overlap.loops: which compiled `while` loops read their predicate
     on the host every iteration (the decode loop's stop test) and which XLA runs blind."""
-    import hlo_overlap
     text = (
         '  %while.1 = (s32[], bf16[8]{0}) while(%tuple.1), condition=%cond.2, body=%body.3, '
         'metadata={op_name="jit(f)/while/body/while"}, backend_config={"known_trip_count":{"n":"16"},'
@@ -108,7 +104,6 @@ def test_hlo_overlap_counts_pairs_and_launches():
     """experiments/ladder/hlo_overlap.analyse on a scheduled computation: one async pair with a
     kernel inside, one sync all-reduce, and the launches (kernels, copies, collectives; not the
     done, the tuple or the parameter)."""
-    import hlo_overlap
     text = """%body.1 (p: bf16[8]) -> bf16[8] {
   %p = bf16[8]{0} parameter(0)
   %ars = bf16[8]{0} all-reduce-start(%p), replica_groups={{0,1}}, to_apply=%add

@@ -2,9 +2,10 @@
 
 The property ring attention relies on: with the output and lse of attention over the *whole*
 key sequence, the backward of each key block gives that block's dk/dv and a share of dq that
-sums to the full gradient.  Checked for the pure-jnp reference, the Pallas-Triton kernel, the
-Mosaic TPU kernel and our Mosaic GPU kernels (interpret mode on CPU; the latter also compiled,
-on a Hopper GPU); the cuDNN path is only shape-checked here (on a GPU: test_cudnn_lse.py).
+sums to the full gradient.  The op's conformance test runs it for every backend the registry
+lists (kernels in interpret mode on CPU; our Mosaic GPU kernels also compiled, on a Hopper GPU),
+skipped where the registry says a backend cannot take the case; cuDNN runs on a GPU only (and
+test_cudnn_lse.py checks it there), its primitive's shapes are checked here.
 """
 
 from __future__ import annotations
@@ -15,17 +16,22 @@ import numpy as np
 import pytest
 
 from pallas_kernels import api
+from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
+from pallas_kernels.flash_attention import mosaic_tpu as flash_tpu
 from pallas_kernels.flash_attention import pallas_triton as flash_triton
+from pallas_kernels.flash_attention.api import ATTENTION_BACKWARD
+from pallas_kernels.flash_attention.common import AttentionCall
 from pallas_kernels.flash_attention.reference import attention_reference
+from tests.pallas_kernels.conformance import only, require
+
+CONFIGS = {"pallas_triton": flash_triton.Config(16, 16, 16, 16),
+           "mosaic_tpu": flash_tpu.Config(16, 16, 16, 16)}
 
 
-def _inputs(t=32, s=32, h=4, kh=2, d=16, seed=0):
+def _inputs(t=32, s=32, h=4, kh=2, d=16, seed=0, dtype=jnp.float32):
     ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (2, t, h, d), jnp.float32)
-    k = jax.random.normal(ks[1], (2, s, kh, d), jnp.float32)
-    v = jax.random.normal(ks[2], (2, s, kh, d), jnp.float32)
-    do = jax.random.normal(ks[3], (2, t, h, d), jnp.float32)
-    return q, k, v, do
+    return tuple(jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk, shape in zip(
+        ks, [(2, t, h, d), (2, s, kh, d), (2, s, kh, d), (2, t, h, d)]))
 
 
 def _rel(a, b):
@@ -33,52 +39,66 @@ def _rel(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("impl", ["xla", "pallas_triton"])
-def test_blockwise_backward_sums_to_full_grad(causal, softcap, impl):
-    extra = {} if impl == "xla" else dict(config=flash_triton.Config(16, 16, 16, 16))
-    _check_blockwise(causal, softcap, impl, extra)
+SEG = jnp.array([[0] * 20 + [1] * 12, [0] * 32])
+# (name, options): float32 with packed segments (two key blocks of 16); bf16 without (two key
+# blocks of 80, padded to the Mosaic GPU kernels' 128-key tiles)
+CASES = [("f32_segments", dict()), ("f32_segments_softcap", dict(softcap=5.0)),
+         ("f32_causal_segments", dict(causal=True)),
+         ("f32_causal_segments_softcap", dict(causal=True, softcap=5.0)),
+         ("bf16_gqa2", dict(dtype=jnp.bfloat16))]
+# The Mosaic TPU backward (TPU interpret mode: slow) runs one case, what ring attention runs
+# per key block on a TPU (ring attention itself with it: tests/parallel/test_sequence_attention.py);
+# the Mosaic GPU backward's Config variants run in test_mosaic_gpu_blockwise_backward_...
+RUNS = {"mosaic_tpu": {"f32_segments_softcap"}}
 
 
-def test_mosaic_tpu_blockwise_backward_sums_to_full_grad():
-    """The Mosaic TPU backward (TPU interpret mode: slow, so one case), what ring attention runs
-    per key block on a TPU (`attention_backward(implementation="mosaic_tpu")`): each block
-    given as its own k/v slice, with its key segment ids, soft-cap on, GQA 2.  Ring attention
-    itself with it, causal blocks included: tests/parallel/test_sequence_attention.py."""
-    from pallas_kernels.flash_attention import mosaic_tpu as flash_tpu
-    _check_blockwise(False, 5.0, "mosaic_tpu", dict(config=flash_tpu.Config(16, 16, 16, 16)))
+@pytest.mark.parametrize("impl", ATTENTION_BACKWARD.names)
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_attention_backward_conformance(impl, case):
+    kw = dict(dict(CASES)[case])
+    dtype = kw.pop("dtype", jnp.float32)
+    q, k, v, _ = _inputs(t=96, s=160, d=32, dtype=dtype) if dtype != jnp.float32 else _inputs()
+    seg = SEG if dtype == jnp.float32 else None
+    require(ATTENTION_BACKWARD, impl, AttentionCall(q, k, v, segment_ids=seg, **kw))
+    only(impl, case, RUNS)
+    check_blockwise(impl, seg=seg, dtype=dtype, config=CONFIGS.get(impl), **kw)
 
 
-def _check_blockwise(causal, softcap, impl, extra):
-    q, k, v, do = _inputs()
-    seg = jnp.array([[0] * 20 + [1] * 12, [0] * 32])
+def check_blockwise(impl, *, causal=False, softcap=None, seg=None, dtype=jnp.float32,
+                    config=None, interpret=True):
+    """The blocks' backward from the whole row's out/lse (float32 reference on the inputs)
+    sums to the whole gradient: float32 inputs with `seg` in two key blocks of 16 (causal: the
+    full key length, the other block's keys hidden behind segment id -1, so absolute positions
+    stay); bf16 in two key blocks of 80."""
+    bf16 = dtype != jnp.float32
+    q, k, v, do = _inputs(t=96, s=160, d=32, dtype=dtype) if bf16 else _inputs()
+    up = lambda x: x.astype(jnp.float32)  # noqa: E731
     kw = dict(causal=causal, segment_ids=seg, softcap=softcap)
-    out, lse = attention_reference(q, k, v, return_lse=True, **kw)
-    _, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, **kw), q, k, v)
-    gq, gk, gv = vjp(do)
-    # Two key blocks: block j holds keys [16j, 16j+16).
-    dq = 0.0
-    dks, dvs = [], []
+    with jax.default_matmul_precision("highest"):
+        out, lse = attention_reference(up(q), up(k), up(v), return_lse=True, **kw)
+        _, vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), up(q), up(k), up(v))
+        gq, gk, gv = vjp(up(do))
+    block = k.shape[1] // 2
+    dq, dks, dvs = 0.0, [], []
     for j in range(2):
-        sl = slice(16 * j, 16 * j + 16)
-        if causal:  # keep absolute positions for the causal mask: full-length keys, the
-            # other block's keys hidden behind segment id -1
-            kseg = jnp.where((jnp.arange(32) // 16 == j)[None], seg, -1)
+        sl = slice(block * j, block * j + block)
+        if causal:
+            kseg = jnp.where((jnp.arange(k.shape[1]) // block == j)[None], seg, -1)
             g = api.attention_backward(q, k, v, out, lse, do, causal=True, segment_ids=seg,
                                        kv_segment_ids=kseg, softcap=softcap,
-                                       implementation=impl, **extra)
-            dq = dq + g[0].astype(jnp.float32)
-            dks.append(g[1][:, sl])
-            dvs.append(g[2][:, sl])
+                                       implementation=impl, config=config, interpret=interpret)
+            g = (g[0], g[1][:, sl], g[2][:, sl])
         else:
             g = api.attention_backward(q, k[:, sl], v[:, sl], out, lse, do, segment_ids=seg,
-                                       kv_segment_ids=seg[:, sl], softcap=softcap,
-                                       implementation=impl, **extra)
-            dq = dq + g[0].astype(jnp.float32)
-            dks.append(g[1])
-            dvs.append(g[2])
-    tol = 1e-5
+                                       kv_segment_ids=None if seg is None else seg[:, sl],
+                                       softcap=softcap, implementation=impl, config=config,
+                                       interpret=interpret)
+        if bf16 and impl != "xla":  # the kernels' gradients are in the inputs' dtype
+            assert g[0].dtype == g[1].dtype == jnp.bfloat16
+        dq = dq + up(g[0])
+        dks.append(up(g[1]))
+        dvs.append(up(g[2]))
+    tol = 2e-2 if bf16 else 1e-5  # bf16 operands: the conformance tests' bound
     assert _rel(dq, gq) < tol
     assert _rel(jnp.concatenate(dks, 1), gk) < tol
     assert _rel(jnp.concatenate(dvs, 1), gv) < tol
@@ -109,31 +129,12 @@ def test_cudnn_lse_rejects_unsupported():
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("backward", ["mosaic_gpu", "mosaic_gpu_fused"])
 def test_mosaic_gpu_blockwise_backward_sums_to_full_grad(backward, interpret):
-    """Our Hopper backward kernels (GPU interpret mode on CPU, compiled on a Hopper GPU) from
-    the whole row's out/lse, per key block: bf16, GQA 2, two key blocks of 80 (padded to the
-    kernels' 128-key tiles)."""
-    from pallas_kernels.flash_attention import mosaic_gpu as flash_mgpu
-    q, k, v, do = _inputs(t=96, s=160, h=4, kh=2, d=32)
-    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
-    up = lambda x: x.astype(jnp.float32)
-    out, lse = attention_reference(up(q), up(k), up(v), return_lse=True)
-    with jax.default_matmul_precision("highest"):
-        _, vjp = jax.vjp(lambda *a: attention_reference(*a), up(q), up(k), up(v))
-        gq, gk, gv = vjp(up(do))
-    dq, dks, dvs = 0.0, [], []
-    for j in range(2):
-        sl = slice(80 * j, 80 * j + 80)
-        g = api.attention_backward(q, k[:, sl], v[:, sl], out, lse, do,
-                                   implementation="mosaic_gpu", interpret=interpret,
-                                   config=flash_mgpu.Config(backward=backward))
-        assert g[0].dtype == g[1].dtype == jnp.bfloat16
-        dq = dq + up(g[0])
-        dks.append(up(g[1]))
-        dvs.append(up(g[2]))
-    tol = 2e-2  # bf16 operands (the conformance tests' bound)
-    assert _rel(dq, gq) < tol
-    assert _rel(jnp.concatenate(dks, 1), gk) < tol
-    assert _rel(jnp.concatenate(dvs, 1), gv) < tol
+    """Our Hopper backward kernels, each Config variant (GPU interpret mode on CPU, compiled
+    on a Hopper GPU), from the whole row's out/lse per key block: bf16, GQA 2."""
+    if interpret and backward == "mosaic_gpu":
+        pytest.skip("the default variant: in test_attention_backward_conformance")
+    check_blockwise("mosaic_gpu", dtype=jnp.bfloat16, interpret=interpret,
+                    config=flash_mgpu.Config(backward=backward))
 
 
 def test_mosaic_gpu_backward_refuses_what_it_lacks():

@@ -1,6 +1,7 @@
 """MLA latent decode at the widths CARE conversions produce (latent ranks like 160, 187 or 352,
-rope keys of 16-64), against the pure-jnp reference: the kernels in interpret mode, their GPU /
-TPU lowerings, "auto"'s dispatch and its log, and the kernel inside a tiny MLA model's decode.
+rope keys of 16-64), against the pure-jnp reference: the op's conformance test over every
+backend the registry lists (kernels in interpret mode), their GPU / TPU lowerings, "auto" on a
+GPU, and the kernel inside a tiny MLA model's decode.
 
 Caches stack three layers with NaN outside the one read, hold S = 45 slots (not a multiple of
 the 16-row test blocks) or 48, and rows are ragged: full, one slot, mid-block, a block edge.
@@ -15,27 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import api
+from pallas_kernels import api, registry
 from pallas_kernels.decode_attention import mosaic_tpu as decode_tpu
 from pallas_kernels.decode_attention import pallas_triton as decode_triton
-from pallas_kernels.decode_attention.reference import mla_decode_reference
+from pallas_kernels.decode_attention.api import MLA_DECODE
+from pallas_kernels.decode_attention.reference import (
+    decode_attention_reference,
+    mla_decode_reference,
+)
+from tests.pallas_kernels.conformance import backends, only, variant_name
+from tests.pallas_kernels.conformance import rel as _rel
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # bf16: output rounding and bf16 softmax weights
-IMPLS = {
-    "pallas_triton": lambda *a, **kw: decode_triton.mla_decode_attention(
-        *a, config=decode_triton.Config(block_k=16, num_splits=2), interpret=True, **kw),
-    "pallas_triton_jnp_merge": lambda *a, **kw: decode_triton.mla_decode_attention(
-        *a, config=decode_triton.Config(block_k=16, num_splits=2, merge="xla"), interpret=True,
-        **kw),
-    "mosaic_tpu": lambda *a, **kw: decode_tpu.mla_decode_attention(
-        *a, config=decode_tpu.Config(block_k=16), interpret=True, **kw),
+CONFIGS = {
+    "pallas_triton": {"": decode_triton.Config(block_k=16, num_splits=2),
+                      "jnp_merge": decode_triton.Config(block_k=16, num_splits=2, merge="xla")},
+    "mosaic_tpu": {"": decode_tpu.Config(block_k=16)},
 }
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert not np.isnan(a).any(), "NaN in kernel output"
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def _case(r: int, dr: int, dtype, s: int = 45, h: int = 9, n_layers: int = 3, seed: int = 0):
@@ -69,26 +66,79 @@ def test_column_pieces_tile_every_width():
     assert decode_triton._column_pieces(187) == ((0, 128, 0), (123, 64, 5))
 
 
-@pytest.mark.parametrize("impl,r,dr,dtype,s,h", [
-    ("pallas_triton", 160, 32, jnp.float32, 45, 9),
-    ("pallas_triton", 187, 16, jnp.bfloat16, 45, 9),
-    ("pallas_triton", 187, 32, jnp.float32, 48, 9),
-    ("pallas_triton", 192, 64, jnp.bfloat16, 45, 9),
-    ("pallas_triton", 352, 32, jnp.float32, 45, 9),
-    ("pallas_triton", 128, 16, jnp.bfloat16, 48, 9),
-    ("pallas_triton", 160, 32, jnp.float32, 45, 40),  # three head tiles of 16
-    ("pallas_triton_jnp_merge", 187, 16, jnp.float32, 45, 9),
-    ("mosaic_tpu", 160, 32, jnp.float32, 45, 9),
-    ("mosaic_tpu", 187, 16, jnp.bfloat16, 48, 9),
-    ("mosaic_tpu", 352, 64, jnp.bfloat16, 45, 9),
-])
-def test_mla_decode_any_width_matches_reference(impl, r, dr, dtype, s, h):
+# (name, R, Dr, dtype, S, H)
+WIDTHS = [("r160_dr32_f32", 160, 32, jnp.float32, 45, 9),
+          ("r187_dr16_bf16", 187, 16, jnp.bfloat16, 45, 9),
+          ("r187_dr32_f32_s48", 187, 32, jnp.float32, 48, 9),
+          ("r192_dr64_bf16", 192, 64, jnp.bfloat16, 45, 9),
+          ("r352_dr32_f32", 352, 32, jnp.float32, 45, 9),
+          ("r128_dr16_bf16_s48", 128, 16, jnp.bfloat16, 48, 9),
+          ("r160_dr32_f32_h40", 160, 32, jnp.float32, 45, 40),  # three head tiles of 16
+          ("r187_dr16_f32", 187, 16, jnp.float32, 45, 9),
+          ("r187_dr16_bf16_s48", 187, 16, jnp.bfloat16, 48, 9),
+          ("r352_dr64_bf16", 352, 64, jnp.bfloat16, 45, 9)]
+# Interpret mode is slow: each backend runs the widths its reading of rows makes distinct
+# (Pallas-Triton's column pieces; Mosaic TPU's whole rows), XLA one (its dispatch).
+RUNS = {"pallas_triton": {w[0] for w in WIDTHS[:7]},
+        "pallas_triton-jnp_merge": {"r187_dr16_f32"},
+        "mosaic_tpu": {"r160_dr32_f32", "r187_dr16_bf16_s48", "r352_dr64_bf16"},
+        "xla": {"r187_dr16_bf16"}}
+
+
+@pytest.mark.parametrize("impl,cfg", backends(MLA_DECODE, CONFIGS))
+@pytest.mark.parametrize("case", [w[0] for w in WIDTHS])
+def test_mla_decode_conformance(impl, cfg, case):
+    """Every backend at any width, layer 1 of a stacked cache read in place (layer traced)."""
+    _, r, dr, dtype, s, h = next(w for w in WIDTHS if w[0] == case)
+    only(variant_name(impl, cfg, CONFIGS), case, RUNS)
     ql, qr, c_all, r_all, lengths, cache, rope = _case(r, dr, dtype, s=s, h=h)
-    out = jax.jit(lambda lay: IMPLS[impl](ql, qr, c_all, r_all, lengths, scale=0.1,
-                                          layer=lay))(1)
+    out = jax.jit(lambda lay: api.mla_decode_attention(
+        ql, qr, c_all, r_all, lengths, scale=0.1, layer=lay, implementation=impl, config=cfg,
+        interpret=True))(1)
     ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.1)
     assert out.shape == ql.shape and out.dtype == dtype
     assert _rel(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("impl,cfg", backends(MLA_DECODE, CONFIGS))
+def test_mla_decode_one_layer_cache(impl, cfg):
+    """An unstacked cache [B, S, R] (no layer): full, short and mid-length rows."""
+    b, h, s, r, dr = 3, 5, 40, 32, 8
+    ks = jax.random.split(jax.random.PRNGKey(7), 4)
+    ql = jax.random.normal(ks[0], (b, h, r))
+    qr = jax.random.normal(ks[1], (b, h, dr))
+    cache = jax.random.normal(ks[2], (b, s, r))
+    rope = jax.random.normal(ks[3], (b, s, dr))
+    lengths = jnp.array([40, 3, 21], jnp.int32)
+    out = api.mla_decode_attention(ql, qr, cache, rope, lengths, scale=0.2,
+                                   implementation=impl, config=cfg, interpret=True)
+    ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.2)
+    assert _rel(out, ref) <= TOL[jnp.float32]
+
+
+def test_mla_reference_matches_expanded_attention():
+    """The absorbed form equals ordinary attention with per-head keys W_UK c and values W_UV c."""
+    b, h, s, r, dn, dr, dv = 2, 3, 11, 16, 8, 4, 8
+    ks = jax.random.split(jax.random.PRNGKey(1), 6)
+    q_nope = jax.random.normal(ks[0], (b, h, dn))
+    q_rope = jax.random.normal(ks[1], (b, h, dr))
+    c = jax.random.normal(ks[2], (b, s, r))
+    k_rope = jax.random.normal(ks[3], (b, s, dr))
+    w_uk = jax.random.normal(ks[4], (h, r, dn)) * 0.3
+    w_uv = jax.random.normal(ks[5], (h, r, dv)) * 0.3
+    lengths = jnp.array([11, 6])
+    scale = (dn + dr) ** -0.5
+    out_latent = mla_decode_reference(jnp.einsum("bhn,hrn->bhr", q_nope, w_uk), q_rope, c,
+                                      k_rope, lengths, scale=scale)
+    out = jnp.einsum("bhr,hrv->bhv", out_latent, w_uv)
+    k = jnp.concatenate([jnp.einsum("bsr,hrn->bshn", c, w_uk),
+                         jnp.broadcast_to(k_rope[:, :, None], (b, s, h, dr))], -1)
+    v = jnp.einsum("bsr,hrv->bshv", c, w_uv)
+    qf = jnp.concatenate([q_nope, q_rope], -1)
+    ref = decode_attention_reference(qf, k, v[..., :dn + dr] if dv >= dn + dr else
+                                     jnp.pad(v, ((0, 0),) * 3 + ((0, dn + dr - dv),)),
+                                     lengths, scale=scale)[..., :dv]
+    assert _rel(out, ref) <= 1e-5
 
 
 def test_mla_block_k_keeps_wide_rows_in_shared_memory():
@@ -102,13 +152,15 @@ def test_mla_block_k_keeps_wide_rows_in_shared_memory():
 def test_mla_decode_lowers_for_cuda(monkeypatch, r, dr):
     """The Triton lowering (run on CPU with an H100 description) accepts every width: each
     loaded or stored array is a power of two, which interpret mode does not check."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+    from jax._src.pallas.triton import gpu_info
+    from jax._src.pallas.triton import pallas_call_registration as reg
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     b, h, s, n_layers = 16, 9, 1000, 2
     S = jax.ShapeDtypeStruct
-    f = lambda ql, qr, c, kr, lens, lay: decode_triton.mla_decode_attention(  # noqa: E731
-        ql, qr, c, kr, lens, scale=0.1, layer=lay)
+    f = lambda ql, qr, c, kr, lens, lay: api.mla_decode_attention(  # noqa: E731
+        ql, qr, c, kr, lens, scale=0.1, layer=lay, implementation="pallas_triton",
+        interpret=False)
     text = jax.jit(f).trace(
         S((b, h, r), jnp.bfloat16), S((b, h, dr), jnp.bfloat16),
         S((n_layers, b, s, r), jnp.bfloat16), S((n_layers, b, s, dr), jnp.bfloat16),
@@ -122,8 +174,9 @@ def test_mla_decode_lowers_for_tpu():
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     b, h, s, r, dr = 16, 9, 1024, 187, 16
     S = jax.ShapeDtypeStruct
-    f = lambda ql, qr, c, kr, lens, lay: decode_tpu.mla_decode_attention(  # noqa: E731
-        ql, qr, c, kr, lens, scale=0.1, layer=lay)
+    f = lambda ql, qr, c, kr, lens, lay: api.mla_decode_attention(  # noqa: E731
+        ql, qr, c, kr, lens, scale=0.1, layer=lay, implementation="mosaic_tpu",
+        interpret=False)
     with jax.sharding.use_abstract_mesh(mesh):
         text = jax.jit(f).trace(
             S((b, h, r), jnp.bfloat16), S((b, h, dr), jnp.bfloat16),
@@ -132,67 +185,21 @@ def test_mla_decode_lowers_for_tpu():
     assert text.count("tpu_custom_call") == 1
 
 
-# ---- dispatch and its log ---------------------------------------------------------------------
+# ---- "auto" on a GPU -------------------------------------------------------------------------
 
-@pytest.fixture
-def fresh_log(monkeypatch, caplog):
-    """An empty once-only registry (other tests may have logged the same choices) and caplog
-    listening to the kernels' logger at INFO."""
-    monkeypatch.setattr(api, "_LOGGED", set())
-    monkeypatch.setattr(api, "CHOICES", {})
+def test_auto_on_gpu_runs_the_kernel_for_a_non_power_of_two_latent(monkeypatch, caplog):
+    """What used to fall back to XLA on a GPU (R = 160) takes the Pallas-Triton kernel."""
+    monkeypatch.setattr(registry, "platform", lambda: "gpu")
+    monkeypatch.setattr(registry, "LOGGED", set())
     caplog.set_level(logging.INFO, logger="pallas_kernels")
-    return caplog
-
-
-def _messages(caplog, text: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "pallas_kernels" and r.getMessage() == text]
-
-
-def _trace(fn, *shapes) -> None:
-    """Dispatch fn on float32 arrays of `shapes` under a fresh jit trace (the choice is made,
-    and logged, while tracing; nothing runs)."""
-    jax.jit(lambda *a: fn(*a)).trace(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
-
-
-def test_auto_logs_each_choice_once(fresh_log):
-    b, h, s, r, dr = 2, 3, 40, 160, 32
-    for _ in range(2):
-        _trace(lambda ql, qr, c, kr: api.mla_decode_attention(ql, qr, c, kr, jnp.array([5, 2]),
-                                                              scale=0.1),
-               (b, h, r), (b, h, dr), (b, s, r), (b, s, dr))
-    assert len(_messages(fresh_log, "mla_decode_attention: xla (no GPU or TPU: cpu)")) == 1
-    assert api.CHOICES["mla_decode_attention"] == ("xla", "no GPU or TPU: cpu")
-    for _ in range(2):
-        _trace(lambda q: api.attention(q, q, q, causal=True), (2, 5, 4, 8))
-        _trace(lambda q: api.decode_attention(q[:, 0], q, q, jnp.array([5, 2])), (2, 5, 4, 8))
-    assert len(_messages(fresh_log, "attention: xla (no GPU or TPU: cpu)")) == 1
-    assert len(_messages(fresh_log, "decode_attention: xla (no GPU or TPU: cpu)")) == 1
-
-
-def test_auto_on_gpu_runs_the_kernel_for_a_non_power_of_two_latent(fresh_log, monkeypatch):
-    """What used to fall back to XLA on a GPU (R = 160) now takes the Pallas-Triton kernel."""
-    monkeypatch.setattr(api, "_platform", lambda: "gpu")
     ql, qr, c_all, r_all, lengths, cache, rope = _case(160, 32, jnp.float32, h=3)
     out = api.mla_decode_attention(ql, qr, c_all, r_all, lengths, scale=0.1, layer=1,
                                    interpret=True)
-    assert _messages(fresh_log, "mla_decode_attention: pallas_triton (GPU)")
-    assert api.CHOICES["mla_decode_attention"] == ("pallas_triton", "GPU")
+    assert "mla_decode_attention: pallas_triton (on gpu)" in [r.getMessage()
+                                                               for r in caplog.records]
+    assert registry.CHOICES["mla_decode_attention"] == ("pallas_triton", "on gpu")
     ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.1)
     assert _rel(out, ref) <= TOL[jnp.float32]
-
-
-def test_unfused_append_fallback_warns_once(fresh_log):
-    """decode_attention_append with a head_dim the fused kernel lacks says so (a warning)."""
-    b, s, h, kh, d = 2, 20, 4, 2, 24
-    for _ in range(2):
-        _trace(lambda *a: api.decode_attention_append(*a, jnp.array([3, 19]),
-                                                       implementation="pallas_triton",
-                                                       interpret=True),
-               (b, h, d), (b, kh, d), (b, kh, d), (b, s, kh, d), (b, s, kh, d))
-    text = ("decode_attention_append: pallas_triton, cache written by XLA "
-            "(head_dim 24 is not a power of two)")
-    records = _messages(fresh_log, text)
-    assert len(records) == 1 and records[0].levelno == logging.WARNING
 
 
 # ---- inside the model -------------------------------------------------------------------------
@@ -200,8 +207,8 @@ def test_unfused_append_fallback_warns_once(fresh_log):
 def _tiny_mla(r: int = 40, dr: int = 8):
     """A 2-layer MLA model, 3 heads, latent 40 + rope 8, latent norm on; random weights."""
     from jaxturbo.models.config import ModelConfig
-    from jaxturbo.models.mla import MLAConfig
     from jaxturbo.models.init import init_params
+    from jaxturbo.models.mla import MLAConfig
 
     base = ModelConfig(model_type="llama", vocab_size=61, hidden_size=48, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,

@@ -1,7 +1,7 @@
 """Ragged paged attention (`pallas_kernels/ragged_paged_attention`): the reference against a
-dense per-sequence computation, every implementation against the reference (kernels in
-interpret mode on CPU), the page writes, the dispatch, the Triton lowering for a CUDA target,
-and the benchmark's CPU preset.
+dense per-sequence computation, the ops' conformance tests (every backend the registry lists
+against the reference; kernels in interpret mode on CPU), the page writes, the dispatch, the
+Triton lowering for a CUDA target, and the benchmark's CPU preset.
 
 Batches are built from per-sequence "logical" K/V scattered into shuffled pages.  Every slot
 no sequence owns holds NaN (the null page 0, page tails past a sequence's length, spare pages,
@@ -14,21 +14,25 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import ragged_paged_attention as rpa
+from pallas_kernels import api, registry
 from pallas_kernels.flash_attention.reference import attention_reference
 from pallas_kernels.ragged_paged_attention import mosaic_tpu as rpa_tpu
 from pallas_kernels.ragged_paged_attention import pallas_triton as rpa_triton
-from pallas_kernels.ragged_paged_attention.reference import (ragged_paged_attention_reference,
-                                                             ragged_paged_mla_reference,
-                                                             write_kv_pages, write_mla_pages)
+from pallas_kernels.ragged_paged_attention.api import RAGGED, RAGGED_MLA
+from pallas_kernels.ragged_paged_attention.common import RaggedCall
+from pallas_kernels.ragged_paged_attention.reference import (
+    ragged_paged_attention_reference,
+    ragged_paged_mla_reference,
+    write_kv_pages,
+    write_mla_pages,
+)
+from tests.pallas_kernels.conformance import only
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2  # bf16 operands (the kernels' p @ V in bf16, the reference's in float32)
@@ -167,23 +171,21 @@ def test_reference_matches_dense_attention(case):
     np.testing.assert_array_equal(out[qsl[-1]:], 0.0)
 
 
-IMPLS = ["xla", "pallas_triton", "mosaic_tpu"]
 # Interpret mode compiles slowly on CPU: "xla" (the reference itself, through the dispatch)
 # runs one case; Mosaic TPU, which has no KV split, the two mixed ones; Pallas-Triton all.
-SKIP = {("xla", CASES[0][0]), ("xla", CASES[1][0]), ("mosaic_tpu", CASES[2][0])}
-MLA_SKIP = {("xla", "r64_dr16_xla_merge"), ("mosaic_tpu", "r64_dr16_xla_merge")}
+RUNS = {"xla": {CASES[2][0]}, "mosaic_tpu": {CASES[0][0], CASES[1][0]}}
+MLA_RUNS = {"xla": {"r160_dr32_splits"}, "mosaic_tpu": {"r160_dr32_splits"}}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", RAGGED.names)
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
 def test_ragged_paged_attention_conformance(impl, case):
-    """Every implementation against the reference, padding tokens included (finite)."""
-    if (impl, case) in SKIP:
-        pytest.skip("covered by the other cases (interpret mode is slow)")
+    """Every backend against the reference, padding tokens included (finite)."""
+    only(impl, case, RUNS)
     b, ckw, cfg, dtype, want = _gqa_case(case)
     config = cfg if impl == "pallas_triton" else None
     # the layer index traced, as inside the model's layer scan
-    got = jax.jit(lambda lay: rpa.ragged_paged_attention(
+    got = jax.jit(lambda lay: api.ragged_paged_attention(
         *_args(b), layer=lay, implementation=impl, interpret=True, config=config, **ckw))(
             b["layer"])
     assert got.shape == b["q"][0].shape and got.dtype == dtype
@@ -225,13 +227,12 @@ def test_mla_reference_matches_dense(case):
     np.testing.assert_array_equal(np.asarray(out[qsl[-1]:]), 0.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", RAGGED_MLA.names)
 @pytest.mark.parametrize("case", [c[0] for c in MLA_CASES])
 def test_ragged_paged_mla_conformance(impl, case):
-    if (impl, case) in MLA_SKIP:
-        pytest.skip("one MLA case in TPU interpret mode (slow) and through the dispatch")
+    only(impl, case, MLA_RUNS)  # one MLA case in TPU interpret mode (slow) and through XLA
     b, cfg, want = _mla_case(case)
-    got = jax.jit(lambda *a: rpa.ragged_paged_mla_attention(
+    got = jax.jit(lambda *a: api.ragged_paged_mla_attention(
         *a, scale=0.2, layer=b["layer"], implementation=impl, interpret=True,
         config=cfg if impl == "pallas_triton" else None))(*_args(b))
     assert got.shape == b["q"][0].shape
@@ -284,37 +285,42 @@ def test_write_kv_pages_writes_only_the_mapped_slots():
     assert rope[1, 1].sum() == 4 and rope.sum() == 8
 
 
-def test_auto_dispatch_logs_once_per_reason(caplog):
+def test_auto_dispatch_logs_once_per_reason(caplog, monkeypatch):
+    monkeypatch.setattr(registry, "LOGGED", set())
+    monkeypatch.setattr(registry, "platform", lambda: "cpu")  # (on a GPU host too)
     b, _, _, _, want = _gqa_case("decode_b1_long_p128_gqa3")
     with caplog.at_level(logging.INFO, logger="pallas_kernels"):
         for _ in range(2):  # two traces, one log line
-            out = jax.jit(lambda *a: rpa.ragged_paged_attention(*a, layer=b["layer"]))(*_args(b))
+            out = jax.jit(lambda *a: api.ragged_paged_attention(*a, layer=b["layer"]))(*_args(b))
     lines = [r.getMessage() for r in caplog.records if "ragged_paged_attention" in r.getMessage()]
-    assert lines == ["ragged_paged_attention: xla (no GPU or TPU (cpu): the XLA reference)"]
+    assert lines == ["ragged_paged_attention: xla (on cpu; pallas_triton: not on a GPU; "
+                     "mosaic_tpu: not on a TPU)"]
     assert _rel(out, want) <= F32_TOL
     with pytest.raises(ValueError, match="unknown; choose one of"):
-        rpa.ragged_paged_attention(*_args(b), layer=b["layer"], implementation="cudnn")
+        api.ragged_paged_attention(*_args(b), layer=b["layer"], implementation="cudnn")
 
 
 def test_bad_shapes_are_refused():
     b = _gqa_case("decode_b1_long_p128_gqa3")[0]
     q, k, v, tables, lens, qsl = _args(b)
     with pytest.raises(ValueError, match="kv heads 2 must divide query heads 3"):
-        rpa_triton.ragged_paged_attention(q[:, :3], k, v, tables, lens, qsl, layer=0)
+        api.ragged_paged_attention(q[:, :3], k, v, tables, lens, qsl, layer=0,
+                                   implementation="pallas_triton")
     with pytest.raises(ValueError, match=r"seq_lens must be \[1\] and query_start_loc \[2\]"):
-        rpa_tpu.ragged_paged_attention(q, k, v, tables, lens, qsl[:1], layer=0)
+        rpa_tpu.ragged_paged_attention(RaggedCall(q, k, v, tables, lens, qsl[:1], layer=0))
     with pytest.raises(ValueError, match="sliding_window=0 must be >= 1"):
-        rpa.ragged_paged_attention(q, k, v, tables, lens, qsl, layer=0, sliding_window=0)
+        api.ragged_paged_attention(q, k, v, tables, lens, qsl, layer=0, sliding_window=0)
     with pytest.raises(ValueError, match="block_q=8 must be a power of two >= 16"):
-        rpa_tpu.ragged_paged_attention(q, k, v, tables, lens, qsl, layer=0,
-                                       config=rpa_tpu.Config(block_q=8))
+        api.ragged_paged_attention(q, k, v, tables, lens, qsl, layer=0,
+                                   implementation="mosaic_tpu", config=rpa_tpu.Config(block_q=8))
 
 
 def test_triton_kernels_lower_for_cuda(monkeypatch):
     """The Pallas -> Triton-IR lowering on CPU for an H100: the GQA kernel (window, softcap,
     bf16, split and unsplit) and the MLA kernel with a non-power-of-two latent; the stacked
     pools reach the kernel whole (no slice or copy of a layer)."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
+    from jax._src.pallas.triton import gpu_info
+    from jax._src.pallas.triton import pallas_call_registration as reg
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     sd, i32, bf = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
@@ -322,13 +328,13 @@ def test_triton_kernels_lower_for_cuda(monkeypatch):
     pools = sd((n_layers, pool, page, kh, d), bf)
 
     def step(q, k, v, tables, lens, qsl, lay, ql, qr, lat, rope):
-        kw = dict(layer=lay)
-        return (rpa_triton.ragged_paged_attention(q, k, v, tables, lens, qsl, sliding_window=100,
-                                                  softcap=30.0, config=rpa_triton.Config(
-                                                      num_splits=1), **kw),
-                rpa_triton.ragged_paged_attention(q[:8], k, v, tables, lens, qsl, **kw),
-                rpa_triton.ragged_paged_mla_attention(ql, qr, lat, rope, tables, lens, qsl,
-                                                      scale=0.1, **kw))
+        kw = dict(layer=lay, implementation="pallas_triton", interpret=False)
+        return (api.ragged_paged_attention(q, k, v, tables, lens, qsl, sliding_window=100,
+                                           softcap=30.0, config=rpa_triton.Config(num_splits=1),
+                                           **kw),
+                api.ragged_paged_attention(q[:8], k, v, tables, lens, qsl, **kw),
+                api.ragged_paged_mla_attention(ql, qr, lat, rope, tables, lens, qsl, scale=0.1,
+                                               **kw))
 
     lowered = jax.jit(step).trace(
         sd((t, h, d), bf), pools, pools, sd((s, width), i32), sd((s,), i32), sd((s + 1,), i32),
@@ -360,21 +366,21 @@ def test_triton_kernel_native_gpu(page_size, window):
                              dtype=jnp.bfloat16)):
         want = ragged_paged_attention_reference(*_args(batch), layer=batch["layer"],
                                                 sliding_window=window)
-        got = jax.jit(lambda *a: rpa_triton.ragged_paged_attention(
-            *a, layer=batch["layer"], sliding_window=window))(*_args(batch))
+        got = jax.jit(lambda *a: api.ragged_paged_attention(
+            *a, layer=batch["layer"], sliding_window=window,
+            implementation="pallas_triton"))(*_args(batch))
         assert _rel(got, want) <= BF16_TOL
     for mla in ((160, 32), (512, 64)):
         batch = make_batch(4, seqs, pad_seqs=1, pad_tokens=3, page_size=page_size, h=16,
                            mla=mla, dtype=jnp.bfloat16)
         want = ragged_paged_mla_reference(*_args(batch), scale=0.05)
-        got = jax.jit(lambda *a: rpa_triton.ragged_paged_mla_attention(*a, scale=0.05))(
-            *_args(batch))
+        got = jax.jit(lambda *a: api.ragged_paged_mla_attention(
+            *a, scale=0.05, implementation="pallas_triton"))(*_args(batch))
         assert _rel(got, want) <= BF16_TOL
 
 
 def test_bench_cpu_preset(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "engine"))
-    import rpa_bench
+    from experiments.engine import rpa_bench
 
     assert rpa_bench.main(["--preset", "cpu", "--out", str(tmp_path / "rpa")]) == 0
     text = (tmp_path / "rpa.md").read_text()

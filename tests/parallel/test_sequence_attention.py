@@ -97,9 +97,9 @@ def test_ring_mosaic_tpu_kernels(monkeypatch):
     ran = []
 
     def spy(name, kernel):
-        def run(q, k, *args, **kw):
-            ran.append((name, q.shape[1], k.shape[1], kw["causal"]))
-            return kernel(q, k, *args, **kw)
+        def run(call, *args, **kw):  # the kernels take the call's description
+            ran.append((name, call.q.shape[1], call.k.shape[1], call.causal))
+            return kernel(call, *args, **kw)
         return run
 
     for name in ("flash_attention", "flash_attention_backward"):

@@ -17,12 +17,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import pallas_kernels.api  # noqa: E402
+from jaxturbo.inference import fused  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
 from jaxturbo.models.transformer import forward, init_cache  # noqa: E402
-from jaxturbo.inference import fused  # noqa: E402
 from jaxturbo.parallel import tensor  # noqa: E402
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
+from pallas_kernels.decode_attention import api as decode_api  # noqa: E402
 from pallas_kernels.decode_attention import pallas_triton as decode_triton  # noqa: E402
 from tests.parallel.test_tensor import random_params  # noqa: E402
 
@@ -71,17 +71,17 @@ def test_tp_decode_with_the_fused_pallas_kernel(mode, prompts, monkeypatch):
     calls = []
     kernel = decode_triton.decode_attention_append
 
-    def spy(q, k_new, v_new, k_cache, v_cache, lengths, **kw):
-        calls.append(dict(k_new=k_new.shape, cache_heads=k_cache.shape[-2],
-                          **{n: kw[n] for n in ("k_head_offset", "v_head_offset", "interpret")}))
-        return kernel(q, k_new, v_new, k_cache, v_cache, lengths, **kw)
+    def spy(call, **kw):
+        calls.append(dict(k_new=call.new.k.shape, cache_heads=call.k_cache.shape[-2],
+                          k_head_offset=call.new.k_head_offset,
+                          v_head_offset=call.new.v_head_offset, interpret=kw["interpret"]))
+        return kernel(call, **kw)
 
     def no_xla_write(*a, **kw):
         raise AssertionError("the decode step wrote the cache with XLA, not in the kernel")
 
-    monkeypatch.setattr(pallas_kernels.api, "FUSED_APPEND", True)
     monkeypatch.setattr(decode_triton, "decode_attention_append", spy)
-    monkeypatch.setattr(pallas_kernels.api, "append_to_cache", no_xla_write)
+    monkeypatch.setattr(decode_api, "append_to_cache", no_xla_write)
     for tp in (2, 4):
         mesh = make_mesh({"tensor": tp}, jax.devices()[:tp])
         sharded = fused.shard_fused(params, cfg, mesh)
