@@ -16,8 +16,10 @@ GPU kernel time per call from a profiler trace (what an engine step running unde
 graphs would see; empty off GPU), `wall_us` the median over `reps` windows of `inner`
 back-to-back calls of the wall time per call (host dispatch included).
 
-  python experiments/engine/rpa_bench.py --preset cpu                  # interpret mode, seconds
-  python experiments/engine/rpa_bench.py --preset gpu --out DIR/rpa    # one GPU, a few minutes
+  python -m experiments.engine.rpa_bench --preset cpu    # interpret mode, seconds
+  python -m experiments.engine.rpa_bench --preset gpu    # one GPU, a few minutes
+
+Writes OUT.{json,md} (OUT a path stem, default experiments/engine/results/rpa_<preset>).
 """
 
 from __future__ import annotations
@@ -31,26 +33,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ (bench_util)
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the repository root
+from experiments.bench_util import (copy_bandwidth, device_name, kernel_summary, time_fn,
+                                    write_table)
+from jaxturbo.models.shapes import shape
+from pallas_kernels import api
+from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels.ragged_paged_attention import pallas_triton as rpa_triton
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 
-from bench_util import (copy_bandwidth, device_name, kernel_summary, time_fn,  # noqa: E402
-                        write_table)
-
-from pallas_kernels import api  # noqa: E402
-from pallas_kernels.decode_attention import pallas_triton as decode_triton  # noqa: E402
-from pallas_kernels.decode_attention.reference import decode_attention_reference  # noqa: E402
-from pallas_kernels.flash_attention import pallas_triton as flash_triton  # noqa: E402
-from pallas_kernels.ragged_paged_attention import pallas_triton as rpa_triton  # noqa: E402
-from pallas_kernels.ragged_paged_attention.reference import (  # noqa: E402
-    ragged_paged_attention_reference)
+RESULTS = Path(__file__).resolve().parent / "results"
+_8B = shape("llama3-8b")  # the GPU preset's attention: its heads, KV heads and head_dim
 
 C = rpa_triton.Config
 PRESETS = {
     "cpu": dict(heads=(4, 2, 16), dtype="float32", decode=[(1, 256)], page_sizes=(16,),
                 decode_configs=[], mixed=[dict(chunks=1, chunk=16, decodes=2, context=64)],
                 mixed_configs=[], reps=1, inner=1, copy_bytes=1 << 22, xla_mixed=True),
-    "gpu": dict(heads=(32, 8, 128), dtype="bfloat16", decode=[(1, 8192), (16, 8192)],
+    "gpu": dict(heads=(_8B.num_attention_heads, _8B.num_key_value_heads, _8B.head_dim),
+                dtype="bfloat16", decode=[(1, 8192), (16, 8192)],
                 page_sizes=(16, 64),
                 decode_configs=[("bk64", C(block_k=64)), ("bk128 stages3",
                                                           C(block_k=128, num_stages=3)),
@@ -140,7 +140,8 @@ def bench_decode(p: dict, interpret: bool, copy_bw: float, log) -> list[dict]:
         variants = [("contiguous decode xla", None, lambda q, k, v, n: decode_attention_reference(
                         q, k, v, n), (q, kc, vc, lengths)),
                     ("contiguous decode pallas_triton", None, lambda q, k, v, n:
-                        decode_triton.decode_attention(q, k, v, n, interpret=interpret),
+                        api.decode_attention(q, k, v, n, implementation="pallas_triton",
+                                             interpret=interpret),
                      (q, kc, vc, lengths))]
         for page in p["page_sizes"]:
             kp, vp, tables = paged(kc, vc, page)
@@ -149,8 +150,9 @@ def bench_decode(p: dict, interpret: bool, copy_bw: float, log) -> list[dict]:
                              pargs))
             for name, cfg in [("", None)] + list(p["decode_configs"] if b == 1 else []):
                 variants.append((f"ragged pallas_triton p{page}" + (f" {name}" if name else ""),
-                                 cfg, lambda *a, cfg=cfg: rpa_triton.ragged_paged_attention(
-                                     *a, config=cfg, interpret=interpret), pargs))
+                                 cfg, lambda *a, cfg=cfg: api.ragged_paged_attention(
+                                     *a, implementation="pallas_triton", config=cfg,
+                                     interpret=interpret), pargs))
         case_rows = []
         for impl, _, fn, args in variants:
             row, out = measure(dict(base, impl=impl), fn, args, p, want)
@@ -214,13 +216,13 @@ def bench_mixed(p: dict, interpret: bool, log) -> list[dict]:
             """The contiguous-cache engine: flash on the chunks, the decode kernel after."""
             qp = q[:n_pre].reshape(c, qc, h, d)
             pre = prefill(qp, kc[:c], vc[:c]).reshape(n_pre, h, d)
-            dec = decode_triton.decode_attention(q[n_pre:], kc[c:], vc[c:],
-                                                 jnp.full((n_dec,), ctx, jnp.int32),
-                                                 interpret=interpret)
+            dec = api.decode_attention(q[n_pre:], kc[c:], vc[c:],
+                                       jnp.full((n_dec,), ctx, jnp.int32),
+                                       implementation="pallas_triton", interpret=interpret)
             return jnp.concatenate([pre, dec])
 
-        flash = lambda q, k, v: flash_triton.flash_attention(  # noqa: E731
-            q, k, v, causal=True, interpret=interpret)
+        flash = lambda q, k, v: api.attention(  # noqa: E731
+            q, k, v, causal=True, implementation="pallas_triton", interpret=interpret)
         auto = lambda q, k, v: api.attention(q, k, v, causal=True)  # noqa: E731
         variants = [("flash prefill + decode pallas_triton",
                      lambda q, k, v: split_step(q, k, v, flash), (q, kc, vc)),
@@ -230,8 +232,9 @@ def bench_mixed(p: dict, interpret: bool, log) -> list[dict]:
             variants.append(("ragged xla", ragged_paged_attention_reference, pargs))
         for name, cfg in [("", None)] + list(p["mixed_configs"]):
             variants.append(("ragged pallas_triton" + (f" {name}" if name else ""),
-                             lambda *a, cfg=cfg: rpa_triton.ragged_paged_attention(
-                                 *a, config=cfg, interpret=interpret), pargs))
+                             lambda *a, cfg=cfg: api.ragged_paged_attention(
+                                 *a, implementation="pallas_triton", config=cfg,
+                                 interpret=interpret), pargs))
         want, case_rows = None, []
         for impl, fn, args in variants:
             row, out = measure(dict(base, impl=impl), fn, args, p, want)
@@ -246,10 +249,12 @@ def bench_mixed(p: dict, interpret: bool, log) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.engine.rpa_bench",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--out", default="experiments/engine/rpa_bench")
+    ap.add_argument("--out", help="path stem of the .json/.md (default "
+                                  "experiments/engine/results/rpa_<preset>)")
     ap.add_argument("--only", choices=["all", "decode", "mixed"], default="all")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             "wall_us": "wall time per call, back-to-back calls"}
     cols = ["part", "case", "impl", "us", "wall_us", "frac_of_copy", "TFLOPs",
             "speedup_vs_baseline", "rel_err", "kv_MB", "note"]
-    md = write_table(rows, cols, Path(args.out), f"Ragged paged attention ({meta['device']})",
+    out = Path(args.out) if args.out else RESULTS / f"rpa_{args.preset}"
+    md = write_table(rows, cols, out, f"Ragged paged attention ({meta['device']})",
                      meta)
     print(md)
     return 0

@@ -11,13 +11,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GenerationResult": "jaxturbo.inference.generate",
-    "generate": "jaxturbo.inference.generate",
+    "GenerationResult": "jaxturbo.inference.generation",
+    "generate": "jaxturbo.inference.generation",
     "SamplingParams": "jaxturbo.inference.sampling",
     "sample": "jaxturbo.inference.sampling",
-    "PerplexityResult": "jaxturbo.inference.perplexity",
-    "perplexity": "jaxturbo.inference.perplexity",
-    "window_plan": "jaxturbo.inference.perplexity",
+    "PerplexityResult": "jaxturbo.inference.scoring",
+    "perplexity": "jaxturbo.inference.scoring",
+    "window_plan": "jaxturbo.inference.scoring",
+    "Engine": "jaxturbo.inference.engine.engine",
+    "EngineConfig": "jaxturbo.inference.engine.config",
+    "RequestParams": "jaxturbo.inference.engine.params",
 }
 
 __all__ = sorted(_EXPORTS)

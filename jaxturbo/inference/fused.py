@@ -2,7 +2,7 @@
 
 At batch 1 each projection is a GEMV that streams its weight, and cuBLAS pays a floor per call.
 On an H100, a k or v projection of the 8B model takes 2.2 us at any size, and the TP-4 q
-projection takes as long as the twice-larger TP-2 one (experiments/ladder/NOTES.md, session 7).
+projection takes as long as the twice-larger TP-2 one (docs/findings.md, XLA on GPU: decode).
 One [q; k; v] GEMV and one [gate; up] GEMV per layer read the same bytes in two calls instead of
 five.  XLA's dot merger fuses these dots too, but it concatenates the weights again on every
 step; this layout stores them fused once.

@@ -61,7 +61,7 @@ def prefill(fwd: Callable, params: Params, cfg: AnyConfig, tokens: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stream",
                                              "attn_impl", "cache_dtype", "model_fn", "kv_heads"))
-def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
+def generate_arrays(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
               stop_ids: jax.Array, *, cfg: AnyConfig, max_new_tokens: int,
               sampling: SamplingParams, stream: Callable | None, attn_impl: str,
               cache_dtype: str, model_fn: Callable | None = None,
@@ -99,7 +99,7 @@ def _generate(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Ar
     # The stop test runs every `k` steps: a GPU while loop whose trip count XLA cannot know
     # copies its predicate to the host and waits for it on every iteration, so the device's
     # queue drains once per step (under tensor parallelism each GPU's host thread then
-    # relaunches on its own; experiments/ladder/NOTES.md, session 6, shows the GPUs out of step
+    # relaunches on its own; a TP-2 profiler trace (docs/findings.md) showed the GPUs out of step
     # at every all-reduce).  The inner loops' trip counts are static, so they run without a
     # host round trip; steps after every row stopped are masked no-ops.
     k = min(STOP_CHECK_EVERY, max_new_tokens)
@@ -186,7 +186,7 @@ def generate(
         rows = jax.sharding.PartitionSpec(batch_sharding.spec[0] if batch_sharding.spec else None)
         toks_d = jax.device_put(toks, batch_sharding)
         lens_d = jax.device_put(lens, jax.sharding.NamedSharding(batch_sharding.mesh, rows))
-    out, logp, n = _generate(params, toks_d, lens_d, jax.random.key(seed),
+    out, logp, n = generate_arrays(params, toks_d, lens_d, jax.random.key(seed),
                              jnp.asarray(stops), cfg=cfg, max_new_tokens=max_new_tokens,
                              sampling=sampling, stream=stream, attn_impl=attn_impl,
                              cache_dtype=jnp.dtype(dtype).name, model_fn=model_fn,

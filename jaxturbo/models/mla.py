@@ -19,6 +19,10 @@ the frequencies it was trained with (None: DeepSeek's theta^(-2i/dr) schedule).
 Cache: {"latent": [L, B, S, R], "k_rope": [L, B, S, dr], "lengths": [B]}: R + dr values per
 token per layer instead of 2*K*hd.  Decode (T == 1) absorbs kv_b_proj into the query and the
 output (`pallas_kernels.mla_decode_attention`); everything else expands keys/values (naive).
+Paged (the serving engine's `PagedLatentCache`): every token of the flat ragged batch, prefill
+chunks included, takes the absorbed path through `ragged_paged_mla_attention` (one kernel for
+mixed batches; a long prefill chunk pays attention over R + dr wide rows per head instead of
+expanding keys/values, which costs more FLOPs than the naive path at large T).
 
 Everything but attention (embedding, norms, SwiGLU MLP, LM head, RoPE tables) is imported from
 the GQA model, so the two share one implementation of each.  Generation and perplexity reach
@@ -29,6 +33,7 @@ this model through `models.dispatch.model_functions` (an MLAConfig picks `mla_fo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,6 +46,7 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.layers import linear, rms_norm
 from jaxturbo.models.rope import apply_rope
 from jaxturbo.models.transformer import Cache, Params, embed, lm_head, mlp_block
+from pallas_kernels.ragged_paged_attention import ragged_paged_mla_attention, write_mla_pages
 
 
 LATENT_ALIGN = 16  # latent cache rows padded to a multiple of 16 values (32 bytes in bf16)
@@ -158,6 +164,25 @@ def init_mla_cache(cfg: MLAConfig, batch: int, max_len: int, dtype: Any = jnp.fl
             "lengths": jnp.zeros((batch,), jnp.int32)}
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedLatentCache:
+    """Paged latent cache plus the layout of one flat ragged batch (the serving engine's step).
+
+    latent_pages: [L, num_pages, page_size, Rc] (Rc = cfg.cache_rank, zero beyond R);
+    rope_pages: [L, num_pages, page_size, dr]; page 0 is the null page.  slot_mapping [T],
+    page_tables [S, max_pages], seq_lens [S], query_start_loc [S + 1]: as
+    `jaxturbo.models.transformer.PagedCache`.
+    """
+
+    latent_pages: jax.Array
+    rope_pages: jax.Array
+    slot_mapping: jax.Array
+    page_tables: jax.Array
+    seq_lens: jax.Array
+    query_start_loc: jax.Array
+
+
 # ----------------------------------------------------------------------------- attention
 def _pad_last(x: jax.Array, width: int) -> jax.Array:
     """x [..., n] zero-padded to [..., width] (the latent cache's aligned rows)."""
@@ -220,14 +245,39 @@ def absorbed_decode(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.A
     into the latent space (q_nope . W_UK_h) and W_UV_h is applied to the latent output.
     layer: the caches are every layer's ([L, B, S, R], ...); the kernel reads this one in place.
     """
+    return _absorbed(lp, cfg, q_nope, latent_cache.shape[-1], lambda q_latent: (
+        pallas_kernels.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache, lengths,
+                                            scale=cfg.scale, layer=layer,
+                                            implementation=attn_impl)))
+
+
+def _absorbed(lp: Params, cfg: MLAConfig, q_nope: jax.Array, width: int,
+              attend: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """kv_b_proj absorbed around a latent attention: q_nope [N, H, dn] -> q_latent [N, H, width]
+    (zero beyond R) -> attend(q_latent) [N, H, width] -> values [N, H, dv]."""
     h, dn, dv = q_nope.shape[1], cfg.qk_nope_head_dim, cfg.v_head_dim
     w = lp["self_attn.kv_b_proj.weight"].reshape(h, dn + dv, -1)       # [H, dn+dv, R]
     r = w.shape[-1]
-    q_latent = _pad_last(jnp.einsum("bhd,hdr->bhr", q_nope, w[:, :dn]), latent_cache.shape[-1])
-    out_latent = pallas_kernels.mla_decode_attention(
-        q_latent, q_rope, latent_cache, rope_cache, lengths, scale=cfg.scale, layer=layer,
-        implementation=attn_impl)
+    q_latent = _pad_last(jnp.einsum("bhd,hdr->bhr", q_nope, w[:, :dn]), width)
+    out_latent = attend(q_latent)
     return jnp.einsum("bhr,hvr->bhv", out_latent[..., :r], w[:, dn:])
+
+
+def paged_mla_attention(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array,
+                        latent: jax.Array, k_rope: jax.Array, layer: jax.Array,
+                        cache: PagedLatentCache,
+                        attn_impl: str) -> tuple[jax.Array, PagedLatentCache]:
+    """MLA of a flat ragged batch, absorbed: q_nope [1,T,H,dn], q_rope [1,T,H,dr] (roped),
+    latent [1,T,R], k_rope [1,T,dr] (roped) -> [1, T, H, dv] and the cache with this layer's
+    pages written (before the attention reads them)."""
+    lat, rope = write_mla_pages(cache.latent_pages, cache.rope_pages,
+                                _pad_last(latent[0], cache.latent_pages.shape[-1]), k_rope[0],
+                                cache.slot_mapping, layer)
+    out = _absorbed(lp, cfg, q_nope[0], lat.shape[-1], lambda q_latent: (
+        ragged_paged_mla_attention(q_latent, q_rope[0], lat, rope, cache.page_tables,
+                                   cache.seq_lens, cache.query_start_loc, scale=cfg.scale,
+                                   layer=layer, implementation=attn_impl)))
+    return out[None], dataclasses.replace(cache, latent_pages=lat, rope_pages=rope)
 
 
 def mla_attention_block(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -241,6 +291,10 @@ def mla_attention_block(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array
     """
     b, t, _ = h.shape
     q_nope, q_rope, latent, k_rope = _project(lp, cfg, h, cos, sin)
+    if isinstance(cache, PagedLatentCache):  # the engine's flat ragged batch
+        out, cache = paged_mla_attention(lp, cfg, q_nope, q_rope, latent, k_rope, layer, cache,
+                                         attn_impl)
+        return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
     stored = None if cache is None else _pad_last(latent, cache["latent"].shape[-1])
     if cache is not None and t == 1:
         rows, pos = jnp.arange(b), cache["lengths"]
@@ -275,14 +329,18 @@ def mla_forward(params: Params, cfg: MLAConfig, tokens: jax.Array, *,
     """Run the MLA decoder (standard residual, layers under lax.scan).
 
     tokens [B, T]; positions [B, T] (default 0..T-1, or the cache lengths when decoding);
-    cache from `init_mla_cache` (prefill T > 1 needs `lengths` [B]).  Returns logits
+    cache from `init_mla_cache` (prefill T > 1 needs `lengths` [B]), or a `PagedLatentCache`
+    (tokens [1, T] a flat ragged batch, positions required).  Returns logits
     [B, T, V] float32 (or the final normed hidden with return_hidden) and the updated cache.
     """
     b, t = tokens.shape
+    paged = isinstance(cache, PagedLatentCache)
     if positions is None:
+        if paged:
+            raise ValueError("a PagedLatentCache needs explicit positions [1, T]")
         positions = (cache["lengths"][:, None] if cache is not None and t == 1
                      else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-    if cache is not None and t > 1 and lengths is None:
+    if cache is not None and t > 1 and lengths is None and not paged:
         raise ValueError("prefill with a cache needs `lengths` (valid tokens per row)")
     cos, sin = mla_cos_sin(cfg, positions)
     eps = cfg.base.rms_norm_eps
@@ -301,7 +359,7 @@ def mla_forward(params: Params, cfg: MLAConfig, tokens: jax.Array, *,
     L = cfg.base.num_hidden_layers
     (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(L, dtype=jnp.int32)))
     x = rms_norm(x, params["model.norm.weight"], eps)
-    if cache is not None:
+    if cache is not None and not paged:
         new_len = cache["lengths"] + 1 if t == 1 else lengths.astype(jnp.int32)
         cache = {**cache, "lengths": new_len}
     if return_hidden:

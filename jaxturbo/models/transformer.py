@@ -23,10 +23,13 @@ speed bound the benchmarks compare the residual modes with (not a model).
 
 Cache: {"k", "v": [L, B, S, K, hd], "lengths": [B] int32}.  A row's valid slots are
 [0, lengths[b]); prompts are right-padded, so a decode step writes slot lengths[b].
+Or a `PagedCache` (the serving engine's): one flat ragged batch tokens [1, T] with explicit
+positions, K/V in pages read through per-sequence page tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +40,11 @@ import pallas_kernels
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.layers import (GATE_UP_W, QKV_B, QKV_W, linear, rms_norm, split_qkv,
                                     swiglu_down, swiglu_mlp)
+from jaxturbo.models.lora import lora_linear
+from jaxturbo.models.moe import (ROUTER_W, MoEOptions, add_router_stats, moe_implementation,
+                                 moe_mlp, psum_router_stats, router_losses, zero_router_stats)
 from jaxturbo.models.rope import apply_rope, rope_cos_sin
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -57,6 +64,43 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> int:
     """Bytes of K and V cached per token over all layers."""
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedCache:
+    """Paged KV cache plus the layout of one flat ragged batch (the serving engine's step).
+
+    k_pages, v_pages: [L, num_pages, page_size, K, hd]; page 0 is the null page.
+    slot_mapping: [T] flat slot (page * page_size + row) each new token's K/V is written to.
+    page_tables: [S, max_pages] page ids per sequence (0-padded); seq_lens: [S] tokens of each
+    sequence after this step; query_start_loc: [S + 1] cumulative new-token counts.
+    sliding_window: positions attended, the token's own included (static; None: full).
+    """
+
+    k_pages: jax.Array
+    v_pages: jax.Array
+    slot_mapping: jax.Array
+    page_tables: jax.Array
+    seq_lens: jax.Array
+    query_start_loc: jax.Array
+    sliding_window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
+                    layer: jax.Array, cache: PagedCache,
+                    attn_impl: str) -> tuple[jax.Array, PagedCache]:
+    """Attention of a flat ragged batch: q [1, T, H, hd], k, v [1, T, K, hd] (unrotated).
+
+    The new K/V are written at slot_mapping before attention reads the pages, so a sequence
+    may read pages another sequence of the same step writes (prefix-cache hits).
+    Returns [1, T, H, hd] and the cache with this layer's pages updated."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kp, vp = write_kv_pages(cache.k_pages, cache.v_pages, k[0], v[0], cache.slot_mapping, layer)
+    out = ragged_paged_attention(q[0], kp, vp, cache.page_tables, cache.seq_lens,
+                                 cache.query_start_loc, layer=layer,
+                                 sliding_window=cache.sliding_window, implementation=attn_impl)
+    return out[None], dataclasses.replace(cache, k_pages=kp, v_pages=vp)
 
 
 # ----------------------------------------------------------------------------- embedding / head
@@ -97,7 +141,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
     """
     b, t, _ = h.shape
     hd = cfg.head_dim
-    decode = cache is not None and t == 1
+    decode = cache is not None and t == 1 and not isinstance(cache, PagedCache)
     packed = None  # the fused projection's output, when q, k and v can be read from it in place
     if QKV_W in lp:  # one GEMV for q, k and v (jaxturbo/inference/fused.py)
         q_heads = lp["self_attn.o_proj.weight"].shape[-1] // hd  # local, as every count here
@@ -107,27 +151,25 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         packed = packed.reshape(b, t, -1, hd)
         q, k, v = split_qkv(packed, q_heads)
     else:
-        q, k, v = (linear(h, lp[f"self_attn.{n}_proj.weight"], lp.get(f"self_attn.{n}_proj.bias"))
-                   .reshape(b, t, -1, hd) for n in "qkv")
+        q, k, v = (lora_linear(h, lp, f"self_attn.{n}_proj").reshape(b, t, -1, hd)
+                   for n in "qkv")
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
         q = rms_norm(q, lp["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["self_attn.k_norm.weight"], cfg.rms_norm_eps)
         packed = None
 
-    if decode:
+    if isinstance(cache, PagedCache):  # the engine's flat ragged batch
+        out, cache = paged_attention(q, k, v, cos, sin, layer, cache, attn_impl)
+    elif decode:
         # k's rotation and the cache write go into the decode kernel on GPU (four small
-        # kernels fewer per layer; experiments/ladder/NOTES.md).  From a fused projection the
-        # step reads q, k and v at their head offsets, raw (it scales and rotates q itself):
-        # slicing them out would cost a copy each.
-        if packed is not None:
-            raw = packed[:, 0]
-            qv, src, q_raw = raw, (raw, raw, q.shape[2], q.shape[2] + k.shape[2]), q.shape[2]
-        else:
-            qv, src, q_raw = apply_rope(q, cos, sin)[:, 0], (k[:, 0], v[:, 0], 0, 0), None
+        # kernels fewer per layer).  From a fused projection the step reads k and v at their
+        # head offsets in its output: slicing them out would cost a copy each.
+        src = (k[:, 0], v[:, 0], 0, 0) if packed is None else (
+            packed[:, 0], packed[:, 0], q.shape[2], q.shape[2] + k.shape[2])
         out, kc, vc = pallas_kernels.decode_attention_append(
-            qv, src[0], src[1], cache["k"], cache["v"], cache["lengths"], layer=layer,
-            rope=(cos[:, 0], sin[:, 0]), implementation=attn_impl, k_head_offset=src[2],
-            v_head_offset=src[3], q_heads=q_raw)
+            apply_rope(q, cos, sin)[:, 0], src[0], src[1], cache["k"], cache["v"],
+            cache["lengths"], layer=layer, rope=(cos[:, 0], sin[:, 0]),
+            implementation=attn_impl, k_head_offset=src[2], v_head_offset=src[3])
         out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
@@ -142,11 +184,15 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         else:
             out = pallas_kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
                                            implementation=attn_impl)
-    return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
+    return lora_linear(out.reshape(b, t, -1), lp, "self_attn.o_proj"), cache
 
 
-def mlp_block(lp: Params, h: jax.Array) -> jax.Array:
-    """SwiGLU MLP of one layer on normed input h [B, T, D], before any all-reduce."""
+def mlp_block(lp: Params, h: jax.Array, cfg: ModelConfig | None = None,
+              moe_impl: str = "auto") -> jax.Array:
+    """SwiGLU MLP of one layer on normed input h [B, T, D], before any all-reduce; a sparse
+    layer (router weight present) is the mixture of experts of `cfg.moe` (`models.moe`)."""
+    if ROUTER_W in lp:
+        return moe_mlp(lp, cfg.moe, h, implementation=moe_impl)[0]
     if GATE_UP_W in lp:  # one GEMV for gate and up (jaxturbo/inference/fused.py)
         gate_up = linear(h, lp[GATE_UP_W])
         gate, up = jnp.split(gate_up, 2, axis=-1)
@@ -200,7 +246,11 @@ def forward(
     layer_remat: tuple[Any] | None = None,
     return_hidden: bool = False,
     skip_allreduce: bool = False,
-) -> tuple[jax.Array, Cache | None]:
+    moe_impl: str | None = None,
+    return_aux: bool = False,
+    router_mask: jax.Array | None = None,
+    moe_options: MoEOptions | None = None,
+) -> tuple[jax.Array, Cache | None] | tuple[jax.Array, Cache | None, dict[str, jax.Array]]:
     """Run the decoder.
 
     Args:
@@ -209,7 +259,9 @@ def forward(
       segment_ids: [B, T] packed-sequence ids; tokens attend only within their segment
         (padding gets its own id, e.g. 0).
       cache: KV cache from `init_cache`.  T > 1 is a prefill (requires `lengths` [B], the
-        valid tokens per right-padded row); T == 1 is one decode step.
+        valid tokens per right-padded row); T == 1 is one decode step.  Or a `PagedCache`:
+        tokens [1, T] are a flat ragged batch of many sequences' new tokens, `positions`
+        required (returned with its pages updated).
       tensor_axis: mesh axis of tensor parallelism when called inside shard_map.
       attn_fn: replaces the attention op (e.g. sequence-parallel attention) when no cache.
       unroll: Python loop over layers instead of lax.scan (lets XLA schedule across layers).
@@ -217,16 +269,28 @@ def forward(
       return_hidden: return the final normed hidden state [B, T, D] instead of logits.
       skip_allreduce: leave out the per-layer tensor-parallel all-reduces ("desync"): wrong
         values, the speed bound that benchmarks compare the residual modes with.
+      moe_impl: grouped-GEMM backend of mixture-of-experts layers (default: attn_impl where it
+        names one, else "auto"; `models.moe.moe_implementation`).
+      return_aux: also return the router losses (`models.moe.router_losses`: "router_aux_loss",
+        "router_z_loss", "tokens_per_expert", and "router_loss", their sum weighted by the
+        config's coefficients; zeros for a dense model).
+      router_mask: [B, T] tokens the router losses count (default all; e.g. 0 on padding).
+      moe_options: the sparse layers' dispatch (expert parallelism), capacity and token axes
+        (`models.moe.MoEOptions`; default: dropless on this device's tokens).
     Returns:
-      logits [B, T, V] float32 (or hidden), and the updated cache (None without one).
+      logits [B, T, V] float32 (or hidden), the updated cache (None without one), and with
+      return_aux the dict of router losses.
     """
     b, t = tokens.shape
+    paged = isinstance(cache, PagedCache)
     if positions is None:
+        if paged:
+            raise ValueError("a PagedCache needs explicit positions [1, T]")
         if cache is not None and t == 1:
             positions = cache["lengths"][:, None]
         else:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if cache is not None and t > 1 and lengths is None:
+    if cache is not None and t > 1 and lengths is None and not paged:
         raise ValueError("prefill with a cache needs `lengths` (valid tokens per row)")
     cos, sin = rope_cos_sin(cfg, positions)
     x = embed(params, tokens, tensor_axis)
@@ -245,23 +309,35 @@ def forward(
         return attention_block(lp, cfg, rms_norm(xin, lp["input_layernorm.weight"], eps),
                                cos, sin, i, cache=c_cache, **kw)
 
-    def mlp(lp, xin):
-        return mlp_block(lp, rms_norm(xin, lp["post_attention_layernorm.weight"], eps))
+    gmm_impl = moe_implementation(moe_impl, attn_impl)
+    moe_opts = moe_options or MoEOptions()
+    moe_decode = cache is not None  # inference: few tokens may take the GEMV dispatch
+
+    def mlp(lp, xin, s):
+        """The MLP's output, and the router statistics `s` summed over layers (None: unused)."""
+        h = rms_norm(xin, lp["post_attention_layernorm.weight"], eps)
+        if ROUTER_W not in lp:
+            return mlp_block(lp, h), s
+        y, stats = moe_mlp(lp, cfg.moe, h, implementation=gmm_impl, token_mask=router_mask,
+                           decode=moe_decode, dispatch=moe_opts.dispatch,
+                           capacity_factor=moe_opts.capacity_factor)
+        return y, None if s is None else add_router_stats(s, stats)
 
     def standard_step(carry, lp, i):
-        x, pa, pm, c = carry
+        x, pa, pm, c, s = carry
         a, c = attn(c, lp, i, x)
         x = x + reduce(a)
-        x = x + reduce(mlp(lp, x))
-        return x, pa, pm, c
+        m, s = mlp(lp, x, s)
+        return x + reduce(m), pa, pm, c, s
 
     def parallel_step(carry, lp, i):
-        x, pa, pm, c = carry
+        x, pa, pm, c, s = carry
         a, c = attn(c, lp, i, x)
-        return x + reduce(a + mlp(lp, x)), pa, pm, c
+        m, s = mlp(lp, x, s)
+        return x + reduce(a + m), pa, pm, c, s
 
     def ladder_step(carry, lp, i):
-        x, pa, pm, c = carry
+        x, pa, pm, c, s = carry
         x = x + pa                      # previous attention's all-reduce is needed only now
         a, c = attn(c, lp, i, x)
         # Each barrier orders an all-reduce after the previous one and hands the next module a
@@ -273,14 +349,16 @@ def forward(
             a, pm, x = jax.lax.optimization_barrier((a, pm, x))
         x = x + pm                      # previous MLP's all-reduce, overlapped by attention
         a = reduce(a)
-        m = mlp(lp, x)
+        m, s = mlp(lp, x, s)
         if reduce_ax is not None:
             m, a, x = jax.lax.optimization_barrier((m, a, x))
         m = reduce(m)
-        return x, a, m, c
+        return x, a, m, c, s
 
     zeros = jnp.zeros_like(x)
-    carry = (x, zeros, zeros, cache)
+    track_router = cfg.moe is not None and return_aux  # router statistics ride in the carry
+    carry = (x, zeros, zeros, cache,
+             zero_router_stats(cfg.moe.num_experts) if track_router else None)
     L = cfg.num_hidden_layers
     layers = params["layers"]
     mode = cfg.residual_mode
@@ -292,13 +370,21 @@ def forward(
         carry = _run_layers(ladder_step, carry, layers, L - n_ladder, L, unroll, layer_remat)
     else:
         carry = _run_layers(standard_step, carry, layers, 0, L, unroll, layer_remat)
-    x, pa, pm, cache = carry
+    x, pa, pm, cache, stats = carry
     x = x + pa + pm                     # ladder: the last two outputs join before the final norm
     x = rms_norm(x, params["model.norm.weight"], eps)
 
-    if cache is not None:
+    if cache is not None and not paged:
         new_len = cache["lengths"] + 1 if t == 1 else lengths.astype(jnp.int32)
         cache = {**cache, "lengths": new_len}
-    if return_hidden:
-        return x, cache
-    return lm_head(params, cfg, x, tensor_axis), cache
+    out = x if return_hidden else lm_head(params, cfg, x, tensor_axis)
+    if not return_aux:
+        return out, cache
+    if stats is None:  # a dense model: no router, no loss
+        zero = jnp.zeros((), jnp.float32)
+        aux = {"router_aux_loss": zero, "router_z_loss": zero, "router_loss": zero}
+    else:
+        aux = router_losses(psum_router_stats(stats, moe_opts.token_axes))
+        aux["router_loss"] = (cfg.moe.router_aux_loss_coef * aux["router_aux_loss"]
+                              + cfg.moe.router_z_loss_coef * aux["router_z_loss"])
+    return out, cache, aux

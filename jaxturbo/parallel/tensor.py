@@ -20,6 +20,9 @@ per device; a model with 2 KV heads at P=8 holds 4 copies of each).
 The KV cache is sharded the same way, on its head axis.
 
 Constraints are checked up front (`check_tensor_parallel`), naming the tensor sizes that work.
+Training (`jaxturbo.train.step`) runs the same per-device forward on this layout, with the
+parameters also split over `fsdp` (`jaxturbo.train.sharding`), and needs tp | KV heads
+(`check_tensor_training`).  Inference treats `fsdp` like `data` (`check_mesh`, `row_axes`).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from jax.sharding import PartitionSpec as P
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.layers import GATE_UP_W, QKV_B, QKV_W
-from jaxturbo.models.transformer import Cache, Params, forward, init_cache
-from jaxturbo.parallel.axes import DATA, TENSOR, divisors
+from jaxturbo.models.transformer import Cache, PagedCache, Params, forward, init_cache
+from jaxturbo.parallel.axes import BATCH_AXES, DATA, FSDP, SEQUENCE, TENSOR, divisors
 
 # Per-layer parameter suffix -> spec of the stacked [L, ...] array.
 _COLUMN = P(None, TENSOR, None)
@@ -96,18 +99,63 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
                             f"choose a tensor size from {choices}")
 
 
+def valid_training_tensor_sizes(cfg: ModelConfig) -> list[int]:
+    """Tensor sizes training can use: those of `valid_tensor_sizes` that also divide the KV
+    heads (no replication: copies of a KV head would be updated apart)."""
+    return [d for d in valid_tensor_sizes(cfg) if cfg.num_key_value_heads % d == 0]
+
+
+def check_tensor_training(cfg: ModelConfig, tp: int) -> None:
+    """`check_tensor_parallel` for a train step, which also needs tp | KV heads: inference
+    replicates KV heads when tp > K (`replicate_kv_heads`), but trained copies would drift
+    apart.  Raises UserError naming the sizes that train."""
+    if tp == 1:
+        return
+    if cfg.moe is not None:
+        raise UserError(f"training a {cfg.model_type} (mixture-of-experts) model with tensor={tp} "
+                        "is not implemented; put those devices on the data or fsdp axis")
+    choices = "{" + ", ".join(map(str, valid_training_tensor_sizes(cfg))) + "}"
+    try:
+        check_tensor_parallel(cfg, tp)
+    except UserError as e:
+        raise UserError(f"training with {str(e).split(';')[0]}; choose a tensor size from "
+                        f"{choices}") from None
+    if cfg.num_key_value_heads % tp:
+        raise UserError(
+            f"training with tensor axis {tp}: it does not divide the {cfg.num_key_value_heads} KV "
+            f"heads (inference replicates KV heads, training would update the copies apart); "
+            f"choose a tensor size from {choices}")
+
+
 def check_mesh(cfg: ModelConfig, mesh: Mesh, batch: int | None = None) -> None:
-    """Model/mesh compatibility for tensor (+ data) parallel inference."""
+    """Model/mesh compatibility for tensor (+ data) parallel inference.
+
+    Inference treats `fsdp` like `data` (rows split over data x fsdp, parameters replicated
+    there; sharding them only pays off for optimizer state), so a training preset such as
+    tpu-v5p-64 (fsdp 8 x tensor 4) serves generate and ppl as 8 row groups x TP 4.
+    """
     sizes = dict(mesh.shape)
-    for ax in ("fsdp", "sequence"):
-        if sizes.get(ax, 1) != 1:
-            raise UserError(f"tensor-parallel inference uses the axes data and tensor; mesh axis "
-                            f"{ax}={sizes[ax]} must be 1 (sequence parallelism: jaxturbo.parallel.sequence)")
-    check_tensor_parallel(cfg, sizes.get(TENSOR, 1))
-    dp = sizes.get(DATA, 1)
+    seq, fsdp, tp = sizes.get(SEQUENCE, 1), sizes.get(FSDP, 1), sizes.get(TENSOR, 1)
+    if seq != 1:
+        raise UserError(
+            f"tensor-parallel inference uses the axes data, fsdp (as data) and tensor; mesh axis "
+            f"sequence={seq} must be 1 (sequence parallelism is for training: jaxturbo sft "
+            f"--sequence-parallel); put those devices on data, e.g. --mesh "
+            f"data={sizes.get(DATA, 1) * seq},fsdp={fsdp},tensor={tp}")
+    check_tensor_parallel(cfg, tp)
+    dp = sizes.get(DATA, 1) * fsdp
     if batch is not None and batch % dp:
-        raise UserError(f"batch {batch} is not divisible by the data axis {dp}; "
+        what = "the data axis" if fsdp == 1 else "data x fsdp"
+        raise UserError(f"batch {batch} is not divisible by {what} {dp}; "
                         f"use a batch that is a multiple of {dp}")
+
+
+def row_axes(mesh: Mesh) -> tuple[str, ...] | None:
+    """The PartitionSpec entry splitting inference rows: the batch axes of size > 1 (data, and
+    fsdp treated as data), None when every one is 1."""
+    sizes = dict(mesh.shape)
+    axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    return axes or None
 
 
 def tensor_size(mesh: Mesh) -> int:
@@ -165,9 +213,17 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh) -> Params:
     return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
 
 
-def cache_specs(mesh: Mesh) -> dict[str, P]:
-    """Cache {"k","v": [L, B, S, K, hd], "lengths": [B]}: batch over data, heads over tensor."""
-    b = DATA if dict(mesh.shape).get(DATA, 1) > 1 else None
+def cache_specs(mesh: Mesh, cache: Cache | PagedCache | None = None) -> dict[str, P] | PagedCache:
+    """Cache {"k","v": [L, B, S, K, hd], "lengths": [B]}: batch over data (and fsdp, treated as
+    data: `row_axes`), heads over tensor.
+
+    For a `PagedCache` (pass it as `cache`): a PagedCache of specs, the pages [L, N, P, K, hd]
+    split on their KV-head axis, the batch layout replicated."""
+    if isinstance(cache, PagedCache):
+        pages, rep = P(None, None, None, TENSOR, None), P()
+        return dataclasses.replace(cache, k_pages=pages, v_pages=pages, slot_mapping=rep,
+                                   page_tables=rep, seq_lens=rep, query_start_loc=rep)
+    b = row_axes(mesh)
     kv = P(None, b, None, TENSOR, None)
     return {"k": kv, "v": kv, "lengths": P(b)}
 
@@ -202,7 +258,7 @@ class TensorParallel:
                  attn_impl: str = "auto", return_hidden: bool = False,
                  unroll: bool | None = None) -> tuple[jax.Array, Cache | None]:
         check_mesh(cfg, self.mesh, tokens.shape[0])
-        b = DATA if dict(self.mesh.shape).get(DATA, 1) > 1 else None
+        b = row_axes(self.mesh)
         unroll = self.unroll if unroll is None else unroll
 
         def local(params, tokens, positions, segment_ids, cache, lengths):
@@ -212,7 +268,7 @@ class TensorParallel:
                            skip_allreduce=self.skip_allreduce)
 
         rows = P(b, None)
-        cspec = None if cache is None else cache_specs(self.mesh)
+        cspec = None if cache is None else cache_specs(self.mesh, cache)
         fn = jax.shard_map(
             local, mesh=self.mesh,
             in_specs=(param_specs(params), rows, rows, rows, cspec, P(b)),

@@ -47,7 +47,7 @@ def test_stop_checks_every_few_steps_without_changing_tokens():
     tokens are 2 chunks of 16 and a tail of 5.  Greedy tokens still equal transformers'; with
     every row stopped early, the loop ends at the first chunk boundary (16 streamed steps, not
     37) and skips the tail."""
-    from jaxturbo.inference.generate import STOP_CHECK_EVERY
+    from jaxturbo.inference.generation import STOP_CHECK_EVERY
     assert STOP_CHECK_EVERY == 16
     model, cfg, params = tiny_hf_model("llama", seed=4)
     prompts = [[5, 6, 7], [9, 3]]
@@ -81,7 +81,7 @@ def test_prefill_logits_are_each_rows_last_prompt_token():
     transformers' last-position logits of each prompt alone (rows right-padded to 11)."""
     import jax.numpy as jnp
 
-    from jaxturbo.inference.generate import prefill
+    from jaxturbo.inference.generation import prefill
     from jaxturbo.models.transformer import forward, init_cache
 
     model, cfg, params = tiny_hf_model("qwen2", seed=2)

@@ -200,7 +200,9 @@ class KVCacheManager:
             self._num_queries += 1
             self._query_tokens += request.num_tokens
             self._hit_tokens += len(new_computed_pages) * ps
-        num_full = end // ps
+        # a page is registered once its tokens are known (a trailing placeholder token of
+        # asynchronous scheduling is not): a later allocation registers it
+        num_full = min(end, request.num_known_tokens) // ps
         if request.hash_generation == self._generation and num_full > request.num_cached_pages:
             hashes = self._page_hashes(request, num_full)
             for i in range(request.num_cached_pages, num_full):

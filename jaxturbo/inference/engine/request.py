@@ -13,6 +13,9 @@ from typing import Any
 from jaxturbo.errors import UserError
 
 MAX_TOKEN_ID = 2**31 - 1  # token ids travel to the device as int32
+# An output token sampled on device whose value the host has not read yet (asynchronous
+# scheduling): the model runner feeds the device-side value in its place.
+PLACEHOLDER_TOKEN = -1
 
 
 class FinishReason(enum.Enum):
@@ -159,6 +162,24 @@ class Request:
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
 
+    def set_output_token(self, index: int, token_id: int) -> None:
+        """Replace output token `index` (a PLACEHOLDER_TOKEN) by the value the device sampled."""
+        self.output_token_ids[index] = token_id
+        self._all_token_ids[self.num_prompt_tokens + index] = token_id
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Leading tokens whose values the host knows: all but trailing placeholders."""
+        n = self.num_tokens
+        while n > self.num_prompt_tokens and self._all_token_ids[n - 1] == PLACEHOLDER_TOKEN:
+            n -= 1
+        return n
+
+    def is_stop_token(self, token_id: int) -> bool:
+        """A stop token id, or EOS unless ignore_eos."""
+        return token_id in self.stop_token_ids or (not self.ignore_eos
+                                                   and token_id in self.eos_token_ids)
+
     def stop_reason(self, max_model_len: int) -> FinishReason | None:
         """Whether the last generated token ends the request.
 
@@ -167,8 +188,7 @@ class Request:
         """
         if not self.output_token_ids:
             return None
-        last = self.output_token_ids[-1]
-        if last in self.stop_token_ids or (not self.ignore_eos and last in self.eos_token_ids):
+        if self.is_stop_token(self.output_token_ids[-1]):
             return FinishReason.STOP
         if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
             return FinishReason.LENGTH

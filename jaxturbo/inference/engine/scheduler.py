@@ -11,6 +11,13 @@ back to the waiting queue with its generated tokens, to be recomputed as part of
 Protocol: `schedule()`, run the step, `update_from_output(sampled)`, repeat.  The step handed to
 the runner must run as scheduled even if a request of it is aborted meanwhile: another request of
 the same step may read pages it writes (prefix hits are registered at allocation).
+
+Asynchronous scheduling splits `update_from_output` in two, so that step N+1 is scheduled while
+the device still computes step N's tokens: `commit_step()` accounts for the step with a
+PLACEHOLDER_TOKEN per sampled token (length limits apply at once), `schedule()` may then run,
+and `resolve_tokens(sampled)` fills in the values (stop tokens apply then) before the next
+`commit_step()`.  A request that a stop token ends may thus be computed in one more step, whose
+token is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from jaxturbo.errors import UserError
 from jaxturbo.inference.engine.config import EngineConfig
 from jaxturbo.inference.engine.kv_cache_manager import KVCacheManager, KVCacheStats
 from jaxturbo.inference.engine.policy import PriorityFCFS, SchedulingPolicy
-from jaxturbo.inference.engine.request import FinishReason, Request, RequestStatus
+from jaxturbo.inference.engine.request import (PLACEHOLDER_TOKEN, FinishReason, Request,
+                                               RequestStatus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +120,9 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._arrivals = 0
         self._pending: list[tuple[Request, ScheduledRequest]] | None = None
+        # asynchronous scheduling: (request, output index, finish reason at commit) per token
+        # committed as a placeholder and not resolved yet
+        self._awaiting: list[tuple[Request, int, FinishReason | None]] | None = None
         self._finished_ids: list[str] = []
         self._num_preemptions = 0
         self._num_steps = 0
@@ -249,6 +260,9 @@ class Scheduler:
         tokens, append the sampled token of each request whose step samples, apply the stop rules
         (stop ids / EOS -> "stop", max_tokens / max_model_len -> "length") and free finished
         requests' pages.  Requests finished or aborted since `schedule()` are skipped."""
+        if self._awaiting is not None:
+            raise RuntimeError("update_from_output() with committed tokens unresolved: call "
+                               "resolve_tokens() first")
         pending, self._pending = self._pending, None
         if pending is None:
             if sampled:
@@ -274,6 +288,61 @@ class Scheduler:
                 self._finish(request, reason)
             outputs.append(RequestOutput(sr.request_id, token, reason))
         return outputs
+
+    # -- asynchronous scheduling ----------------------------------------------------------------
+    def commit_step(self) -> None:
+        """Account for the scheduled step before its tokens are known: advance every scheduled
+        request's computed tokens and append a PLACEHOLDER_TOKEN for each sampled one; a request
+        that thereby reaches max_tokens / max_model_len finishes now (pages freed: the device
+        runs steps in order, so the step in flight is done with them before a later step
+        reuses them).  `schedule()` may follow; `resolve_tokens()` must come before the next
+        commit."""
+        if self._awaiting is not None:
+            raise RuntimeError("commit_step() with the previous step's tokens unresolved: call "
+                               "resolve_tokens() first")
+        pending, self._pending = self._pending, None
+        awaiting: list[tuple[Request, int, FinishReason | None]] = []
+        for request, sr in pending or ():
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += sr.num_tokens
+            if not sr.samples:
+                continue
+            request.append_output_token(PLACEHOLDER_TOKEN)
+            reason = request.stop_reason(self.config.max_model_len)  # a length limit only
+            if reason is not None:
+                self._finish(request, reason)
+            awaiting.append((request, request.num_output_tokens - 1, reason))
+        self._awaiting = awaiting
+
+    def resolve_tokens(self, sampled: Mapping[str, int]) -> list[RequestOutput]:
+        """Fill in the tokens of the last committed step and apply the stop tokens (a stop
+        token on a request the length limit ended relabels it "stop").  Requests finished or
+        aborted since the commit are skipped (sampled may leave them out)."""
+        awaiting, self._awaiting = self._awaiting, None
+        if awaiting is None:
+            if sampled:
+                raise RuntimeError(f"tokens for {sorted(sampled)} but no step is committed")
+            return []
+        outputs = []
+        for request, index, reason in awaiting:
+            if request.is_finished and reason is None:
+                continue  # finished after the commit (abort, stop string)
+            token = int(sampled[request.request_id])
+            request.set_output_token(index, token)
+            if request.is_stop_token(token):
+                if reason is None:
+                    self._finish(request, FinishReason.STOP)
+                else:  # its pages are gone already; only the reported reason changes
+                    request.status = RequestStatus.FINISHED_STOPPED
+                reason = FinishReason.STOP
+            outputs.append(RequestOutput(request.request_id, token, reason))
+        return outputs
+
+    @property
+    def has_unresolved(self) -> bool:
+        """Whether a committed step's tokens await `resolve_tokens`."""
+        return self._awaiting is not None
 
     # -- introspection ------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
