@@ -8,6 +8,11 @@ the per-layer tensors are stacked on a leading layer axis:
     "layers": {suffix: [L, ...]}             HF "model.layers.{i}.{suffix}" == layers[suffix][i]
 
 so import/export is a name map plus stack/unstack, and a round trip keeps every bit.
+Mixture-of-experts layers (`jaxturbo.models.moe`) also stack HF's per-expert tensors on an
+expert axis: "model.layers.{i}.mlp.experts.{j}.gate_proj.weight" == layers[
+"mlp.experts.gate_proj.weight"][i, j] (up_proj, down_proj alike); exports write that per-expert
+form, as transformers' `save_pretrained` does, and imports also read transformers' fused
+in-memory form ("mlp.experts.gate_up_proj" [E, 2F, D], gate rows first; "mlp.experts.down_proj").
 Directories are written atomically (`<out>.tmp-XXXX`, then a rename).
 """
 
@@ -26,6 +31,7 @@ import numpy as np
 from jaxturbo.bridge.safetensors_io import read_safetensors, write_safetensors
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.moe import EXPERT_STACKS, moe_layer_shapes
 
 Params = dict[str, Any]
 
@@ -39,6 +45,9 @@ TOKENIZER_FILES = (
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # buffers some checkpoints carry that are recomputed, not learned
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+# one expert's projection (checkpoints) and transformers' fused expert stacks (state dicts)
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -71,6 +80,48 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                     "self_attn.v_proj.bias": (kv,)})
     if cfg.qk_norm:
         out.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
+    if cfg.moe is not None:  # sparse MLP: router and expert stacks instead of the dense MLP
+        for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            del out[n]
+        out.update(moe_layer_shapes(cfg.moe, d))
+    return out
+
+
+def stack_experts(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF expert tensors (per expert, or transformers' fused stacks) -> one [E, ...] stack per
+    layer and projection, named "model.layers.{i}.mlp.experts.{proj}.weight"; others as given."""
+    out: dict[str, np.ndarray] = {}
+    per: dict[tuple[str, str], list[np.ndarray | None]] = {}
+    n_exp = cfg.moe.num_experts if cfg.moe is not None else 0
+    for name, a in tensors.items():
+        m, f = _EXPERT.match(name), _FUSED_EXPERTS.match(name)
+        if m and n_exp:
+            prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
+            if j >= n_exp:
+                raise UserError(f"tensor {name} is expert {j}, but config.json has "
+                                f"num_experts={n_exp}; config.json and the weights do not match")
+            per.setdefault((prefix, proj), [None] * n_exp)[j] = a
+        elif f and n_exp and f.group(2) == "gate_up_proj":
+            if a.ndim != 3 or a.shape[1] % 2:
+                raise UserError(f"tensor {name} has shape {list(a.shape)}; expected "
+                                "[experts, 2 * moe_intermediate_size, hidden]")
+            half = a.shape[1] // 2
+            out[f"{f.group(1)}.gate_proj.weight"] = a[:, :half]
+            out[f"{f.group(1)}.up_proj.weight"] = a[:, half:]
+        elif f and n_exp:
+            out[f"{f.group(1)}.down_proj.weight"] = a
+        else:
+            out[name] = a
+    for (prefix, proj), xs in per.items():
+        missing = [j for j, x in enumerate(xs) if x is None]
+        if missing:
+            raise UserError(f"weights lack tensor {prefix}.{missing[0]}.{proj}.weight "
+                            f"(and {len(missing) - 1} more experts) that config.json's "
+                            f"num_experts={n_exp} requires")
+        if len({(x.shape, x.dtype) for x in xs}) > 1:
+            raise UserError(f"the experts of {prefix} disagree on the shape or dtype of {proj}: "
+                            f"{sorted({(tuple(x.shape), str(x.dtype)) for x in xs})}")
+        out[f"{prefix}.{proj}.weight"] = np.stack(xs)
     return out
 
 
@@ -78,6 +129,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> Param
     """HF-named tensors -> params with stacked layers (numpy).  Validates names and shapes."""
     gshape, lshape = global_shapes(cfg), layer_shapes(cfg)
     n_layers = cfg.num_hidden_layers
+    tensors = stack_experts(tensors, cfg)
     per_layer: dict[str, list[np.ndarray | None]] = {s: [None] * n_layers for s in lshape}
     params: Params = {}
     for name, a in tensors.items():
@@ -138,7 +190,12 @@ def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
         stacked[s] = _checked(f"layers[{s!r}]", np.asarray(layers[s]), (cfg.num_hidden_layers, *want))
     for i in range(cfg.num_hidden_layers):
         for s in lshape:
-            out[f"model.layers.{i}.{s}"] = stacked[s][i]
+            if s in EXPERT_STACKS:  # one tensor per expert, as save_pretrained writes them
+                for j in range(stacked[s].shape[1]):
+                    out[f"model.layers.{i}.{s.replace('.experts.', f'.experts.{j}.')}"] = \
+                        stacked[s][i, j]
+            else:
+                out[f"model.layers.{i}.{s}"] = stacked[s][i]
     return out
 
 

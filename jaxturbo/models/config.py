@@ -1,8 +1,9 @@
 """Model configuration: a frozen dataclass read from (and written back to) HF `config.json`.
 
 One `ModelConfig` describes every supported decoder family: Llama (incl. llama3 RoPE scaling,
-tied embeddings), Qwen2 (QKV bias) and Qwen3 (per-head q/k RMSNorm).  Validation happens here,
-before anything is compiled, with messages that name the bad value.
+tied embeddings), Qwen2 (QKV bias), Qwen3 (per-head q/k RMSNorm), and the mixture-of-experts
+Qwen3-MoE and Qwen2-MoE (their router and experts in `MoEConfig`, held as `ModelConfig.moe`).
+Validation happens here, before anything is compiled, with messages that name the bad value.
 """
 
 from __future__ import annotations
@@ -19,13 +20,71 @@ FAMILIES: dict[str, tuple[str, bool, bool]] = {
     "llama": ("LlamaForCausalLM", False, False),
     "qwen2": ("Qwen2ForCausalLM", True, False),
     "qwen3": ("Qwen3ForCausalLM", False, True),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", False, True),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", True, False),
 }
+
+# mixture-of-experts families -> whether their sparse layers add a gated shared expert
+MOE_FAMILIES: dict[str, bool] = {"qwen3_moe": False, "qwen2_moe": True}
 
 # model_types of jaxturbo's own HF exports that read back as a family (the residual mode is in
 # the config's "jaxturbo" block): ladder/hybrid checkpoints carry their own modeling file.
 MODEL_TYPE_ALIASES = {"ladder_llama": "llama"}
 
 RESIDUAL_MODES = ("standard", "ladder", "hybrid", "parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of Qwen3-MoE / Qwen2-MoE (HF field names): a softmax router picks
+    `num_experts_per_tok` of `num_experts` SwiGLU experts of width `moe_intermediate_size` per
+    token (their probabilities renormalised to sum 1 when `norm_topk_prob`); Qwen2-MoE adds a
+    shared expert of width `shared_expert_intermediate_size` behind a sigmoid gate.
+
+    Layer i is sparse when i is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0
+    (HF's rule); jaxturbo runs models whose every layer is sparse (Qwen3-30B-A3B,
+    Qwen1.5-MoE-A2.7B) and refuses mixed ones.  Training adds `router_aux_loss_coef` times the
+    load-balancing loss and `router_z_loss_coef` times the router z-loss."""
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 1024
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has the sparse MLP (HF's Qwen-MoE rule)."""
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+    def validate(self, num_layers: int) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "decoder_sparse_step"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"config {name}={getattr(self, name)} must be a positive integer")
+        if self.num_experts_per_tok > self.num_experts:
+            raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be at most "
+                            f"num_experts={self.num_experts}")
+        if self.shared_expert_intermediate_size < 0:
+            raise UserError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size}"
+                            " must be >= 0 (0: no shared expert)")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not float(getattr(self, name)) >= 0:
+                raise UserError(f"config {name}={getattr(self, name)} must be >= 0")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(f"mlp_only_layers={list(self.mlp_only_layers)} holds layer {bad[0]}, "
+                            f"outside [0, {num_layers})")
+        dense = [i for i in range(num_layers) if not self.is_sparse(i)]
+        if dense:
+            field = (f"mlp_only_layers={list(self.mlp_only_layers)}" if self.mlp_only_layers
+                     else f"decoder_sparse_step={self.decoder_sparse_step}")
+            raise UserError(f"{field} makes layer(s) {dense[:4]} dense: models with dense MLP "
+                            "layers are not supported by the mixture-of-experts families; every "
+                            "layer must be sparse (decoder_sparse_step=1, mlp_only_layers=[])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +111,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    moe: MoEConfig | None = None  # the sparse MLP of the MoE families (None: dense SwiGLU)
     # jaxturbo-only fields (kept out of the HF fields when they have their default value)
     residual_mode: str = "standard"
     ladder_layers: int = 0  # for residual_mode="hybrid": ladder on the last N layers
@@ -77,6 +137,19 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if (self.moe is None) == (self.model_type in MOE_FAMILIES):
+            raise UserError(
+                f"model_type={self.model_type!r} " + ("needs its mixture-of-experts fields "
+                "(moe=MoEConfig(...))" if self.moe is None else "is dense: moe must be None; "
+                f"mixture-of-experts families: {', '.join(sorted(MOE_FAMILIES))}"))
+        if self.moe is not None:
+            self.moe.validate(self.num_hidden_layers)
+            shared = self.moe.shared_expert_intermediate_size
+            if MOE_FAMILIES[self.model_type] != (shared > 0):
+                raise UserError(
+                    f"shared_expert_intermediate_size={shared}: {self.model_type} "
+                    + ("has a shared expert (must be > 0)" if MOE_FAMILIES[self.model_type]
+                       else "has no shared expert (must be 0)"))
         if self.hidden_act not in ("silu", "swish"):
             raise UserError(f"unsupported hidden_act={self.hidden_act!r}; supported: silu")
         if self.residual_mode not in RESIDUAL_MODES:
@@ -119,7 +192,13 @@ class ModelConfig:
             attn += hd * (hq + 2 * hk)
         if self.qk_norm:
             attn += 2 * hd
-        layer = attn + 3 * d * f + 2 * d
+        mlp = 3 * d * f
+        if self.moe is not None:  # router + experts (+ shared expert and its gate)
+            m = self.moe
+            mlp = m.num_experts * (d + 3 * d * m.moe_intermediate_size)
+            if m.shared_expert_intermediate_size:
+                mlp += 3 * d * m.shared_expert_intermediate_size + d
+        layer = attn + mlp + 2 * d
         emb = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + emb + d
 
@@ -169,12 +248,14 @@ class ModelConfig:
             rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", bias_default)),
+            # Qwen2-MoE names its q/k/v bias switch qkv_bias
+            attention_bias=bool(d.get("attention_bias", d.get("qkv_bias", bias_default))),
             qk_norm=qk_norm,
             hidden_act=d.get("hidden_act", "silu"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos_t,
             pad_token_id=d.get("pad_token_id"),
+            moe=moe_from_hf_dict(d) if model_type in MOE_FAMILIES else None,
             residual_mode=jt.get("residual_mode", "standard"),
             ladder_layers=int(jt.get("ladder_layers", 0)),
         )
@@ -220,6 +301,54 @@ class ModelConfig:
         if self.model_type == "llama":
             d["attention_bias"] = self.attention_bias
             d["mlp_bias"] = False
+        if self.moe is not None:
+            d.update(moe_to_hf_dict(self.moe, self.model_type, self.attention_bias))
         if self.residual_mode != "standard":
             d["jaxturbo"] = {"residual_mode": self.residual_mode, "ladder_layers": self.ladder_layers}
         return d
+
+
+# ---------------------------------------------------------------------------------- MoE fields
+def moe_from_hf_dict(d: dict[str, Any]) -> MoEConfig:
+    """The MoEConfig of a Qwen3-MoE / Qwen2-MoE config dict (transformers' field names;
+    Qwen3MoeConfig.to_dict writes the expert count as `num_local_experts`)."""
+    n = d.get("num_experts", d.get("num_local_experts"))
+    for name, v in (("num_experts", n), ("num_experts_per_tok", d.get("num_experts_per_tok")),
+                    ("moe_intermediate_size", d.get("moe_intermediate_size"))):
+        if v is None:
+            raise UserError(f"config.json of a {d.get('model_type')} model lacks required field "
+                            f"{name!r}")
+    return MoEConfig(
+        num_experts=int(n),
+        num_experts_per_tok=int(d["num_experts_per_tok"]),
+        moe_intermediate_size=int(d["moe_intermediate_size"]),
+        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
+        mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
+        shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
+        if MOE_FAMILIES.get(d.get("model_type"), False) else 0,
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        router_z_loss_coef=float(d.get("router_z_loss_coef") or 0.0),
+    )
+
+
+def moe_to_hf_dict(moe: MoEConfig, model_type: str, attention_bias: bool) -> dict[str, Any]:
+    """The MoE fields of an HF config dict (and the family's own name for the q/k/v bias)."""
+    d: dict[str, Any] = {
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.num_experts_per_tok,
+        "moe_intermediate_size": moe.moe_intermediate_size,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "decoder_sparse_step": moe.decoder_sparse_step,
+        "mlp_only_layers": list(moe.mlp_only_layers),
+        "router_aux_loss_coef": moe.router_aux_loss_coef,
+        "output_router_logits": False,
+    }
+    if moe.router_z_loss_coef:
+        d["router_z_loss_coef"] = moe.router_z_loss_coef
+    if model_type == "qwen2_moe":
+        d["shared_expert_intermediate_size"] = moe.shared_expert_intermediate_size
+        d["qkv_bias"] = attention_bias
+    else:
+        d["attention_bias"] = attention_bias
+    return d

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.moe import moe_layer_shapes
 from jaxturbo.models.transformer import Params
 
 
@@ -36,6 +37,10 @@ def param_shapes(cfg: ModelConfig) -> Params:
                        "self_attn.v_proj.bias": (L, hk * hd)})
     if cfg.qk_norm:
         layers.update({"self_attn.q_norm.weight": (L, hd), "self_attn.k_norm.weight": (L, hd)})
+    if cfg.moe is not None:  # router and expert stacks instead of the dense MLP
+        for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            del layers[n]
+        layers.update({n: (L, *s) for n, s in moe_layer_shapes(cfg.moe, d).items()})
     tree: Params = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "layers": layers}
     if not cfg.tie_word_embeddings:
         tree["lm_head.weight"] = (v, d)

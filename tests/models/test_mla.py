@@ -59,7 +59,7 @@ def test_export_round_trip_loads_in_transformers(tiny, tmp_path):
 
 
 def test_perplexity_takes_an_mla_config(tiny):
-    """`jaxturbo.inference.perplexity` runs an MLAConfig model (the forward picked by
+    """`jaxturbo.inference.scoring` runs an MLAConfig model (the forward picked by
     `models.model_functions`): its NLL equals transformers' over the same two windows."""
     import torch
 
