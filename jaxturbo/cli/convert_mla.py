@@ -1,7 +1,7 @@
 """`jaxturbo convert-mla`: convert a GQA model to multi-head latent attention (CARE).
 
-Data, all from the tokens of --calib-data: the last --eval-windows x --eval-window tokens are
-held out and only scored (perplexity before/after); calibration reads the first
+Data, all from the tokens of --calib-data: the last --eval-tokens tokens are held out and only
+scored (perplexity before/after, in windows of --eval-window); calibration reads the first
 --calib-samples x --calib-len tokens before them, and healing trains on every position of
 consecutive --calib-len windows from the start of those same training tokens (cycled when the
 steps need more; overlapping the calibration tokens), never on a held-out token.
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="uniform latent width, or water-filled across layers and K/V")
     p.add_argument("--kv-budget", type=float, default=1.0,
                    help="(latent + rope key) per token as a fraction of the GQA K+V cache")
-    p.add_argument("--rope-dim", type=int, default=None, help="shared rope key width (default head_dim/2)")
+    p.add_argument("--rope-dim", type=int, default=None,
+                   help="shared rope key width (default: head_dim/2)")
     p.add_argument("--rope-layout", choices=LAYOUTS, default="geometric",
                    help="geometric: DeepSeek-exportable frequencies; free: jaxturbo-only")
     p.add_argument("--rope-criterion", choices=("energy", "rotation"), default="rotation",
@@ -52,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=32,
                    help="calibration windows, from the start of --calib-data")
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window")
-    p.add_argument("--eval-windows", type=int, default=4,
-                   help="perplexity windows before/after, the last tokens of --calib-data, "
-                        "held out from calibration and healing; 0 skips")
+    p.add_argument("--eval-tokens", type=int, default=2048,
+                   help="perplexity before/after of the last N tokens of --calib-data, held out "
+                        "from calibration and healing; 0 skips")
     p.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--heal-steps", type=int, default=0,
                    help="KL-distillation steps after conversion, trained on every token of "
@@ -72,9 +73,11 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("calib_samples", "calib_len", "eval_window", "heal_batch"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("heal_steps", "eval_windows"):
+    for name in ("heal_steps", "eval_tokens"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    if args.eval_tokens == 1:
+        raise UserError("--eval-tokens 1: a perplexity needs >= 2 tokens (0 skips it)")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"output directory {out} already exists and is not empty; choose another "
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jaxturbo.bridge import load_model
     from jaxturbo.bridge.deepseek import save_deepseek
-    from jaxturbo.inference import perplexity
+    from jaxturbo.inference import perplexity, window_plan
     from jaxturbo.convert.mla.calibrate import (attention_input_covariance, calibration_batches,
                                         split_held_out)
     from jaxturbo.convert.mla.convert import convert_to_mla
@@ -102,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
                         "convert-mla takes a GQA model (llama family)")
     params = jax.tree.map(np.asarray, params)
     ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
-    n_eval = args.eval_windows * args.eval_window
+    n_eval = args.eval_tokens
     if args.calib_samples * args.calib_len + n_eval > len(ids):
         raise UserError(f"{args.calib_data} has {len(ids)} tokens, fewer than calibration "
                         f"({args.calib_samples} x {args.calib_len}) plus evaluation ({n_eval}); "
-                        "lower --calib-samples/--calib-len/--eval-windows")
+                        "lower --calib-samples/--calib-len/--eval-tokens")
     # the scored tokens are held out: calibration and healing see only train_ids
     train_ids, eval_ids = split_held_out(ids, n_eval)
     batches = calibration_batches(train_ids, args.calib_samples, args.calib_len)
@@ -137,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         "heal": [0, sum(b.size for b in hb)],
         "evaluation": [len(train_ids), len(ids)]}
     if n_eval:
-        with tqdm(total=2 * args.eval_windows, desc="perplexity", unit="window") as bar:
+        windows = len(window_plan(n_eval, args.eval_window, args.eval_window))
+        with tqdm(total=2 * windows, desc="perplexity", unit="window") as bar:
             summary["ppl_before"] = perplexity(params, cfg, eval_ids, window=args.eval_window,
                                                progress=bar.update).perplexity
             summary["ppl_after"] = mla_perplexity(mparams, res.cfg, eval_ids,

@@ -7,8 +7,13 @@ import sys
 
 import numpy as np
 
-from jaxturbo.cli.common import (add_mesh_argument, add_model_arguments,
-                                       tensor_parallel_setup, use_decode_xla_flags)
+from jaxturbo.cli.common import (
+    add_mesh_argument,
+    add_model_arguments,
+    tensor_parallel_setup,
+    use_decode_xla_flags,
+)
+from jaxturbo.data.chat import encode_prompts, has_chat_template, stop_ids_for
 from jaxturbo.errors import UserError
 
 NAME = "generate"
@@ -20,11 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_mesh_argument(p)
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for a batch; only the first is streamed)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample within the top-p probability mass (1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user turn with the model's chat template")
     p.add_argument("--no-stream", action="store_true", help="print only when done")
@@ -49,34 +57,6 @@ class _Streamer:
             self.printed = len(text)
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
-    """Token ids per prompt; with `chat`, each becomes a user turn plus the assistant header."""
-    out = []
-    for text in prompts:
-        if chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise UserError("--chat: this model's tokenizer has no chat template")
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            out.append(list(ids))
-        else:
-            out.append(tokenizer.encode(text, add_special_tokens=True))
-    return out
-
-
-def stop_ids_for(cfg, tokenizer) -> list[int]:
-    ids = set(cfg.eos_token_id)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for special in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(special)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            ids.add(tid)
-    return sorted(ids)
-
-
 def run(args: argparse.Namespace) -> int:
     use_decode_xla_flags()
     from jaxturbo.bridge import load_model
@@ -85,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     cfg, params, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.chat and not has_chat_template(tokenizer):
+        raise UserError("--chat: this model's tokenizer has no chat template")
     prompts = encode_prompts(tokenizer, args.prompt, args.chat)
     check_mesh_supported(cfg, args.mesh)  # MLA: one device only
     params, mesh = tensor_parallel_setup(args.mesh, cfg, params, len(prompts))  # before any output

@@ -7,8 +7,12 @@ import argparse
 import numpy as np
 from tqdm import tqdm
 
-from jaxturbo.cli.common import (add_mesh_argument, add_model_arguments, read_text_file,
-                                       tensor_parallel_setup)
+from jaxturbo.cli.common import (
+    add_mesh_argument,
+    add_model_arguments,
+    read_text_file,
+    tensor_parallel_setup,
+)
 from jaxturbo.errors import UserError
 
 NAME = "ppl"
@@ -23,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: window, i.e. disjoint windows)")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="score only the first N tokens of the file")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+                   help="score only the first N tokens of the file (default: all)")
+    p.add_argument("--windows-per-batch", type=int, default=4, help="windows per forward pass")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     text = read_text_file(args.data)
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UserError(f"--max-tokens {args.max_tokens} must be >= 2")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.windows_per_batch < 1:
+        raise UserError(f"--windows-per-batch {args.windows_per_batch} must be >= 1")
     cfg, params, tokenizer = load_model(args.model, dtype=args.dtype)
     check_mesh_supported(cfg, args.mesh)  # MLA: one device only
-    params, mesh = tensor_parallel_setup(args.mesh, cfg, params, args.batch_size)
+    params, mesh = tensor_parallel_setup(args.mesh, cfg, params, args.windows_per_batch)
     if args.window > cfg.max_position_embeddings:
         raise UserError(f"--window {args.window} is larger than the model's context of "
                         f"{cfg.max_position_embeddings} tokens; choose a window <= "
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     n_windows = len(window_plan(len(ids), args.window, stride)) if 1 <= stride else 0
     with tqdm(total=n_windows, desc="perplexity", unit="window") as bar:
         res = perplexity(params, cfg, ids, window=args.window, stride=stride,
-                         batch_size=args.batch_size, progress=bar.update,
+                         batch_size=args.windows_per_batch, progress=bar.update,
                          model_fn=None if mesh is None else TensorParallel(mesh))
     print(f"tokens scored: {res.tokens_scored} in {res.windows} windows of {args.window}")
     print(f"perplexity: {res.perplexity:.4f}")

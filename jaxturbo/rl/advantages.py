@@ -24,7 +24,9 @@ critic would regress to (for outcome estimators, the advantage itself, as in ver
                         G_t = r_t + gamma G_{t+1}, whitened over all policy tokens of the batch.
   reinforce_plus_plus_baseline  REINFORCE++ with the group mean as baseline: (r_i - mean_g r)
                         on every token, whitened over the batch.
-A group of one rollout has no baseline: grpo/rloo give it advantage 0.
+A group of one rollout has no baseline (its advantage would be 0 whatever its reward): the
+estimators with a group baseline (`GROUP_BASELINE_ESTIMATORS`) refuse groups of one
+(`check_group_size`).
 
 Multi-turn trajectories (`multi_turn_advantages`): "trajectory" level gives every policy token
 the GRPO advantage of the episode's total reward; "step" level gives the tokens of turn k the
@@ -195,6 +197,17 @@ def _reinforce_pp_baseline(token_rewards, mask, *, group_ids=None, values=None,
     centred = group_normalize(_scores(token_rewards, mask), valid, g, scale_by_std=False)
     ret = _broadcast(centred, mask)
     return masked_whiten(ret, mask), ret
+
+
+# the estimators whose baseline is the prompt's group: groups need >= 2 rollouts
+GROUP_BASELINE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
+
+
+def check_group_size(adv_estimator: str, group_size: int) -> None:
+    """ValueError when `adv_estimator` has a group baseline and groups hold fewer than 2."""
+    if group_size < 2 and adv_estimator in GROUP_BASELINE_ESTIMATORS:
+        raise ValueError(f"group_size={group_size}: {adv_estimator} needs >= 2 rollouts per "
+                         "prompt for its baseline")
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {

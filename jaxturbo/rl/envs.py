@@ -87,9 +87,9 @@ class HeldOutSplit:
         n, space = self.held_out_size, self.distinct_problems()
         if not 0 <= n < space:
             raise UserError(
-                f"held-out set of {n} problems (--eval-problems): must be >= 0 and leave "
-                f"training problems among the {space} distinct ones of {self._describe()}; use "
-                f"at most {space - 1}, or more distinct problems (e.g. a larger --max-operand)")
+                f"held-out set of {n} problems must be >= 0 and leave training problems "
+                f"among the {space} distinct ones of {self._describe()}; use at most "
+                f"{space - 1}, or more distinct problems (e.g. a larger max_operand)")
         rng = np.random.default_rng(self.held_out_seed)
         held: dict[Hashable, np.ndarray] = {}
         while len(held) < n:  # distinct keys, in the order first drawn

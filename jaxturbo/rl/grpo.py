@@ -37,6 +37,10 @@ Advantages: `multi_turn_advantage="trajectory"` (default) puts the episode rewar
 normalised over the group's turns).  The whole trajectory is one packed rollout whose weights
 are 1 on policy tokens only, so prompts and tool output never train; the behaviour logprobs of
 the policy tokens sit at the same target positions for the ratio.
+The step splits into a data side and an update, which is how the shared training loop
+(`jaxturbo.train.trainer`, used by `jaxturbo.rl.run`) drives it: `next_rollouts()` (steps 1-3,
+the rollout stream, whose position is `data_state()`) and `update(state, rollouts)` (steps
+4-6); `step()` is one of each.
 Not here yet: several updates per batch.
 """
 
@@ -55,7 +59,7 @@ import numpy as np
 from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
-from jaxturbo.rl.advantages import AdvantageConfig, multi_turn_advantages
+from jaxturbo.rl.advantages import AdvantageConfig, check_group_size, multi_turn_advantages
 from jaxturbo.rl.aggregation import aggregate
 from jaxturbo.rl.batch import build_batch
 from jaxturbo.rl.envs import Task
@@ -152,14 +156,13 @@ def _train_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: OptimizerCon
 
 
 def check_rl_mesh(mesh: Any) -> int:
-    """RL learners shard over data and fsdp only: a UserError naming that otherwise.  Returns
-    the number of row shards (data * fsdp)."""
-    bad = {a: mesh.shape.get(a, 1) for a in ("tensor", "sequence") if mesh.shape.get(a, 1) > 1}
+    """RL learners shard over data, fsdp and tensor (not sequence: rollouts are short): a
+    UserError naming that otherwise.  Returns the number of row shards (data * fsdp)."""
+    bad = {a: mesh.shape.get(a, 1) for a in ("sequence",) if mesh.shape.get(a, 1) > 1}
     if bad:
         desc = ",".join(f"{a}={n}" for a, n in bad.items())
-        raise UserError(f"jaxturbo rl --mesh supports the data and fsdp axes only, got {desc}; "
-                        f"use e.g. --mesh data={mesh.devices.size} or "
-                        f"data=1,fsdp={mesh.devices.size}")
+        raise UserError(f"RL learners support the data, fsdp and tensor mesh axes (got {desc}); "
+                        f"use e.g. data={mesh.devices.size} or data=1,fsdp={mesh.devices.size}")
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
@@ -176,9 +179,7 @@ class GRPOLearner:
                  train: TrainConfig = TrainConfig(compute_dtype="float32"),
                  engine: RolloutEngine | None = None, stop_ids: tuple[int, ...] = (),
                  seed: int = 0, mesh: Any = None):
-        if cfg.group_size < 2 and cfg.advantage.adv_estimator in ("grpo", "rloo"):
-            raise ValueError(f"group_size={cfg.group_size}: {cfg.advantage.adv_estimator} needs "
-                             ">= 2 rollouts per prompt for its baseline")
+        check_group_size(cfg.advantage.adv_estimator, cfg.group_size)
         self.model_cfg, self.task, self.cfg, self.stop_ids = model_cfg, task, cfg, stop_ids
         self.mesh = mesh
         self.num_shards = 1 if mesh is None else check_rl_mesh(mesh)
@@ -213,23 +214,36 @@ class GRPOLearner:
         # step count and sampler state it continues from
         self._producer: _Producer | None = None
 
-    def checkpoint_state(self) -> tuple[Any, dict[str, Any]]:
-        """(TrainState, JSON-able host state: steps taken, problem sampler's RNG) to save.
-
-        The RNG state is the one batch `steps` started from: in async mode the rollout thread
-        may already have drawn the next batches' problems."""
+    def data_state(self) -> dict[str, Any]:
+        """The rollout stream's position, JSON-able: steps taken and the problem sampler's RNG
+        state that batch `steps` starts from (in async mode the rollout thread may already
+        have drawn the next batches' problems)."""
         with self._rng_lock:
             rng_state = self._rng_at.get(self.steps, self.rng.bit_generator.state)
             self._rng_at = {i: v for i, v in self._rng_at.items() if i >= self.steps}
-        return self.state, {"steps": self.steps, "numpy_rng": rng_state}
+        return {"steps": self.steps, "numpy_rng": rng_state}
+
+    def set_data_state(self, host: dict[str, Any]) -> None:
+        """Continue the rollout stream from `data_state()`'s output (before the first rollouts
+        only)."""
+        if self._producer is not None:
+            raise RuntimeError("set_data_state() after the async rollout thread started")
+        self.steps = int(host["steps"])
+        self.rng.bit_generator.state = host["numpy_rng"]
+
+    def load_state(self, state: Any) -> None:
+        """Make `state` (a restored TrainState) the policy: the learner's and the engine's."""
+        self.state = state
+        self.engine.update_weights(state.params)
+
+    def checkpoint_state(self) -> tuple[Any, dict[str, Any]]:
+        """(TrainState, `data_state()`) to save."""
+        return self.state, self.data_state()
 
     def restore(self, state: Any, host: dict[str, Any]) -> None:
         """Continue from `checkpoint_state()`'s output (before the first `step` only)."""
-        if self._producer is not None:
-            raise RuntimeError("restore() after the async rollout thread started")
-        self.state, self.steps = state, int(host["steps"])
-        self.rng.bit_generator.state = host["numpy_rng"]
-        self.engine.update_weights(self.state.params)
+        self.set_data_state(host)
+        self.load_state(state)
 
     def _collect(self, index: int) -> tuple[list, dict[str, float]]:
         """Rollouts (single-turn tasks) or `Episode`s (a `MultiTurnTask`) of batch `index`."""
@@ -279,8 +293,10 @@ class GRPOLearner:
                 eps=adv.epsilon))
         return rollouts, step_level, longest
 
-    def step(self) -> dict[str, float]:
-        """One rollout batch and one optimizer step; returns float metrics."""
+    def next_rollouts(self) -> tuple[Batch, dict[str, float]]:
+        """The next batch of the rollout stream: sampled (or taken from the async thread),
+        scored, advantages, packed rows ({} when every group was filtered out), with the
+        rollout metrics."""
         cfg = self.cfg
         if cfg.rollout_mode == "async" and self._producer is None:
             self._producer = _Producer(self._collect, cfg.max_staleness, start=self.steps)
@@ -295,23 +311,38 @@ class GRPOLearner:
                                    dynamic_filter=cfg.dynamic_filter, num_shards=self.num_shards,
                                    advantage_fn=adv_fn)
         metrics.update(stats)
+        return batch, metrics
+
+    def update(self, state: Any, rollouts: tuple[Batch, dict[str, float]]) -> tuple[Any, dict]:
+        """One optimizer step of `state` (a TrainState) on `next_rollouts()`'s output; the new
+        weights go to the engine.  Returns (new state, float metrics: the rollout metrics and
+        the step's)."""
+        cfg = self.cfg
+        batch, metrics = rollouts
+        metrics = dict(metrics)
         if batch:
             b = shd.put_batch(batch, self.mesh)
             if self.ref_params is not None:
                 b["ref_logprobs"] = self._ref_logprobs(self.ref_params, batch=b)
             if self._producer is not None:
-                prox = self._ref_logprobs(self.state.params, batch=b)
+                prox = self._ref_logprobs(state.params, batch=b)
                 b["is_weights"] = truncated_is_weights(prox, b["old_logprobs"], cfg.tis_cap)
                 b["old_logprobs"] = prox
                 m_w = b["weights"]
                 metrics["is_weight_mean"] = float(jnp.sum(b["is_weights"] * m_w) /
                                                   jnp.maximum(jnp.sum(m_w), 1.0))
-            self.state, m = self.train_step(self.state, b)
+            state, m = self.train_step(state, b)
             metrics.update({k: float(v) for k, v in m.items()})
-            self.engine.update_weights(self.state.params)
+            self.engine.update_weights(state.params)
+        self.state = state
         self.steps += 1
         if self._producer is not None:
             self._producer.finished(self.steps)
+        return state, metrics
+
+    def step(self) -> dict[str, float]:
+        """One rollout batch and one optimizer step; returns float metrics."""
+        _, metrics = self.update(self.state, self.next_rollouts())
         return metrics
 
 

@@ -12,10 +12,13 @@ Policy losses (`PolicyLossConfig.policy_loss`, verl's names):
            and dual-clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 4): for
            A < 0 the loss is further capped at -c A (c > 1), so a huge r on a bad token cannot
            blow up the step.
-  gspo     the same clipped objective on a sequence-level ratio (GSPO, Zheng et al. 2025, the
-           token form of eq. 9): s_i = exp(mean_{t in i} (log pi - log pi_old)), and per token
+  gspo     GSPO (Zheng et al. 2025): the clipped objective on the sequence-level ratio
+           s_i = exp(mean_{t in i} (log pi - log pi_old)), clipped per sequence, averaged over
+           sequences (eq. 5-7).  Computed in the token form of eq. 9: per token
            s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)], equal to s_i in value and carrying each
-           token's own gradient.
+           token's own gradient; with one advantage per sequence and seq-mean-token-mean
+           aggregation its value and gradient are the sequence objective's.  Its defaults are
+           the paper's: clip range [1 - 3e-4, 1 + 4e-4], seq-mean-token-mean, no dual clip.
 """
 
 from __future__ import annotations
@@ -31,36 +34,62 @@ from jaxturbo.train.losses import Weighted
 POLICY_LOSSES = ("vanilla", "gspo")
 
 
+# per policy loss: (clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode) when not given.
+# vanilla: PPO's 0.2 / 0.2 and verl's dual clip 3.0; gspo: the GSPO paper's objective (sec. 5.1
+# ranges, sequence mean, no dual clip)
+POLICY_LOSS_DEFAULTS = {
+    "vanilla": (0.2, 0.2, 3.0, "token-mean"),
+    "gspo": (3e-4, 4e-4, None, "seq-mean-token-mean"),
+}
+# clip_ratio_c's "not given" (None already means "no dual clip")
+DEFAULT = "default"
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
-    """How the policy-gradient loss is formed.
+    """How the policy-gradient loss is formed.  Fields left unset take the policy loss's
+    defaults (`POLICY_LOSS_DEFAULTS`), filled in at construction (so `dataclasses.replace` of
+    the policy loss keeps the other fields' filled values: build a new config instead).
 
     policy_loss: "vanilla" (PPO token ratio) or "gspo" (sequence ratio, Zheng et al. 2025).
     clip_ratio_low / clip_ratio_high: eps_low, eps_high of the ratio clip [1 - eps_low,
-      1 + eps_high] (PPO uses 0.2 / 0.2; DAPO raises eps_high to 0.28; GSPO uses ~3e-4 / 4e-4).
+      1 + eps_high] (PPO uses 0.2 / 0.2; DAPO raises eps_high to 0.28; GSPO uses 3e-4 / 4e-4).
     clip_ratio_c: dual-clip constant c > 1 for negative advantages (Ye et al. 2020; verl's default
-      3.0); None turns dual-clip off.
+      3.0 for vanilla); None turns dual-clip off (gspo's default).
     loss_agg_mode: one of LOSS_AGG_MODES (see `jaxturbo.rl.aggregation`).
     norm_length: the constant L of "seq-mean-token-sum-norm" (None: the row length T).
     """
 
     policy_loss: str = "vanilla"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float | None = 3.0
-    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: float | None = None
+    clip_ratio_high: float | None = None
+    clip_ratio_c: float | None | str = DEFAULT
+    loss_agg_mode: str | None = None
     norm_length: float | None = None
 
     def __post_init__(self) -> None:
         if self.policy_loss not in POLICY_LOSSES:
             raise ValueError(f"policy_loss {self.policy_loss!r}; choose one of {POLICY_LOSSES}")
+        low, high, dual, mode = POLICY_LOSS_DEFAULTS[self.policy_loss]
+        # frozen: fill the unset fields once, so the stored config says what runs
+        if self.clip_ratio_low is None:
+            object.__setattr__(self, "clip_ratio_low", low)
+        if self.clip_ratio_high is None:
+            object.__setattr__(self, "clip_ratio_high", high)
+        if self.clip_ratio_c == DEFAULT:
+            object.__setattr__(self, "clip_ratio_c", dual)
+        if self.loss_agg_mode is None:
+            object.__setattr__(self, "loss_agg_mode", mode)
         if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg_mode {self.loss_agg_mode!r}; choose one of {LOSS_AGG_MODES}")
+            raise ValueError(f"loss_agg_mode {self.loss_agg_mode!r}; choose one of "
+                             f"{LOSS_AGG_MODES}")
         if not (0.0 <= self.clip_ratio_low < 1.0 and self.clip_ratio_high >= 0.0):
             raise ValueError(f"clip ranges need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0 "
                              f"(got {self.clip_ratio_low}, {self.clip_ratio_high})")
-        if self.clip_ratio_c is not None and self.clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c={self.clip_ratio_c} must be > 1 (or None for no dual-clip)")
+        if self.clip_ratio_c is not None and not (isinstance(self.clip_ratio_c, (int, float))
+                                                  and self.clip_ratio_c > 1.0):
+            raise ValueError(f"clip_ratio_c={self.clip_ratio_c} must be > 1 (or None for no "
+                             "dual-clip)")
 
 
 def sequence_log_ratio(log_ratio: jax.Array, mask: jax.Array,
@@ -153,11 +182,12 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
                segment_ids: jax.Array | None = None) -> tuple[Weighted, dict[str, jax.Array]]:
     """Clipped value loss (PPO2 baselines; Engstrom et al. 2020 discuss it), all inputs [B, T]:
 
-        v_clip = v_old + clip(v - v_old, -eps_v, eps_v)
+        v_clip = clip(v, v_old - eps_v, v_old + eps_v)
         L = 0.5 * max((v - R)**2, (v_clip - R)**2)
 
     cliprange_value None gives the plain 0.5 (v - R)**2.  Metric vf_clipfrac: the clipped term
-    is the larger one.
+    is the larger one.  v is clipped to the range itself (not v_old + clip(v - v_old)), so a v
+    inside the range is v_clip exactly and never counts as clipped through rounding.
     """
     v = values.astype(jnp.float32)
     r = returns.astype(jnp.float32)
@@ -166,7 +196,7 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
         loss, hit = plain, jnp.zeros_like(plain)
     else:
         v_old = old_values.astype(jnp.float32)
-        v_clip = v_old + jnp.clip(v - v_old, -cliprange_value, cliprange_value)
+        v_clip = jnp.clip(v, v_old - cliprange_value, v_old + cliprange_value)
         clipped = (v_clip - r) ** 2
         loss, hit = jnp.maximum(plain, clipped), (clipped > plain).astype(jnp.float32)
     m = mask.astype(jnp.float32)

@@ -14,6 +14,9 @@ Ouyang et al. 2022), one policy/value update per batch:
 The critic is one linear head [D] on the policy's final hidden state (a shared trunk: no second
 model in memory; verl and OpenRLHF use a separate critic model, not done here).
 Parameters: {"policy": model params, "value_head": {"weight": [D]}}.
+As GRPOLearner, a step is `next_rollouts()` (step 1, the rollout stream) and `update(state,
+rollouts)` (steps 2-4, which need the current critic), the form the shared training loop
+drives (`jaxturbo.rl.run`).
 """
 
 from __future__ import annotations
@@ -121,32 +124,52 @@ class PPOLearner:
         self.rng = np.random.default_rng(seed)
         self.steps = 0
 
+    def data_state(self) -> dict[str, Any]:
+        """The rollout stream's position, JSON-able: steps taken, the problem sampler's RNG."""
+        return {"steps": self.steps, "numpy_rng": self.rng.bit_generator.state}
+
+    def set_data_state(self, host: dict[str, Any]) -> None:
+        """Continue the rollout stream from `data_state()`'s output."""
+        self.steps = int(host["steps"])
+        self.rng.bit_generator.state = host["numpy_rng"]
+
+    def load_state(self, state: Any) -> None:
+        """Make `state` (a restored TrainState) the policy and critic, the engine's too."""
+        self.state = state
+        self.engine.update_weights(state.params["policy"])
+
     def checkpoint_state(self) -> tuple[Any, dict[str, Any]]:
-        """(TrainState, JSON-able host state: steps taken, problem sampler's RNG) to save."""
-        return self.state, {"steps": self.steps, "numpy_rng": self.rng.bit_generator.state}
+        """(TrainState, `data_state()`) to save."""
+        return self.state, self.data_state()
 
     def restore(self, state: Any, host: dict[str, Any]) -> None:
         """Continue from `checkpoint_state()`'s output: policy, value head, optimizer, RNGs."""
-        self.state, self.steps = state, int(host["steps"])
-        self.rng.bit_generator.state = host["numpy_rng"]
-        self.engine.update_weights(self.state.params["policy"])
+        self.set_data_state(host)
+        self.load_state(state)
 
-    def step(self) -> dict[str, float]:
-        """One rollout batch and one optimizer step; returns float metrics."""
+    def next_rollouts(self) -> tuple[list, dict[str, float]]:
+        """The next rollouts of the stream (scored by the task) and their metrics."""
         cfg = self.cfg
-        rollouts, metrics = collect_rollouts(
+        return collect_rollouts(
             self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
             SamplingParams(temperature=cfg.temperature), max_new_tokens=cfg.max_new_tokens,
             rng=self.rng, stop_ids=self.stop_ids, seed=self.steps)
+
+    def update(self, state: Any, rollouts: tuple[list, dict[str, float]]) -> tuple[Any, dict]:
+        """Values from `state`'s critic, GAE, packed rows and one optimizer step; the new policy
+        goes to the engine.  Returns (new state, float metrics)."""
+        cfg = self.cfg
+        rollouts, metrics = rollouts
+        metrics = dict(metrics)
         prompts = [r.prompt for r in rollouts]
         comps = [r.completion for r in rollouts]
         rows = {k: jnp.asarray(v) for k, v in padded_sequences(prompts, comps).items()}
-        _, values = self._score(self.state.params, rows)
+        _, values = self._score(state.params, rows)
         arr = response_arrays(rollouts)
         mask, rewards = arr["mask"], arr["token_rewards"]
         old_values = _completion_aligned(np.asarray(values), prompts, comps, mask.shape[1])
         if self.ref_params is not None:
-            logits, _ = self._score({**self.state.params, "policy": self.ref_params}, rows)
+            logits, _ = self._score({**state.params, "policy": self.ref_params}, rows)
             ref = logprobs_from_logits(logits, rows["targets"], cfg.temperature)
             ref_lp = _completion_aligned(np.asarray(ref), prompts, comps, mask.shape[1])
             old_lp = np.zeros_like(ref_lp)  # behaviour logprobs from the engine, same layout
@@ -163,10 +186,16 @@ class PPOLearner:
         batch = pack_rollouts(rollouts, np.asarray(adv), seq_len=cfg.seq_len, min_rows=min_rows,
                               extras={"old_values": old_values, "returns": np.asarray(ret)})
         metrics.update(reward_mean=float(np.mean([r.reward for r in rollouts])), kept=float(n))
-        self.state, m = self.train_step(self.state, {k: jnp.asarray(v) for k, v in batch.items()})
+        state, m = self.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
         metrics.update({k: float(v) for k, v in m.items()})
-        self.engine.update_weights(self.state.params["policy"])
+        self.engine.update_weights(state.params["policy"])
+        self.state = state
         self.steps += 1
+        return state, metrics
+
+    def step(self) -> dict[str, float]:
+        """One rollout batch and one optimizer step; returns float metrics."""
+        _, metrics = self.update(self.state, self.next_rollouts())
         return metrics
 
 

@@ -10,7 +10,7 @@ scores under temperature 1.  `score` gives the same numbers for tokens that are 
 which is how engines are checked against the trainer's policy.
 
 Engines ("rollout_engine"):
-  jax  `jaxturbo.inference.generate` in this process.  Weight sync is a device_put into the
+  jax  `jaxturbo.inference.generation` in this process.  Weight sync is a device_put into the
        sampler's dtype and layout (pass `shardings` for a sub-mesh; the trainer's float32
        FSDP layout is resharded there, on device).  With `mesh` (a data/fsdp training mesh)
        the sampler's params are replicated on it and the prompt rows split over its batch
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxturbo.errors import UserError
-from jaxturbo.inference.generate import generate
+from jaxturbo.inference.generation import generate
 from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params
@@ -208,7 +208,7 @@ class VLLMEngine:
     def __init__(self, cfg: ModelConfig, params: Params | None = None, *, model_dir: str,
                  dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
         if not vllm_available():
-            raise UserError("--rollout-engine vllm: vllm is not installed in this environment "
+            raise UserError("rollout_engine=vllm: vllm is not installed in this environment "
                             "(pip install vllm on a GPU machine); choose jax or hf")
         import vllm  # lazily: vLLM is optional and slow to import
 

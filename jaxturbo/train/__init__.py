@@ -1,1 +1,2 @@
-"""Training core: losses, optimizer, sharded train step, checkpoints, the SFT loop."""
+"""Training core: losses, optimizer, sharded train step, checkpoints, the training loop shared
+by SFT and RL (trainer), the SFT run (sft)."""

@@ -1,6 +1,7 @@
 """Training checkpoints with orbax: async, keep the last K, atomic, restorable onto any mesh.
 
-A checkpoint `DIR/<step>/` holds three items:
+A checkpoint `DIR/<step>/` holds three items (`read_params` reads the params and meta of one
+without knowing the rest of the state, e.g. for an HF export):
   state  the TrainState (step, float32 params, optimizer state, RNG), as sharded arrays
   data   the data iterator's state (JSON), so the batch stream continues where it stopped
   meta   what the run was (model config, optimizer/train config, batch shape, data file):
@@ -15,7 +16,7 @@ to host memory; the write to disk overlaps the next training steps.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -82,7 +83,7 @@ class Checkpointer:
         if diffs:
             raise UserError(f"cannot resume from {self.directory}/{step}: the checkpoint was made "
                             f"by a different run ({'; '.join(diffs)}); use the original settings "
-                            "or a new --out directory")
+                            "or a new output directory")
         got = self._mgr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()))
         return got["state"], got["data"]
@@ -94,3 +95,55 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.wait_until_finished()
         self._mgr.close()
+
+
+def _step_dir(path: Path, step: int | None) -> Path:
+    """The directory of one complete checkpoint step: `path` itself, or the newest (or `step`)
+    under a checkpoints/ directory or a run directory holding one."""
+    if (path / "state").is_dir() and (path / "meta").is_dir():
+        if step is not None and path.name != str(step):
+            raise UserError(f"{path} is the checkpoint of step {path.name}, not {step}")
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()
+                   and (p / "state").is_dir()) if path.is_dir() else []
+    if not steps:
+        raise UserError(f"no checkpoint in {path}: give a run directory, its checkpoints/ or one "
+                        "step's directory (checkpoints/<step>)")
+    if step is None:
+        return path / str(steps[-1])
+    if step not in steps:
+        raise UserError(f"no checkpoint of step {step} in {path}; steps there: "
+                        f"{', '.join(map(str, steps))}")
+    return path / str(step)
+
+
+class SavedParams(NamedTuple):
+    """A checkpoint's params: `step`, its `directory` (checkpoints/<step>), the run's `meta`
+    (model config, settings) and `params`."""
+
+    step: int
+    directory: Path
+    meta: dict[str, Any]
+    params: Any
+
+
+def read_params(path: str | Path, step: int | None = None) -> SavedParams:
+    """The params of a saved checkpoint as numpy arrays (float32 master weights; an RL PPO
+    run's are {"policy", "value_head"}), with nothing else of the state read: no optimizer
+    moments, no devices.  `path`: a run directory, its checkpoints/, or one step's directory;
+    the newest step unless `step`."""
+    d = _step_dir(Path(path).absolute(), step)
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(d / "meta")
+    reader = ocp.PyTreeCheckpointer()
+    tree = reader.metadata(d / "state").item_metadata.tree
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise UserError(f"{d} holds no training state with params")
+    import numpy as np
+    item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree["params"])}
+    args = {"params": jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
+                                   tree["params"])}
+    got = reader.restore(d / "state", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=True))
+    return SavedParams(int(d.name), d, meta, got["params"])

@@ -1,4 +1,5 @@
-"""Throughput accounting: model FLOPs per token, device peak FLOP/s, MFU; metrics JSONL."""
+"""Throughput accounting: model FLOPs per token, device peak FLOP/s, MFU; metrics JSONL and
+TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -63,3 +64,37 @@ class JsonlWriter:
 
     def read(self) -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+class TensorBoardWriter:
+    """A run's numbers as TensorBoard event files (tensorboardX): each record's numeric values
+    as scalars tagged "<kind>/<name>" at its step.  Without tensorboardX installed it says so
+    once on stderr and writes nothing.  purge_step: a resumed run's first step (events the
+    interrupted run wrote from there on are dropped)."""
+
+    def __init__(self, logdir: str | Path, purge_step: int | None = None):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            import sys
+            print("TensorBoard: not written (tensorboardX is not installed)", file=sys.stderr)
+            self._writer = None
+            return
+        import time
+        # event files are read in name order and named by the second they were opened: a
+        # resumed run within the same second would reuse (truncate) the interrupted run's file
+        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step,
+                                     filename_suffix=f".{time.time_ns():020d}")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        kind, step = record.get("kind", "train"), int(record["step"])
+        for k, v in record.items():
+            numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if numeric and k not in ("kind", "step"):
+                self._writer.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

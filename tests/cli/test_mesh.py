@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jaxturbo.data import WIKITEXT2_VALID
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
@@ -22,7 +24,7 @@ def run(*argv):
 gen = ["generate", "--model", sys.argv[1], "--prompt", "The capital of France is",
        "--max-new-tokens", "8", "--no-stream"]
 ppl = ["ppl", "--model", sys.argv[1], "--data", sys.argv[2], "--max-tokens", "300",
-       "--window", "128", "--batch-size", "3"]
+       "--window", "128", "--windows-per-batch", "3"]
 for argv in (gen, gen + ["--mesh", "tensor=3"], ppl, ppl + ["--mesh", "tensor=3"]):
     code, out = run(*argv)
     print(f"=== {code}")

@@ -8,18 +8,19 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxturbo.cli import main
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--algo", "ppo", "--group-size", "0"], "--group-size >= 1 for ppo"),
+    (["--algo", "ppo", "--group-size", "0"], "--group-size 0 must be >= 1 for ppo"),
     (["--rollout-engine", "vllm"], "vllm is not installed"),
-    (["--group-size", "1"], "--group-size >= 2 for grpo"),
+    (["--group-size", "1"], "--group-size 1 must be >= 2 for grpo"),
     (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
     (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
-    (["--resume"], "--resume needs --save-every N >= 1"),
+    (["--resume", "--no-checkpoint"], "--resume needs checkpoints"),
     # operands in [0, 9], order ignored: 55 distinct sums, all of them held out
     (["--max-operand", "9", "--eval-problems", "55"], "held-out set of 55 problems"),
 ])
@@ -54,6 +55,37 @@ def tiny_rl_model(tmp_path_factory) -> Path:
     return d
 
 
+# character ids of the tiny model's tokenizer, for logits comparisons
+TOKENS = np.array([[3, 11, 5, 12, 8, 13, 1, 11, 2, 12, 4, 13]], np.int32)
+
+
+def hf_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    """transformers' float32 logits of an HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def checkpoint_logits(run: Path, tokens: np.ndarray, policy: bool = False) -> np.ndarray:
+    """jaxturbo's logits with the params of a run's newest checkpoint (an rl ppo run's policy)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxturbo.models.config import ModelConfig
+    from jaxturbo.models.transformer import forward
+    from jaxturbo.train.checkpoint import read_params
+
+    saved = read_params(run)
+    params = saved.params["policy"] if policy else saved.params
+    cfg = ModelConfig.from_hf_dict(saved.meta["model"])
+    logits, _ = forward(jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens),
+                        attn_impl="xla")
+    return np.asarray(logits)
+
+
 def _rl(model: Path, out: Path, *extra: str) -> int:
     return main(["rl", "--model", str(model), "--out", str(out), "--prompts-per-step", "4",
                  "--group-size", "4", "--max-new-tokens", "3", "--max-operand", "3",
@@ -66,18 +98,25 @@ def _records(out: Path, kind: str) -> list[dict]:
 
 
 def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeypatch, capsys):
-    # without --save-every the run must not import orbax (absent on the GPU machine)
+    # with --no-checkpoint the run must not import orbax (absent on the GPU machine)
     for mod in ("orbax", "orbax.checkpoint", "jaxturbo.train.checkpoint"):
         monkeypatch.setitem(sys.modules, mod, None)
-    import jaxturbo.rl.grpo as grpo
-    from jaxturbo.inference import decode
+    import jax
 
-    cache_sizes, held, trained = [], [], []
+    import jaxturbo.rl.grpo as grpo
+
+    compiles, held, trained = [], [], []
     real, real_collect = grpo.mean_reward, grpo.collect_rollouts
+    compiled = {"n": 0}
+
+    def count_compiles(name, secs, **kw):
+        compiled["n"] += name == "/jax/core/compile/backend_compile_duration"
+    jax.monitoring.register_event_duration_secs_listener(count_compiles)
 
     def counted(engine, task, problems, **k):
+        before = compiled["n"]
         r = real(engine, task, problems, **k)
-        cache_sizes.append(decode._generate._cache_size())
+        compiles.append(compiled["n"] - before)  # XLA compilations during this evaluation
         held.append([task.decode(p.prompt) for p in problems])
         return r
 
@@ -88,7 +127,11 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
     monkeypatch.setattr(grpo, "mean_reward", counted)
     monkeypatch.setattr(grpo, "collect_rollouts", collect)
     out = tmp_path / "run"
-    assert _rl(tiny_rl_model, out, "--steps", "3", "--eval-every", "2") == 0
+    try:
+        assert _rl(tiny_rl_model, out, "--steps", "3", "--eval-every", "2", "--no-checkpoint",
+                   "--no-export") == 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count_compiles)
     err = capsys.readouterr().err
     # every evaluation scores the same 4 distinct problems, and no training prompt is one of
     # them in either operand order ("a+b=" read back from the prompt text)
@@ -98,12 +141,14 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
     assert len(trained) == 3 * 4 * 4 and not sums(held[0]) & sums(trained)
     assert [r["step"] for r in _records(out, "eval")] == [0, 2, 3]
     assert [r["step"] for r in _records(out, "train")] == [1, 2, 3]
-    assert len(set(cache_sizes[1:])) == 1, cache_sizes  # later evaluations compile nothing new
+    assert compiles[0] > 0 and compiles[1:] == [0, 0], compiles  # later ones compile nothing
     ev = json.loads((out / "eval.json").read_text())
     assert [c["step"] for c in ev["curve"]] == [0, 2, 3] and ev["rollout_tokens_per_s"] > 0
     assert ev["before"] == ev["curve"][0]["held_out_reward"]
     assert (out / "reward.png").stat().st_size > 0
     assert "step 3/3" in err and "held-out reward" in err and "rollout" in err.splitlines()[-1]
+    assert not (out / "checkpoints").exists() and not (out / "hf").exists()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 _COMPARE = ("reward_mean", "loss", "grad_norm", "kl", "pg_loss", "vf_loss", "kept",
@@ -127,15 +172,15 @@ def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch
         args += ("--max-operand", "1", "--eval-problems", "1")  # 3 distinct sums: 1 held out
     assert _rl(tiny_rl_model, full, *args) == 0
 
-    real_step = learner_cls.step
+    real_update = learner_cls.update
 
-    def crash_at_2(self):
+    def crash_at_2(self, state, rollouts):
         if self.steps == 2:
             raise KeyboardInterrupt  # the run dies after step 2's checkpoint
-        return real_step(self)
-    monkeypatch.setattr(learner_cls, "step", crash_at_2)
+        return real_update(self, state, rollouts)
+    monkeypatch.setattr(learner_cls, "update", crash_at_2)
     assert _rl(tiny_rl_model, cut, *args) != 0  # the CLI reports the interrupt
-    monkeypatch.setattr(learner_cls, "step", real_step)
+    monkeypatch.setattr(learner_cls, "update", real_update)
     assert _rl(tiny_rl_model, cut, *args, "--resume") == 0
 
     a, b = _records(full, "train"), _records(cut, "train")
@@ -168,3 +213,26 @@ def test_rl_cli_progress_bar_on_a_terminal(tiny_rl_model, tmp_path, monkeypatch)
     text = term.getvalue()
     assert "rl grpo" in text and "reward=" in text and "tok_s=" in text, text
     assert "step 1/2" not in text  # the bar replaces the per-step lines
+
+
+def test_rl_cli_final_checkpoint_and_hf_export(tiny_rl_model, tmp_path, capsys):
+    # by default: one checkpoint, at the end, and the final policy as an HF directory; ppo's
+    # checkpoint holds policy and value head, the export the policy alone
+    out = tmp_path / "ppo"
+    assert _rl(tiny_rl_model, out, "--algo", "ppo", "--steps", "2", "--eval-problems", "0",
+               "--group-size", "2", "--prompts-per-step", "2") == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    ours = checkpoint_logits(out, TOKENS, policy=True)
+    assert not np.allclose(hf_logits(tiny_rl_model, TOKENS), ours, atol=1e-4)  # it trained
+    np.testing.assert_allclose(hf_logits(out / "hf", TOKENS), ours, atol=1e-4, rtol=0)
+    # export-hf of one step's directory, tokenizer from the base model, cast to bfloat16
+    exp = tmp_path / "exp"
+    assert main(["export-hf", "--checkpoint", str(out / "checkpoints" / "2"), "--model",
+                 str(tiny_rl_model), "--dtype", "bfloat16", "--out", str(exp)]) == 0
+    assert "step 2" in capsys.readouterr().out
+    from safetensors import safe_open
+    with safe_open(next(exp.glob("*.safetensors")), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    np.testing.assert_allclose(hf_logits(exp, TOKENS), ours, atol=0.05, rtol=0)
+    assert (exp / "tokenizer.json").is_file()

@@ -155,3 +155,21 @@ def test_arithmetic_task_rewards_exact_answers():
     assert task.reward(p, tok.encode("7+1")) == 0.0
     assert task.reward(p, tok.encode("17")) == 0.0
     assert task.reward(p, tok.encode("=")) == 0.0 and task.reward(p, []) == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus_baseline"])
+def test_group_baseline_estimators_refuse_groups_of_one(estimator):
+    from jaxturbo.rl.advantages import AdvantageConfig
+    cfg = dataclasses.replace(BASE, group_size=1, advantage=AdvantageConfig(estimator))
+    with pytest.raises(ValueError, match=f"group_size=1: {estimator} needs >= 2 rollouts"):
+        GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg, optimizer=OPT)
+
+
+def test_reinforce_plus_plus_without_baseline_takes_groups_of_one():
+    from jaxturbo.rl.advantages import AdvantageConfig, check_group_size
+    check_group_size("reinforce_plus_plus", 1)  # no group baseline: a group of one is fine
+    cfg = dataclasses.replace(BASE, group_size=1, dynamic_filter=False,
+                              advantage=AdvantageConfig("reinforce_plus_plus"))
+    learner = GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg,
+                          optimizer=OPT)
+    assert learner.cfg.group_size == 1

@@ -18,7 +18,7 @@ from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16,
                   max_position_embeddings=64)
 TASK = TokenSetTask(32, frozenset(range(8)), prompt_len=3)
 BASE = GRPOConfig(prompts_per_step=4, group_size=4, max_new_tokens=4, seq_len=24, kl_coef=0.01)
@@ -54,11 +54,12 @@ def single():
 
 
 @needs_8
-@pytest.mark.parametrize("spec", ["data=2", "data=2,fsdp=2"])
+@pytest.mark.parametrize("spec", ["data=2", "data=2,fsdp=2", "data=2,tensor=2"])
 def test_grpo_mesh_equals_single_device(single, spec):
     ref, ref_learner = single
     got, learner = _run(spec, 3)
-    assert learner.num_shards == _size(spec)
+    rows = _size(",".join(p for p in spec.split(",") if not p.startswith("tensor")))
+    assert learner.num_shards == rows  # batch rows split over data x fsdp, not tensor
     # the train state lives on the mesh, FSDP-split where fsdp > 1
     emb = learner.state.params["model.embed_tokens.weight"]
     assert len(emb.sharding.device_set) == _size(spec)
@@ -85,20 +86,18 @@ def test_grpo_mesh_async_zero_staleness(single):
 
 
 @needs_8
-@pytest.mark.parametrize("spec, needle", [("tensor=2", "tensor=2"),
-                                          ("data=2,sequence=2", "sequence=2")])
-def test_grpo_refuses_tensor_and_sequence_meshes(spec, needle):
+@pytest.mark.parametrize("spec, needle", [("data=2,sequence=2", "sequence=2")])
+def test_grpo_refuses_sequence_meshes(spec, needle):
     mesh = make_mesh(spec, devices=jax.devices()[:_size(spec)])
     with pytest.raises(UserError) as e:
         GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, BASE, mesh=mesh)
     msg = str(e.value)
-    assert needle in msg and "data and fsdp" in msg and len(msg.splitlines()) == 1
+    assert needle in msg and "data, fsdp and tensor" in msg and len(msg.splitlines()) == 1
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--mesh", "tensor=2"], "supports the data and fsdp axes only (got tensor=2)"),
-    (["--mesh", "data=2,sequence=4"], "supports the data and fsdp axes only (got sequence=4)"),
-    (["--mesh", "data=2", "--algo", "ppo"], "--mesh is implemented for --algo grpo only"),
+    (["--mesh", "data=2,sequence=4"], "supports the data, fsdp and tensor axes (got sequence=4)"),
+    (["--mesh", "data=2", "--algo", "ppo"], "--mesh data=2 is implemented for --algo grpo only"),
 ])
 def test_rl_cli_refuses_bad_mesh(capsys, tmp_path, extra, needle):
     from jaxturbo.cli import main

@@ -175,13 +175,63 @@ def test_gspo_sequence_ratio_on_packed_rows():
     adv = jnp.array([[1.0, 1.0, -1.0, 0.0]])
     seg = jnp.array([[1, 1, 2, 0]])
     mask = jnp.array([[1, 1, 1, 0]])
-    cfg = PolicyLossConfig("gspo", clip_ratio_low=0.3, clip_ratio_high=0.3, clip_ratio_c=None)
+    cfg = PolicyLossConfig("gspo", clip_ratio_low=0.3, clip_ratio_high=0.3,
+                           loss_agg_mode="token-mean")
     loss, _ = policy_loss(logp, old, adv, mask, cfg, segment_ids=seg)
     # seg1 unclipped (1.2214 < 1.3): -1.221403 twice; seg2 clipped at .7: max(.670320, .7) = .7
     assert float(loss.total) == pytest.approx(-2 * 1.221403 + 0.7, abs=1e-5)
     g = jax.grad(lambda lp: policy_loss(lp, old, adv, mask, cfg, segment_ids=seg)[0].total)(logp)
     # each seg-1 token's gradient is -A * s (sequence ratio, token's own log-prob); seg 2 clipped
     A(g, [[-1.221403, -1.221403, 0.0, 0.0]], atol=1e-5)
+
+
+def _gspo_paper_loss(logp, old, adv, mask, low, high):
+    """The GSPO paper's objective (eq. 5-7), negated, written per sequence: one row is one
+    response, s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|), A_i its advantage."""
+    n = jnp.sum(mask, axis=1)
+    s = jnp.exp(jnp.sum((logp - old) * mask, axis=1) / n)
+    a = adv[:, 0]
+    return -jnp.mean(jnp.minimum(s * a, jnp.clip(s, 1.0 - low, 1.0 + high) * a))
+
+
+def test_gspo_defaults_are_the_papers_sequence_objective():
+    cfg = PolicyLossConfig("gspo")
+    assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c, cfg.loss_agg_mode) == (
+        3e-4, 4e-4, None, "seq-mean-token-mean")
+    # 8 responses of up to 6 tokens; per-token log-ratios around +-3e-4 put some sequence
+    # ratios inside the clip range and some outside, on both sides, for both advantage signs
+    rs = np.random.RandomState(0)
+    lengths = np.array([6, 3, 5, 1, 4, 6, 2, 5])
+    mask = jnp.asarray((np.arange(6)[None] < lengths[:, None]).astype(np.float32))
+    old = jnp.asarray(rs.uniform(-3, -1, (8, 6)), jnp.float32)
+    logp = old + jnp.asarray(rs.uniform(-8e-4, 8e-4, (8, 6)), jnp.float32)
+    adv = jnp.asarray(np.repeat(rs.choice([-1.5, -0.5, 0.7, 1.2], 8)[:, None], 6, 1), jnp.float32)
+    s = np.exp(np.asarray(jnp.sum((logp - old) * mask, 1) / mask.sum(1)))
+    assert ((s > 1 + 4e-4) | (s < 1 - 3e-4)).any() and ((s < 1 + 4e-4) & (s > 1 - 3e-4)).any()
+
+    ours = lambda lp: policy_loss(lp, old, adv, mask, cfg)[0].value()  # noqa: E731
+    paper = lambda lp: _gspo_paper_loss(lp, old, adv, mask, 3e-4, 4e-4)  # noqa: E731
+    np.testing.assert_allclose(float(ours(logp)), float(paper(logp)), rtol=1e-6, atol=1e-7)
+    g_ours, g_paper = jax.grad(ours)(logp), jax.grad(paper)(logp)
+    assert float(jnp.abs(g_paper).max()) > 0.01  # some sequences are unclipped: a gradient
+    A(g_ours, g_paper, rtol=1e-5, atol=1e-7)
+    # a large negative-advantage ratio is not dual-clipped: the paper's loss keeps growing
+    far = logp.at[0, :].add(2.0 * mask[0])
+    np.testing.assert_allclose(float(ours(far)), float(paper(far)), rtol=1e-6)
+
+
+def test_value_clip_counts_no_token_inside_the_range():
+    # every v within 0.4 of v_old, range 0.5: nothing is clipped, whatever the rounding of
+    # v_old + (v - v_old) (which differs from v for some of these float32 values)
+    rs = np.random.RandomState(0)
+    old64 = rs.uniform(-2, 2, (4, 64))
+    old = jnp.asarray(old64, jnp.float32)
+    v = jnp.asarray(old64 + rs.uniform(-0.4, 0.4, (4, 64)), jnp.float32)
+    ret = jnp.asarray(rs.uniform(-2, 2, (4, 64)), jnp.float32)
+    assert bool(jnp.any(old + (v - old) != v))  # the case the old formula miscounted
+    loss, m = value_loss(v, old, ret, jnp.ones((4, 64)), cliprange_value=0.5)
+    assert float(m["vf_clipfrac"]) == 0.0
+    assert float(loss.value()) == pytest.approx(float(0.5 * jnp.mean((v - ret) ** 2)), rel=1e-6)
 
 
 def test_entropy_and_value_loss():

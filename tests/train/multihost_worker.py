@@ -20,20 +20,20 @@ from jaxturbo.train.distributed import initialize  # noqa: E402
 initialize(f"localhost:{port}", nproc, pid)
 
 import jax  # noqa: E402
-
-from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
-from jaxturbo.models.init import init_params  # noqa: E402
-from jaxturbo.train.loop import RunConfig, train_sft  # noqa: E402
-from jaxturbo.train.optimizer import OptimizerConfig  # noqa: E402
-from jaxturbo.train.step import TrainConfig  # noqa: E402
 from sft_worker import CFG, docs  # noqa: E402
+
+from jaxturbo.models.init import init_params  # noqa: E402
+from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
+from jaxturbo.train.optimizer import OptimizerConfig  # noqa: E402
+from jaxturbo.train.sft import RunConfig, train_sft  # noqa: E402
+from jaxturbo.train.step import TrainConfig  # noqa: E402
 
 STEPS = 2
 run = RunConfig(out_dir=out, steps=STEPS, batch_size=8, seq_len=32, save_every=100, keep=1,
                 progress=False, plot=False)
-_, hist = train_sft(CFG, init_params(CFG, jax.random.key(0)), docs(), run,
-                    opt_cfg=OptimizerConfig(learning_rate=3e-3, warmup_steps=1, total_steps=STEPS),
-                    train_cfg=TrainConfig(compute_dtype="float32"), mesh=make_mesh("data=4,fsdp=2"),
-                    data_id="worker-docs")
+hist = train_sft(CFG, init_params(CFG, jax.random.key(0)), docs(), run,
+                 opt_cfg=OptimizerConfig(learning_rate=3e-3, warmup_steps=1, total_steps=STEPS),
+                 train_cfg=TrainConfig(compute_dtype="float32"), mesh=make_mesh("data=4,fsdp=2"),
+                 data_id="worker-docs").history
 if jax.process_index() == 0:
     print("LOSSES " + json.dumps([float(h["loss"]).hex() for h in hist]), flush=True)

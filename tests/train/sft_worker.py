@@ -18,8 +18,8 @@ import numpy as np
 
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.init import init_params
-from jaxturbo.train.loop import RunConfig, train_sft
 from jaxturbo.train.optimizer import OptimizerConfig
+from jaxturbo.train.sft import RunConfig, train_sft
 from jaxturbo.train.step import TrainConfig
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

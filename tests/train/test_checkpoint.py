@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 
 
-def _start(out: Path, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
-    # a compilation cache shared by the three processes: the resumed one skips compiling
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(out.parent / "xla-cache"),
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **cache, **(env_extra or {})}
+def _start(out: Path, cache: Path, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
+    # a compilation cache shared by the module's processes: only the first ones compile
+    compiled = {"JAX_COMPILATION_CACHE_DIR": str(cache),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **compiled, **(env_extra or {})}
     return subprocess.Popen([sys.executable, str(WORKER), str(out), str(STEPS), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -33,9 +33,35 @@ def _losses(lines) -> dict[int, str]:
     return {int(p[1]): p[2] for p in (ln.split() for ln in lines) if p and p[0] == "STEP"}
 
 
-def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
-    full = _start(tmp_path / "full")                     # runs alongside the one we kill
-    victim = _start(tmp_path / "killed", env_extra={"SFT_WORKER_SLEEP": "0.3"})
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="module")
+def full_losses(tmp_path_factory, xla_cache):
+    """The uninterrupted run both kill tests compare with, run once: started when the first of
+    them starts its victim (the two run side by side); calling the fixture's value waits for it
+    and returns {step: loss as float.hex}."""
+    full = _start(tmp_path_factory.mktemp("full") / "full", xla_cache)
+    losses: dict[int, str] = {}
+
+    def wait() -> dict[int, str]:
+        if not losses:
+            out_f, err_f = full.communicate(timeout=300)
+            assert full.returncode == 0, err_f[-2000:]
+            losses.update(_losses(out_f.splitlines()))
+        return losses
+
+    yield wait
+    if full.poll() is None:
+        full.kill()
+        full.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, xla_cache, full_losses):
+    victim = _start(tmp_path / "killed", xla_cache, env_extra={"SFT_WORKER_SLEEP": "0.3"})
     seen = []
     for line in victim.stdout:
         seen.append(line)
@@ -50,12 +76,10 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "junk").write_text("half written")
 
-    resumed = _start(tmp_path / "killed", "--resume")
+    resumed = _start(tmp_path / "killed", xla_cache, "--resume")
     out_r, err_r = resumed.communicate(timeout=300)
-    out_f, err_f = full.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-2000:]
-    assert full.returncode == 0, err_f[-2000:]
-    want, before, after = _losses(out_f.splitlines()), _losses(seen), _losses(out_r.splitlines())
+    want, before, after = full_losses(), _losses(seen), _losses(out_r.splitlines())
     assert sorted(want) == list(range(1, STEPS + 1))
     # it resumed from a checkpoint (not from scratch), and every step it ran matches exactly
     assert after and min(after) > 1 and max(after) == STEPS
@@ -68,13 +92,14 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path):
     assert [float(r["loss"]).hex() for r in rec] == [want[s] for s in range(1, STEPS + 1)]
 
 
-def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, xla_cache,
+                                                                   full_losses):
     """Killed inside the save of step 4 (saves every 2 steps) at a fixed point: every item of
     step 4 is written to orbax's temporary directory, the commit has not begun (the worker
     kills itself there, no timing involved).  Step 4 never becomes a checkpoint, the resumed run
     starts from step 2, repeats steps 3.. exactly, and the half-saved directory is removed."""
-    full = _start(tmp_path / "full")
-    victim = _start(tmp_path / "killed", env_extra={"SFT_WORKER_KILL_IN_SAVE": "4"})
+    victim = _start(tmp_path / "killed", xla_cache, env_extra={"SFT_WORKER_KILL_IN_SAVE": "4"})
     out_v, err_v = victim.communicate(timeout=300)
     assert victim.returncode == -signal.SIGKILL, err_v[-2000:]
     killed = [ln.split() for ln in out_v.splitlines() if ln.startswith("KILLED-IN-SAVE")]
@@ -88,12 +113,10 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     ckpt = Checkpointer(ckpts, every=2, keep=2)
     assert ckpt.latest_step() == 2, ckpt.all_steps()   # the interrupted save did not count
     ckpt.close()
-    resumed = _start(tmp_path / "killed", "--resume")
+    resumed = _start(tmp_path / "killed", xla_cache, "--resume")
     out_r, err_r = resumed.communicate(timeout=300)
-    out_f, err_f = full.communicate(timeout=300)
     assert resumed.returncode == 0, err_r[-2000:]
-    assert full.returncode == 0, err_f[-2000:]
-    want, after = _losses(out_f.splitlines()), _losses(out_r.splitlines())
+    want, after = full_losses(), _losses(out_r.splitlines())
     assert sorted(after) == [3, 4, 5, 6]
     assert {s: want[s] for s in after} == after
     assert not half.exists() and sorted(p.name for p in ckpts.iterdir()) == ["4", "6"]
