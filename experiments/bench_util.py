@@ -1,4 +1,6 @@
-"""Shared helpers for the benchmark scripts: timing, copy bandwidth, result tables."""
+"""Shared helpers for the benchmark scripts: timing, copy bandwidth, per-program memory, result
+tables.  Imported as `from experiments.bench_util import ...` (run scripts from the repository
+root as `python -m experiments.<topic>.<script>`); how the suite times is in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -41,15 +43,64 @@ def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, inner: int
     return sorted(ts)[len(ts) // 2]
 
 
+def time_difference(short: Callable[[], Any], long: Callable[[], Any], repeats: int = 3,
+                    what: str = "the difference",
+                    fix: str = "raise --reps") -> tuple[float, float, float]:
+    """(short s, long s, long - short s) of two programs that differ by the work being timed (e.g.
+    generate(1 token) and generate(N tokens): the difference is N-1 decode steps).
+
+    Each repetition times `short` and then `long` back to back, so that a change in the machine's
+    load moves both; the difference is the median of the pairs' differences (short and long are
+    the medians of their own times).  One warm-up call of each first.  Raises RuntimeError when
+    the difference is not positive: the work was below the timing noise, and any rate computed
+    from it would be made up; `what` names the difference and `fix` what to change."""
+    block(short())
+    block(long())
+    shorts, longs = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(short())
+        t1 = time.perf_counter()
+        block(long())
+        shorts.append(t1 - t0)
+        longs.append(time.perf_counter() - t1)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    diff = med([b - a for a, b in zip(shorts, longs)])
+    if diff <= 0:
+        raise RuntimeError(
+            f"{what} {diff * 1e3:.3f} ms <= 0: the long program took {med(longs) * 1e3:.3f} ms, "
+            f"the short one {med(shorts) * 1e3:.3f} ms (median of {repeats} back-to-back pairs); "
+            f"the timed work is below the timing noise: {fix}")
+    return med(shorts), med(longs), diff
+
+
+def compiled_bytes(compiled: Any) -> int | None:
+    """Device bytes XLA's buffer assignment gives one compiled program (`jax.jit(f).lower(...)
+    .compile()`): arguments + outputs not aliased to them + temporaries, per device.  A per-row
+    peak, unlike `peak_bytes_in_use`, which is the process's high-water mark over every row so
+    far.  None where the backend gives no memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
 def copy_bandwidth(nbytes: int) -> float:
-    """Device copy bandwidth in bytes/s, counting bytes read + written (METHOD.md)."""
+    """Device copy bandwidth in bytes/s of an elementwise pass over `nbytes` of float32, counting
+    bytes read + written: the practical HBM ceiling the floors are computed against."""
     x = jnp.arange(nbytes // 4, dtype=jnp.float32)
     f = jax.jit(lambda a: a * 1.0000001)
     t = time_fn(lambda: f(x), repeats=5)
     return 2 * nbytes / t
 
 
-def peak_memory() -> int | None:
+def process_peak_bytes() -> int | None:
+    """The allocator's high-water mark on device 0 over the whole process so far (never reset):
+    not a per-row figure; see `compiled_bytes` for one."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 

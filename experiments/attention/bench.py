@@ -1,18 +1,22 @@
 """Attention kernel benchmark: jaxturbo's Pallas kernels against cuDNN, XLA and JAX's shipped kernels.
 
-One run measures every implementation on every case (BENCHMARKS.md: "always measure the baseline
-in the same run"), forward and forward+backward, and decode attention's achieved bandwidth
-against a measured elementwise copy.  It writes a JSON file, a Markdown table and a plot, and
-prints the table last.
+One run measures every implementation on every case, baseline included, forward and
+forward+backward, and decode attention's achieved bandwidth against an elementwise copy measured
+in the same run.  It writes a JSON file, a Markdown table and a plot, and prints the table last.
 
-  python experiments/attention_bench.py --preset tiny          # CPU, interpret mode, seconds
-  python experiments/attention_bench.py --preset h100 --out D  # one H100, ~4 minutes
-  python experiments/attention_bench.py --preset full          # the whole BENCHMARKS.md grid
+  python -m experiments.attention.bench --preset tiny                 # CPU, interpret mode, seconds
+  python -m experiments.attention.bench --preset h100 --no-configs    # one H100, ~9 minutes
+  python -m experiments.attention.bench --preset h100 --only decode   # the decode tile sweep
+  python -m experiments.attention.bench --preset full                 # T up to 16K, every batch
+
+Files: OUT/<part>_<preset>.{json,md,png} with part grid (everything), attention or decode
+(`--only`); OUT defaults to experiments/attention/results.
 
 FLOPs: 4*B*H*T*S*D, halved for causal; forward+backward counted as 3.5x forward.  Each timing is
 the median over `reps` windows of `inner` back-to-back calls (the dispatch queue hides host
-overhead); compile and first run are excluded.  Peak memory is the process-wide
-`peak_bytes_in_use` after the case (cumulative, so only its growth is informative).
+overhead); compile and first run are excluded.  Memory per row (`fwd_MiB`, `fwd_bwd_MiB`): XLA's
+buffer assignment for that row's compiled program (arguments + unaliased outputs + temporaries),
+so each row's figure is its own.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import functools
 import json
 import os
 import platform
-import statistics
-import sys
 import time
 import traceback
 
@@ -32,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiments.bench_util import compiled_bytes, copy_bandwidth, time_fn
+from pallas_kernels import api
+from pallas_kernels.decode_attention import pallas_triton as decode_triton
+from pallas_kernels.decode_attention.reference import decode_attention_reference
+from pallas_kernels.flash_attention import pallas_triton as flash_triton
 
-from pallas_kernels import api  # noqa: E402
-from pallas_kernels.decode_attention import pallas_triton as decode_triton  # noqa: E402
-from pallas_kernels.decode_attention.reference import decode_attention_reference  # noqa: E402
-from pallas_kernels.flash_attention import pallas_triton as flash_triton  # noqa: E402
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +106,13 @@ def presets(name: str):
     return big, dec, dict(h=32, kh=8, d=128)
 
 
-def time_fn(fn, args, reps: int, inner: int) -> float:
-    """Median seconds per call; the first call (compile) is excluded."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+def compile_and_time(fn, args, reps: int, inner: int):
+    """(median seconds per call, the compiled program's bytes, its first output) of
+    jit(fn)(*args), compiled once; compile and first call are excluded from the time."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    first = jax.block_until_ready(compiled(*args))
+    t = time_fn(lambda: compiled(*args), repeats=reps, warmup=0, inner=inner)
+    return t, compiled_bytes(compiled), first
 
 
 def make_inputs(c: Case, dtype, seed=0):
@@ -133,8 +131,8 @@ def attention_fn(impl: str, c: Case, seg, interpret: bool, config=None):
     """A function (q, k, v) -> out for one implementation, or a string saying why none."""
     kw = dict(causal=c.causal, segment_ids=seg, sliding_window=c.window)
     if impl == "pallas_triton":
-        return lambda q, k, v: flash_triton.flash_attention(q, k, v, config=config,
-                                                            interpret=interpret, **kw)
+        return lambda q, k, v: api.attention(q, k, v, implementation="pallas_triton",
+                                             config=config, interpret=interpret, **kw)
     if impl == "xla":
         if c.t > 4096:
             return "skipped: materialises B*H*T*T float32 logits"
@@ -179,13 +177,6 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def peak_bytes() -> int | None:
-    try:
-        return int(jax.devices()[0].memory_stats()["peak_bytes_in_use"])
-    except Exception:  # CPU has no memory_stats
-        return None
-
-
 def bench_attention(cases, dtype, reps, inner, interpret, log):
     rows = []
     for c, impls in cases:
@@ -199,18 +190,17 @@ def bench_attention(cases, dtype, reps, inner, interpret, log):
                 rows.append(row)
                 continue
             try:
-                fwd = jax.jit(fn)
-                outs[impl] = np.asarray(fwd(q, k, v).astype(jnp.float32))
-                t_f = time_fn(fwd, (q, k, v), reps, inner)
-                row.update(fwd_ms=t_f * 1e3, fwd_tflops=c.flops() / t_f / 1e12)
+                t_f, mem_f, out = compile_and_time(fn, (q, k, v), reps, inner)
+                outs[impl] = np.asarray(out.astype(jnp.float32))
+                row.update(fwd_ms=t_f * 1e3, fwd_tflops=c.flops() / t_f / 1e12,
+                           fwd_MiB=None if mem_f is None else mem_f / 2**20)
 
                 def fwd_bwd(q, k, v, do, fn=fn):
                     out, vjp = jax.vjp(fn, q, k, v)
                     return vjp(do.astype(out.dtype))
-                fb = jax.jit(fwd_bwd)
-                t_fb = time_fn(fb, (q, k, v, do), reps, inner)
+                t_fb, mem_fb, _ = compile_and_time(fwd_bwd, (q, k, v, do), reps, inner)
                 row.update(fwd_bwd_ms=t_fb * 1e3, fwd_bwd_tflops=3.5 * c.flops() / t_fb / 1e12,
-                           peak_bytes=peak_bytes())
+                           fwd_bwd_MiB=None if mem_fb is None else mem_fb / 2**20)
             except Exception as e:  # one failing baseline must not end the run
                 row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 log(traceback.format_exc(limit=3))
@@ -230,8 +220,8 @@ def bench_configs(case, configs, dtype, reps, inner, interpret, log):
     rows = []
     for cfg in configs:
         try:
-            fwd = jax.jit(attention_fn("pallas_triton", case, seg, interpret, config=cfg))
-            t = time_fn(fwd, (q, k, v), reps, inner)
+            t, _, _ = compile_and_time(attention_fn("pallas_triton", case, seg, interpret,
+                                                    config=cfg), (q, k, v), reps, inner)
             rows.append(dict(case=case.name, config=dataclasses.asdict(cfg), fwd_ms=t * 1e3,
                              fwd_tflops=case.flops() / t / 1e12))
         except Exception as e:
@@ -239,15 +229,6 @@ def bench_configs(case, configs, dtype, reps, inner, interpret, log):
                              note=f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"))
         log(f"config {rows[-1]}")
     return rows
-
-
-def copy_bandwidth(nbytes: int, dtype, reps, inner) -> float:
-    """Bytes read + written per second by one elementwise pass (the practical HBM ceiling)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (nbytes // jnp.dtype(dtype).itemsize,),
-                          jnp.float32).astype(dtype)
-    f = jax.jit(lambda x: x * 2 + 1)
-    t = time_fn(f, (x,), reps, inner)
-    return 2 * x.nbytes / t
 
 
 def bench_decode(grid, heads, dtype, reps, inner, interpret, copy_bw, log, configs=()):
@@ -263,14 +244,15 @@ def bench_decode(grid, heads, dtype, reps, inner, interpret, copy_bw, log, confi
         lengths = jnp.full((b,), s, jnp.int32)
         cache_bytes = 2 * kc.nbytes
         fns = {
-            "pallas_triton": lambda q, k, v, n: decode_triton.decode_attention(
-                q, k, v, n, interpret=interpret),
+            "pallas_triton": lambda q, k, v, n: api.decode_attention(
+                q, k, v, n, implementation="pallas_triton", interpret=interpret),
             "xla": lambda q, k, v, n: decode_attention_reference(q, k, v, n),
         }
         for name, cfg in configs:
             fns[f"pallas_triton {name}"] = functools.partial(
-                lambda q, k, v, n, cfg: decode_triton.decode_attention(
-                    q, k, v, n, config=cfg, interpret=interpret), cfg=cfg)
+                lambda q, k, v, n, cfg: api.decode_attention(
+                    q, k, v, n, implementation="pallas_triton", config=cfg,
+                    interpret=interpret), cfg=cfg)
         if on_gpu:
             from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode
             fns["jax_pallas_gqa"] = lambda q, k, v, n: jax_decode.gqa(q, k, v, kv_seq_len=n)
@@ -279,11 +261,10 @@ def bench_decode(grid, heads, dtype, reps, inner, interpret, copy_bw, log, confi
             row = dict(batch=b, context=s, impl=impl, kv_bytes=cache_bytes,
                        kv_bytes_per_token=2 * kh * d * jnp.dtype(dtype).itemsize)
             try:
-                f = jax.jit(fn)
-                out = np.asarray(f(q, kc, vc, lengths).astype(jnp.float32))
+                t, _, out = compile_and_time(fn, (q, kc, vc, lengths), reps, inner)
+                out = np.asarray(out.astype(jnp.float32))
                 if impl == "xla":
                     ref = out
-                t = time_fn(f, (q, kc, vc, lengths), reps, inner)
                 row.update(us=t * 1e6, gbps=cache_bytes / t / 1e9,
                            frac_of_copy=(cache_bytes / t) / copy_bw if copy_bw else None)
                 row["_out"] = out
@@ -301,14 +282,16 @@ def bench_decode(grid, heads, dtype, reps, inner, interpret, copy_bw, log, confi
 
 def markdown(result) -> str:
     lines = [f"Device: {result['device']}  (jax {result['jax']}, dtype {result['dtype']})", "",
-             "| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel err | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| case | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd MiB "
+             "| rel err | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = lambda x, p=2: "" if x is None else f"{x:.{p}f}"
     for r in result["attention"]:
         err = next((v for k, v in r.items() if k.startswith("rel_err")), None)
         lines.append(f"| {r['case']} | {r['impl']} | {f(r.get('fwd_ms'), 3)} | "
                      f"{f(r.get('fwd_tflops'), 1)} | {f(r.get('fwd_bwd_ms'), 3)} | "
-                     f"{f(r.get('fwd_bwd_tflops'), 1)} | {'' if err is None else f'{err:.1e}'} | {r.get('note', '')} |")
+                     f"{f(r.get('fwd_bwd_tflops'), 1)} | {f(r.get('fwd_bwd_MiB'), 0)} | "
+                     f"{'' if err is None else f'{err:.1e}'} | {r.get('note', '')} |")
     if result.get("configs"):
         lines += ["", "| config sweep (ours, fwd) | TFLOP/s | note |", "| --- | --- | --- |"]
         for r in result["configs"]:
@@ -348,9 +331,12 @@ def plot(result, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.attention.bench",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=["tiny", "h100", "full"], default="tiny")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "attention"))
+    p.add_argument("--out", default=RESULTS,
+                   help="directory for <part>_<preset>.{json,md,png} (default "
+                        "experiments/attention/results)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-configs", action="store_true")
     p.add_argument("--only", choices=["all", "attention", "decode"], default="all")
@@ -393,8 +379,7 @@ def main(argv=None):
             cases[0][0], [C(128, 64, num_warps=8, num_stages=3), C(128, 128, num_warps=8, num_stages=2),
                        C(64, 64, num_warps=4, num_stages=3)],
             dtype, reps, inner, interpret, log)
-    result["copy_gbps"] = copy_bandwidth((2 << 30) if on_gpu else (8 << 20), dtype, reps,
-                                         inner) / 1e9
+    result["copy_gbps"] = copy_bandwidth((2 << 30) if on_gpu else (8 << 20)) / 1e9
     dec_cfgs = []
     if on_gpu and not args.no_configs:
         D = decode_triton.Config
@@ -410,8 +395,8 @@ def main(argv=None):
         result["decode"] = bench_decode(dec_grid, heads, dtype, reps, inner, interpret,
                                         result["copy_gbps"] * 1e9, log, dec_cfgs)
     os.makedirs(args.out, exist_ok=True)
-    suffix = "" if args.only == "all" else f"_{args.only}"
-    stem = os.path.join(args.out, f"attention_bench_{args.preset}{suffix}")
+    part = "grid" if args.only == "all" else args.only
+    stem = os.path.join(args.out, f"{part}_{args.preset}")
     with open(stem + ".json", "w") as fh:
         json.dump(result, fh, indent=1, default=float)
     table = markdown(result)

@@ -1,40 +1,42 @@
 """Where does a batch-1 decode step of a Llama-3-8B-shaped model spend its time?
 
-Times one jitted cached decode step (8 of the 32 layers, to keep compiles short) for variants
-that each change one suspect, plus single-projection GEMV micro-benchmarks:
+Times one jitted cached decode step (8 of the 32 layers of the Llama-3-8B shape, random bf16
+weights, to keep compiles short) for variants that each change one suspect, plus
+single-projection GEMV micro-benchmarks:
   attn     decode attention: the Pallas kernel ("auto") vs the XLA reference
-  linear   projections with f32 accumulation requested (preferred_element_type) vs plain bf16
+  linear   projections asking XLA for a float32 result (preferred_element_type) vs the model's
+           `layers.linear` (a result in the parameters' dtype)
   layout   weights [out, in] (HF, x @ W^T) vs [in, out] (x @ W)
-Writes a table (JSON + Markdown).  One GPU.
+Writes a table (JSON + Markdown).  One GPU:
+
+  python -m experiments.generate.decode_probe [--out STEM]
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
 from pathlib import Path
 
-if "--xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+from jaxturbo.cli.common import use_decode_xla_flags
+
+use_decode_xla_flags()  # before JAX starts its backend: the flags `jaxturbo generate` decodes with
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_util import copy_bandwidth, device_name, time_fn, write_table  # noqa: E402
-
 import jaxturbo.models.layers as layers  # noqa: E402
 import jaxturbo.models.transformer as tr  # noqa: E402
-from jaxturbo.models.config import ModelConfig  # noqa: E402
+from experiments.bench_util import copy_bandwidth, device_name, time_fn, write_table  # noqa: E402
 from jaxturbo.models.init import init_params  # noqa: E402
+from jaxturbo.models.shapes import shape  # noqa: E402
 
-CFG = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                  num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                  rope_theta=500000.0, max_position_embeddings=8192)
+CFG = shape("llama3-8b", num_hidden_layers=8)
 
 
-def plain_linear(x, w, b=None):
-    y = jnp.einsum("...i,oi->...o", x, w)
+def f32_result_linear(x, w, b=None):
+    """The projection as it was before the fix: XLA asked for a float32 result."""
+    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return y if b is None else y + b.astype(y.dtype)
 
 
@@ -75,8 +77,15 @@ def gemv_times(m: int) -> dict:
     return out
 
 
-def main() -> int:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "experiments/generate/probe")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.generate.decode_probe",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
+                                         "decode_probe"),
+                    help="path stem of the .json/.md (default experiments/generate/results/"
+                         "decode_probe)")
+    out = Path(ap.parse_args(argv).out)
     bw = copy_bandwidth(1 << 31)
     params = init_params(CFG, jax.random.key(0), jnp.bfloat16)
     wbytes = sum(a.size for a in jax.tree.leaves(params["layers"])) * 2
@@ -84,8 +93,8 @@ def main() -> int:
     floor_ms = (wbytes + head) / bw * 1e3
     rows = []
     orig = layers.linear
-    for lin_name, lin in (("f32acc", orig), ("plain", plain_linear)):
-        tr.linear = lin
+    for lin_name, lin in (("f32acc", f32_result_linear), ("plain", orig)):
+        tr.linear = lin  # both modules call linear: the attention and the MLP projections
         layers.linear = lin
         for attn in ("auto", "xla"):
             for b in ((1, 16) if (lin_name, attn) == ("f32acc", "auto") else (1,)):

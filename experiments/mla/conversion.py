@@ -1,37 +1,36 @@
 """GQA -> MLA conversion on SmolLM2-135M-Instruct: WikiText-2 perplexity by method and KV budget.
 
-    python experiments/mla_conversion.py                      # the table (CPU: ~15 min)
-    python experiments/mla_conversion.py --heal-steps 40      # plus healed care-adjusted @ 0.5
-    python experiments/mla_conversion.py --preset tiny        # seconds, for a smoke run
+    python -m experiments.mla.conversion                      # the table (CPU: ~15 min)
+    python -m experiments.mla.conversion --heal-steps 40      # plus healed care-adjusted @ 0.5
+    python -m experiments.mla.conversion --preset tiny        # seconds, for a smoke run
 
 Training-free rows: {svd-joint, svd, care-uniform, care-adjusted} x budget {1.0, 0.75, 0.5, 0.25}
 (budget = (latent + rope key) / original 2*K*hd = 384 values per token per layer).
 Calibration: the first N x L tokens of WikiText-2 valid; evaluation: the last W windows of
 `window` tokens of the same file (disjoint from the calibration tokens).
-Writes experiments/mla/results<tag>.{json,md} and experiments/mla/ppl_vs_budget<tag>.png
-(results_energy.*: the first run, RoPE pairs chosen by plain energy; see NOTES.md).
+Writes OUT.{json,md} and OUT.png (perplexity against budget); OUT is a path stem, default
+experiments/mla/results/conversion_<preset>.  `--rope-criterion energy` reproduces the RoPE pair
+choice the RESULTS.md levers table rejects.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jaxturbo.bridge import load_model
+from jaxturbo.convert.mla.calibrate import attention_input_covariance, calibration_batches
+from jaxturbo.convert.mla.convert import convert_to_mla
+from jaxturbo.convert.mla.evaluate import mla_perplexity
+from jaxturbo.data import WIKITEXT2_VALID
+from jaxturbo.inference.scoring import perplexity
 
-from jaxturbo.bridge import load_model  # noqa: E402
-from jaxturbo.inference import perplexity  # noqa: E402
-from jaxturbo.convert.mla.calibrate import attention_input_covariance, calibration_batches  # noqa: E402
-from jaxturbo.convert.mla.convert import convert_to_mla  # noqa: E402
-from jaxturbo.convert.mla.evaluate import mla_perplexity  # noqa: E402
-from jaxturbo.data import WIKITEXT2_VALID  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 ROWS = [("svd-joint", "svd-joint", "uniform"), ("svd", "svd", "uniform"),
         ("care-uniform", "care", "uniform"), ("care-adjusted", "care", "adjusted")]
@@ -40,14 +39,14 @@ PRESETS = {"full": dict(budgets=(1.0, 0.75, 0.5, 0.25), calib_samples=32, calib_
            "tiny": dict(budgets=(0.5,), calib_samples=4, calib_len=64, eval_windows=1, window=128)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m experiments.mla.conversion", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=str(WIKITEXT2_VALID))
     ap.add_argument("--alpha", type=float, default=0.01, help="covariance shrinkage")
     ap.add_argument("--rope-criterion", choices=("energy", "rotation"), default="rotation")
-    ap.add_argument("--tag", default="", help="suffix of the output files (results<tag>.json ...)")
     ap.add_argument("--heal-steps", type=int, default=0)
     ap.add_argument("--heal-batch", type=int, default=4)
     ap.add_argument("--heal-len", type=int, default=256)
@@ -57,11 +56,12 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", choices=[r[0] for r in ROWS],
                     help="only these methods (default: all)")
     ap.add_argument("--budgets", nargs="*", type=float, help="override the preset's budgets")
-    ap.add_argument("--out", default=str(ROOT / "experiments/mla"))
-    args = ap.parse_args()
+    ap.add_argument("--out", help="path stem of the .json/.md/.png (default "
+                                  "experiments/mla/results/conversion_<preset>)")
+    args = ap.parse_args(argv)
     pr = PRESETS[args.preset]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"conversion_{args.preset}"
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     cfg, params, tok = load_model(args.model, progress=False)
     params = jax.tree.map(np.asarray, params)  # the conversion works on host arrays
@@ -78,10 +78,10 @@ def main() -> None:
     results: dict = {"meta": meta, "rows": []}
 
     def save() -> None:
-        (out / f"results{args.tag}.json").write_text(json.dumps(results, indent=1))
-        write_markdown(results, out / f"results{args.tag}.md")
+        Path(f"{out}.json").write_text(json.dumps(results, indent=1))
+        write_markdown(results, Path(f"{out}.md"))
         if results["rows"]:
-            plot(results, out / f"ppl_vs_budget{args.tag}.png")
+            plot(results, Path(f"{out}.png"))
 
     t0 = time.time()
     base = perplexity(params, cfg, eval_ids, window=pr["window"], batch_size=4, attn_impl="xla")

@@ -9,21 +9,23 @@ GQA decode kernel for the original, `pallas_kernels.mla_decode_attention` for ML
 path that ran is read from the kernels' dispatch record (`pallas_kernels.api.CHOICES`).  XLA
 runs with `jaxturbo generate`'s decode flags (`DECODE_XLA_FLAGS`).
 
-Shapes (random weights; MLA widths from a KV budget, as convert-mla splits it):
+Shapes (`jaxturbo.models.shapes`, random weights; MLA widths from a KV budget, as convert-mla
+splits it, plus a power-of-two split of the same size):
 
-  python experiments/mla_decode_bench.py --preset cpu    # seconds, a smoke run
-  python experiments/mla_decode_bench.py --preset gpu    # SmolLM2 shape at 8K/32K
+  python -m experiments.mla.decode_bench --preset cpu    # seconds, a smoke run
+  python -m experiments.mla.decode_bench --preset gpu    # SmolLM2-135M shape at 8K/32K
 
 Real checkpoints (the GQA original vs DeepSeek-V3 directories written by convert-mla, or
 converted here first with --convert; bf16, batch 16, contexts 8192 and 32768 by default):
 
-  python experiments/mla_decode_bench.py --original smollm2-135m \\
-      --convert care-adjusted,care-uniform --kv-budget 0.5 --out /tmp/mla_decode
-  python experiments/mla_decode_bench.py --original DIR --converted MLA_DIR [MLA_DIR ...] --out D
-  python experiments/mla_decode_bench.py --preset models-cpu --original DIR --converted D2 ...
+  python -m experiments.mla.decode_bench --original smollm2-135m \\
+      --convert care-adjusted,care-uniform --kv-budget 0.5
+  python -m experiments.mla.decode_bench --original DIR --converted MLA_DIR [MLA_DIR ...]
+  python -m experiments.mla.decode_bench --preset models-cpu --original DIR --converted D2 ...
 
-Model mode writes OUT/decode_models.{json,md,png} (OUT a directory, default experiments/mla);
-conversions go to --convert-dir (reused when there), never under OUT.
+Every mode writes OUT.{json,md,png} (OUT a path stem; default experiments/mla/results/
+decode_random_<preset> in shape mode, experiments/mla/results/decode_converted in model mode);
+conversions go to --convert-dir (reused when there), never next to OUT.
 Positions may pass the model's max_position_embeddings at 32K: RoPE is computed for any
 position, so the speed is measured all the same (not the quality at that length).
 Peak memory per row: XLA's buffer assignment for the row's compiled decode loop (arguments +
@@ -41,9 +43,7 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from jaxturbo.cli.common import use_decode_xla_flags  # noqa: E402
+from jaxturbo.cli.common import use_decode_xla_flags
 
 use_decode_xla_flags()  # before JAX starts its backend: the flags `jaxturbo generate` decodes with
 
@@ -51,21 +51,21 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_util import copy_bandwidth, device_name, time_fn, write_table  # noqa: E402
-from generate_bench import LLAMA3_8B, SMOLLM2_SHAPE, TINY  # noqa: E402
-
+from experiments.bench_util import (compiled_bytes, copy_bandwidth, device_name,  # noqa: E402
+                                    time_fn, write_table)
 from jaxturbo.errors import UserError  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
-from jaxturbo.models.mla import MLAConfig, init_mla_cache, mla_forward  # noqa: E402
-from jaxturbo.models.transformer import Params, forward, init_cache  # noqa: E402
 from jaxturbo.models.init import init_params  # noqa: E402
+from jaxturbo.models.mla import MLAConfig, init_mla_cache, mla_forward  # noqa: E402
+from jaxturbo.models.shapes import shape  # noqa: E402
+from jaxturbo.models.transformer import Params, forward, init_cache  # noqa: E402
 from pallas_kernels import api as kernels_api  # noqa: E402
 
-SHAPES = {"smollm2-shape": SMOLLM2_SHAPE, "llama3-8b": LLAMA3_8B, "tiny": TINY}
+RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {
     "cpu": dict(cases=[("tiny", 256)], batch=2, new=8, budgets=(0.5,), dtype="float32",
                 copy_bytes=1 << 26),
-    "gpu": dict(cases=[("smollm2-shape", 8192), ("smollm2-shape", 32768)],
+    "gpu": dict(cases=[("smollm2-135m", 8192), ("smollm2-135m", 32768)],
                 batch=16, new=128, budgets=(1.0, 0.5, 0.25), dtype="bfloat16",
                 copy_bytes=1 << 31),
 }
@@ -112,8 +112,9 @@ def init_mla_params(mcfg: MLAConfig, key: jax.Array, dtype) -> Params:
     shapes = {"self_attn.q_proj.weight": (L, H * (dn + dr), D),
               "self_attn.kv_a_proj_with_mqa.weight": (L, R + dr, D),
               "self_attn.kv_b_proj.weight": (L, H * (dn + dv), R)}
-    for i, (name, shape) in enumerate(shapes.items()):
-        layers[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, 1000 + i), shape)).astype(dtype)
+    for i, (name, dims) in enumerate(shapes.items()):
+        draw = jax.random.normal(jax.random.fold_in(key, 1000 + i), dims)
+        layers[name] = (0.02 * draw).astype(dtype)
     return {**p, "layers": layers}
 
 
@@ -159,9 +160,7 @@ def time_decode(step_fn, params: Params, cache: dict, batch: int, steps: int,
         kernels_api.CHOICES.pop(op, None)
     compiled = decode_loop(step_fn, steps).lower(params, cache, tok).compile()
     paths = {op: kernels_api.CHOICES.get(op) for op in (MLA_OP, GQA_OP)}
-    mem = compiled.memory_analysis()
-    peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    peak = compiled_bytes(compiled)
     state = {"cache": cache}
 
     def call():
@@ -180,7 +179,7 @@ def _path(paths: dict, op: str) -> str:
 
 def bench_case(name: str, context: int, budgets, batch: int, new: int, dtype, bw: float,
                reps: int = 3) -> list[dict]:
-    cfg = SHAPES[name]
+    cfg = shape(name)
     key = jax.random.key(0)
     # cache slots a multiple of 256, as generation's buckets are: the decode kernels then tile
     # the cache without padding it (a pad would copy the whole cache every step)
@@ -266,7 +265,7 @@ def convert(original: str, spec: str, budget: float, root: Path, extra: list[str
         print(f"reusing the conversion in {out}", flush=True)
         return out
     argv = ["convert-mla", "--model", original, "--out", str(out), "--method", method,
-            "--ranks", ranks, "--kv-budget", str(budget), "--eval-windows", "0", *extra]
+            "--ranks", ranks, "--kv-budget", str(budget), "--eval-tokens", "0", *extra]
     print("jaxturbo " + shlex.join(argv), flush=True)
     if cli_main(argv) != 0:
         raise UserError(f"convert-mla {spec} failed (see above)")
@@ -390,7 +389,7 @@ def models_main(args: argparse.Namespace) -> int:
     cols = ["model", "attn", "context", "batch", "kv_widths", "kv_bytes_per_token",
             "decode_path", "ms_per_step", "tokens_per_s", "speedup_vs_original", "floor_ms",
             "fraction_of_floor", "peak_MiB"]
-    out = Path(args.out or "experiments/mla") / "decode_models"
+    out = Path(args.out) if args.out else RESULTS / "decode_converted"
     md = write_table(rows, cols, out, f"MLA conversions vs the GQA original, decode "
                      f"({meta['device']})", meta)
     plot(rows, out, panel=lambda r: f"context {r['context']}",
@@ -400,14 +399,15 @@ def models_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.mla.decode_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(MODEL_PRESETS), default=None,
                     help="shape mode: cpu (default), gpu; model mode (--original): models "
                          "(default), models-cpu")
     ap.add_argument("--out", default=None,
-                    help="shape mode: path stem of the .json/.md/.png (default "
-                         "experiments/mla/decode); model mode: a directory for "
-                         "decode_models.{json,md,png} (default experiments/mla)")
+                    help="path stem of the .json/.md/.png (default experiments/mla/results/"
+                         "decode_random_<preset> in shape mode, .../decode_converted in model "
+                         "mode)")
     ap.add_argument("--original",
                     help="model mode: the GQA original (registry name, HF dir, .gguf)")
     ap.add_argument("--converted", nargs="+", help="model mode: DeepSeek-V3 dirs from convert-mla")
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--convert-dir", help="where --convert writes (default: jaxturbo's cache "
                                           "dir / mla-converted); existing conversions are reused")
     ap.add_argument("--convert-args", help="more convert-mla flags, one string "
-                                           "(e.g. '--calib-samples 8 --eval-windows 4')")
+                                           "(e.g. '--calib-samples 8 --eval-tokens 2048')")
     ap.add_argument("--mla-impls", default="auto",
                     help="model mode: MLA attention implementations to time, comma-separated "
                          "(e.g. auto,xla)")
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return models_main(args)
         except UserError as e:
-            print(f"mla_decode_bench: error: {e}", file=sys.stderr)
+            print(f"experiments.mla.decode_bench: error: {e}", file=sys.stderr)
             return 2
     p = PRESETS[args.preset or "cpu"]
     bw = copy_bandwidth(p["copy_bytes"])
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["shape", "model", "context", "batch", "kv_values_per_token_layer", "latent+rope",
             "mla_decode", "ms_per_step",
             "tokens_per_s", "speedup_vs_gqa", "floor_ms", "fraction_of_floor", "peak_MiB"]
-    out = Path(args.out or "experiments/mla/decode")
+    out = Path(args.out) if args.out else RESULTS / f"decode_random_{args.preset or 'cpu'}"
     md = write_table(rows, cols, out, f"MLA vs GQA decode ({meta['device']})", meta)
     if rows:
         plot(rows, out)

@@ -1,30 +1,40 @@
 """Where the training-free loss comes from: the RoPE selection, at budget 1.0 and 0.5.
 
-care-uniform on SmolLM2 with {geometric, free} layouts x {energy, rotation} criteria (same
-calibration and evaluation tokens as experiments/mla_conversion.py).  Writes rope_study.json/md.
+care-uniform on SmolLM2-135M-Instruct with {geometric, free} layouts x {energy, rotation}
+criteria (the same calibration and evaluation tokens as experiments.mla.conversion's full
+preset).  Writes OUT.{json,md} after every row (OUT a path stem, default
+experiments/mla/results/rope_study).  CPU, ~10 minutes:
+
+  python -m experiments.mla.rope_study
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from jaxturbo.bridge import load_model  # noqa: E402
-from jaxturbo.convert.mla.calibrate import attention_input_covariance, calibration_batches  # noqa: E402
-from jaxturbo.convert.mla.convert import convert_to_mla  # noqa: E402
-from jaxturbo.convert.mla.evaluate import mla_perplexity  # noqa: E402
-from jaxturbo.data import WIKITEXT2_VALID  # noqa: E402
+from jaxturbo.bridge import load_model
+from jaxturbo.convert.mla.calibrate import attention_input_covariance, calibration_batches
+from jaxturbo.convert.mla.convert import convert_to_mla
+from jaxturbo.convert.mla.evaluate import mla_perplexity
+from jaxturbo.data import WIKITEXT2_VALID
 
 
-def main() -> None:
-    cfg, params, tok = load_model("smollm2-135m", progress=False)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m experiments.mla.rope_study",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
+                                         "rope_study"),
+                    help="path stem of the .json/.md (default experiments/mla/results/rope_study)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg, params, tok = load_model(args.model, progress=False)
     params = jax.tree.map(np.asarray, params)
     ids = np.asarray(tok.encode(WIKITEXT2_VALID.read_text(),
                                 add_special_tokens=False), np.int32)
@@ -39,12 +49,11 @@ def main() -> None:
             rows.append({"budget": budget, "layout": layout, "criterion": crit, "ppl": ppl,
                          "rope_freq_index": res.rope_freq_index})
             print(rows[-1], flush=True)
-            out = ROOT / "experiments/mla"
-            (out / "rope_study.json").write_text(json.dumps(rows, indent=1))
+            Path(f"{out}.json").write_text(json.dumps(rows, indent=1))
             md = ["| budget | layout | criterion | ppl | kept frequencies |", "|---:|---|---|---:|---|"]
             md += [f"| {r['budget']} | {r['layout']} | {r['criterion']} | {r['ppl']:.2f} | "
                    f"{r['rope_freq_index']} |" for r in rows]
-            (out / "rope_study.md").write_text("\n".join(md) + "\n")
+            Path(f"{out}.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

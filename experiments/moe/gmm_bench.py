@@ -12,15 +12,16 @@ GEMM and uses the fastest of each for the headline rows.  `--decode-tokens` adds
 calls (a few tokens): gmv, gmm and ragged_dot, with the bytes of the routed experts' weights
 per second.
 
-  python experiments/moe/gmm_bench.py --preset cpu --out /tmp/gmm      # CPU smoke, interpret
-  python experiments/moe/gmm_bench.py --preset qwen3-30b-a3b --sweep --out DIR   # one GPU
+  python -m experiments.moe.gmm_bench --preset cpu --out /tmp/gmm     # CPU smoke, interpret
+  python -m experiments.moe.gmm_bench --preset qwen3-30b-a3b --sweep   # one GPU, a few minutes
+
+Writes OUT/gmm_bench.{json,md} (OUT a directory, default experiments/moe/results).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -28,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from experiments.bench_util import device_name, time_fn, write_table
+from jaxturbo.models.shapes import shape
+from pallas_kernels.grouped_matmul import gmm, gmv
+from pallas_kernels.grouped_matmul import pallas_triton as gmm_triton
 
-from pallas_kernels.grouped_matmul import gmm, gmv  # noqa: E402
-from pallas_kernels.grouped_matmul import pallas_triton as gmm_triton  # noqa: E402
-
-from bench_util import device_name, time_fn, write_table  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,16 @@ class Preset:
     decode_tokens: tuple[int, ...]
 
 
+def _from_shape(name: str, tokens: int, decode_tokens: tuple[int, ...]) -> Preset:
+    """A preset with the MoE widths of a shape-table model (`jaxturbo.models.shapes`)."""
+    cfg = shape(name)
+    return Preset(tokens, cfg.hidden_size, cfg.moe.num_experts, cfg.moe.num_experts_per_tok,
+                  cfg.moe.moe_intermediate_size, "bfloat16", decode_tokens)
+
+
 PRESETS = {
-    "qwen3-30b-a3b": Preset(16384, 2048, 128, 8, 768, "bfloat16", (1, 16, 64)),
-    "cpu": Preset(24, 64, 8, 2, 32, "bfloat16", (2,)),
+    "qwen3-30b-a3b": _from_shape("qwen3-30b-a3b", 16384, (1, 16, 64)),
+    "cpu": Preset(24, 64, 8, 2, 32, "bfloat16", (2,)),  # interpret mode: seconds
 }
 C = gmm_triton.Config
 SWEEP_GMM = [C(128, 128, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 256, 64, 8, 3),
@@ -136,7 +143,8 @@ class Bench:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.moe.gmm_bench",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--tokens", type=int, help="override the preset's token count")
     p.add_argument("--reps", type=int, default=7)
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ragged", action="store_true", help="leave out jax.lax.ragged_dot")
     p.add_argument("--gemms", default="gate_up,down", help="which of gate_up, down to run")
     p.add_argument("--decode-tokens", help="comma list (default: the preset's; 0 = none)")
-    p.add_argument("--out", default="runs/gmm_bench")
+    p.add_argument("--out", default=str(RESULTS),
+                   help="directory for gmm_bench.{json,md} (default experiments/moe/results)")
     a = p.parse_args(argv)
     pre = PRESETS[a.preset]
     on_gpu = jax.devices()[0].platform == "gpu"

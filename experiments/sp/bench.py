@@ -3,8 +3,11 @@
 For each mode (ulysses, ring, hybrid) the sequence is split over all devices of the mesh
 (P = device count) with `tokens_per_device` rows each, so the whole sequence is P x longer than
 the SP=1 baseline's; per-device throughput = attention FLOPs / P / time.  The baseline is plain
-attention on one device over `tokens_per_device` tokens, measured in the same run.  Also
-reports peak device memory (GPU).  Causal FLOPs: 4·B·H·T²·D/2; fwd+bwd counted as 3.5x fwd.
+attention on one device over `tokens_per_device` tokens, measured in the same run.  Causal
+FLOPs: 4·B·H·T²·D/2; fwd+bwd counted as 3.5x fwd.  Each time is the median of `iters` calls
+after a warm-up, for the baseline and every mode alike (`--stat min` takes the best instead).
+Memory per row (`fwd_MiB`, `fwdbwd_MiB`): XLA's buffer assignment for that row's compiled
+program on one device (arguments + unaliased outputs + temporaries), each row's own figure.
 
 Before timing, a self-check (`_self_check`) compares every mode's output and q/k/v gradients
 with the single-device reference (float32 math on the same inputs) on small shapes, and on GPU
@@ -12,12 +15,12 @@ also the cuDNN lse forward / saved-lse backward (`flash_attention/cudnn_lse.py`,
 API) against the reference; it prints the max relative errors and exits 1 without timing when
 one exceeds the tolerance (2e-2 for bf16, 1e-4 for float32).
 
-  python experiments/sp_bench.py --preset cpu    # 8 fake CPU devices, tiny shapes (checks it runs)
-  python experiments/sp_bench.py --preset gpu    # every visible GPU, bf16, Llama-1B-like heads
-  python experiments/sp_bench.py --preset gpu4   # 4 GPUs, 8K and 32K tokens/device (acceptance)
-  python experiments/sp_bench.py --preset gpu4 --check-only   # only the correctness check
+  python -m experiments.sp.bench --preset cpu    # 8 fake CPU devices, tiny shapes (checks it runs)
+  python -m experiments.sp.bench --preset gpu    # every visible GPU, bf16, Llama-3.2-1B heads
+  python -m experiments.sp.bench --preset gpu4   # 4 GPUs, 8K and 32K tokens/device
+  python -m experiments.sp.bench --preset gpu4 --check-only   # only the correctness check
 
-Writes experiments/sp/results/sp_bench_<preset>.{json,md,png}; prints the table last.
+Writes OUT/sp_<preset>.{json,md,png} (OUT default experiments/sp/results); prints the table last.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ PRESETS = {
                 dtype="float32", iters=3, fake_devices=8),
     "gpu": dict(batch=1, heads=32, kv_heads=8, head_dim=64, tokens_per_device=[4096, 8192],
                 dtype="bfloat16", iters=5, fake_devices=0),
-    # Issue 5 acceptance: 4 GPUs, 32K tokens/device, ring >= 0.85x and Ulysses >= 0.90x of SP=1
-    # per device.  Llama-3.2-1B attention heads (32 query, 8 KV, head dim 64).
+    # 4 GPUs at 8K and 32K tokens/device (the RESULTS.md table); Llama-3.2-1B attention heads
+    # (32 query, 8 KV, head dim 64).
     "gpu4": dict(batch=1, heads=32, kv_heads=8, head_dim=64, tokens_per_device=[8192, 32768],
                  dtype="bfloat16", iters=5, fake_devices=0, devices=4,
                  modes="ulysses,ring"),
@@ -53,15 +56,22 @@ def _setup(preset: dict) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
 
 
-def _time(fn, args, iters: int) -> float:
+STATS = ("median", "min")
+
+
+def _time(fn, args, iters: int, stat: str = "median") -> float:
+    """Seconds per call of fn(*args) over `iters` blocking calls after a warm-up: their median
+    (or their minimum with stat="min")."""
     import jax
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    best = float("inf")
+    if stat not in STATS:
+        raise ValueError(f"stat {stat!r}: choose one of {STATS}")
+    jax.block_until_ready(fn(*args))  # warm up
+    times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return min(times) if stat == "min" else sorted(times)[len(times) // 2]
 
 
 def _rel_err(a, b) -> float:
@@ -172,13 +182,18 @@ def _check_cudnn_kernels(q, k, v, w, errs: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.sp.bench",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--modes", default=None,
                     help="comma-separated, default the preset's or ulysses,ring,hybrid")
     ap.add_argument("--check-only", action="store_true",
                     help="run the correctness self-check and exit (0 pass, 1 fail)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "sp" / "results"))
+    ap.add_argument("--stat", choices=STATS, default="median",
+                    help="what one timing is: the median of the preset's calls (default) or "
+                         "their minimum (best-of)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                    help="directory for sp_<preset>.{json,md,png} (default experiments/sp/results)")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     modes = (args.modes or preset.get("modes", "ulysses,ring,hybrid")).split(",")
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from experiments.bench_util import compiled_bytes
     from jaxturbo.parallel import sequence as S
     from jaxturbo.parallel.mesh import make_mesh
     from pallas_kernels import attention
@@ -227,21 +242,19 @@ def main(argv: list[str] | None = None) -> int:
         if mesh is not None:  # place the rows where the mode wants them, outside the timing
             sh = NamedSharding(mesh, P(None, "sequence"))
             q, kk, v = (jax.device_put(x, sh) for x in (q, kk, v))
-        fwd = jax.jit(fn)
         loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
-        fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        tf = _time(fwd, (q, kk, v), preset["iters"])
-        tb = _time(fb, (q, kk, v), preset["iters"])
+        # compiled here once: the programs timed and the memory reported are the same
+        fwd = jax.jit(fn).lower(q, kk, v).compile()
+        fb = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kk, v).compile()
+        tf = _time(fwd, (q, kk, v), preset["iters"], args.stat)
+        tb = _time(fb, (q, kk, v), preset["iters"], args.stat)
         flops = 4 * b * h * t * t * d / 2 / p  # causal, per device
-        mem = None
-        stats = devs[0].memory_stats() if devs[0].platform == "gpu" else None
-        if stats:
-            mem = stats.get("peak_bytes_in_use")
+        mib = lambda c: None if compiled_bytes(c) is None else compiled_bytes(c) / 2**20
         rows.append(dict(label=label, mode=mode, sp=p, seq=t, tokens_per_device=t // p,
                          fwd_ms=1e3 * tf, fwdbwd_ms=1e3 * tb,
                          fwd_tflops_per_dev=flops / tf / 1e12,
                          fwdbwd_tflops_per_dev=3.5 * flops / tb / 1e12,
-                         peak_bytes=mem))
+                         fwd_MiB=mib(fwd), fwdbwd_MiB=mib(fb)))
         print(rows[-1], flush=True)
 
     gpu = devs[0].platform == "gpu"
@@ -269,20 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(preset=args.preset, device=devs[0].device_kind, devices=n, jax=jax.__version__,
                 batch=b, heads=h, kv_heads=k, head_dim=d, dtype=str(dtype), causal=True,
+                timing=f"{args.stat} of {preset['iters']} calls after a warm-up",
                 check_max_rel_err=max(errs.values()) if errs else None)
-    (out / f"sp_bench_{args.preset}.json").write_text(json.dumps(dict(meta=meta, rows=rows),
-                                                                 indent=1))
+    stem = out / f"sp_{args.preset}"
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     head = ("| case | tokens/dev | seq | fwd ms | fwd TFLOP/s/dev | vs SP=1 | fwd+bwd ms | "
-            "fwd+bwd TFLOP/s/dev | vs SP=1 | peak GiB |")
+            "fwd+bwd TFLOP/s/dev | vs SP=1 | fwd+bwd MiB/dev |")
     lines = [f"{meta}", "", head, "|" + " --- |" * 10]
     for r in rows:
-        pk = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        pk = "-" if r["fwdbwd_MiB"] is None else f"{r['fwdbwd_MiB']:.0f}"
         lines.append(f"| {r['label']} | {r['tokens_per_device']} | {r['seq']} | "
                      f"{r['fwd_ms']:.2f} | {r['fwd_tflops_per_dev']:.3g} | {r['fwd_vs_sp1']:.2f} | "
                      f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops_per_dev']:.3g} | "
                      f"{r['fwdbwd_vs_sp1']:.2f} | {pk} |")
     table = "\n".join(lines)
-    (out / f"sp_bench_{args.preset}.md").write_text(table + "\n")
+    stem.with_suffix(".md").write_text(table + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -295,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("fwd+bwd throughput per device / SP=1")
         ax.set_title(f"sequence parallel attention, {meta['device']}", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / f"sp_bench_{args.preset}.png", dpi=120)
+        fig.savefig(stem.with_suffix(".png"), dpi=120)
     except ImportError:
         pass
     print(table)

@@ -1,8 +1,9 @@
-"""Longest trainable sequence per sequence-parallel size (issue 5: SP 1 -> 4 should give >= 3.5x).
+"""Longest trainable sequence per sequence-parallel size (SP 1, 2, 4: does it grow with SP?).
 
 For SP in {1, 2, 4}: a mesh over the first SP devices with axis `sequence` = SP (SP=1 is the
-plain single-device step, no sequence parallelism, cuDNN attention on GPU as in train_bench),
-Llama-3.2-1B shape (train_bench's `llama-1b` preset), bf16 compute, remat "full", batch 1, one
+plain single-device step, no sequence parallelism, cuDNN attention on GPU as in
+experiments.train.bench), the Llama-3.2-1B shape (`jaxturbo.models.shapes`, random weights),
+bf16 compute, remat "full", batch 1, one
 document per row.  Finds the longest T (1024 x a power of two) for which ONE real training step
 (AdamW update included) runs without running out of memory: doubling from `start` for SP=1,
 from the SP=1 result for SP>1, stopping at the first out-of-memory error.  With SP>1 attention
@@ -10,17 +11,19 @@ goes through `jaxturbo.parallel.sequence` (ring, zigzag layout; or Ulysses with 
 cuDNN inside on GPU ("auto").
 
 Loss: by default the full float32 logits of each device's tokens [1, T/SP, vocab] (the setting
-of the session-2 H100 run; at long T those logits and their gradient, not attention, dominate
-memory).  `--loss-chunk-tokens N` uses the chunked cross-entropy instead (it composes with SP
-since; every SP size, SP=1 included, then uses it, so the comparison stays like for like).
+of the committed H100 run, results/longest_h100x4.md; at long T those logits and their gradient,
+not attention, dominate memory).  `--loss-chunk-tokens N` uses the chunked cross-entropy instead
+(every SP size, SP=1 included, then uses it, so the comparison stays like for like).
 
-    python experiments/sp_longest.py --preset cpu                    # 8 fake CPU devices, tiny
-    python experiments/sp_longest.py --preset gpu --out /tmp/sp_longest   # 4 GPUs
+    python -m experiments.sp.longest --preset cpu    # 8 fake CPU devices, tiny model
+    python -m experiments.sp.longest --preset gpu    # 4 GPUs
 
 Each attempt prints one JSON line; at the end a table (SP, longest T, ratio vs SP=1), written
-with the attempts to <out>.json / <out>.md (default
-experiments/sp/results/sp_longest_<device>.{json,md}).  --budget-s: no new attempt starts after
-this many seconds; a search stopped by it reports "at least T".
+with the attempts to <out>.json / <out>.md (default experiments/sp/results/longest_<device>).
+Memory per attempt: XLA's estimate for the compiled step (per device); the allocator's
+high-water mark is reported too, but it is the process's, cumulative over the attempts.
+--budget-s: no new attempt starts after this many seconds; a search stopped by it reports
+"at least T".
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -42,7 +44,7 @@ PRESETS = {
     # for the GPU's out-of-memory error so the whole search and report run.
     "cpu": dict(model="tiny", start=64, max_len=4096, fake_devices=8, limit_tokens_per_device=256,
                 dtype="bfloat16"),
-    "gpu": dict(model="llama-1b", start=16384, max_len=1 << 20, fake_devices=0,
+    "gpu": dict(model="llama3.2-1b", start=16384, max_len=1 << 20, fake_devices=0,
                 limit_tokens_per_device=0, dtype="bfloat16"),
 }
 
@@ -69,13 +71,8 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _model_cfg(name: str):
-    if name == "llama-1b":
-        sys.path.insert(0, str(HERE))
-        from train_bench import PRESETS as TB  # imports jax: only after _setup_env
-        return TB["llama-1b"]["cfg"]
-    from jaxturbo.models.config import ModelConfig
-    return ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+    from jaxturbo.models.shapes import shape
+    return shape(name)
 
 
 def _batch(vocab: int, t: int) -> dict:
@@ -89,7 +86,8 @@ def _batch(vocab: int, t: int) -> dict:
 
 def _mem(devs) -> dict:
     """Max over devs of the allocator's high-water mark (cumulative over the process: never reset
-    between attempts) and of bytes in use now, GiB; None where memory_stats is missing (CPU)."""
+    between attempts, hence `process_peak_gib`) and of bytes in use now, GiB; None where
+    memory_stats is missing (CPU)."""
     peak = inuse = None
     for d in devs:
         try:
@@ -100,7 +98,7 @@ def _mem(devs) -> dict:
             peak = max(peak or 0, s["peak_bytes_in_use"] / 2 ** 30)
         if "bytes_in_use" in s:
             inuse = max(inuse or 0, s["bytes_in_use"] / 2 ** 30)
-    return {"peak_gib": peak, "in_use_gib": inuse}
+    return {"process_peak_gib": peak, "in_use_gib": inuse}
 
 
 def _attempt(cfg, sp: int, mode: str, t: int, devs, dtype: str, limit_tpd: int) -> dict:
@@ -171,7 +169,8 @@ def _free() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.sp.longest",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--modes", default="ring", help="comma list of ring, ulysses")
     ap.add_argument("--sps", default="1,2,4", help="SP sizes (1 first: it sets the start of the rest)")
@@ -181,7 +180,7 @@ def main() -> None:
                     help="no new attempt starts after this many seconds")
     ap.add_argument("--out", default=None,
                     help="output path without extension (default experiments/sp/results/"
-                         "sp_longest_<device>)")
+                         "longest_<device>)")
     args = ap.parse_args()
     LOSS_CHUNK[0] = args.loss_chunk_tokens
     preset = PRESETS[args.preset]
@@ -195,7 +194,7 @@ def main() -> None:
     if max(sps) > len(devs):
         raise SystemExit(f"SP={max(sps)} needs {max(sps)} devices; {len(devs)} visible")
     device = devs[0].device_kind.replace(" ", "_") if devs[0].platform == "gpu" else "cpu"
-    out = Path(args.out) if args.out else HERE / "sp" / "results" / f"sp_longest_{device}"
+    out = Path(args.out) if args.out else HERE / "results" / f"longest_{device}"
     t_start = time.perf_counter()
     attempts: list[dict] = []
     # (mode, sp) -> {"longest": T or None, "stopped": "oom" | "budget" | "max_len" | "error"}
@@ -267,9 +266,10 @@ def main() -> None:
                      "jaxturbo.parallel.sequence sp_attention, implementation auto (cuDNN on GPU)",
         "loss": (f"chunked cross-entropy, {LOSS_CHUNK[0]} tokens per block" if LOSS_CHUNK[0] else
                  "full float32 logits of each device's tokens [1, T/SP, vocab], every SP size"),
-        "peak_note": "peak_gib is the allocator's high-water mark, never reset within the "
-                     "process (max over the SP devices); xla_estimate_gib is XLA's per-device "
-                     "estimate of the compiled step",
+        "memory_note": "xla_estimate_gib is XLA's per-device estimate of the attempt's "
+                       "compiled step; process_peak_gib is the allocator's high-water mark, never "
+                       "reset within the process (max over the SP devices): cumulative over the "
+                       "attempts, not per attempt",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
@@ -288,12 +288,13 @@ def main() -> None:
         ratio = f"{r['ratio_vs_sp1']:.2f}x" if r["ratio_vs_sp1"] else "n/a"
         lines.append(f"| {r['sp']} | {r['mode']} | {fmt(r)} | {ratio} | {r['stopped']} |")
     lines += ["", f"Loss: {meta['loss']}.", "",
-              "| SP | mode | T | status | step s | compile s | peak GiB | XLA est. GiB |",
+              "| SP | mode | T | status | step s | compile s | process peak GiB (cumulative) "
+              "| XLA est. GiB |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     cell = lambda a, k: "" if a.get(k) is None else str(a[k])
     for a in attempts:
         lines.append(f"| {a['sp']} | {a['mode']} | {a['T']} | {a['status']} | "
-                     + " | ".join(cell(a, k) for k in ("step_s", "compile_s", "peak_gib",
+                     + " | ".join(cell(a, k) for k in ("step_s", "compile_s", "process_peak_gib",
                                                        "xla_estimate_gib")) + " |")
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")

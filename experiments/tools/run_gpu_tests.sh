@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole `-m gpu` test suite on the lent GPU machine, in one command from the repo root:
 #
-#   bash experiments/run_gpu_tests.sh        # complete log in $OUT/pytest_gpu.log (OUT=/tmp/out)
+#   bash experiments/tools/run_gpu_tests.sh  # complete log in $OUT/pytest_gpu.log (OUT=/tmp/out)
 #
 # The machine's image has JAX with CUDA, torch, transformers, flax, optax, chex, orbax,
 # matplotlib, pytest and hypothesis: nothing is installed over them.  What it lacks (gguf, grain,
@@ -10,7 +10,7 @@
 # at collection (they import those packages lazily or through pytest.importorskip).
 # Exit status: pytest's.
 set -uo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)   # this file is experiments/tools/run_gpu_tests.sh
 cd "$ROOT"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

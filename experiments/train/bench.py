@@ -1,8 +1,9 @@
 """Training throughput: tokens/s and MFU of the jaxturbo train step (AdamW, f32 master, bf16).
 
-    python experiments/train_bench.py --preset tiny        # CPU smoke run
-    python experiments/train_bench.py --preset llama-1b    # one H100: Llama-3.2-1B shape, seq 4096
-    python experiments/train_bench.py --preset llama-1b --probe 4,none,4096   # where time goes
+    python -m experiments.train.bench --preset tiny               # CPU smoke run
+    python -m experiments.train.bench --preset llama-1b --unroll  # one H100: Llama-3.2-1B, seq 4096
+    python -m experiments.train.bench --preset llama-8b-fsdp      # Llama-3-8B, FSDP over every GPU
+    python -m experiments.train.bench --preset llama-1b --probe 4,none,4096   # where time goes
 
 Each configuration is (batch rows, remat policy, loss_chunk_tokens); chunk 0 is the full-logits
 cross-entropy, N > 0 the chunked one (`TrainConfig.loss_chunk_tokens`).  `--probe B,REMAT,CHUNK`
@@ -13,8 +14,12 @@ and the full step (the differences are the backward and the optimizer update).
 Random weights and tokens, one document per row.  Attention: cuDNN flash attention through
 `jax.nn.dot_product_attention` on GPU (passed as the model's `attn_fn`), the jnp reference on
 CPU.  MFU counts model FLOPs (`jaxturbo.train.metrics.train_flops_per_token`: 6N + causal
-attention) against the card's dense bf16 peak.  Writes experiments/train/results_<preset>.json
-and .md; prints the table last.
+attention) against the card's dense bf16 peak.  Step time: the median of the preset's steps after
+a first (warm-up) call; each configuration is compiled once, before it is timed.  Memory per row
+(`xla_GiB`): XLA's buffer assignment for that row's compiled step on one device (arguments +
+unaliased outputs + temporaries), so each row's figure is its own.  Writes
+OUT/train_<preset>[_<flags>][_unrolled].{json,md} (OUT default experiments/train/results);
+prints the table last.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench_util import compiled_bytes
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.init import init_params
+from jaxturbo.models.shapes import shape
 from jaxturbo.train.metrics import peak_flops, train_flops_per_token
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
 from jaxturbo.train.step import (COMPUTE_DTYPES, REMAT_POLICIES, TrainConfig, init_state,
@@ -42,11 +48,7 @@ from jaxturbo.train.step import (COMPUTE_DTYPES, REMAT_POLICIES, TrainConfig, in
 
 PRESETS = {
     # Llama-3.2-1B: 16 layers, d 2048, GQA 32/8 heads of 64, vocab 128256, tied embeddings
-    "llama-1b": dict(cfg=ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                     num_hidden_layers=16, num_attention_heads=32,
-                                     num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-                                     tie_word_embeddings=True, max_position_embeddings=8192),
-                     seq=4096, steps=8,
+    "llama-1b": dict(cfg=shape("llama3.2-1b"), seq=4096, steps=8,
                      # baseline first, then the chunked loss from the most to the least likely
                      # to be fastest: the biggest batch that keeps every activation (no remat)
                      # wins if it fits; b2 chunked isolates the loss's own effect; b8 "none" may
@@ -56,20 +58,14 @@ PRESETS = {
                            (4, "none", 8192)]),
     # Llama-3-8B with FSDP over every visible device (the 4-GPU machine): global batch 4 = one
     # row of 4096 per GPU; scan over layers (unrolling 32 layers of 8B compiles slowly)
-    "llama-8b-fsdp": dict(cfg=ModelConfig(vocab_size=128256, hidden_size=4096,
-                                          intermediate_size=14336, num_hidden_layers=32,
-                                          num_attention_heads=32, num_key_value_heads=8,
-                                          head_dim=128, rope_theta=500000.0,
-                                          max_position_embeddings=8192),
-                          seq=4096, steps=3, fsdp=True, remat_scope="layer",
+    "llama-8b-fsdp": dict(cfg=shape("llama3-8b"), seq=4096, steps=3, fsdp=True,
+                          remat_scope="layer",
                           runs=[(4, "dots", 4096), (8, "dots", 4096), (8, "full", 4096)]),
-    "tiny-fsdp": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16),
-                      seq=128, steps=2, fsdp=True, remat_scope="layer", runs=[(8, "dots", 96)]),
-    "tiny": dict(cfg=ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=16),
+    # a 256-token vocabulary: with tiny's 4,096 this run on 8 fake CPU devices stalled in XLA's
+    # CPU collectives (a rendezvous timeout) on a loaded 2-core machine
+    "tiny-fsdp": dict(cfg=shape("tiny", num_hidden_layers=2, vocab_size=256), seq=128, steps=2,
+                      fsdp=True, remat_scope="layer", runs=[(8, "dots", 96)]),
+    "tiny": dict(cfg=shape("tiny", num_hidden_layers=2),
                  # chunk 96 of 256 tokens: three blocks, the last one padded
                  seq=128, runs=[(2, "none", 0), (2, "full", 0), (2, "none", 96), (2, "dots", 96)],
                  steps=3),
@@ -135,17 +131,17 @@ def _setup(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int):
 
 
 def _time(call: Callable[[], Any], steps: int) -> tuple[float, float, Any]:
-    """(first call incl. compile s, median of `steps` (>= 1) later calls s, first output);
-    blocks on each call."""
+    """(first call s, median of `steps` (>= 1) later calls s, first output); blocks on each
+    call."""
     t0 = time.perf_counter()
     first = jax.block_until_ready(call())
-    compile_s = time.perf_counter() - t0
+    first_s = time.perf_counter() - t0
     times = []
     for _ in range(max(steps, 1)):
         t = time.perf_counter()
         jax.block_until_ready(call())
         times.append(time.perf_counter() - t)
-    return compile_s, float(np.median(times)), first
+    return first_s, float(np.median(times)), first
 
 
 def _rates(cfg: ModelConfig, seq: int, batch: int, dt: float) -> dict:
@@ -158,9 +154,12 @@ def _rates(cfg: ModelConfig, seq: int, batch: int, dt: float) -> dict:
             "mfu": flops / dt / peak if peak else None, "devices": n}
 
 
-def _peak_gib() -> float:
-    mem = jax.devices()[0].memory_stats() or {}
-    return mem.get("peak_bytes_in_use", 0) / 2 ** 30
+def _compile(fn, *args) -> tuple[Any, float, float | None]:
+    """(compiled fn, compile seconds, its device memory in GiB: `bench_util.compiled_bytes`)."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    nbytes = compiled_bytes(compiled)
+    return compiled, time.perf_counter() - t0, None if nbytes is None else nbytes / 2**30
 
 
 def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int,
@@ -168,17 +167,16 @@ def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, st
     tc, opt, state, loss, b = _setup(cfg, seq, batch, remat, chunk)
     step = make_train_step(cfg, tc, opt, loss_fn=loss, mesh=MESH[0],
                            params=None if MESH[0] is None else state.params)
+    compiled, compile_s, xla_gib = _compile(step, state, b)
     box = [state]
 
     def run():
-        box[0], m = step(box[0], b)  # the step donates its state: keep only the newest
+        box[0], m = compiled(box[0], b)  # the step donates its state: keep only the newest
         return m["loss"]
 
-    compile_s, dt, first = _time(run, steps)
+    _, dt, first = _time(run, steps)
     if trace_dir is not None:  # kernel time by name over 2 more steps (bench_util.kernel_summary)
-        import sys
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_util import kernel_summary
+        from experiments.bench_util import kernel_summary
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
             for _ in range(2):
                 jax.block_until_ready(run())
@@ -191,7 +189,7 @@ def bench_one(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, st
                   f"{r['kernel']}", flush=True)
     return {"batch": batch, "seq": seq, "remat": remat, "chunk": chunk,
             "layers": "unrolled" if UNROLL[0] else "scan", **_rates(cfg, seq, batch, dt),
-            "peak_gib": _peak_gib(), "first_loss": float(first), "compile_s": compile_s}
+            "xla_gib": xla_gib, "first_loss": float(first), "compile_s": compile_s}
 
 
 def probe(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps: int) -> list[dict]:
@@ -206,15 +204,25 @@ def probe(cfg: ModelConfig, seq: int, batch: int, remat: str, chunk: int, steps:
     if policy is not None:
         total = jax.checkpoint(total, policy=policy)
     rows = []
-    for name, fn in (("forward", jax.jit(total)), ("value_and_grad", jax.jit(jax.value_and_grad(total)))):
-        compile_s, dt, out = _time(lambda fn=fn: fn(state.params, b), steps)
+    for name, fn in (("forward", jax.jit(total)),
+                     ("value_and_grad", jax.jit(jax.value_and_grad(total)))):
+        compiled, compile_s, xla_gib = _compile(fn, state.params, b)
+        _, dt, out = _time(lambda c=compiled: c(state.params, b), steps)
         del out
-        rows.append({"part": name, "s": dt, "compile_s": compile_s, "peak_gib": _peak_gib()})
+        rows.append({"part": name, "s": dt, "compile_s": compile_s, "xla_gib": xla_gib})
         print(json.dumps(rows[-1]), flush=True)
     row = bench_one(cfg, seq, batch, remat, chunk, steps)  # a fresh state: this one is not donated
     rows.append({"part": "step", "s": row["step_s"], "compile_s": row["compile_s"],
-                 "peak_gib": row["peak_gib"], "mfu": row["mfu"]})
+                 "xla_gib": row["xla_gib"], "mfu": row["mfu"]})
     print(json.dumps(rows[-1]), flush=True)
+    # the parts are differences of separately timed programs: one that is not positive is noise
+    for i, what in ((1, "the backward"), (2, "the optimizer update")):
+        d = rows[i]["s"] - rows[i - 1]["s"]
+        if d <= 0:
+            raise RuntimeError(
+                f"{what} timed at {d * 1e3:.3f} ms <= 0 ({rows[i]['part']} {rows[i]['s'] * 1e3:.3f}"
+                f" ms minus {rows[i - 1]['part']} {rows[i - 1]['s'] * 1e3:.3f} ms, medians of "
+                f"{steps}): below the timing noise; probe a larger batch or more steps")
     return rows
 
 
@@ -225,8 +233,9 @@ def _parse_config(text: str) -> tuple[int, str, int]:
     return int(batch), remat, int(chunk)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m experiments.train.bench",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--budget-s", type=float, default=150.0,
                     help="skip further configurations once this much time has passed")
@@ -240,7 +249,10 @@ def main() -> None:
                     help="space-separated configurations instead of the preset's grid")
     ap.add_argument("--unroll", action="store_true",
                     help="unroll the layers (TrainConfig.unroll_layers) instead of lax.scan")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                    help="directory for train_<preset>*.{json,md} and probe_<preset>*.json "
+                         "(default experiments/train/results)")
+    args = ap.parse_args(argv)
     UNROLL[0] = args.unroll
     extra = XLA_FLAG_PRESETS[args.xla_flags_preset]
     if extra:  # read when the backend starts, i.e. at the first jax.devices() below
@@ -252,8 +264,8 @@ def main() -> None:
         from jaxturbo.parallel.mesh import make_mesh
         MESH[0] = make_mesh(f"fsdp={len(jax.devices())}")
     dev = jax.devices()[0]
-    out = Path(__file__).parent / "train"
-    out.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if args.xla_flags_preset == "default" else f"_{args.xla_flags_preset}") + \
         ("_unrolled" if args.unroll else "")
     if args.trace:
@@ -288,10 +300,12 @@ def main() -> None:
     result = {"preset": args.preset, "device": dev.device_kind, "params": cfg.num_params(),
               "xla_flags": extra,
               "flops_per_token": train_flops_per_token(cfg, p["seq"]), "rows": rows}
-    (out / f"results_{args.preset}{suffix}.json").write_text(json.dumps(result, indent=1))
+    (out / f"train_{args.preset}{suffix}.json").write_text(json.dumps(result, indent=1))
     lines = [f"train step, {args.preset} ({cfg.num_params() / 1e9:.2f} B params), {dev.device_kind}"
              + (f", XLA_FLAGS+={extra}" if extra else ""),
-             "", "| batch x seq | remat | loss chunk | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
+             "", f"Step s: median of {p['steps']} steps after a warm-up call. XLA GiB: the row's "
+             "compiled step, per device.", "",
+             "| batch x seq | remat | loss chunk | step s | tokens/s | TFLOP/s | MFU | XLA GiB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         chunk = r["chunk"] or "none"
@@ -299,10 +313,11 @@ def main() -> None:
             lines.append(f"| {r['batch']} x {p['seq']} | {r['remat']} | {chunk} | {r['error']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        gib = "n/a" if r["xla_gib"] is None else f"{r['xla_gib']:.1f}"
         lines.append(f"| {r['batch']} x {r['seq']} | {r['remat']} | {chunk} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['tflops_per_s']:.1f} | {mfu} | {r['peak_gib']:.1f} |")
+                     f"{r['tokens_per_s']:.0f} | {r['tflops_per_s']:.1f} | {mfu} | {gib} |")
     table = "\n".join(lines)
-    (out / f"results_{args.preset}{suffix}.md").write_text(table + "\n")
+    (out / f"train_{args.preset}{suffix}.md").write_text(table + "\n")
     print(table)
 
 

@@ -35,7 +35,7 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
     No `preferred_element_type=float32`: the GPU/TPU matrix units accumulate bf16 products in
     float32 anyway, and on an H100 asking for a float32 result turns a batch-1 decode GEMV into a
-    4x slower kernel (553 vs 2257 GB/s; experiments/generate/NOTES.md).
+    4x slower kernel (553 vs 2257 GB/s; experiments/generate/RESULTS.md).
     """
     y = jnp.einsum("...i,oi->...o", x, w)
     return y if b is None else y + b.astype(y.dtype)

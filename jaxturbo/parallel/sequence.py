@@ -19,6 +19,10 @@ device's block of a ring of size R = P / u: the zigzag permutation is built for 
 Layout: for causal ring/hybrid the batch is permuted once with `zigzag` (ring size R) before
 the model and the output restored with `unzigzag`; positions and segment ids are permuted with
 the same helper so RoPE and packing see the right values.
+
+With tensor parallelism (training on a mesh with tensor = t > 1, `jaxturbo.train.step`) each
+device runs `local_attention` on its H/t query and K/t KV heads: Ulysses then splits those
+(sequence | H/t), ring splits nothing more; `model_layout` checks both up front.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from jaxturbo.errors import UserError
-from jaxturbo.parallel.axes import BATCH_AXES, SEQUENCE, divisors
+from jaxturbo.parallel.axes import BATCH_AXES, SEQUENCE, TENSOR, divisors
 from jaxturbo.parallel import ring as ring_lib
 from jaxturbo.parallel import ulysses as ulysses_lib
 from pallas_kernels import attention
@@ -270,15 +274,28 @@ def model_layout(mode: Mode | SequenceParallel, cfg: Any, mesh: Mesh, *, batch: 
 
     Returns (sp, u, r): the SequenceParallel, its Ulysses group size u and the ring size r of the
     zigzag permutation the batch needs (1: natural order).  Raises UserError naming what to
-    change: tensor must be 1, batch divisible by data x fsdp, seq_len and heads as `validate`.
+    change: batch divisible by data x fsdp, seq_len and heads as `validate`.  With tensor = t >
+    1 (training: `jaxturbo.train.step`) each tensor device holds H/t query and K/t KV heads, so
+    t must divide both and Ulysses splits a device's H/t heads (sequence | H/t).
     """
     sp = mode if isinstance(mode, SequenceParallel) else SequenceParallel(mode)
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    if sizes.get("tensor", 1) != 1:
-        raise UserError(f"sequence parallelism runs with tensor=1 (mesh has tensor="
-                        f"{sizes['tensor']}); fold those devices into the sequence or data axis")
-    u = validate(sp, sp_size=sizes[SEQ_AXIS], num_heads=cfg.num_attention_heads,
-                 num_kv_heads=cfg.num_key_value_heads, seq_len=seq_len, causal=True)
+    sizes = dict(mesh.shape)
+    tp, seq = sizes.get(TENSOR, 1), sizes[SEQ_AXIS]
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if tp > 1:
+        if heads % tp or kv % tp:
+            both = sorted(set(divisors(heads)) & set(divisors(kv)))
+            raise UserError(f"tensor={tp} must divide the {heads} query and {kv} KV heads to "
+                            f"train with sequence parallelism; choose a tensor size from {both}")
+        if sp.mode == "ulysses" and (heads // tp) % seq:
+            ok = [d for d in divisors(heads // tp) if d > 1]
+            raise UserError(
+                f"Ulysses over sequence={seq} with tensor={tp}: each tensor device holds "
+                f"{heads // tp} of the {heads} query heads, which {seq} does not divide; choose "
+                f"sequence from {ok or [1]} with tensor={tp}, a smaller tensor size, or "
+                f"--sequence-parallel ring (no head limit) or hybrid")
+        heads, kv = heads // tp, kv // tp
+    u = validate(sp, sp_size=seq, num_heads=heads, num_kv_heads=kv, seq_len=seq_len, causal=True)
     batch_devs = sizes.get("data", 1) * sizes.get("fsdp", 1)
     if batch % batch_devs:
         raise UserError(f"batch {batch} is not divisible by data x fsdp = {batch_devs}")
@@ -345,6 +362,10 @@ def sp_forward(
     runs `local_attention` of the mode, everything else is per-token and runs on local rows.
     Parameters are replicated (tensor axis must be 1 here; batch splits over data x fsdp).
     """
+    if dict(mesh.shape).get(TENSOR, 1) != 1:
+        raise UserError(f"sp_forward runs with tensor=1 (mesh has tensor={mesh.shape[TENSOR]}); "
+                        "fold those devices into the sequence or data axis (training combines "
+                        "both: jaxturbo.train.step)")
     b, t = tokens.shape
     sp, u, r = model_layout(mode, cfg, mesh, batch=b, seq_len=t)
     if positions is None:

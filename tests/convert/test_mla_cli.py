@@ -52,7 +52,7 @@ def test_convert_mla_cli_writes_loadable_deepseek_dir(tiny_model_dir, tmp_path, 
     code = main(["convert-mla", "--model", str(tiny_model_dir), "--out", str(out),
                  "--method", "care", "--ranks", "adjusted", "--kv-budget", "0.5",
                  "--calib-data", str(data), "--calib-samples", "4", "--calib-len", "32",
-                 "--eval-windows", "1", "--eval-window", "64", "--heal-steps", "2",
+                 "--eval-tokens", "64", "--eval-window", "64", "--heal-steps", "2",
                  "--heal-batch", "2"])
     printed = capsys.readouterr().out
     assert code == 0
@@ -113,7 +113,7 @@ def test_held_out_windows_are_never_calibrated_or_healed(tiny_model_dir, tmp_pat
     data.write_text(body + tail)
     code = main(["convert-mla", "--model", str(tiny_model_dir), "--out", str(tmp_path / "mla"),
                  "--kv-budget", "0.5", "--calib-data", str(data), "--calib-samples", "2",
-                 "--calib-len", "32", "--eval-windows", "2", "--eval-window", "32",
+                 "--calib-len", "32", "--eval-tokens", "64", "--eval-window", "32",
                  "--heal-steps", "3", "--heal-batch", "2"])
     assert code == 0, capsys.readouterr().err
     tok = char_tokenizer()

@@ -66,7 +66,7 @@ def test_ppl_command_matches_transformers(smollm2_mla_dir, hf_model, tokenizer, 
     data = tmp_path / "text.txt"
     data.write_text(WIKITEXT.read_text()[:3000])
     assert main(["ppl", "--model", str(smollm2_mla_dir), "--data", str(data), "--window", "64",
-                 "--max-tokens", "128", "--batch-size", "2"]) == 0
+                 "--max-tokens", "128", "--windows-per-batch", "2"]) == 0
     ours = float(re.search(r"perplexity: ([0-9.]+)", capsys.readouterr().out).group(1))
     ids = np.asarray(tokenizer.encode(data.read_text(), add_special_tokens=False)[:128])
     nll = []

@@ -1,4 +1,4 @@
-"""experiments/mla_decode_bench.py's model mode on CPU: a tiny GQA original against a tiny
+"""experiments/mla/decode_bench.py's model mode on CPU: a tiny GQA original against a tiny
 DeepSeek-V3 directory (random MLA weights, latent 20 + rope 4) and a conversion the bench makes
 itself with convert-mla; rows, ratios, dispatch paths, KV bytes and files are checked."""
 
@@ -6,29 +6,24 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench():
     """The bench module, imported without leaving its XLA flags in this process's env."""
     saved = os.environ.get("XLA_FLAGS")
-    sys.path.insert(0, str(ROOT / "experiments"))
     try:
-        import mla_decode_bench
+        from experiments.mla import decode_bench
     finally:
         if saved is None:
             os.environ.pop("XLA_FLAGS", None)
         else:
             os.environ["XLA_FLAGS"] = saved
-    return mla_decode_bench
+    return decode_bench
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def test_bench_models_mode_cpu(bench, tiny_dirs, tmp_path):
     original, mla, mcfg = tiny_dirs
     data = tmp_path / "text.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "decode_converted"
     code = bench.main(["--preset", "models-cpu", "--original", str(original),
                        "--converted", str(mla), "--convert", "care-uniform", "--kv-budget", "0.5",
                        "--convert-dir", str(tmp_path / "converted"),
@@ -72,8 +67,8 @@ def test_bench_models_mode_cpu(bench, tiny_dirs, tmp_path):
     assert code == 0
     converted = tmp_path / "converted" / "original-care-uniform-kv0.5"
     assert (converted / "config.json").is_file()
-    rows = json.loads((out / "decode_models.json").read_text())["rows"]
-    assert (out / "decode_models.md").is_file() and (out / "decode_models.png").is_file()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
     assert {(r["model"], r["context"]) for r in rows} == {
         (m, c) for m in ("original", "mla", converted.name) for c in (40, 100)}
     by = {(r["model"], r["context"]): r for r in rows}

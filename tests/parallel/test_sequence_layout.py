@@ -59,5 +59,6 @@ def test_hybrid_default_ulysses_size_is_largest_common_divisor():
 def test_hybrid_mesh_keeps_device_order():
     mesh = make_mesh({"sequence": 8})
     hm = S.hybrid_mesh(mesh, 2)
-    assert hm.axis_names == ("data", "fsdp", "sequence_ring", "sequence_ulysses", "tensor")
+    assert hm.axis_names == ("data", "fsdp", "expert", "sequence_ring", "sequence_ulysses",
+                             "tensor")
     assert [d.id for d in hm.devices.flat] == [d.id for d in mesh.devices.flat]

@@ -135,7 +135,6 @@ def test_zigzag_rows_keeps_each_token_with_its_target_weight_and_position():
 @pytest.mark.parametrize("mesh_spec,mode,match", [
     ("data=2,sequence=4", "none", "sequence=4 but --sequence-parallel is none; choose one of ulysses, ring, hybrid"),
     ("data=8", "ring", "needs a mesh with a sequence axis > 1"),
-    ("data=2,tensor=4", "ring", "tensor=4 is not supported yet"),
 ])
 def test_bad_mesh_and_mode_combinations_fail_before_compiling(mesh_spec, mode, match):
     with pytest.raises(UserError, match=match):

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxturbo.errors import UserError  # noqa: E402
-from jaxturbo.inference.generate import generate  # noqa: E402
+from jaxturbo.inference.generation import generate  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
 from jaxturbo.models.transformer import forward, init_cache  # noqa: E402
 from jaxturbo.parallel import tensor  # noqa: E402

@@ -88,7 +88,7 @@ def convert_to_mla(params: Params, cfg: ModelConfig, cov: np.ndarray | None, *,
     min_rank: smallest rank per matrix under `adjusted` (default: 1/8 of the uniform share).
     rope_criterion: "rotation" (default: energy weighted by how much each frequency rotates
       over `context` tokens) or "energy" (plain score energy); see `rope_select` and
-      experiments/mla/NOTES.md for why plain energy is the wrong default.
+      experiments/mla/RESULTS.md (levers) for why plain energy is the wrong default.
     """
     _check_source(cfg)
     if method not in fz.METHODS:

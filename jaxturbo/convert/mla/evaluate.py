@@ -1,4 +1,4 @@
-"""Perplexity of an MLA model: `jaxturbo.inference.perplexity`, which takes an `MLAConfig`
+"""Perplexity of an MLA model: `jaxturbo.inference.scoring`, which takes an `MLAConfig`
 itself (`jaxturbo.models.model_functions`), in disjoint windows with the XLA attention."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxturbo.inference.perplexity import PerplexityResult, perplexity
+from jaxturbo.inference.scoring import PerplexityResult, perplexity
 from jaxturbo.models.mla import MLAConfig
 from jaxturbo.models.transformer import Params
 

@@ -1,0 +1,1 @@
+"""Attention kernels against cuDNN, XLA and JAX's shipped kernels (RESULTS.md)."""

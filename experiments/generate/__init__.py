@@ -1,0 +1,1 @@
+"""Single-GPU decode throughput of the on-device generation loop (RESULTS.md)."""

@@ -1,0 +1,1 @@
+"""GQA -> MLA conversion quality and MLA decode speed (RESULTS.md)."""

@@ -1,0 +1,1 @@
+"""Mixture-of-experts grouped GEMM against ragged_dot and dense matmul (RESULTS.md)."""

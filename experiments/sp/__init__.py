@@ -1,0 +1,1 @@
+"""Sequence-parallel attention throughput and the longest trainable sequence (RESULTS.md)."""

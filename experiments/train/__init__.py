@@ -1,0 +1,1 @@
+"""Training-step throughput and MFU (RESULTS.md)."""

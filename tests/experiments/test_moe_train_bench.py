@@ -1,0 +1,39 @@
+"""experiments/moe/train_bench.py's CPU preset: a full and a LoRA row run, and the active-FLOP
+count matches the parameter shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+
+from experiments.moe import train_bench
+from jaxturbo.models.init import init_params
+
+
+def test_active_params_count_the_routed_experts_only():
+    cfg = train_bench.PRESETS["cpu"]["cfg"]
+    layers = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))["layers"]
+    m = cfg.moe
+    per_token = sum(math.prod(s.shape) for n, s in layers.items()
+                    if n.startswith("self_attn.") and n.endswith("proj.weight"))
+    per_token += math.prod(layers["mlp.gate.weight"].shape)
+    per_token += sum(math.prod(layers[f"mlp.experts.{p}_proj.weight"].shape)
+                     for p in ("gate", "up", "down")) * m.num_experts_per_tok // m.num_experts
+    per_token += cfg.vocab_size * cfg.hidden_size
+    assert train_bench.active_matmul_params(cfg) == per_token < cfg.num_params()
+    full, lora = (train_bench.flops_per_token(cfg, 128, r) for r in (0, 8))
+    assert 0.6 * full < lora < 0.75 * full   # no weight gradients: about 4/6 of the FLOPs
+
+
+def test_cpu_preset_times_full_and_lora_rows(tmp_path):
+    assert train_bench.main(["--preset", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "train_cpu.json").read_text())
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "lora"} and not any("error" in r for r in rows.values())
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None   # CPU: no peak
+        assert abs(r["first_loss"] - math.log(4096)) < 1.0    # random weights: about ln V
+    assert rows["lora"]["trained_params"] < rows["full"]["trained_params"] / 10
+    assert (tmp_path / "train_cpu.md").read_text().startswith("### MoE train step")
