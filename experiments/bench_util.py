@@ -22,7 +22,9 @@ def device_name() -> str:
 
 
 def block(x: Any) -> Any:
-    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+    return jax.tree.map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x
+    )
 
 
 def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, inner: int = 1) -> float:
@@ -43,9 +45,13 @@ def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, inner: int
     return sorted(ts)[len(ts) // 2]
 
 
-def time_difference(short: Callable[[], Any], long: Callable[[], Any], repeats: int = 3,
-                    what: str = "the difference",
-                    fix: str = "raise --reps") -> tuple[float, float, float]:
+def time_difference(
+    short: Callable[[], Any],
+    long: Callable[[], Any],
+    repeats: int = 3,
+    what: str = "the difference",
+    fix: str = "raise --reps",
+) -> tuple[float, float, float]:
     """(short s, long s, long - short s) of two programs that differ by the work being timed (e.g.
     generate(1 token) and generate(N tokens): the difference is N-1 decode steps).
 
@@ -70,7 +76,8 @@ def time_difference(short: Callable[[], Any], long: Callable[[], Any], repeats: 
         raise RuntimeError(
             f"{what} {diff * 1e3:.3f} ms <= 0: the long program took {med(longs) * 1e3:.3f} ms, "
             f"the short one {med(shorts) * 1e3:.3f} ms (median of {repeats} back-to-back pairs); "
-            f"the timed work is below the timing noise: {fix}")
+            f"the timed work is below the timing noise: {fix}"
+        )
     return med(shorts), med(longs), diff
 
 
@@ -85,8 +92,12 @@ def compiled_bytes(compiled: Any) -> int | None:
         return None
     if m is None:
         return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
 
 
 def copy_bandwidth(nbytes: int) -> float:
@@ -105,8 +116,9 @@ def process_peak_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def write_table(rows: list[dict], columns: list[str], out: Path, title: str,
-                meta: dict | None = None) -> str:
+def write_table(
+    rows: list[dict], columns: list[str], out: Path, title: str, meta: dict | None = None
+) -> str:
     """Write rows as JSON + Markdown under `out` (a path stem); return the Markdown table."""
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"meta": meta or {}, "rows": rows}, indent=2))
@@ -117,8 +129,12 @@ def write_table(rows: list[dict], columns: list[str], out: Path, title: str,
             v = r.get(c, "")
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append(f"| {' | '.join(cells)} |")
-    md = "\n".join([f"### {title}", ""] + (
-        [f"{k}: {v}" for k, v in (meta or {}).items()] + [""]) + lines) + "\n"
+    md = (
+        "\n".join(
+            [f"### {title}", ""] + ([f"{k}: {v}" for k, v in (meta or {}).items()] + [""]) + lines
+        )
+        + "\n"
+    )
     Path(f"{out}.md").write_text(md)
     return md
 
@@ -132,8 +148,11 @@ def kernel_summary(trace_dir: Path, steps: int = 1, top: int = 40) -> dict:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
     data = json.loads(gzip.open(files[-1]).read())
     events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     gpu = {p for p, n in names.items() if "GPU" in n.upper()}
     by_name: dict[str, list[float]] = collections.defaultdict(list)
     for e in events:
@@ -141,8 +160,16 @@ def kernel_summary(trace_dir: Path, steps: int = 1, top: int = 40) -> dict:
             by_name[e["name"]].append(e["dur"])
     rows = sorted(((n, len(v), sum(v)) for n, v in by_name.items()), key=lambda r: -r[2])
     busy_us = sum(r[2] for r in rows)
-    return {"kernels_per_step": sum(r[1] for r in rows) / steps,
-            "busy_ms_per_step": busy_us / steps / 1e3,
-            "top": [{"kernel": n[:120], "per_step": round(c / steps, 2),
-                     "us_per_step": round(t / steps, 1), "share": round(t / max(busy_us, 1e-9), 4)}
-                    for n, c, t in rows[:top]]}
+    return {
+        "kernels_per_step": sum(r[1] for r in rows) / steps,
+        "busy_ms_per_step": busy_us / steps / 1e3,
+        "top": [
+            {
+                "kernel": n[:120],
+                "per_step": round(c / steps, 2),
+                "us_per_step": round(t / steps, 1),
+                "share": round(t / max(busy_us, 1e-9), 4),
+            }
+            for n, c, t in rows[:top]
+        ],
+    }

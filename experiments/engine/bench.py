@@ -46,8 +46,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.bench_util import (copy_bandwidth, device_name, time_difference,  # noqa: E402
-                                    time_fn, write_table)
+from experiments.bench_util import (  # noqa: E402
+    copy_bandwidth,
+    device_name,
+    time_difference,
+    time_fn,
+    write_table,
+)
 from jaxturbo.inference import generate  # noqa: E402
 from jaxturbo.inference.engine.config import EngineConfig  # noqa: E402
 from jaxturbo.inference.engine.engine import Engine  # noqa: E402
@@ -63,30 +68,54 @@ SYSTEMS = ("engine", "static", "hf")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        shape="tiny", dtype="float32", copy_bytes=1 << 24, matmul=512,
+        shape="tiny",
+        dtype="float32",
+        copy_bytes=1 << 24,
+        matmul=512,
         w1=dict(requests=8, prompt=(16, 64), new=16),
         w2=dict(prompts=2, samples=4, prefix=32, unique=8, new=8),
         latency=dict(requests=2, prompt=32, new=8),
         static_batches=[4],
-        engine=dict(page_size=16, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128,
-                    token_buckets=(64,), seq_buckets=(8,)),
+        engine=dict(
+            page_size=16,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            max_model_len=128,
+            token_buckets=(64,),
+            seq_buckets=(8,),
+        ),
         latency_engine=None,  # the w1 engine serves
         compilation_cache=False,  # a process-wide JAX setting: leave the test process's alone
-        hf=dict(num_blocks=64, block_size=16, max_batch_tokens=256)),
+        hf=dict(num_blocks=64, block_size=16, max_batch_tokens=256),
+    ),
     "gpu": dict(
-        shape="llama3-8b", dtype="bfloat16", copy_bytes=1 << 31, matmul=8192,
+        shape="llama3-8b",
+        dtype="bfloat16",
+        copy_bytes=1 << 31,
+        matmul=8192,
         w1=dict(requests=256, prompt=(256, 1024), new=256),
         w2=dict(prompts=64, samples=8, prefix=1024, unique=64, new=128),
         latency=dict(requests=4, prompt=512, new=128),
         static_batches=[64, 256],
-        engine=dict(page_size=16, max_num_seqs=256, max_num_batched_tokens=2048,
-                    max_model_len=1280, token_buckets=(128, 256, 512, 1024, 2048),
-                    seq_buckets=(16, 32, 64, 128, 256)),
-        latency_engine=dict(page_size=16, max_num_seqs=1, max_num_batched_tokens=512,
-                            max_model_len=1280, token_buckets=(16, 32, 64, 128, 256, 512),
-                            seq_buckets=(1,)),
+        engine=dict(
+            page_size=16,
+            max_num_seqs=256,
+            max_num_batched_tokens=2048,
+            max_model_len=1280,
+            token_buckets=(128, 256, 512, 1024, 2048),
+            seq_buckets=(16, 32, 64, 128, 256),
+        ),
+        latency_engine=dict(
+            page_size=16,
+            max_num_seqs=1,
+            max_num_batched_tokens=512,
+            max_model_len=1280,
+            token_buckets=(16, 32, 64, 128, 256, 512),
+            seq_buckets=(1,),
+        ),
         compilation_cache=True,
-        hf=dict()),  # transformers sizes its cache from the free GPU memory
+        hf=dict(),
+    ),  # transformers sizes its cache from the free GPU memory
 }
 
 
@@ -101,8 +130,9 @@ def w1_prompts(w: dict, vocab: int) -> list[list[int]]:
 def w2_prompts(w: dict, vocab: int) -> list[list[int]]:
     rng = np.random.RandomState(1)
     prefix = [int(t) for t in rng.randint(0, vocab, w["prefix"])]
-    return [prefix + [int(t) for t in rng.randint(0, vocab, w["unique"])]
-            for _ in range(w["prompts"])]
+    return [
+        prefix + [int(t) for t in rng.randint(0, vocab, w["unique"])] for _ in range(w["prompts"])
+    ]
 
 
 # ----------------------------------------------------------------------------- floors
@@ -129,8 +159,7 @@ def weight_bytes(cfg: ModelConfig, itemsize: int) -> int:
     return (matmul_params(cfg) + cfg.vocab_size * cfg.hidden_size) * itemsize
 
 
-def decode_floor_s(cfg: ModelConfig, dtype: str, prompts: list[int], new: int,
-                   bw: float) -> float:
+def decode_floor_s(cfg: ModelConfig, dtype: str, prompts: list[int], new: int, bw: float) -> float:
     """`new` steps of every sequence decoding together: weights once a step + each sequence's
     KV at its context."""
     kv = sum(new * p + new * (new - 1) / 2 for p in prompts) * kv_cache_bytes_per_token(cfg, dtype)
@@ -142,7 +171,7 @@ def matmul_rate(n: int, dtype: str) -> float:
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     t = time_fn(lambda: f(a), repeats=5, inner=10)
-    return 2 * n ** 3 / t
+    return 2 * n**3 / t
 
 
 # ----------------------------------------------------------------------------- systems
@@ -154,23 +183,31 @@ def run_engine_w1(engine: Engine, prompts: list[list[int]], new: int) -> dict:
     wall = time.perf_counter() - t0
     s1 = engine.stats()
     assert all(len(c.token_ids) == new for c in out)
-    return {"wall_s": wall, "steps": s1.num_steps - s0.num_steps,
-            "preemptions": s1.num_preemptions - s0.num_preemptions}
+    return {
+        "wall_s": wall,
+        "steps": s1.num_steps - s0.num_steps,
+        "preemptions": s1.num_preemptions - s0.num_preemptions,
+    }
 
 
 def run_engine_w2(engine: Engine, prompts: list[list[int]], w: dict, caching: bool) -> dict:
     engine.set_prefix_caching(caching)
     s0 = engine.stats()
-    params = [RequestParams(max_tokens=w["new"], temperature=1.0, n=w["samples"], seed=i,
-                            ignore_eos=True) for i in range(len(prompts))]
+    params = [
+        RequestParams(max_tokens=w["new"], temperature=1.0, n=w["samples"], seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     t0 = time.perf_counter()
     engine.generate(prompts, params)
     wall = time.perf_counter() - t0
     s1 = engine.stats()
-    return {"wall_s": wall, "steps": s1.num_steps - s0.num_steps,
-            "prompt_tokens_requested": s1.prompt_tokens - s0.prompt_tokens,
-            "prompt_tokens_computed": s1.prefill_tokens_computed - s0.prefill_tokens_computed,
-            "preemptions": s1.num_preemptions - s0.num_preemptions}
+    return {
+        "wall_s": wall,
+        "steps": s1.num_steps - s0.num_steps,
+        "prompt_tokens_requested": s1.prompt_tokens - s0.prompt_tokens,
+        "prompt_tokens_computed": s1.prefill_tokens_computed - s0.prefill_tokens_computed,
+        "preemptions": s1.num_preemptions - s0.num_preemptions,
+    }
 
 
 def run_engine_latency(engine: Engine, prompts: list[list[int]], new: int) -> dict:
@@ -191,30 +228,41 @@ def run_engine_latency(engine: Engine, prompts: list[list[int]], new: int) -> di
 
 def run_static_w1(params, cfg, prompts: list[list[int]], new: int, batch: int) -> dict:
     width = max(map(len, prompts))  # one program: every batch right-padded to the longest prompt
-    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     batches[-1] = batches[-1] + [batches[-1][-1]] * (batch - len(batches[-1]))  # same shape
     t0 = time.perf_counter()
-    generate(params, cfg, batches[0], max_new_tokens=new, bucket_multiple=width)
+    generate(params, cfg, batches[0], max_new_tokens=new, bucket_multiple=width, stop_ids=())
     compile_and_first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for b in batches:
-        res = generate(params, cfg, b, max_new_tokens=new, bucket_multiple=width)
+        res = generate(params, cfg, b, max_new_tokens=new, bucket_multiple=width, stop_ids=())
     wall = time.perf_counter() - t0
     assert int(res.num_tokens.min()) == new
-    return {"wall_s": wall, "compile_s": compile_and_first, "batch": batch,
-            "padded_prompt_tokens": len(batches) * batch * width}
+    return {
+        "wall_s": wall,
+        "compile_s": compile_and_first,
+        "batch": batch,
+        "padded_prompt_tokens": len(batches) * batch * width,
+    }
 
 
 def run_static_latency(params, cfg, prompt: list[int], new: int, reps: int = 3) -> dict:
-    gen = lambda n: lambda: generate(params, cfg, [prompt], max_new_tokens=n,
-                                     bucket_multiple=len(prompt)).tokens
-    first, _, diff = time_difference(gen(1), gen(new), repeats=reps,
-                                     what=f"decode time of {new - 1} steps")
+    gen = lambda n: (
+        lambda: (
+            generate(
+                params, cfg, [prompt], max_new_tokens=n, stop_ids=(), bucket_multiple=len(prompt)
+            ).tokens
+        )
+    )
+    first, _, diff = time_difference(
+        gen(1), gen(new), repeats=reps, what=f"decode time of {new - 1} steps"
+    )
     return {"ttft_ms": 1e3 * first, "tpot_ms": 1e3 * diff / (new - 1)}
 
 
-def run_hf_w1(cfg: ModelConfig, prompts: list[list[int]], new: int, dtype: str,
-              hf_cfg: dict) -> dict:
+def run_hf_w1(
+    cfg: ModelConfig, prompts: list[list[int]], new: int, dtype: str, hf_cfg: dict
+) -> dict:
     """transformers' continuous batching on random weights of the same shape."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
@@ -227,12 +275,14 @@ def run_hf_w1(cfg: ModelConfig, prompts: list[list[int]], new: int, dtype: str,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hc, dtype=tdtype,
-                                                 attn_implementation="paged|sdpa").eval()
+        model = AutoModelForCausalLM.from_config(
+            hc, dtype=tdtype, attn_implementation="paged|sdpa"
+        ).eval()
     gen = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb = ContinuousBatchingConfig(**hf_cfg)
-    model.generate_batch(prompts[:4], generation_config=gen, continuous_batching_config=cb,
-                         max_new_tokens=4)  # kernels and allocator warm
+    model.generate_batch(
+        prompts[:4], generation_config=gen, continuous_batching_config=cb, max_new_tokens=4
+    )  # kernels and allocator warm
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -245,29 +295,42 @@ def run_hf_w1(cfg: ModelConfig, prompts: list[list[int]], new: int, dtype: str,
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"wall_s": wall, "note": f"transformers paged|sdpa, {len(out)} results, "
-                                    f"new tokens {min(lens)}..{max(lens)} (CB warm-up included)",
-            "output_tokens": sum(lens)}
+    return {
+        "wall_s": wall,
+        "note": f"transformers paged|sdpa, {len(out)} results, "
+        f"new tokens {min(lens)}..{max(lens)} (CB warm-up included)",
+        "output_tokens": sum(lens),
+    }
 
 
 # ----------------------------------------------------------------------------- main
-def throughput_row(system: str, r: dict, prompts: list[list[int]], new: int, floor: float,
-                   samples: int = 1) -> dict:
+def throughput_row(
+    system: str, r: dict, prompts: list[list[int]], new: int, floor: float, samples: int = 1
+) -> dict:
     out_tok = r.pop("output_tokens", len(prompts) * samples * new)
     total = out_tok + sum(map(len, prompts)) * samples
-    return {"system": system, **r, "output_tokens_per_s": out_tok / r["wall_s"],
-            "total_tokens_per_s": total / r["wall_s"], "floor_s": floor,
-            "fraction_of_floor": floor / r["wall_s"]}
+    return {
+        "system": system,
+        **r,
+        "output_tokens_per_s": out_tok / r["wall_s"],
+        "total_tokens_per_s": total / r["wall_s"],
+        "floor_s": floor,
+        "fraction_of_floor": floor / r["wall_s"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.engine.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.engine.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--workload", choices=(*WORKLOADS, "all"), default="all")
     ap.add_argument("--shape", help="model shape (jaxturbo.models.shapes); default: the preset's")
-    ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated subset of engine,static,hf")
+    ap.add_argument(
+        "--systems", default=",".join(SYSTEMS), help="comma-separated subset of engine,static,hf"
+    )
     ap.add_argument("--static-batches", help="comma-separated batch sizes of the static generate")
     ap.add_argument("--out", help="path stem of the .json/.md/.png")
     args = ap.parse_args(argv)
@@ -279,13 +342,21 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown systems {sorted(bad)}; choose from {','.join(SYSTEMS)}")
     workloads = WORKLOADS if args.workload == "all" else (args.workload,)
-    static_batches = ([int(b) for b in args.static_batches.split(",")] if args.static_batches
-                      else p["static_batches"])
+    static_batches = (
+        [int(b) for b in args.static_batches.split(",")]
+        if args.static_batches
+        else p["static_batches"]
+    )
     dtype = p["dtype"]
     cache_dir = "default" if p["compilation_cache"] else None
     rows: list[dict] = []
-    meta: dict[str, Any] = {"shape": name, "dtype": dtype, "preset": args.preset,
-                            "workloads": list(workloads), "systems": systems}
+    meta: dict[str, Any] = {
+        "shape": name,
+        "dtype": dtype,
+        "preset": args.preset,
+        "workloads": list(workloads),
+        "systems": systems,
+    }
 
     w1 = w1_prompts(p["w1"], cfg.vocab_size) if "w1" in workloads else None
     if w1 is not None and "hf" in systems:  # first: before JAX holds the GPU's memory
@@ -299,29 +370,45 @@ def main(argv: list[str] | None = None) -> int:
 
     bw = copy_bandwidth(p["copy_bytes"])
     rate = matmul_rate(p["matmul"], dtype)
-    meta.update(device=device_name(), jax=jax.__version__, copy_bandwidth_GBps=round(bw / 1e9, 1),
-                matmul_TFLOPs=round(rate / 1e12, 1))
-    print(f"{meta['device']}: copy {bw / 1e9:.0f} GB/s, matmul {rate / 1e12:.1f} TFLOP/s",
-          flush=True)
+    meta.update(
+        device=device_name(),
+        jax=jax.__version__,
+        copy_bandwidth_GBps=round(bw / 1e9, 1),
+        matmul_TFLOPs=round(rate / 1e12, 1),
+    )
+    print(
+        f"{meta['device']}: copy {bw / 1e9:.0f} GB/s, matmul {rate / 1e12:.1f} TFLOP/s", flush=True
+    )
     params = init_params(cfg, jax.random.key(0), jnp.dtype(dtype))
 
     if w1 is not None:
         new = p["w1"]["new"]
-        floor = (prefill_flops(cfg, [(0, len(q)) for q in w1]) / rate
-                 + decode_floor_s(cfg, dtype, list(map(len, w1)), new, bw))
+        floor = prefill_flops(cfg, [(0, len(q)) for q in w1]) / rate + decode_floor_s(
+            cfg, dtype, list(map(len, w1)), new, bw
+        )
         meta["w1"] = {**p["w1"], "prompt_tokens": sum(map(len, w1)), "floor_s": floor}
         if "hf_result" in meta:
-            rows.append({"workload": "w1", **throughput_row("transformers", meta.pop("hf_result"),
-                                                             w1, new, floor)})
+            rows.append(
+                {
+                    "workload": "w1",
+                    **throughput_row("transformers", meta.pop("hf_result"), w1, new, floor),
+                }
+            )
     engine = None
     if "engine" in systems and ("w1" in workloads or "w2" in workloads):
         t0 = time.perf_counter()
-        engine = Engine(params, cfg, config=EngineConfig(**p["engine"]), sort_variants=False,
-                        compilation_cache_dir=cache_dir)
+        engine = Engine(
+            params,
+            cfg,
+            config=EngineConfig(**p["engine"]),
+            sort_variants=False,
+            compilation_cache_dir=cache_dir,
+        )
         meta["engine_startup_s"] = time.perf_counter() - t0
         meta["engine_pool"] = engine.runner.pool_note
-        meta["engine_config"] = {k: v for k, v in dataclasses.asdict(engine.config).items()
-                                 if k in p["engine"]}
+        meta["engine_config"] = {
+            k: v for k, v in dataclasses.asdict(engine.config).items() if k in p["engine"]
+        }
         if w1 is not None:
             for asynchronous in (True, False):  # the host's scheduling overlapped or not
                 engine.async_scheduling = asynchronous
@@ -338,17 +425,32 @@ def main(argv: list[str] | None = None) -> int:
             # tokens once (its n samples share them)
             unique = [(0, w["prefix"])] + [(w["prefix"], len(q)) for q in prompts]
             lens = [len(q) for q in prompts for _ in range(n)]
-            floors = {True: prefill_flops(cfg, unique) / rate,
-                      False: prefill_flops(cfg, [(0, m) for m in lens]) / rate}
+            floors = {
+                True: prefill_flops(cfg, unique) / rate,
+                False: prefill_flops(cfg, [(0, m) for m in lens]) / rate,
+            }
             for caching in (True, False):
                 r = run_engine_w2(engine, prompts, w, caching)
                 floor2 = floors[caching] + decode_floor_s(cfg, dtype, lens, w["new"], bw)
-                rows.append({"workload": "w2", **throughput_row(
-                    f"engine, prefix cache {'on' if caching else 'off'}", r, prompts, w["new"],
-                    floor2, samples=n)})
-                print(f"w2 caching={caching}: {r['prompt_tokens_computed']} of "
-                      f"{r['prompt_tokens_requested']} prompt tokens computed, "
-                      f"{r['wall_s']:.2f} s", flush=True)
+                rows.append(
+                    {
+                        "workload": "w2",
+                        **throughput_row(
+                            f"engine, prefix cache {'on' if caching else 'off'}",
+                            r,
+                            prompts,
+                            w["new"],
+                            floor2,
+                            samples=n,
+                        ),
+                    }
+                )
+                print(
+                    f"w2 caching={caching}: {r['prompt_tokens_computed']} of "
+                    f"{r['prompt_tokens_requested']} prompt tokens computed, "
+                    f"{r['wall_s']:.2f} s",
+                    flush=True,
+                )
             meta["w2"] = dict(w)
     if engine is not None and p["latency_engine"] is not None:
         del engine
@@ -362,36 +464,65 @@ def main(argv: list[str] | None = None) -> int:
                 meta[f"static_b{b}"] = f"failed: {type(e).__name__}: {e}"[:500]
                 print(f"w1 static b={b}: {meta[f'static_b{b}']}", flush=True)
                 continue
-            rows.append({"workload": "w1", **throughput_row(f"static generate b={b}", r, w1, new,
-                                                             floor)})
+            rows.append(
+                {"workload": "w1", **throughput_row(f"static generate b={b}", r, w1, new, floor)}
+            )
             print(f"w1 static b={b}: {rows[-1]['output_tokens_per_s']:.0f} out tok/s", flush=True)
     if "latency" in workloads:
         w = p["latency"]
-        prompts = w1_prompts(dict(requests=w["requests"], prompt=(w["prompt"], w["prompt"])),
-                             cfg.vocab_size)
-        lat_floor = {"ttft_ms": 1e3 * prefill_flops(cfg, [(0, w["prompt"])]) / rate,
-                     "tpot_ms": 1e3 * decode_floor_s(cfg, dtype, [w["prompt"] + w["new"] // 2],
-                                                     1, bw)}
+        prompts = w1_prompts(
+            dict(requests=w["requests"], prompt=(w["prompt"], w["prompt"])), cfg.vocab_size
+        )
+        lat_floor = {
+            "ttft_ms": 1e3 * prefill_flops(cfg, [(0, w["prompt"])]) / rate,
+            "tpot_ms": 1e3 * decode_floor_s(cfg, dtype, [w["prompt"] + w["new"] // 2], 1, bw),
+        }
         rows.append({"workload": "latency", "system": "floor", **lat_floor})
         if "engine" in systems:
             t0 = time.perf_counter()
             if engine is None:
-                engine = Engine(params, cfg, sort_variants=False, compilation_cache_dir=cache_dir,
-                                config=EngineConfig(**(p["latency_engine"] or p["engine"])))
+                engine = Engine(
+                    params,
+                    cfg,
+                    sort_variants=False,
+                    compilation_cache_dir=cache_dir,
+                    config=EngineConfig(**(p["latency_engine"] or p["engine"])),
+                )
             startup = time.perf_counter() - t0
             r = run_engine_latency(engine, prompts, w["new"])
             rows.append({"workload": "latency", "system": "engine", **r, "startup_s": startup})
         if "static" in systems:
-            rows.append({"workload": "latency", "system": "static generate b=1",
-                         **run_static_latency(params, cfg, prompts[0], w["new"])})
+            rows.append(
+                {
+                    "workload": "latency",
+                    "system": "static generate b=1",
+                    **run_static_latency(params, cfg, prompts[0], w["new"]),
+                }
+            )
         meta["latency"] = dict(w)
 
     tag = "" if set(systems) == set(SYSTEMS) else "_" + "-".join(systems)
-    out = (Path(args.out) if args.out else
-           RESULTS / f"engine_{args.preset}_{args.workload}_{name}{tag}")
-    cols = ["workload", "system", "wall_s", "output_tokens_per_s", "total_tokens_per_s",
-            "floor_s", "fraction_of_floor", "prompt_tokens_requested", "prompt_tokens_computed",
-            "ttft_ms", "tpot_ms", "steps", "preemptions", "batch"]
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"engine_{args.preset}_{args.workload}_{name}{tag}"
+    )
+    cols = [
+        "workload",
+        "system",
+        "wall_s",
+        "output_tokens_per_s",
+        "total_tokens_per_s",
+        "floor_s",
+        "fraction_of_floor",
+        "prompt_tokens_requested",
+        "prompt_tokens_computed",
+        "ttft_ms",
+        "tpot_ms",
+        "steps",
+        "preemptions",
+        "batch",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
     md = write_table(rows, cols, out, f"Inference engine ({meta.get('device')}, {name})", meta)
     plot(rows, out)
@@ -407,21 +538,32 @@ def plot(rows: list[dict], out: Path) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     panels = [w for w in WORKLOADS if any(r["workload"] == w for r in rows)]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, w in zip(axes[0], panels):
         rs = [r for r in rows if r["workload"] == w]
-        key, label = (("tpot_ms", "ms per output token") if w == "latency"
-                      else ("output_tokens_per_s", "output tokens/s"))
+        key, label = (
+            ("tpot_ms", "ms per output token")
+            if w == "latency"
+            else ("output_tokens_per_s", "output tokens/s")
+        )
         rs = [r for r in rs if key in r]
         ax.bar(range(len(rs)), [r[key] for r in rs])
-        ax.set_xticks(range(len(rs)), [r["system"].replace(", ", "\n") for r in rs],
-                      fontsize=7, rotation=20)
+        ax.set_xticks(
+            range(len(rs)), [r["system"].replace(", ", "\n") for r in rs], fontsize=7, rotation=20
+        )
         if w != "latency":  # the floor's throughput, per bar (w2: with and without caching)
-            ax.scatter(range(len(rs)), [r["output_tokens_per_s"] / r["fraction_of_floor"]
-                                        for r in rs], marker="_", s=400, c="k", label="floor")
+            ax.scatter(
+                range(len(rs)),
+                [r["output_tokens_per_s"] / r["fraction_of_floor"] for r in rs],
+                marker="_",
+                s=400,
+                c="k",
+                label="floor",
+            )
             ax.legend(fontsize=7)
         ax.set_title(w)
         ax.set_ylabel(label)

@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_util import (copy_bandwidth, device_name, kernel_summary, time_fn,
-                                    write_table)
+from experiments.bench_util import copy_bandwidth, device_name, kernel_summary, time_fn, write_table
 from jaxturbo.models.shapes import shape
 from pallas_kernels import api
 from pallas_kernels.decode_attention.reference import decode_attention_reference
@@ -46,21 +45,44 @@ _8B = shape("llama3-8b")  # the GPU preset's attention: its heads, KV heads and 
 
 C = rpa_triton.Config
 PRESETS = {
-    "cpu": dict(heads=(4, 2, 16), dtype="float32", decode=[(1, 256)], page_sizes=(16,),
-                decode_configs=[], mixed=[dict(chunks=1, chunk=16, decodes=2, context=64)],
-                mixed_configs=[], reps=1, inner=1, copy_bytes=1 << 22, xla_mixed=True),
-    "gpu": dict(heads=(_8B.num_attention_heads, _8B.num_key_value_heads, _8B.head_dim),
-                dtype="bfloat16", decode=[(1, 8192), (16, 8192)],
-                page_sizes=(16, 64),
-                decode_configs=[("bk64", C(block_k=64)), ("bk128 stages3",
-                                                          C(block_k=128, num_stages=3)),
-                                ("splits16", C(num_splits=16)), ("splits32", C(num_splits=32)),
-                                ("merge xla", C(merge="xla")), ("warps2", C(num_warps=2))],
-                mixed=[dict(chunks=4, chunk=512, decodes=60, context=2048)],
-                mixed_configs=[("rows128", C(block_rows=128)), ("rows32", C(block_rows=32)),
-                               ("rows128 bk32", C(block_rows=128, block_k=32)),
-                               ("rows128 stages3", C(block_rows=128, num_stages=3))],
-                reps=7, inner=20, copy_bytes=1 << 31, xla_mixed=False),
+    "cpu": dict(
+        heads=(4, 2, 16),
+        dtype="float32",
+        decode=[(1, 256)],
+        page_sizes=(16,),
+        decode_configs=[],
+        mixed=[dict(chunks=1, chunk=16, decodes=2, context=64)],
+        mixed_configs=[],
+        reps=1,
+        inner=1,
+        copy_bytes=1 << 22,
+        xla_mixed=True,
+    ),
+    "gpu": dict(
+        heads=(_8B.num_attention_heads, _8B.num_key_value_heads, _8B.head_dim),
+        dtype="bfloat16",
+        decode=[(1, 8192), (16, 8192)],
+        page_sizes=(16, 64),
+        decode_configs=[
+            ("bk64", C(block_k=64)),
+            ("bk128 stages3", C(block_k=128, num_stages=3)),
+            ("splits16", C(num_splits=16)),
+            ("splits32", C(num_splits=32)),
+            ("merge xla", C(merge="xla")),
+            ("warps2", C(num_warps=2)),
+        ],
+        mixed=[dict(chunks=4, chunk=512, decodes=60, context=2048)],
+        mixed_configs=[
+            ("rows128", C(block_rows=128)),
+            ("rows32", C(block_rows=32)),
+            ("rows128 bk32", C(block_rows=128, block_k=32)),
+            ("rows128 stages3", C(block_rows=128, num_stages=3)),
+        ],
+        reps=7,
+        inner=20,
+        copy_bytes=1 << 31,
+        xla_mixed=False,
+    ),
 }
 
 
@@ -137,22 +159,37 @@ def bench_decode(p: dict, interpret: bool, copy_bw: float, log) -> list[dict]:
         case = f"decode B{b} ctx{s} H{h}/{kh} D{d}"
         base = dict(part="decode", case=case, kv_MB=kv_bytes / 1e6)
         want = None
-        variants = [("contiguous decode xla", None, lambda q, k, v, n: decode_attention_reference(
-                        q, k, v, n), (q, kc, vc, lengths)),
-                    ("contiguous decode pallas_triton", None, lambda q, k, v, n:
-                        api.decode_attention(q, k, v, n, implementation="pallas_triton",
-                                             interpret=interpret),
-                     (q, kc, vc, lengths))]
+        variants = [
+            (
+                "contiguous decode xla",
+                None,
+                lambda q, k, v, n: decode_attention_reference(q, k, v, n),
+                (q, kc, vc, lengths),
+            ),
+            (
+                "contiguous decode pallas_triton",
+                None,
+                lambda q, k, v, n: api.decode_attention(
+                    q, k, v, n, implementation="pallas_triton", interpret=interpret
+                ),
+                (q, kc, vc, lengths),
+            ),
+        ]
         for page in p["page_sizes"]:
             kp, vp, tables = paged(kc, vc, page)
             pargs = (q, kp, vp, tables, lengths, qsl)
-            variants.append((f"ragged xla p{page}", None, ragged_paged_attention_reference,
-                             pargs))
+            variants.append((f"ragged xla p{page}", None, ragged_paged_attention_reference, pargs))
             for name, cfg in [("", None)] + list(p["decode_configs"] if b == 1 else []):
-                variants.append((f"ragged pallas_triton p{page}" + (f" {name}" if name else ""),
-                                 cfg, lambda *a, cfg=cfg: api.ragged_paged_attention(
-                                     *a, implementation="pallas_triton", config=cfg,
-                                     interpret=interpret), pargs))
+                variants.append(
+                    (
+                        f"ragged pallas_triton p{page}" + (f" {name}" if name else ""),
+                        cfg,
+                        lambda *a, cfg=cfg: api.ragged_paged_attention(
+                            *a, implementation="pallas_triton", config=cfg, interpret=interpret
+                        ),
+                        pargs,
+                    )
+                )
         case_rows = []
         for impl, _, fn, args in variants:
             row, out = measure(dict(base, impl=impl), fn, args, p, want)
@@ -216,25 +253,44 @@ def bench_mixed(p: dict, interpret: bool, log) -> list[dict]:
             """The contiguous-cache engine: flash on the chunks, the decode kernel after."""
             qp = q[:n_pre].reshape(c, qc, h, d)
             pre = prefill(qp, kc[:c], vc[:c]).reshape(n_pre, h, d)
-            dec = api.decode_attention(q[n_pre:], kc[c:], vc[c:],
-                                       jnp.full((n_dec,), ctx, jnp.int32),
-                                       implementation="pallas_triton", interpret=interpret)
+            dec = api.decode_attention(
+                q[n_pre:],
+                kc[c:],
+                vc[c:],
+                jnp.full((n_dec,), ctx, jnp.int32),
+                implementation="pallas_triton",
+                interpret=interpret,
+            )
             return jnp.concatenate([pre, dec])
 
         flash = lambda q, k, v: api.attention(  # noqa: E731
-            q, k, v, causal=True, implementation="pallas_triton", interpret=interpret)
+            q, k, v, causal=True, implementation="pallas_triton", interpret=interpret
+        )
         auto = lambda q, k, v: api.attention(q, k, v, causal=True)  # noqa: E731
-        variants = [("flash prefill + decode pallas_triton",
-                     lambda q, k, v: split_step(q, k, v, flash), (q, kc, vc)),
-                    ("flash prefill (api auto) + decode pallas_triton",
-                     lambda q, k, v: split_step(q, k, v, auto), (q, kc, vc))]
+        variants = [
+            (
+                "flash prefill + decode pallas_triton",
+                lambda q, k, v: split_step(q, k, v, flash),
+                (q, kc, vc),
+            ),
+            (
+                "flash prefill (api auto) + decode pallas_triton",
+                lambda q, k, v: split_step(q, k, v, auto),
+                (q, kc, vc),
+            ),
+        ]
         if p["xla_mixed"]:  # gathers T x context K/V: too large for the GPU preset's batch
             variants.append(("ragged xla", ragged_paged_attention_reference, pargs))
         for name, cfg in [("", None)] + list(p["mixed_configs"]):
-            variants.append(("ragged pallas_triton" + (f" {name}" if name else ""),
-                             lambda *a, cfg=cfg: api.ragged_paged_attention(
-                                 *a, implementation="pallas_triton", config=cfg,
-                                 interpret=interpret), pargs))
+            variants.append(
+                (
+                    "ragged pallas_triton" + (f" {name}" if name else ""),
+                    lambda *a, cfg=cfg: api.ragged_paged_attention(
+                        *a, implementation="pallas_triton", config=cfg, interpret=interpret
+                    ),
+                    pargs,
+                )
+            )
         want, case_rows = None, []
         for impl, fn, args in variants:
             row, out = measure(dict(base, impl=impl), fn, args, p, want)
@@ -249,12 +305,15 @@ def bench_mixed(p: dict, interpret: bool, log) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.engine.rpa_bench",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.engine.rpa_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--out", help="path stem of the .json/.md (default "
-                                  "experiments/engine/results/rpa_<preset>)")
+    ap.add_argument(
+        "--out", help="path stem of the .json/.md (default experiments/engine/results/rpa_<preset>)"
+    )
     ap.add_argument("--only", choices=["all", "decode", "mixed"], default="all")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
@@ -262,25 +321,45 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth(p["copy_bytes"])
 
     def log(row):
-        print(f"{row['case']:48s} {row['impl']:52s} us {row.get('us') or 0:9.1f} "
-              f"wall {row.get('wall_us') or 0:9.1f} {row.get('note', '')}", flush=True)
+        print(
+            f"{row['case']:48s} {row['impl']:52s} us {row.get('us') or 0:9.1f} "
+            f"wall {row.get('wall_us') or 0:9.1f} {row.get('note', '')}",
+            flush=True,
+        )
 
     rows = []
     if args.only in ("all", "decode"):
         rows += bench_decode(p, interpret, copy_bw, log)
     if args.only in ("all", "mixed"):
         rows += bench_mixed(p, interpret, log)
-    meta = {"device": device_name(), "copy_bandwidth_GBps": round(copy_bw / 1e9, 1),
-            "dtype": p["dtype"], "reps": p["reps"], "inner": p["inner"],
-            "interpret": interpret, "jax": jax.__version__,
-            "baseline": "decode: contiguous decode pallas_triton; mixed: flash prefill + decode "
-                        "pallas_triton", "us": "GPU kernel time per call (profiler)",
-            "wall_us": "wall time per call, back-to-back calls"}
-    cols = ["part", "case", "impl", "us", "wall_us", "frac_of_copy", "TFLOPs",
-            "speedup_vs_baseline", "rel_err", "kv_MB", "note"]
+    meta = {
+        "device": device_name(),
+        "copy_bandwidth_GBps": round(copy_bw / 1e9, 1),
+        "dtype": p["dtype"],
+        "reps": p["reps"],
+        "inner": p["inner"],
+        "interpret": interpret,
+        "jax": jax.__version__,
+        "baseline": "decode: contiguous decode pallas_triton; mixed: flash prefill + decode "
+        "pallas_triton",
+        "us": "GPU kernel time per call (profiler)",
+        "wall_us": "wall time per call, back-to-back calls",
+    }
+    cols = [
+        "part",
+        "case",
+        "impl",
+        "us",
+        "wall_us",
+        "frac_of_copy",
+        "TFLOPs",
+        "speedup_vs_baseline",
+        "rel_err",
+        "kv_MB",
+        "note",
+    ]
     out = Path(args.out) if args.out else RESULTS / f"rpa_{args.preset}"
-    md = write_table(rows, cols, out, f"Ragged paged attention ({meta['device']})",
-                     meta)
+    md = write_table(rows, cols, out, f"Ragged paged attention ({meta['device']})", meta)
     print(md)
     return 0
 

@@ -44,8 +44,9 @@ def step_time(params, batch: int, attn_impl: str, ctx: int = 1152) -> float:
     cache = tr.init_cache(CFG, batch, 1280, jnp.bfloat16)
     cache["lengths"] = jnp.full((batch,), ctx, jnp.int32)
     tok = jnp.ones((batch, 1), jnp.int32)
-    f = jax.jit(lambda p, t, c: tr.forward(p, CFG, t, cache=c, attn_impl=attn_impl),
-                donate_argnums=(2,))
+    f = jax.jit(
+        lambda p, t, c: tr.forward(p, CFG, t, cache=c, attn_impl=attn_impl), donate_argnums=(2,)
+    )
     state = {"c": cache}
 
     def once():
@@ -66,7 +67,13 @@ def gemv_times(m: int) -> dict:
     ws_io = [w_io + i for i in range(n)]
     out = {}
     for name, ws, fn in (
-        ("oi_f32acc", ws_oi, lambda x, w: jnp.einsum("mi,oi->mo", x, w, preferred_element_type=jnp.float32).astype(x.dtype)),
+        (
+            "oi_f32acc",
+            ws_oi,
+            lambda x, w: jnp.einsum("mi,oi->mo", x, w, preferred_element_type=jnp.float32).astype(
+                x.dtype
+            ),
+        ),
         ("oi_plain", ws_oi, lambda x, w: jnp.einsum("mi,oi->mo", x, w)),
         ("io_plain", ws_io, lambda x, w: x @ w),
     ):
@@ -78,13 +85,16 @@ def gemv_times(m: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.generate.decode_probe",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" /
-                                         "decode_probe"),
-                    help="path stem of the .json/.md (default experiments/generate/results/"
-                         "decode_probe)")
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.generate.decode_probe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results" / "decode_probe"),
+        help="path stem of the .json/.md (default experiments/generate/results/decode_probe)",
+    )
     out = Path(ap.parse_args(argv).out)
     bw = copy_bandwidth(1 << 31)
     params = init_params(CFG, jax.random.key(0), jnp.bfloat16)
@@ -97,20 +107,46 @@ def main(argv: list[str] | None = None) -> int:
         tr.linear = lin  # both modules call linear: the attention and the MLP projections
         layers.linear = lin
         for attn in ("auto", "xla"):
-            for b in ((1, 16) if (lin_name, attn) == ("f32acc", "auto") else (1,)):
+            for b in (1, 16) if (lin_name, attn) == ("f32acc", "auto") else (1,):
                 t = step_time(params, b, attn)
-                rows.append({"linear": lin_name, "attn": attn, "batch": b, "step_ms": t * 1e3,
-                             "floor_ms": floor_ms, "floor_frac": floor_ms / (t * 1e3)})
+                rows.append(
+                    {
+                        "linear": lin_name,
+                        "attn": attn,
+                        "batch": b,
+                        "step_ms": t * 1e3,
+                        "floor_ms": floor_ms,
+                        "floor_frac": floor_ms / (t * 1e3),
+                    }
+                )
                 print(rows[-1], flush=True)
     tr.linear = layers.linear = orig
     for m in (1, 16):
         g = gemv_times(m)
-        rows.append({"linear": "gemv 14336x4096", "attn": "-", "batch": m,
-                     **{k: (v * 1e3 if not k.endswith("GBps") else v) for k, v in g.items()}})
+        rows.append(
+            {
+                "linear": "gemv 14336x4096",
+                "attn": "-",
+                "batch": m,
+                **{k: (v * 1e3 if not k.endswith("GBps") else v) for k, v in g.items()},
+            }
+        )
         print(rows[-1], flush=True)
     meta = {"device": device_name(), "copy_GBps": round(bw / 1e9), "layers": CFG.num_hidden_layers}
-    cols = ["linear", "attn", "batch", "step_ms", "floor_ms", "floor_frac", "oi_f32acc",
-            "oi_f32acc_GBps", "oi_plain", "oi_plain_GBps", "io_plain", "io_plain_GBps"]
+    cols = [
+        "linear",
+        "attn",
+        "batch",
+        "step_ms",
+        "floor_ms",
+        "floor_frac",
+        "oi_f32acc",
+        "oi_f32acc_GBps",
+        "oi_plain",
+        "oi_plain_GBps",
+        "io_plain",
+        "io_plain_GBps",
+    ]
     print(write_table(rows, cols, out, "decode-step probe (8 layers of Llama-3-8B)", meta))
     return 0
 

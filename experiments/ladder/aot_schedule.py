@@ -30,24 +30,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--xla-preset", default="nccl_lhs", choices=sorted(bench.XLA_PRESETS))
-    p.add_argument("--target", default="h100", choices=sorted(aot_gpu.TARGETS),
-                   help="the GPU to compile for")
-    p.add_argument("--attn-impl", default="auto",
-                   help="attention implementation inside the step ('auto': what the lent H100 "
-                        "picks, decided here for a Hopper GPU)")
-    p.add_argument("--projections", default="fused", choices=bench.PROJECTIONS,
-                   help="weight layout, as bench's --projections")
+    p.add_argument(
+        "--target", default="h100", choices=sorted(aot_gpu.TARGETS), help="the GPU to compile for"
+    )
+    p.add_argument(
+        "--attn-impl",
+        default="auto",
+        help="attention implementation inside the step ('auto': what the lent H100 "
+        "picks, decided here for a Hopper GPU)",
+    )
+    p.add_argument(
+        "--projections",
+        default="fused",
+        choices=bench.PROJECTIONS,
+        help="weight layout, as bench's --projections",
+    )
     p.add_argument("--dump", default=None, help="folder for each mode's compiled HLO")
-    p.add_argument("--around-sync", action="store_true",
-                   help="print the scheduled lines around one synchronous all-reduce")
+    p.add_argument(
+        "--around-sync",
+        action="store_true",
+        help="print the scheduled lines around one synchronous all-reduce",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     # the same XLA flags as a bench.py worker: they are read when the backend starts
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *bench.GPU_FLAGS,
-                                        *bench.XLA_PRESETS[a.xla_preset]]).strip()
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), *bench.GPU_FLAGS, *bench.XLA_PRESETS[a.xla_preset]]
+    ).strip()
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -67,47 +79,61 @@ def main(argv: list[str] | None = None) -> int:
     tensor.check_tensor_parallel(base, a.tp)
     mesh = make_mesh({"tensor": a.tp}, devices)
     shapes = bench.bench_layer_shapes(base, a.tp, a.projections)
-    specs = tensor.param_specs({**{n: None for n in global_shapes(base)},
-                                "layers": {n: None for n in shapes}})
+    specs = tensor.param_specs(
+        {**{n: None for n in global_shapes(base)}, "layers": {n: None for n in shapes}}
+    )
 
     def abstract(shape, spec, dt=dtype):
         return jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
 
     params = {n: abstract(s, specs[n]) for n, s in global_shapes(base).items()}
-    params["layers"] = {n: abstract((base.num_hidden_layers, *s), specs["layers"][n])
-                        for n, s in shapes.items()}
+    params["layers"] = {
+        n: abstract((base.num_hidden_layers, *s), specs["layers"][n]) for n, s in shapes.items()
+    }
     toks = abstract((a.batch, a.prompt), P(), jnp.int32)
     lens = abstract((a.batch,), P(), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
     stops = abstract((1,), P(), jnp.int32)
 
-    print(f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}"
-          f", {a.projections} projections, compiled for "
-          f"{devices[0].device_kind} without a device")
+    print(
+        f"# {a.preset}, TP {a.tp}, batch {a.batch}, XLA flags {a.xla_preset}"
+        f", {a.projections} projections, compiled for "
+        f"{devices[0].device_kind} without a device"
+    )
     for mode in a.residual.split(","):
         # desync: the standard model without its all-reduces (as in bench.py)
         cfg = base.replace(residual_mode="standard" if mode == "desync" else mode)
-        gen_kw = dict(cfg=cfg, max_new_tokens=a.new_tokens, sampling=SamplingParams(), stream=None,
-                      attn_impl=a.attn_impl, cache_dtype=jnp.dtype(dtype).name,
-                      model_fn=tensor.TensorParallel(mesh, unroll=True,
-                                                     skip_allreduce=mode == "desync"),
-                      kv_heads=tensor.cache_kv_heads(cfg, a.tp))
+        gen_kw = dict(
+            cfg=cfg,
+            max_new_tokens=a.new_tokens,
+            sampling=SamplingParams(),
+            stream=None,
+            attn_impl=a.attn_impl,
+            cache_dtype=jnp.dtype(dtype).name,
+            model_fn=tensor.TensorParallel(mesh, unroll=True, skip_allreduce=mode == "desync"),
+            kv_heads=tensor.cache_kv_heads(cfg, a.tp),
+        )
         compiled = generate_arrays.lower(params, toks, lens, key, stops, **gen_kw).compile()
         text = compiled.as_text()
         mem = compiled.memory_analysis()
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
-            (Path(a.dump) / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}.hlo.txt"
-             ).write_text(text)
+            (
+                Path(a.dump)
+                / f"aot_{a.preset}_{mode}_tp{a.tp}_b{a.batch}_{a.xla_preset}_{a.projections}.hlo.txt"
+            ).write_text(text)
         reports = hlo_overlap.analyse(text)
         gib = ""
         if mem is not None:  # per GPU: weights + cache in, XLA's scratch; does it fit?
-            gib = (f" (per GPU: arguments {mem.argument_size_in_bytes / 2**30:.1f} GiB, "
-                   f"outputs {mem.output_size_in_bytes / 2**30:.1f} GiB, "
-                   f"temporaries {mem.temp_size_in_bytes / 2**30:.1f} GiB)")
-        print(f"== {mode}{gib}\n{hlo_overlap.summary(reports)}\n{hlo_overlap.loops(text)}",
-              flush=True)
+            gib = (
+                f" (per GPU: arguments {mem.argument_size_in_bytes / 2**30:.1f} GiB, "
+                f"outputs {mem.output_size_in_bytes / 2**30:.1f} GiB, "
+                f"temporaries {mem.temp_size_in_bytes / 2**30:.1f} GiB)"
+            )
+        print(
+            f"== {mode}{gib}\n{hlo_overlap.summary(reports)}\n{hlo_overlap.loops(text)}", flush=True
+        )
         if a.around_sync:
             for r in reports:
                 if r.sync:

@@ -51,58 +51,81 @@ GPU_FLAGS = ["--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_thresho
 XLA_PRESETS = {
     "default": [],
     "merge": ["--xla_gpu_dot_merger_threshold_mb=32"],
-    "lhs": ["--xla_gpu_enable_latency_hiding_scheduler=true",
-            "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-            "--xla_gpu_enable_highest_priority_async_stream=true"],
+    "lhs": [
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+    ],
     # XLA's one-shot Triton all-reduce runs as a kernel on the compute stream (operation_queue_id
     # 0 in the HLO), so it cannot overlap compute; NCCL's async all-reduce runs on its own stream.
     "nccl": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"],
-    "nccl_lhs_ol4": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
-                     "--xla_gpu_enable_latency_hiding_scheduler=true",
-                     "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-                     "--xla_gpu_enable_highest_priority_async_stream=true",
-                     "--xla_gpu_experimental_parallel_collective_overlap_limit=4"],
-    "nccl_lhs": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
-                 "--xla_gpu_enable_latency_hiding_scheduler=true",
-                 "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-                 "--xla_gpu_enable_highest_priority_async_stream=true"],
+    "nccl_lhs_ol4": [
+        "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+        "--xla_gpu_experimental_parallel_collective_overlap_limit=4",
+    ],
+    "nccl_lhs": [
+        "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+    ],
     # the scheduler's cost model: XLA's speed-of-light estimator off (the approximate one gives
     # every async collective a large latency to hide).  Adding
     # --xla_gpu_enable_analytical_latency_estimator=true to this aborted XLA (SIGABRT) on H100.
-    "nccl_lhs_nosol": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
-                       "--xla_gpu_enable_latency_hiding_scheduler=true",
-                       "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-                       "--xla_gpu_enable_highest_priority_async_stream=true",
-                       "--xla_gpu_enable_analytical_sol_latency_estimator=false"],
+    "nccl_lhs_nosol": [
+        "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+        "--xla_gpu_enable_analytical_sol_latency_estimator=false",
+    ],
     # NCCL's symmetric-memory kernels (NCCL >= 2.27: low-latency small all-reduces over
     # NVLink), and NCCL user buffers (no copy into NCCL's own buffers)
-    "nccl_lhs_symm": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
-                      "--xla_gpu_enable_latency_hiding_scheduler=true",
-                      "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-                      "--xla_gpu_enable_highest_priority_async_stream=true",
-                      "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true"],
-    "nccl_lhs_ub": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
-                    "--xla_gpu_enable_latency_hiding_scheduler=true",
-                    "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-                    "--xla_gpu_enable_highest_priority_async_stream=true",
-                    "--xla_gpu_enable_nccl_user_buffers=true"],
+    "nccl_lhs_symm": [
+        "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+        "--xla_gpu_experimental_enable_nccl_symmetric_buffers=true",
+    ],
+    "nccl_lhs_ub": [
+        "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+        "--xla_gpu_enable_nccl_user_buffers=true",
+    ],
     # the same, with the whole decode step (collectives and the while loop included) captured
     # as CUDA graphs: gpt-fast's other lever, launch overhead
-    "nccl_lhs_graph": ["--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
-                       "--xla_gpu_enable_latency_hiding_scheduler=true",
-                       "--xla_gpu_all_reduce_combine_threshold_bytes=0",
-                       "--xla_gpu_enable_highest_priority_async_stream=true",
-                       "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
-                       "COLLECTIVES,CONDITIONAL,WHILE",
-                       "--xla_gpu_graph_min_graph_size=1"],
+    "nccl_lhs_graph": [
+        "--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false",
+        "--xla_gpu_enable_latency_hiding_scheduler=true",
+        "--xla_gpu_all_reduce_combine_threshold_bytes=0",
+        "--xla_gpu_enable_highest_priority_async_stream=true",
+        "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
+        "COLLECTIVES,CONDITIONAL,WHILE",
+        "--xla_gpu_graph_min_graph_size=1",
+    ],
 }
 # preset -> (named shape of jaxturbo.models.shapes, fields replaced)
 PRESETS = {
     "8b": ("llama3-8b", {}),
     "70b": ("llama3-70b", {}),
     # runs in seconds on 8 fake CPU devices, at every TP up to 8
-    "tiny": ("tiny", dict(vocab_size=512, hidden_size=128, intermediate_size=256,
-                          num_key_value_heads=8, head_dim=16, max_position_embeddings=512)),
+    "tiny": (
+        "tiny",
+        dict(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_key_value_heads=8,
+            head_dim=16,
+            max_position_embeddings=512,
+        ),
+    ),
 }
 PROJECTIONS = ("separate", "fused")
 MODES = ("standard", "ladder", "parallel", "desync")
@@ -123,38 +146,65 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--residual", default="standard,ladder,parallel,desync",
-                   help="comma list of residual modes")
+    p.add_argument(
+        "--residual", default="standard,ladder,parallel,desync", help="comma list of residual modes"
+    )
     p.add_argument("--tp", default="1,2,4,8", help="comma list of tensor-parallel sizes")
     p.add_argument("--batch", default="1", help="comma list of batch sizes (e.g. 1,4,16,64)")
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)")
-    p.add_argument("--new-tokens", type=int, default=None, help="default 256 (512 for full runs); tiny: 16")
+    p.add_argument(
+        "--prompt", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=None, help="default 256 (512 for full runs); tiny: 16"
+    )
     p.add_argument("--p2p", default="on", help="on, off or on,off (NCCL_P2P_DISABLE=1 when off)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--scan", action="store_true", help="lax.scan over layers instead of unrolling")
-    p.add_argument("--xla-preset", default="default",
-                   help=f"comma list of XLA flag sets, one worker each: {', '.join(XLA_PRESETS)}")
+    p.add_argument(
+        "--xla-preset",
+        default="default",
+        help=f"comma list of XLA flag sets, one worker each: {', '.join(XLA_PRESETS)}",
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="run each setting's worker this many times, one after another (rows "
-                        "tagged run 1..N, each run's ratio against its own standard; between "
-                        "processes standard moved by up to 4%% on 4x H100); with N > 1 the "
-                        "per-run ratios and their medians are printed too (runs_report.py)")
-    p.add_argument("--decode-loop", default="device",
-                   help="device (generate's on-device while loop), host (one jitted step "
-                        "per token from Python, dispatched asynchronously) or device,host")
-    p.add_argument("--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO")
-    p.add_argument("--profile", default=None,
-                   help="folder: trace one more generate call per setting and print where each "
-                        "GPU's decode step goes (trace_streams.py)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run each setting's worker this many times, one after another (rows "
+        "tagged run 1..N, each run's ratio against its own standard; between "
+        "processes standard moved by up to 4%% on 4x H100); with N > 1 the "
+        "per-run ratios and their medians are printed too (runs_report.py)",
+    )
+    p.add_argument(
+        "--decode-loop",
+        default="device",
+        help="device (generate's on-device while loop), host (one jitted step "
+        "per token from Python, dispatched asynchronously) or device,host",
+    )
+    p.add_argument(
+        "--dump-hlo", default=None, help="folder for each setting's compiled decode step HLO"
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="folder: trace one more generate call per setting and print where each "
+        "GPU's decode step goes (trace_streams.py)",
+    )
     p.add_argument("--out", default="runs/ladder_bench")
-    p.add_argument("--no-ladder-barrier", action="store_true",
-                   help="experiment: make the ladder's optimization barrier the identity in this run "
-                        "(rows are labelled '<flags>+nobarrier')")
-    p.add_argument("--projections", default="fused", choices=PROJECTIONS,
-                   help="weight layout: separate (q, k, v, gate, up as HF stores them) or fused "
-                        "(q/k/v and gate/up one matrix each: jaxturbo.inference.fused; rows "
-                        "labelled '<flags>+fusedproj')")
+    p.add_argument(
+        "--no-ladder-barrier",
+        action="store_true",
+        help="experiment: make the ladder's optimization barrier the identity in this run "
+        "(rows are labelled '<flags>+nobarrier')",
+    )
+    p.add_argument(
+        "--projections",
+        default="fused",
+        choices=PROJECTIONS,
+        help="weight layout: separate (q, k, v, gate, up as HF stores them) or fused "
+        "(q/k/v and gate/up one matrix each: jaxturbo.inference.fused; rows "
+        "labelled '<flags>+fusedproj')",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     tiny = a.preset == "tiny"
@@ -205,14 +255,18 @@ def _random_params(cfg, mesh, dtype, projections="separate"):
         return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
 
     def make(name, shape, spec, seed):
-        f = jax.jit(lambda k: draw(k, shape, "norm" in name), out_shardings=NamedSharding(mesh, spec))
+        f = jax.jit(
+            lambda k: draw(k, shape, "norm" in name), out_shardings=NamedSharding(mesh, spec)
+        )
         return f(jax.random.key(seed))
 
     hf_shapes = sorted(layer_shapes(cfg).items())  # K KV heads, whatever tp
 
     def layer(i):  # layer i's weights [1, ...] in the bench layout
-        lp = {n: draw(jax.random.fold_in(jax.random.key(100 + j), i), (1, *s), "norm" in n)
-              for j, (n, s) in enumerate(hf_shapes)}
+        lp = {
+            n: draw(jax.random.fold_in(jax.random.key(100 + j), i), (1, *s), "norm" in n)
+            for j, (n, s) in enumerate(hf_shapes)
+        }
         p = tensor.replicate_kv_heads({"layers": lp}, cfg, tp)
         if projections == "fused":
             p = fused.fuse_projections(p, cfg, tp)
@@ -222,16 +276,22 @@ def _random_params(cfg, mesh, dtype, projections="separate"):
     want = bench_layer_shapes(cfg, tp, projections)
     if {n: s.shape[1:] for n, s in shapes.items()} != {n: tuple(s) for n, s in want.items()}:
         raise AssertionError(f"drawn layout {shapes} is not bench_layer_shapes {want}")
-    specs = tensor.param_specs({**{n: None for n in global_shapes(cfg)},
-                                "layers": {n: None for n in shapes}})
+    specs = tensor.param_specs(
+        {**{n: None for n in global_shapes(cfg)}, "layers": {n: None for n in shapes}}
+    )
     params = {n: make(n, s, specs[n], i) for i, (n, s) in enumerate(global_shapes(cfg).items())}
     shard = {n: NamedSharding(mesh, specs["layers"][n]) for n in shapes}
     n_layers = cfg.num_hidden_layers
-    stack = jax.jit(lambda: {n: jnp.zeros((n_layers, *s.shape[1:]), s.dtype)
-                             for n, s in shapes.items()}, out_shardings=shard)()
+    stack = jax.jit(
+        lambda: {n: jnp.zeros((n_layers, *s.shape[1:]), s.dtype) for n, s in shapes.items()},
+        out_shardings=shard,
+    )()
     one = jax.jit(layer, out_shardings=shard)
-    put = jax.jit(lambda st, lp, i: {n: jax.lax.dynamic_update_slice_in_dim(st[n], lp[n], i, 0)
-                                     for n in st}, donate_argnums=0, out_shardings=shard)
+    put = jax.jit(
+        lambda st, lp, i: {n: jax.lax.dynamic_update_slice_in_dim(st[n], lp[n], i, 0) for n in st},
+        donate_argnums=0,
+        out_shardings=shard,
+    )
     for i in range(n_layers):
         stack = put(stack, one(jnp.int32(i)), jnp.int32(i))
     params["layers"] = stack
@@ -262,7 +322,8 @@ def decode_seconds(prefill_fn, generate_fn, reps: int) -> tuple[float, float, fl
             f"decode time {dec * 1e3:.3f} ms <= 0: generate (prefill + decode) took "
             f"{_median(gens) * 1e3:.3f} ms, its prefill alone {_median(pres) * 1e3:.3f} ms "
             f"(median of {reps}); the decode steps are below the timing noise: raise "
-            "--new-tokens (or --reps)")
+            "--new-tokens (or --reps)"
+        )
     return _median(pres), _median(gens), dec
 
 
@@ -299,19 +360,37 @@ def same_model_check(ref: dict, got: dict, *, exact: bool) -> dict:
     tol = EXACT_TOL if exact else ROUNDED_TOL
     why = ""
     if rel > tol:
-        why = (f"next-token logits differ by {rel:.2e} of their largest (> {tol:.0e}): not the "
-               "same model, or the tensor-parallel forward is wrong")
+        why = (
+            f"next-token logits differ by {rel:.2e} of their largest (> {tol:.0e}): not the "
+            "same model, or the tensor-parallel forward is wrong"
+        )
     elif agree < n and exact:
         why = f"greedy tokens part at token {agree} of {n} (float32 on CPU: they must agree)"
-    elif exact and logp_err is not None and logp_err > tol * max(1.0, float(np.abs(ref["logp"]).max())):
+    elif (
+        exact
+        and logp_err is not None
+        and logp_err > tol * max(1.0, float(np.abs(ref["logp"]).max()))
+    ):
         why = f"greedy tokens' log-probs differ by {logp_err:.2e}"
     elif agree == 0 and n and margin > 4 * diff:
-        why = (f"first greedy token differs though the reference's top-2 margin {margin:.3g} is "
-               f"over 4x the logits' difference {diff:.3g}")
-    return dict(ref_tp=ref["tp"], logits_rel_err=rel, tokens_agree=agree, tokens=n,
-                logp_max_err=logp_err, ok=not why, why=why or (
-                    "same tokens" if agree == n else
-                    f"same tokens up to token {agree}, then a near tie in rounding"))
+        why = (
+            f"first greedy token differs though the reference's top-2 margin {margin:.3g} is "
+            f"over 4x the logits' difference {diff:.3g}"
+        )
+    return dict(
+        ref_tp=ref["tp"],
+        logits_rel_err=rel,
+        tokens_agree=agree,
+        tokens=n,
+        logp_max_err=logp_err,
+        ok=not why,
+        why=why
+        or (
+            "same tokens"
+            if agree == n
+            else f"same tokens up to token {agree}, then a near tie in rounding"
+        ),
+    )
 
 
 def run_worker(a: argparse.Namespace) -> None:
@@ -362,33 +441,55 @@ def run_worker(a: argparse.Namespace) -> None:
             for mode, loop in runs:
                 # desync: the standard model without its all-reduces
                 cfg = base.replace(residual_mode="standard" if mode == "desync" else mode)
-                model = tensor.TensorParallel(mesh, unroll=not a.scan,
-                                              skip_allreduce=mode == "desync")
+                model = tensor.TensorParallel(
+                    mesh, unroll=not a.scan, skip_allreduce=mode == "desync"
+                )
                 label = mode + ("" if loop == "device" else "+hostloop")
-                row = dict(preset=a.preset, residual=label, tp=tp, batch=batch, prompt=a.prompt,
-                           new_tokens=a.new_tokens, p2p=p2p, device=devices[0].device_kind,
-                           platform=devices[0].platform, layers="scan" if a.scan else "unrolled",
-                           xla_preset=a.xla_preset,
-                           kv_bytes_per_token=kv_cache_bytes_per_token(cfg, dtype))
-                gen_kw = dict(cfg=cfg, max_new_tokens=a.new_tokens, sampling=SamplingParams(),
-                              stream=None, attn_impl="auto", cache_dtype=dtype.name,
-                              model_fn=model, kv_heads=tensor.cache_kv_heads(cfg, tp))
+                row = dict(
+                    preset=a.preset,
+                    residual=label,
+                    tp=tp,
+                    batch=batch,
+                    prompt=a.prompt,
+                    new_tokens=a.new_tokens,
+                    p2p=p2p,
+                    device=devices[0].device_kind,
+                    platform=devices[0].platform,
+                    layers="scan" if a.scan else "unrolled",
+                    xla_preset=a.xla_preset,
+                    kv_bytes_per_token=kv_cache_bytes_per_token(cfg, dtype),
+                )
+                gen_kw = dict(
+                    cfg=cfg,
+                    max_new_tokens=a.new_tokens,
+                    sampling=SamplingParams(),
+                    stream=None,
+                    attn_impl="auto",
+                    cache_dtype=dtype.name,
+                    model_fn=model,
+                    kv_heads=tensor.cache_kv_heads(cfg, tp),
+                )
                 key, stops = jax.random.key(0), jnp.asarray([-1], jnp.int32)  # never stops early
 
                 @jax.jit
                 def prefill(params, toks, lens):  # what generate_arrays's prefill does, alone
-                    cache = init_cache(cfg, toks.shape[0], a.prompt + a.new_tokens, dtype,
-                                       kv_heads=tensor.cache_kv_heads(cfg, tp))
+                    cache = init_cache(
+                        cfg,
+                        toks.shape[0],
+                        a.prompt + a.new_tokens,
+                        dtype,
+                        kv_heads=tensor.cache_kv_heads(cfg, tp),
+                    )
                     last, cache = decode_prefill(model, params, cfg, toks, lens, cache, "auto")
                     # + row 0's logits ([V], for the cross-TP check: a copy too small to time)
                     return jnp.argmax(last, -1), last[0], cache
 
                 t0 = time.perf_counter()
                 jax.block_until_ready(prefill(params, toks, lens))
+
                 @functools.partial(jax.jit, donate_argnums=(2,))
                 def step(params, tok, cache):
-                    logits, cache = model(params, cfg, tok[:, None], cache=cache,
-                                          attn_impl="auto")
+                    logits, cache = model(params, cfg, tok[:, None], cache=cache, attn_impl="auto")
                     return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
 
                 def host_generate(params, toks, lens, key, stops, **_):
@@ -408,67 +509,101 @@ def run_worker(a: argparse.Namespace) -> None:
                 # mode (the device and host loops) must agree here
                 first = min(16, a.new_tokens)
                 row["first_tokens"] = np.asarray(out[0][0, :first]).tolist()
-                run = dict(tp=tp, tokens=row["first_tokens"], logp=None,
-                           logits=np.asarray(prefill(params, toks, lens)[1]))
+                run = dict(
+                    tp=tp,
+                    tokens=row["first_tokens"],
+                    logp=None,
+                    logits=np.asarray(prefill(params, toks, lens)[1]),
+                )
                 if loop == "device":  # (the host loop keeps no log-probs)
                     row["mean_logp"] = float(np.asarray(out[1], np.float64).mean())
                     run["logp"] = np.asarray(out[1][0, :first], np.float64).tolist()
                 if mode == "desync" and (label, batch) in refs:
-                    row["tp_check"] = dict(ok=True, why="not checked: desync drops the "
-                                           "all-reduces, another function at TP > 1")
+                    row["tp_check"] = dict(
+                        ok=True,
+                        why="not checked: desync drops the all-reduces, another function at TP > 1",
+                    )
                 elif (label, batch) in refs:
                     row["tp_check"] = same_model_check(refs[(label, batch)], run, exact=exact)
                 else:
                     refs[(label, batch)] = run
                     row["tp_check"] = dict(ok=True, why="reference")
                 pre, gen, dec = decode_seconds(
-                    lambda: jax.block_until_ready(prefill(params, toks, lens)),
-                    lambda: jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw)),
-                    a.reps)
-                row.update(prefill_s=pre, decode_s=dec, generate_s=gen,
-                           ms_per_step=1e3 * dec / a.new_tokens,
-                           tokens_per_s=batch * a.new_tokens / dec)
+                    lambda p=params: jax.block_until_ready(prefill(p, toks, lens)),
+                    lambda p=params: jax.block_until_ready(
+                        gen_fn(p, toks, lens, key, stops, **gen_kw)
+                    ),
+                    a.reps,
+                )
+                row.update(
+                    prefill_s=pre,
+                    decode_s=dec,
+                    generate_s=gen,
+                    ms_per_step=1e3 * dec / a.new_tokens,
+                    tokens_per_s=batch * a.new_tokens / dec,
+                )
                 if a.profile:  # one more call, traced (after timing: tracing slows it)
-                    with jax.profiler.trace(str(Path(a.profile) / _setting_name(row)),
-                                            create_perfetto_trace=True):
+                    with jax.profiler.trace(
+                        str(Path(a.profile) / _setting_name(row)), create_perfetto_trace=True
+                    ):
                         jax.block_until_ready(gen_fn(params, toks, lens, key, stops, **gen_kw))
                 stats = devices[0].memory_stats() or {}
                 row["peak_bytes"] = stats.get("peak_bytes_in_use")
                 if a.dump_hlo:  # the schedule of the timed executable (compile cache hit)
                     Path(a.dump_hlo).mkdir(parents=True, exist_ok=True)
                     if loop == "device":
-                        txt = generate_arrays.lower(params, toks, lens, key, stops,
-                                              **gen_kw).compile().as_text()
+                        txt = (
+                            generate_arrays.lower(params, toks, lens, key, stops, **gen_kw)
+                            .compile()
+                            .as_text()
+                        )
                     else:
                         _, _, c0 = prefill(params, toks, lens)
                         txt = step.lower(params, toks[:, 0], c0).compile().as_text()
-                    name = (f"generate_{a.preset}_{label}_tp{tp}_b{batch}_{a.xla_preset}"
-                            f"{'' if p2p else '_nop2p'}.hlo.txt")
+                    name = (
+                        f"generate_{a.preset}_{label}_tp{tp}_b{batch}_{a.xla_preset}"
+                        f"{'' if p2p else '_nop2p'}.hlo.txt"
+                    )
                     (Path(a.dump_hlo) / name).write_text(txt)
                 print("ROW " + json.dumps(row), flush=True)
         del params
 
 
 def _setting_name(row: dict) -> str:
-    return (f"{row['residual']}_tp{row['tp']}_b{row['batch']}_{row['xla_preset']}"
-            f"{'' if row['p2p'] else '_nop2p'}")
+    return (
+        f"{row['residual']}_tp{row['tp']}_b{row['batch']}_{row['xla_preset']}"
+        f"{'' if row['p2p'] else '_nop2p'}"
+    )
 
 
 # ----------------------------------------------------------------------------- driver
 def _table(rows: list[dict]) -> str:
     key = lambda r: (r["tp"], r["batch"], r["p2p"], r["xla_preset"], r.get("run", 1))  # noqa: E731
     base = {key(r): r["tokens_per_s"] for r in rows if r["residual"] == "standard"}
-    head = ("| residual | TP | batch | P2P | XLA flags | tokens/s | prefill s | decode s | ms/step | speedup vs standard | same model as TP |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = (
+        "| residual | TP | batch | P2P | XLA flags | tokens/s | prefill s | decode s | ms/step | speedup vs standard | same model as TP |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     lines = [head]
-    for r in sorted(rows, key=lambda r: (r["xla_preset"], not r["p2p"], r.get("run", 1), r["tp"], r["batch"],
-                                         MODES.index(r["residual"]) if r["residual"] in MODES else 9)):
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r["xla_preset"],
+            not r["p2p"],
+            r.get("run", 1),
+            r["tp"],
+            r["batch"],
+            MODES.index(r["residual"]) if r["residual"] in MODES else 9,
+        ),
+    ):
         ref = base.get(key(r))
         sp = f"{r['tokens_per_s'] / ref:.3f}x" if ref else "-"
         run = f" (run {r['run']})" if r.get("run", 1) > 1 else ""
-        lines.append(f"| {r['residual']} | {r['tp']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['xla_preset']}{run} | "
-                     f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.4f} | {r['decode_s']:.4f} | "
-                     f"{r['ms_per_step']:.3f} | {sp} | {_check_cell(r)} |")
+        lines.append(
+            f"| {r['residual']} | {r['tp']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['xla_preset']}{run} | "
+            f"{r['tokens_per_s']:.1f} | {r['prefill_s']:.4f} | {r['decode_s']:.4f} | "
+            f"{r['ms_per_step']:.3f} | {sp} | {_check_cell(r)} |"
+        )
     return "\n".join(lines)
 
 
@@ -478,30 +613,46 @@ def _check_cell(row: dict) -> str:
     if not c or "ref_tp" not in c:
         return c["why"] if c else "-"
     verdict = "ok" if c["ok"] else "FAILED"
-    return (f"{c['ref_tp']}: {verdict}, {c['tokens_agree']}/{c['tokens']} tokens, "
-            f"logits {c['logits_rel_err']:.1e}")
+    return (
+        f"{c['ref_tp']}: {verdict}, {c['tokens_agree']}/{c['tokens']} tokens, "
+        f"logits {c['logits_rel_err']:.1e}"
+    )
 
 
 def check_failures(rows: list[dict]) -> list[str]:
     """One line per row whose run disagrees with its run at the first TP size."""
-    return [f"{r['residual']} TP {r['tp']} batch {r['batch']} ({r['xla_preset']}, P2P "
-            f"{'on' if r['p2p'] else 'off'}) against TP {r['tp_check']['ref_tp']}: "
-            f"{r['tp_check']['why']}" for r in rows if not r.get("tp_check", {}).get("ok", True)]
+    return [
+        f"{r['residual']} TP {r['tp']} batch {r['batch']} ({r['xla_preset']}, P2P "
+        f"{'on' if r['p2p'] else 'off'}) against TP {r['tp_check']['ref_tp']}: "
+        f"{r['tp_check']['why']}"
+        for r in rows
+        if not r.get("tp_check", {}).get("ok", True)
+    ]
 
 
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for mode in MODES:
         for p2p in (True, False):
-            pts = sorted((r["tp"], r["tokens_per_s"]) for r in rows
-                         if r["residual"] == mode and r["p2p"] == p2p and r["batch"] == min(x["batch"] for x in rows))
+            pts = sorted(
+                (r["tp"], r["tokens_per_s"])
+                for r in rows
+                if r["residual"] == mode
+                and r["p2p"] == p2p
+                and r["batch"] == min(x["batch"] for x in rows)
+            )
             if pts:
-                ax.plot(*zip(*pts), marker="o", ls="-" if p2p else "--",
-                        label=f"{mode}{'' if p2p else ' (P2P off)'}")
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    ls="-" if p2p else "--",
+                    label=f"{mode}{'' if p2p else ' (P2P off)'}",
+                )
     ax.set_xlabel("tensor parallel")
     ax.set_ylabel("tokens/s (smallest batch)")
     ax.set_title(f"{rows[0]['preset']} decode, {rows[0]['device']}")
@@ -523,41 +674,67 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--processes {a.processes}: use 1 or more")
     if a.processes > 1 and a.profile:
         raise SystemExit("--profile traces one process per setting: use it with --processes 1")
-    settings = [(s, x, run) for x in a.xla_preset.split(",") for s in a.p2p.split(",")
-                for run in range(1, a.processes + 1)]
+    settings = [
+        (s, x, run)
+        for x in a.xla_preset.split(",")
+        for s in a.p2p.split(",")
+        for run in range(1, a.processes + 1)
+    ]
     for setting, xla, run in settings:
         if setting not in ("on", "off") or xla not in XLA_PRESETS:
-            raise SystemExit(f"--p2p {setting!r} / --xla-preset {xla!r}: use on/off and {list(XLA_PRESETS)}")
+            raise SystemExit(
+                f"--p2p {setting!r} / --xla-preset {xla!r}: use on/off and {list(XLA_PRESETS)}"
+            )
         env = dict(os.environ)
         # compiled executables are shared between workers (P2P only changes NCCL at run time)
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str((out / "jax_cache").resolve()))
         # the host platform gets 8 fake devices (the cpu-8 mesh); GPUs are unaffected
-        env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                     *GPU_FLAGS, *XLA_PRESETS[xla]]).strip()
+        env["XLA_FLAGS"] = " ".join(
+            [
+                env.get("XLA_FLAGS", ""),
+                "--xla_force_host_platform_device_count=8",
+                *GPU_FLAGS,
+                *XLA_PRESETS[xla],
+            ]
+        ).strip()
         env.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared hosts
         env["NCCL_P2P_DISABLE"] = "1" if setting == "off" else "0"
         env.setdefault("PYTHONUNBUFFERED", "1")
         # the worker imports this package wherever the parent was started
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--worker"]
-        cmd = [sys.executable, "-m", "experiments.ladder.bench", *args, "--worker",
-               "--xla-preset", xla]
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.ladder.bench",
+            *args,
+            "--worker",
+            "--xla-preset",
+            xla,
+        ]
         # rows are streamed, so a run cut off by a time limit still leaves what it measured
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
             if line.startswith("ROW "):
                 rows.append(dict(json.loads(line[4:]), run=run))
                 r = rows[-1]
-                print(f"# {r['residual']} tp={r['tp']} b={r['batch']} p2p={setting} xla={xla}"
-                      f"{f' run {run}' if a.processes > 1 else ''}: "
-                      f"{r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.3f} ms/step, "
-                      f"prefill {r['prefill_s']:.3f} s (compile {r['compile_s']:.0f} s); "
-                      f"same model: {_check_cell(r)}", flush=True)
+                print(
+                    f"# {r['residual']} tp={r['tp']} b={r['batch']} p2p={setting} xla={xla}"
+                    f"{f' run {run}' if a.processes > 1 else ''}: "
+                    f"{r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.3f} ms/step, "
+                    f"prefill {r['prefill_s']:.3f} s (compile {r['compile_s']:.0f} s); "
+                    f"same model: {_check_cell(r)}",
+                    flush=True,
+                )
                 (out / "results.json").write_text(json.dumps(rows, indent=1))
         if proc.wait():
-            print(f"# worker (P2P {setting}, xla {xla}) exited with {proc.returncode}", file=sys.stderr)
-            failed_workers.append(f"worker (P2P {setting}, xla {xla}, run {run}) exited with "
-                                  f"{proc.returncode}")
+            print(
+                f"# worker (P2P {setting}, xla {xla}) exited with {proc.returncode}",
+                file=sys.stderr,
+            )
+            failed_workers.append(
+                f"worker (P2P {setting}, xla {xla}, run {run}) exited with {proc.returncode}"
+            )
     if not rows:
         print("no results", file=sys.stderr)
         return 1
@@ -565,8 +742,10 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(rows)
     (out / "results.md").write_text(f"{rows[0]['preset']} on {rows[0]['device']}\n\n{table}\n")
     _plot(rows, out / "tokens_per_s.png")
-    print(f"\n{rows[0]['preset']} on {rows[0]['device']} ({rows[0]['layers']} layers, "
-          f"XLA flag sets {a.xla_preset})\n{table}")
+    print(
+        f"\n{rows[0]['preset']} on {rows[0]['device']} ({rows[0]['layers']} layers, "
+        f"XLA flag sets {a.xla_preset})\n{table}"
+    )
     if a.processes > 1:
         runs = runs_report.table(runs_report.group_runs(rows))
         (out / "runs.md").write_text(runs + "\n")
@@ -576,8 +755,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             d = Path(a.profile) / _setting_name(r)
             try:
-                got = trace_streams.summarize(trace_streams.load_events(d),
-                                              preset_config(a.preset).num_hidden_layers)
+                got = trace_streams.summarize(
+                    trace_streams.load_events(d), preset_config(a.preset).num_hidden_layers
+                )
             except (FileNotFoundError, ValueError) as e:
                 print(f"# profile {d}: {e}", file=sys.stderr)
                 continue
@@ -587,16 +767,21 @@ def main(argv: list[str] | None = None) -> int:
         else:
             (out / "profile.json").write_text(json.dumps(prof, indent=1))
             (out / "profile.md").write_text(trace_streams.table(prof) + "\n")
-            print("\nwhere each GPU's decode step goes (ms per step; trace_streams.py)\n"
-                  + trace_streams.table(prof))
+            print(
+                "\nwhere each GPU's decode step goes (ms per step; trace_streams.py)\n"
+                + trace_streams.table(prof)
+            )
     failed = check_failures(rows)
     if failed:  # last, so that the table and the files above are there to look at
-        print("\nCROSS-TP CHECK FAILED: a tensor size disagrees with the first (another model, "
-              "or a wrong tensor-parallel forward)\n  "
-              + "\n  ".join(failed), file=sys.stderr)
+        print(
+            "\nCROSS-TP CHECK FAILED: a tensor size disagrees with the first (another model, "
+            "or a wrong tensor-parallel forward)\n  " + "\n  ".join(failed),
+            file=sys.stderr,
+        )
     if failed_workers:
-        print("\nINCOMPLETE: " + "; ".join(failed_workers) + " (its error is above)",
-              file=sys.stderr)
+        print(
+            "\nINCOMPLETE: " + "; ".join(failed_workers) + " (its error is above)", file=sys.stderr
+        )
     return 1 if failed or failed_workers else 0
 
 

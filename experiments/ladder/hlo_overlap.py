@@ -18,9 +18,21 @@ from dataclasses import dataclass, field
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-COMPUTE_OPS = {"fusion", "custom-call", "dot", "convolution", "reduce", "scatter", "gather",
-               "dynamic-update-slice", "while", "conditional", "call",
-               "call-start", "async-start"}  # the last two: a computation on another stream
+COMPUTE_OPS = {
+    "fusion",
+    "custom-call",
+    "dot",
+    "convolution",
+    "reduce",
+    "scatter",
+    "gather",
+    "dynamic-update-slice",
+    "while",
+    "conditional",
+    "call",
+    "call-start",
+    "async-start",
+}  # the last two: a computation on another stream
 
 
 @dataclass
@@ -33,8 +45,16 @@ class Pair:
 # Instructions that put work on a GPU stream: kernels (fusions, custom calls, copies) and
 # collectives (a start is the launch, its done only a wait).  Control flow launches nothing.
 LAUNCH_OPS = (COMPUTE_OPS - {"while", "conditional", "call", "call-start", "async-start"}) | {
-    "copy", "all-reduce", "all-reduce-start", "all-gather", "all-gather-start",
-    "reduce-scatter", "collective-permute", "collective-permute-start", "all-to-all"}
+    "copy",
+    "all-reduce",
+    "all-reduce-start",
+    "all-gather",
+    "all-gather-start",
+    "reduce-scatter",
+    "collective-permute",
+    "collective-permute-start",
+    "all-to-all",
+}
 
 
 @dataclass
@@ -98,7 +118,8 @@ def summary(reports: list[Report]) -> str:
         lines.append(
             f"{r.computation}: {len(r.sync)} sync all-reduce, {len(r.pairs)} async pairs, "
             f"{len(overl)} with compute inside (mean {sum(len(p.between) for p in r.pairs) / max(len(r.pairs), 1):.1f} "
-            f"kernels), {comb} combined (multi-operand), {r.launches} launches")
+            f"kernels), {comb} combined (multi-operand), {r.launches} launches"
+        )
     return "\n".join(lines)
 
 
@@ -113,9 +134,14 @@ def loops(text: str) -> str:
     lines = []
     for name, body, rest in _WHILE.findall(text):
         trip = _TRIP.search(rest)
-        lines.append(f"loop {name} (body {body}): " + (
-            f"known trip count {trip.group(1)}, no host round trip" if trip else
-            "trip count unknown: the host reads the predicate every iteration"))
+        lines.append(
+            f"loop {name} (body {body}): "
+            + (
+                f"known trip count {trip.group(1)}, no host round trip"
+                if trip
+                else "trip count unknown: the host reads the predicate every iteration"
+            )
+        )
     return "\n".join(lines)
 
 
@@ -123,9 +149,12 @@ def excerpt(text: str, start_name: str, context: int = 3) -> str:
     """The scheduled lines from `context` before an all-reduce-start to its done."""
     lines = text.splitlines()
     i = next(k for k, l in enumerate(lines) if re.search(rf"%{re.escape(start_name)} = ", l))
-    j = next(k for k in range(i, len(lines))
-             if "all-reduce-done(" in lines[k] and re.search(rf"%{re.escape(start_name)}\b", lines[k]))
-    short = [re.sub(r", metadata=\{.*", "", l)[:160] for l in lines[max(0, i - context): j + 1]]
+    j = next(
+        k
+        for k in range(i, len(lines))
+        if "all-reduce-done(" in lines[k] and re.search(rf"%{re.escape(start_name)}\b", lines[k])
+    )
+    short = [re.sub(r", metadata=\{.*", "", l)[:160] for l in lines[max(0, i - context) : j + 1]]
     return "\n".join(short)
 
 
@@ -133,19 +162,27 @@ def around_sync(text: str, computation: str, name: str, context: int = 12) -> st
     """The scheduled lines `context` before and after one synchronous all-reduce: what the
     scheduler put next to it instead of inside an async pair."""
     lines = text.splitlines()
-    start = next(k for k, l in enumerate(lines) if _COMPUTATION.match(l)
-                 and _COMPUTATION.match(l).group(1) == computation)
+    start = next(
+        k
+        for k, l in enumerate(lines)
+        if _COMPUTATION.match(l) and _COMPUTATION.match(l).group(1) == computation
+    )
     i = next(k for k in range(start, len(lines)) if re.search(rf"%{re.escape(name)} = ", lines[k]))
-    return "\n".join(re.sub(r", metadata=\{.*", "", l)[:200]
-                     for l in lines[max(0, i - context): i + context + 1])
+    return "\n".join(
+        re.sub(r", metadata=\{.*", "", l)[:200]
+        for l in lines[max(0, i - context) : i + context + 1]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--excerpt", action="store_true", help="print the lines around one pair")
-    p.add_argument("--around-sync", action="store_true",
-                   help="print the lines around the middle synchronous all-reduce")
+    p.add_argument(
+        "--around-sync",
+        action="store_true",
+        help="print the lines around the middle synchronous all-reduce",
+    )
     a = p.parse_args(argv)
     for f in a.files:
         text = open(f).read()

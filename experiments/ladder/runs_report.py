@@ -35,17 +35,32 @@ def group_runs(rows: list[dict]) -> list[dict]:
     run lacks either).  Rows without `call` form one run per (note, batch, p2p)."""
     runs: dict[tuple, dict] = {}
     for r in rows:
-        key = (r.get("call"), r.get("run", 1), r.get("note", r.get("xla_preset", "")),
-               r["batch"], r["p2p"])
-        run = runs.setdefault(key, dict(note=key[2], host=r.get("host", "-"), call=key[0],
-                                        run=key[1], batch=r["batch"], p2p=r["p2p"]))
+        key = (
+            r.get("call"),
+            r.get("run", 1),
+            r.get("note", r.get("xla_preset", "")),
+            r["batch"],
+            r["p2p"],
+        )
+        run = runs.setdefault(
+            key,
+            dict(
+                note=key[2],
+                host=r.get("host", "-"),
+                call=key[0],
+                run=key[1],
+                batch=r["batch"],
+                p2p=r["p2p"],
+            ),
+        )
         if r["residual"] in run:
             raise ValueError(f"two {r['residual']} rows in run {key}")
         run[r["residual"]] = r["tokens_per_s"]
     out = list(runs.values())
     for run in out:
-        run["ratio"] = (run["ladder"] / run["standard"]
-                        if "ladder" in run and "standard" in run else None)
+        run["ratio"] = (
+            run["ladder"] / run["standard"] if "ladder" in run and "standard" in run else None
+        )
     return out
 
 
@@ -69,33 +84,50 @@ def layout_medians(runs: list[dict]) -> dict[tuple, dict]:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| layout | batch | P2P | host | call.run | standard | ladder | desync | ladder / standard |",
-             "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in sorted(runs, key=lambda r: (r["note"], r["batch"], not r["p2p"], r["call"] or 0, r["run"])):
+    lines = [
+        "| layout | batch | P2P | host | call.run | standard | ladder | desync | ladder / standard |",
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(
+        runs, key=lambda r: (r["note"], r["batch"], not r["p2p"], r["call"] or 0, r["run"])
+    ):
         cells = [f"{r[m]:.1f}" if m in r else "-" for m in MODES]
         ratio = f"{r['ratio']:.3f}x" if r["ratio"] is not None else "-"
-        lines.append(f"| {r['note']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['host']} | "
-                     f"{'-' if r['call'] is None else r['call']}.{r['run']} | {' | '.join(cells)} | {ratio} |")
-    lines += ["", "| layout | batch | P2P | runs | median ratio | range | median standard | "
-              "median ladder | median desync |", "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
-    for (note, batch, p2p), s in sorted(layout_medians(runs).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(
+            f"| {r['note']} | {r['batch']} | {'on' if r['p2p'] else 'off'} | {r['host']} | "
+            f"{'-' if r['call'] is None else r['call']}.{r['run']} | {' | '.join(cells)} | {ratio} |"
+        )
+    lines += [
+        "",
+        "| layout | batch | P2P | runs | median ratio | range | median standard | "
+        "median ladder | median desync |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for (note, batch, p2p), s in sorted(
+        layout_medians(runs).items(), key=lambda kv: (kv[0][1], kv[0][0])
+    ):
         if not s["n"]:
             continue
         med = [f"{s[m]:.1f}" if m in s else "-" for m in MODES]
-        lines.append(f"| {note} | {batch} | {'on' if p2p else 'off'} | {s['n']} | {s['ratio']:.3f}x | "
-                     f"{s['min']:.3f}-{s['max']:.3f} | {' | '.join(med)} |")
+        lines.append(
+            f"| {note} | {batch} | {'on' if p2p else 'off'} | {s['n']} | {s['ratio']:.3f}x | "
+            f"{s['min']:.3f}-{s['max']:.3f} | {' | '.join(med)} |"
+        )
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], path: Path, bar: float | None, title: str) -> None:
     """Each run's ratio as a dot per layout (batch 1, P2P on), the layout's median as a bar."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sel = [r for r in runs if r["ratio"] is not None and r["batch"] == 1 and r["p2p"]]
-    notes = sorted({r["note"] for r in sel},
-                   key=lambda n: -statistics.median(r["ratio"] for r in sel if r["note"] == n))
+    notes = sorted(
+        {r["note"] for r in sel},
+        key=lambda n: -statistics.median(r["ratio"] for r in sel if r["note"] == n),
+    )
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(notes) + 1.6))
     hosts = sorted({r["host"] for r in sel})
     for i, note in enumerate(notes):
@@ -133,9 +165,12 @@ def grid(rows: list[dict], xla_preset: str) -> list[dict]:
             continue
         by_session = cells.setdefault((r["tp"], r["batch"], bool(r["p2p"])), {})
         by_session.setdefault(r.get("session", 0), {}).setdefault(r["residual"], []).append(
-            r["tokens_per_s"])
+            r["tokens_per_s"]
+        )
     out = []
-    for (tp, batch, p2p), by_session in sorted(cells.items(), key=lambda kv: (-kv[0][0], kv[0][1], not kv[0][2])):
+    for (tp, batch, p2p), by_session in sorted(
+        cells.items(), key=lambda kv: (-kv[0][0], kv[0][1], not kv[0][2])
+    ):
         paired = [s for s, m in by_session.items() if "standard" in m and "ladder" in m]
         if not paired:
             continue
@@ -155,13 +190,21 @@ def grid(rows: list[dict], xla_preset: str) -> list[dict]:
 
 
 def grid_table(cells: list[dict]) -> str:
-    lines = ["| TP | batch | P2P | standard | ladder | parallel | desync | ladder / standard | round |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| TP | batch | P2P | standard | ladder | parallel | desync | ladder / standard | round |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for c in cells:
-        vals = [(f"{c[m]:,.1f}" + (f" (s{c['borrowed'][m]})" if m in c["borrowed"] else ""))
-                if m in c else "-" for m in GRID_MODES]
-        lines.append(f"| {c['tp']} | {c['batch']} | {'on' if c['p2p'] else 'off'} | "
-                     f"{' | '.join(vals)} | {c['ratio']:.3f}x | {c['session']} |")
+        vals = [
+            (f"{c[m]:,.1f}" + (f" (s{c['borrowed'][m]})" if m in c["borrowed"] else ""))
+            if m in c
+            else "-"
+            for m in GRID_MODES
+        ]
+        lines.append(
+            f"| {c['tp']} | {c['batch']} | {'on' if c['p2p'] else 'off'} | "
+            f"{' | '.join(vals)} | {c['ratio']:.3f}x | {c['session']} |"
+        )
     return "\n".join(lines)
 
 
@@ -170,21 +213,31 @@ def _load_rows(path: Path) -> list[dict]:
     if isinstance(rows, dict) and "rows" in rows:
         rows = rows["rows"]
     if not isinstance(rows, list) or not rows:
-        raise ValueError("expected a non-empty JSON list of rows (or {\"rows\": [...]})")
+        raise ValueError('expected a non-empty JSON list of rows (or {"rows": [...]})')
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("rows", type=Path, nargs="+",
-                   help="rows JSON (a list of bench.py rows); several only with --grid")
+    p.add_argument(
+        "rows",
+        type=Path,
+        nargs="+",
+        help="rows JSON (a list of bench.py rows); several only with --grid",
+    )
     p.add_argument("--bar", type=float, default=None, help="ratio to draw as the bar")
     p.add_argument("--png", type=Path, default=None, help="write the plot here")
     p.add_argument("--md", type=Path, default=None, help="write the table here")
-    p.add_argument("--grid", action="store_true",
-                   help="the TP x batch x P2P grid over all the files' rounds of runs instead")
-    p.add_argument("--xla-preset", default="nccl_lhs+fusedproj",
-                   help="with --grid: the rows' xla_preset (flag set + layout) to tabulate")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="the TP x batch x P2P grid over all the files' rounds of runs instead",
+    )
+    p.add_argument(
+        "--xla-preset",
+        default="nccl_lhs+fusedproj",
+        help="with --grid: the rows' xla_preset (flag set + layout) to tabulate",
+    )
     a = p.parse_args(argv)
     if len(a.rows) > 1 and not a.grid:
         print(f"error: {len(a.rows)} files given; one, or use --grid", file=sys.stderr)
@@ -199,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.grid:
         if not cells:
             presets = sorted({str(r.get("xla_preset")) for r in rows})
-            print(f"error: no standard/ladder pair with xla_preset {a.xla_preset!r}; the files "
-                  f"have {', '.join(presets)}", file=sys.stderr)
+            print(
+                f"error: no standard/ladder pair with xla_preset {a.xla_preset!r}; the files "
+                f"have {', '.join(presets)}",
+                file=sys.stderr,
+            )
             return 2
         text = grid_table(cells)
         print(text)

@@ -92,12 +92,20 @@ def launch_leads(events: list[dict], kernels: list[dict], gpu_pids: set) -> list
     return leads
 
 
-def summarize(events: list[dict], layers: int, marker: str = "jaxturbo_decode",
-              slack_us: float = 3.0, late_us: float = 30.0) -> list[dict]:
+def summarize(
+    events: list[dict],
+    layers: int,
+    marker: str = "jaxturbo_decode",
+    slack_us: float = 3.0,
+    late_us: float = 30.0,
+) -> list[dict]:
     """One dict per GPU (see the module docstring); times in ms per step.  The window runs from
     the first marker kernel (one per layer and step) to the last: (markers - 1) / layers steps."""
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     gpus = sorted(p for p, n in names.items() if "GPU" in n.upper())
     out = []
     for pid in gpus:
@@ -115,8 +123,11 @@ def summarize(events: list[dict], layers: int, marker: str = "jaxturbo_decode",
             if not _is_comm(e["name"]):
                 per_tid[e["tid"]] += e["dur"]
         compute_tid = max(per_tid, key=per_tid.get)
-        compute = sorted((e["ts"], e["ts"] + e["dur"]) for e in inside
-                         if e["tid"] == compute_tid and not _is_comm(e["name"]))
+        compute = sorted(
+            (e["ts"], e["ts"] + e["dur"])
+            for e in inside
+            if e["tid"] == compute_tid and not _is_comm(e["name"])
+        )
         busy = _union_length(compute)
         comm_ends = sorted(e["ts"] + e["dur"] for e in comm if e["tid"] != compute_tid)
         idle_comm, idle_late, prev_end, j = 0.0, 0.0, lo, 0
@@ -133,34 +144,47 @@ def summarize(events: list[dict], layers: int, marker: str = "jaxturbo_decode",
                     idle_late += s - prev_end
             prev_end = max(prev_end, e)
         window = hi - lo
-        leads = sorted(launch_leads(events, [e for e in inside if e["tid"] == compute_tid],
-                                    set(gpus)))
+        leads = sorted(
+            launch_leads(events, [e for e in inside if e["tid"] == compute_tid], set(gpus))
+        )
         lead_med = leads[len(leads) // 2] if leads else float("nan")
         lead_near = sum(x < 10.0 for x in leads) / len(leads) if leads else float("nan")
-        out.append(dict(gpu=names[pid], window_ms=window / steps / 1e3, busy_ms=busy / steps / 1e3,
-                        idle_ms=(window - busy) / steps / 1e3, idle_at_comm_ms=idle_comm / steps / 1e3,
-                        idle_after_comm_ms=idle_late / steps / 1e3,
-                        comm_per_step=len(comm) / steps,
-                        comm_mean_us=(sum(e["dur"] for e in comm) / len(comm)) if comm else 0.0,
-                        comm_ms=sum(e["dur"] for e in comm) / steps / 1e3,
-                        kernels_per_step=len(compute) / steps,
-                        lead_median_us=lead_med, lead_under_10us=lead_near))
+        out.append(
+            dict(
+                gpu=names[pid],
+                window_ms=window / steps / 1e3,
+                busy_ms=busy / steps / 1e3,
+                idle_ms=(window - busy) / steps / 1e3,
+                idle_at_comm_ms=idle_comm / steps / 1e3,
+                idle_after_comm_ms=idle_late / steps / 1e3,
+                comm_per_step=len(comm) / steps,
+                comm_mean_us=(sum(e["dur"] for e in comm) / len(comm)) if comm else 0.0,
+                comm_ms=sum(e["dur"] for e in comm) / steps / 1e3,
+                kernels_per_step=len(compute) / steps,
+                lead_median_us=lead_med,
+                lead_under_10us=lead_near,
+            )
+        )
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| setting | GPU | window ms | busy ms | idle ms | idle@comm ms | comm/step | "
-            "comm us (mean) | comm ms | kernels/step | lead us (median) | lead < 10 us | "
-            "idle@comm+ ms |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    head = (
+        "| setting | GPU | window ms | busy ms | idle ms | idle@comm ms | comm/step | "
+        "comm us (mean) | comm ms | kernels/step | lead us (median) | lead < 10 us | "
+        "idle@comm+ ms |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     lines = [head]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['gpu']} | {r['window_ms']:.3f} | {r['busy_ms']:.3f} | "
-                     f"{r['idle_ms']:.3f} | {r['idle_at_comm_ms']:.3f} | {r['comm_per_step']:.1f} | "
-                     f"{r['comm_mean_us']:.1f} | {r['comm_ms']:.3f} | {r['kernels_per_step']:.1f} | "
-                     f"{r.get('lead_median_us', float('nan')):.1f} | "
-                     f"{r.get('lead_under_10us', float('nan')):.2f} | "
-                     f"{r.get('idle_after_comm_ms', float('nan')):.3f} |")
+        lines.append(
+            f"| {r['setting']} | {r['gpu']} | {r['window_ms']:.3f} | {r['busy_ms']:.3f} | "
+            f"{r['idle_ms']:.3f} | {r['idle_at_comm_ms']:.3f} | {r['comm_per_step']:.1f} | "
+            f"{r['comm_mean_us']:.1f} | {r['comm_ms']:.3f} | {r['kernels_per_step']:.1f} | "
+            f"{r.get('lead_median_us', float('nan')):.1f} | "
+            f"{r.get('lead_under_10us', float('nan')):.2f} | "
+            f"{r.get('idle_after_comm_ms', float('nan')):.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -168,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", help="trace folders (one per setting)")
     ap.add_argument("--layers", type=int, default=32, help="marker kernels per decode step")
-    ap.add_argument("--marker", default="jaxturbo_decode",
-                    help="kernel-name part of the decode-attention kernel (one per layer and step)")
+    ap.add_argument(
+        "--marker",
+        default="jaxturbo_decode",
+        help="kernel-name part of the decode-attention kernel (one per layer and step)",
+    )
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
     rows = []

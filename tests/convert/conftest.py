@@ -15,8 +15,26 @@ def smollm2_mla_dir(smollm2_dir, tmp_path_factory) -> Path:
     from jaxturbo.cli import main
 
     out = tmp_path_factory.mktemp("smollm2-mla") / "mla"
-    code = main(["convert-mla", "--model", str(smollm2_dir), "--out", str(out), "--method", "care",
-                 "--ranks", "adjusted", "--kv-budget", "0.5", "--calib-samples", "4",
-                 "--calib-len", "128", "--eval-tokens", "0"])
+    code = main(
+        [
+            "convert-mla",
+            "--model",
+            str(smollm2_dir),
+            "--out",
+            str(out),
+            "--method",
+            "care",
+            "--ranks",
+            "adjusted",
+            "--kv-budget",
+            "0.5",
+            "--calib-samples",
+            "4",
+            "--calib-len",
+            "128",
+            "--eval-tokens",
+            "0",
+        ]
+    )
     assert code == 0
     return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,11 +30,13 @@ def hf_model(smollm2_mla_dir):
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_mla_dir):
     from jaxturbo.bridge import load_tokenizer
+
     return load_tokenizer(smollm2_mla_dir)
 
 
 def _hf_logits(model, ids: np.ndarray) -> np.ndarray:
     import torch
+
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
@@ -65,8 +66,24 @@ def test_ppl_command_matches_transformers(smollm2_mla_dir, hf_model, tokenizer, 
 
     data = tmp_path / "text.txt"
     data.write_text(WIKITEXT.read_text()[:3000])
-    assert main(["ppl", "--model", str(smollm2_mla_dir), "--data", str(data), "--window", "64",
-                 "--max-tokens", "128", "--windows-per-batch", "2"]) == 0
+    assert (
+        main(
+            [
+                "ppl",
+                "--model",
+                str(smollm2_mla_dir),
+                "--data",
+                str(data),
+                "--window",
+                "64",
+                "--max-tokens",
+                "128",
+                "--windows-per-batch",
+                "2",
+            ]
+        )
+        == 0
+    )
     ours = float(re.search(r"perplexity: ([0-9.]+)", capsys.readouterr().out).group(1))
     ids = np.asarray(tokenizer.encode(data.read_text(), add_special_tokens=False)[:128])
     nll = []
@@ -77,8 +94,7 @@ def test_ppl_command_matches_transformers(smollm2_mla_dir, hf_model, tokenizer, 
     assert abs(ours - ref) <= 1e-4 * ref, (ours, ref)
 
 
-def test_generate_command_matches_transformers_greedy(smollm2_mla_dir, hf_model, tokenizer,
-                                                      capsys):
+def test_generate_command_matches_transformers_greedy(smollm2_mla_dir, hf_model, tokenizer, capsys):
     """`jaxturbo generate` (greedy, a batch of two prompts of different lengths) prints what
     transformers' greedy `generate` continues each prompt with, up to the first stop token."""
     import torch
@@ -88,17 +104,34 @@ def test_generate_command_matches_transformers_greedy(smollm2_mla_dir, hf_model,
 
     prompts = ["The tower was built in", "Robert Boulter is an English film and television actor."]
     n = 8
-    assert main(["generate", "--model", str(smollm2_mla_dir), "--no-stream",
-                 "--max-new-tokens", str(n), *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(smollm2_mla_dir),
+                "--no-stream",
+                "--max-new-tokens",
+                str(n),
+                *[a for p in prompts for a in ("--prompt", p)],
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     stops = set(stop_ids_for(load_model(smollm2_mla_dir)[0], tokenizer))
     for p in prompts:
         ids = tokenizer.encode(p, add_special_tokens=True)
         with torch.no_grad():
-            new = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                    pad_token_id=0, eos_token_id=None)[0, len(ids):].tolist()
+            new = hf_model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )[0, len(ids) :].tolist()
         cut = next((i + 1 for i, t in enumerate(new) if t in stops), n)
-        assert cut >= 4, new             # a few real tokens to compare
+        assert cut >= 4, new  # a few real tokens to compare
         want = tokenizer.decode(new[:cut], skip_special_tokens=True)
         assert f"--- {p}\n{want}\n" in printed, (want, printed)
 
@@ -114,6 +147,9 @@ def test_export_hf_round_trip_is_bitwise(smollm2_mla_dir, tmp_path, capsys):
     assert set(a) == set(b) and len(a) == 2 + 30 * 10
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
-    assert (json.loads((out / "config.json").read_text())
-            == json.loads((smollm2_mla_dir / "config.json").read_text()))
-    assert (out / "tokenizer.json").read_bytes() == (smollm2_mla_dir / "tokenizer.json").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (smollm2_mla_dir / "config.json").read_text()
+    )
+    assert (out / "tokenizer.json").read_bytes() == (
+        smollm2_mla_dir / "tokenizer.json"
+    ).read_bytes()

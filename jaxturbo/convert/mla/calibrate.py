@@ -32,16 +32,32 @@ def _layer_fn(cfg: ModelConfig) -> Callable:
         b, t, _ = x.shape
         cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
         h = rms_norm(x, lp["input_layernorm.weight"], cfg.rms_norm_eps)
-        a, _ = attention_block(lp, cfg, h, cos, sin, jnp.int32(0), segment_ids=None, cache=None,
-                               attn_impl="xla", attn_fn=None)
+        a, _ = attention_block(
+            lp,
+            cfg,
+            h,
+            cos,
+            sin,
+            jnp.int32(0),
+            segment_ids=None,
+            cache=None,
+            attn_impl="xla",
+            attn_fn=None,
+        )
         x = x + a
         x = x + mlp_block(lp, rms_norm(x, lp["post_attention_layernorm.weight"], cfg.rms_norm_eps))
         return h, x
+
     return layer
 
 
-def attention_input_covariance(params: Params, cfg: ModelConfig, batches: Iterable[np.ndarray],
-                               *, progress: Callable[[int], None] | None = None) -> np.ndarray:
+def attention_input_covariance(
+    params: Params,
+    cfg: ModelConfig,
+    batches: Iterable[np.ndarray],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
     """C [L, D, D] float64: mean of x xᵀ over every token of `batches` ([B, T] int arrays).
 
     Streams batch by batch (memory: one batch of hidden states plus L*D*D float64).
@@ -75,18 +91,23 @@ def split_held_out(token_ids: np.ndarray, held_out: int) -> tuple[np.ndarray, np
     scored token is ever trained or calibrated on."""
     if not 0 <= held_out <= len(token_ids):
         from jaxturbo.errors import UserError
+
         raise UserError(f"cannot hold out {held_out} of {len(token_ids)} tokens for evaluation")
     cut = len(token_ids) - held_out
     return token_ids[:cut], token_ids[cut:]
 
 
-def calibration_batches(token_ids: np.ndarray, samples: int, length: int,
-                        batch_size: int = 8) -> list[np.ndarray]:
+def calibration_batches(
+    token_ids: np.ndarray, samples: int, length: int, batch_size: int = 8
+) -> list[np.ndarray]:
     """`samples` disjoint windows of `length` tokens from the start of `token_ids`, batched."""
     need = samples * length
     if len(token_ids) < need:
         from jaxturbo.errors import UserError
-        raise UserError(f"calibration needs {samples} x {length} = {need} tokens, the text has "
-                        f"{len(token_ids)}; lower --calib-samples or --calib-len")
+
+        raise UserError(
+            f"calibration needs {samples} x {length} = {need} tokens, the text has "
+            f"{len(token_ids)}; use fewer calibration samples or shorter ones"
+        )
     windows = np.asarray(token_ids[:need], np.int32).reshape(samples, length)
-    return [windows[i:i + batch_size] for i in range(0, samples, batch_size)]
+    return [windows[i : i + batch_size] for i in range(0, samples, batch_size)]

@@ -12,9 +12,22 @@ from jaxturbo.models.mla import MLAConfig
 from jaxturbo.models.transformer import Params
 
 
-def mla_perplexity(params: Params, cfg: MLAConfig, token_ids: np.ndarray, *, window: int = 1024,
-                   batch_size: int = 4,
-                   progress: Callable[[int], None] | None = None) -> PerplexityResult:
+def mla_perplexity(
+    params: Params,
+    cfg: MLAConfig,
+    token_ids: np.ndarray,
+    *,
+    window: int = 1024,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
     """Perplexity of a 1-D token array in disjoint windows of `window` tokens."""
-    return perplexity(params, cfg, token_ids, window=window, batch_size=batch_size,
-                      attn_impl="xla", progress=progress)
+    return perplexity(
+        params,
+        cfg,
+        token_ids,
+        window=window,
+        batch_size=batch_size,
+        attn_impl="xla",
+        progress=progress,
+    )

@@ -30,9 +30,9 @@ RANK_MODES = ("uniform", "adjusted")
 class Spectrum:
     """What a method factors for one matrix: the (possibly whitened) SVD and the un-whitening."""
 
-    u: np.ndarray          # [out, m]
-    s: np.ndarray          # [m] singular values, descending
-    vt: np.ndarray         # [m, D] (whitened space for care)
+    u: np.ndarray  # [out, m]
+    s: np.ndarray  # [m] singular values, descending
+    vt: np.ndarray  # [m, D] (whitened space for care)
     unwhiten: np.ndarray | None  # √C⁻¹ [D, D] for care, None for plain SVD
 
     def factors(self, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +44,7 @@ class Spectrum:
 
     @property
     def energy(self) -> np.ndarray:
-        return self.s ** 2
+        return self.s**2
 
 
 def sqrt_and_inverse(c: np.ndarray, floor: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +76,18 @@ def water_fill(spectra: list[np.ndarray], total: int, lo: list[int], hi: list[in
     """
     r = list(lo)
     if sum(r) > total:
-        raise UserError(f"the minimum ranks need {sum(r)} latent dims, the budget allows {total}; "
-                        "raise --kv-budget or lower --min-rank")
+        raise UserError(
+            f"the minimum ranks need {sum(r)} latent dims, the budget allows {total}; "
+            "raise kv_budget or lower min_rank"
+        )
     share = [e / max(e.sum(), 1e-300) for e in spectra]
     left = total - sum(r)
     # the shares are descending per matrix, so a merge of all candidates in order is the greedy
-    cands = [(-share[i][k], i) for i in range(len(spectra)) for k in range(r[i], min(hi[i], len(share[i])))]
+    cands = [
+        (-share[i][k], i)
+        for i in range(len(spectra))
+        for k in range(r[i], min(hi[i], len(share[i])))
+    ]
     cands.sort()
     for _, i in cands[:left]:
         r[i] += 1

@@ -35,13 +35,14 @@ def _row_energy(w: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.sum((w @ c) * w, axis=1)
 
 
-def pair_energy(wq: np.ndarray, wk: np.ndarray, c: np.ndarray, heads: int, kv_heads: int,
-                hd: int) -> np.ndarray:
+def pair_energy(
+    wq: np.ndarray, wk: np.ndarray, c: np.ndarray, heads: int, kv_heads: int, hd: int
+) -> np.ndarray:
     """energy [K, hd/2] of one layer (wq [H*hd, D], wk [K*hd, D], c [D, D])."""
     p = hd // 2
-    qe = _row_energy(wq, c).reshape(heads, 2, p).sum(1)        # [H, P]: |q_{h,j}|²
-    ke = _row_energy(wk, c).reshape(kv_heads, 2, p).sum(1)     # [K, P]
-    qn = np.sqrt(qe).reshape(kv_heads, heads // kv_heads, p).sum(1)   # Σ over the group's heads
+    qe = _row_energy(wq, c).reshape(heads, 2, p).sum(1)  # [H, P]: |q_{h,j}|²
+    ke = _row_energy(wk, c).reshape(kv_heads, 2, p).sum(1)  # [K, P]
+    qn = np.sqrt(qe).reshape(kv_heads, heads // kv_heads, p).sum(1)  # Σ over the group's heads
     return qn * np.sqrt(ke)
 
 
@@ -49,7 +50,7 @@ def rotation_weight(inv_freq: np.ndarray, context: int) -> np.ndarray:
     """1 - mean_{0<=Δ<context} cos(θ_j Δ) per frequency: how much dropping the rotation of
     pair j changes its scores over `context` tokens (≈0 for wavelengths far beyond it)."""
     x = np.asarray(inv_freq, np.float64) * context
-    return 1.0 - np.sinc(x / np.pi)          # np.sinc(t) = sin(pi t)/(pi t)
+    return 1.0 - np.sinc(x / np.pi)  # np.sinc(t) = sin(pi t)/(pi t)
 
 
 def select(energy: np.ndarray, slots: int, layout: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,16 +69,18 @@ def select(energy: np.ndarray, slots: int, layout: str) -> tuple[np.ndarray, np.
     if layout == "free":
         if slots > K * P:
             raise UserError(f"rope dim {2 * slots} exceeds the {2 * K * P} rotary dims of the keys")
-        tot = en.sum(0).reshape(-1)                               # [(g, j)]
+        tot = en.sum(0).reshape(-1)  # [(g, j)]
         pick = np.sort(np.argsort(-tot, kind="stable")[:slots])
         g, j = pick // P, pick % P
         order = np.argsort(j, kind="stable")
         return j[order], np.broadcast_to(g[order], (L, slots)).copy()
     if slots > P:
-        raise UserError(f"rope dim {2 * slots} exceeds the head's {2 * P} rotary dims; use a "
-                        f"rope dim <= {2 * P} (or rope_layout='free')")
-    best_g = en.argmax(1)                                          # [L, P]
-    best_e = en.max(1).sum(0)                                      # [P]
+        raise UserError(
+            f"rope dim {2 * slots} exceeds the head's {2 * P} rotary dims; use a "
+            f"rope dim <= {2 * P} (or rope_layout='free')"
+        )
+    best_g = en.argmax(1)  # [L, P]
+    best_e = en.max(1).sum(0)  # [P]
     best, arg = -1.0, (0, 1)
     for s in range(1, P if slots > 1 else 2):
         for j0 in range(0, P - s * (slots - 1)):

@@ -1,0 +1,1 @@
+"""Perplexity of pretrained models converted to Ladder-Residual without retraining (RESULTS.md)."""

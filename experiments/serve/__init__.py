@@ -1,0 +1,1 @@
+"""`jaxturbo serve` over HTTP against the same engine offline (bench.py)."""
