@@ -23,15 +23,22 @@ import numpy as np
 from jaxturbo.bridge.safetensors_io import read_safetensors, write_safetensors
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.lora import (Adapters, LoRAConfig, adapter_config, adapter_tensors,
-                                  adapters_from_tensors, merge)
+from jaxturbo.models.lora import (
+    Adapters,
+    LoRAConfig,
+    adapter_config,
+    adapter_tensors,
+    adapters_from_tensors,
+    merge,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def save_adapters(adapters: Adapters, params: Any, lora: LoRAConfig, out_dir: str | Path, *,
-                  base_model: str = "") -> Path:
+def save_adapters(
+    adapters: Adapters, params: Any, lora: LoRAConfig, out_dir: str | Path, *, base_model: str = ""
+) -> Path:
     """Write `adapters` (trained on the model `params`) as an adapter directory (module
     docstring); returns it."""
     out = Path(out_dir)
@@ -51,16 +58,27 @@ def load_adapters(path: str | Path, params: Any) -> tuple[LoRAConfig, Adapters]:
         raise UserError(f"{path} holds no {ADAPTER_CONFIG}; is it an adapter directory?")
     cfg = json.loads(cfg_file.read_text())
     targets = cfg.get("jaxturbo_targets")
-    lora = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                      targets=None if targets is None else tuple(targets),
-                      dropout=float(cfg.get("lora_dropout", 0.0)))
+    lora = LoRAConfig(
+        rank=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        targets=None if targets is None else tuple(targets),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+    )
     return lora, adapters_from_tensors(read_safetensors(path / ADAPTER_WEIGHTS), params, lora)
 
 
-def export_merged_hf(params: Any, adapters: Adapters, lora: LoRAConfig, cfg: ModelConfig,
-                     out_dir: str | Path, tokenizer: Any = None, *,
-                     overwrite: bool = False) -> Path:
+def export_merged_hf(
+    params: Any,
+    adapters: Adapters,
+    lora: LoRAConfig,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """The base model with every adapter merged in (W + (alpha/r) B A, per expert) as an HF
     directory (`jaxturbo.bridge.export_hf`)."""
     from jaxturbo.bridge import export_hf
+
     return export_hf(merge(params, adapters, lora), cfg, out_dir, tokenizer, overwrite=overwrite)

@@ -27,42 +27,68 @@ DTYPES = ("float32", "bfloat16")
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="registry name (e.g. smollm2-135m), HF directory, or .gguf file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="registry name (e.g. smollm2-135m), HF directory, or .gguf file",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser, dtype_default: str | None = "float32") -> None:
     """--model and --dtype (the weights are cast to it; None: kept as stored)."""
     add_model_argument(p)
-    p.add_argument("--dtype", default=dtype_default, choices=DTYPES,
-                   help="parameter and compute dtype: the weights are cast to it"
-                        + ("" if dtype_default else " (default: the dtype they are stored in)"))
+    p.add_argument(
+        "--dtype",
+        default=dtype_default,
+        choices=DTYPES,
+        help="parameter and compute dtype: the weights are cast to it"
+        + ("" if dtype_default else " (default: the dtype they are stored in)"),
+    )
 
 
 def add_compute_dtype_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compute-dtype", default="float32", choices=DTYPES,
-                   help="dtype of the train step's matmuls; the master weights and optimizer "
-                        "state stay float32")
+    p.add_argument(
+        "--compute-dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype of the train step's matmuls; the master weights and optimizer "
+        "state stay float32",
+    )
 
 
 def add_mesh_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default=None,
-                   help="mesh preset (see meshes/) or sizes like tensor=4,data=2 "
-                        "(default: one device)")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh preset (see meshes/) or sizes like tensor=4,data=2 (default: one device)",
+    )
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, save_every: int) -> None:
     """The training commands' output, checkpoint and export flags (sft, rl)."""
-    p.add_argument("--save-every", type=int, default=save_every,
-                   help="orbax checkpoint every N steps and at the end (0: at the end only)")
-    p.add_argument("--no-checkpoint", action="store_true",
-                   help="write no checkpoint (orbax is then not imported)")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=save_every,
+        help="orbax checkpoint every N steps and at the end (0: at the end only)",
+    )
+    p.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="write no checkpoint (orbax is then not imported)",
+    )
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (the newest)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in OUT/checkpoints (the same "
-                        "settings; the following steps equal an uninterrupted run's)")
-    p.add_argument("--no-export", action="store_true",
-                   help="do not write the final model as an HF directory (OUT/hf)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUT/checkpoints (the same "
+        "settings; the following steps equal an uninterrupted run's)",
+    )
+    p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="do not write the final model as an HF directory (OUT/hf)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of the run")
 
 
@@ -76,10 +102,14 @@ def save_every_of(args: argparse.Namespace) -> int | None:
 
 
 def add_config_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="flag values from a YAML mapping whose keys are flag names (dashes or "
-                        "underscores); flags on the command line override it; the resolved "
-                        "values are written to OUT/config.yaml (default: none)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.yaml",
+        help="flag values from a YAML mapping whose keys are flag names (dashes or "
+        "underscores); flags on the command line override it; the resolved "
+        "values are written to OUT/config.yaml (default: none)",
+    )
 
 
 def _long_option(action: argparse.Action) -> str | None:
@@ -120,14 +150,18 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     if values is None:
         return argv
     if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of flag names to values, got "
-                        f"{type(values).__name__}")
+        raise UserError(
+            f"--config {path}: expected a mapping of flag names to values, got "
+            f"{type(values).__name__}"
+        )
     actions = _config_actions(parser)
     norm = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
     unknown = [k for k in values if str(k).lstrip("-").replace("-", "_") not in actions]
     if unknown:
-        raise UserError(f"--config {path}: unknown keys {', '.join(map(str, unknown))}; valid "
-                        f"keys: {', '.join(sorted(actions))}")
+        raise UserError(
+            f"--config {path}: unknown keys {', '.join(map(str, unknown))}; valid "
+            f"keys: {', '.join(sorted(actions))}"
+        )
     front: list[str] = []
     for key, value in norm.items():
         action = actions[key]
@@ -136,10 +170,14 @@ def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
             continue
         if action.nargs == 0:  # store_true / store_false switches
             if not isinstance(value, bool):
-                raise UserError(f"--config {path}: {key} is a switch; give true or false "
-                                f"(got {value!r})")
+                raise UserError(
+                    f"--config {path}: {key} is a switch; give true or false (got {value!r})"
+                )
             if value != action.default:
                 front.append(flag)
+            continue
+        if action.nargs in ("+", "*") and isinstance(value, list):  # one flag, all its values
+            front += [flag, *map(str, value)]
             continue
         for v in value if isinstance(value, list) else [value]:
             front += [flag, str(v)]
@@ -180,6 +218,7 @@ def use_decode_xla_flags() -> None:
     """Add DECODE_XLA_FLAGS to XLA_FLAGS (flags the user set win).  Must run before JAX starts
     its backend, i.e. before the model is loaded; CPU ignores these GPU flags."""
     import os
+
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in DECODE_XLA_FLAGS if f.split("=")[0] not in flags]
     if extra:
@@ -196,6 +235,7 @@ def tensor_parallel_setup(mesh_spec: str | None, cfg: Any, params: Any, batch: i
     from jaxturbo.inference import fused
     from jaxturbo.parallel import tensor
     from jaxturbo.parallel.mesh import make_mesh
+
     mesh = make_mesh(mesh_spec)
     tensor.check_mesh(cfg, mesh, batch)
     # q/k/v and gate/up as one matrix each: the same logits, decode 1.10x faster at TP 4 on

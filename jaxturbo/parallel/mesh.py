@@ -1,17 +1,21 @@
 """Meshes: presets from `meshes/*.json` or `axis=size,...` strings, made one way for every mode.
 
+The presets' source is the repository's top-level `meshes/`; `jaxturbo/parallel/meshes` is a
+symlink to it, so a clone, an editable install and a wheel (which stores the files themselves as
+package data) all read them with importlib.resources.
+
 Decision: jaxturbo's meshes use `AxisType.Auto` axes.  Every parallel mode is written
 as explicit per-device code inside `jax.shard_map`, where the collectives are visible; outside
 it, jit propagates shardings, so glue code needs no `out_sharding` annotations.
-Axis order is fixed: (data, fsdp, sequence, tensor) — tensor innermost so that TP groups are
-neighbouring devices (NVLink peers on a GPU host).
+Axis order is fixed: (data, fsdp, expert, sequence, tensor) (`jaxturbo.parallel.axes.AXES`) —
+tensor innermost so that TP groups are neighbouring devices (NVLink peers on a GPU host).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from importlib.resources import files
 
 import jax
 import numpy as np
@@ -20,15 +24,18 @@ from jax.sharding import AxisType, Mesh
 from jaxturbo.errors import UserError
 from jaxturbo.parallel.axes import AXES
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "meshes"
+PRESET_DIR = files(__package__) / "meshes"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    """Names of the shipped presets (`cpu-8`, `h100x4`, ...): the `meshes/*.json` file stems."""
+    return sorted(
+        p.name.removesuffix(".json") for p in PRESET_DIR.iterdir() if p.name.endswith(".json")
+    )
 
 
 def parse_mesh_spec(spec: str | dict[str, int] | None) -> dict[str, int]:
-    """`"h100x4"` (a preset), `"tensor=4,data=2"` or a dict -> {axis: size} over all four axes."""
+    """`"h100x4"` (a preset), `"tensor=4,data=2"` or a dict -> {axis: size} over all the axes."""
     sizes = {a: 1 for a in AXES}
     if spec is None or spec == "":
         return sizes
@@ -48,7 +55,8 @@ def parse_mesh_spec(spec: str | dict[str, int] | None) -> dict[str, int]:
         if not path.is_file():
             raise UserError(
                 f"unknown mesh preset {spec!r}; presets: {', '.join(preset_names())} "
-                "(or give sizes like tensor=4,data=2)")
+                "(or give sizes like tensor=4,data=2)"
+            )
         given = json.loads(path.read_text())["axes"]
     for name, size in given.items():
         if name not in AXES:
@@ -60,7 +68,7 @@ def parse_mesh_spec(spec: str | dict[str, int] | None) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int] | None = None, devices: list | None = None) -> Mesh:
-    """A mesh over `devices` (default: all) with the four jaxturbo axes.
+    """A mesh over `devices` (default: all) with the jaxturbo axes (`AXES`, in that order).
 
     Raises UserError when the product of the sizes differs from the device count.
     """
@@ -71,6 +79,7 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices: list | None = N
         desc = ",".join(f"{a}={s}" for a, s in sizes.items() if s > 1) or "all axes 1"
         raise UserError(
             f"mesh {desc} needs {n} devices but {len(devices)} are present "
-            f"({devices[0].platform}); choose sizes whose product is {len(devices)}")
+            f"({devices[0].platform}); choose sizes whose product is {len(devices)}"
+        )
     arr = np.asarray(devices, dtype=object).reshape(tuple(sizes[a] for a in AXES))
     return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * len(AXES))

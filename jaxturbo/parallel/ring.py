@@ -54,21 +54,28 @@ LAYOUTS = ("zigzag", "contiguous")
 _SKIP, _FULL, _CAUSAL, _ZZ_LOWER, _ZZ_UPPER = range(5)
 
 
-def check_ring(*, seq_len: int, ring_size: int, causal: bool, layout: str,
-               sliding_window: int | None = None) -> None:
+def check_ring(
+    *, seq_len: int, ring_size: int, causal: bool, layout: str, sliding_window: int | None = None
+) -> None:
     """Raise UserError unless ring attention supports this case (global `seq_len`)."""
     if layout not in LAYOUTS:
         raise UserError(f"ring layout {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}")
     if sliding_window is not None:
-        raise UserError("ring attention does not support sliding_window; use mode 'ulysses' "
-                        "(or 'none') for sliding-window attention")
+        raise UserError(
+            "ring attention does not support sliding_window; use mode 'ulysses' "
+            "(or 'none') for sliding-window attention"
+        )
     chunks = 2 * ring_size if (causal and layout == "zigzag") else ring_size
     if seq_len % chunks:
-        why = f"2 x ring size {ring_size} (zigzag causal)" if chunks != ring_size else \
-            f"ring size {ring_size}"
+        why = (
+            f"2 x ring size {ring_size} (zigzag causal)"
+            if chunks != ring_size
+            else f"ring size {ring_size}"
+        )
         raise UserError(
             f"sequence length {seq_len} is not divisible by {chunks} = {why}; pad the sequence "
-            f"to a multiple of {chunks} (e.g. {-(-seq_len // chunks) * chunks})")
+            f"to a multiple of {chunks} (e.g. {-(-seq_len // chunks) * chunks})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +113,11 @@ def ring_attention(
     """
     size = lax.axis_size(axis_name)
     check_ring(seq_len=q.shape[1] * size, ring_size=size, causal=causal, layout=layout)
-    if (implementation == "auto" and jax.devices()[0].platform == "gpu"
-            and cudnn_lse_supported(q, k, causal=causal, segment_ids=segment_ids,
-                                    softcap=softcap)):
+    if (
+        implementation == "auto"
+        and jax.devices()[0].platform == "gpu"
+        and cudnn_lse_supported(q, k, causal=causal, segment_ids=segment_ids, softcap=softcap)
+    ):
         # The ring owns its backward, so cuDNN's lse forward (whose lse is not differentiable)
         # is safe here, unlike in `attention(..., return_lse=True)`'s "auto".
         implementation = "cudnn"
@@ -117,6 +126,7 @@ def ring_attention(
 
 
 # ---------------------------------------------------------------------------------- schedule
+
 
 def _step_kind(cfg: _Cfg, step: int, q_seg, kv_seg) -> int | jax.Array:
     """Block kind at `step` on this device (static int when known at trace time)."""
@@ -136,7 +146,9 @@ def _step_kind(cfg: _Cfg, step: int, q_seg, kv_seg) -> int | jax.Array:
     eq = q_seg[:, :, None] == kv_seg[:, None, :]
     seen = jnp.select(
         [kind == _FULL, kind == _ZZ_LOWER, kind == _ZZ_UPPER],
-        [jnp.any(eq), jnp.any(eq[:, :, : t // 2]), jnp.any(eq[:, t // 2:, :])], False)
+        [jnp.any(eq), jnp.any(eq[:, :, : t // 2]), jnp.any(eq[:, t // 2 :, :])],
+        False,
+    )
     return jnp.where(seen, kind, _SKIP)
 
 
@@ -183,15 +195,22 @@ def _seg_half(seg, which):
 
 # ----------------------------------------------------------------------------------- forward
 
+
 def _block_fwd(cfg: _Cfg, kind, q, k, v, q_seg, kv_seg):
     """(out float32 [B,T,H,D], lse [B,H,T]) of q against one K/V block; skipped rows get -inf."""
     b, t, h, d = q.shape
-    attn = functools.partial(attention, scale=cfg.scale, softcap=cfg.softcap, return_lse=True,
-                             implementation=cfg.implementation)
+    attn = functools.partial(
+        attention,
+        scale=cfg.scale,
+        softcap=cfg.softcap,
+        return_lse=True,
+        implementation=cfg.implementation,
+    )
 
     def run(qq, kk, vv, qs, ks, causal):
-        o, l = attn(qq, kk, vv, causal=causal, segment_ids=qs,
-                    kv_segment_ids=None if qs is None else ks)
+        o, l = attn(
+            qq, kk, vv, causal=causal, segment_ids=qs, kv_segment_ids=None if qs is None else ks
+        )
         return o.astype(jnp.float32), l
 
     def skip(q, k, v, qs, ks):
@@ -214,8 +233,9 @@ def _block_fwd(cfg: _Cfg, kind, q, k, v, q_seg, kv_seg):
         _ZZ_LOWER: lower,
         _ZZ_UPPER: upper,
     }
-    return _dispatch(kind, _reachable(cfg, kind, q_seg is not None, branches),
-                     q, k, v, q_seg, kv_seg)
+    return _dispatch(
+        kind, _reachable(cfg, kind, q_seg is not None, branches), q, k, v, q_seg, kv_seg
+    )
 
 
 def _merge(o, lse, ob, lb):
@@ -263,42 +283,82 @@ def _ring_fwd(cfg: _Cfg, q, k, v, seg):
 
 # ---------------------------------------------------------------------------------- backward
 
+
 def _block_bwd(cfg: _Cfg, kind, q, k, v, q_seg, kv_seg, do, o, lse):
     """(dq [B,T,H,D], dk, dv [B,S,K,D]) float32 of one block; zeros where the block is unused."""
+
     def bwd(q, k, v, do, o, lse, *, causal, q_seg, kv_seg):
-        grads = attention_backward(q, k, v, o, lse, do, causal=causal, scale=cfg.scale,
-                                   segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                   softcap=cfg.softcap, implementation=cfg.implementation)
+        grads = attention_backward(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            do,
+            causal=causal,
+            scale=cfg.scale,
+            segment_ids=q_seg,
+            kv_segment_ids=kv_seg,
+            softcap=cfg.softcap,
+            implementation=cfg.implementation,
+        )
         # Kernels return the inputs' dtype; switch branches and accumulators are float32.
         return tuple(g.astype(jnp.float32) for g in grads)
+
     zq = lambda: jnp.zeros_like(q, jnp.float32)
     zk = lambda: jnp.zeros_like(k, jnp.float32)
 
     def full(causal):
         def f(q, k, v, qs, ks, do, o, lse):
-            return bwd(q, k, v, do, o, lse, causal=causal, q_seg=qs,
-                       kv_seg=None if qs is None else ks)
+            return bwd(
+                q, k, v, do, o, lse, causal=causal, q_seg=qs, kv_seg=None if qs is None else ks
+            )
+
         return f
 
     def skip(q, k, v, qs, ks, do, o, lse):
         return zq(), zk(), zk()
 
     def lower(q, k, v, qs, ks, do, o, lse):
-        dq, dk, dv = bwd(q, _halves(k)[0], _halves(v)[0], do, o, lse, causal=False, q_seg=qs,
-                         kv_seg=_seg_half(ks, 0))
+        dq, dk, dv = bwd(
+            q,
+            _halves(k)[0],
+            _halves(v)[0],
+            do,
+            o,
+            lse,
+            causal=False,
+            q_seg=qs,
+            kv_seg=_seg_half(ks, 0),
+        )
         pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)
         return dq, pad(dk), pad(dv)
 
     def upper(q, k, v, qs, ks, do, o, lse):
         h2 = lambda x: _halves(x)[1]
-        dq, dk, dv = bwd(h2(q), k, v, h2(do), h2(o), _halves(lse, axis=2)[1], causal=False,
-                         q_seg=_seg_half(qs, 1), kv_seg=ks)
+        dq, dk, dv = bwd(
+            h2(q),
+            k,
+            v,
+            h2(do),
+            h2(o),
+            _halves(lse, axis=2)[1],
+            causal=False,
+            q_seg=_seg_half(qs, 1),
+            kv_seg=ks,
+        )
         return jnp.concatenate([jnp.zeros_like(dq), dq], axis=1), dk, dv
 
-    branches = {_SKIP: skip, _FULL: full(False), _CAUSAL: full(True), _ZZ_LOWER: lower,
-                _ZZ_UPPER: upper}
-    return _dispatch(kind, _reachable(cfg, kind, q_seg is not None, branches),
-                     q, k, v, q_seg, kv_seg, do, o, lse)
+    branches = {
+        _SKIP: skip,
+        _FULL: full(False),
+        _CAUSAL: full(True),
+        _ZZ_LOWER: lower,
+        _ZZ_UPPER: upper,
+    }
+    return _dispatch(
+        kind, _reachable(cfg, kind, q_seg is not None, branches), q, k, v, q_seg, kv_seg, do, o, lse
+    )
 
 
 def _ring_bwd(cfg: _Cfg, res, do):

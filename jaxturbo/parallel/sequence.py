@@ -34,12 +34,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxturbo.errors import UserError
-from jaxturbo.parallel.axes import BATCH_AXES, SEQUENCE, TENSOR, divisors
 from jaxturbo.parallel import ring as ring_lib
 from jaxturbo.parallel import ulysses as ulysses_lib
+from jaxturbo.parallel.axes import BATCH_AXES, SEQUENCE, TENSOR, divisors
 from pallas_kernels import attention
 
 Mode = Literal["none", "ulysses", "ring", "hybrid"]
@@ -81,44 +82,65 @@ def resolve_ulysses_size(sp: SequenceParallel, sp_size: int, num_heads: int) -> 
     if sp.ulysses_size not in valid:
         raise UserError(
             f"hybrid ulysses_size {sp.ulysses_size} must divide both the sequence axis size "
-            f"{sp_size} and the {num_heads} query heads; choose one of {valid}")
+            f"{sp_size} and the {num_heads} query heads; choose one of {valid}"
+        )
     return sp.ulysses_size
 
 
-def validate(sp: SequenceParallel, *, sp_size: int, num_heads: int, num_kv_heads: int,
-             seq_len: int, causal: bool, sliding_window: int | None = None) -> int:
+def validate(
+    sp: SequenceParallel,
+    *,
+    sp_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    seq_len: int,
+    causal: bool,
+    sliding_window: int | None = None,
+) -> int:
     """Check a configuration before anything is traced; return the Ulysses group size.
 
     `num_heads`/`num_kv_heads` are per tensor-parallel shard.  Raises UserError naming the
     valid choices.
     """
     if sp.mode not in MODES:
-        raise UserError(f"sequence-parallel mode {sp.mode!r} is unknown; choose one of "
-                        f"{', '.join(MODES)}")
+        raise UserError(
+            f"sequence-parallel mode {sp.mode!r} is unknown; choose one of {', '.join(MODES)}"
+        )
     if sp.ulysses_size is not None and sp.mode != "hybrid":
         raise UserError(f"ulysses_size applies to mode 'hybrid' only (mode is {sp.mode!r})")
     if sp.mode == "none":
         return 1
     u = resolve_ulysses_size(sp, sp_size, num_heads)
     if seq_len % sp_size:
-        raise UserError(f"sequence length {seq_len} is not divisible by the sequence axis size "
-                        f"{sp_size}; pad to a multiple of {sp_size}")
+        raise UserError(
+            f"sequence length {seq_len} is not divisible by the sequence axis size "
+            f"{sp_size}; pad to a multiple of {sp_size}"
+        )
     if u > 1:
-        ulysses_lib.check_ulysses(num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                  ulysses_size=u, seq_len=seq_len)
+        ulysses_lib.check_ulysses(
+            num_heads=num_heads, num_kv_heads=num_kv_heads, ulysses_size=u, seq_len=seq_len
+        )
     if sp.mode in ("ring", "hybrid"):
-        ring_lib.check_ring(seq_len=seq_len, ring_size=sp_size // u, causal=causal,
-                            layout=sp.layout, sliding_window=sliding_window)
+        ring_lib.check_ring(
+            seq_len=seq_len,
+            ring_size=sp_size // u,
+            causal=causal,
+            layout=sp.layout,
+            sliding_window=sliding_window,
+        )
     return u
 
 
 # ------------------------------------------------------------------------------------ layout
 
+
 def zigzag_permutation(seq_len: int, ring_size: int) -> np.ndarray:
     """Row order [seq_len] placing chunks (r, 2R-1-r) on ring position r (2R equal chunks)."""
     if seq_len % (2 * ring_size):
-        raise UserError(f"sequence length {seq_len} is not divisible by 2 x ring size "
-                        f"{ring_size}; pad to a multiple of {2 * ring_size}")
+        raise UserError(
+            f"sequence length {seq_len} is not divisible by 2 x ring size "
+            f"{ring_size}; pad to a multiple of {2 * ring_size}"
+        )
     c = seq_len // (2 * ring_size)
     chunks = np.arange(seq_len).reshape(2 * ring_size, c)
     order = [i for r in range(ring_size) for i in (r, 2 * ring_size - 1 - r)]
@@ -140,8 +162,7 @@ def unzigzag(x: jax.Array, ring_size: int, axis: int = 1) -> jax.Array:
     return jnp.take(x, inv, axis=axis)
 
 
-def layout_ring_size(sp: SequenceParallel, *, sp_size: int, ulysses_size: int,
-                     causal: bool) -> int:
+def layout_ring_size(sp: SequenceParallel, *, sp_size: int, ulysses_size: int, causal: bool) -> int:
     """Ring size R of the zigzag permutation the batch needs (1: natural order)."""
     if sp.mode in ("ring", "hybrid") and causal and sp.layout == "zigzag":
         return sp_size // ulysses_size
@@ -149,6 +170,7 @@ def layout_ring_size(sp: SequenceParallel, *, sp_size: int, ulysses_size: int,
 
 
 # -------------------------------------------------------------------------------------- mesh
+
 
 def hybrid_mesh(mesh: Mesh, ulysses_size: int) -> Mesh:
     """`mesh` with its `sequence` axis split into (sequence_ring, sequence_ulysses).
@@ -159,11 +181,14 @@ def hybrid_mesh(mesh: Mesh, ulysses_size: int) -> Mesh:
     i = names.index(SEQ_AXIS)
     shape = mesh.devices.shape
     if shape[i] % ulysses_size:
-        raise UserError(f"ulysses_size {ulysses_size} does not divide the sequence axis "
-                        f"{shape[i]}; choose one of {divisors(shape[i])}")
-    devs = mesh.devices.reshape(shape[:i] + (shape[i] // ulysses_size, ulysses_size)
-                                + shape[i + 1:])
-    new = names[:i] + (RING_AXIS, ULYSSES_AXIS) + names[i + 1:]
+        raise UserError(
+            f"ulysses_size {ulysses_size} does not divide the sequence axis "
+            f"{shape[i]}; choose one of {divisors(shape[i])}"
+        )
+    devs = mesh.devices.reshape(
+        shape[:i] + (shape[i] // ulysses_size, ulysses_size) + shape[i + 1 :]
+    )
+    new = names[:i] + (RING_AXIS, ULYSSES_AXIS) + names[i + 1 :]
     return Mesh(devs, new, axis_types=(AxisType.Auto,) * len(new))
 
 
@@ -175,6 +200,7 @@ def seq_axes(sp: SequenceParallel) -> str | tuple[str, str] | None:
 
 
 # ----------------------------------------------------------------------------- per-device
+
 
 def hybrid_attention(
     q: jax.Array,
@@ -197,33 +223,58 @@ def hybrid_attention(
     `ulysses.py`, plus ring traffic of (R-1) K/V blocks of T/R rows and K'/u heads.
     """
     qh, kh, vh, seg = ulysses_lib.to_head_shards(q, k, v, segment_ids, ulysses_axis)
-    out = ring_lib.ring_attention(qh, kh, vh, axis_name=ring_axis, causal=causal, layout=layout,
-                                  segment_ids=seg, scale=scale, softcap=softcap,
-                                  implementation=implementation)
+    out = ring_lib.ring_attention(
+        qh,
+        kh,
+        vh,
+        axis_name=ring_axis,
+        causal=causal,
+        layout=layout,
+        segment_ids=seg,
+        scale=scale,
+        softcap=softcap,
+        implementation=implementation,
+    )
     return ulysses_lib.heads_to_seq(out, ulysses_axis)
 
 
-def local_attention(sp: SequenceParallel, q: jax.Array, k: jax.Array, v: jax.Array, *,
-                    causal: bool = False, segment_ids: jax.Array | None = None,
-                    sliding_window: int | None = None, scale: float | None = None,
-                    softcap: float | None = None) -> jax.Array:
+def local_attention(
+    sp: SequenceParallel,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """Per-device attention of mode `sp.mode` (inside shard_map); shapes as `ring_attention`."""
-    kw = dict(causal=causal, segment_ids=segment_ids, scale=scale, softcap=softcap,
-              implementation=sp.implementation)
+    kw = dict(
+        causal=causal,
+        segment_ids=segment_ids,
+        scale=scale,
+        softcap=softcap,
+        implementation=sp.implementation,
+    )
     if sp.mode == "none":
         return attention(q, k, v, sliding_window=sliding_window, **kw)
     if sp.mode == "ulysses":
-        return ulysses_lib.ulysses_attention(q, k, v, axis_name=SEQ_AXIS,
-                                             sliding_window=sliding_window, **kw)
+        return ulysses_lib.ulysses_attention(
+            q, k, v, axis_name=SEQ_AXIS, sliding_window=sliding_window, **kw
+        )
     if sliding_window is not None:
-        ring_lib.check_ring(seq_len=0, ring_size=1, causal=causal, layout=sp.layout,
-                            sliding_window=sliding_window)
+        ring_lib.check_ring(
+            seq_len=0, ring_size=1, causal=causal, layout=sp.layout, sliding_window=sliding_window
+        )
     if sp.mode == "ring":
         return ring_lib.ring_attention(q, k, v, axis_name=SEQ_AXIS, layout=sp.layout, **kw)
     return hybrid_attention(q, k, v, layout=sp.layout, **kw)
 
 
 # ------------------------------------------------------------------------------- global API
+
 
 def sp_attention(
     q: jax.Array,
@@ -247,29 +298,46 @@ def sp_attention(
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
     tp = sizes.get("tensor", 1)
     if q.shape[2] % tp or k.shape[2] % tp:
-        raise UserError(f"tensor axis {tp} must divide {q.shape[2]} query and {k.shape[2]} KV "
-                        f"heads; choose a tensor size from "
-                        f"{sorted(set(divisors(q.shape[2])) & set(divisors(k.shape[2])))}")
-    u = validate(sp, sp_size=sizes[SEQ_AXIS], num_heads=q.shape[2] // tp,
-                 num_kv_heads=k.shape[2] // tp, seq_len=q.shape[1], causal=causal,
-                 sliding_window=sliding_window)
+        raise UserError(
+            f"tensor axis {tp} must divide {q.shape[2]} query and {k.shape[2]} KV "
+            f"heads; choose a tensor size from "
+            f"{sorted(set(divisors(q.shape[2])) & set(divisors(k.shape[2])))}"
+        )
+    u = validate(
+        sp,
+        sp_size=sizes[SEQ_AXIS],
+        num_heads=q.shape[2] // tp,
+        num_kv_heads=k.shape[2] // tp,
+        seq_len=q.shape[1],
+        causal=causal,
+        sliding_window=sliding_window,
+    )
     run_mesh = hybrid_mesh(mesh, u) if sp.mode == "hybrid" else mesh
     qkv = P(BATCH_AXES, seq_axes(sp), "tensor", None)
     seg = None if segment_ids is None else P(BATCH_AXES, seq_axes(sp))
-    body = functools.partial(local_attention, sp, causal=causal, sliding_window=sliding_window,
-                             scale=scale, softcap=softcap)
+    body = functools.partial(
+        local_attention,
+        sp,
+        causal=causal,
+        sliding_window=sliding_window,
+        scale=scale,
+        softcap=softcap,
+    )
 
     def f(q, k, v, s):
         return body(q, k, v, segment_ids=s)
 
-    return jax.shard_map(f, mesh=run_mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
-                         check_vma=CHECK_VMA)(q, k, v, segment_ids)
+    return jax.shard_map(
+        f, mesh=run_mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv, check_vma=CHECK_VMA
+    )(q, k, v, segment_ids)
 
 
 # ------------------------------------------------------------------------------ the model
 
-def model_layout(mode: Mode | SequenceParallel, cfg: Any, mesh: Mesh, *, batch: int,
-                 seq_len: int) -> tuple[SequenceParallel, int, int]:
+
+def model_layout(
+    mode: Mode | SequenceParallel, cfg: Any, mesh: Mesh, *, batch: int, seq_len: int
+) -> tuple[SequenceParallel, int, int]:
     """Check that the causal model can run in `mode` on `mesh`, before anything is traced.
 
     Returns (sp, u, r): the SequenceParallel, its Ulysses group size u and the ring size r of the
@@ -285,15 +353,18 @@ def model_layout(mode: Mode | SequenceParallel, cfg: Any, mesh: Mesh, *, batch: 
     if tp > 1:
         if heads % tp or kv % tp:
             both = sorted(set(divisors(heads)) & set(divisors(kv)))
-            raise UserError(f"tensor={tp} must divide the {heads} query and {kv} KV heads to "
-                            f"train with sequence parallelism; choose a tensor size from {both}")
+            raise UserError(
+                f"tensor={tp} must divide the {heads} query and {kv} KV heads to "
+                f"train with sequence parallelism; choose a tensor size from {both}"
+            )
         if sp.mode == "ulysses" and (heads // tp) % seq:
             ok = [d for d in divisors(heads // tp) if d > 1]
             raise UserError(
                 f"Ulysses over sequence={seq} with tensor={tp}: each tensor device holds "
                 f"{heads // tp} of the {heads} query heads, which {seq} does not divide; choose "
                 f"sequence from {ok or [1]} with tensor={tp}, a smaller tensor size, or "
-                f"--sequence-parallel ring (no head limit) or hybrid")
+                f"ring attention (no head limit) or hybrid"
+            )
         heads, kv = heads // tp, kv // tp
     u = validate(sp, sp_size=seq, num_heads=heads, num_kv_heads=kv, seq_len=seq_len, causal=True)
     batch_devs = sizes.get("data", 1) * sizes.get("fsdp", 1)
@@ -325,7 +396,9 @@ def sp_forward_laid_out(
     hidden states [batch, seq, hidden] (compute dtype) instead, same order and sharding (for
     `train.losses.chunked_cross_entropy`, which applies the LM head block by block).
     """
-    from jaxturbo.models.transformer import forward  # the model is a user of parallel/, not a dependency
+    from jaxturbo.models.transformer import (
+        forward,
+    )  # the model is a user of parallel/, not a dependency
 
     run_mesh = hybrid_mesh(mesh, ulysses_size) if sp.mode == "hybrid" else mesh
     rows = P(BATCH_AXES, seq_axes(sp))
@@ -333,13 +406,25 @@ def sp_forward_laid_out(
     def body(params, tok, pos, seg):
         def attn_fn(q, k, v, *, segment_ids=None):
             return local_attention(sp, q, k, v, causal=True, segment_ids=segment_ids)
-        out, _ = forward(params, cfg, tok, positions=pos, segment_ids=seg,
-                         attn_fn=attn_fn, unroll=unroll, return_hidden=return_hidden)
+
+        out, _ = forward(
+            params,
+            cfg,
+            tok,
+            positions=pos,
+            segment_ids=seg,
+            attn_fn=attn_fn,
+            unroll=unroll,
+            return_hidden=return_hidden,
+        )
         return out
 
     return jax.shard_map(
-        body, mesh=run_mesh, in_specs=(P(), rows, rows, None if segment_ids is None else rows),
-        out_specs=P(BATCH_AXES, seq_axes(sp), None), check_vma=CHECK_VMA,
+        body,
+        mesh=run_mesh,
+        in_specs=(P(), rows, rows, None if segment_ids is None else rows),
+        out_specs=P(BATCH_AXES, seq_axes(sp), None),
+        check_vma=CHECK_VMA,
     )(params, tokens, positions, segment_ids)
 
 
@@ -363,14 +448,17 @@ def sp_forward(
     Parameters are replicated (tensor axis must be 1 here; batch splits over data x fsdp).
     """
     if dict(mesh.shape).get(TENSOR, 1) != 1:
-        raise UserError(f"sp_forward runs with tensor=1 (mesh has tensor={mesh.shape[TENSOR]}); "
-                        "fold those devices into the sequence or data axis (training combines "
-                        "both: jaxturbo.train.step)")
+        raise UserError(
+            f"sp_forward runs with tensor=1 (mesh has tensor={mesh.shape[TENSOR]}); "
+            "fold those devices into the sequence or data axis (training combines "
+            "both: jaxturbo.train.step)"
+        )
     b, t = tokens.shape
     sp, u, r = model_layout(mode, cfg, mesh, batch=b, seq_len=t)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     seg = None if segment_ids is None else zigzag(segment_ids, r)
-    logits = sp_forward_laid_out(params, cfg, zigzag(tokens, r), zigzag(positions, r), seg,
-                                 mesh, sp, u, unroll=unroll)
+    logits = sp_forward_laid_out(
+        params, cfg, zigzag(tokens, r), zigzag(positions, r), seg, mesh, sp, u, unroll=unroll
+    )
     return unzigzag(logits, r)

@@ -35,8 +35,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_ulysses(*, num_heads: int, num_kv_heads: int, ulysses_size: int,
-                  seq_len: int) -> None:
+def check_ulysses(*, num_heads: int, num_kv_heads: int, ulysses_size: int, seq_len: int) -> None:
     """Raise UserError unless Ulysses over `ulysses_size` devices supports these shapes."""
     if num_heads % num_kv_heads:
         raise UserError(f"{num_kv_heads} KV heads do not divide {num_heads} query heads")
@@ -44,10 +43,13 @@ def check_ulysses(*, num_heads: int, num_kv_heads: int, ulysses_size: int,
         raise UserError(
             f"Ulysses size {ulysses_size} does not divide {num_heads} query heads; choose a "
             f"Ulysses size from {set(_divisors(num_heads))}, or use mode 'ring' (no head limit) "
-            f"or 'hybrid' (Ulysses over a divisor of the heads, ring across)")
+            f"or 'hybrid' (Ulysses over a divisor of the heads, ring across)"
+        )
     if seq_len % ulysses_size:
-        raise UserError(f"sequence length {seq_len} is not divisible by the Ulysses size "
-                        f"{ulysses_size}; pad it to a multiple of {ulysses_size}")
+        raise UserError(
+            f"sequence length {seq_len} is not divisible by the Ulysses size "
+            f"{ulysses_size}; pad it to a multiple of {ulysses_size}"
+        )
 
 
 def kv_head_expansion(num_kv_heads: int, ulysses_size: int) -> int:
@@ -65,16 +67,18 @@ def heads_to_seq(x: jax.Array, axis_name: str) -> jax.Array:
     return lax.all_to_all(x, axis_name, split_axis=1, concat_axis=2, tiled=True)
 
 
-def to_head_shards(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                   axis_name: str):
+def to_head_shards(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, axis_name: str
+):
     """The Ulysses input exchange: sequence shards -> head shards (GQA-aware, see module doc).
 
     q [B, T/P, H, D], k/v [B, T/P, K, D], segment_ids [B, T/P] ->
     q [B, T, H/P, D], k/v [B, T, K'/P, D], segment_ids [B, T].
     """
     size = lax.axis_size(axis_name)
-    check_ulysses(num_heads=q.shape[2], num_kv_heads=k.shape[2], ulysses_size=size,
-                  seq_len=q.shape[1] * size)
+    check_ulysses(
+        num_heads=q.shape[2], num_kv_heads=k.shape[2], ulysses_size=size, seq_len=q.shape[1] * size
+    )
     rep = kv_head_expansion(k.shape[2], size)
     if rep > 1:  # repeat each KV head in place so head e of the result serves group e // rep
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
@@ -107,6 +111,15 @@ def ulysses_attention(
       [batch, seq/P, heads, head_dim] in q.dtype.
     """
     qh, kh, vh, seg = to_head_shards(q, k, v, segment_ids, axis_name)
-    out = attention(qh, kh, vh, causal=causal, segment_ids=seg, sliding_window=sliding_window,
-                    scale=scale, softcap=softcap, implementation=implementation)
+    out = attention(
+        qh,
+        kh,
+        vh,
+        causal=causal,
+        segment_ids=seg,
+        sliding_window=sliding_window,
+        scale=scale,
+        softcap=softcap,
+        implementation=implementation,
+    )
     return heads_to_seq(out, axis_name)

@@ -44,15 +44,21 @@ def describe_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str
 class Checkpointer:
     """Save every `every` steps (and on `force`), keep the newest `keep`, restore the latest."""
 
-    def __init__(self, directory: str | Path, *, every: int, keep: int = 3, async_save: bool = True):
+    def __init__(
+        self, directory: str | Path, *, every: int, keep: int = 3, async_save: bool = True
+    ):
         if every < 1 or keep < 1:
             raise UserError(f"checkpoint interval ({every}) and number kept ({keep}) must be >= 1")
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "meta"))
+            save_interval_steps=every,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -60,32 +66,54 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mgr.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any], *,
-             force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict[str, Any],
+        meta: dict[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
         """Start saving `state` as `step` if the interval says so (or `force`)."""
-        return self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+        return self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
 
     def read_meta(self, step: int) -> dict[str, Any]:
         return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, like_state: Any, meta_now: dict[str, Any],
-                ignore: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    def restore(
+        self, step: int, like_state: Any, meta_now: dict[str, Any], ignore: tuple[str, ...] = ()
+    ) -> tuple[Any, dict[str, Any]]:
         """Restore (state, data_state) of `step` onto the shardings of `like_state`.
 
         Raises UserError naming every field of `meta` that differs from `meta_now` (except the
         top-level keys in `ignore`).
         """
         saved = self.read_meta(step)
-        diffs = describe_differences({k: v for k, v in saved.items() if k not in ignore},
-                                     {k: v for k, v in meta_now.items() if k not in ignore})
+        diffs = describe_differences(
+            {k: v for k, v in saved.items() if k not in ignore},
+            {k: v for k, v in meta_now.items() if k not in ignore},
+        )
         if diffs:
-            raise UserError(f"cannot resume from {self.directory}/{step}: the checkpoint was made "
-                            f"by a different run ({'; '.join(diffs)}); use the original settings "
-                            "or a new output directory")
-        got = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()))
+            raise UserError(
+                f"cannot resume from {self.directory}/{step}: the checkpoint was made "
+                f"by a different run ({'; '.join(diffs)}); use the original settings "
+                "or a new output directory"
+            )
+        got = self._mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()
+            ),
+        )
         return got["state"], got["data"]
 
     def wait(self) -> None:
@@ -106,16 +134,22 @@ def _step_dir(path: Path, step: int | None) -> Path:
         return path
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()
-                   and (p / "state").is_dir()) if path.is_dir() else []
+    steps = (
+        sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+        if path.is_dir()
+        else []
+    )
     if not steps:
-        raise UserError(f"no checkpoint in {path}: give a run directory, its checkpoints/ or one "
-                        "step's directory (checkpoints/<step>)")
+        raise UserError(
+            f"no checkpoint in {path}: give a run directory, its checkpoints/ or one "
+            "step's directory (checkpoints/<step>)"
+        )
     if step is None:
         return path / str(steps[-1])
     if step not in steps:
-        raise UserError(f"no checkpoint of step {step} in {path}; steps there: "
-                        f"{', '.join(map(str, steps))}")
+        raise UserError(
+            f"no checkpoint of step {step} in {path}; steps there: {', '.join(map(str, steps))}"
+        )
     return path / str(step)
 
 
@@ -141,9 +175,12 @@ def read_params(path: str | Path, step: int | None = None) -> SavedParams:
     if not isinstance(tree, dict) or "params" not in tree:
         raise UserError(f"{d} holds no training state with params")
     import numpy as np
+
     item = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree["params"])}
-    args = {"params": jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray),
-                                   tree["params"])}
-    got = reader.restore(d / "state", args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=True))
+    args = {
+        "params": jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+    }
+    got = reader.restore(
+        d / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+    )
     return SavedParams(int(d.name), d, meta, got["params"])

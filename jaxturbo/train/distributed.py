@@ -25,8 +25,9 @@ def _cluster_detected() -> bool:
     return "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Join the distributed runtime; return True when running as several processes.
 
     coordinator: "host:port" of process 0's coordination service; num_processes and
@@ -34,12 +35,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise UserError("multi-host runs need all of --coordinator HOST:PORT, --num-processes N "
-                        "and --process-id I (or none of them, on a cluster JAX detects)")
+        raise UserError(
+            "multi-host runs need all of coordinator (HOST:PORT), num_processes "
+            "and process_id (or none of them, on a cluster JAX detects)"
+        )
     if all(given):
         if num_processes < 1 or not 0 <= process_id < num_processes:  # type: ignore[operator]
-            raise UserError(f"--process-id {process_id} must be in [0, --num-processes "
-                            f"{num_processes})")
+            raise UserError(
+                f"process_id={process_id} must be in [0, num_processes={num_processes})"
+            )
         if num_processes == 1:
             return False
     elif not _cluster_detected():
@@ -47,8 +51,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU devices of different processes talk through gloo (the default, "none", cannot)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if all(given):
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
     else:
         jax.distributed.initialize()
     return jax.process_count() > 1

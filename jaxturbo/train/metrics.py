@@ -13,7 +13,7 @@ from jaxturbo.models.config import ModelConfig
 
 # Dense bf16 peak (no sparsity) per device, from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
-    "H100": 989e12,   # SXM
+    "H100": 989e12,  # SXM
     "H200": 989e12,
     "A100": 312e12,
     "TPU v5p": 459e12,
@@ -25,12 +25,24 @@ PEAK_BF16_FLOPS = {
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one trained token, forward + backward (PaLM appendix B accounting).
 
-    6 per matmul weight (2 forward, 4 backward) over all matmul weights, the LM head included
-    and the embedding lookup not; plus attention scores and values, 6 * 2 * L * H * hd * T per
-    token, halved because causal attention needs only the lower triangle.
+    6 per matmul weight (2 forward, 4 backward) over all matmul weights a token meets (the LM
+    head included, the embedding lookup not; of a mixture-of-experts layer the router and the
+    k routed experts, not the idle ones); plus attention scores and values, 6 * 2 * L * H * hd
+    * T per token, halved because causal attention needs only the lower triangle.
     """
-    matmul = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    matmul = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (
+        0 if cfg.tie_word_embeddings else 1
+    )
     matmul -= cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)  # norm scales are no matmul
+    if cfg.moe is not None:  # a token meets only its k routed experts' gate/up/down weights
+        m = cfg.moe
+        matmul -= (
+            cfg.num_hidden_layers
+            * 3
+            * cfg.hidden_size
+            * m.moe_intermediate_size
+            * (m.num_experts - m.num_experts_per_tok)
+        )
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
     return 6.0 * matmul + attn
 
@@ -52,8 +64,11 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif resume_step is None:
             self.path.write_text("")
@@ -77,14 +92,17 @@ class TensorBoardWriter:
             from tensorboardX import SummaryWriter
         except ImportError:
             import sys
+
             print("TensorBoard: not written (tensorboardX is not installed)", file=sys.stderr)
             self._writer = None
             return
         import time
+
         # event files are read in name order and named by the second they were opened: a
         # resumed run within the same second would reuse (truncate) the interrupted run's file
-        self._writer = SummaryWriter(logdir=str(logdir), purge_step=purge_step,
-                                     filename_suffix=f".{time.time_ns():020d}")
+        self._writer = SummaryWriter(
+            logdir=str(logdir), purge_step=purge_step, filename_suffix=f".{time.time_ns():020d}"
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         if self._writer is None:

@@ -37,8 +37,9 @@ class OptimizerConfig:
         if self.total_steps < 1:
             raise UserError(f"total_steps={self.total_steps} must be >= 1")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise UserError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps="
-                            f"{self.total_steps}]")
+            raise UserError(
+                f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps}]"
+            )
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate={self.learning_rate} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -50,22 +51,35 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     cfg.validate()
     # start at peak / warmup rather than 0, so that the first step is not wasted
     return optax.warmup_cosine_decay_schedule(
-        init_value=cfg.learning_rate / max(cfg.warmup_steps, 1), peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        init_value=cfg.learning_rate / max(cfg.warmup_steps, 1),
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
 
 
 def decay_mask(params: Any) -> Any:
     """True for leaves that get weight decay: weight matrices, not norm scales or biases."""
+
     def decays(path: tuple, _leaf: Any) -> bool:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         return not ("norm" in name or name.endswith(".bias"))
+
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW on the `lr_schedule`."""
     parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
-    parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            lr_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)

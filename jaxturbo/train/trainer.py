@@ -112,19 +112,26 @@ class LoopResult:
 def _checkpointer(out: Path, cfg: LoopConfig) -> Any:
     # imported only when checkpoints are written: orbax is heavy and optional
     from jaxturbo.train.checkpoint import Checkpointer
+
     # the loop decides which steps to save (orbax's own policy would also save the first)
     return Checkpointer(out / "checkpoints", every=cfg.save_every or 1, keep=cfg.keep)
 
 
-def train(step_fn: StepFn, state: Any, data: DataSource | Iterator[Any], cfg: LoopConfig, *,
-          meta: Mapping[str, Any] | None = None,
-          evaluate: Callable[[Any, int], dict[str, float]] | None = None,
-          describe: Callable[[Record], dict[str, str]] | None = None,
-          derive: Callable[[Record], None] | None = None,
-          on_restore: Callable[[Any], None] | None = None,
-          on_step: Callable[[Record], None] | None = None,
-          plots: Mapping[str, Plot] | None = None,
-          files: Mapping[str, str] | None = None) -> LoopResult:
+def train(
+    step_fn: StepFn,
+    state: Any,
+    data: DataSource | Iterator[Any],
+    cfg: LoopConfig,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    evaluate: Callable[[Any, int], dict[str, float]] | None = None,
+    describe: Callable[[Record], dict[str, str]] | None = None,
+    derive: Callable[[Record], None] | None = None,
+    on_restore: Callable[[Any], None] | None = None,
+    on_step: Callable[[Record], None] | None = None,
+    plots: Mapping[str, Plot] | None = None,
+    files: Mapping[str, str] | None = None,
+) -> LoopResult:
     """Run `step_fn` over `data` until `cfg.steps` (see the module docstring).
 
     meta: what a checkpoint must share with a run resuming it (JSON values).
@@ -146,13 +153,16 @@ def train(step_fn: StepFn, state: Any, data: DataSource | Iterator[Any], cfg: Lo
         latest = ckpt.latest_step()
         if cfg.resume and latest is None:
             ckpt.close()
-            raise UserError(f"resume=True: no checkpoint in {out / 'checkpoints'}; start without "
-                            "resume")
+            raise UserError(
+                f"resume=True: no checkpoint in {out / 'checkpoints'}; start without resume"
+            )
         if latest is not None and not cfg.resume:
             ckpt.close()
-            raise UserError(f"{out / 'checkpoints'} already holds checkpoints (latest step "
-                            f"{latest}); resume=True continues that run, or choose a new "
-                            "output directory")
+            raise UserError(
+                f"{out / 'checkpoints'} already holds checkpoints (latest step "
+                f"{latest}); resume=True continues that run, or choose a new "
+                "output directory"
+            )
         if cfg.resume:
             try:
                 state, data_state = ckpt.restore(latest, state, meta)
@@ -166,8 +176,10 @@ def train(step_fn: StepFn, state: Any, data: DataSource | Iterator[Any], cfg: Lo
     if start >= cfg.steps:
         if ckpt is not None:
             ckpt.close()
-        raise UserError(f"the checkpoint is at step {start}, which is already steps="
-                        f"{cfg.steps}; nothing to do (raise steps to train further)")
+        raise UserError(
+            f"the checkpoint is at step {start}, which is already steps="
+            f"{cfg.steps}; nothing to do (raise steps to train further)"
+        )
 
     log = tb = None
     evals: list[Record] = []
@@ -177,15 +189,23 @@ def train(step_fn: StepFn, state: Any, data: DataSource | Iterator[Any], cfg: Lo
         log = JsonlWriter(out / "metrics.jsonl", resume_step=start if cfg.resume else None)
         evals = [r for r in log.read() if r.get("kind") == "eval"]
         if cfg.tensorboard:
-            tb = TensorBoardWriter(out / "tensorboard",
-                                   purge_step=start + 1 if cfg.resume else None)
+            tb = TensorBoardWriter(
+                out / "tensorboard", purge_step=start + 1 if cfg.resume else None
+            )
     bar = None
     lines = False
     if cfg.progress and lead:
         if sys.stderr.isatty():
             from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, unit="step",
-                       file=sys.stderr, dynamic_ncols=True)
+
+            bar = tqdm(
+                total=cfg.steps,
+                initial=start,
+                desc=cfg.name,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         else:
             lines = True
 
@@ -223,8 +243,12 @@ def train(step_fn: StepFn, state: Any, data: DataSource | Iterator[Any], cfg: Lo
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             state, metrics = step_fn(state, next(data))
-            rec = {"kind": "train", "step": step, **metrics,
-                   "step_time_s": time.perf_counter() - t0}
+            rec = {
+                "kind": "train",
+                "step": step,
+                **metrics,
+                "step_time_s": time.perf_counter() - t0,
+            }
             if derive is not None:
                 derive(rec)
             history.append(rec)
@@ -237,16 +261,24 @@ def train(step_fn: StepFn, state: Any, data: DataSource | Iterator[Any], cfg: Lo
                 bar.set_postfix(shown)
                 bar.update(1)
             elif lines:
-                print(f"step {step}/{cfg.steps}  "
-                      + "  ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr)
+                print(
+                    f"step {step}/{cfg.steps}  " + "  ".join(f"{k}={v}" for k, v in shown.items()),
+                    file=sys.stderr,
+                )
             if on_step is not None:
                 on_step(rec)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 run_eval(step)
-            if ckpt is not None and (step == cfg.steps or (cfg.save_every
-                                                          and step % cfg.save_every == 0)):
-                ckpt.save(step, state, data.get_state(), meta,  # type: ignore[union-attr]
-                          force=True)
+            if ckpt is not None and (
+                step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)
+            ):
+                ckpt.save(
+                    step,
+                    state,
+                    data.get_state(),
+                    meta,  # type: ignore[union-attr]
+                    force=True,
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -266,6 +298,7 @@ def host_params(params: Any) -> Any:
     are gathered (a collective: every process must call it)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         return multihost_utils.process_allgather(params, tiled=True)
     return jax.device_get(params)
 

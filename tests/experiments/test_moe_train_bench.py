@@ -7,6 +7,7 @@ import json
 import math
 
 import jax
+import pytest
 
 from experiments.moe import train_bench
 from jaxturbo.models.init import init_params
@@ -16,15 +17,21 @@ def test_active_params_count_the_routed_experts_only():
     cfg = train_bench.PRESETS["cpu"]["cfg"]
     layers = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))["layers"]
     m = cfg.moe
-    per_token = sum(math.prod(s.shape) for n, s in layers.items()
-                    if n.startswith("self_attn.") and n.endswith("proj.weight"))
+    per_token = sum(
+        math.prod(s.shape)
+        for n, s in layers.items()
+        if n.startswith("self_attn.") and n.endswith("proj.weight")
+    )
     per_token += math.prod(layers["mlp.gate.weight"].shape)
-    per_token += sum(math.prod(layers[f"mlp.experts.{p}_proj.weight"].shape)
-                     for p in ("gate", "up", "down")) * m.num_experts_per_tok // m.num_experts
+    per_token += (
+        sum(math.prod(layers[f"mlp.experts.{p}_proj.weight"].shape) for p in ("gate", "up", "down"))
+        * m.num_experts_per_tok
+        // m.num_experts
+    )
     per_token += cfg.vocab_size * cfg.hidden_size
     assert train_bench.active_matmul_params(cfg) == per_token < cfg.num_params()
     full, lora = (train_bench.flops_per_token(cfg, 128, r) for r in (0, 8))
-    assert 0.6 * full < lora < 0.75 * full   # no weight gradients: about 4/6 of the FLOPs
+    assert 0.6 * full < lora < 0.75 * full  # no weight gradients: about 4/6 of the FLOPs
 
 
 def test_cpu_preset_times_full_and_lora_rows(tmp_path):
@@ -32,8 +39,17 @@ def test_cpu_preset_times_full_and_lora_rows(tmp_path):
     data = json.loads((tmp_path / "train_cpu.json").read_text())
     rows = {r["mode"]: r for r in data["rows"]}
     assert set(rows) == {"full", "lora"} and not any("error" in r for r in rows.values())
+    meta = data["meta"]
+    assert meta["dense_tflops"] > 0 and meta["peak_bf16_tflops"] is None  # CPU: no peak
     for r in rows.values():
-        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu"] is None   # CPU: no peak
-        assert abs(r["first_loss"] - math.log(4096)) < 1.0    # random weights: about ln V
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["mfu_peak"] is None
+        # MFU against the matmul rate measured in the run: the same FLOPs over both rates
+        assert r["mfu_dense"] == pytest.approx(r["tflops_per_s"] / meta["dense_tflops"])
+        assert abs(r["first_loss"] - math.log(4096)) < 1.0  # random weights: about ln V
     assert rows["lora"]["trained_params"] < rows["full"]["trained_params"] / 10
+    assert meta["lora_over_full"] == {
+        "batch 2": pytest.approx(
+            rows["lora"]["tokens_per_s"] / rows["full"]["tokens_per_s"], abs=1e-3
+        )
+    }
     assert (tmp_path / "train_cpu.md").read_text().startswith("### MoE train step")

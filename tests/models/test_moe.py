@@ -50,12 +50,14 @@ def test_logits_and_router_losses_match_transformers(family):
     np.testing.assert_allclose(float(aux["router_aux_loss"]), float(ref.aux_loss), rtol=1e-5)
     # ST-MoE z-loss: mean over tokens (and layers) of logsumexp(router logits)^2
     lse = torch.logsumexp(torch.stack(ref.router_logits).float(), dim=-1)
-    np.testing.assert_allclose(float(aux["router_z_loss"]), float((lse ** 2).mean()), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["router_z_loss"]), float((lse**2).mean()), rtol=1e-5)
     assert float(aux["router_z_loss"]) > 0
-    np.testing.assert_allclose(float(aux["router_loss"]),
-                               cfg.moe.router_aux_loss_coef * float(ref.aux_loss), rtol=1e-5)
-    np.testing.assert_allclose(float(aux["tokens_per_expert"].sum()), cfg.moe.num_experts_per_tok,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(aux["router_loss"]), cfg.moe.router_aux_loss_coef * float(ref.aux_loss), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(aux["tokens_per_expert"].sum()), cfg.moe.num_experts_per_tok, rtol=1e-6
+    )
 
 
 def test_masked_router_loss_matches_transformers_attention_mask():
@@ -64,8 +66,11 @@ def test_masked_router_loss_matches_transformers_attention_mask():
     mask = np.ones((2, 37), np.int64)
     mask[1, 13:] = 0  # right padding
     with torch.no_grad():
-        ref = model(torch.tensor(toks, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    output_router_logits=True)
+        ref = model(
+            torch.tensor(toks, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            output_router_logits=True,
+        )
     _, _, aux = _fwd(cfg)(params, jnp.asarray(toks), jnp.asarray(mask))
     _, _, unmasked = _fwd(cfg)(params, jnp.asarray(toks))
     np.testing.assert_allclose(float(aux["router_aux_loss"]), float(ref.aux_loss), rtol=1e-5)
@@ -84,13 +89,16 @@ def test_router_loss_gradient_and_coefficients_from_config():
     def loss(p):
         aux = forward(p, cfg2, toks, return_aux=True)[2]
         return aux["router_loss"], aux
+
     g, aux = jax.jit(jax.grad(loss, has_aux=True))(params)
-    np.testing.assert_allclose(float(aux["router_loss"]), 0.02 * float(aux["router_aux_loss"])
-                               + 0.01 * float(aux["router_z_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(aux["router_loss"]),
+        0.02 * float(aux["router_aux_loss"]) + 0.01 * float(aux["router_z_loss"]),
+        rtol=1e-6,
+    )
     assert np.abs(np.asarray(g["layers"]["mlp.gate.weight"])).max() > 0  # the router learns
     # a dense model reports zero router losses
-    dense = shape("tiny", num_hidden_layers=1, hidden_size=64, intermediate_size=64,
-                  vocab_size=256)
+    dense = shape("tiny", num_hidden_layers=1, hidden_size=64, intermediate_size=64, vocab_size=256)
     _, _, daux = forward(init_params(dense, jax.random.PRNGKey(0)), dense, toks, return_aux=True)
     assert float(daux["router_loss"]) == 0.0
 
@@ -111,6 +119,7 @@ def test_hf_round_trip_is_bitwise_and_reloads_in_transformers(tmp_path, family):
     for name, a in saved.items():
         assert a.dtype == again[name].dtype and a.tobytes() == again[name].tobytes(), name
     from transformers import AutoModelForCausalLM
+
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     toks = torch.tensor(random_tokens((1, 11)), dtype=torch.long)
     with torch.no_grad():
@@ -131,8 +140,13 @@ def test_greedy_generate_matches_transformers(family):
     res = generate(params, cfg, prompts, max_new_tokens=8, bucket_multiple=8)
     for p, got in zip(prompts, res.sequences()):
         with torch.no_grad():
-            want = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+            want = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )[0, len(p) :].tolist()
         assert got == want
 
 
@@ -142,7 +156,7 @@ def test_perplexity_matches_transformers():
     res = perplexity(params, cfg, ids, window=16, batch_size=2)
     nll, n = 0.0, 0
     for b in range(0, 40, 16):  # disjoint windows, each scoring all but its first token
-        w = torch.tensor(ids[None, b:b + 16], dtype=torch.long)
+        w = torch.tensor(ids[None, b : b + 16], dtype=torch.long)
         with torch.no_grad():
             logp = torch.log_softmax(model(w).logits[0, :-1].double(), -1)
         nll -= logp.gather(1, w[0, 1:, None]).sum().item()
@@ -160,7 +174,8 @@ def test_cached_decode_equals_full_forward():
     seg = (np.arange(9)[None] < lens[:, None]).astype(np.int32)
     cache = init_cache(cfg, 2, 12)
     _, cache = jax.jit(lambda p, t, s, c, n: forward(p, cfg, t, segment_ids=s, cache=c, lengths=n))(
-        params, jnp.asarray(prompt), jnp.asarray(seg), cache, jnp.asarray(lens))
+        params, jnp.asarray(prompt), jnp.asarray(seg), cache, jnp.asarray(lens)
+    )
     step = jax.jit(lambda p, t, c: forward(p, cfg, t, cache=c))
     ref = np.asarray(_fwd(cfg)(params, jnp.asarray(full))[0])  # causal: any prefix's logits
     # decode takes the GEMV dispatch (no grouped GEMM: ragged_dot is the "xla" grouped GEMM)
@@ -177,9 +192,15 @@ def test_cached_decode_equals_full_forward():
 @functools.cache
 def _layer():
     """A tiny sparse layer (6 experts of width 32, top-2) and 40 tokens of input."""
-    cfg = shape("tiny-moe", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
-                num_hidden_layers=1, vocab_size=64,
-                moe=MoEConfig(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32))
+    cfg = shape(
+        "tiny-moe",
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=1,
+        vocab_size=64,
+        moe=MoEConfig(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32),
+    )
     lp = jax.tree.map(lambda a: a[0], init_params(cfg, jax.random.PRNGKey(1), std=0.2)["layers"])
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 20, 64), jnp.float32)
     return cfg, lp, h
@@ -187,8 +208,9 @@ def _layer():
 
 def _dense_reference(lp, moe, x):
     """Every expert on every token, weighted by the router (a one-hot sum; no sorting)."""
-    _, weights, experts, _ = route(x, lp["mlp.gate.weight"], moe.num_experts_per_tok,
-                                   moe.norm_topk_prob)
+    _, weights, experts, _ = route(
+        x, lp["mlp.gate.weight"], moe.num_experts_per_tok, moe.norm_topk_prob
+    )
     g = jnp.einsum("nd,efd->nef", x, lp["mlp.experts.gate_proj.weight"])
     u = jnp.einsum("nd,efd->nef", x, lp["mlp.experts.up_proj.weight"])
     y = jnp.einsum("nef,edf->ned", jax.nn.silu(g) * u, lp["mlp.experts.down_proj.weight"])
@@ -203,8 +225,11 @@ def test_dispatches_equal_dense_reference():
     _, weights, experts, _ = route(x, lp["mlp.gate.weight"], 2, False)
     counts = np.bincount(np.asarray(experts).ravel(), minlength=6)
     assert counts.min() >= 1 and counts.max() >= 2  # several rows share an expert, none is empty
-    w = ExpertWeights(lp["mlp.experts.gate_proj.weight"], lp["mlp.experts.up_proj.weight"],
-                      lp["mlp.experts.down_proj.weight"])
+    w = ExpertWeights(
+        lp["mlp.experts.gate_proj.weight"],
+        lp["mlp.experts.up_proj.weight"],
+        lp["mlp.experts.down_proj.weight"],
+    )
     for dispatch in (sorted_dispatch, gmv_dispatch):
         out = jax.jit(dispatch, static_argnums=4)(x, weights, experts, w, "xla")
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -212,15 +237,21 @@ def test_dispatches_equal_dense_reference():
     # gradients through the sort, the grouped GEMMs and the unsort (router included)
     def loss(p, fn):
         return jnp.sum(jnp.sin(fn(p)))
+
     sparse = jax.jit(jax.grad(loss, argnums=0), static_argnums=1)(
-        lp, lambda p: moe_mlp(p, cfg.moe, h, implementation="xla",
-                              dispatch=sorted_dispatch)[0].reshape(-1, 64))
+        lp,
+        lambda p: moe_mlp(p, cfg.moe, h, implementation="xla", dispatch=sorted_dispatch)[0].reshape(
+            -1, 64
+        ),
+    )
     dense = jax.jit(jax.grad(loss, argnums=0), static_argnums=1)(
-        lp, lambda p: _dense_reference(p, cfg.moe, x))
+        lp, lambda p: _dense_reference(p, cfg.moe, x)
+    )
     for name in ("mlp.gate.weight", "mlp.experts.up_proj.weight", "mlp.experts.down_proj.weight"):
         assert np.abs(np.asarray(dense[name])).max() > 1e-3
-        np.testing.assert_allclose(np.asarray(sparse[name]), np.asarray(dense[name]), atol=1e-5,
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(sparse[name]), np.asarray(dense[name]), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("dispatch", [sorted_dispatch, gmv_dispatch])
@@ -231,9 +262,53 @@ def test_pallas_kernels_equal_xla_in_interpret_mode(dispatch):
     @functools.partial(jax.jit, static_argnums=1)
     def run(p, impl):
         return moe_mlp(p, cfg.moe, h, implementation=impl, dispatch=dispatch)[0]
+
     ref = run(lp, "xla")
     assert np.abs(np.asarray(ref)).max() > 1e-2
     np.testing.assert_allclose(np.asarray(run(lp, "pallas_triton")), np.asarray(ref), atol=1e-5)
+
+
+def test_expert_lora_through_the_kernels_equals_xla_in_interpret_mode():
+    """Adapters on every expert's down projection (rank 4: grouped GEMMs with N = 4 for A and
+    K = 4 for B, under the kernels' tiles), forward and their gradient through the Pallas-Triton
+    kernels, against ragged_dot; the frozen expert stacks get no gradient."""
+    from jaxturbo.models.lora import LoRAConfig, attach, init_adapters
+
+    cfg, lp, h = _layer()
+    h = h[:, :6]
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=("experts.down_proj",))
+    stacked = {"layers": jax.tree.map(lambda a: a[None], lp)}
+    ad = init_adapters(stacked, lora, jax.random.PRNGKey(3))["layers"]
+    ad = {
+        n: a[0] if "lora_A" in n else 0.3 * jax.random.normal(jax.random.PRNGKey(i), a.shape[1:])
+        for i, (n, a) in enumerate(ad.items())
+    }
+    assert sorted(ad) == [
+        "mlp.experts.down_proj.lora_A.weight",
+        "mlp.experts.down_proj.lora_B.weight",
+    ]
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(p, a, impl):
+        def f(a):
+            return moe_mlp(
+                attach({"layers": p}, {"layers": a}, lora)["layers"],
+                cfg.moe,
+                h,
+                implementation=impl,
+            )[0]
+
+        y, vjp = jax.vjp(f, a)
+        return y, vjp(jnp.cos(y))[0]
+
+    y_ref, g_ref = run(lp, ad, "xla")
+    y, g = run(lp, ad, "pallas_triton")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5)
+    for n in ad:
+        assert np.abs(np.asarray(g_ref[n])).max() > 1e-3, n
+        np.testing.assert_allclose(
+            np.asarray(g[n]), np.asarray(g_ref[n]), atol=1e-4, rtol=1e-4, err_msg=n
+        )
 
 
 def test_config_validation_names_bad_values():
@@ -265,6 +340,9 @@ def test_shapes():
     cfg = shape("tiny-moe")
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     assert params["layers"]["mlp.experts.down_proj.weight"].shape == (4, 8, 256, 128)
-    logits, _, aux = jax.eval_shape(lambda p, t: forward(p, cfg, t, return_aux=True), params,
-                                    jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    logits, _, aux = jax.eval_shape(
+        lambda p, t: forward(p, cfg, t, return_aux=True),
+        params,
+        jax.ShapeDtypeStruct((1, 8), jnp.int32),
+    )
     assert logits.shape == (1, 8, 4096) and aux["tokens_per_expert"].shape == (8,)

@@ -28,14 +28,17 @@ def _qkv(t, h, k, d=4):
     return (jnp.zeros((1, t, h, d)), jnp.zeros((1, t, k, d)), jnp.zeros((1, t, k, d)))
 
 
-@pytest.mark.parametrize("mode,kw,shape,match", [
-    ("ulysses", {}, (16, 9, 3), r"choose a Ulysses size from \{1, 3, 9\}"),
-    ("ring", {}, (24, 8, 2), r"not divisible by 16 .*e\.g\. 32"),
-    ("hybrid", {"ulysses_size": 3}, (32, 12, 4), r"choose one of \[1, 2, 4\]"),
-    ("stripes", {}, (32, 8, 2), r"choose one of none, ulysses, ring, hybrid"),
-    ("ring", {"layout": "striped"}, (32, 8, 2), r"choose one of zigzag, contiguous"),
-    ("ring", {"ulysses_size": 2}, (32, 8, 2), r"applies to mode 'hybrid' only"),
-])
+@pytest.mark.parametrize(
+    "mode,kw,shape,match",
+    [
+        ("ulysses", {}, (16, 9, 3), r"choose a Ulysses size from \{1, 3, 9\}"),
+        ("ring", {}, (24, 8, 2), r"not divisible by 16 .*e\.g\. 32"),
+        ("hybrid", {"ulysses_size": 3}, (32, 12, 4), r"choose one of \[1, 2, 4\]"),
+        ("stripes", {}, (32, 8, 2), r"choose one of none, ulysses, ring, hybrid"),
+        ("ring", {"layout": "striped"}, (32, 8, 2), r"choose one of zigzag, contiguous"),
+        ("ring", {"ulysses_size": 2}, (32, 8, 2), r"applies to mode 'hybrid' only"),
+    ],
+)
 def test_invalid_configurations_raise_before_tracing(mode, kw, shape, match):
     mesh = make_mesh({"sequence": 8})
     t, h, k = shape
@@ -47,8 +50,9 @@ def test_invalid_configurations_raise_before_tracing(mode, kw, shape, match):
 def test_ring_rejects_sliding_window_and_names_ulysses():
     mesh = make_mesh({"sequence": 4}, devices=jax.devices()[:4])
     with pytest.raises(UserError, match="use mode 'ulysses'"):
-        S.sp_attention(*_qkv(32, 8, 2), mesh, S.SequenceParallel("ring"), causal=True,
-                       sliding_window=8)
+        S.sp_attention(
+            *_qkv(32, 8, 2), mesh, S.SequenceParallel("ring"), causal=True, sliding_window=8
+        )
 
 
 def test_hybrid_default_ulysses_size_is_largest_common_divisor():
@@ -59,6 +63,12 @@ def test_hybrid_default_ulysses_size_is_largest_common_divisor():
 def test_hybrid_mesh_keeps_device_order():
     mesh = make_mesh({"sequence": 8})
     hm = S.hybrid_mesh(mesh, 2)
-    assert hm.axis_names == ("data", "fsdp", "expert", "sequence_ring", "sequence_ulysses",
-                             "tensor")
+    assert hm.axis_names == (
+        "data",
+        "fsdp",
+        "expert",
+        "sequence_ring",
+        "sequence_ulysses",
+        "tensor",
+    )
     assert [d.id for d in hm.devices.flat] == [d.id for d in mesh.devices.flat]

@@ -18,8 +18,15 @@ from jaxturbo.models.transformer import forward  # noqa: E402
 from jaxturbo.parallel import sequence as S  # noqa: E402
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
 
-CFG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 
 
 def _params(cfg, seed=0):
@@ -57,18 +64,22 @@ def _packed_batch(b=2, t=32, seed=0):
     return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("mode,mesh_spec", [
-    ("ulysses", {"sequence": 4, "fsdp": 2}),
-    (S.SequenceParallel("hybrid", ulysses_size=2), {"sequence": 8}),
-])
+@pytest.mark.parametrize(
+    "mode,mesh_spec",
+    [
+        ("ulysses", {"sequence": 4, "fsdp": 2}),
+        (S.SequenceParallel("hybrid", ulysses_size=2), {"sequence": 8}),
+    ],
+)
 def test_sp_forward_matches_unsharded_logits(mode, mesh_spec):
     """(ring's logits are covered by the loss-and-gradient test below.)"""
     params = _params(CFG)
     tokens, pos, seg = _packed_batch()
     want, _ = jax.jit(lambda p: forward(p, CFG, tokens, positions=pos, segment_ids=seg))(params)
     mesh = make_mesh(mesh_spec)
-    got = jax.jit(lambda p: S.sp_forward(p, CFG, tokens, mesh, mode, positions=pos,
-                                         segment_ids=seg))(params)
+    got = jax.jit(
+        lambda p: S.sp_forward(p, CFG, tokens, mesh, mode, positions=pos, segment_ids=seg)
+    )(params)
     assert float(jnp.max(jnp.abs(want - got)) / jnp.max(jnp.abs(want))) <= 1e-5
 
 
@@ -82,11 +93,18 @@ def test_loss_and_grads_with_ring_equal_unsharded():
         lp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1))
 
-    ref = jax.jit(jax.value_and_grad(
-        lambda p: loss(forward(p, CFG, tokens, positions=pos, segment_ids=seg)[0])))
-    par = jax.jit(jax.value_and_grad(
-        lambda p: loss(S.sp_forward(p, CFG, tokens, mesh, "ring", positions=pos,
-                                    segment_ids=seg))))
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda p: loss(forward(p, CFG, tokens, positions=pos, segment_ids=seg)[0])
+        )
+    )
+    par = jax.jit(
+        jax.value_and_grad(
+            lambda p: loss(
+                S.sp_forward(p, CFG, tokens, mesh, "ring", positions=pos, segment_ids=seg)
+            )
+        )
+    )
     (l0, g0), (l1, g1) = ref(params), par(params)
     assert abs(float(l0 - l1)) <= 1e-5 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):

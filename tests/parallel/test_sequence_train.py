@@ -23,15 +23,22 @@ import pytest  # noqa: E402
 
 from jaxturbo.errors import UserError  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
+from jaxturbo.models.init import init_params  # noqa: E402
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
 from jaxturbo.parallel.sequence import model_layout  # noqa: E402
 from jaxturbo.train import sharding as shd  # noqa: E402
-from jaxturbo.models.init import init_params  # noqa: E402
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from jaxturbo.train.step import TrainConfig, init_state, make_train_step  # noqa: E402
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 OPT = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
 TRAIN = TrainConfig(compute_dtype="float32")
 B, T, STEPS = 4, 32, 2
@@ -44,14 +51,18 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
     pos = np.zeros((B, T), np.int32)
     for r in range(B):
         cuts = sorted(rs.choice(np.arange(3, T - 3), 2, replace=False))
-        bounds = [0, *cuts, T - r]          # row r ends with r padding tokens
+        bounds = [0, *cuts, T - r]  # row r ends with r padding tokens
         for s, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
             seg[r, a:e] = s + 1
             pos[r, a:e] = np.arange(e - a)
     w = (rs.rand(B, T) > 0.3).astype(np.float32) * (seg > 0)
-    return dict(tokens=rs.randint(0, 64, (B, T)).astype(np.int32),
-                targets=rs.randint(0, 64, (B, T)).astype(np.int32),
-                weights=w, segment_ids=seg, positions=pos)
+    return dict(
+        tokens=rs.randint(0, 64, (B, T)).astype(np.int32),
+        targets=rs.randint(0, 64, (B, T)).astype(np.int32),
+        weights=w,
+        segment_ids=seg,
+        positions=pos,
+    )
 
 
 def _run(mesh=None, mode: str = "none", train: TrainConfig = TRAIN):
@@ -73,14 +84,17 @@ def reference():
     return _run()
 
 
-@pytest.mark.parametrize("mode,mesh_spec,ring", [
-    ("ulysses", "data=2,sequence=4", 1),
-    ("ring", "fsdp=2,sequence=4", 4),
-])
+@pytest.mark.parametrize(
+    "mode,mesh_spec,ring",
+    [
+        ("ulysses", "data=2,sequence=4", 1),
+        ("ring", "fsdp=2,sequence=4", 4),
+    ],
+)
 def test_sp_train_step_equals_plain_step(reference, mode, mesh_spec, ring):
     ref_state, ref_losses, _ = reference
     state, losses, got_ring = _run(make_mesh(mesh_spec), mode)
-    assert got_ring == ring                      # the batch really was zigzagged (ring, hybrid)
+    assert got_ring == ring  # the batch really was zigzagged (ring, hybrid)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[1] != losses[0]
     for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
@@ -89,12 +103,21 @@ def test_sp_train_step_equals_plain_step(reference, mode, mesh_spec, ring):
 
 # chunked cross-entropy on the sequence-split hidden states: each device's 8 positions per row
 # are cut into blocks of chunk // (4 rows x 4 pieces) positions; vs the unchunked 1-device step
-@pytest.mark.parametrize("mode,mesh_spec,train", [
-    ("ulysses", "data=2,sequence=4", TrainConfig(compute_dtype="float32",
-                                                 loss_chunk_tokens=32)),          # 4 blocks of 2
-    ("ring", "fsdp=2,sequence=4", TrainConfig(compute_dtype="float32", remat="full",
-                                              loss_chunk_tokens=48)),             # 3 of 3, padded
-])
+@pytest.mark.parametrize(
+    "mode,mesh_spec,train",
+    [
+        (
+            "ulysses",
+            "data=2,sequence=4",
+            TrainConfig(compute_dtype="float32", loss_chunk_tokens=32),
+        ),  # 4 blocks of 2
+        (
+            "ring",
+            "fsdp=2,sequence=4",
+            TrainConfig(compute_dtype="float32", remat="full", loss_chunk_tokens=48),
+        ),  # 3 of 3, padded
+    ],
+)
 def test_sp_chunked_loss_train_step_equals_plain_step(reference, mode, mesh_spec, train):
     ref_state, ref_losses, _ = reference
     state, losses, _ = _run(make_mesh(mesh_spec), mode, train)
@@ -112,8 +135,9 @@ def _all_gathers(mesh_spec: str, mode: str, train: TrainConfig) -> set[str]:
     mesh = make_mesh(mesh_spec)
     params = init_params(CFG, jax.random.key(0))
     state = init_state(params, OPT, mesh=mesh)
-    step = make_train_step(CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode,
-                           donate=False)
+    step = make_train_step(
+        CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode, donate=False
+    )
     _, _, ring = model_layout(mode, CFG, mesh, batch=B, seq_len=T)
     hlo = step.lower(state, shd.put_batch(_batch(0), mesh, sequence_ring=ring)).compile().as_text()
     return set(re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo))
@@ -123,19 +147,27 @@ def test_zigzag_rows_keeps_each_token_with_its_target_weight_and_position():
     batch = _batch(0)
     z = shd.zigzag_rows(batch, 4)
     keys = sorted(batch)
-    for r in range(B):   # the same (token, target, weight, segment, position) tuples per row
+    for r in range(B):  # the same (token, target, weight, segment, position) tuples per row
         assert sorted(zip(*(z[k][r] for k in keys))) == sorted(zip(*(batch[k][r] for k in keys)))
     # ring position 0 of 4 holds chunks 0 and 7 of 8 (zigzag), each T/8 tokens
     c = T // 8
     for k in keys:
-        np.testing.assert_array_equal(z[k][:, :2 * c],
-                                      np.concatenate([batch[k][:, :c], batch[k][:, -c:]], 1))
+        np.testing.assert_array_equal(
+            z[k][:, : 2 * c], np.concatenate([batch[k][:, :c], batch[k][:, -c:]], 1)
+        )
 
 
-@pytest.mark.parametrize("mesh_spec,mode,match", [
-    ("data=2,sequence=4", "none", "sequence=4 but --sequence-parallel is none; choose one of ulysses, ring, hybrid"),
-    ("data=8", "ring", "needs a mesh with a sequence axis > 1"),
-])
+@pytest.mark.parametrize(
+    "mesh_spec,mode,match",
+    [
+        (
+            "data=2,sequence=4",
+            "none",
+            "sequence=4 but sequence_parallel is none; choose one of ulysses, ring, hybrid",
+        ),
+        ("data=8", "ring", "needs a mesh with a sequence axis > 1"),
+    ],
+)
 def test_bad_mesh_and_mode_combinations_fail_before_compiling(mesh_spec, mode, match):
     with pytest.raises(UserError, match=match):
         shd.check_training_mesh(make_mesh(mesh_spec), mode)
@@ -143,6 +175,9 @@ def test_bad_mesh_and_mode_combinations_fail_before_compiling(mesh_spec, mode, m
 
 def test_ulysses_head_limit_names_valid_sizes():
     # 4 query heads cannot split over 8 devices: the message names what would work
-    with pytest.raises(UserError, match=r"does not divide 4 query heads; choose a Ulysses size "
-                                        r"from \{1, 2, 4\}, or use mode 'ring'"):
+    with pytest.raises(
+        UserError,
+        match=r"does not divide 4 query heads; choose a Ulysses size "
+        r"from \{1, 2, 4\}, or use mode 'ring'",
+    ):
         model_layout("ulysses", CFG, make_mesh("sequence=8"), batch=B, seq_len=T)

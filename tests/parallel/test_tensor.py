@@ -22,9 +22,17 @@ from jaxturbo.parallel import tensor  # noqa: E402
 from jaxturbo.parallel.mesh import make_mesh  # noqa: E402
 
 # 8 query heads, 2 KV heads: TP 2 shards the KV heads, TP 4 and 8 replicate them.
-TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                   num_attention_heads=8, num_key_value_heads=2, head_dim=8,
-                   max_position_embeddings=64, ladder_layers=2)
+TINY = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    ladder_layers=2,
+)
 MODES = ("standard", "parallel", "ladder", "hybrid")
 PROMPT, MAX_LEN, STEPS = 6, 12, 2
 
@@ -32,6 +40,7 @@ PROMPT, MAX_LEN, STEPS = 6, 12, 2
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
     """Random weights of HF layout (norms away from 1 so they matter)."""
     from jaxturbo.bridge.hf import global_shapes, layer_shapes
+
     rng = np.random.RandomState(seed)
 
     def draw(shape, name):
@@ -40,7 +49,9 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict:
         return jnp.asarray(rng.randn(*shape) / np.sqrt(shape[-1]), jnp.float32)
 
     params = {n: draw(s, n) for n, s in global_shapes(cfg).items()}
-    params["layers"] = {n: draw((cfg.num_hidden_layers, *s), n) for n, s in layer_shapes(cfg).items()}
+    params["layers"] = {
+        n: draw((cfg.num_hidden_layers, *s), n) for n, s in layer_shapes(cfg).items()
+    }
     return params
 
 
@@ -93,7 +104,8 @@ def test_tp_matches_single_device(setup, mode):
         fwd = tensor.TensorParallel(mesh)
         heads = tensor.cache_kv_heads(cfg, tp)
         pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS, heads))(
-            sp, tokens, lengths)
+            sp, tokens, lengths
+        )
         valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
         assert _rel(pre[valid], ref_pre[valid]) <= 1e-5, (mode, tp)
         assert _rel(dec, ref_dec) <= 1e-5, (mode, tp)
@@ -110,7 +122,8 @@ def test_skip_allreduce_is_the_desync_bound(setup):
         fwd = tensor.TensorParallel(mesh, skip_allreduce=True)
         heads = tensor.cache_kv_heads(TINY, tp)
         pre, _ = jax.jit(lambda p, t, n: prefill_decode(fwd, p, TINY, t, n, STEPS, heads))(
-            tensor.shard_params(params, TINY, mesh), tokens, lengths)
+            tensor.shard_params(params, TINY, mesh), tokens, lengths
+        )
         err = _rel(pre[valid], ref_pre[valid])
         assert (err <= 1e-5) if tp == 1 else (err > 1e-2), (tp, err)
 
@@ -126,9 +139,17 @@ def test_modes_differ(setup):
 
 def test_unrolled_tp_and_9_3_heads_at_tp3():
     """SmolLM2-like 9 query / 3 KV heads at TP 3 (one KV head per device), layers unrolled."""
-    cfg = ModelConfig(vocab_size=96, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=9, num_key_value_heads=3, head_dim=8,
-                      max_position_embeddings=64, residual_mode="ladder")
+    cfg = ModelConfig(
+        vocab_size=96,
+        hidden_size=72,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=8,
+        max_position_embeddings=64,
+        residual_mode="ladder",
+    )
     params = random_params(cfg, seed=3)
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, 96, (2, PROMPT)), jnp.int32)
     lengths = jnp.asarray([PROMPT, 3], jnp.int32)
@@ -137,7 +158,9 @@ def test_unrolled_tp_and_9_3_heads_at_tp3():
     sp = tensor.shard_params(params, cfg, mesh)
     assert sp["layers"]["self_attn.k_proj.weight"].sharding.shard_shape((2, 24, 72)) == (2, 8, 72)
     fwd = tensor.TensorParallel(mesh, unroll=True)
-    pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS))(sp, tokens, lengths)
+    pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS))(
+        sp, tokens, lengths
+    )
     valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
     assert _rel(pre[valid], ref_pre[valid]) <= 1e-5
     assert _rel(dec, ref_dec) <= 1e-5
@@ -150,8 +173,14 @@ def test_generate_tp8_equals_single_device(setup):
     prompts = [[5, 9, 11, 3], [7, 1]]
     ref = generate(params, cfg, prompts, max_new_tokens=5, bucket_multiple=8)
     mesh = tp_mesh(8)
-    out = generate(tensor.shard_params(params, cfg, mesh), cfg, prompts, mesh=mesh,
-                   max_new_tokens=5, bucket_multiple=8)
+    out = generate(
+        tensor.shard_params(params, cfg, mesh),
+        cfg,
+        prompts,
+        mesh=mesh,
+        max_new_tokens=5,
+        bucket_multiple=8,
+    )
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-5)
 
@@ -165,22 +194,38 @@ def test_replicated_kv_is_the_same_model(setup):
     assert _rel(f(rep, cfg8, tokens)[0], f(params, TINY, tokens)[0]) <= 1e-5
 
 
-@pytest.mark.parametrize("tp, msg", [
-    (4, "tensor axis 4 does not divide 9 query heads; choose a tensor size from {1, 3}"),
-    (2, "tensor axis 2 does not divide 9 query heads; choose a tensor size from {1, 3}"),
-])
+@pytest.mark.parametrize(
+    "tp, msg",
+    [
+        (4, "tensor axis 4 does not divide 9 query heads; choose a tensor size from {1, 3}"),
+        (2, "tensor axis 2 does not divide 9 query heads; choose a tensor size from {1, 3}"),
+    ],
+)
 def test_error_names_valid_choices(tp, msg):
-    smol = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                       head_dim=64)
+    smol = ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    )
     with pytest.raises(UserError) as e:
         tensor.check_tensor_parallel(smol, tp)
     assert str(e.value) == msg
 
 
 def test_error_kv_heads_and_vocab():
-    cfg = ModelConfig(vocab_size=250, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
-                      num_attention_heads=12, num_key_value_heads=3, head_dim=8)
+    cfg = ModelConfig(
+        vocab_size=250,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        num_key_value_heads=3,
+        head_dim=8,
+    )
     with pytest.raises(UserError, match=r"tensor axis 2 does not divide 3 KV heads"):
         tensor.check_tensor_parallel(cfg, 2)
     with pytest.raises(UserError, match=r"does not divide the vocabulary of 250; .*\{1\}"):
@@ -201,7 +246,8 @@ def _same_logits_in_layout(one, params, cfg, tokens, lengths, shard):
     assert _rel(pre[valid], ref_pre[valid]) <= 1e-5 and _rel(dec, ref_dec) <= 1e-5
     pallas = lambda *a, **kw: forward(*a, attn_impl="pallas", **kw)  # noqa: E731
     _, dec = jax.jit(lambda p, t, n: prefill_decode(pallas, p, cfg, t, n, STEPS))(
-        one, tokens, lengths)
+        one, tokens, lengths
+    )
     assert _rel(dec, ref_dec) <= 1e-5
     sharded = {}
     for tp in (2, 4):
@@ -210,7 +256,8 @@ def _same_logits_in_layout(one, params, cfg, tokens, lengths, shard):
         fwd = tensor.TensorParallel(mesh)
         heads = tensor.cache_kv_heads(cfg, tp)
         pre, dec = jax.jit(lambda p, t, n: prefill_decode(fwd, p, cfg, t, n, STEPS, heads))(
-            sp, tokens, lengths)
+            sp, tokens, lengths
+        )
         assert _rel(pre[valid], ref_pre[valid]) <= 1e-5, tp
         assert _rel(dec, ref_dec) <= 1e-5, tp
     return sharded
@@ -224,6 +271,7 @@ def test_fused_projections_give_the_same_logits(setup, mode):
     fused projection's output at their head offsets); and the layout undoes exactly."""
     from jaxturbo.bridge.hf import layer_shapes
     from jaxturbo.inference import fused
+
     _, tokens, lengths = setup
     # ladder with Qwen2's q/k/v biases (fused like the weights)
     cfg = TINY.replace(residual_mode=mode, attention_bias=mode == "ladder")
@@ -237,8 +285,10 @@ def test_fused_projections_give_the_same_logits(setup, mode):
     for tp, sp in sharded.items():
         # shard 0's rows: its 8/tp query heads then its KV heads' k and v rows (hd = 8)
         kv_local = tensor.cache_kv_heads(cfg, tp) // tp
-        assert sp["layers"][fused.QKV_W].sharding.shard_shape(sp["layers"][fused.QKV_W].shape)[1] \
+        assert (
+            sp["layers"][fused.QKV_W].sharding.shard_shape(sp["layers"][fused.QKV_W].shape)[1]
             == (8 // tp + 2 * kv_local) * 8
+        )
         rep = tensor.replicate_kv_heads(params, cfg, tp)
         back = fused.unfuse_projections(fused.fuse_projections(rep, cfg, tp), cfg, tp)
         for n, w in rep["layers"].items():
@@ -247,13 +297,16 @@ def test_fused_projections_give_the_same_logits(setup, mode):
 
 def test_fused_projections_refuse_what_they_cannot_lay_out(setup):
     from jaxturbo.inference import fused
+
     params, _, _ = setup
     with pytest.raises(ValueError, match="replicate them first"):
         fused.fuse_projections(params, TINY, 4)  # 2 KV heads, 4 shards, not replicated
     once = fused.fuse_projections(params, TINY)
     with pytest.raises(ValueError, match="already fused"):
         fused.fuse_projections(once, TINY)
-    no_q = {**params, "layers": {n: w for n, w in params["layers"].items()
-                                 if n != "self_attn.q_proj.weight"}}
+    no_q = {
+        **params,
+        "layers": {n: w for n, w in params["layers"].items() if n != "self_attn.q_proj.weight"},
+    }
     with pytest.raises(ValueError, match="missing"):
         fused.fuse_projections(no_q, TINY)

@@ -27,9 +27,16 @@ from pallas_kernels.decode_attention import pallas_triton as decode_triton  # no
 from tests.parallel.test_tensor import random_params  # noqa: E402
 
 # 8 query / 2 KV heads; head_dim 16: the fused append kernel takes power-of-two head dims only
-TINY = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                   max_position_embeddings=32)
+TINY = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=32,
+)
 PROMPT, STEPS = 5, 3
 
 
@@ -39,8 +46,9 @@ def greedy(fwd, params, cfg, tokens, lengths, kv_heads, decode_impl):
     b, t = tokens.shape
     cache = init_cache(cfg, b, t + STEPS + 1, kv_heads=kv_heads)
     seg = (jnp.arange(t)[None] < lengths[:, None]).astype(jnp.int32)
-    logits, cache = fwd(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths,
-                        attn_impl="xla")
+    logits, cache = fwd(
+        params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths, attn_impl="xla"
+    )
     first = jnp.argmax(logits[jnp.arange(b), lengths - 1], -1).astype(jnp.int32)
 
     def step(carry, _):
@@ -55,8 +63,9 @@ def greedy(fwd, params, cfg, tokens, lengths, kv_heads, decode_impl):
 
 @pytest.fixture(scope="module")
 def prompts():
-    tokens = jnp.asarray(np.random.RandomState(3).randint(0, TINY.vocab_size, (2, PROMPT)),
-                         jnp.int32)
+    tokens = jnp.asarray(
+        np.random.RandomState(3).randint(0, TINY.vocab_size, (2, PROMPT)), jnp.int32
+    )
     return tokens, jnp.asarray([PROMPT, PROMPT - 2], jnp.int32)
 
 
@@ -66,15 +75,22 @@ def test_tp_decode_with_the_fused_pallas_kernel(mode, prompts, monkeypatch):
     cfg = TINY.replace(residual_mode=mode)
     params = random_params(cfg, seed=11)
     want_tok, want_lg = jax.jit(lambda p: greedy(forward, p, cfg, tokens, lengths, None, "xla"))(
-        params)
+        params
+    )
 
     calls = []
     kernel = decode_triton.decode_attention_append
 
     def spy(call, **kw):
-        calls.append(dict(k_new=call.new.k.shape, cache_heads=call.k_cache.shape[-2],
-                          k_head_offset=call.new.k_head_offset,
-                          v_head_offset=call.new.v_head_offset, interpret=kw["interpret"]))
+        calls.append(
+            dict(
+                k_new=call.new.k.shape,
+                cache_heads=call.k_cache.shape[-2],
+                k_head_offset=call.new.k_head_offset,
+                v_head_offset=call.new.v_head_offset,
+                interpret=kw["interpret"],
+            )
+        )
         return kernel(call, **kw)
 
     def no_xla_write(*a, **kw):
@@ -87,14 +103,22 @@ def test_tp_decode_with_the_fused_pallas_kernel(mode, prompts, monkeypatch):
         sharded = fused.shard_fused(params, cfg, mesh)
         heads = tensor.cache_kv_heads(cfg, tp)
         calls.clear()
-        got_tok, got_lg = jax.jit(lambda p: greedy(tensor.TensorParallel(mesh), p, cfg, tokens,
-                                                   lengths, heads, "pallas_triton"))(sharded)
+        got_tok, got_lg = jax.jit(
+            lambda p: greedy(
+                tensor.TensorParallel(mesh), p, cfg, tokens, lengths, heads, "pallas_triton"
+            )
+        )(sharded)
         # the fused kernel ran, on this device's [q; k; v] heads, k and v at their offsets
         hl, kl = cfg.num_attention_heads // tp, heads // tp
         assert calls, "the Pallas-Triton append kernel never ran"
         for c in calls:
-            assert c == dict(k_new=(2, hl + 2 * kl, cfg.head_dim), cache_heads=kl,
-                             k_head_offset=hl, v_head_offset=hl + kl, interpret=True), (tp, c)
+            assert c == dict(
+                k_new=(2, hl + 2 * kl, cfg.head_dim),
+                cache_heads=kl,
+                k_head_offset=hl,
+                v_head_offset=hl + kl,
+                interpret=True,
+            ), (tp, c)
         np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok), err_msg=f"TP {tp}")
         err = float(jnp.max(jnp.abs(got_lg - want_lg)) / jnp.max(jnp.abs(want_lg)))
         assert err <= 1e-5, (mode, tp, err)

@@ -52,9 +52,16 @@ TPU_PRESETS = {
 }
 # TPU tiles: head_dim 128, 256 tokens (two 128-row attention blocks); heads, KV heads, FFN and
 # vocabulary divide by the presets' tensor size 4
-CFG = ModelConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                  residual_mode="ladder")
+CFG = ModelConfig(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=128,
+    residual_mode="ladder",
+)
 SEQ, CACHE = 256, 256
 S = jax.ShapeDtypeStruct
 
@@ -63,6 +70,7 @@ S = jax.ShapeDtypeStruct
 def dispatch_as_tpu(monkeypatch):
     """Make the kernels' dispatch answer for a TPU rather than this machine's CPU."""
     import pallas_kernels
+
     for mod in ("registry", "api"):
         m = getattr(pallas_kernels, mod, None)
         for name in ("platform", "_platform"):
@@ -73,24 +81,40 @@ def dispatch_as_tpu(monkeypatch):
 def _abstract_mesh(preset: str) -> AbstractMesh:
     sizes = parse_mesh_spec(preset)
     device = AbstractDevice(device_kind=TPU_PRESETS[preset][1], num_cores=1, platform="tpu")
-    return AbstractMesh(tuple(sizes[a] for a in AXES), AXES,
-                        axis_types=(AxisType.Auto,) * len(AXES), abstract_device=device)
+    return AbstractMesh(
+        tuple(sizes[a] for a in AXES),
+        AXES,
+        axis_types=(AxisType.Auto,) * len(AXES),
+        abstract_device=device,
+    )
 
 
 def _train_args(mesh):
     """The jitted train step on `mesh` and shaped arguments carrying the step's shardings."""
     opt = make_optimizer(OptimizerConfig(warmup_steps=1, total_steps=10))
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
-    step = make_train_step(CFG, TrainConfig(compute_dtype="bfloat16", loss_chunk_tokens=1024),
-                           opt, mesh=mesh, params=params)
-    shapes = TrainState(S((), jnp.int32), params, jax.eval_shape(opt.init, params),
-                        S((2,), jnp.uint32))
-    state = jax.tree.map(lambda a, s: S(a.shape, a.dtype, sharding=s), shapes,
-                         state_shardings(params, opt, mesh))
+    step = make_train_step(
+        CFG,
+        TrainConfig(compute_dtype="bfloat16", loss_chunk_tokens=1024),
+        opt,
+        mesh=mesh,
+        params=params,
+    )
+    shapes = TrainState(
+        S((), jnp.int32), params, jax.eval_shape(opt.init, params), S((2,), jnp.uint32)
+    )
+    state = jax.tree.map(
+        lambda a, s: S(a.shape, a.dtype, sharding=s), shapes, state_shardings(params, opt, mesh)
+    )
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = {k: S((rows, SEQ), jnp.float32 if k == "weights" else jnp.int32,
-                  sharding=shd.batch_sharding(mesh))
-             for k in ("tokens", "targets", "weights", "segment_ids", "positions")}
+    batch = {
+        k: S(
+            (rows, SEQ),
+            jnp.float32 if k == "weights" else jnp.int32,
+            sharding=shd.batch_sharding(mesh),
+        )
+        for k in ("tokens", "targets", "weights", "segment_ids", "positions")
+    }
     return step, (state, batch)
 
 
@@ -103,14 +127,18 @@ def _decode_args(mesh):
         return jnp.argmax(logits[:, -1], axis=-1), cache
 
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0), dtype=jnp.bfloat16))
-    params = jax.tree.map(lambda a, s: S(a.shape, a.dtype, sharding=NamedSharding(mesh, s)),
-                          params, tensor.param_specs(params))
+    params = jax.tree.map(
+        lambda a, s: S(a.shape, a.dtype, sharding=NamedSharding(mesh, s)),
+        params,
+        tensor.param_specs(params),
+    )
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     heads = tensor.cache_kv_heads(CFG, mesh.shape["tensor"])
     cache = jax.eval_shape(lambda: init_cache(CFG, rows, CACHE, jnp.bfloat16, kv_heads=heads))
     specs = tensor.cache_specs(mesh)
-    cache = {k: S(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k]))
-             for k, v in cache.items()}
+    cache = {
+        k: S(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k])) for k, v in cache.items()
+    }
     row = NamedSharding(mesh, jax.sharding.PartitionSpec(tensor.row_axes(mesh), None))
     return jax.jit(decode), (params, S((rows, 1), jnp.int32, sharding=row), cache)
 
@@ -128,22 +156,26 @@ def test_train_and_decode_steps_lower_for_the_preset_tpu(preset, dispatch_as_tpu
     for name, text in texts.items():
         assert f"mhlo.num_partitions = {chips} : i32" in text, name
         assert f"<[{mesh_line}]>" in text, name  # the preset's mesh, every axis
-        assert "all_reduce" in text, name       # tensor parallelism's sums
+        assert "all_reduce" in text, name  # tensor parallelism's sums
     train, decode = texts["train"], texts["decode"]
     # Mosaic TPU kernels: flash attention forward + backward (dq, dk/dv), the decode kernel
     assert train.count("tpu_custom_call") >= 2, train.count("tpu_custom_call")
     assert decode.count("tpu_custom_call") >= 1
     if sizes["fsdp"] > 1:  # parameters gathered over fsdp, gradients reduce-scattered back
         assert "all_gather" in train and "reduce_scatter" in train
-    assert "all_gather" in decode               # the vocab-parallel logits, gathered to sample
+    assert "all_gather" in decode  # the vocab-parallel logits, gathered to sample
 
 
 def _libtpu_devices(topology: str):
     from jax._src import cloud_tpu_init
+
     if cloud_tpu_init.get_tpu_library_path() is None:
-        pytest.skip("libtpu is not installed: the XLA TPU compile is not checked (pip install "
-                    "libtpu==0.0.48.* runs it; the StableHLO lowering is checked above)")
+        pytest.skip(
+            "libtpu is not installed: the XLA TPU compile is not checked (pip install "
+            "libtpu==0.0.48.* runs it; the StableHLO lowering is checked above)"
+        )
     from jax.experimental import topologies
+
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
 
 
@@ -159,4 +191,4 @@ def test_train_and_decode_steps_compile_for_the_preset_tpu(preset, dispatch_as_t
         assert "tpu_custom_call" in text, name  # the Mosaic kernels survived compilation
         # the programs fit a chip's HBM many times over: a tiny model on a huge slice
         mem = compiled.memory_analysis()
-        assert mem.temp_size_in_bytes + mem.argument_size_in_bytes < 2 ** 30, (name, mem)
+        assert mem.temp_size_in_bytes + mem.argument_size_in_bytes < 2**30, (name, mem)

@@ -29,11 +29,25 @@ from jaxturbo.train.sft import RunConfig, train_sft  # noqa: E402
 from jaxturbo.train.step import TrainConfig  # noqa: E402
 
 STEPS = 2
-run = RunConfig(out_dir=out, steps=STEPS, batch_size=8, seq_len=32, save_every=100, keep=1,
-                progress=False, plot=False)
-hist = train_sft(CFG, init_params(CFG, jax.random.key(0)), docs(), run,
-                 opt_cfg=OptimizerConfig(learning_rate=3e-3, warmup_steps=1, total_steps=STEPS),
-                 train_cfg=TrainConfig(compute_dtype="float32"), mesh=make_mesh("data=4,fsdp=2"),
-                 data_id="worker-docs").history
+run = RunConfig(
+    out_dir=out,
+    steps=STEPS,
+    batch_size=8,
+    seq_len=32,
+    save_every=100,
+    keep=1,
+    progress=False,
+    plot=False,
+)
+hist = train_sft(
+    CFG,
+    init_params(CFG, jax.random.key(0)),
+    docs(),
+    run,
+    opt_cfg=OptimizerConfig(learning_rate=3e-3, warmup_steps=1, total_steps=STEPS),
+    train_cfg=TrainConfig(compute_dtype="float32"),
+    mesh=make_mesh("data=4,fsdp=2"),
+    data_id="worker-docs",
+).history
 if jax.process_index() == 0:
     print("LOSSES " + json.dumps([float(h["loss"]).hex() for h in hist]), flush=True)

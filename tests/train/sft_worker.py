@@ -22,8 +22,15 @@ from jaxturbo.train.optimizer import OptimizerConfig
 from jaxturbo.train.sft import RunConfig, train_sft
 from jaxturbo.train.step import TrainConfig
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 
 
 def docs(n: int = 40) -> list[dict]:
@@ -31,8 +38,9 @@ def docs(n: int = 40) -> list[dict]:
     out = []
     for _ in range(n):
         ids = rs.randint(2, 64, rs.randint(4, 20)).astype(np.int32)
-        out.append({"inputs": ids[:-1], "targets": ids[1:],
-                    "weights": np.ones(len(ids) - 1, np.float32)})
+        out.append(
+            {"inputs": ids[:-1], "targets": ids[1:], "weights": np.ones(len(ids) - 1, np.float32)}
+        )
     return out
 
 
@@ -58,17 +66,32 @@ def main() -> None:
     if os.environ.get("SFT_WORKER_KILL_IN_SAVE"):
         _kill_during_save(int(os.environ["SFT_WORKER_KILL_IN_SAVE"]))
     out, steps = sys.argv[1], int(sys.argv[2])
-    run = RunConfig(out_dir=out, steps=steps, batch_size=4, seq_len=32, save_every=2, keep=2,
-                    resume="--resume" in sys.argv, progress=False, plot=False)
+    run = RunConfig(
+        out_dir=out,
+        steps=steps,
+        batch_size=4,
+        seq_len=32,
+        save_every=2,
+        keep=2,
+        resume="--resume" in sys.argv,
+        progress=False,
+        plot=False,
+    )
 
     def report(rec):
         print(f"STEP {rec['step']} {float(rec['loss']).hex()}", flush=True)
         time.sleep(float(os.environ.get("SFT_WORKER_SLEEP", "0")))  # leaves time to be killed
 
-    train_sft(CFG, init_params(CFG, jax.random.key(0)), docs(), run,
-              opt_cfg=OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=steps),
-              train_cfg=TrainConfig(compute_dtype="bfloat16"), data_id="worker-docs",
-              on_step=report)
+    train_sft(
+        CFG,
+        init_params(CFG, jax.random.key(0)),
+        docs(),
+        run,
+        opt_cfg=OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=steps),
+        train_cfg=TrainConfig(compute_dtype="bfloat16"),
+        data_id="worker-docs",
+        on_step=report,
+    )
 
 
 if __name__ == "__main__":

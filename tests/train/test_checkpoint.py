@@ -22,11 +22,18 @@ STEPS = 6
 
 def _start(out: Path, cache: Path, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
     # a compilation cache shared by the module's processes: only the first ones compile
-    compiled = {"JAX_COMPILATION_CACHE_DIR": str(cache),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    compiled = {
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     env = {**os.environ, "PYTHONPATH": str(ROOT), **compiled, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), str(STEPS), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), str(STEPS), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _losses(lines) -> dict[int, str]:
@@ -87,14 +94,16 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, xla_cache
     assert {s: want[s] for s in before} == before
     # the metrics file holds each step once, with the uninterrupted losses
     import json
+
     rec = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rec] == list(range(1, STEPS + 1))
     assert [float(r["loss"]).hex() for r in rec] == [want[s] for s in range(1, STEPS + 1)]
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, xla_cache,
-                                                                   full_losses):
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(
+    tmp_path, xla_cache, full_losses
+):
     """Killed inside the save of step 4 (saves every 2 steps) at a fixed point: every item of
     step 4 is written to orbax's temporary directory, the commit has not begun (the worker
     kills itself there, no timing involved).  Step 4 never becomes a checkpoint, the resumed run
@@ -111,7 +120,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, xl
     assert any(p.is_file() for p in (half / "state").rglob("*"))
     assert not (ckpts / "4").exists()
     ckpt = Checkpointer(ckpts, every=2, keep=2)
-    assert ckpt.latest_step() == 2, ckpt.all_steps()   # the interrupted save did not count
+    assert ckpt.latest_step() == 2, ckpt.all_steps()  # the interrupted save did not count
     ckpt.close()
     resumed = _start(tmp_path / "killed", xla_cache, "--resume")
     out_r, err_r = resumed.communicate(timeout=300)
@@ -133,8 +142,11 @@ def test_incompatible_checkpoint_names_the_differences(tmp_path):
     np.testing.assert_array_equal(np.asarray(got["w"]), np.arange(4.0))
     assert data == {"next_index": 5}
     other = {"seq_len": 128, "model": {"hidden_size": 48, "vocab_size": 64}}
-    with pytest.raises(UserError, match=r"model.hidden_size: checkpoint 32, now 48; "
-                                        r"seq_len: checkpoint 64, now 128"):
+    with pytest.raises(
+        UserError,
+        match=r"model.hidden_size: checkpoint 32, now 48; "
+        r"seq_len: checkpoint 64, now 128",
+    ):
         ck.restore(3, like, other)
     ck.close()
     assert describe_differences({"a": 1}, {"a": 1, "b": 2}) == ["b: checkpoint '<absent>', now 2"]

@@ -10,8 +10,13 @@ import pytest
 from jaxturbo.train import losses
 
 # two rows, three positions, vocabulary of 3
-LOGITS = np.array([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]],
-                   [[0.5, 0.0, -0.5], [0.0, 2.0, 0.0], [1.0, 2.0, 3.0]]], np.float32)
+LOGITS = np.array(
+    [
+        [[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]],
+        [[0.5, 0.0, -0.5], [0.0, 2.0, 0.0], [1.0, 2.0, 3.0]],
+    ],
+    np.float32,
+)
 TARGETS = np.array([[2, 0, 1], [0, 1, 2]], np.int32)
 
 
@@ -23,7 +28,7 @@ def nll(row, t):
 def test_token_nll_matches_hand_computed():
     got = np.asarray(losses.token_nll(jnp.asarray(LOGITS), jnp.asarray(TARGETS)))
     # row 0 position 0: log(1 + e + e^2) - 2
-    assert got[0, 0] == pytest.approx(math.log(1 + math.e + math.e ** 2) - 2, rel=1e-6)
+    assert got[0, 0] == pytest.approx(math.log(1 + math.e + math.e**2) - 2, rel=1e-6)
     assert got[0, 1] == pytest.approx(math.log(3), rel=1e-6)
     want = np.array([[nll(r, t) for t in range(3)] for r in range(2)])
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -40,8 +45,9 @@ def test_token_normalisation_weights_and_masks():
 
 def test_sequence_normalisation_rows_and_packed_segments():
     w = np.array([[1, 1, 1], [1, 0, 1]], np.float32)
-    rows = losses.cross_entropy(jnp.asarray(LOGITS), jnp.asarray(TARGETS), jnp.asarray(w),
-                                normalize="sequence")
+    rows = losses.cross_entropy(
+        jnp.asarray(LOGITS), jnp.asarray(TARGETS), jnp.asarray(w), normalize="sequence"
+    )
     r0 = (nll(0, 0) + nll(0, 1) + nll(0, 2)) / 3
     r1 = (nll(1, 0) + nll(1, 2)) / 2
     assert float(rows.value()) == pytest.approx((r0 + r1) / 2, rel=1e-6)
@@ -49,8 +55,13 @@ def test_sequence_normalisation_rows_and_packed_segments():
     # row 0 holds two documents (segments 1, 2); row 1 one document and padding (segment 0)
     seg = np.array([[1, 1, 2], [1, 1, 0]], np.int32)
     w2 = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
-    packed = losses.cross_entropy(jnp.asarray(LOGITS), jnp.asarray(TARGETS), jnp.asarray(w2),
-                                  segment_ids=jnp.asarray(seg), normalize="sequence")
+    packed = losses.cross_entropy(
+        jnp.asarray(LOGITS),
+        jnp.asarray(TARGETS),
+        jnp.asarray(w2),
+        segment_ids=jnp.asarray(seg),
+        normalize="sequence",
+    )
     docs = [(nll(0, 0) + nll(0, 1)) / 2, nll(0, 2), (nll(1, 0) + nll(1, 1)) / 2]
     assert float(packed.count) == 3
     assert float(packed.value()) == pytest.approx(sum(docs) / 3, rel=1e-6)
@@ -62,12 +73,13 @@ def test_forward_and_reverse_kl_with_temperature():
     temp = 2.0
     ps = np.exp(s[0, 0] / temp) / np.exp(s[0, 0] / temp).sum()
     pt = np.exp(t[0, 0] / temp) / np.exp(t[0, 0] / temp).sum()
-    fwd = temp ** 2 * float(np.sum(pt * np.log(pt / ps)))
-    rev = temp ** 2 * float(np.sum(ps * np.log(ps / pt)))
+    fwd = temp**2 * float(np.sum(pt * np.log(pt / ps)))
+    rev = temp**2 * float(np.sum(ps * np.log(ps / pt)))
     w = jnp.ones((1, 1))
     got_f = losses.distill_kl(jnp.asarray(s), jnp.asarray(t), w, temperature=temp)
-    got_r = losses.distill_kl(jnp.asarray(s), jnp.asarray(t), w, temperature=temp,
-                              direction="reverse")
+    got_r = losses.distill_kl(
+        jnp.asarray(s), jnp.asarray(t), w, temperature=temp, direction="reverse"
+    )
     assert float(got_f.value()) == pytest.approx(fwd, rel=1e-5)
     assert float(got_r.value()) == pytest.approx(rev, rel=1e-5)
     # identical distributions: zero loss, and no gradient flows into the teacher
@@ -98,8 +110,14 @@ def test_activation_mse():
 def test_weighted_sums_add_like_one_batch():
     w = np.ones((2, 3), np.float32)
     whole = losses.cross_entropy(jnp.asarray(LOGITS), jnp.asarray(TARGETS), jnp.asarray(w))
-    parts = [losses.cross_entropy(jnp.asarray(LOGITS[i:i + 1]), jnp.asarray(TARGETS[i:i + 1]),
-                                  jnp.asarray(w[i:i + 1])) for i in range(2)]
+    parts = [
+        losses.cross_entropy(
+            jnp.asarray(LOGITS[i : i + 1]),
+            jnp.asarray(TARGETS[i : i + 1]),
+            jnp.asarray(w[i : i + 1]),
+        )
+        for i in range(2)
+    ]
     summed = parts[0] + parts[1]
     assert float(summed.value()) == pytest.approx(float(whole.value()), rel=1e-6)
 

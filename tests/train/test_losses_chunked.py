@@ -9,42 +9,62 @@ import pytest
 
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.train import losses
 from jaxturbo.models.init import init_params
+from jaxturbo.train import losses
 from jaxturbo.train.step import REMAT_POLICIES, TrainConfig, sft_loss
 
 
 def _cfg(tied: bool) -> ModelConfig:
-    return ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                       tie_word_embeddings=tied)
+    return ModelConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=tied,
+    )
 
 
 def _batch(b: int = 3, t: int = 11) -> dict[str, jax.Array]:
     rs = np.random.RandomState(0)
     seg = np.ones((b, t), np.int32)
-    seg[:, 6:] = 2                                   # two documents per row
-    seg[1, -3:] = 0                                  # padding
+    seg[:, 6:] = 2  # two documents per row
+    seg[1, -3:] = 0  # padding
     pos = np.where(seg == 2, np.arange(t) - 6, np.arange(t)).astype(np.int32)
     w = (rs.rand(b, t) > 0.3).astype(np.float32) * (seg > 0)
-    w[2, :6] = 0                                     # a fully masked document
-    w[0, 1] = 2.5                                    # a non-unit weight
-    return {k: jnp.asarray(v) for k, v in dict(
-        tokens=rs.randint(0, 96, (b, t)), targets=rs.randint(0, 96, (b, t)),
-        weights=w, segment_ids=seg, positions=pos).items()}
+    w[2, :6] = 0  # a fully masked document
+    w[0, 1] = 2.5  # a non-unit weight
+    return {
+        k: jnp.asarray(v)
+        for k, v in dict(
+            tokens=rs.randint(0, 96, (b, t)),
+            targets=rs.randint(0, 96, (b, t)),
+            weights=w,
+            segment_ids=seg,
+            positions=pos,
+        ).items()
+    }
 
 
 # 3 rows of 11 tokens; a block is chunk // 3 positions of every row
-@pytest.mark.parametrize("tied,normalize,chunk", [(True, "token", 4),       # 11 blocks of 1
-                                                  (False, "sequence", 12),  # 3 of 4, last padded
-                                                  (False, "token", 64)])    # one block of 11
+@pytest.mark.parametrize(
+    "tied,normalize,chunk",
+    [
+        (True, "token", 4),  # 11 blocks of 1
+        (False, "sequence", 12),  # 3 of 4, last padded
+        (False, "token", 64),
+    ],
+)  # one block of 11
 def test_chunked_loss_and_grads_equal_unchunked(tied, normalize, chunk):
     cfg = _cfg(tied)
     params = init_params(cfg, jax.random.key(1))
     batch = _batch()
     full = sft_loss(cfg, TrainConfig(compute_dtype="float32", normalize=normalize))
-    blocked = sft_loss(cfg, TrainConfig(compute_dtype="float32", normalize=normalize,
-                                        loss_chunk_tokens=chunk))
+    blocked = sft_loss(
+        cfg, TrainConfig(compute_dtype="float32", normalize=normalize, loss_chunk_tokens=chunk)
+    )
 
     def value(fn):
         return jax.jit(jax.value_and_grad(lambda p: fn(p, batch)[0].value()))(params)
@@ -54,8 +74,13 @@ def test_chunked_loss_and_grads_equal_unchunked(tied, normalize, chunk):
     names = jax.tree_util.tree_flatten_with_path(gf)[0]
     for (path, a), b in zip(names, jax.tree.leaves(gc)):
         scale = float(jnp.max(jnp.abs(a))) + 1e-12
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(b),
+            np.asarray(a),
+            rtol=1e-5,
+            atol=1e-6 * scale,
+            err_msg=jax.tree_util.keystr(path),
+        )
 
 
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
@@ -87,10 +112,11 @@ def test_chunked_cross_entropy_direct_and_under_remat(remat):
 def test_chunked_loss_rejects_bad_settings():
     with pytest.raises(UserError):
         TrainConfig(loss_chunk_tokens=-1).validate()
-    with pytest.raises(ValueError, match="seq_shards"):   # pieces must split the rows evenly
+    with pytest.raises(ValueError, match="seq_shards"):  # pieces must split the rows evenly
         h, y = jnp.zeros((2, 6, 4)), jnp.zeros((2, 6), jnp.int32)
-        losses.chunked_cross_entropy(h, jnp.zeros((5, 4)), y, jnp.ones((2, 6)), chunk_tokens=4,
-                                     seq_shards=4)
+        losses.chunked_cross_entropy(
+            h, jnp.zeros((5, 4)), y, jnp.ones((2, 6)), chunk_tokens=4, seq_shards=4
+        )
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake CPU) devices")
@@ -113,8 +139,10 @@ def test_chunked_sharded_accumulated_step_equals_unchunked_single_device():
         return state.params, float(m["loss"])
 
     want = run(TrainConfig(compute_dtype="float32"))
-    got = run(TrainConfig(compute_dtype="float32", grad_accum=2, remat="dots",
-                          loss_chunk_tokens=24), mesh=make_mesh("data=2,fsdp=4"))
+    got = run(
+        TrainConfig(compute_dtype="float32", grad_accum=2, remat="dots", loss_chunk_tokens=24),
+        mesh=make_mesh("data=2,fsdp=4"),
+    )
     assert got[1] == pytest.approx(want[1], rel=1e-6)
     for a, b in zip(jax.tree.leaves(want[0]), jax.tree.leaves(got[0])):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)

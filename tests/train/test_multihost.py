@@ -35,8 +35,13 @@ def _held_port() -> socket.socket:
 def _start(out: Path, nproc: int, pid: int, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), str(nproc), str(pid), str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(out), str(nproc), str(pid), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _losses(proc: subprocess.Popen) -> list[float] | None:
@@ -51,8 +56,11 @@ def _losses(proc: subprocess.Popen) -> list[float] | None:
 def test_two_processes_give_the_losses_of_one(tmp_path):
     held = _held_port()  # held until the end, so nothing can take the port before the coordinator
     port = held.getsockname()[1]
-    procs = [_start(tmp_path / "two", 2, 0, port), _start(tmp_path / "two", 2, 1, port),
-             _start(tmp_path / "one", 1, 0, 0)]
+    procs = [
+        _start(tmp_path / "two", 2, 0, port),
+        _start(tmp_path / "two", 2, 1, port),
+        _start(tmp_path / "one", 1, 0, 0),
+    ]
     try:
         two, other, one = (_losses(p) for p in procs)
     finally:
@@ -60,7 +68,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
             if p.poll() is None:
                 p.kill()
         held.close()
-    assert other is None and two is not None and one is not None   # process 0 reports
+    assert other is None and two is not None and one is not None  # process 0 reports
     assert len(two) == 2 and two[1] != two[0]
     # the cross-process all-reduce may add in another order: last-bit differences only
     np.testing.assert_allclose(two, one, rtol=1e-6)
@@ -70,7 +78,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
 
 @pytest.mark.parametrize("args", [("localhost:1", None, None), ("localhost:1", 2, 2)])
 def test_incomplete_or_bad_multihost_arguments(args):
-    with pytest.raises(UserError, match="--coordinator|--process-id"):
+    with pytest.raises(UserError, match="coordinator|process_id"):
         initialize(*args)
 
 

@@ -3,20 +3,26 @@ full remat equals the plain single-device step.  (Each compile costs seconds on 
 sharded run checks all three; bf16 compute is exercised by tests/train/test_checkpoint.py.)"""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.parallel.mesh import make_mesh
 from jaxturbo.models.init import init_params
+from jaxturbo.parallel.mesh import make_mesh
 from jaxturbo.train.optimizer import OptimizerConfig, lr_schedule, make_optimizer
 from jaxturbo.train.sharding import put_batch
 from jaxturbo.train.step import TrainConfig, init_state, make_train_step, sft_loss
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 OPT = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
 STEPS = 2
 
@@ -24,13 +30,17 @@ STEPS = 2
 def _batch(seed: int, b: int = 8, t: int = 16) -> dict[str, np.ndarray]:
     rs = np.random.RandomState(seed)
     seg = np.ones((b, t), np.int32)
-    seg[:, t // 2:] = 2                      # two documents per row
-    seg[::3, -3:] = 0                        # and some padding
+    seg[:, t // 2 :] = 2  # two documents per row
+    seg[::3, -3:] = 0  # and some padding
     pos = np.where(seg == 2, np.arange(t) - t // 2, np.arange(t)).astype(np.int32)
     w = (rs.rand(b, t) > 0.3).astype(np.float32) * (seg > 0)
-    return dict(tokens=rs.randint(0, 64, (b, t)).astype(np.int32),
-                targets=rs.randint(0, 64, (b, t)).astype(np.int32),
-                weights=w, segment_ids=seg, positions=pos)
+    return dict(
+        tokens=rs.randint(0, 64, (b, t)).astype(np.int32),
+        targets=rs.randint(0, 64, (b, t)).astype(np.int32),
+        weights=w,
+        segment_ids=seg,
+        positions=pos,
+    )
 
 
 def _run(train_cfg: TrainConfig, mesh=None):
@@ -79,8 +89,9 @@ def test_sharded_accumulated_remat_step_equals_single_device(reference):
 
 
 def test_schedule_and_validation():
-    sched = lr_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=4, total_steps=12,
-                                        min_lr_ratio=0.1))
+    sched = lr_schedule(
+        OptimizerConfig(learning_rate=1.0, warmup_steps=4, total_steps=12, min_lr_ratio=0.1)
+    )
     assert float(sched(0)) == pytest.approx(0.25)
     assert float(sched(4)) == pytest.approx(1.0)
     assert float(sched(12)) == pytest.approx(0.1)
@@ -96,7 +107,15 @@ def test_schedule_and_validation():
         make_train_step(CFG, TrainConfig(remat="some"), OPT)
     # tensor parallelism trains (tests/train/test_tensor_parallel.py) where the model splits:
     # 4 query / 2 KV heads do not split 8 ways, the message names the sizes that do
-    with pytest.raises(UserError, match=r"training with tensor axis 8 does not divide 4 query "
-                                        r"heads; choose a tensor size from \{1, 2\}"):
-        make_train_step(CFG, TrainConfig(), OPT, mesh=make_mesh("tensor=8"),
-                        params=init_params(CFG, jax.random.key(0)))
+    with pytest.raises(
+        UserError,
+        match=r"training with tensor axis 8 does not divide 4 query "
+        r"heads; choose a tensor size from \{1, 2\}",
+    ):
+        make_train_step(
+            CFG,
+            TrainConfig(),
+            OPT,
+            mesh=make_mesh("tensor=8"),
+            params=init_params(CFG, jax.random.key(0)),
+        )

@@ -44,8 +44,15 @@ def step_fn(state, item):
 def _run(out: Path, steps: int, **kw):
     evaluate = kw.pop("evaluate", lambda state, step: {"w_eval": float(state["w"])})
     cfg = LoopConfig(out_dir=str(out), steps=steps, progress=kw.pop("progress", False), **kw)
-    return train(step_fn, {"w": jnp.float32(0.0)}, Counter(), cfg, meta={"kind": "toy"},
-                 evaluate=evaluate, plots={"w.txt": lambda recs, p: p.write_text(str(len(recs)))})
+    return train(
+        step_fn,
+        {"w": jnp.float32(0.0)},
+        Counter(),
+        cfg,
+        meta={"kind": "toy"},
+        evaluate=evaluate,
+        plots={"w.txt": lambda recs, p: p.write_text(str(len(recs)))},
+    )
 
 
 def _records(out: Path) -> list[dict]:
@@ -63,8 +70,8 @@ def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     for f in sorted(logdir.glob("events.out.tfevents.*")):
         data, pos = f.read_bytes(), 0
         while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = Event.FromString(data[pos + 12:pos + 12 + n])
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            ev = Event.FromString(data[pos + 12 : pos + 12 + n])
             pos += 12 + n + 4
             if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
                 out = {t: [(s, v) for s, v in vals if s < ev.step] for t, vals in out.items()}
@@ -83,8 +90,16 @@ def test_loop_writes_metrics_tensorboard_checkpoints_and_evaluations(tmp_path):
     assert [r["w"] for r in res.history] == pytest.approx(w[1:])
     recs = _records(out)
     assert [(r["kind"], r["step"]) for r in recs] == [
-        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4),
-        ("eval", 4), ("train", 5), ("eval", 5)]
+        ("eval", 0),
+        ("train", 1),
+        ("train", 2),
+        ("eval", 2),
+        ("train", 3),
+        ("train", 4),
+        ("eval", 4),
+        ("train", 5),
+        ("eval", 5),
+    ]
     assert all(r["step_time_s"] >= 0 for r in recs if r["kind"] == "train")
     assert [e["w_eval"] for e in res.evals] == pytest.approx([w[0], w[2], w[4], w[5]])
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2, 4, 5]
@@ -101,6 +116,7 @@ def test_resume_continues_exactly(tmp_path):
     _run(cut, 3, save_every=2)  # a shorter run: its checkpoint meta differs only in steps...
     # ...which this loop does not check (the caller's meta does); drop step 3's and continue
     import shutil
+
     shutil.rmtree(cut / "checkpoints" / "3")
     res = _run(cut, 6, save_every=2, resume=True)
     assert res.start == 2
@@ -119,8 +135,11 @@ def test_resume_continues_exactly(tmp_path):
 def test_refusals(tmp_path):
     out = tmp_path / "run"
     _run(out, 2, save_every=1)
-    with pytest.raises(UserError, match=r"already holds checkpoints \(latest step 2\); "
-                                        r"resume=True continues"):
+    with pytest.raises(
+        UserError,
+        match=r"already holds checkpoints \(latest step 2\); "
+        r"resume=True continues",
+    ):
         _run(out, 4, save_every=1)
     with pytest.raises(UserError, match="at step 2, which is already steps=2; nothing to do"):
         _run(out, 2, save_every=1, resume=True)
@@ -140,12 +159,16 @@ def test_no_checkpoints_no_orbax_and_progress_lines(tmp_path, monkeypatch, capsy
     assert len(res.history) == 3 and not (out / "checkpoints").exists()
     err = capsys.readouterr().err  # not a terminal: one plain line per step
     assert [ln.split()[:2] for ln in err.splitlines() if ln.startswith("step ")] == [
-        ["step", "1/3"], ["step", "2/3"], ["step", "3/3"]]
+        ["step", "1/3"],
+        ["step", "2/3"],
+        ["step", "3/3"],
+    ]
 
 
 def test_save_every_zero_keeps_only_the_final_checkpoint(tmp_path):
     _run(tmp_path / "run", 3, save_every=0)
     from jaxturbo.train.checkpoint import read_params
+
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["3"]
     with pytest.raises(UserError, match="holds no training state with params"):
         read_params(tmp_path / "run")  # the toy state has no "params"

@@ -17,16 +17,16 @@ def test_unrolled_equals_scan(chunk):
     batch = _batch()
 
     def value(unroll: bool):
-        tc = TrainConfig(compute_dtype="float32", loss_chunk_tokens=chunk,
-                         unroll_layers=unroll)
+        tc = TrainConfig(compute_dtype="float32", loss_chunk_tokens=chunk, unroll_layers=unroll)
         loss = sft_loss(cfg, tc)
         return jax.jit(jax.value_and_grad(lambda p: loss(p, batch)[0].value()))(params)
 
     (ls, gs), (lu, gu) = value(False), value(True)
     np.testing.assert_allclose(float(lu), float(ls), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gu)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
-                                   atol=1e-6 * (float(np.abs(a).max()) + 1e-12))
+        np.testing.assert_allclose(
+            np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6 * (float(np.abs(a).max()) + 1e-12)
+        )
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
@@ -45,26 +45,31 @@ def test_layer_remat_step_equals_plain_step_and_checkpoints_each_layer(remat):
 
     base = TrainConfig(compute_dtype="float32", loss_chunk_tokens=12)
     _, _, (s0, m0) = run(base)
-    step, state, (s1, m1) = run(TrainConfig(compute_dtype="float32", loss_chunk_tokens=12,
-                                            remat=remat, remat_scope="layer"))
+    step, state, (s1, m1) = run(
+        TrainConfig(compute_dtype="float32", loss_chunk_tokens=12, remat=remat, remat_scope="layer")
+    )
     np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m0["grad_norm"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
     # the checkpoint sits inside the layer loop, not around the whole loss
     assert _scan_body_has_remat(jax.make_jaxpr(step)(state, batch).jaxpr)
-    loss_scope = make_train_step(cfg, TrainConfig(compute_dtype="float32", loss_chunk_tokens=12,
-                                                  remat=remat), opt, donate=False)
+    loss_scope = make_train_step(
+        cfg,
+        TrainConfig(compute_dtype="float32", loss_chunk_tokens=12, remat=remat),
+        opt,
+        donate=False,
+    )
     assert not _scan_body_has_remat(jax.make_jaxpr(loss_scope)(state, batch).jaxpr)
 
 
 def _subjaxprs(eqn):
     for v in eqn.params.values():
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+        for x in v if isinstance(v, (tuple, list)) else (v,):
             if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
-                yield x.jaxpr          # ClosedJaxpr
+                yield x.jaxpr  # ClosedJaxpr
             elif hasattr(x, "eqns"):
-                yield x                # Jaxpr
+                yield x  # Jaxpr
 
 
 def _scan_body_has_remat(jaxpr) -> bool:
