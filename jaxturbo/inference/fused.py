@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.layers import GATE_UP_W, QKV_B, QKV_W
+
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 
@@ -37,7 +38,7 @@ def _interleave(parts: list[jax.Array], tensor: int) -> jax.Array:
     for i in range(tensor):
         for p in parts:
             n = p.shape[1] // tensor
-            chunks.append(p[:, i * n:(i + 1) * n])
+            chunks.append(p[:, i * n : (i + 1) * n])
     return jnp.concatenate(chunks, axis=1)
 
 
@@ -49,7 +50,7 @@ def _deinterleave(fused: jax.Array, sizes: list[int], tensor: int) -> list[jax.A
     for i in range(tensor):
         at = i * shard
         for j, n in enumerate(per):
-            out[j].append(fused[:, at:at + n])
+            out[j].append(fused[:, at : at + n])
             at += n
     return [jnp.concatenate(o, axis=1) for o in out]
 
@@ -72,12 +73,16 @@ def fuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Param
         raise ValueError("the projections are already fused")
     missing = [n for n in (*(f"{p}.weight" for p in _QKV), *_GATE_UP) if n not in layers]
     if missing:
-        raise ValueError(f"fuse_projections needs the q/k/v and gate/up weights of a GQA model; "
-                         f"missing {missing}")
+        raise ValueError(
+            f"fuse_projections needs the q/k/v and gate/up weights of a GQA model; "
+            f"missing {missing}"
+        )
     kv = layers["self_attn.k_proj.weight"].shape[1] // cfg.head_dim
     if tensor > 1 and kv % tensor:
-        raise ValueError(f"{kv} KV heads do not split {tensor} ways; replicate them first "
-                         "(jaxturbo.parallel.tensor.replicate_kv_heads)")
+        raise ValueError(
+            f"{kv} KV heads do not split {tensor} ways; replicate them first "
+            "(jaxturbo.parallel.tensor.replicate_kv_heads)"
+        )
     layers[QKV_W] = _interleave([layers.pop(f"{n}.weight") for n in _QKV], tensor)
     if f"{_QKV[0]}.bias" in layers:
         layers[QKV_B] = _interleave([layers.pop(f"{n}.bias") for n in _QKV], tensor)
@@ -103,8 +108,9 @@ def unfuse_projections(params: Params, cfg: ModelConfig, tensor: int = 1) -> Par
     return {**params, "layers": layers}
 
 
-def fused_layer_shapes(shapes: dict[str, tuple[int, ...]], kv_heads: int, head_dim: int
-                       ) -> dict[str, tuple[int, ...]]:
+def fused_layer_shapes(
+    shapes: dict[str, tuple[int, ...]], kv_heads: int, head_dim: int
+) -> dict[str, tuple[int, ...]]:
     """Per-layer shapes (as `jaxturbo.bridge.hf.layer_shapes` gives them) of the fused layout,
     with `kv_heads` KV heads (replicated up to the tensor size where it exceeds them)."""
     out = dict(shapes)
@@ -123,7 +129,7 @@ def fused_layer_shapes(shapes: dict[str, tuple[int, ...]], kv_heads: int, head_d
     return out
 
 
-def shard_fused(params: Params, cfg: ModelConfig, mesh: "jax.sharding.Mesh") -> Params:
+def shard_fused(params: Params, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
     """`params` in the fused layout for the mesh's tensor size, placed tensor-parallel
     (`jaxturbo.parallel.tensor.shard_params`): KV heads replicated up to the tensor size first,
     then q/k/v and gate/up fused shard by shard."""

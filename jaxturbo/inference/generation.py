@@ -42,8 +42,15 @@ def bucket(n: int, multiple: int = 64) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def prefill(fwd: Callable, params: Params, cfg: AnyConfig, tokens: jax.Array,
-            lengths: jax.Array, cache: Cache, attn_impl: str) -> tuple[jax.Array, Cache]:
+def prefill(
+    fwd: Callable,
+    params: Params,
+    cfg: AnyConfig,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    cache: Cache,
+    attn_impl: str,
+) -> tuple[jax.Array, Cache]:
     """Cached prefill of right-padded prompts tokens [B, T] -> (logits [B, V] float32 at each
     row's last prompt token, cache).  The LM head runs on those B rows only: over all B x T
     positions it is a [B, T, V] float32 tensor (3 GB for 16 x 1024 tokens of a 49K vocabulary,
@@ -53,19 +60,49 @@ def prefill(fwd: Callable, params: Params, cfg: AnyConfig, tokens: jax.Array,
     hidden state with return_hidden."""
     b, t = tokens.shape
     seg = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)  # padding: segment 0
-    hidden, cache = fwd(params, cfg, tokens, segment_ids=seg, cache=cache, lengths=lengths,
-                        attn_impl=attn_impl, return_hidden=True)
+    hidden, cache = fwd(
+        params,
+        cfg,
+        tokens,
+        segment_ids=seg,
+        cache=cache,
+        lengths=lengths,
+        attn_impl=attn_impl,
+        return_hidden=True,
+    )
     last = hidden[jnp.arange(b), lengths - 1]
     return lm_head(params, cfg, last[:, None])[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "stream",
-                                             "attn_impl", "cache_dtype", "model_fn", "kv_heads"))
-def generate_arrays(params: Params, tokens: jax.Array, lengths: jax.Array, key: jax.Array,
-              stop_ids: jax.Array, *, cfg: AnyConfig, max_new_tokens: int,
-              sampling: SamplingParams, stream: Callable | None, attn_impl: str,
-              cache_dtype: str, model_fn: Callable | None = None,
-              kv_heads: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "max_new_tokens",
+        "sampling",
+        "stream",
+        "attn_impl",
+        "cache_dtype",
+        "model_fn",
+        "kv_heads",
+    ),
+)
+def generate_arrays(
+    params: Params,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    key: jax.Array,
+    stop_ids: jax.Array,
+    *,
+    cfg: AnyConfig,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stream: Callable | None,
+    attn_impl: str,
+    cache_dtype: str,
+    model_fn: Callable | None = None,
+    kv_heads: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     # model_fn: a hashable stand-in for the forward with its signature (e.g. tensor-parallel
     # `jaxturbo.parallel.tensor.TensorParallel`); kv_heads: the cache's (global) KV head count.
     fns = model_functions(cfg)  # GQA or MLA, chosen while tracing
@@ -129,7 +166,7 @@ def generate(
     *,
     max_new_tokens: int = 32,
     sampling: SamplingParams = SamplingParams(),
-    stop_ids: Sequence[int] = (),
+    stop_ids: Sequence[int] | None = None,
     seed: int = 0,
     stream: Callable[[np.ndarray, np.ndarray], None] | None = None,
     attn_impl: str = "auto",
@@ -146,7 +183,8 @@ def generate(
 
     Args:
       prompts: B lists of token ids (each non-empty).
-      stop_ids: tokens that end a row (included in its output).
+      stop_ids: tokens that end a row (included in its output); None (the default): the
+        model's end-of-sequence ids (`cfg.eos_token_id`); () runs every row to max_new_tokens.
       stream: called on the host once per step with (tokens [B], live [B]) while the loop runs.
       mesh: run the model tensor-parallel over this mesh's `tensor` (and `data`) axes, params
         placed by `jaxturbo.parallel.tensor.shard_params` or `jaxturbo.inference.fused.shard_fused`;
@@ -160,6 +198,7 @@ def generate(
     """
     if mesh is not None:
         from jaxturbo.parallel import tensor
+
         tensor.check_mesh(cfg, mesh, len(prompts))
         model_fn = tensor.TensorParallel(mesh)
         kv_heads = tensor.cache_kv_heads(cfg, tensor.tensor_size(mesh))
@@ -174,10 +213,13 @@ def generate(
     if int(lens.max()) + max_new_tokens > cfg.max_position_embeddings:
         raise UserError(
             f"prompt of {int(lens.max())} tokens + {max_new_tokens} new tokens exceeds the model's "
-            f"context of {cfg.max_position_embeddings}")
+            f"context of {cfg.max_position_embeddings}"
+        )
     toks = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         toks[i, : len(p)] = p
+    if stop_ids is None:
+        stop_ids = cfg.eos_token_id
     stops = np.array(sorted(set(stop_ids)) or [-1], np.int32)
     dtype = jax.tree.leaves(params)[0].dtype
     if batch_sharding is None:
@@ -186,9 +228,19 @@ def generate(
         rows = jax.sharding.PartitionSpec(batch_sharding.spec[0] if batch_sharding.spec else None)
         toks_d = jax.device_put(toks, batch_sharding)
         lens_d = jax.device_put(lens, jax.sharding.NamedSharding(batch_sharding.mesh, rows))
-    out, logp, n = generate_arrays(params, toks_d, lens_d, jax.random.key(seed),
-                             jnp.asarray(stops), cfg=cfg, max_new_tokens=max_new_tokens,
-                             sampling=sampling, stream=stream, attn_impl=attn_impl,
-                             cache_dtype=jnp.dtype(dtype).name, model_fn=model_fn,
-                             kv_heads=kv_heads)
+    out, logp, n = generate_arrays(
+        params,
+        toks_d,
+        lens_d,
+        jax.random.key(seed),
+        jnp.asarray(stops),
+        cfg=cfg,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stream=stream,
+        attn_impl=attn_impl,
+        cache_dtype=jnp.dtype(dtype).name,
+        model_fn=model_fn,
+        kv_heads=kv_heads,
+    )
     return GenerationResult(np.asarray(out), np.asarray(logp), np.asarray(n))

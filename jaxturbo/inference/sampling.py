@@ -29,6 +29,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         from jaxturbo.errors import UserError
+
         if self.temperature < 0:
             raise UserError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -43,8 +44,9 @@ class SamplingParams:
 
 def filtered_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     """Temperature-scaled logits [B, V] with tokens outside top-k / top-p set to -inf."""
-    return filter_logits(logits.astype(jnp.float32) / sp.temperature, top_k=sp.top_k,
-                         top_p=sp.top_p)
+    return filter_logits(
+        logits.astype(jnp.float32) / sp.temperature, top_k=sp.top_k, top_p=sp.top_p
+    )
 
 
 Knob = int | float | jax.Array
@@ -55,8 +57,7 @@ def _is_off(value: Knob, off: float) -> bool:
     return isinstance(value, (int, float)) and value == off
 
 
-def filter_logits(x: jax.Array, top_k: Knob = 0, top_p: Knob = 1.0,
-                  min_p: Knob = 0.0) -> jax.Array:
+def filter_logits(x: jax.Array, top_k: Knob = 0, top_p: Knob = 1.0, min_p: Knob = 0.0) -> jax.Array:
     """Temperature-scaled logits x [B, V] with the tokens outside min-p, top-k and top-p set to
     -inf (applied in that order; the most likely token is always kept).
 
@@ -84,10 +85,10 @@ def filter_logits(x: jax.Array, top_k: Knob = 0, top_p: Knob = 1.0,
         probs = jax.nn.softmax(jnp.where(keep, sorted_x, -jnp.inf), axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
         if isinstance(top_p, float):
-            keep &= before < top_p                    # the top token is always kept
+            keep &= before < top_p  # the top token is always kept
         else:
             p = _per_row(top_p, jnp.float32)
-            keep &= (before < p) | (p >= 1.0)         # rounding must not cut an off row's tail
+            keep &= (before < p) | (p >= 1.0)  # rounding must not cut an off row's tail
     # threshold = smallest kept logit; ties at the threshold are kept
     thresh = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(x >= thresh, x, -jnp.inf)
@@ -122,10 +123,17 @@ def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
 
 
-def sample_rows(logits: jax.Array, temperature: jax.Array, seeds: jax.Array,
-                positions: jax.Array, *, top_k: Knob = 0, top_p: Knob = 1.0,
-                min_p: Knob = 0.0, num_top_logprobs: int = 0
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def sample_rows(
+    logits: jax.Array,
+    temperature: jax.Array,
+    seeds: jax.Array,
+    positions: jax.Array,
+    *,
+    top_k: Knob = 0,
+    top_p: Knob = 1.0,
+    min_p: Knob = 0.0,
+    num_top_logprobs: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Draw one token per row of logits [B, V] with per-row parameters.
 
     temperature [B] (0: greedy, argmax of the raw logits); seeds [B] uint32 and positions [B]
@@ -139,8 +147,9 @@ def sample_rows(logits: jax.Array, temperature: jax.Array, seeds: jax.Array,
     lf = logits.astype(jnp.float32)
     greedy = temperature <= 0.0
     x = lf / jnp.where(greedy, 1.0, temperature)[:, None]
-    drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, positions),
-                                             filter_logits(x, top_k, top_p, min_p))
+    drawn = jax.vmap(jax.random.categorical)(
+        row_keys(seeds, positions), filter_logits(x, top_k, top_p, min_p)
+    )
     tok = jnp.where(greedy, jnp.argmax(lf, axis=-1), drawn).astype(jnp.int32)
     logp = jax.nn.log_softmax(x, axis=-1)
     tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]

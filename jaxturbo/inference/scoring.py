@@ -46,8 +46,14 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "model_fn"))
-def _window_nll(params: Params, cfg: AnyConfig, tokens: jax.Array, weights: jax.Array,
-                attn_impl: str, model_fn: Callable | None = None) -> jax.Array:
+def _window_nll(
+    params: Params,
+    cfg: AnyConfig,
+    tokens: jax.Array,
+    weights: jax.Array,
+    attn_impl: str,
+    model_fn: Callable | None = None,
+) -> jax.Array:
     """Sum of NLL of tokens[:, 1:] weighted by weights[:, 1:] (tokens [B, W]).
 
     model_fn: a hashable stand-in for the config's forward (e.g. `parallel.tensor.TensorParallel`)."""
@@ -58,19 +64,29 @@ def _window_nll(params: Params, cfg: AnyConfig, tokens: jax.Array, weights: jax.
     return jnp.sum(nll * weights[:, 1:])
 
 
-def perplexity(params: Params, cfg: AnyConfig, token_ids: np.ndarray, *, window: int = 1024,
-               stride: int | None = None, batch_size: int = 4, attn_impl: str = "auto",
-               progress: Callable[[int], None] | None = None,
-               model_fn: Callable | None = None) -> PerplexityResult:
+def perplexity(
+    params: Params,
+    cfg: AnyConfig,
+    token_ids: np.ndarray,
+    *,
+    window: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 4,
+    attn_impl: str = "auto",
+    progress: Callable[[int], None] | None = None,
+    model_fn: Callable | None = None,
+) -> PerplexityResult:
     """Perplexity of a 1-D token array, evaluated in batches of windows.
 
     cfg: a `ModelConfig` (GQA) or an `MLAConfig` (`jaxturbo.models.model_functions` picks the
     forward); model_fn: see `_window_nll` (tensor parallel scoring passes `TensorParallel(mesh)`)."""
     stride = window if stride is None else stride
     if window > cfg.max_position_embeddings:
-        raise UserError(f"--window {window} is larger than the model's context of "
-                        f"{cfg.max_position_embeddings} tokens; choose a window <= "
-                        f"{cfg.max_position_embeddings}")
+        raise UserError(
+            f"window={window} is larger than the model's context of "
+            f"{cfg.max_position_embeddings} tokens; choose a window <= "
+            f"{cfg.max_position_embeddings}"
+        )
     if window < 2 or not 1 <= stride <= window:
         raise UserError(f"need window >= 2 and 1 <= stride <= window (got {window}, {stride})")
     if len(token_ids) < 2:
@@ -84,8 +100,9 @@ def perplexity(params: Params, cfg: AnyConfig, token_ids: np.ndarray, *, window:
         for r, (b, e, first) in enumerate(chunk):
             toks[r, : e - b] = token_ids[b:e]
             wts[r, first : e - b] = 1.0
-        total += float(_window_nll(params, cfg, jnp.asarray(toks), jnp.asarray(wts), attn_impl,
-                                   model_fn))
+        total += float(
+            _window_nll(params, cfg, jnp.asarray(toks), jnp.asarray(wts), attn_impl, model_fn)
+        )
         count += int(wts[:, 1:].sum())
         if progress is not None:
             progress(len(chunk))

@@ -79,8 +79,15 @@ def _reverse_scan(step: Callable, init: tuple, xs: tuple) -> jax.Array:
     return jnp.swapaxes(ys, 0, 1)
 
 
-def gae(token_rewards: jax.Array, values: jax.Array, mask: jax.Array, *, gamma: float = 1.0,
-        lam: float = 1.0, whiten: bool = False) -> tuple[jax.Array, jax.Array]:
+def gae(
+    token_rewards: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    whiten: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """GAE advantages and returns [B, T] (see module docstring); masked tokens are skipped.
 
     The value after a response's last policy token is 0 (the episode ends there).
@@ -118,9 +125,15 @@ def discounted_returns(token_rewards: jax.Array, mask: jax.Array, gamma: float =
     return _reverse_scan(step, jnp.zeros((r.shape[0],), jnp.float32), (r, m))
 
 
-def group_normalize(x: jax.Array, valid: jax.Array, group_ids: jax.Array, *,
-                    scale_by_std: bool = True, leave_one_out: bool = False,
-                    eps: float = 1e-6) -> jax.Array:
+def group_normalize(
+    x: jax.Array,
+    valid: jax.Array,
+    group_ids: jax.Array,
+    *,
+    scale_by_std: bool = True,
+    leave_one_out: bool = False,
+    eps: float = 1e-6,
+) -> jax.Array:
     """Subtract each group's mean from x [N] (and divide by its unbiased std + eps).
 
     valid [N]: entries that count (others give 0).  group_ids [N] int in [0, N).
@@ -159,29 +172,43 @@ AdvantageFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 def _gae(token_rewards, mask, *, group_ids=None, values=None, cfg=AdvantageConfig()):
     if values is None:
-        raise ValueError("adv_estimator 'gae' needs values from a critic (PPO); use 'grpo', "
-                         "'rloo' or 'reinforce_plus_plus' without one")
+        raise ValueError(
+            "adv_estimator 'gae' needs values from a critic (PPO); use 'grpo', "
+            "'rloo' or 'reinforce_plus_plus' without one"
+        )
     return gae(token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam, whiten=cfg.whiten_gae)
 
 
 def _need_groups(group_ids, name):
     if group_ids is None:
-        raise ValueError(f"adv_estimator {name!r} needs group_ids (rollouts of one prompt share one)")
+        raise ValueError(
+            f"adv_estimator {name!r} needs group_ids (rollouts of one prompt share one)"
+        )
     return group_ids
 
 
 def _grpo(token_rewards, mask, *, group_ids=None, values=None, cfg=AdvantageConfig()):
     g = _need_groups(group_ids, "grpo")
     valid = jnp.ones(token_rewards.shape[:1], bool)
-    a = _broadcast(group_normalize(_scores(token_rewards, mask), valid, g,
-                                   scale_by_std=cfg.norm_adv_by_std_in_grpo, eps=cfg.epsilon), mask)
+    a = _broadcast(
+        group_normalize(
+            _scores(token_rewards, mask),
+            valid,
+            g,
+            scale_by_std=cfg.norm_adv_by_std_in_grpo,
+            eps=cfg.epsilon,
+        ),
+        mask,
+    )
     return a, a
 
 
 def _rloo(token_rewards, mask, *, group_ids=None, values=None, cfg=AdvantageConfig()):
     g = _need_groups(group_ids, "rloo")
     valid = jnp.ones(token_rewards.shape[:1], bool)
-    a = _broadcast(group_normalize(_scores(token_rewards, mask), valid, g, leave_one_out=True), mask)
+    a = _broadcast(
+        group_normalize(_scores(token_rewards, mask), valid, g, leave_one_out=True), mask
+    )
     return a, a
 
 
@@ -190,8 +217,9 @@ def _reinforce_pp(token_rewards, mask, *, group_ids=None, values=None, cfg=Advan
     return masked_whiten(ret, mask), ret
 
 
-def _reinforce_pp_baseline(token_rewards, mask, *, group_ids=None, values=None,
-                           cfg=AdvantageConfig()):
+def _reinforce_pp_baseline(
+    token_rewards, mask, *, group_ids=None, values=None, cfg=AdvantageConfig()
+):
     g = _need_groups(group_ids, "reinforce_plus_plus_baseline")
     valid = jnp.ones(token_rewards.shape[:1], bool)
     centred = group_normalize(_scores(token_rewards, mask), valid, g, scale_by_std=False)
@@ -206,8 +234,10 @@ GROUP_BASELINE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
 def check_group_size(adv_estimator: str, group_size: int) -> None:
     """ValueError when `adv_estimator` has a group baseline and groups hold fewer than 2."""
     if group_size < 2 and adv_estimator in GROUP_BASELINE_ESTIMATORS:
-        raise ValueError(f"group_size={group_size}: {adv_estimator} needs >= 2 rollouts per "
-                         "prompt for its baseline")
+        raise ValueError(
+            f"group_size={group_size}: {adv_estimator} needs >= 2 rollouts per "
+            "prompt for its baseline"
+        )
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
@@ -219,20 +249,36 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
 }
 
 
-def compute_advantages(token_rewards: jax.Array, mask: jax.Array, cfg: AdvantageConfig, *,
-                       group_ids: jax.Array | None = None,
-                       values: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def compute_advantages(
+    token_rewards: jax.Array,
+    mask: jax.Array,
+    cfg: AdvantageConfig,
+    *,
+    group_ids: jax.Array | None = None,
+    values: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Advantages and returns [B, T] with the estimator `cfg.adv_estimator` (see module doc)."""
     if cfg.adv_estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown adv_estimator {cfg.adv_estimator!r}; choose one of "
-                         f"{tuple(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[cfg.adv_estimator](token_rewards, mask, group_ids=group_ids,
-                                                   values=values, cfg=cfg)
+        raise ValueError(
+            f"unknown adv_estimator {cfg.adv_estimator!r}; choose one of "
+            f"{tuple(ADVANTAGE_ESTIMATORS)}"
+        )
+    return ADVANTAGE_ESTIMATORS[cfg.adv_estimator](
+        token_rewards, mask, group_ids=group_ids, values=values, cfg=cfg
+    )
 
 
-def multi_turn_advantages(step_rewards: jax.Array, step_mask: jax.Array, turn_ids: jax.Array,
-                          group_ids: jax.Array, *, level: str = "trajectory", gamma: float = 1.0,
-                          scale_by_std: bool = True, eps: float = 1e-6) -> jax.Array:
+def multi_turn_advantages(
+    step_rewards: jax.Array,
+    step_mask: jax.Array,
+    turn_ids: jax.Array,
+    group_ids: jax.Array,
+    *,
+    level: str = "trajectory",
+    gamma: float = 1.0,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> jax.Array:
     """Token advantages [B, T] of multi-turn episodes from per-turn rewards.
 
     step_rewards/step_mask [B, S]: reward after each of up to S policy turns (mask 1 for turns
@@ -243,15 +289,23 @@ def multi_turn_advantages(step_rewards: jax.Array, step_mask: jax.Array, turn_id
     b, s = step_rewards.shape
     r = step_rewards.astype(jnp.float32) * step_mask
     if level == "trajectory":
-        a = group_normalize(jnp.sum(r, axis=1), jnp.ones((b,), bool), group_ids,
-                            scale_by_std=scale_by_std, eps=eps)
+        a = group_normalize(
+            jnp.sum(r, axis=1), jnp.ones((b,), bool), group_ids, scale_by_std=scale_by_std, eps=eps
+        )
         return a[:, None] * (turn_ids > 0)
     if level != "step":
-        raise ValueError(f"unknown multi-turn advantage level {level!r}; choose 'trajectory' or 'step'")
+        raise ValueError(
+            f"unknown multi-turn advantage level {level!r}; choose 'trajectory' or 'step'"
+        )
     ret = discounted_returns(r, step_mask, gamma)  # [B, S]; turns are the time axis here
     # every step of every episode in a group is one sample of the group's baseline
     flat_groups = jnp.repeat(group_ids, s)
-    a = group_normalize(ret.reshape(-1), step_mask.reshape(-1).astype(bool), flat_groups,
-                        scale_by_std=scale_by_std, eps=eps).reshape(b, s)
+    a = group_normalize(
+        ret.reshape(-1),
+        step_mask.reshape(-1).astype(bool),
+        flat_groups,
+        scale_by_std=scale_by_std,
+        eps=eps,
+    ).reshape(b, s)
     a = jnp.concatenate([jnp.zeros((b, 1), jnp.float32), a], axis=1)  # turn id 0 -> advantage 0
     return jnp.take_along_axis(a, jnp.clip(turn_ids, 0, s).astype(jnp.int32), axis=1)

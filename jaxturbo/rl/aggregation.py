@@ -21,8 +21,12 @@ import jax.numpy as jnp
 
 from jaxturbo.train.losses import Weighted
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                  "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
 
 
 def sequence_ids(mask: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, int]:
@@ -37,18 +41,27 @@ def sequence_ids(mask: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Ar
     return jnp.arange(b)[:, None] * (t + 1) + jnp.clip(segment_ids, 0, t), b * (t + 1)
 
 
-def sequence_sums(x: jax.Array, mask: jax.Array,
-                  segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def sequence_sums(
+    x: jax.Array, mask: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Per-sequence sums of m * x and of m: two arrays [S] (S slots, unused ones 0)."""
     ids, n = sequence_ids(mask, segment_ids)
     m = mask.astype(jnp.float32)
     flat = ids.reshape(-1)
-    return (jax.ops.segment_sum((x.astype(jnp.float32) * m).reshape(-1), flat, num_segments=n),
-            jax.ops.segment_sum(m.reshape(-1), flat, num_segments=n))
+    return (
+        jax.ops.segment_sum((x.astype(jnp.float32) * m).reshape(-1), flat, num_segments=n),
+        jax.ops.segment_sum(m.reshape(-1), flat, num_segments=n),
+    )
 
 
-def aggregate(loss: jax.Array, mask: jax.Array, mode: str = "token-mean", *,
-              segment_ids: jax.Array | None = None, norm_length: float | None = None) -> Weighted:
+def aggregate(
+    loss: jax.Array,
+    mask: jax.Array,
+    mode: str = "token-mean",
+    *,
+    segment_ids: jax.Array | None = None,
+    norm_length: float | None = None,
+) -> Weighted:
     """Aggregate a per-token loss [B, T] over trained tokens (see the module docstring).
 
     norm_length: the constant L of seq-mean-token-sum-norm (default T, the row length; pass the

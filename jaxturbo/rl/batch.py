@@ -34,8 +34,15 @@ from jaxturbo.errors import UserError
 from jaxturbo.rl.advantages import AdvantageConfig, compute_advantages
 
 Batch = dict[str, np.ndarray]
-BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions", "old_logprobs",
-              "advantages")
+BATCH_KEYS = (
+    "tokens",
+    "targets",
+    "weights",
+    "segment_ids",
+    "positions",
+    "old_logprobs",
+    "advantages",
+)
 
 
 @dataclasses.dataclass
@@ -58,15 +65,22 @@ class Rollout:
 
     def mask(self) -> np.ndarray:
         n = len(self.completion)
-        m = np.ones(n, np.int32) if self.policy_mask is None else np.asarray(self.policy_mask, np.int32)
+        m = (
+            np.ones(n, np.int32)
+            if self.policy_mask is None
+            else np.asarray(self.policy_mask, np.int32)
+        )
         if len(m) != n or len(self.logprobs) != n:
-            raise UserError(f"rollout of group {self.group}: completion has {n} tokens but "
-                            f"policy_mask {len(m)} and logprobs {len(self.logprobs)}")
+            raise UserError(
+                f"rollout of group {self.group}: completion has {n} tokens but "
+                f"policy_mask {len(m)} and logprobs {len(self.logprobs)}"
+            )
         return m
 
 
-def repeat_prompts(prompts: Sequence[Sequence[int]], group_size: int
-                   ) -> tuple[list[list[int]], np.ndarray]:
+def repeat_prompts(
+    prompts: Sequence[Sequence[int]], group_size: int
+) -> tuple[list[list[int]], np.ndarray]:
     """Each prompt group_size times in a row, and the group id [P * group_size] of each."""
     if group_size < 1:
         raise UserError(f"group size {group_size} must be >= 1 (GRPO needs >= 2 for a baseline)")
@@ -127,9 +141,16 @@ def _first_fit(lengths: Sequence[int], idx: Sequence[int], seq_len: int) -> list
     return rows
 
 
-def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_len: int,
-                  num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0,
-                  extras: dict[str, np.ndarray] | None = None) -> Batch:
+def pack_rollouts(
+    rollouts: Sequence[Rollout],
+    advantages: np.ndarray,
+    *,
+    seq_len: int,
+    num_shards: int = 1,
+    rows_multiple: int = 1,
+    min_rows: int = 0,
+    extras: dict[str, np.ndarray] | None = None,
+) -> Batch:
     """Pack rollouts with completion-aligned advantages [N, C] into rows [B, seq_len].
 
     extras: more completion-aligned float arrays [N, C] (e.g. PPO's old_values, returns), packed
@@ -144,22 +165,30 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
     lengths = [len(r.prompt) + len(r.completion) - 1 for r in rollouts]  # inputs per rollout
     too_long = [n for n in lengths if n > seq_len]
     if too_long:
-        raise UserError(f"a rollout of {too_long[0] + 1} tokens does not fit seq_len={seq_len}; "
-                        f"raise seq_len to >= {max(lengths)} or lower max_new_tokens")
+        raise UserError(
+            f"a rollout of {too_long[0] + 1} tokens does not fit seq_len={seq_len}; "
+            f"raise seq_len to >= {max(lengths)} or lower max_new_tokens"
+        )
     shards = [_first_fit(lengths, s, seq_len) for s in balance_shards(lengths, num_shards)]
     per = max(min_rows, max(len(s) for s in shards))
     per = -(-per // rows_multiple) * rows_multiple
     extras = extras or {}
-    out = {k: np.zeros((num_shards * per, seq_len), np.float32 if k in
-                       ("weights", "old_logprobs", "advantages") else np.int32) for k in BATCH_KEYS}
+    out = {
+        k: np.zeros(
+            (num_shards * per, seq_len),
+            np.float32 if k in ("weights", "old_logprobs", "advantages") else np.int32,
+        )
+        for k in BATCH_KEYS
+    }
     out.update({k: np.zeros((num_shards * per, seq_len), np.float32) for k in extras})
     for s, rows in enumerate(shards):
         for j, row in enumerate(rows):
             b, pos = s * per + j, 0
             for seg, i in enumerate(row, start=1):
                 r = rollouts[i]
-                seq = np.concatenate([np.asarray(r.prompt, np.int32),
-                                      np.asarray(r.completion, np.int32)])
+                seq = np.concatenate(
+                    [np.asarray(r.prompt, np.int32), np.asarray(r.completion, np.int32)]
+                )
                 n, p = lengths[i], len(r.prompt)
                 sl = slice(pos, pos + n)
                 out["tokens"][b, sl] = seq[:-1]
@@ -178,11 +207,18 @@ def pack_rollouts(rollouts: Sequence[Rollout], advantages: np.ndarray, *, seq_le
     return out
 
 
-def build_batch(rollouts: Sequence[Rollout], adv_cfg: AdvantageConfig, *, seq_len: int,
-                num_shards: int = 1, rows_multiple: int = 1, min_rows: int = 0,
-                dynamic_filter: bool = True, drop_truncated: bool = False,
-                advantage_fn: Callable[[list[int]], np.ndarray] | None = None
-                ) -> tuple[Batch, dict[str, float]]:
+def build_batch(
+    rollouts: Sequence[Rollout],
+    adv_cfg: AdvantageConfig,
+    *,
+    seq_len: int,
+    num_shards: int = 1,
+    rows_multiple: int = 1,
+    min_rows: int = 0,
+    dynamic_filter: bool = True,
+    drop_truncated: bool = False,
+    advantage_fn: Callable[[list[int]], np.ndarray] | None = None,
+) -> tuple[Batch, dict[str, float]]:
     """Advantages (outcome estimators: grpo, rloo, reinforce_plus_plus*) and packed rows
     (see `pack_rollouts` for num_shards, rows_multiple, min_rows).
 
@@ -204,18 +240,31 @@ def build_batch(rollouts: Sequence[Rollout], adv_cfg: AdvantageConfig, *, seq_le
         keep &= filter_groups(rewards, groups)
     kept_idx = [int(i) for i in np.flatnonzero(keep)]
     kept = [rollouts[i] for i in kept_idx]
-    stats = {"reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-             "kept": float(len(kept)), "groups_kept": float(len({r.group for r in kept}))}
+    stats = {
+        "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+        "kept": float(len(kept)),
+        "groups_kept": float(len({r.group for r in kept})),
+    }
     if not kept:
         return {}, stats
     if advantage_fn is not None:
         adv = advantage_fn(kept_idx)
     else:
         arr = response_arrays(kept)
-        adv, _ = compute_advantages(jnp.asarray(arr["token_rewards"]), jnp.asarray(arr["mask"]),
-                                    adv_cfg, group_ids=jnp.asarray(arr["group_ids"]))
-    batch = pack_rollouts(kept, np.asarray(adv), seq_len=seq_len, num_shards=num_shards,
-                          rows_multiple=rows_multiple, min_rows=min_rows)
+        adv, _ = compute_advantages(
+            jnp.asarray(arr["token_rewards"]),
+            jnp.asarray(arr["mask"]),
+            adv_cfg,
+            group_ids=jnp.asarray(arr["group_ids"]),
+        )
+    batch = pack_rollouts(
+        kept,
+        np.asarray(adv),
+        seq_len=seq_len,
+        num_shards=num_shards,
+        rows_multiple=rows_multiple,
+        min_rows=min_rows,
+    )
     per_shard = batch["weights"].reshape(num_shards, -1).sum(axis=1)
     stats.update(tokens_max=float(per_shard.max()), tokens_min=float(per_shard.min()))
     return batch, stats

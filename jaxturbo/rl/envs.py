@@ -89,7 +89,8 @@ class HeldOutSplit:
             raise UserError(
                 f"held-out set of {n} problems must be >= 0 and leave training problems "
                 f"among the {space} distinct ones of {self._describe()}; use at most "
-                f"{space - 1}, or more distinct problems (e.g. a larger max_operand)")
+                f"{space - 1}, or more distinct problems (e.g. a larger max_operand)"
+            )
         rng = np.random.default_rng(self.held_out_seed)
         held: dict[Hashable, np.ndarray] = {}
         while len(held) < n:  # distinct keys, in the order first drawn
@@ -111,14 +112,17 @@ class HeldOutSplit:
         drawn again, so without a held-out set the stream is that of the plain draws."""
         rows: list[np.ndarray] = []
         while len(rows) < n:
-            rows += [r for r in self._candidates(n - len(rows), rng)
-                     if self._key(r) not in self._held_keys]
+            rows += [
+                r
+                for r in self._candidates(n - len(rows), rng)
+                if self._key(r) not in self._held_keys
+            ]
         return [self._problem(r) for r in rows]
 
 
 @dataclasses.dataclass
 class ArithmeticTask(HeldOutSplit):
-    """"a+b=" problems with operands in [0, max_operand]; reward 1 when the last integer the
+    """ "a+b=" problems with operands in [0, max_operand]; reward 1 when the last integer the
     completion writes equals a + b (an exact-answer check, as in verifiable-reward RL; the last
     one, because models often restate the question: "7 + 8 = 15").  `template` is formatted
     with a and b and then encoded (an `encode` may wrap it in a chat template).  operands > 2
@@ -170,8 +174,9 @@ class TokenSetTask(HeldOutSplit):
 
     def _candidates(self, n: int, rng: np.random.Generator) -> np.ndarray:
         # one draw per prompt, as before the split existed (the same stream without held-out)
-        return np.array([rng.integers(0, self.vocab_size, self.prompt_len) for _ in range(n)],
-                        np.int64).reshape(n, self.prompt_len)
+        return np.array(
+            [rng.integers(0, self.vocab_size, self.prompt_len) for _ in range(n)], np.int64
+        ).reshape(n, self.prompt_len)
 
     def _key(self, row: np.ndarray) -> Hashable:
         return tuple(int(x) for x in row)
@@ -180,7 +185,7 @@ class TokenSetTask(HeldOutSplit):
         return Problem([int(x) for x in row], key=self._key(row))
 
     def distinct_problems(self) -> int:
-        return self.vocab_size ** self.prompt_len
+        return self.vocab_size**self.prompt_len
 
     def _describe(self) -> str:
         return f"prompts of {self.prompt_len} ids below {self.vocab_size}"

@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxturbo.errors import UserError
 from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params, forward
@@ -66,12 +67,15 @@ from jaxturbo.rl.envs import Task
 from jaxturbo.rl.kl import kl_penalty
 from jaxturbo.rl.logprobs import logprobs_from_logits, token_logprobs
 from jaxturbo.rl.multiturn import MultiTurnTask, collect_episodes, run_episodes, step_arrays
-from jaxturbo.rl.policy_loss import (PolicyLossConfig, entropy_bonus, policy_loss,
-                                     truncated_is_weights)
+from jaxturbo.rl.policy_loss import (
+    PolicyLossConfig,
+    entropy_bonus,
+    policy_loss,
+    truncated_is_weights,
+)
 from jaxturbo.rl.rollout import JaxEngine, RolloutEngine, collect_rollouts
-from jaxturbo.train.losses import Weighted
-from jaxturbo.errors import UserError
 from jaxturbo.train import sharding as shd
+from jaxturbo.train.losses import Weighted
 from jaxturbo.train.optimizer import OptimizerConfig, make_optimizer
 from jaxturbo.train.step import Batch, LossFn, TrainConfig, init_state, make_train_step
 
@@ -126,33 +130,59 @@ def grpo_loss(model_cfg: ModelConfig, cfg: GRPOConfig, attn_impl: str = "auto") 
     mode, norm = cfg.policy.loss_agg_mode, cfg.policy.norm_length
 
     def loss(params: Params, batch: Batch) -> tuple[Weighted, dict[str, jax.Array]]:
-        logits, _ = forward(params, model_cfg, batch["tokens"], positions=batch["positions"],
-                            segment_ids=batch["segment_ids"], attn_impl=attn_impl)
+        logits, _ = forward(
+            params,
+            model_cfg,
+            batch["tokens"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+            attn_impl=attn_impl,
+        )
         logp = logprobs_from_logits(logits, batch["targets"], cfg.temperature)
         seg, mask = batch["segment_ids"], batch["weights"]
-        pg, aux = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask,
-                              cfg.policy, segment_ids=seg, is_weights=batch.get("is_weights"))
+        pg, aux = policy_loss(
+            logp,
+            batch["old_logprobs"],
+            batch["advantages"],
+            mask,
+            cfg.policy,
+            segment_ids=seg,
+            is_weights=batch.get("is_weights"),
+        )
         total = pg.total
         aux = {**aux, "pg_loss": pg.value()}
         if cfg.kl_coef > 0:
-            kl = aggregate(kl_penalty(logp, batch["ref_logprobs"], cfg.kl_loss_type), mask, mode,
-                           segment_ids=seg, norm_length=norm)
+            kl = aggregate(
+                kl_penalty(logp, batch["ref_logprobs"], cfg.kl_loss_type),
+                mask,
+                mode,
+                segment_ids=seg,
+                norm_length=norm,
+            )
             total = total + cfg.kl_coef * kl.total
             aux["kl"] = kl.value()
         if cfg.entropy_coeff > 0:
-            ent = entropy_bonus(logits / cfg.temperature, mask, mode, segment_ids=seg,
-                                norm_length=norm)
+            ent = entropy_bonus(
+                logits / cfg.temperature, mask, mode, segment_ids=seg, norm_length=norm
+            )
             total = total - cfg.entropy_coeff * ent.total
             aux["entropy"] = ent.value()
         return Weighted(total, pg.count), aux
+
     return loss
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: OptimizerConfig,
-                train: TrainConfig):
-    return make_train_step(model_cfg, train, make_optimizer(optimizer), donate=False,
-                           loss_fn=grpo_loss(model_cfg, cfg, train.attn_impl))
+def _train_step(
+    model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: OptimizerConfig, train: TrainConfig
+):
+    return make_train_step(
+        model_cfg,
+        train,
+        make_optimizer(optimizer),
+        donate=False,
+        loss_fn=grpo_loss(model_cfg, cfg, train.attn_impl),
+    )
 
 
 def check_rl_mesh(mesh: Any) -> int:
@@ -161,8 +191,10 @@ def check_rl_mesh(mesh: Any) -> int:
     bad = {a: mesh.shape.get(a, 1) for a in ("sequence",) if mesh.shape.get(a, 1) > 1}
     if bad:
         desc = ",".join(f"{a}={n}" for a, n in bad.items())
-        raise UserError(f"RL learners support the data, fsdp and tensor mesh axes (got {desc}); "
-                        f"use e.g. data={mesh.devices.size} or data=1,fsdp={mesh.devices.size}")
+        raise UserError(
+            f"RL learners support the data, fsdp and tensor mesh axes (got {desc}); "
+            f"use e.g. data={mesh.devices.size} or data=1,fsdp={mesh.devices.size}"
+        )
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
@@ -174,11 +206,20 @@ def _logprobs_fn(model_cfg: ModelConfig, temperature: float):
 class GRPOLearner:
     """Synchronous GRPO on one host (see module docstring).  params: the initial policy."""
 
-    def __init__(self, model_cfg: ModelConfig, params: Params, task: Task, cfg: GRPOConfig, *,
-                 optimizer: OptimizerConfig = OptimizerConfig(warmup_steps=0),
-                 train: TrainConfig = TrainConfig(compute_dtype="float32"),
-                 engine: RolloutEngine | None = None, stop_ids: tuple[int, ...] = (),
-                 seed: int = 0, mesh: Any = None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        params: Params,
+        task: Task,
+        cfg: GRPOConfig,
+        *,
+        optimizer: OptimizerConfig = OptimizerConfig(warmup_steps=0),
+        train: TrainConfig = TrainConfig(compute_dtype="float32"),
+        engine: RolloutEngine | None = None,
+        stop_ids: tuple[int, ...] = (),
+        seed: int = 0,
+        mesh: Any = None,
+    ):
         check_group_size(cfg.advantage.adv_estimator, cfg.group_size)
         self.model_cfg, self.task, self.cfg, self.stop_ids = model_cfg, task, cfg, stop_ids
         self.mesh = mesh
@@ -186,15 +227,28 @@ class GRPOLearner:
         self.state = init_state(params, make_optimizer(optimizer), mesh=mesh, seed=seed)
         # the rollout settings do not change the loss: learners that differ only there share
         # one compiled step
-        loss_cfg = dataclasses.replace(cfg, rollout_mode="sync", max_staleness=0, tis_cap=1.0,
-                                       prompts_per_step=0, group_size=0, dynamic_filter=False,
-                                       multi_turn_advantage="trajectory")
+        loss_cfg = dataclasses.replace(
+            cfg,
+            rollout_mode="sync",
+            max_staleness=0,
+            tis_cap=1.0,
+            prompts_per_step=0,
+            group_size=0,
+            dynamic_filter=False,
+            multi_turn_advantage="trajectory",
+        )
         if mesh is None:
             self.train_step = _train_step(model_cfg, loss_cfg, optimizer, train)
         else:  # the shardings come from the params' shapes: not an lru_cache key
             self.train_step = make_train_step(
-                model_cfg, train, make_optimizer(optimizer), donate=False, mesh=mesh,
-                params=self.state.params, loss_fn=grpo_loss(model_cfg, loss_cfg, train.attn_impl))
+                model_cfg,
+                train,
+                make_optimizer(optimizer),
+                donate=False,
+                mesh=mesh,
+                params=self.state.params,
+                loss_fn=grpo_loss(model_cfg, loss_cfg, train.attn_impl),
+            )
         self.engine = engine or JaxEngine(model_cfg, self.state.params, mesh=mesh)
         self.ref_params = self.state.params if cfg.kl_coef > 0 else None
         self._ref_logprobs = _logprobs_fn(model_cfg, cfg.temperature)
@@ -208,8 +262,9 @@ class GRPOLearner:
         if cfg.max_staleness < 0:
             raise ValueError(f"max_staleness={cfg.max_staleness} must be >= 0")
         if cfg.multi_turn_advantage not in ("trajectory", "step"):
-            raise ValueError(f"multi_turn_advantage {cfg.multi_turn_advantage!r}; choose "
-                             "'trajectory' or 'step'")
+            raise ValueError(
+                f"multi_turn_advantage {cfg.multi_turn_advantage!r}; choose 'trajectory' or 'step'"
+            )
         # async: the rollout thread starts on the first step, so that `restore` can set the
         # step count and sampler state it continues from
         self._producer: _Producer | None = None
@@ -252,9 +307,16 @@ class GRPOLearner:
             self._rng_at[index] = self.rng.bit_generator.state
         collect = collect_episodes if isinstance(self.task, MultiTurnTask) else collect_rollouts
         return collect(
-            self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
+            self.engine,
+            self.task,
+            cfg.prompts_per_step,
+            cfg.group_size,
             SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p),
-            max_new_tokens=cfg.max_new_tokens, rng=self.rng, stop_ids=self.stop_ids, seed=index)
+            max_new_tokens=cfg.max_new_tokens,
+            rng=self.rng,
+            stop_ids=self.stop_ids,
+            seed=index,
+        )
 
     def close(self) -> None:
         """Stop the async rollout thread (a no-op in sync mode)."""
@@ -278,8 +340,11 @@ class GRPOLearner:
         if not isinstance(self.task, MultiTurnTask):
             return items, None, max(len(r.prompt) for r in items) + cfg.max_new_tokens - 1
         rollouts = [e.rollout for e in items]
-        bound = (max(len(r.prompt) for r in rollouts) - 1
-                 + self.task.max_episode_tokens(cfg.max_new_tokens))
+        bound = (
+            max(len(r.prompt) for r in rollouts)
+            - 1
+            + self.task.max_episode_tokens(cfg.max_new_tokens)
+        )
         longest = max(bound, max(len(r.prompt) + len(r.completion) - 1 for r in rollouts))
         if cfg.multi_turn_advantage == "trajectory":
             return rollouts, None, longest  # the episode reward through cfg.advantage
@@ -287,10 +352,19 @@ class GRPOLearner:
         def step_level(kept: list[int]) -> np.ndarray:
             arr = step_arrays([items[i] for i in kept])
             adv = cfg.advantage
-            return np.asarray(multi_turn_advantages(
-                arr["step_rewards"], arr["step_mask"], arr["turn_ids"], arr["group_ids"],
-                level="step", gamma=adv.gamma, scale_by_std=adv.norm_adv_by_std_in_grpo,
-                eps=adv.epsilon))
+            return np.asarray(
+                multi_turn_advantages(
+                    arr["step_rewards"],
+                    arr["step_mask"],
+                    arr["turn_ids"],
+                    arr["group_ids"],
+                    level="step",
+                    gamma=adv.gamma,
+                    scale_by_std=adv.norm_adv_by_std_in_grpo,
+                    eps=adv.epsilon,
+                )
+            )
+
         return rollouts, step_level, longest
 
     def next_rollouts(self) -> tuple[Batch, dict[str, float]]:
@@ -306,10 +380,16 @@ class GRPOLearner:
             produced_at, rollouts, metrics = self._producer.get()
             metrics["staleness"] = float(self.steps - produced_at)
         rollouts, adv_fn, longest = self._episodes(rollouts)
-        batch, stats = build_batch(rollouts, cfg.advantage, seq_len=cfg.seq_len,
-                                   min_rows=self._rows(longest), rows_multiple=self.grad_accum,
-                                   dynamic_filter=cfg.dynamic_filter, num_shards=self.num_shards,
-                                   advantage_fn=adv_fn)
+        batch, stats = build_batch(
+            rollouts,
+            cfg.advantage,
+            seq_len=cfg.seq_len,
+            min_rows=self._rows(longest),
+            rows_multiple=self.grad_accum,
+            dynamic_filter=cfg.dynamic_filter,
+            num_shards=self.num_shards,
+            advantage_fn=adv_fn,
+        )
         metrics.update(stats)
         return batch, metrics
 
@@ -329,8 +409,9 @@ class GRPOLearner:
                 b["is_weights"] = truncated_is_weights(prox, b["old_logprobs"], cfg.tis_cap)
                 b["old_logprobs"] = prox
                 m_w = b["weights"]
-                metrics["is_weight_mean"] = float(jnp.sum(b["is_weights"] * m_w) /
-                                                  jnp.maximum(jnp.sum(m_w), 1.0))
+                metrics["is_weight_mean"] = float(
+                    jnp.sum(b["is_weights"] * m_w) / jnp.maximum(jnp.sum(m_w), 1.0)
+                )
             state, m = self.train_step(state, b)
             metrics.update({k: float(v) for k, v in m.items()})
             self.engine.update_weights(state.params)
@@ -392,16 +473,30 @@ class _Producer:
             self._cond.notify_all()
 
 
-def mean_reward(engine: RolloutEngine, task: Task, problems: list[Any], *,
-                max_new_tokens: int, stop_ids: tuple[int, ...] = (),
-                sampling: SamplingParams = SamplingParams()) -> float:
+def mean_reward(
+    engine: RolloutEngine,
+    task: Task,
+    problems: list[Any],
+    *,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...] = (),
+    sampling: SamplingParams = SamplingParams(),
+) -> float:
     """Mean reward of the engine's policy on fixed problems (greedy by default): held-out eval
     on `task.held_out()`, which the task's training sampler never draws.
     A `MultiTurnTask`'s problems are played as episodes (the episode reward)."""
     if isinstance(task, MultiTurnTask):
-        eps = run_episodes(engine, task, problems, sampling, max_turns=task.max_turns,
-                           max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        eps = run_episodes(
+            engine,
+            task,
+            problems,
+            sampling,
+            max_turns=task.max_turns,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+        )
         return float(np.mean([e.rollout.reward for e in eps]))
-    out = engine.generate([p.prompt for p in problems], sampling, max_new_tokens=max_new_tokens,
-                          stop_ids=stop_ids)
+    out = engine.generate(
+        [p.prompt for p in problems], sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids
+    )
     return float(np.mean([task.reward(p, c) for p, c in zip(problems, out.completions)]))

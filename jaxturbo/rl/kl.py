@@ -40,13 +40,19 @@ def kl_k3(logp: jax.Array, ref_logp: jax.Array, clamp: float = 10.0) -> jax.Arra
 
 
 KL_ESTIMATORS: dict[str, KLFn] = {
-    "k1": kl_k1, "k2": kl_k2, "k3": kl_k3,
-    "kl": kl_k1, "mse": kl_k2, "low_var_kl": kl_k3,
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
+    "kl": kl_k1,
+    "mse": kl_k2,
+    "low_var_kl": kl_k3,
 }
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
     """Per-token KL estimate [B, T] by registry name (see KL_ESTIMATORS)."""
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {tuple(KL_ESTIMATORS)}")
+        raise ValueError(
+            f"unknown KL estimator {estimator!r}; choose one of {tuple(KL_ESTIMATORS)}"
+        )
     return KL_ESTIMATORS[estimator](logp, ref_logp)

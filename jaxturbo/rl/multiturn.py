@@ -49,10 +49,18 @@ class Episode:
     turn_ids: list[int]
 
 
-def run_episodes(engine: RolloutEngine, env: ToolEnv, problems: Sequence[Problem],
-                 sampling: SamplingParams, *, max_turns: int, max_new_tokens: int,
-                 stop_ids: Sequence[int] = (), groups: Sequence[int] | None = None,
-                 seed: int = 0) -> list[Episode]:
+def run_episodes(
+    engine: RolloutEngine,
+    env: ToolEnv,
+    problems: Sequence[Problem],
+    sampling: SamplingParams,
+    *,
+    max_turns: int,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    groups: Sequence[int] | None = None,
+    seed: int = 0,
+) -> list[Episode]:
     """Play every problem to the end (or max_turns policy turns: the environment's answer to the
     last turn gives its reward, its reply tokens are not appended)."""
     groups = list(range(len(problems))) if groups is None else list(groups)
@@ -65,9 +73,13 @@ def run_episodes(engine: RolloutEngine, env: ToolEnv, problems: Sequence[Problem
     for turn in range(max_turns):
         if not live:
             break
-        out = engine.generate([list(problems[i].prompt) + comp[i] for i in live], sampling,
-                              max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                              seed=seed * max_turns + turn)
+        out = engine.generate(
+            [list(problems[i].prompt) + comp[i] for i in live],
+            sampling,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            seed=seed * max_turns + turn,
+        )
         still = []
         for i, toks, lps in zip(live, out.completions, out.logprobs):
             comp[i] += toks
@@ -84,9 +96,21 @@ def run_episodes(engine: RolloutEngine, env: ToolEnv, problems: Sequence[Problem
             turn_ids[i] += [0] * len(reply)
             still.append(i)
         live = still
-    return [Episode(Rollout(list(p.prompt), comp[i], logp[i], float(sum(rewards[i])), groups[i],
-                            policy_mask=mask[i]), rewards[i], turn_ids[i])
-            for i, p in enumerate(problems)]
+    return [
+        Episode(
+            Rollout(
+                list(p.prompt),
+                comp[i],
+                logp[i],
+                float(sum(rewards[i])),
+                groups[i],
+                policy_mask=mask[i],
+            ),
+            rewards[i],
+            turn_ids[i],
+        )
+        for i, p in enumerate(problems)
+    ]
 
 
 def step_arrays(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
@@ -95,8 +119,11 @@ def step_arrays(episodes: Sequence[Episode]) -> dict[str, np.ndarray]:
     n = len(episodes)
     s = max(1, max(len(e.step_rewards) for e in episodes))
     c = max(1, max(len(e.turn_ids) for e in episodes))
-    out = {"step_rewards": np.zeros((n, s), np.float32), "step_mask": np.zeros((n, s), np.int32),
-           "turn_ids": np.zeros((n, c), np.int32)}
+    out = {
+        "step_rewards": np.zeros((n, s), np.float32),
+        "step_mask": np.zeros((n, s), np.int32),
+        "turn_ids": np.zeros((n, c), np.int32),
+    }
     for i, e in enumerate(episodes):
         out["step_rewards"][i, : len(e.step_rewards)] = e.step_rewards
         out["step_mask"][i, : len(e.step_rewards)] = 1
@@ -158,10 +185,18 @@ class MultiTurnTask:
         return self.max_turns * max_new_tokens + (self.max_turns - 1) * self.max_tool_tokens
 
 
-def collect_episodes(engine: RolloutEngine, task: MultiTurnTask, n_prompts: int, group_size: int,
-                     sampling: SamplingParams, *, max_new_tokens: int, rng: np.random.Generator,
-                     stop_ids: Sequence[int] = (), seed: int = 0
-                     ) -> tuple[list[Episode], dict[str, float]]:
+def collect_episodes(
+    engine: RolloutEngine,
+    task: MultiTurnTask,
+    n_prompts: int,
+    group_size: int,
+    sampling: SamplingParams,
+    *,
+    max_new_tokens: int,
+    rng: np.random.Generator,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+) -> tuple[list[Episode], dict[str, float]]:
     """The multi-turn `collect_rollouts`: n_prompts problems, group_size episodes each (group id
     = problem index), played with `run_episodes`.  Metrics: rollout_s, rollout_tokens (policy
     tokens generated), response_len (completion tokens per episode, tool output included),
@@ -170,14 +205,22 @@ def collect_episodes(engine: RolloutEngine, task: MultiTurnTask, n_prompts: int,
 
     problems = task.sample(n_prompts, rng)
     t0 = time.perf_counter()
-    episodes = run_episodes(engine, task, [p for p in problems for _ in range(group_size)],
-                            sampling, max_turns=task.max_turns, max_new_tokens=max_new_tokens,
-                            stop_ids=stop_ids, seed=seed,
-                            groups=np.repeat(np.arange(n_prompts), group_size).tolist())
+    episodes = run_episodes(
+        engine,
+        task,
+        [p for p in problems for _ in range(group_size)],
+        sampling,
+        max_turns=task.max_turns,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        seed=seed,
+        groups=np.repeat(np.arange(n_prompts), group_size).tolist(),
+    )
     rollout_s = time.perf_counter() - t0
     n = max(len(episodes), 1)
     return episodes, {
         "rollout_s": rollout_s,
         "rollout_tokens": float(sum(int(np.sum(e.rollout.mask())) for e in episodes)),
         "response_len": sum(len(e.rollout.completion) for e in episodes) / n,
-        "turns": sum(len(e.step_rewards) for e in episodes) / n}
+        "turns": sum(len(e.step_rewards) for e in episodes) / n,
+    }

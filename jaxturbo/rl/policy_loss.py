@@ -81,19 +81,25 @@ class PolicyLossConfig:
         if self.loss_agg_mode is None:
             object.__setattr__(self, "loss_agg_mode", mode)
         if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg_mode {self.loss_agg_mode!r}; choose one of "
-                             f"{LOSS_AGG_MODES}")
+            raise ValueError(
+                f"loss_agg_mode {self.loss_agg_mode!r}; choose one of {LOSS_AGG_MODES}"
+            )
         if not (0.0 <= self.clip_ratio_low < 1.0 and self.clip_ratio_high >= 0.0):
-            raise ValueError(f"clip ranges need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0 "
-                             f"(got {self.clip_ratio_low}, {self.clip_ratio_high})")
-        if self.clip_ratio_c is not None and not (isinstance(self.clip_ratio_c, (int, float))
-                                                  and self.clip_ratio_c > 1.0):
-            raise ValueError(f"clip_ratio_c={self.clip_ratio_c} must be > 1 (or None for no "
-                             "dual-clip)")
+            raise ValueError(
+                f"clip ranges need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0 "
+                f"(got {self.clip_ratio_low}, {self.clip_ratio_high})"
+            )
+        if self.clip_ratio_c is not None and not (
+            isinstance(self.clip_ratio_c, (int, float)) and self.clip_ratio_c > 1.0
+        ):
+            raise ValueError(
+                f"clip_ratio_c={self.clip_ratio_c} must be > 1 (or None for no dual-clip)"
+            )
 
 
-def sequence_log_ratio(log_ratio: jax.Array, mask: jax.Array,
-                       segment_ids: jax.Array | None = None) -> jax.Array:
+def sequence_log_ratio(
+    log_ratio: jax.Array, mask: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
     """GSPO's per-token log-ratio [B, T]: value mean_{t in seq}(log_ratio), gradient per token.
 
     log s_{i,t} = sg[mean_i] + log_ratio_t - sg[log_ratio_t].
@@ -104,22 +110,32 @@ def sequence_log_ratio(log_ratio: jax.Array, mask: jax.Array,
     return jax.lax.stop_gradient(mean) + log_ratio - jax.lax.stop_gradient(log_ratio)
 
 
-def truncated_is_weights(old_logp: jax.Array, rollout_logp: jax.Array,
-                         cap: float = 2.0) -> jax.Array:
+def truncated_is_weights(
+    old_logp: jax.Array, rollout_logp: jax.Array, cap: float = 2.0
+) -> jax.Array:
     """Truncated importance weights [B, T] for rollouts drawn by a different engine or an older
     policy: w = min(pi_old / pi_rollout, cap), with pi_old the trainer's own logprobs of the
     behaviour weights (truncated IS, Ionides 2008; applied to RL rollout/trainer mismatch by
     Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training").
     No gradient flows through w."""
-    w = jnp.exp(jnp.clip(old_logp.astype(jnp.float32) - rollout_logp.astype(jnp.float32),
-                         -20.0, jnp.log(cap)))
+    w = jnp.exp(
+        jnp.clip(
+            old_logp.astype(jnp.float32) - rollout_logp.astype(jnp.float32), -20.0, jnp.log(cap)
+        )
+    )
     return jax.lax.stop_gradient(w)
 
 
-def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-                cfg: PolicyLossConfig = PolicyLossConfig(), *,
-                segment_ids: jax.Array | None = None,
-                is_weights: jax.Array | None = None) -> tuple[Weighted, dict[str, jax.Array]]:
+def policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    cfg: PolicyLossConfig = PolicyLossConfig(),
+    *,
+    segment_ids: jax.Array | None = None,
+    is_weights: jax.Array | None = None,
+) -> tuple[Weighted, dict[str, jax.Array]]:
     """Clipped policy-gradient loss (see the module docstring).  All inputs [B, T].
 
     is_weights: optional per-token weights multiplying the clipped loss (e.g.
@@ -154,8 +170,9 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
         "ratio_mean": jnp.sum(ratio * m) / n,
         "approx_kl": jnp.sum(-log_ratio * m) / n,
     }
-    return aggregate(loss, mask, cfg.loss_agg_mode, segment_ids=segment_ids,
-                     norm_length=cfg.norm_length), metrics
+    return aggregate(
+        loss, mask, cfg.loss_agg_mode, segment_ids=segment_ids, norm_length=cfg.norm_length
+    ), metrics
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
@@ -165,21 +182,34 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(z, axis=-1) - jnp.sum(p * z, axis=-1)
 
 
-def entropy_bonus(logits: jax.Array, mask: jax.Array, mode: str = "token-mean", *,
-                  segment_ids: jax.Array | None = None,
-                  norm_length: float | None = None) -> Weighted:
+def entropy_bonus(
+    logits: jax.Array,
+    mask: jax.Array,
+    mode: str = "token-mean",
+    *,
+    segment_ids: jax.Array | None = None,
+    norm_length: float | None = None,
+) -> Weighted:
     """Aggregated policy entropy (Williams & Peng 1991; PPO eq. 9's c2 S term).
 
     The learner *subtracts* entropy_coeff * value() from the loss to keep exploring.
     logits [B, T, V], mask [B, T].
     """
-    return aggregate(entropy_from_logits(logits), mask, mode, segment_ids=segment_ids,
-                     norm_length=norm_length)
+    return aggregate(
+        entropy_from_logits(logits), mask, mode, segment_ids=segment_ids, norm_length=norm_length
+    )
 
 
-def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array, *,
-               cliprange_value: float | None = 0.5, mode: str = "token-mean",
-               segment_ids: jax.Array | None = None) -> tuple[Weighted, dict[str, jax.Array]]:
+def value_loss(
+    values: jax.Array,
+    old_values: jax.Array,
+    returns: jax.Array,
+    mask: jax.Array,
+    *,
+    cliprange_value: float | None = 0.5,
+    mode: str = "token-mean",
+    segment_ids: jax.Array | None = None,
+) -> tuple[Weighted, dict[str, jax.Array]]:
     """Clipped value loss (PPO2 baselines; Engstrom et al. 2020 discuss it), all inputs [B, T]:
 
         v_clip = clip(v, v_old - eps_v, v_old + eps_v)

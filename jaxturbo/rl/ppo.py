@@ -72,13 +72,22 @@ def init_value_head(cfg: ModelConfig) -> Params:
     return {"weight": jnp.zeros((cfg.hidden_size,), jnp.float32)}
 
 
-def policy_and_values(params: Params, model_cfg: ModelConfig, batch: Batch,
-                      attn_impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+def policy_and_values(
+    params: Params, model_cfg: ModelConfig, batch: Batch, attn_impl: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
     """Logits [B, T, V] and values [B, T] (float32) of PPO params on packed/padded rows."""
-    hidden, _ = forward(params["policy"], model_cfg, batch["tokens"], positions=batch["positions"],
-                        segment_ids=batch["segment_ids"], attn_impl=attn_impl, return_hidden=True)
-    values = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32),
-                        params["value_head"]["weight"].astype(jnp.float32))
+    hidden, _ = forward(
+        params["policy"],
+        model_cfg,
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        attn_impl=attn_impl,
+        return_hidden=True,
+    )
+    values = jnp.einsum(
+        "btd,d->bt", hidden.astype(jnp.float32), params["value_head"]["weight"].astype(jnp.float32)
+    )
     return lm_head(params["policy"], model_cfg, hidden), values
 
 
@@ -87,37 +96,58 @@ def ppo_loss(model_cfg: ModelConfig, cfg: PPOConfig, attn_impl: str = "auto") ->
 
     batch: packed rows (`jaxturbo.rl.batch`) with old_values and returns [B, T].
     """
+
     def loss(params: Params, batch: Batch) -> tuple[Weighted, dict[str, jax.Array]]:
         logits, values = policy_and_values(params, model_cfg, batch, attn_impl)
         logp = logprobs_from_logits(logits, batch["targets"], cfg.temperature)
         seg, mask = batch["segment_ids"], batch["weights"]
-        pg, aux = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.policy,
-                              segment_ids=seg)
-        vl, vaux = value_loss(values, batch["old_values"], batch["returns"], mask,
-                              cliprange_value=cfg.cliprange_value, mode=cfg.policy.loss_agg_mode,
-                              segment_ids=seg)
-        return (Weighted(pg.total + cfg.vf_coef * vl.total, pg.count),
-                {**aux, **vaux, "pg_loss": pg.value(), "vf_loss": vl.value()})
+        pg, aux = policy_loss(
+            logp, batch["old_logprobs"], batch["advantages"], mask, cfg.policy, segment_ids=seg
+        )
+        vl, vaux = value_loss(
+            values,
+            batch["old_values"],
+            batch["returns"],
+            mask,
+            cliprange_value=cfg.cliprange_value,
+            mode=cfg.policy.loss_agg_mode,
+            segment_ids=seg,
+        )
+        return (
+            Weighted(pg.total + cfg.vf_coef * vl.total, pg.count),
+            {**aux, **vaux, "pg_loss": pg.value(), "vf_loss": vl.value()},
+        )
+
     return loss
 
 
 class PPOLearner:
     """Synchronous PPO on one host (see module docstring).  params: the initial policy."""
 
-    def __init__(self, model_cfg: ModelConfig, params: Params, task: Task, cfg: PPOConfig, *,
-                 optimizer: OptimizerConfig = OptimizerConfig(warmup_steps=0),
-                 train: TrainConfig = TrainConfig(compute_dtype="float32"),
-                 engine: RolloutEngine | None = None, stop_ids: tuple[int, ...] = (),
-                 seed: int = 0):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        params: Params,
+        task: Task,
+        cfg: PPOConfig,
+        *,
+        optimizer: OptimizerConfig = OptimizerConfig(warmup_steps=0),
+        train: TrainConfig = TrainConfig(compute_dtype="float32"),
+        engine: RolloutEngine | None = None,
+        stop_ids: tuple[int, ...] = (),
+        seed: int = 0,
+    ):
         from jaxturbo.rl.multiturn import MultiTurnTask
+
         if isinstance(task, MultiTurnTask):
             raise ValueError("PPOLearner is single-turn; multi-turn tasks train with GRPOLearner")
         self.model_cfg, self.task, self.cfg, self.stop_ids = model_cfg, task, cfg, stop_ids
         opt = make_optimizer(optimizer)
         full = {"policy": params, "value_head": init_value_head(model_cfg)}
         self.state = init_state(full, opt, seed=seed)
-        self.train_step = make_train_step(model_cfg, train, opt, donate=False,
-                                          loss_fn=ppo_loss(model_cfg, cfg, train.attn_impl))
+        self.train_step = make_train_step(
+            model_cfg, train, opt, donate=False, loss_fn=ppo_loss(model_cfg, cfg, train.attn_impl)
+        )
         self.engine = engine or JaxEngine(model_cfg, self.state.params["policy"])
         self.ref_params = self.state.params["policy"] if cfg.kl_coef > 0 else None
         self._score = jax.jit(lambda p, rows: policy_and_values(p, model_cfg, rows))
@@ -151,9 +181,16 @@ class PPOLearner:
         """The next rollouts of the stream (scored by the task) and their metrics."""
         cfg = self.cfg
         return collect_rollouts(
-            self.engine, self.task, cfg.prompts_per_step, cfg.group_size,
-            SamplingParams(temperature=cfg.temperature), max_new_tokens=cfg.max_new_tokens,
-            rng=self.rng, stop_ids=self.stop_ids, seed=self.steps)
+            self.engine,
+            self.task,
+            cfg.prompts_per_step,
+            cfg.group_size,
+            SamplingParams(temperature=cfg.temperature),
+            max_new_tokens=cfg.max_new_tokens,
+            rng=self.rng,
+            stop_ids=self.stop_ids,
+            seed=self.steps,
+        )
 
     def update(self, state: Any, rollouts: tuple[list, dict[str, float]]) -> tuple[Any, dict]:
         """Values from `state`'s critic, GAE, packed rows and one optimizer step; the new policy
@@ -178,13 +215,24 @@ class PPOLearner:
             kl = np.asarray(kl_k1(jnp.asarray(old_lp), jnp.asarray(ref_lp))) * mask
             rewards = rewards - cfg.kl_coef * kl
             metrics["kl"] = float(kl.sum() / max(mask.sum(), 1))
-        adv, ret = gae(jnp.asarray(rewards), jnp.asarray(old_values), jnp.asarray(mask),
-                       gamma=cfg.gamma, lam=cfg.lam, whiten=True)
+        adv, ret = gae(
+            jnp.asarray(rewards),
+            jnp.asarray(old_values),
+            jnp.asarray(mask),
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            whiten=True,
+        )
         n = len(rollouts)
         longest = max(len(p) for p in prompts) + cfg.max_new_tokens - 1
         min_rows = -(-n // max(1, cfg.seq_len // longest))
-        batch = pack_rollouts(rollouts, np.asarray(adv), seq_len=cfg.seq_len, min_rows=min_rows,
-                              extras={"old_values": old_values, "returns": np.asarray(ret)})
+        batch = pack_rollouts(
+            rollouts,
+            np.asarray(adv),
+            seq_len=cfg.seq_len,
+            min_rows=min_rows,
+            extras={"old_values": old_values, "returns": np.asarray(ret)},
+        )
         metrics.update(reward_mean=float(np.mean([r.reward for r in rollouts])), kept=float(n))
         state, m = self.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
         metrics.update({k: float(v) for k, v in m.items()})

@@ -17,6 +17,10 @@ Engines ("rollout_engine"):
        axes (data x fsdp; padded to a multiple by repeating the last prompt).  The sampler's
        random bits are sharding-invariant (threefry_partitionable), so a mesh samples the
        same tokens as one device.
+  engine  the serving engine (`jaxturbo.inference.Engine`) in this process: continuous
+       batching over a paged KV cache; the samples of a GRPO group are one request with n
+       samples, so they share the prompt's pages (computed once).  Weight sync is the engine's
+       `update_weights` (no recompilation).
   hf   transformers on CPU (or any torch device), fed in memory through the HF bridge's name map
        (`jaxturbo.bridge.hf.hf_from_params`) with `load_state_dict`: no files are written.  It
        proves the PyTorch-serving path end to end; it is not fast.
@@ -42,8 +46,12 @@ from jaxturbo.inference.generation import generate
 from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.transformer import Params
-from jaxturbo.rl.logprobs import (cut_completions, logprobs_from_logits, padded_sequences,
-                                  token_logprobs)
+from jaxturbo.rl.logprobs import (
+    cut_completions,
+    logprobs_from_logits,
+    padded_sequences,
+    token_logprobs,
+)
 
 
 @dataclasses.dataclass
@@ -57,12 +65,23 @@ class RolloutOutput:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
-                 ) -> RolloutOutput: ...
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+    ) -> RolloutOutput: ...
 
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-              temperature: float = 1.0) -> list[np.ndarray]: ...
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> list[np.ndarray]: ...
 
     def update_weights(self, params: Params) -> None: ...
 
@@ -74,14 +93,24 @@ def _score_temperature(sampling: SamplingParams) -> float:
 class JaxEngine:
     """The on-device sampler.  dtype: the sampler's parameter dtype (e.g. bfloat16 for speed)."""
 
-    def __init__(self, cfg: ModelConfig, params: Params, *, dtype: Any = jnp.float32,
-                 shardings: Any = None, attn_impl: str = "auto", mesh: Any = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        *,
+        dtype: Any = jnp.float32,
+        shardings: Any = None,
+        attn_impl: str = "auto",
+        mesh: Any = None,
+    ):
         self.cfg, self.dtype, self.attn_impl = cfg, dtype, attn_impl
         self.batch_sharding, self._rows_multiple = None, 1
         if mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec as P
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
 
             from jaxturbo.train.sharding import BATCH_AXES
+
             if shardings is None:
                 shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
             self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES, None))
@@ -94,29 +123,145 @@ class JaxEngine:
         p = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
         self.params = p if self.shardings is None else jax.device_put(p, self.shardings)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
-                 ) -> RolloutOutput:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+    ) -> RolloutOutput:
         n = len(prompts)
         pad = -n % self._rows_multiple
         if pad:  # rows split evenly over the batch axes; the padding rows are dropped below
             prompts = list(prompts) + [prompts[-1]] * pad
-        res = generate(self.params, self.cfg, prompts, max_new_tokens=max_new_tokens,
-                       sampling=sampling, stop_ids=stop_ids, seed=seed, attn_impl=self.attn_impl,
-                       batch_sharding=self.batch_sharding)
+        res = generate(
+            self.params,
+            self.cfg,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_ids=stop_ids,
+            seed=seed,
+            attn_impl=self.attn_impl,
+            batch_sharding=self.batch_sharding,
+        )
         res = type(res)(res.tokens[:n], res.logprobs[:n], res.num_tokens[:n])
         comps = res.sequences()
         stops = set(stop_ids)
         return RolloutOutput(
-            comps, [np.asarray(lp[:n], np.float32) for lp, n in zip(res.logprobs, res.num_tokens)],
-            [len(c) == max_new_tokens and c[-1] not in stops for c in comps])
+            comps,
+            [np.asarray(lp[:n], np.float32) for lp, n in zip(res.logprobs, res.num_tokens)],
+            [len(c) == max_new_tokens and c[-1] not in stops for c in comps],
+        )
 
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-              temperature: float = 1.0) -> list[np.ndarray]:
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> list[np.ndarray]:
         rows = {k: jnp.asarray(v) for k, v in padded_sequences(prompts, completions).items()}
-        lp = token_logprobs(self.params, self.cfg, rows, temperature=temperature,
-                            attn_impl=self.attn_impl)
+        lp = token_logprobs(
+            self.params, self.cfg, rows, temperature=temperature, attn_impl=self.attn_impl
+        )
         return cut_completions(np.asarray(lp), prompts, completions)
+
+
+class PagedEngine:
+    """The serving engine as a rollout engine (see the module docstring).
+
+    max_num_seqs: most samples decoding at once (a step's rollouts: prompts x group size);
+    max_model_len: prompt + completion tokens of one sample.  The page pool holds every
+    sample's full length at once, so rollouts are never preempted.  dtype: the engine's
+    parameter dtype."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        dtype: Any = jnp.float32,
+        attn_impl: str = "auto",
+        page_size: int = 16,
+    ):
+        from jaxturbo.inference.engine.config import EngineConfig
+        from jaxturbo.inference.engine.engine import Engine
+
+        self.cfg, self.dtype, self.attn_impl = cfg, dtype, attn_impl
+        max_model_len = min(-(-max_model_len // page_size) * page_size, cfg.max_position_embeddings)
+        pages = max_num_seqs * -(-max_model_len // page_size) + 1  # + the reserved null page
+        budget = max(256, 2 * max_model_len, max_num_seqs)
+        decode = 1 << (max_num_seqs - 1).bit_length()  # every sample's decode token
+        # two programs: rollouts start together (prefill chunks) and then all decode, so the
+        # finer buckets of a server would only add compilation
+        self.config = EngineConfig(
+            page_size=page_size,
+            num_pages=pages,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max(budget, decode),
+            token_buckets=tuple(sorted({decode, max(budget, decode)})),
+            seq_buckets=(max_num_seqs,),
+        )
+        self.params = self._cast(params)
+        self.engine = Engine(
+            self.params, cfg, None, self.config, attn_impl=attn_impl, compilation_cache_dir=None
+        )
+
+    def _cast(self, params: Params) -> Params:
+        return jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
+
+    def update_weights(self, params: Params) -> None:
+        self.params = self._cast(params)
+        self.engine.update_weights(self.params)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+    ) -> RolloutOutput:
+        from jaxturbo.inference.engine.params import RequestParams
+
+        # runs of one prompt (a GRPO group) -> one request with n samples
+        runs: list[tuple[list[int], int]] = []
+        for p in prompts:
+            if runs and runs[-1][0] == list(p):
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((list(p), 1))
+        params = [
+            RequestParams(
+                max_tokens=max_new_tokens,
+                temperature=0.0 if sampling.greedy else sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                seed=(seed * 1_000_003 + i) % 2**32,
+                stop_token_ids=tuple(stop_ids),
+                n=n,
+                logprobs=True,
+                ignore_eos=True,
+            )  # stops: stop_ids only
+            for i, (_, n) in enumerate(runs)
+        ]
+        done = self.engine.generate([p for p, _ in runs], params)
+        samples = [s for c in done for s in c.samples]
+        return RolloutOutput(
+            [list(s.token_ids) for s in samples],
+            [np.asarray(s.logprobs, np.float32) for s in samples],
+            [s.finish_reason == "length" for s in samples],
+        )
+
+    # scoring is the static sampler's: one padded forward of the same weights
+    score = JaxEngine.score
 
 
 class HFEngine:
@@ -138,22 +283,34 @@ class HFEngine:
 
     def update_weights(self, params: Params) -> None:
         import torch
+
         from jaxturbo.bridge.hf import hf_from_params
 
-        tensors = {k: torch.from_numpy(np.array(v, np.float32))  # a writable copy
-                   for k, v in hf_from_params(params, self.cfg).items()}
+        tensors = {
+            k: torch.from_numpy(np.array(v, np.float32))  # a writable copy
+            for k, v in hf_from_params(params, self.cfg).items()
+        }
         with self._lock:
             missing, unexpected = self.model.load_state_dict(tensors, strict=False)
             if self.cfg.tie_word_embeddings:
                 self.model.tie_weights()
         # a tied model's lm_head is the embedding, so the bridge does not emit it
-        missing = [m for m in missing if not (m == "lm_head.weight" and self.cfg.tie_word_embeddings)]
+        missing = [
+            m for m in missing if not (m == "lm_head.weight" and self.cfg.tie_word_embeddings)
+        ]
         if missing or unexpected:
-            raise UserError(f"HF rollout engine: weights do not match the transformers model "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise UserError(
+                f"HF rollout engine: weights do not match the transformers model "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
 
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-              temperature: float = 1.0) -> list[np.ndarray]:
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> list[np.ndarray]:
         import torch
 
         rows = padded_sequences(prompts, completions)
@@ -162,13 +319,20 @@ class HFEngine:
             att = torch.from_numpy(rows["segment_ids"] > 0).long().to(self.device)
             att[:, 0] = 1  # a 1-token prompt with an empty completion still has a valid row start
             logits = self.model(input_ids=ids, attention_mask=att).logits.float().cpu().numpy()
-        lp = np.asarray(logprobs_from_logits(jnp.asarray(logits), jnp.asarray(rows["targets"]),
-                                             temperature))
+        lp = np.asarray(
+            logprobs_from_logits(jnp.asarray(logits), jnp.asarray(rows["targets"]), temperature)
+        )
         return cut_completions(lp, prompts, completions)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
-                 ) -> RolloutOutput:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+    ) -> RolloutOutput:
         import torch
 
         torch.manual_seed(seed)
@@ -176,24 +340,31 @@ class HFEngine:
         comps: list[list[int]] = []
         with self._lock, torch.no_grad():
             for p in prompts:  # one prompt at a time: no padding semantics to reconcile
-                kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=not sampling.greedy,
-                                          eos_token_id=sorted(stops) or None, pad_token_id=0)
+                kw: dict[str, Any] = dict(
+                    max_new_tokens=max_new_tokens,
+                    do_sample=not sampling.greedy,
+                    eos_token_id=sorted(stops) or None,
+                    pad_token_id=0,
+                )
                 if not sampling.greedy:
                     # top_k passed even when 0: None would fall back to generation_config's 50
-                    kw.update(temperature=sampling.temperature, top_k=sampling.top_k,
-                              top_p=sampling.top_p)
+                    kw.update(
+                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p
+                    )
                 out = self.model.generate(torch.tensor([list(p)], device=self.device), **kw)
-                c = out[0, len(p):].tolist()
+                c = out[0, len(p) :].tolist()
                 cut = next((i + 1 for i, t in enumerate(c) if t in stops), len(c))
                 comps.append(c[:cut])
         logprobs = self.score(prompts, comps, temperature=_score_temperature(sampling))
-        return RolloutOutput(comps, logprobs,
-                             [len(c) == max_new_tokens and c[-1] not in stops for c in comps])
+        return RolloutOutput(
+            comps, logprobs, [len(c) == max_new_tokens and c[-1] not in stops for c in comps]
+        )
 
 
 def vllm_available() -> bool:
     """Whether `import vllm` can work here (checked without importing it: it is heavy)."""
     import importlib.util
+
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -205,11 +376,21 @@ class VLLMEngine:
       `params` is given).  llm_kwargs: passed to `vllm.LLM` (e.g. gpu_memory_utilization).
     """
 
-    def __init__(self, cfg: ModelConfig, params: Params | None = None, *, model_dir: str,
-                 dtype: str = "float32", seed: int = 0, **llm_kwargs: Any):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params | None = None,
+        *,
+        model_dir: str,
+        dtype: str = "float32",
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ):
         if not vllm_available():
-            raise UserError("rollout_engine=vllm: vllm is not installed in this environment "
-                            "(pip install vllm on a GPU machine); choose jax or hf")
+            raise UserError(
+                "rollout_engine=vllm: vllm is not installed in this environment "
+                "(pip install vllm on a GPU machine); choose jax or hf"
+            )
         import vllm  # lazily: vLLM is optional and slow to import
 
         self.cfg = cfg
@@ -222,10 +403,13 @@ class VLLMEngine:
 
     def update_weights(self, params: Params) -> None:
         import torch
+
         from jaxturbo.bridge.hf import hf_from_params
 
-        weights = [(k, torch.from_numpy(np.array(v, np.float32)))
-                   for k, v in hf_from_params(params, self.cfg).items()]
+        weights = [
+            (k, torch.from_numpy(np.array(v, np.float32)))
+            for k, v in hf_from_params(params, self.cfg).items()
+        ]
 
         def load(model: Any) -> None:
             model.load_weights(weights=weights)
@@ -237,57 +421,89 @@ class VLLMEngine:
         if hasattr(self.llm, "reset_prefix_cache"):  # cached KV blocks came from the old weights
             self.llm.reset_prefix_cache()
 
-    def _params(self, sampling: SamplingParams, max_new_tokens: int, stop_ids: Sequence[int],
-                seed: int) -> Any:
+    def _params(
+        self, sampling: SamplingParams, max_new_tokens: int, stop_ids: Sequence[int], seed: int
+    ) -> Any:
         if not sampling.greedy and sampling.temperature != 1.0:
-            raise UserError(f"vllm engine: temperature {sampling.temperature} is not supported "
-                            "(its logprobs are of the unscaled distribution); use 1.0 or greedy")
+            raise UserError(
+                f"vllm engine: temperature {sampling.temperature} is not supported "
+                "(its logprobs are of the unscaled distribution); use 1.0 or greedy"
+            )
         return self._vllm.SamplingParams(
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
             top_k=sampling.top_k if (sampling.top_k and not sampling.greedy) else -1,
-            max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True,
-            logprobs=0, seed=seed)
+            max_tokens=max_new_tokens,
+            stop_token_ids=list(stop_ids),
+            ignore_eos=True,
+            logprobs=0,
+            seed=seed,
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *,
-                 max_new_tokens: int, stop_ids: Sequence[int] = (), seed: int = 0
-                 ) -> RolloutOutput:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        *,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        seed: int = 0,
+    ) -> RolloutOutput:
         # one seed per request: a group repeats its prompt, and equal seeds would give equal
         # samples
         reqs = [{"prompt_token_ids": list(p)} for p in prompts]
-        sps = [self._params(sampling, max_new_tokens, stop_ids, seed * len(prompts) + i)
-               for i in range(len(prompts))]
+        sps = [
+            self._params(sampling, max_new_tokens, stop_ids, seed * len(prompts) + i)
+            for i in range(len(prompts))
+        ]
         outs = self.llm.generate(reqs, sps, use_tqdm=False)
         stops = set(stop_ids)
         comps, lps = [], []
         for o in outs:
             c = o.outputs[0]
             comps.append(list(c.token_ids))
-            lps.append(np.array([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)],
-                                np.float32))
-        return RolloutOutput(comps, lps, [len(c) == max_new_tokens and c[-1] not in stops
-                                          for c in comps])
+            lps.append(
+                np.array([d[t].logprob for t, d in zip(c.token_ids, c.logprobs)], np.float32)
+            )
+        return RolloutOutput(
+            comps, lps, [len(c) == max_new_tokens and c[-1] not in stops for c in comps]
+        )
 
-    def score(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-              temperature: float = 1.0) -> list[np.ndarray]:
+    def score(
+        self,
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        *,
+        temperature: float = 1.0,
+    ) -> list[np.ndarray]:
         if temperature != 1.0:
-            raise UserError(f"vllm engine: score at temperature {temperature} is not supported; "
-                            "use 1.0")
+            raise UserError(
+                f"vllm engine: score at temperature {temperature} is not supported; use 1.0"
+            )
         reqs = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompts, completions)]
         sp = self._vllm.SamplingParams(max_tokens=1, prompt_logprobs=0)
         out = []
         for o, p, c in zip(self.llm.generate(reqs, sp, use_tqdm=False), prompts, completions):
-            per = o.prompt_logprobs[len(p):]  # entry j scores token j given tokens < j
+            per = o.prompt_logprobs[len(p) :]  # entry j scores token j given tokens < j
             out.append(np.array([d[t].logprob for t, d in zip(c, per)], np.float32))
         return out
 
 
-ROLLOUT_ENGINES = {"jax": JaxEngine, "hf": HFEngine, "vllm": VLLMEngine}
+ROLLOUT_ENGINES = {"jax": JaxEngine, "engine": PagedEngine, "hf": HFEngine, "vllm": VLLMEngine}
 
 
-def collect_rollouts(engine: RolloutEngine, task: Any, n_prompts: int, group_size: int,
-                     sampling: SamplingParams, *, max_new_tokens: int, rng: np.random.Generator,
-                     stop_ids: Sequence[int] = (), seed: int = 0) -> tuple[list[Any], dict[str, float]]:
+def collect_rollouts(
+    engine: RolloutEngine,
+    task: Any,
+    n_prompts: int,
+    group_size: int,
+    sampling: SamplingParams,
+    *,
+    max_new_tokens: int,
+    rng: np.random.Generator,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+) -> tuple[list[Any], dict[str, float]]:
     """Sample n_prompts problems from `task` (`jaxturbo.rl.envs.Task`), group_size rollouts each,
     scored by the task's reward.  Returns `jaxturbo.rl.batch.Rollout`s and timing metrics
     (rollout_s, rollout_tokens, response_len)."""
@@ -298,12 +514,17 @@ def collect_rollouts(engine: RolloutEngine, task: Any, n_prompts: int, group_siz
     problems = task.sample(n_prompts, rng)
     prompts, groups = repeat_prompts([p.prompt for p in problems], group_size)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                          seed=seed)
+    out = engine.generate(
+        prompts, sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed
+    )
     rollout_s = time.perf_counter() - t0
-    rollouts = [Rollout(p, c, lp, task.reward(problems[g], c), int(g), truncated=t)
-                for p, c, lp, g, t in zip(prompts, out.completions, out.logprobs, groups,
-                                          out.truncated)]
+    rollouts = [
+        Rollout(p, c, lp, task.reward(problems[g], c), int(g), truncated=t)
+        for p, c, lp, g, t in zip(prompts, out.completions, out.logprobs, groups, out.truncated)
+    ]
     n_tok = sum(len(c) for c in out.completions)
-    return rollouts, {"rollout_s": rollout_s, "rollout_tokens": float(n_tok),
-                      "response_len": n_tok / max(len(prompts), 1)}
+    return rollouts, {
+        "rollout_s": rollout_s,
+        "rollout_tokens": float(n_tok),
+        "response_len": n_tok / max(len(prompts), 1),
+    }

@@ -7,8 +7,14 @@ import pytest
 
 from jaxturbo.errors import UserError
 from jaxturbo.rl.advantages import AdvantageConfig
-from jaxturbo.rl.batch import (Rollout, balance_shards, build_batch, filter_groups, pack_rollouts,
-                               repeat_prompts)
+from jaxturbo.rl.batch import (
+    Rollout,
+    balance_shards,
+    build_batch,
+    filter_groups,
+    pack_rollouts,
+    repeat_prompts,
+)
 
 
 def test_repeat_prompts_and_filter_groups():
@@ -45,7 +51,10 @@ def test_balance_shards_lpt_and_packed_blocks():
     rolls = [Rollout([1], [2] * n, [0.0] * n, 0.0, i) for i, n in enumerate(lens)]
     adv = np.ones((6, 10), np.float32)
     b = pack_rollouts(rolls, adv, seq_len=12, num_shards=2, rows_multiple=2)
-    assert pack_rollouts(rolls, adv, seq_len=12, num_shards=2, min_rows=3)["tokens"].shape == (6, 12)
+    assert pack_rollouts(rolls, adv, seq_len=12, num_shards=2, min_rows=3)["tokens"].shape == (
+        6,
+        12,
+    )
     # shard 0 packs 10+3 | 2+1 ... rows: [10, 2](12)? first-fit decreasing of 10,3,2,1 in 12:
     # 10 -> row 0 (free 2); 3 -> row 1 (free 9); 2 -> row 0 (free 0); 1 -> row 1 -> 2 rows.
     # shard 1: 9 -> row 0 (free 3); 8 -> row 1 -> 2 rows.  2 rows per shard, B = 4.
@@ -56,12 +65,14 @@ def test_balance_shards_lpt_and_packed_blocks():
 
 
 def test_build_batch_grpo_filters_equal_groups_and_truncated():
-    rolls = [Rollout([1, 2], [3, 4], [-1.0, -1.0], 1.0, group=7),
-             Rollout([1, 2], [3, 5, 6], [-1.0] * 3, 0.0, group=7),
-             Rollout([8], [9], [-2.0], 1.0, group=3),
-             Rollout([8], [9], [-2.0], 1.0, group=3),
-             Rollout([4], [4, 4], [-2.0, -2.0], 1.0, group=5),
-             Rollout([4], [4, 5], [-2.0, -2.0], 0.0, group=5, truncated=True)]
+    rolls = [
+        Rollout([1, 2], [3, 4], [-1.0, -1.0], 1.0, group=7),
+        Rollout([1, 2], [3, 5, 6], [-1.0] * 3, 0.0, group=7),
+        Rollout([8], [9], [-2.0], 1.0, group=3),
+        Rollout([8], [9], [-2.0], 1.0, group=3),
+        Rollout([4], [4, 4], [-2.0, -2.0], 1.0, group=5),
+        Rollout([4], [4, 5], [-2.0, -2.0], 0.0, group=5, truncated=True),
+    ]
     batch, stats = build_batch(rolls, AdvantageConfig("grpo"), seq_len=8, drop_truncated=True)
     # group 3 (equal rewards) and group 5 (a truncated rollout) are gone; group 7: rewards 1, 0
     # -> mean .5, std sqrt(.5) -> advantages +-.5/.707107 = +-.707106 on each policy token

@@ -14,23 +14,37 @@ import pytest
 from jaxturbo.cli import main
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--algo", "ppo", "--group-size", "0"], "--group-size 0 must be >= 1 for ppo"),
-    (["--rollout-engine", "vllm"], "vllm is not installed"),
-    (["--group-size", "1"], "--group-size 1 must be >= 2 for grpo"),
-    (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
-    (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
-    (["--resume", "--no-checkpoint"], "--resume needs checkpoints"),
-    # operands in [0, 9], order ignored: 55 distinct sums, all of them held out
-    (["--max-operand", "9", "--eval-problems", "55"], "held-out set of 55 problems"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--algo", "ppo", "--group-size", "0"], "--group-size 0 must be >= 1 for ppo"),
+        (["--rollout-engine", "vllm"], "vllm is not installed"),
+        (["--group-size", "1"], "--group-size 1 must be >= 2 for grpo"),
+        (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
+        (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
+        (["--resume", "--no-checkpoint"], "--resume needs checkpoints"),
+        # operands in [0, 9], order ignored: 55 distinct sums, all of them held out
+        (["--max-operand", "9", "--eval-problems", "55"], "held-out set of 55 problems"),
+    ],
+)
 def test_rl_cli_refuses_unsupported(capsys, tmp_path, extra, needle, monkeypatch):
     if "vllm" in extra:
         monkeypatch.setitem(sys.modules, "vllm", None)  # even where vllm exists: not importable
         import jaxturbo.rl.rollout as rollout
+
         monkeypatch.setattr(rollout, "vllm_available", lambda: False)
-    code = main(["rl", "--model", str(tmp_path / "no-such-model"), "--steps", "1",
-                 "--out", str(tmp_path / "run"), *extra])
+    code = main(
+        [
+            "rl",
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and needle in err and len(err.splitlines()) == 1
 
@@ -46,9 +60,17 @@ def tiny_rl_model(tmp_path_factory) -> Path:
     t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))  # no merges: characters
     t.decoder = decoders.Fuse()
     torch.manual_seed(0)
-    hc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, vocab_size=len(vocab),
-                     max_position_embeddings=64, eos_token_id=0, bos_token_id=0)
+    hc = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(vocab),
+        max_position_embeddings=64,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     d = tmp_path_factory.mktemp("rl") / "llama-chars"
     AutoModelForCausalLM.from_config(hc).save_pretrained(d)
     PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>").save_pretrained(d)
@@ -81,15 +103,37 @@ def checkpoint_logits(run: Path, tokens: np.ndarray, policy: bool = False) -> np
     saved = read_params(run)
     params = saved.params["policy"] if policy else saved.params
     cfg = ModelConfig.from_hf_dict(saved.meta["model"])
-    logits, _ = forward(jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens),
-                        attn_impl="xla")
+    logits, _ = forward(
+        jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(tokens), attn_impl="xla"
+    )
     return np.asarray(logits)
 
 
 def _rl(model: Path, out: Path, *extra: str) -> int:
-    return main(["rl", "--model", str(model), "--out", str(out), "--prompts-per-step", "4",
-                 "--group-size", "4", "--max-new-tokens", "3", "--max-operand", "3",
-                 "--lr", "0.02", "--kl-coef", "0.01", "--eval-problems", "4", *extra])
+    return main(
+        [
+            "rl",
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--prompts-per-step",
+            "4",
+            "--group-size",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--max-operand",
+            "3",
+            "--lr",
+            "0.02",
+            "--kl-coef",
+            "0.01",
+            "--eval-problems",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def _records(out: Path, kind: str) -> list[dict]:
@@ -111,6 +155,7 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
 
     def count_compiles(name, secs, **kw):
         compiled["n"] += name == "/jax/core/compile/backend_compile_duration"
+
     jax.monitoring.register_event_duration_secs_listener(count_compiles)
 
     def counted(engine, task, problems, **k):
@@ -124,19 +169,33 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
         rollouts, m = real_collect(engine, task, *a, **k)
         trained.extend(task.decode(r.prompt) for r in rollouts)
         return rollouts, m
+
     monkeypatch.setattr(grpo, "mean_reward", counted)
     monkeypatch.setattr(grpo, "collect_rollouts", collect)
     out = tmp_path / "run"
     try:
-        assert _rl(tiny_rl_model, out, "--steps", "3", "--eval-every", "2", "--no-checkpoint",
-                   "--no-export") == 0
+        assert (
+            _rl(
+                tiny_rl_model,
+                out,
+                "--steps",
+                "3",
+                "--eval-every",
+                "2",
+                "--no-checkpoint",
+                "--no-export",
+            )
+            == 0
+        )
     finally:
         jax.monitoring.unregister_event_duration_listener(count_compiles)
     err = capsys.readouterr().err
+
     # every evaluation scores the same 4 distinct problems, and no training prompt is one of
     # them in either operand order ("a+b=" read back from the prompt text)
     def sums(texts):
         return {tuple(sorted(int(x) for x in t.strip().rstrip("=").split("+"))) for t in texts}
+
     assert len(held) == 3 and held[0] == held[1] == held[2] and len(sums(held[0])) == 4
     assert len(trained) == 3 * 4 * 4 and not sums(held[0]) & sums(trained)
     assert [r["step"] for r in _records(out, "eval")] == [0, 2, 3]
@@ -151,8 +210,44 @@ def test_rl_cli_eval_curve_one_compile_no_orbax(tiny_rl_model, tmp_path, monkeyp
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-_COMPARE = ("reward_mean", "loss", "grad_norm", "kl", "pg_loss", "vf_loss", "kept",
-            "rollout_tokens")
+def test_rl_cli_through_the_paged_engine(tiny_rl_model, tmp_path, capsys):
+    """`--rollout-engine engine`: the serving engine samples the rollouts and the evaluations;
+    greedy evaluations equal the static sampler's (same weights before the first update)."""
+    runs = {}
+    for eng in ("jax", "engine"):
+        assert (
+            _rl(
+                tiny_rl_model,
+                tmp_path / eng,
+                "--steps",
+                "1",
+                "--eval-every",
+                "1",
+                "--rollout-engine",
+                eng,
+                "--no-checkpoint",
+                "--no-export",
+            )
+            == 0
+        )
+        runs[eng] = _records(tmp_path / eng, "eval")
+    capsys.readouterr()
+    assert runs["engine"][0]["held_out_reward"] == runs["jax"][0]["held_out_reward"]
+    assert [r["step"] for r in runs["engine"]] == [0, 1]
+    train = _records(tmp_path / "engine", "train")
+    assert len(train) == 1 and train[0]["rollout_tokens"] > 0
+
+
+_COMPARE = (
+    "reward_mean",
+    "loss",
+    "grad_norm",
+    "kl",
+    "pg_loss",
+    "vf_loss",
+    "kept",
+    "rollout_tokens",
+)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo", "grpo-async"])
@@ -178,6 +273,7 @@ def test_rl_cli_resume_equals_uninterrupted(tiny_rl_model, tmp_path, monkeypatch
         if self.steps == 2:
             raise KeyboardInterrupt  # the run dies after step 2's checkpoint
         return real_update(self, state, rollouts)
+
     monkeypatch.setattr(learner_cls, "update", crash_at_2)
     assert _rl(tiny_rl_model, cut, *args) != 0  # the CLI reports the interrupt
     monkeypatch.setattr(learner_cls, "update", real_update)
@@ -207,6 +303,7 @@ def test_rl_cli_progress_bar_on_a_terminal(tiny_rl_model, tmp_path, monkeypatch)
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
+
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     assert _rl(tiny_rl_model, tmp_path / "run", "--steps", "2", "--eval-problems", "0") == 0
@@ -219,8 +316,23 @@ def test_rl_cli_final_checkpoint_and_hf_export(tiny_rl_model, tmp_path, capsys):
     # by default: one checkpoint, at the end, and the final policy as an HF directory; ppo's
     # checkpoint holds policy and value head, the export the policy alone
     out = tmp_path / "ppo"
-    assert _rl(tiny_rl_model, out, "--algo", "ppo", "--steps", "2", "--eval-problems", "0",
-               "--group-size", "2", "--prompts-per-step", "2") == 0
+    assert (
+        _rl(
+            tiny_rl_model,
+            out,
+            "--algo",
+            "ppo",
+            "--steps",
+            "2",
+            "--eval-problems",
+            "0",
+            "--group-size",
+            "2",
+            "--prompts-per-step",
+            "2",
+        )
+        == 0
+    )
     capsys.readouterr()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
     ours = checkpoint_logits(out, TOKENS, policy=True)
@@ -228,10 +340,25 @@ def test_rl_cli_final_checkpoint_and_hf_export(tiny_rl_model, tmp_path, capsys):
     np.testing.assert_allclose(hf_logits(out / "hf", TOKENS), ours, atol=1e-4, rtol=0)
     # export-hf of one step's directory, tokenizer from the base model, cast to bfloat16
     exp = tmp_path / "exp"
-    assert main(["export-hf", "--checkpoint", str(out / "checkpoints" / "2"), "--model",
-                 str(tiny_rl_model), "--dtype", "bfloat16", "--out", str(exp)]) == 0
+    assert (
+        main(
+            [
+                "export-hf",
+                "--checkpoint",
+                str(out / "checkpoints" / "2"),
+                "--model",
+                str(tiny_rl_model),
+                "--dtype",
+                "bfloat16",
+                "--out",
+                str(exp),
+            ]
+        )
+        == 0
+    )
     assert "step 2" in capsys.readouterr().out
     from safetensors import safe_open
+
     with safe_open(next(exp.glob("*.safetensors")), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
     np.testing.assert_allclose(hf_logits(exp, TOKENS), ours, atol=0.05, rtol=0)

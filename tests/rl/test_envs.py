@@ -30,17 +30,29 @@ def _training_draws(task, n_batches: int = 60, n: int = 50) -> list:
 
 @pytest.mark.parametrize("operands, size", [(2, 20), (3, 40)])
 def test_arithmetic_training_never_draws_a_held_out_problem(operands, size):
-    template = "+".join("{%s}" % c for c in "abc"[:operands]) + "="
-    task = ArithmeticTask(TOK.encode, TOK.decode, max_operand=9, template=template,
-                          operands=operands, held_out_size=size)
+    template = "+".join(f"{{{c}}}" for c in "abc"[:operands]) + "="
+    task = ArithmeticTask(
+        TOK.encode,
+        TOK.decode,
+        max_operand=9,
+        template=template,
+        operands=operands,
+        held_out_size=size,
+    )
     held = task.held_out()
     held_ops = [_operands(p) for p in held]
     # the requested size, distinct up to operand order, answers right, and fixed
     assert len(held) == size and len({tuple(sorted(o)) for o in held_ops}) == size
     assert all(p.answer == sum(o) for p, o in zip(held, held_ops))
     assert [_operands(p) for p in task.held_out()] == held_ops
-    again = ArithmeticTask(TOK.encode, TOK.decode, max_operand=9, template=template,
-                           operands=operands, held_out_size=size)
+    again = ArithmeticTask(
+        TOK.encode,
+        TOK.decode,
+        max_operand=9,
+        template=template,
+        operands=operands,
+        held_out_size=size,
+    )
     assert [_operands(p) for p in again.held_out()] == held_ops
     held_sets = {tuple(sorted(o)) for o in held_ops}
     # some held-out sums appear in training order-swapped if swaps were not excluded
@@ -53,14 +65,16 @@ def test_arithmetic_training_never_draws_a_held_out_problem(operands, size):
     n_distinct = task.distinct_problems()
     assert len({tuple(sorted(o)) for o in train_ops}) == n_distinct - size
     # the same task without a held-out set draws held-out problems all the time
-    plain = ArithmeticTask(TOK.encode, TOK.decode, max_operand=9, template=template,
-                           operands=operands)
+    plain = ArithmeticTask(
+        TOK.encode, TOK.decode, max_operand=9, template=template, operands=operands
+    )
     assert held_sets & {tuple(sorted(_operands(p))) for p in _training_draws(plain, 4)}
 
 
 def test_multi_turn_task_keeps_the_split_of_its_problems():
-    problems = ArithmeticTask(TOK.encode, TOK.decode, max_operand=4, template="{a}+{b}+{c}=",
-                              operands=3, held_out_size=10)
+    problems = ArithmeticTask(
+        TOK.encode, TOK.decode, max_operand=4, template="{a}+{b}+{c}=", operands=3, held_out_size=10
+    )
     task = MultiTurnTask(problems, CalculatorEnv(TOK.encode, TOK.decode), max_turns=2)
     held = {tuple(sorted(_operands(p))) for p in task.held_out()}
     assert len(held) == 10
@@ -89,5 +103,7 @@ def test_held_out_set_must_leave_training_problems(size):
     # operands in [0, 9], order ignored: 55 distinct sums
     with pytest.raises(UserError, match=f"held-out set of {size} problems .* 55 distinct"):
         ArithmeticTask(TOK.encode, TOK.decode, max_operand=9, held_out_size=size)
-    assert len(ArithmeticTask(TOK.encode, TOK.decode, max_operand=9,
-                              held_out_size=54).held_out()) == 54
+    assert (
+        len(ArithmeticTask(TOK.encode, TOK.decode, max_operand=9, held_out_size=54).held_out())
+        == 54
+    )

@@ -11,16 +11,23 @@ import numpy as np
 import pytest
 
 from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.init import init_params
 from jaxturbo.models.transformer import forward
 from jaxturbo.rl.envs import ArithmeticTask, CharTokenizer, Problem, TokenSetTask
 from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner
 from jaxturbo.rl.rollout import RolloutOutput
-from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 
-CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                  max_position_embeddings=64)
+CFG = ModelConfig(
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=64,
+)
 # reward: fraction of the 4 generated tokens in {0..7}; a random policy scores ~1/4
 TASK = TokenSetTask(32, frozenset(range(8)), prompt_len=3)
 BASE = GRPOConfig(prompts_per_step=4, group_size=8, max_new_tokens=4, seq_len=24, kl_coef=0.01)
@@ -28,8 +35,9 @@ OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=100, weigh
 
 
 def _run(cfg: GRPOConfig, steps: int) -> list[dict[str, float]]:
-    learner = GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg,
-                          optimizer=OPT)
+    learner = GRPOLearner(
+        CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg, optimizer=OPT
+    )
     try:
         return [learner.step() for _ in range(steps)]
     finally:
@@ -86,8 +94,9 @@ class VersionedEngine:
     def update_weights(self, params):
         with self.cond:
             # a producer that never runs k batches ahead fails here, not by hanging
-            assert self.cond.wait_for(lambda: len(self.versions) > self.version + self.k,
-                                      timeout=60), (self.versions, self.version)
+            assert self.cond.wait_for(
+                lambda: len(self.versions) > self.version + self.k, timeout=60
+            ), (self.versions, self.version)
             self.version += 1
 
     def score(self, *a, **k):
@@ -96,16 +105,25 @@ class VersionedEngine:
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_async_staleness_versions_bound_and_behaviour_logprobs(k):
-    cfg = dataclasses.replace(BASE, prompts_per_step=1, group_size=2, max_new_tokens=2,
-                              kl_coef=0.0, rollout_mode="async", max_staleness=k)
+    cfg = dataclasses.replace(
+        BASE,
+        prompts_per_step=1,
+        group_size=2,
+        max_new_tokens=2,
+        kl_coef=0.0,
+        rollout_mode="async",
+        max_staleness=k,
+    )
     engine = VersionedEngine(k)
-    learner = GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg,
-                          optimizer=OPT, engine=engine)
+    learner = GRPOLearner(
+        CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg, optimizer=OPT, engine=engine
+    )
     seen, real = [], learner.train_step
 
     def spy(state, batch):
         seen.append(({n: np.asarray(v) for n, v in batch.items()}, jax.device_get(state.params)))
         return real(state, batch)
+
     learner.train_step = spy
     steps = 5
     try:
@@ -124,10 +142,12 @@ def test_async_staleness_versions_bound_and_behaviour_logprobs(k):
         assert set(b["targets"][w].tolist()) == {1, 2, 10 + i}
         # the ratio's denominator: the proximal logprobs of the weights being trained,
         # recomputed here with a plain forward pass
-        logits, _ = forward(params, CFG, b["tokens"], positions=b["positions"],
-                            segment_ids=b["segment_ids"])
-        prox = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)),
-                                  b["targets"][..., None], -1)[..., 0]
+        logits, _ = forward(
+            params, CFG, b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"]
+        )
+        prox = np.take_along_axis(
+            np.asarray(jax.nn.log_softmax(logits, -1)), b["targets"][..., None], -1
+        )[..., 0]
         np.testing.assert_allclose(b["old_logprobs"][w], prox[w], atol=1e-5)
         # the truncated IS weights use the rollout's own behaviour logprobs (version want[i])
         j = b["positions"] - (TASK.prompt_len - 1)  # completion token index of each target
@@ -136,8 +156,11 @@ def test_async_staleness_versions_bound_and_behaviour_logprobs(k):
         np.testing.assert_allclose(b["is_weights"][w], is_w[w], rtol=1e-5)
         assert metrics[i]["is_weight_mean"] == pytest.approx(float(is_w[w].mean()), rel=1e-5)
     # the weights moved between steps, so a wrong version would give other IS weights
-    assert not np.allclose(seen[0][0]["old_logprobs"][seen[0][0]["weights"] > 0],
-                           VersionedEngine.behaviour(0, np.arange(2)).mean(), atol=1e-2)
+    assert not np.allclose(
+        seen[0][0]["old_logprobs"][seen[0][0]["weights"] > 0],
+        VersionedEngine.behaviour(0, np.arange(2)).mean(),
+        atol=1e-2,
+    )
 
 
 def test_arithmetic_task_rewards_exact_answers():
@@ -160,6 +183,7 @@ def test_arithmetic_task_rewards_exact_answers():
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus_baseline"])
 def test_group_baseline_estimators_refuse_groups_of_one(estimator):
     from jaxturbo.rl.advantages import AdvantageConfig
+
     cfg = dataclasses.replace(BASE, group_size=1, advantage=AdvantageConfig(estimator))
     with pytest.raises(ValueError, match=f"group_size=1: {estimator} needs >= 2 rollouts"):
         GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg, optimizer=OPT)
@@ -167,9 +191,12 @@ def test_group_baseline_estimators_refuse_groups_of_one(estimator):
 
 def test_reinforce_plus_plus_without_baseline_takes_groups_of_one():
     from jaxturbo.rl.advantages import AdvantageConfig, check_group_size
+
     check_group_size("reinforce_plus_plus", 1)  # no group baseline: a group of one is fine
-    cfg = dataclasses.replace(BASE, group_size=1, dynamic_filter=False,
-                              advantage=AdvantageConfig("reinforce_plus_plus"))
-    learner = GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg,
-                          optimizer=OPT)
+    cfg = dataclasses.replace(
+        BASE, group_size=1, dynamic_filter=False, advantage=AdvantageConfig("reinforce_plus_plus")
+    )
+    learner = GRPOLearner(
+        CFG, init_params(CFG, jax.random.key(0), std=0.2), TASK, cfg, optimizer=OPT
+    )
     assert learner.cfg.group_size == 1

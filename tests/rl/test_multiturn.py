@@ -40,13 +40,13 @@ class ScriptedEngine:
 
 
 def test_calculator_episodes_masks_rewards_and_step_advantages():
-    p1 = Problem(TOK.encode("1*3+4="), 7)   # uses the tool, then answers right
+    p1 = Problem(TOK.encode("1*3+4="), 7)  # uses the tool, then answers right
     p2 = Problem(TOK.encode("2*3+4="), 10)  # answers wrong without the tool
-    eng = ScriptedEngine({TOK.encode("1")[0]: ["1*3=", "3+4=", "7"],
-                          TOK.encode("2")[0]: ["9"]})
+    eng = ScriptedEngine({TOK.encode("1")[0]: ["1*3=", "3+4=", "7"], TOK.encode("2")[0]: ["9"]})
     env = CalculatorEnv(TOK.encode, TOK.decode)
-    eps = run_episodes(eng, env, [p1, p2], SamplingParams(), max_turns=4, max_new_tokens=8,
-                       groups=[0, 0])
+    eps = run_episodes(
+        eng, env, [p1, p2], SamplingParams(), max_turns=4, max_new_tokens=8, groups=[0, 0]
+    )
     e1, e2 = eps
     # episode 1: "1*3=" -> tool "3\n" -> "3+4=" -> tool "7\n" -> "7" (reward 1)
     assert TOK.decode(e1.rollout.completion) == "1*3=3\n3+4=7\n7"
@@ -60,12 +60,16 @@ def test_calculator_episodes_masks_rewards_and_step_advantages():
     assert len(eng.seen[1]) == 1  # episode 2 ended after one turn
 
     arr = step_arrays(eps)
-    adv = np.asarray(multi_turn_advantages(arr["step_rewards"], arr["step_mask"],
-                                           arr["turn_ids"], arr["group_ids"], level="step"))
+    adv = np.asarray(
+        multi_turn_advantages(
+            arr["step_rewards"], arr["step_mask"], arr["turn_ids"], arr["group_ids"], level="step"
+        )
+    )
     # returns-to-go (gamma 1): e1 [1, 1, 1], e2 [0]; group mean .75, centred [.25]*3, -.75;
     # unbiased std sqrt((3 * .0625 + .5625) / 3) = .5 -> e1 turns +.5, e2 -1.5; tool tokens 0
-    np.testing.assert_allclose(adv[0, :13], np.array([.5] * 4 + [0] * 2 + [.5] * 4 + [0] * 2 + [.5]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        adv[0, :13], np.array([0.5] * 4 + [0] * 2 + [0.5] * 4 + [0] * 2 + [0.5]), atol=1e-5
+    )
     np.testing.assert_allclose(adv[1, :1], [-1.5], atol=1e-5)
     # packed: the tool tokens 3, \n, 7, \n are targets with weight 0
     b = pack_rollouts([e1.rollout], adv[:1], seq_len=32)

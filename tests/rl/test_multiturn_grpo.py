@@ -13,19 +13,26 @@ import pytest
 from jaxturbo.cli import main
 from jaxturbo.inference.sampling import SamplingParams
 from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.init import init_params
 from jaxturbo.models.transformer import forward
 from jaxturbo.rl.advantages import multi_turn_advantages
 from jaxturbo.rl.envs import CharTokenizer, Problem, TokenSetTask
 from jaxturbo.rl.grpo import GRPOConfig, GRPOLearner
 from jaxturbo.rl.multiturn import CalculatorEnv, MultiTurnTask, run_episodes, step_arrays
 from jaxturbo.rl.rollout import RolloutOutput
-from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 from tests.rl.test_cli_rl import _records, _rl, tiny_rl_model  # noqa: F401 (fixture)
 
-CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                  max_position_embeddings=64)
+CFG = ModelConfig(
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=64,
+)
 OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=100, weight_decay=0.0)
 TOK = CharTokenizer()
 
@@ -64,19 +71,34 @@ def _scripted_step(level: str):
     """One GRPO step on a group of two scripted calculator episodes of "1+2+3=" (answer 6):
     episode 0 calls the tool ("1+2=" -> "3\\n") then answers "6" (reward 1); episode 1 answers
     "9" at once (reward 0).  Returns (the batch the train step saw, metrics)."""
-    task = MultiTurnTask(FixedProblems(Problem(TOK.encode("1+2+3="), 6)),
-                         CalculatorEnv(TOK.encode, TOK.decode), max_turns=3, max_tool_tokens=4)
+    task = MultiTurnTask(
+        FixedProblems(Problem(TOK.encode("1+2+3="), 6)),
+        CalculatorEnv(TOK.encode, TOK.decode),
+        max_turns=3,
+        max_tool_tokens=4,
+    )
     engine = CallScript([["1+2=", "9"], ["6"]])
-    learner = GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), task,
-                          GRPOConfig(prompts_per_step=1, group_size=2, max_new_tokens=4,
-                                     seq_len=32, multi_turn_advantage=level),
-                          optimizer=OPT, engine=engine)
+    learner = GRPOLearner(
+        CFG,
+        init_params(CFG, jax.random.key(0), std=0.2),
+        task,
+        GRPOConfig(
+            prompts_per_step=1,
+            group_size=2,
+            max_new_tokens=4,
+            seq_len=32,
+            multi_turn_advantage=level,
+        ),
+        optimizer=OPT,
+        engine=engine,
+    )
     seen = []
     real = learner.train_step
 
     def spy(state, batch):
         seen.append({k: np.asarray(v) for k, v in batch.items()})
         return real(state, batch)
+
     learner.train_step = spy
     metrics = learner.step()
     assert engine.calls == 2 and len(seen) == 1
@@ -89,10 +111,16 @@ def test_packed_episode_rows_train_policy_tokens_only(level):
     assert m["reward_mean"] == 0.5 and m["kept"] == 2
     # the update's loss is PPO's clipped loss (eps .2, dual clip 3, token mean) of these rows,
     # written out here in numpy on a plain forward pass of the initial weights
-    logits, _ = forward(init_params(CFG, jax.random.key(0), std=0.2), CFG, b["tokens"],
-                        positions=b["positions"], segment_ids=b["segment_ids"])
-    logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)),
-                              b["targets"][..., None], -1)[..., 0]
+    logits, _ = forward(
+        init_params(CFG, jax.random.key(0), std=0.2),
+        CFG,
+        b["tokens"],
+        positions=b["positions"],
+        segment_ids=b["segment_ids"],
+    )
+    logp = np.take_along_axis(
+        np.asarray(jax.nn.log_softmax(logits, -1)), b["targets"][..., None], -1
+    )[..., 0]
     w = b["weights"] > 0
     ratio, adv = np.exp(logp[w] - b["old_logprobs"][w]), b["advantages"][w]
     per_token = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
@@ -100,13 +128,17 @@ def test_packed_episode_rows_train_policy_tokens_only(level):
     np.testing.assert_allclose(m["loss"], per_token.mean(), rtol=1e-5)
     np.testing.assert_allclose(m["pg_loss"], m["loss"], rtol=1e-6)  # no KL, no entropy term
     # per segment: the full sequence, and which targets are policy tokens with which logprobs
-    policy = {"1+2+3=1+2=3\n6": ("1+2=" + "6", list(engine.logprobs[0][0]) +
-                                 list(engine.logprobs[1][0])),
-              "1+2+3=9": ("9", list(engine.logprobs[0][1]))}
+    policy = {
+        "1+2+3=1+2=3\n6": ("1+2=" + "6", list(engine.logprobs[0][0]) + list(engine.logprobs[1][0])),
+        "1+2+3=9": ("9", list(engine.logprobs[0][1])),
+    }
     # trajectory (GRPO over episode rewards [1, 0]): +-1/sqrt(2); step (returns-to-go [1, 1] and
     # [0] normalised over the group's three turns): +1/sqrt(3), -2/sqrt(3)
-    want_adv = ({"1+2+3=1+2=3\n6": 2 ** -0.5, "1+2+3=9": -(2 ** -0.5)} if level == "trajectory"
-                else {"1+2+3=1+2=3\n6": 3 ** -0.5, "1+2+3=9": -2 * 3 ** -0.5})
+    want_adv = (
+        {"1+2+3=1+2=3\n6": 2**-0.5, "1+2+3=9": -(2**-0.5)}
+        if level == "trajectory"
+        else {"1+2+3=1+2=3\n6": 3**-0.5, "1+2+3=9": -2 * 3**-0.5}
+    )
     found = set()
     for r in range(b["tokens"].shape[0]):
         for seg in set(b["segment_ids"][r].tolist()) - {0}:
@@ -133,13 +165,26 @@ def test_trajectory_advantages_equal_multi_turn_trajectory_level():
     # the learner's trajectory level (episode reward through the GRPO estimator) is
     # multi_turn_advantages(level="trajectory")
     b, _, _ = _scripted_step("trajectory")
-    task = MultiTurnTask(FixedProblems(Problem(TOK.encode("1+2+3="), 6)),
-                         CalculatorEnv(TOK.encode, TOK.decode), max_turns=3)
-    eps = run_episodes(CallScript([["1+2=", "9"], ["6"]]), task, [task.problems.problem] * 2,
-                       SamplingParams(), max_turns=3, max_new_tokens=4, groups=[0, 0])
+    task = MultiTurnTask(
+        FixedProblems(Problem(TOK.encode("1+2+3="), 6)),
+        CalculatorEnv(TOK.encode, TOK.decode),
+        max_turns=3,
+    )
+    eps = run_episodes(
+        CallScript([["1+2=", "9"], ["6"]]),
+        task,
+        [task.problems.problem] * 2,
+        SamplingParams(),
+        max_turns=3,
+        max_new_tokens=4,
+        groups=[0, 0],
+    )
     arr = step_arrays(eps)
-    adv = np.asarray(multi_turn_advantages(arr["step_rewards"], arr["step_mask"],
-                                           arr["turn_ids"], arr["group_ids"]))
+    adv = np.asarray(
+        multi_turn_advantages(
+            arr["step_rewards"], arr["step_mask"], arr["turn_ids"], arr["group_ids"]
+        )
+    )
     got = sorted(set(np.round(b["advantages"][b["weights"] > 0], 5).tolist()))
     want = sorted(set(np.round(adv[arr["turn_ids"] > 0], 5).tolist()))
     assert got == want
@@ -154,12 +199,16 @@ class GoodTokenEnv:
 
 
 def test_grpo_learns_two_turn_reward():
-    task = MultiTurnTask(TokenSetTask(32, frozenset(range(8)), prompt_len=3), GoodTokenEnv(),
-                         max_turns=2, max_tool_tokens=2)
-    cfg = GRPOConfig(prompts_per_step=4, group_size=8, max_new_tokens=4, seq_len=24,
-                     kl_coef=0.01)
-    learner = GRPOLearner(CFG, init_params(CFG, jax.random.key(0), std=0.2), task, cfg,
-                          optimizer=OPT)
+    task = MultiTurnTask(
+        TokenSetTask(32, frozenset(range(8)), prompt_len=3),
+        GoodTokenEnv(),
+        max_turns=2,
+        max_tool_tokens=2,
+    )
+    cfg = GRPOConfig(prompts_per_step=4, group_size=8, max_new_tokens=4, seq_len=24, kl_coef=0.01)
+    learner = GRPOLearner(
+        CFG, init_params(CFG, jax.random.key(0), std=0.2), task, cfg, optimizer=OPT
+    )
     ms = [learner.step() for _ in range(20)]
     rewards = [m["reward_mean"] for m in ms]
     assert all(m["turns"] == 2 for m in ms) and ms[0]["rollout_tokens"] == 4 * 8 * 8
@@ -170,8 +219,22 @@ def test_grpo_learns_two_turn_reward():
 @pytest.mark.parametrize("extra", [(), ("--multi-turn-advantage", "step", "--async")])
 def test_rl_cli_calculator_runs(tiny_rl_model, tmp_path, capsys, extra):  # noqa: F811
     out = tmp_path / "calc"
-    assert _rl(tiny_rl_model, out, "--task", "calculator", "--steps", "2", "--max-turns", "2",
-               "--eval-every", "0", *extra) == 0
+    assert (
+        _rl(
+            tiny_rl_model,
+            out,
+            "--task",
+            "calculator",
+            "--steps",
+            "2",
+            "--max-turns",
+            "2",
+            "--eval-every",
+            "0",
+            *extra,
+        )
+        == 0
+    )
     train = _records(out, "train")
     assert [r["step"] for r in train] == [1, 2]
     assert all(1 <= r["turns"] <= 2 and r["rollout_tokens"] > 0 for r in train)
@@ -181,7 +244,20 @@ def test_rl_cli_calculator_runs(tiny_rl_model, tmp_path, capsys, extra):  # noqa
 
 
 def test_rl_cli_calculator_refuses_ppo(tmp_path, capsys):
-    code = main(["rl", "--model", str(tmp_path / "none"), "--steps", "1", "--out",
-                 str(tmp_path / "run"), "--task", "calculator", "--algo", "ppo"])
+    code = main(
+        [
+            "rl",
+            "--model",
+            str(tmp_path / "none"),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--task",
+            "calculator",
+            "--algo",
+            "ppo",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--task calculator (multi-turn) is implemented for --algo grpo only" in err

@@ -8,27 +8,40 @@ import numpy as np
 import pytest
 
 from jaxturbo.models.config import ModelConfig
+from jaxturbo.models.init import init_params
 from jaxturbo.rl.envs import TokenSetTask
 from jaxturbo.rl.ppo import PPOConfig, PPOLearner
-from jaxturbo.models.init import init_params
 from jaxturbo.train.optimizer import OptimizerConfig
 
 
 def test_ppo_learns_token_set_reward():
-    cfg = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                      max_position_embeddings=64)
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
     params = init_params(cfg, jax.random.key(0), std=0.2)
     task = TokenSetTask(32, frozenset(range(8)), prompt_len=3)  # random policy: reward ~1/4
-    learner = PPOLearner(cfg, params, task, PPOConfig(prompts_per_step=16, group_size=2,
-                                                      max_new_tokens=4, seq_len=24, kl_coef=0.01),
-                         optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
-                                                   total_steps=100, weight_decay=0.0))
+    learner = PPOLearner(
+        cfg,
+        params,
+        task,
+        PPOConfig(prompts_per_step=16, group_size=2, max_new_tokens=4, seq_len=24, kl_coef=0.01),
+        optimizer=OptimizerConfig(
+            learning_rate=1e-2, warmup_steps=0, total_steps=100, weight_decay=0.0
+        ),
+    )
     seen, real = [], learner.train_step
 
     def spy(state, batch):
         seen.append({k: np.asarray(v) for k, v in batch.items()})
         return real(state, batch)
+
     learner.train_step = spy
     rewards = []
     for i in range(20):
@@ -63,5 +76,5 @@ def _check_first_value_targets(b, m, lam):
             checked += 1
     assert checked == 16 * 2
     ret = b["returns"][w]
-    assert m["vf_loss"] == pytest.approx(0.5 * float(np.mean(ret ** 2)), rel=1e-4)
+    assert m["vf_loss"] == pytest.approx(0.5 * float(np.mean(ret**2)), rel=1e-4)
     assert m["vf_loss"] > 0.01  # some responses scored: the check is not 0 == 0

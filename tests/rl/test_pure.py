@@ -13,12 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxturbo.rl.advantages import (ADVANTAGE_ESTIMATORS, AdvantageConfig, compute_advantages,
-                                    gae, multi_turn_advantages)
+from jaxturbo.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageConfig,
+    compute_advantages,
+    gae,
+    multi_turn_advantages,
+)
 from jaxturbo.rl.aggregation import aggregate
 from jaxturbo.rl.kl import kl_penalty
-from jaxturbo.rl.policy_loss import (PolicyLossConfig, entropy_bonus, entropy_from_logits,
-                                     policy_loss, truncated_is_weights, value_loss)
+from jaxturbo.rl.policy_loss import (
+    PolicyLossConfig,
+    entropy_bonus,
+    entropy_from_logits,
+    policy_loss,
+    truncated_is_weights,
+    value_loss,
+)
 
 A = np.testing.assert_allclose
 
@@ -38,8 +49,13 @@ def test_gae_hand_computed():
     A(adv, [[0.21712, 0.246, 0.3]], atol=1e-6)
     A(ret, [[0.71712, 0.846, 1.0]], atol=1e-6)
     # an env token (mask 0, value 9) between policy tokens is skipped: same numbers around it
-    adv, ret = gae(jnp.array([[0.0, 0.0, 0.0, 1.0]]), jnp.array([[0.5, 9.0, 0.6, 0.7]]),
-                   jnp.array([[1, 0, 1, 1]]), gamma=0.9, lam=0.8)
+    adv, ret = gae(
+        jnp.array([[0.0, 0.0, 0.0, 1.0]]),
+        jnp.array([[0.5, 9.0, 0.6, 0.7]]),
+        jnp.array([[1, 0, 1, 1]]),
+        gamma=0.9,
+        lam=0.8,
+    )
     A(adv, [[0.21712, 0.0, 0.246, 0.3]], atol=1e-6)
     A(ret, [[0.71712, 0.0, 0.846, 1.0]], atol=1e-6)
 
@@ -62,8 +78,9 @@ def test_grpo_with_and_without_std():
     want = np.array([0.866025, -0.866025, -0.866025, 0.866025, 0.707107, -0.707107, 0.0])
     A(adv, want[:, None] * np.asarray(mask), atol=2e-6)
     A(ret, adv)
-    adv, _ = compute_advantages(r, mask, AdvantageConfig("grpo", norm_adv_by_std_in_grpo=False),
-                                group_ids=g)
+    adv, _ = compute_advantages(
+        r, mask, AdvantageConfig("grpo", norm_adv_by_std_in_grpo=False), group_ids=g
+    )
     want = np.array([0.5, -0.5, -0.5, 0.5, 1.0, -1.0, 0.0])
     A(adv, want[:, None] * np.asarray(mask), atol=1e-6)
 
@@ -132,8 +149,9 @@ def test_aggregation_modes():
     m = jnp.array([[1, 1, 0, 1, 1, 0]])
     # seq 1: sum 3 over 2, seq 2: sum 9 over 2
     assert float(aggregate(packed, m, "token-mean", segment_ids=seg).value()) == pytest.approx(3.0)
-    assert float(aggregate(packed, m, "seq-mean-token-mean", segment_ids=seg).value()) == \
-        pytest.approx(3.0)
+    assert float(
+        aggregate(packed, m, "seq-mean-token-mean", segment_ids=seg).value()
+    ) == pytest.approx(3.0)
     w = aggregate(packed, m, "seq-mean-token-sum", segment_ids=seg)
     assert (float(w.total), float(w.count)) == pytest.approx((12.0, 2.0))
 
@@ -158,8 +176,9 @@ def test_ppo_clip_asymmetric_and_dual_clip():
     assert float(loss.value()) == pytest.approx(4.22 / 5, abs=1e-5)
     assert float(m["clipfrac"]) == pytest.approx(0.4)
     assert float(m["dual_clipfrac"]) == pytest.approx(0.2)
-    loss, _ = policy_loss(logp, old, adv, mask, PolicyLossConfig(clip_ratio_high=0.28,
-                                                                  clip_ratio_c=None))
+    loss, _ = policy_loss(
+        logp, old, adv, mask, PolicyLossConfig(clip_ratio_high=0.28, clip_ratio_c=None)
+    )
     assert float(loss.value()) == pytest.approx(6.22 / 5, abs=1e-5)
     # gradient: clipped and dual-capped tokens get none; token 1 gets -A * r = -.5; token 4 gets
     # -A * r = 2.2 (ratio 1.1 is inside the clip range)
@@ -175,8 +194,9 @@ def test_gspo_sequence_ratio_on_packed_rows():
     adv = jnp.array([[1.0, 1.0, -1.0, 0.0]])
     seg = jnp.array([[1, 1, 2, 0]])
     mask = jnp.array([[1, 1, 1, 0]])
-    cfg = PolicyLossConfig("gspo", clip_ratio_low=0.3, clip_ratio_high=0.3,
-                           loss_agg_mode="token-mean")
+    cfg = PolicyLossConfig(
+        "gspo", clip_ratio_low=0.3, clip_ratio_high=0.3, loss_agg_mode="token-mean"
+    )
     loss, _ = policy_loss(logp, old, adv, mask, cfg, segment_ids=seg)
     # seg1 unclipped (1.2214 < 1.3): -1.221403 twice; seg2 clipped at .7: max(.670320, .7) = .7
     assert float(loss.total) == pytest.approx(-2 * 1.221403 + 0.7, abs=1e-5)
@@ -197,7 +217,11 @@ def _gspo_paper_loss(logp, old, adv, mask, low, high):
 def test_gspo_defaults_are_the_papers_sequence_objective():
     cfg = PolicyLossConfig("gspo")
     assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c, cfg.loss_agg_mode) == (
-        3e-4, 4e-4, None, "seq-mean-token-mean")
+        3e-4,
+        4e-4,
+        None,
+        "seq-mean-token-mean",
+    )
     # 8 responses of up to 6 tokens; per-token log-ratios around +-3e-4 put some sequence
     # ratios inside the clip range and some outside, on both sides, for both advantage signs
     rs = np.random.RandomState(0)
@@ -238,7 +262,9 @@ def test_entropy_and_value_loss():
     logits = jnp.array([[[0.0, math.log(3.0)], [0.0, 0.0]]])
     # p = (.25, .75): H = .25 ln 4 + .75 ln(4/3) = .562335; uniform over 2: ln 2
     A(entropy_from_logits(logits), [[0.562335, math.log(2)]], atol=1e-6)
-    assert float(entropy_bonus(logits, jnp.array([[1, 0]])).value()) == pytest.approx(0.562335, abs=1e-6)
+    assert float(entropy_bonus(logits, jnp.array([[1, 0]])).value()) == pytest.approx(
+        0.562335, abs=1e-6
+    )
     v, old, ret = jnp.array([[1.0, 2.0]]), jnp.array([[0.5, 2.0]]), jnp.array([[2.0, 1.0]])
     loss, m = value_loss(v, old, ret, jnp.ones((1, 2)), cliprange_value=0.2)
     # token 0: (1 - 2)^2 = 1 vs clipped v .7: (.7 - 2)^2 = 1.69 -> 1.69; token 1: 1 and 1

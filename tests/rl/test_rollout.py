@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jaxturbo.inference.sampling import SamplingParams
+from jaxturbo.models.init import init_params
+from jaxturbo.models.transformer import forward
 from jaxturbo.rl.logprobs import logprobs_from_logits
 from jaxturbo.rl.rollout import HFEngine, JaxEngine
-from jaxturbo.models.transformer import forward
-from jaxturbo.models.init import init_params
 from tests.helpers.hf_tiny import tiny_hf_model
 
 # prompt + completion is 8 tokens in every row, so the reference needs no padding
@@ -31,7 +31,7 @@ def _jax_reference(params, cfg, temperature):
     seq = jnp.asarray([p + c for p, c in zip(PROMPTS, COMPLETIONS)], jnp.int32)
     logits, _ = forward(params, cfg, seq[:, :-1])
     lp = np.asarray(logprobs_from_logits(logits, seq[:, 1:], temperature))
-    return [lp[i, len(p) - 1:] for i, p in enumerate(PROMPTS)]
+    return [lp[i, len(p) - 1 :] for i, p in enumerate(PROMPTS)]
 
 
 def test_hf_engine_matches_jax_policy_after_update(tiny):
@@ -62,3 +62,30 @@ def test_greedy_generation_hf_equals_jax(tiny):
     for a, b, s in zip(ho.logprobs, jo.logprobs, scored):
         np.testing.assert_allclose(b, s, atol=1e-4)
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_paged_engine_matches_the_static_sampler(tiny):
+    """The serving engine as a rollout engine: greedy tokens and logprobs equal the static
+    sampler's; a sampled GRPO group (one request with n samples) reports the logprobs its
+    scoring pass gives; after update_weights it follows the new weights."""
+    from jaxturbo.rl.rollout import PagedEngine
+
+    cfg, params = tiny
+    paged = PagedEngine(cfg, params, max_num_seqs=8, max_model_len=32)
+    static = JaxEngine(cfg, params)
+    for eng_params in (params, init_params(cfg, jax.random.key(1), jnp.float32, std=0.2)):
+        paged.update_weights(eng_params)
+        static.update_weights(eng_params)
+        po = paged.generate(PROMPTS, SamplingParams(), max_new_tokens=5, stop_ids=(5,))
+        jo = static.generate(PROMPTS, SamplingParams(), max_new_tokens=5, stop_ids=(5,))
+        assert po.completions == jo.completions and po.truncated == jo.truncated
+        for a, b in zip(po.logprobs, jo.logprobs):
+            np.testing.assert_allclose(a, b, atol=1e-4)
+    group = [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4  # two groups of 4 samples
+    so = paged.generate(group, SamplingParams(temperature=0.8), max_new_tokens=6, seed=3)
+    assert len(so.completions) == 8 and all(1 <= len(c) <= 6 for c in so.completions)
+    assert len({tuple(c) for c in so.completions[:4]}) > 1  # the samples of a group differ
+    scored = paged.score(group, so.completions, temperature=0.8)
+    for a, s in zip(so.logprobs, scored):
+        np.testing.assert_allclose(a, s, atol=1e-4)
+    assert paged.engine.stats().kv_pages_used == 0  # every page back in the pool

@@ -58,8 +58,11 @@ class FakeOldLLM:
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self._model = FakeModel(hf)
         runner = types.SimpleNamespace(model=self._model)
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-            driver_worker=types.SimpleNamespace(model_runner=runner)))
+        self.llm_engine = types.SimpleNamespace(
+            model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=runner)
+            )
+        )
         self.calls, self.prefix_resets = [], 0
 
     def reset_prefix_cache(self):
@@ -67,12 +70,14 @@ class FakeOldLLM:
 
     def _logprobs(self, ids):
         import torch
+
         with torch.no_grad():
             logits = self._model.hf(torch.tensor([ids])).logits[0].float()
         return torch.log_softmax(logits, -1)
 
     def generate(self, reqs, sps, use_tqdm=True):
         import torch
+
         sps = sps if isinstance(sps, list) else [sps] * len(reqs)
         self.calls.append((reqs, sps))
         outs = []
@@ -80,8 +85,9 @@ class FakeOldLLM:
             ids = list(req["prompt_token_ids"])
             if getattr(sp, "prompt_logprobs", None) == 0:  # scoring: logprobs of the prompt
                 lp = self._logprobs(ids)
-                plp = [None] + [{t: FakeLogprob(float(lp[i - 1, t]))} for i, t in
-                                enumerate(ids) if i > 0]
+                plp = [None] + [
+                    {t: FakeLogprob(float(lp[i - 1, t]))} for i, t in enumerate(ids) if i > 0
+                ]
                 outs.append(types.SimpleNamespace(prompt_logprobs=plp, outputs=[]))
                 continue
             assert sp.top_p == 1.0 and sp.top_k == -1 and sp.ignore_eos and sp.logprobs == 0
@@ -89,15 +95,20 @@ class FakeOldLLM:
             toks, lps = [], []
             for _ in range(sp.max_tokens):
                 lp = self._logprobs(ids + toks)[-1]
-                t = (int(lp.argmax()) if sp.temperature == 0 else
-                     int(torch.multinomial(torch.softmax(lp / sp.temperature, -1), 1,
-                                           generator=gen)))
+                t = (
+                    int(lp.argmax())
+                    if sp.temperature == 0
+                    else int(
+                        torch.multinomial(torch.softmax(lp / sp.temperature, -1), 1, generator=gen)
+                    )
+                )
                 toks.append(t)
                 lps.append({t: FakeLogprob(float(lp[t]))})
                 if t in sp.stop_token_ids:
                     break
-            outs.append(types.SimpleNamespace(
-                outputs=[types.SimpleNamespace(token_ids=toks, logprobs=lps)]))
+            outs.append(
+                types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=toks, logprobs=lps)])
+            )
         return outs
 
 
@@ -145,21 +156,22 @@ def test_weight_sync_payload_is_the_hf_state_dict(tiny_dir, fake_vllm, llm_class
     fake_vllm.LLM = llm_class
     hf, cfg, params, d = tiny_dir
     eng = VLLMEngine(cfg, params, model_dir=str(d), seed=3, gpu_memory_utilization=0.5)
-    assert eng.llm.init == dict(model=str(d), dtype="float32", seed=3,
-                                gpu_memory_utilization=0.5, skip_tokenizer_init=True)
+    assert eng.llm.init == dict(
+        model=str(d), dtype="float32", seed=3, gpu_memory_utilization=0.5, skip_tokenizer_init=True
+    )
     eng.update_weights(_moved(params))
     loads = eng.llm._model.loads
     assert len(loads) == 2 and eng.llm.prefix_resets == 2  # KV blocks of old weights dropped
     # the payload is transformers' own state dict (the tied head is the embedding), float32
-    want = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()
-            if k != "lm_head.weight"}
+    want = {
+        k: v.detach().float().numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"
+    }
     for load, scale in zip(loads, (1.0, 1.01)):
         got = dict(load)
         assert sorted(got) == sorted(want)
         for k, v in got.items():
             assert v.dtype == torch.float32, k
-            np.testing.assert_allclose(v.numpy(), want[k] * np.float32(scale), rtol=1e-6,
-                                       err_msg=k)
+            np.testing.assert_allclose(v.numpy(), want[k] * np.float32(scale), rtol=1e-6, err_msg=k)
 
 
 def test_adapter_matches_jax_engine_through_fake_llm(tiny_dir, fake_vllm):
@@ -188,19 +200,45 @@ def test_request_format_and_output_parsing(tiny_dir, fake_vllm):
 
     def fake_generate(reqs, sps, use_tqdm=True):
         eng.llm.calls.append((reqs, sps))
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
-            token_ids=t, logprobs=[{x: FakeLogprob(v), x + 1: FakeLogprob(-9.0)}
-                                   for x, v in zip(t, lp)])]) for t, lp in canned]
+        return [
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(
+                        token_ids=t,
+                        logprobs=[
+                            {x: FakeLogprob(v), x + 1: FakeLogprob(-9.0)} for x, v in zip(t, lp)
+                        ],
+                    )
+                ]
+            )
+            for t, lp in canned
+        ]
+
     eng.llm.generate = fake_generate
-    out = eng.generate(PROMPTS, SamplingParams(temperature=1.0, top_p=0.9, top_k=5),
-                       max_new_tokens=3, stop_ids=(4, 9), seed=2)
+    out = eng.generate(
+        PROMPTS,
+        SamplingParams(temperature=1.0, top_p=0.9, top_k=5),
+        max_new_tokens=3,
+        stop_ids=(4, 9),
+        seed=2,
+    )
     reqs, sps = eng.llm.calls[-1]
     assert reqs == [{"prompt_token_ids": [1, 5, 9, 20]}, {"prompt_token_ids": [3, 4]}]
     # one SamplingParams per request, seeds distinct across the batch (a group repeats its
     # prompt) and across calls (seed * batch + row)
     assert [sp.kw for sp in sps] == [
-        dict(temperature=1.0, top_p=0.9, top_k=5, max_tokens=3, stop_token_ids=[4, 9],
-             ignore_eos=True, logprobs=0, seed=s) for s in (4, 5)]
+        dict(
+            temperature=1.0,
+            top_p=0.9,
+            top_k=5,
+            max_tokens=3,
+            stop_token_ids=[4, 9],
+            ignore_eos=True,
+            logprobs=0,
+            seed=s,
+        )
+        for s in (4, 5)
+    ]
     # the sampled token's logprob is picked out of each position's dict
     assert out.completions == [[7, 8, 9], [6, 4]]
     np.testing.assert_array_equal(out.logprobs[0], np.float32([-0.5, -1.5, -2.5]))
@@ -208,8 +246,10 @@ def test_request_format_and_output_parsing(tiny_dir, fake_vllm):
     # 3 tokens ending in stop id 9: not truncated; [6, 4] stopped early
     assert out.truncated == [False, False]
     canned[1] = ([6, 5, 5], [-0.1] * 3)
-    assert eng.generate(PROMPTS, SamplingParams(), max_new_tokens=3,
-                        stop_ids=(4, 9)).truncated == [False, True]
+    assert eng.generate(PROMPTS, SamplingParams(), max_new_tokens=3, stop_ids=(4, 9)).truncated == [
+        False,
+        True,
+    ]
     greedy = eng.llm.calls[-1][1][0].kw
     assert (greedy["temperature"], greedy["top_p"], greedy["top_k"]) == (0.0, 1.0, -1)
     eng.generate(PROMPTS, SamplingParams(temperature=1.0, top_k=0), max_new_tokens=3)
@@ -220,9 +260,14 @@ def test_request_format_and_output_parsing(tiny_dir, fake_vllm):
 
     def fake_score(reqs, sp, use_tqdm=True):
         calls.append((reqs, sp))
-        return [types.SimpleNamespace(prompt_logprobs=[None] + [
-            {t: FakeLogprob(-0.1 * i)} for i, t in enumerate(r["prompt_token_ids"][1:], 1)])
-            for r in reqs]
+        return [
+            types.SimpleNamespace(
+                prompt_logprobs=[None]
+                + [{t: FakeLogprob(-0.1 * i)} for i, t in enumerate(r["prompt_token_ids"][1:], 1)]
+            )
+            for r in reqs
+        ]
+
     eng.llm.generate = fake_score
     got = eng.score([[1, 2], [3]], [[5, 6], [7]])
     assert calls[0][0] == [{"prompt_token_ids": [1, 2, 5, 6]}, {"prompt_token_ids": [3, 7]}]
@@ -261,11 +306,28 @@ def test_rl_cli_with_the_vllm_engine(tiny_rl_model, fake_vllm, tmp_path, capsys)
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
+
     fake_vllm.LLM = Recorded
     out = tmp_path / "run"
-    assert _rl(tiny_rl_model, out, "--rollout-engine", "vllm", "--steps", "2",
-               "--eval-every", "0", "--max-operand", "1", "--eval-problems", "1",
-               "--group-size", "8") == 0
+    assert (
+        _rl(
+            tiny_rl_model,
+            out,
+            "--rollout-engine",
+            "vllm",
+            "--steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--max-operand",
+            "1",
+            "--eval-problems",
+            "1",
+            "--group-size",
+            "8",
+        )
+        == 0
+    )
     capsys.readouterr()
     (llm,) = made
     assert llm.init["model"] == str(tiny_rl_model) and llm.init["seed"] == 0
@@ -280,10 +342,14 @@ def test_rl_cli_with_the_vllm_engine(tiny_rl_model, fake_vllm, tmp_path, capsys)
 
 
 def test_vllm_engine_matches_jax_engine(tmp_path):
-    pytest.importorskip("vllm", reason=(
-        "vLLM is not installed (it cannot be installed on these machines).  With vLLM, this "
-        "checks a real vllm.LLM behind VLLMEngine: after update_weights, greedy tokens equal "
-        "JaxEngine's and prompt logprobs match it within 1e-3"))
+    pytest.importorskip(
+        "vllm",
+        reason=(
+            "vLLM is not installed (it cannot be installed on these machines).  With vLLM, this "
+            "checks a real vllm.LLM behind VLLMEngine: after update_weights, greedy tokens equal "
+            "JaxEngine's and prompt logprobs match it within 1e-3"
+        ),
+    )
     from jaxturbo.bridge import export_hf
     from jaxturbo.rl.rollout import JaxEngine, VLLMEngine
     from tests.helpers.hf_tiny import tiny_hf_model

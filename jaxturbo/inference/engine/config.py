@@ -30,7 +30,9 @@ def pick_bucket(buckets: Sequence[int], n: int) -> int:
     for b in buckets:
         if b >= n:
             return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1] if buckets else None} of {list(buckets)}")
+    raise ValueError(
+        f"{n} exceeds the largest bucket {buckets[-1] if buckets else None} of {list(buckets)}"
+    )
 
 
 def power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -43,14 +45,18 @@ def power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_buckets(name: str, buckets: Sequence[int], must_reach: int, reach_name: str) -> tuple[int, ...]:
+def _check_buckets(
+    name: str, buckets: Sequence[int], must_reach: int, reach_name: str
+) -> tuple[int, ...]:
     b = tuple(buckets)
     if not b or any(not isinstance(x, int) or x < 1 for x in b):
         raise UserError(f"{name}={list(b)} must be a non-empty list of positive integers")
     if any(x >= y for x, y in zip(b, b[1:])):
         raise UserError(f"{name}={list(b)} must be strictly increasing")
     if b[-1] < must_reach:
-        raise UserError(f"{name}={list(b)}: the largest bucket {b[-1]} must be >= {reach_name}={must_reach}")
+        raise UserError(
+            f"{name}={list(b)}: the largest bucket {b[-1]} must be >= {reach_name}={must_reach}"
+        )
     return b
 
 
@@ -95,36 +101,61 @@ class EngineConfig:
     def __post_init__(self) -> None:
         ps = self.page_size
         if not isinstance(ps, int) or not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE or ps & (ps - 1):
-            raise UserError(f"page_size={ps} must be a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]")
-        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
-            raise UserError(f"num_pages={self.num_pages} must be >= 2 (page 0 is the reserved null page) or None")
+            raise UserError(
+                f"page_size={ps} must be a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]"
+            )
+        if self.num_pages is not None and (
+            not isinstance(self.num_pages, int) or self.num_pages < 2
+        ):
+            raise UserError(
+                f"num_pages={self.num_pages} must be >= 2 (page 0 is the reserved null page) or None"
+            )
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise UserError(f"kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise UserError(f"max_num_seqs={self.max_num_seqs} must be an integer >= 1")
-        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < self.max_num_seqs:
-            raise UserError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be an integer "
-                            f">= max_num_seqs={self.max_num_seqs} (one decode token per running request)")
+        if (
+            not isinstance(self.max_num_batched_tokens, int)
+            or self.max_num_batched_tokens < self.max_num_seqs
+        ):
+            raise UserError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be an integer "
+                f">= max_num_seqs={self.max_num_seqs} (one decode token per running request)"
+            )
         if not isinstance(self.max_model_len, int) or self.max_model_len < 2:
-            raise UserError(f"max_model_len={self.max_model_len} must be an integer >= 2 "
-                            "(at least one prompt token and one generated token)")
+            raise UserError(
+                f"max_model_len={self.max_model_len} must be an integer >= 2 "
+                "(at least one prompt token and one generated token)"
+            )
         t = self.long_prefill_token_threshold
         if t is not None and (not isinstance(t, int) or t < 1):
-            raise UserError(f"long_prefill_token_threshold={t} must be an integer >= 1 or None (off)")
+            raise UserError(
+                f"long_prefill_token_threshold={t} must be an integer >= 1 or None (off)"
+            )
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or w < 1):
             raise UserError(f"sliding_window={w} must be an integer >= 1 or None (full attention)")
         tb = self.token_buckets
         if tb is None:
-            tb = power_of_two_buckets(min(16, self.max_num_batched_tokens), self.max_num_batched_tokens)
+            tb = power_of_two_buckets(
+                min(16, self.max_num_batched_tokens), self.max_num_batched_tokens
+            )
         sb = self.seq_buckets
         if sb is None:
             sb = power_of_two_buckets(1, self.max_num_seqs)
         # frozen dataclass: normalise the bucket lists to validated tuples once, here
-        object.__setattr__(self, "token_buckets", _check_buckets(
-            "token_buckets", tb, self.max_num_batched_tokens, "max_num_batched_tokens"))
-        object.__setattr__(self, "seq_buckets", _check_buckets(
-            "seq_buckets", sb, self.max_num_seqs, "max_num_seqs"))
+        object.__setattr__(
+            self,
+            "token_buckets",
+            _check_buckets(
+                "token_buckets", tb, self.max_num_batched_tokens, "max_num_batched_tokens"
+            ),
+        )
+        object.__setattr__(
+            self,
+            "seq_buckets",
+            _check_buckets("seq_buckets", sb, self.max_num_seqs, "max_num_seqs"),
+        )
 
     @property
     def max_pages_per_seq(self) -> int:

@@ -23,8 +23,13 @@ class IncrementalDetokenizer:
     stop: strings that end the output (the output is cut before the first one found).
     """
 
-    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (),
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = list(prompt_ids)
@@ -32,8 +37,8 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(0, self.read_offset - PREFIX_WINDOW)
         self.stop = tuple(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.text = ""       # the output's text decoded so far (complete characters)
-        self.emitted = 0     # characters of `text` already returned
+        self.text = ""  # the output's text decoded so far (complete characters)
+        self.emitted = 0  # characters of `text` already returned
         self.stopped = False
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -46,12 +51,12 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.tokens.extend(token_ids)
-        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
-        full = self._decode(self.tokens[self.prefix_offset:])
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
         if len(full) > len(prefix) and (final or not full.endswith(REPLACEMENT_CHAR)):
             # the window's text can change before its end when a token merges with it; only
             # what follows the previous read position is new
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         # the text emitted so far holds no stop-string start (see `hold`), so search after it;
         # cutting at each hit keeps the earliest one
@@ -63,5 +68,5 @@ class IncrementalDetokenizer:
         end = len(self.text) if final or self.stopped else len(self.text) - self.hold
         if end <= self.emitted:
             return ""
-        delta, self.emitted = self.text[self.emitted:end], end
+        delta, self.emitted = self.text[self.emitted : end], end
         return delta

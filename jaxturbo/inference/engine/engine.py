@@ -30,9 +30,13 @@ from jaxturbo.errors import UserError
 from jaxturbo.inference.engine.config import EngineConfig
 from jaxturbo.inference.engine.detokenizer import IncrementalDetokenizer
 from jaxturbo.inference.engine.kv_cache_manager import KVCacheManager
-from jaxturbo.inference.engine.model_runner import (ModelRunner, SampledTokens, StepHandle,
-                                                    default_compilation_cache_dir,
-                                                    enable_compilation_cache)
+from jaxturbo.inference.engine.model_runner import (
+    ModelRunner,
+    SampledTokens,
+    StepHandle,
+    default_compilation_cache_dir,
+    enable_compilation_cache,
+)
 from jaxturbo.inference.engine.params import SEED_MODULUS, RequestParams
 from jaxturbo.inference.engine.request import FinishReason, Request
 from jaxturbo.inference.engine.scheduler import Scheduler, SchedulerOutput
@@ -156,12 +160,23 @@ class Engine:
     the engine is idle).  seed: draws the seeds of requests that give none.
     """
 
-    def __init__(self, params: Params, cfg: AnyConfig, tokenizer: Any = None,
-                 config: EngineConfig | None = None, mesh: Any = None, *,
-                 kv_dtype: Any = None, attn_impl: str = "auto", max_top_logprobs: int = 0,
-                 sort_variants: bool = True, warmup: bool = True,
-                 compilation_cache_dir: Any = "default", async_scheduling: bool = True,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        params: Params,
+        cfg: AnyConfig,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        mesh: Any = None,
+        *,
+        kv_dtype: Any = None,
+        attn_impl: str = "auto",
+        max_top_logprobs: int = 0,
+        sort_variants: bool = True,
+        warmup: bool = True,
+        compilation_cache_dir: Any = "default",
+        async_scheduling: bool = True,
+        seed: int = 0,
+    ) -> None:
         config = config or EngineConfig()
         if compilation_cache_dir == "default":
             compilation_cache_dir = default_compilation_cache_dir()
@@ -169,14 +184,24 @@ class Engine:
             enable_compilation_cache(compilation_cache_dir)
         max_ctx = cfg.max_position_embeddings
         if config.max_model_len > max_ctx:
-            raise UserError(f"max_model_len={config.max_model_len} exceeds the model's context of "
-                            f"{max_ctx} tokens; lower EngineConfig.max_model_len")
+            raise UserError(
+                f"max_model_len={config.max_model_len} exceeds the model's context of "
+                f"{max_ctx} tokens; lower EngineConfig.max_model_len"
+            )
         self.cfg, self.config, self.tokenizer = cfg, config, tokenizer
-        self.runner = ModelRunner(params, cfg, config, mesh=mesh, kv_dtype=kv_dtype,
-                                  attn_impl=attn_impl, max_top_logprobs=max_top_logprobs,
-                                  sort_variants=sort_variants)
-        self.scheduler = Scheduler(config,
-                                   KVCacheManager.from_config(config, self.runner.num_pages))
+        self.runner = ModelRunner(
+            params,
+            cfg,
+            config,
+            mesh=mesh,
+            kv_dtype=kv_dtype,
+            attn_impl=attn_impl,
+            max_top_logprobs=max_top_logprobs,
+            sort_variants=sort_variants,
+        )
+        self.scheduler = Scheduler(
+            config, KVCacheManager.from_config(config, self.runner.num_pages)
+        )
         self.async_scheduling = async_scheduling
         eos = set(cfg.eos_token_id)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
@@ -184,9 +209,9 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
-        self._children: dict[str, _Child] = {}       # scheduler request id -> sample state
-        self._parents: dict[str, list[str]] = {}     # request id -> its samples' ids
-        self._inflight: StepHandle | None = None     # launched, tokens not read (async)
+        self._children: dict[str, _Child] = {}  # scheduler request id -> sample state
+        self._parents: dict[str, list[str]] = {}  # request id -> its samples' ids
+        self._inflight: StepHandle | None = None  # launched, tokens not read (async)
         self._prompt_tokens = 0
         self._prefill_computed = 0
         if warmup:
@@ -196,45 +221,65 @@ class Engine:
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise UserError("a text prompt needs a tokenizer: Engine(params, cfg, tokenizer) "
-                                "or pass token ids")
+                raise UserError(
+                    "a text prompt needs a tokenizer: Engine(params, cfg, tokenizer) "
+                    "or pass token ids"
+                )
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]
 
-    def add_request(self, prompt: Prompt, params: RequestParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, params: RequestParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a prompt (text or token ids) for `params.n` samples; returns its request id
         (its samples' outputs carry it with their index)."""
         return self._add(prompt, params or RequestParams(), request_id)[0]
 
-    def _add(self, prompt: Prompt, params: RequestParams,
-             request_id: str | None) -> tuple[str, list[int]]:
+    def _add(
+        self, prompt: Prompt, params: RequestParams, request_id: str | None
+    ) -> tuple[str, list[int]]:
         ids = self._encode(prompt)
         rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._parents:
             raise UserError(f"request id {rid!r} is already in use by an unfinished request")
         if params.stop and self.tokenizer is None:
-            raise UserError(f"stop={list(params.stop)} needs a tokenizer (stop strings are "
-                            "matched on the text); use stop_token_ids without one")
+            raise UserError(
+                f"stop={list(params.stop)} needs a tokenizer (stop strings are "
+                "matched on the text); use stop_token_ids without one"
+            )
         if params.top_logprobs > self.runner.num_top:
-            raise UserError(f"top_logprobs={params.top_logprobs} exceeds the engine's "
-                            f"max_top_logprobs={self.runner.num_top}; create the engine with "
-                            f"Engine(..., max_top_logprobs={params.top_logprobs})")
+            raise UserError(
+                f"top_logprobs={params.top_logprobs} exceeds the engine's "
+                f"max_top_logprobs={self.runner.num_top}; create the engine with "
+                f"Engine(..., max_top_logprobs={params.top_logprobs})"
+            )
         if params.needs_sort and not self.runner.sort_variants:
-            raise UserError(f"top_k={params.top_k} / top_p={params.top_p} need the sort variants: "
-                            "create the engine with Engine(..., sort_variants=True)")
+            raise UserError(
+                f"top_k={params.top_k} / top_p={params.top_p} need the sort variants: "
+                "create the engine with Engine(..., sort_variants=True)"
+            )
         seed = int(self._rng.integers(SEED_MODULUS)) if params.seed is None else params.seed
         children = [rid] if params.n == 1 else [f"{rid}#{i}" for i in range(params.n)]
         added: list[str] = []
         try:
             for i, cid in enumerate(children):
-                req = Request(cid, ids, params.max_tokens, stop_token_ids=params.stop_token_ids,
-                              eos_token_ids=self.eos_token_ids, ignore_eos=params.ignore_eos,
-                              priority=params.priority, sampling=params.row(seed, i))
+                req = Request(
+                    cid,
+                    ids,
+                    params.max_tokens,
+                    stop_token_ids=params.stop_token_ids,
+                    eos_token_ids=self.eos_token_ids,
+                    ignore_eos=params.ignore_eos,
+                    priority=params.priority,
+                    sampling=params.row(seed, i),
+                )
                 self.scheduler.add_request(req)
                 added.append(cid)
-                detok = (IncrementalDetokenizer(self.tokenizer, ids, params.stop)
-                         if self.tokenizer is not None else None)
+                detok = (
+                    IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+                    if self.tokenizer is not None
+                    else None
+                )
                 self._children[cid] = _Child(rid, i, params, len(ids), detok)
         except Exception:
             for cid in added:  # all samples or none
@@ -312,13 +357,28 @@ class Engine:
             logprobs = (float(sampled.logprobs[i]),) if p.logprobs or p.top_logprobs else None
             top = None
             if p.top_logprobs:
-                top = (tuple(zip(map(int, sampled.top_ids[i, :p.top_logprobs]),
-                                 map(float, sampled.top_logprobs[i, :p.top_logprobs]))),)
+                top = (
+                    tuple(
+                        zip(
+                            map(int, sampled.top_ids[i, : p.top_logprobs]),
+                            map(float, sampled.top_logprobs[i, : p.top_logprobs]),
+                        )
+                    ),
+                )
             if reason is not None:
                 child.finished = True
                 self._retire(r.request_id)
-            outs.append(RequestOutput(child.parent, child.index, tokens, text,
-                                      None if reason is None else reason.value, logprobs, top))
+            outs.append(
+                RequestOutput(
+                    child.parent,
+                    child.index,
+                    tokens,
+                    text,
+                    None if reason is None else reason.value,
+                    logprobs,
+                    top,
+                )
+            )
         return outs
 
     def _retire(self, cid: str) -> None:
@@ -327,26 +387,45 @@ class Engine:
         if siblings is not None and all(c not in self._children for c in siblings):
             del self._parents[child.parent]
 
-    def generate(self, prompts: Sequence[Prompt],
-                 params: RequestParams | Sequence[RequestParams] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: RequestParams | Sequence[RequestParams] | None = None,
+    ) -> list[Completion]:
         """Run prompts (text or token ids) to completion; one `Completion` per prompt, in
         order.  params: one for all prompts or one per prompt.  The engine must hold no other
         unfinished request (their streamed outputs would be lost)."""
         if self.has_unfinished():
-            raise UserError("generate() needs an idle engine: step() the requests added with "
-                            "add_request() to completion (or abort them) first")
+            raise UserError(
+                "generate() needs an idle engine: step() the requests added with "
+                "add_request() to completion (or abort them) first"
+            )
         if params is None or isinstance(params, RequestParams):
             params = [params or RequestParams()] * len(prompts)
         if len(params) != len(prompts):
-            raise UserError(f"{len(params)} RequestParams for {len(prompts)} prompts; give one, "
-                            "or one per prompt")
+            raise UserError(
+                f"{len(params)} RequestParams for {len(prompts)} prompts; give one, "
+                "or one per prompt"
+            )
         rids, results = [], {}
         for prompt, p in zip(prompts, params):
             rid, ids = self._add(prompt, p, None)
             rids.append(rid)
-            results[rid] = Completion(rid, ids, [
-                Sample(i, [], "", None, [] if p.logprobs or p.top_logprobs else None,
-                       [] if p.top_logprobs else None) for i in range(p.n)])
+            results[rid] = Completion(
+                rid,
+                ids,
+                [
+                    Sample(
+                        i,
+                        [],
+                        "",
+                        None,
+                        [] if p.logprobs or p.top_logprobs else None,
+                        [] if p.top_logprobs else None,
+                    )
+                    for i in range(p.n)
+                ],
+            )
         while self.has_unfinished():
             for o in self.step():
                 s = results[o.request_id].samples[o.index]
@@ -380,9 +459,18 @@ class Engine:
         s = self.scheduler.stats()
         kv = s.kv
         return EngineStats(
-            num_running=s.num_running, num_waiting=s.num_waiting, kv_pages_used=kv.pages_used,
-            kv_pages_free=kv.pages_free, kv_pages_total=kv.num_pages, page_size=kv.page_size,
-            capacity_tokens=kv.capacity_tokens, prefix_hit_rate=kv.hit_rate,
-            prefix_saved_tokens=kv.saved_prefill_tokens, prompt_tokens=self._prompt_tokens,
-            prefill_tokens_computed=self._prefill_computed, num_preemptions=s.num_preemptions,
-            num_steps=s.num_steps, total_scheduled_tokens=s.total_scheduled_tokens)
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_pages_used=kv.pages_used,
+            kv_pages_free=kv.pages_free,
+            kv_pages_total=kv.num_pages,
+            page_size=kv.page_size,
+            capacity_tokens=kv.capacity_tokens,
+            prefix_hit_rate=kv.hit_rate,
+            prefix_saved_tokens=kv.saved_prefill_tokens,
+            prompt_tokens=self._prompt_tokens,
+            prefill_tokens_computed=self._prefill_computed,
+            num_preemptions=s.num_preemptions,
+            num_steps=s.num_steps,
+            total_scheduled_tokens=s.total_scheduled_tokens,
+        )

@@ -49,7 +49,9 @@ class KVCacheStats:
 
     @property
     def hit_rate(self) -> float:
-        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+        return (
+            self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+        )
 
     @property
     def saved_prefill_tokens(self) -> int:
@@ -64,8 +66,15 @@ class KVCacheManager:
     e.g. a model name, so two models never share entries.
     """
 
-    def __init__(self, num_pages: int, page_size: int, *, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None, cache_salt: str = "") -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+        cache_salt: str = "",
+    ) -> None:
         self.pool = PagePool(num_pages)
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -77,15 +86,23 @@ class KVCacheManager:
         self._hit_tokens = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig, num_pages: int | None = None, *,
-                    cache_salt: str = "") -> KVCacheManager:
+    def from_config(
+        cls, config: EngineConfig, num_pages: int | None = None, *, cache_salt: str = ""
+    ) -> KVCacheManager:
         """A manager with the config's page geometry; num_pages overrides config.num_pages (the
         runner passes the count it sized from device memory)."""
         n = config.num_pages if num_pages is None else num_pages
         if n is None:
-            raise ValueError("num_pages is None in the config: size the pool first and pass num_pages")
-        return cls(n, config.page_size, enable_prefix_caching=config.enable_prefix_caching,
-                   sliding_window=config.sliding_window, cache_salt=cache_salt)
+            raise ValueError(
+                "num_pages is None in the config: size the pool first and pass num_pages"
+            )
+        return cls(
+            n,
+            config.page_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            sliding_window=config.sliding_window,
+            cache_salt=cache_salt,
+        )
 
     # -- capacity ---------------------------------------------------------------------------
     @property
@@ -123,10 +140,17 @@ class KVCacheManager:
         if len(hashes) < num_pages:
             if (num_pages * ps) > len(tokens):
                 raise RuntimeError(f"page {num_pages - 1} of {request.request_id!r} is not full")
-            parent = hashes[-1] if hashes else hashlib.sha256(
-                repr((self.cache_salt, request.hash_generation, request.cache_salt)).encode()).digest()
+            parent = (
+                hashes[-1]
+                if hashes
+                else hashlib.sha256(
+                    repr((self.cache_salt, request.hash_generation, request.cache_salt)).encode()
+                ).digest()
+            )
             for i in range(len(hashes), num_pages):
-                parent = hashlib.sha256(parent + array("q", tokens[i * ps:(i + 1) * ps]).tobytes()).digest()
+                parent = hashlib.sha256(
+                    parent + array("q", tokens[i * ps : (i + 1) * ps]).tobytes()
+                ).digest()
                 hashes.append(parent)
         return hashes
 
@@ -152,8 +176,9 @@ class KVCacheManager:
         return self.pool.reset_hashes()
 
     # -- allocation -------------------------------------------------------------------------
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_pages: Sequence[int] = ()) -> bool:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int] = ()
+    ) -> bool:
         """Grow the request's table to hold its computed tokens plus `num_new_tokens`.
 
         new_computed_pages: prefix-cache hits from `get_computed_pages`, only for a request holding
@@ -163,12 +188,16 @@ class KVCacheManager:
         ps, pool, table = self.page_size, self.pool, request.page_table
         fresh = not table
         if new_computed_pages and (not fresh or request.num_computed_tokens):
-            raise RuntimeError(f"{request.request_id!r}: prefix hits are only taken by a request holding no pages")
+            raise RuntimeError(
+                f"{request.request_id!r}: prefix hits are only taken by a request holding no pages"
+            )
         num_computed = request.num_computed_tokens + len(new_computed_pages) * ps
         end = num_computed + num_new_tokens
         if num_new_tokens < 1 or end > request.num_tokens:
-            raise RuntimeError(f"{request.request_id!r}: cannot compute {num_new_tokens} new tokens after "
-                               f"{num_computed} of {request.num_tokens} known")
+            raise RuntimeError(
+                f"{request.request_id!r}: cannot compute {num_new_tokens} new tokens after "
+                f"{num_computed} of {request.num_tokens} known"
+            )
         if fresh:
             self._refresh_hashes(request)
 
@@ -218,14 +247,20 @@ class KVCacheManager:
         """
         table = request.page_table
         self.pool.free(reversed(table))
-        for page in table[request.num_computed_tokens // self.page_size:]:
+        for page in table[request.num_computed_tokens // self.page_size :]:
             if page != NULL_PAGE and self.pool.ref_count(page) == 0:
                 self.pool.uncache(page)
         table.clear()
         request.num_cached_pages = 0
 
     def stats(self) -> KVCacheStats:
-        return KVCacheStats(page_size=self.page_size, num_pages=self.pool.num_usable,
-                            pages_used=self.pool.num_used, pages_free=self.pool.num_free,
-                            pages_cached=self.pool.num_cached, prefix_queries=self._num_queries,
-                            prefix_query_tokens=self._query_tokens, prefix_hit_tokens=self._hit_tokens)
+        return KVCacheStats(
+            page_size=self.page_size,
+            num_pages=self.pool.num_usable,
+            pages_used=self.pool.num_used,
+            pages_free=self.pool.num_free,
+            pages_cached=self.pool.num_cached,
+            prefix_queries=self._num_queries,
+            prefix_query_tokens=self._query_tokens,
+            prefix_hit_tokens=self._hit_tokens,
+        )

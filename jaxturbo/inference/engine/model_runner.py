@@ -54,9 +54,17 @@ log = logging.getLogger(__name__)
 # config gives no num_pages.
 DEFAULT_POOL_TOKENS = 16384
 
-_INT_FIELDS = ("tokens", "positions", "slot_mapping", "token_src")          # [T] each
-_SEQ_FIELDS = ("seq_lens", "logits_indices", "top_k", "seeds", "sample_positions",
-               "temperature", "top_p", "min_p")                              # [S] each
+_INT_FIELDS = ("tokens", "positions", "slot_mapping", "token_src")  # [T] each
+_SEQ_FIELDS = (
+    "seq_lens",
+    "logits_indices",
+    "top_k",
+    "seeds",
+    "sample_positions",
+    "temperature",
+    "top_p",
+    "min_p",
+)  # [S] each
 _FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p"})
 
 
@@ -97,8 +105,12 @@ class _Layout:
     @property
     def fields(self) -> list[tuple[str, int]]:
         t, s = self.tokens, self.seqs
-        return ([(n, t) for n in _INT_FIELDS] + [("query_start_loc", s + 1)]
-                + [(n, s) for n in _SEQ_FIELDS] + [("page_tables", s * self.max_pages)])
+        return (
+            [(n, t) for n in _INT_FIELDS]
+            + [("query_start_loc", s + 1)]
+            + [(n, s) for n in _SEQ_FIELDS]
+            + [("page_tables", s * self.max_pages)]
+        )
 
     @property
     def size(self) -> int:
@@ -108,7 +120,7 @@ class _Layout:
         """numpy views of the fields of a host buffer (float fields as float32, seeds uint32)."""
         out, at = {}, 0
         for name, n in self.fields:
-            v = buf[at:at + n]
+            v = buf[at : at + n]
             if name in _FLOAT_FIELDS:
                 v = v.view(np.float32)
             elif name == "seeds":
@@ -122,7 +134,7 @@ class _Layout:
         """The fields of the device buffer (static slices; bit-casts for non-int32 fields)."""
         out, at = {}, 0
         for name, n in self.fields:
-            v = buf[at:at + n]
+            v = buf[at : at + n]
             if name in _FLOAT_FIELDS:
                 v = jax.lax.bitcast_convert_type(v, jnp.float32)
             elif name == "seeds":
@@ -138,10 +150,10 @@ class SampledTokens:
     """A step's sampled tokens on the host, for the rows whose step samples."""
 
     request_ids: tuple[str, ...]
-    tokens: np.ndarray          # [n] int32
-    logprobs: np.ndarray        # [n] float32
-    top_ids: np.ndarray         # [n, N] int32
-    top_logprobs: np.ndarray    # [n, N] float32
+    tokens: np.ndarray  # [n] int32
+    logprobs: np.ndarray  # [n] float32
+    top_ids: np.ndarray  # [n, N] int32
+    top_logprobs: np.ndarray  # [n, N] float32
 
     def as_dict(self) -> dict[str, int]:
         return dict(zip(self.request_ids, map(int, self.tokens)))
@@ -163,12 +175,16 @@ class StepHandle:
             out = np.asarray(self.packed)
             rows = [i for i, sr in enumerate(self.scheduled) if sr.samples]
             at = np.cumsum([0, s, s, s * n, s * n])
-            tok, logp = out[at[0]:at[1]], out[at[1]:at[2]].view(np.float32)
-            top_ids = out[at[2]:at[3]].reshape(s, n)
-            top_logp = out[at[3]:at[4]].view(np.float32).reshape(s, n)
+            tok, logp = out[at[0] : at[1]], out[at[1] : at[2]].view(np.float32)
+            top_ids = out[at[2] : at[3]].reshape(s, n)
+            top_logp = out[at[3] : at[4]].view(np.float32).reshape(s, n)
             self._fetched = SampledTokens(
-                tuple(self.scheduled[i].request_id for i in rows), tok[rows], logp[rows],
-                top_ids[rows], top_logp[rows])
+                tuple(self.scheduled[i].request_id for i in rows),
+                tok[rows],
+                logp[rows],
+                top_ids[rows],
+                top_logp[rows],
+            )
         return self._fetched
 
 
@@ -185,16 +201,22 @@ def pool_pages(config: EngineConfig, page_bytes: int, devices: list[Any]) -> tup
     stats = [d.memory_stats() or {} for d in devices]
     if not all("bytes_limit" in s and "bytes_in_use" in s for s in stats):
         n = cdiv(DEFAULT_POOL_TOKENS, config.page_size) + 1
-        return n, (f"{n} pages ({(n - 1) * config.page_size} tokens): the device reports no "
-                   "memory statistics; set EngineConfig.num_pages to choose")
+        return n, (
+            f"{n} pages ({(n - 1) * config.page_size} tokens): the device reports no "
+            "memory statistics; set EngineConfig.num_pages to choose"
+        )
     free = min(s["bytes_limit"] - s["bytes_in_use"] for s in stats)
     n = int(config.kv_memory_fraction * free) // page_bytes
     if n < 2:
-        raise UserError(f"kv_memory_fraction={config.kv_memory_fraction} of the {free / 2**30:.2f} "
-                        f"GiB free after the weights holds {n} KV pages of {page_bytes} bytes; "
-                        "raise kv_memory_fraction, lower page_size, or free device memory")
-    return n, (f"{n} pages ({(n - 1) * config.page_size} tokens): {config.kv_memory_fraction} "
-               f"of {free / 2**30:.2f} GiB free per device at {page_bytes / 2**20:.3f} MiB a page")
+        raise UserError(
+            f"kv_memory_fraction={config.kv_memory_fraction} of the {free / 2**30:.2f} "
+            f"GiB free after the weights holds {n} KV pages of {page_bytes} bytes; "
+            "raise kv_memory_fraction, lower page_size, or free device memory"
+        )
+    return n, (
+        f"{n} pages ({(n - 1) * config.page_size} tokens): {config.kv_memory_fraction} "
+        f"of {free / 2**30:.2f} GiB free per device at {page_bytes / 2**20:.3f} MiB a page"
+    )
 
 
 class ModelRunner:
@@ -208,12 +230,22 @@ class ModelRunner:
     top-k / top-p variants (False: requests may not use them).
     """
 
-    def __init__(self, params: Params, cfg: AnyConfig, config: EngineConfig, *,
-                 mesh: Mesh | None = None, kv_dtype: Any = None, attn_impl: str = "auto",
-                 max_top_logprobs: int = 0, sort_variants: bool = True) -> None:
+    def __init__(
+        self,
+        params: Params,
+        cfg: AnyConfig,
+        config: EngineConfig,
+        *,
+        mesh: Mesh | None = None,
+        kv_dtype: Any = None,
+        attn_impl: str = "auto",
+        max_top_logprobs: int = 0,
+        sort_variants: bool = True,
+    ) -> None:
         if not 0 <= max_top_logprobs <= MAX_TOP_LOGPROBS:
-            raise UserError(f"max_top_logprobs={max_top_logprobs} must be in "
-                            f"[0, {MAX_TOP_LOGPROBS}]")
+            raise UserError(
+                f"max_top_logprobs={max_top_logprobs} must be in [0, {MAX_TOP_LOGPROBS}]"
+            )
         self.cfg, self.config = cfg, config
         self.mla = isinstance(cfg, MLAConfig)
         self.attn_impl = attn_impl
@@ -241,8 +273,10 @@ class ModelRunner:
             shapes = [(L, n, ps, w) for w in widths]
         else:
             shapes = [(L, n, ps, kv_heads, base.head_dim)] * 2
-        self.pages = tuple(jax.jit(lambda s=s: jnp.zeros(s, self.kv_dtype),
-                                   out_shardings=self._page_sharding)() for s in shapes)
+        self.pages = tuple(
+            jax.jit(lambda s=s: jnp.zeros(s, self.kv_dtype), out_shardings=self._page_sharding)()
+            for s in shapes
+        )
         self.max_seqs = config.seq_buckets[-1]
         self._prev = jax.device_put(np.zeros(self.max_seqs, np.int32), self._rep)
         self._prev_rows: dict[str, int] = {}
@@ -254,6 +288,7 @@ class ModelRunner:
         if self.mesh is None:
             return self.cfg.num_key_value_heads
         from jaxturbo.parallel import tensor
+
         return tensor.cache_kv_heads(self.cfg, tensor.tensor_size(self.mesh))
 
     def _place(self, params: Params) -> None:
@@ -266,13 +301,18 @@ class ModelRunner:
             self.params = jax.device_put(params, self._device)
             return
         from jaxturbo.parallel import tensor
+
         if self.mla:
-            raise UserError("tensor-parallel MLA models are not implemented; run the engine on "
-                            "one device (mesh=None)")
+            raise UserError(
+                "tensor-parallel MLA models are not implemented; run the engine on "
+                "one device (mesh=None)"
+            )
         sizes = dict(self.mesh.shape)
         if any(v != 1 for k, v in sizes.items() if k != "tensor"):
-            raise UserError(f"the engine splits the model over the mesh axis 'tensor' only; got "
-                            f"{sizes} (every other axis must be 1)")
+            raise UserError(
+                f"the engine splits the model over the mesh axis 'tensor' only; got "
+                f"{sizes} (every other axis must be 1)"
+            )
         tensor.check_mesh(self.cfg, self.mesh, 1)
         self._rep = NamedSharding(self.mesh, P())
         page_spec = tensor.cache_specs(self.mesh, PagedCache(*([None] * 6))).k_pages
@@ -286,16 +326,21 @@ class ModelRunner:
         old = self.params
         if self.mesh is not None:
             from jaxturbo.parallel import tensor
+
             params = tensor.replicate_kv_heads(params, self.cfg, tensor.tensor_size(self.mesh))
         if jax.tree.structure(params) != jax.tree.structure(old):
-            raise UserError("update_weights: the new parameters' tree differs from the engine's "
-                            f"(names {sorted(_names(params))} vs {sorted(_names(old))})")
+            raise UserError(
+                "update_weights: the new parameters' tree differs from the engine's "
+                f"(names {sorted(_names(params))} vs {sorted(_names(old))})"
+            )
         leaves = jax.tree_util.tree_leaves_with_path(params)
         for (path, new), o in zip(leaves, jax.tree.leaves(old)):
             if tuple(new.shape) != o.shape or jnp.dtype(new.dtype) != o.dtype:
-                raise UserError(f"update_weights: {jax.tree_util.keystr(path)} is "
-                                f"{tuple(new.shape)} {jnp.dtype(new.dtype).name}; the engine's is "
-                                f"{o.shape} {o.dtype.name} (same shapes and dtypes are required)")
+                raise UserError(
+                    f"update_weights: {jax.tree_util.keystr(path)} is "
+                    f"{tuple(new.shape)} {jnp.dtype(new.dtype).name}; the engine's is "
+                    f"{o.shape} {o.dtype.name} (same shapes and dtypes are required)"
+                )
         self.params = jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), params, old)
 
     # -- compiled steps -----------------------------------------------------------------------
@@ -329,18 +374,32 @@ class ModelRunner:
                 cache, base = PagedLatentCache(*pages, *meta), cfg.base
             else:
                 cache, base = PagedCache(*pages, *meta, sliding_window=window), cfg
-            hidden, cache = fwd(params, cfg, tokens[None], positions=f["positions"][None],
-                                cache=cache, attn_impl=impl, return_hidden=True)
+            hidden, cache = fwd(
+                params,
+                cfg,
+                tokens[None],
+                positions=f["positions"][None],
+                cache=cache,
+                attn_impl=impl,
+                return_hidden=True,
+            )
             logits = lm_head(params, base, hidden[:, f["logits_indices"]])[0]  # [S, V]
             kw = dict(top_k=f["top_k"], top_p=f["top_p"]) if shape.sort else {}
             tok, logp, top_ids, top_logp = sample_rows(
-                logits, f["temperature"], f["seeds"], f["sample_positions"], min_p=f["min_p"],
-                num_top_logprobs=num_top, **kw)
+                logits,
+                f["temperature"],
+                f["seeds"],
+                f["sample_positions"],
+                min_p=f["min_p"],
+                num_top_logprobs=num_top,
+                **kw,
+            )
             bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.int32).reshape(-1)
             packed = jnp.concatenate([tok, bits(logp), top_ids.reshape(-1), bits(top_logp)])
-            prev = jnp.zeros((max_seqs,), jnp.int32).at[:shape.seqs].set(tok)
-            new_pages = ((cache.latent_pages, cache.rope_pages) if mla
-                         else (cache.k_pages, cache.v_pages))
+            prev = jnp.zeros((max_seqs,), jnp.int32).at[: shape.seqs].set(tok)
+            new_pages = (
+                (cache.latent_pages, cache.rope_pages) if mla else (cache.k_pages, cache.v_pages)
+            )
             return packed, prev, new_pages
 
         return step, lay
@@ -350,12 +409,19 @@ class ModelRunner:
         rep, page_sh = self._rep, self._page_sharding
         param_sh = jax.tree.map(lambda a: a.sharding, self.params)
         pages_sh = tuple(page_sh for _ in self.pages)
-        jitted = jax.jit(step, donate_argnums=(1,), in_shardings=(param_sh, pages_sh, rep, rep),
-                         out_shardings=(rep, rep, pages_sh))
+        jitted = jax.jit(
+            step,
+            donate_argnums=(1,),
+            in_shardings=(param_sh, pages_sh, rep, rep),
+            out_shardings=(rep, rep, pages_sh),
+        )
         spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-        return jitted.lower(jax.tree.map(spec, self.params), tuple(map(spec, self.pages)),
-                            jax.ShapeDtypeStruct((lay.size,), jnp.int32, sharding=rep),
-                            jax.ShapeDtypeStruct((self.max_seqs,), jnp.int32, sharding=rep))
+        return jitted.lower(
+            jax.tree.map(spec, self.params),
+            tuple(map(spec, self.pages)),
+            jax.ShapeDtypeStruct((lay.size,), jnp.int32, sharding=rep),
+            jax.ShapeDtypeStruct((self.max_seqs,), jnp.int32, sharding=rep),
+        )
 
     def _compile(self, shape: StepShape) -> Any:
         if shape not in self._compiled:
@@ -370,8 +436,12 @@ class ModelRunner:
 
         todo = [s for s in self.step_shapes() if s not in self._compiled]
         workers = workers or max(1, min(8, (os.cpu_count() or 2) // 2))
-        with tqdm(total=len(todo), desc="compiling engine steps", unit="step",
-                  disable=not progress or not todo) as bar:
+        with tqdm(
+            total=len(todo),
+            desc="compiling engine steps",
+            unit="step",
+            disable=not progress or not todo,
+        ) as bar:
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 futures = {pool.submit(self._lower(s).compile): s for s in todo}
                 for fut in concurrent.futures.as_completed(futures):
@@ -391,16 +461,17 @@ class ModelRunner:
         counts = np.fromiter((sr.num_tokens for sr in sched), np.int64, n)
         starts = np.fromiter((sr.start_position for sr in sched), np.int64, n)
         qsl = v["query_start_loc"]
-        qsl[1:n + 1] = np.cumsum(counts)
-        qsl[n + 1:] = qsl[n]
+        qsl[1 : n + 1] = np.cumsum(counts)
+        qsl[n + 1 :] = qsl[n]
         total = int(qsl[n])
         pt = v["page_tables"]
         for i, sr in enumerate(sched):
-            pt[i, :len(sr.page_table)] = sr.page_table
+            pt[i, : len(sr.page_table)] = sr.page_table
         seq = np.repeat(np.arange(n), counts)
         pos = np.arange(total) - qsl[seq] + starts[seq]
-        toks = np.fromiter(itertools.chain.from_iterable(sr.token_ids for sr in sched),
-                           np.int64, total)
+        toks = np.fromiter(
+            itertools.chain.from_iterable(sr.token_ids for sr in sched), np.int64, total
+        )
         v["positions"][:total] = pos
         v["slot_mapping"][:total] = pt[seq, pos // ps] * ps + pos % ps  # padding: null page
         src = v["token_src"]
@@ -412,7 +483,7 @@ class ModelRunner:
             toks[ph] = 0
         v["tokens"][:total] = toks
         v["seq_lens"][:n] = starts + counts
-        v["logits_indices"][:n] = qsl[1:n + 1] - 1
+        v["logits_indices"][:n] = qsl[1 : n + 1] - 1
         v["sample_positions"][:n] = starts + counts
         rs = [sr.sampling if sr.samples and sr.sampling is not None else GREEDY for sr in sched]
         for name in ("temperature", "top_k", "top_p", "min_p", "seeds"):
@@ -424,9 +495,13 @@ class ModelRunner:
     def shape_of(self, out: SchedulerOutput) -> StepShape:
         sort = self.sort_variants and any(
             sr.samples and isinstance(sr.sampling, RowSampling) and sr.sampling.needs_sort
-            for sr in out.scheduled)
-        return StepShape(self.config.token_bucket(out.num_scheduled_tokens),
-                         self.config.seq_bucket(len(out.scheduled)), sort)
+            for sr in out.scheduled
+        )
+        return StepShape(
+            self.config.token_bucket(out.num_scheduled_tokens),
+            self.config.seq_bucket(len(out.scheduled)),
+            sort,
+        )
 
     def execute(self, out: SchedulerOutput) -> StepHandle:
         """Launch the step (asynchronously: nothing here waits for the device).
@@ -434,13 +509,17 @@ class ModelRunner:
         A token id PLACEHOLDER_TOKEN in a scheduled request's token_ids is the token the
         previous step sampled for that request, taken on device."""
         shape = self.shape_of(out)
-        if not self.sort_variants and any(sr.samples and isinstance(sr.sampling, RowSampling)
-                                          and sr.sampling.needs_sort for sr in out.scheduled):
-            raise UserError("top_k / top_p need the engine's sort variants "
-                            "(Engine(..., sort_variants=True))")
+        if not self.sort_variants and any(
+            sr.samples and isinstance(sr.sampling, RowSampling) and sr.sampling.needs_sort
+            for sr in out.scheduled
+        ):
+            raise UserError(
+                "top_k / top_p need the engine's sort variants (Engine(..., sort_variants=True))"
+            )
         buf = jax.device_put(self._build(out, shape), self._rep)
-        packed, self._prev, self.pages = self._compile(shape)(self.params, self.pages, buf,
-                                                               self._prev)
+        packed, self._prev, self.pages = self._compile(shape)(
+            self.params, self.pages, buf, self._prev
+        )
         packed.copy_to_host_async()
         self._prev_rows = {sr.request_id: i for i, sr in enumerate(out.scheduled) if sr.samples}
         return StepHandle(out.scheduled, shape, self.num_top, packed)

@@ -25,7 +25,9 @@ class PagePool:
 
     def __init__(self, num_pages: int) -> None:
         if not isinstance(num_pages, int) or num_pages < 2:
-            raise UserError(f"num_pages={num_pages} must be >= 2 (page 0 is the reserved null page)")
+            raise UserError(
+                f"num_pages={num_pages} must be >= 2 (page 0 is the reserved null page)"
+            )
         self.num_pages = num_pages
         self._ref = [0] * num_pages
         # head = next page to allocate; pages freed later go to the tail (LRU eviction order)

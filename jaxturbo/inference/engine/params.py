@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from jaxturbo.errors import UserError
 
 MAX_TOP_LOGPROBS = 20  # the most alternatives a step reports per token (a static shape)
-SEED_MODULUS = 2**32   # seeds travel to the device as uint32
+SEED_MODULUS = 2**32  # seeds travel to the device as uint32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +68,9 @@ class RequestParams:
         if not isinstance(self.n, int) or self.n < 1:
             raise UserError(f"n={self.n} must be an integer >= 1")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise UserError(f"top_logprobs={self.top_logprobs} must be an integer in "
-                            f"[0, {MAX_TOP_LOGPROBS}]")
+            raise UserError(
+                f"top_logprobs={self.top_logprobs} must be an integer in [0, {MAX_TOP_LOGPROBS}]"
+            )
         if isinstance(self.stop, str):
             raise UserError(f"stop={self.stop!r} must be a list of strings, not one string")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -91,8 +92,9 @@ class RequestParams:
         """The device-side settings of sample `index` (seed: the request's resolved seed)."""
         if index:  # a different, reproducible stream per sample
             seed = (seed + index * 0x9E3779B1) % SEED_MODULUS
-        return RowSampling(self.temperature, self.top_k, self.top_p, self.min_p,
-                           seed % SEED_MODULUS)
+        return RowSampling(
+            self.temperature, self.top_k, self.top_p, self.min_p, seed % SEED_MODULUS
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,9 @@ PLACEHOLDER_TOKEN = -1
 class FinishReason(enum.Enum):
     """Why a request ended (the values are the OpenAI-style strings)."""
 
-    STOP = "stop"      # a stop token id, EOS, or a stop string found by the engine layer
+    STOP = "stop"  # a stop token id, EOS, or a stop string found by the engine layer
     LENGTH = "length"  # max_tokens generated, or max_model_len reached
-    ABORT = "abort"    # aborted by the caller
+    ABORT = "abort"  # aborted by the caller
 
 
 class RequestStatus(enum.Enum):
@@ -92,10 +92,14 @@ class Request:
     ) -> None:
         prompt = tuple(int(t) for t in prompt_token_ids)
         if not prompt:
-            raise UserError(f"request {request_id!r} has an empty prompt; give at least one token id")
+            raise UserError(
+                f"request {request_id!r} has an empty prompt; give at least one token id"
+            )
         _check_token_ids(f"the prompt of request {request_id!r}", prompt)
         if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise UserError(f"max_tokens={max_tokens} of request {request_id!r} must be an integer >= 1")
+            raise UserError(
+                f"max_tokens={max_tokens} of request {request_id!r} must be an integer >= 1"
+            )
         self.request_id = request_id
         self.prompt_token_ids: tuple[int, ...] = prompt
         self.max_tokens = max_tokens
@@ -119,9 +123,11 @@ class Request:
         self.num_cached_pages = 0
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
-                f"output={self.num_output_tokens}, computed={self.num_computed_tokens}, "
-                f"pages={len(self.page_table)})")
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, prompt={self.num_prompt_tokens}, "
+            f"output={self.num_output_tokens}, computed={self.num_computed_tokens}, "
+            f"pages={len(self.page_table)})"
+        )
 
     @property
     def all_token_ids(self) -> Sequence[int]:
@@ -177,8 +183,9 @@ class Request:
 
     def is_stop_token(self, token_id: int) -> bool:
         """A stop token id, or EOS unless ignore_eos."""
-        return token_id in self.stop_token_ids or (not self.ignore_eos
-                                                   and token_id in self.eos_token_ids)
+        return token_id in self.stop_token_ids or (
+            not self.ignore_eos and token_id in self.eos_token_ids
+        )
 
     def stop_reason(self, max_model_len: int) -> FinishReason | None:
         """Whether the last generated token ends the request.

@@ -30,8 +30,12 @@ from jaxturbo.errors import UserError
 from jaxturbo.inference.engine.config import EngineConfig
 from jaxturbo.inference.engine.kv_cache_manager import KVCacheManager, KVCacheStats
 from jaxturbo.inference.engine.policy import PriorityFCFS, SchedulingPolicy
-from jaxturbo.inference.engine.request import (PLACEHOLDER_TOKEN, FinishReason, Request,
-                                               RequestStatus)
+from jaxturbo.inference.engine.request import (
+    PLACEHOLDER_TOKEN,
+    FinishReason,
+    Request,
+    RequestStatus,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +111,21 @@ class SchedulerStats:
 class Scheduler:
     """Requests in, `SchedulerOutput` per step out; plain Python over integers."""
 
-    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager,
-                 policy: SchedulingPolicy | None = None) -> None:
-        if kv_manager.page_size != config.page_size or kv_manager.sliding_window != config.sliding_window:
-            raise ValueError(f"kv_manager (page_size={kv_manager.page_size}, sliding_window="
-                             f"{kv_manager.sliding_window}) disagrees with the config (page_size="
-                             f"{config.page_size}, sliding_window={config.sliding_window})")
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_manager: KVCacheManager,
+        policy: SchedulingPolicy | None = None,
+    ) -> None:
+        if (
+            kv_manager.page_size != config.page_size
+            or kv_manager.sliding_window != config.sliding_window
+        ):
+            raise ValueError(
+                f"kv_manager (page_size={kv_manager.page_size}, sliding_window="
+                f"{kv_manager.sliding_window}) disagrees with the config (page_size="
+                f"{config.page_size}, sliding_window={config.sliding_window})"
+            )
         self.config = config
         self.kv = kv_manager
         self.policy: SchedulingPolicy = PriorityFCFS() if policy is None else policy
@@ -136,12 +149,18 @@ class Scheduler:
         cfg, rid = self.config, request.request_id
         if rid in self._requests:
             raise UserError(f"request id {rid!r} is already in use by an unfinished request")
-        if request.status is not RequestStatus.WAITING or request.output_token_ids or request.page_table:
+        if (
+            request.status is not RequestStatus.WAITING
+            or request.output_token_ids
+            or request.page_table
+        ):
             raise ValueError(f"request {rid!r} is not fresh ({request!r}); build a new Request")
         if request.num_prompt_tokens >= cfg.max_model_len:
-            raise UserError(f"the prompt of request {rid!r} has {request.num_prompt_tokens} tokens; "
-                            f"max_model_len={cfg.max_model_len} allows at most {cfg.max_model_len - 1} "
-                            "so that at least one token can be generated")
+            raise UserError(
+                f"the prompt of request {rid!r} has {request.num_prompt_tokens} tokens; "
+                f"max_model_len={cfg.max_model_len} allows at most {cfg.max_model_len - 1} "
+                "so that at least one token can be generated"
+            )
         # the last sampled token is never computed, so at most total - 1 tokens need K/V
         most_computed = min(request.num_prompt_tokens + request.max_tokens, cfg.max_model_len) - 1
         need = self.kv.max_pages_needed(most_computed, cfg.max_chunk_tokens)
@@ -149,7 +168,8 @@ class Scheduler:
             raise UserError(
                 f"request {rid!r} may need {need} KV pages ({most_computed} tokens, page_size "
                 f"{cfg.page_size}) but the pool has {self.kv.num_usable_pages}; lower its prompt length or "
-                f"max_tokens={request.max_tokens}, or give the KV cache more pages")
+                f"max_tokens={request.max_tokens}, or give the KV cache more pages"
+            )
         request.arrival = self._arrivals
         self._arrivals += 1
         self._requests[rid] = request
@@ -208,7 +228,9 @@ class Scheduler:
                 victim = self.policy.select_victim(self.running)
                 if self.running.index(victim) < i:
                     i -= 1
-                budget += num_new.pop(victim.request_id, 0)  # its allocation this step is undone too
+                budget += num_new.pop(
+                    victim.request_id, 0
+                )  # its allocation this step is undone too
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -239,14 +261,22 @@ class Scheduler:
             request = self._requests[rid]
             start = request.num_computed_tokens
             sr = ScheduledRequest(
-                request_id=rid, token_ids=tuple(request.all_token_ids[start:start + n]),
-                start_position=start, page_table=tuple(request.page_table),
-                samples=start + n == request.num_tokens, sampling=request.sampling)
+                request_id=rid,
+                token_ids=tuple(request.all_token_ids[start : start + n]),
+                start_position=start,
+                page_table=tuple(request.page_table),
+                samples=start + n == request.num_tokens,
+                sampling=request.sampling,
+            )
             pending.append((request, sr))
             scheduled.append(sr)
         total = cfg.max_num_batched_tokens - budget
-        out = SchedulerOutput(scheduled=tuple(scheduled), num_scheduled_tokens=total,
-                              preempted_ids=tuple(preempted), finished_ids=tuple(self._finished_ids))
+        out = SchedulerOutput(
+            scheduled=tuple(scheduled),
+            num_scheduled_tokens=total,
+            preempted_ids=tuple(preempted),
+            finished_ids=tuple(self._finished_ids),
+        )
         self._finished_ids.clear()
         self._last_tokens = total
         if scheduled:
@@ -261,8 +291,9 @@ class Scheduler:
         (stop ids / EOS -> "stop", max_tokens / max_model_len -> "length") and free finished
         requests' pages.  Requests finished or aborted since `schedule()` are skipped."""
         if self._awaiting is not None:
-            raise RuntimeError("update_from_output() with committed tokens unresolved: call "
-                               "resolve_tokens() first")
+            raise RuntimeError(
+                "update_from_output() with committed tokens unresolved: call resolve_tokens() first"
+            )
         pending, self._pending = self._pending, None
         if pending is None:
             if sampled:
@@ -272,8 +303,10 @@ class Scheduler:
         needed = {sr.request_id for r, sr in pending if sr.samples and not r.is_finished}
         if not needed <= set(sampled) <= expected:
             self._pending = pending  # nothing was applied; let the caller retry with the right keys
-            raise ValueError(f"sampled tokens for {sorted(sampled)}, but the step samples for {sorted(needed)} "
-                             f"(and optionally the since-finished {sorted(expected - needed)})")
+            raise ValueError(
+                f"sampled tokens for {sorted(sampled)}, but the step samples for {sorted(needed)} "
+                f"(and optionally the since-finished {sorted(expected - needed)})"
+            )
         outputs = []
         for request, sr in pending:
             if request.is_finished:
@@ -298,8 +331,10 @@ class Scheduler:
         reuses them).  `schedule()` may follow; `resolve_tokens()` must come before the next
         commit."""
         if self._awaiting is not None:
-            raise RuntimeError("commit_step() with the previous step's tokens unresolved: call "
-                               "resolve_tokens() first")
+            raise RuntimeError(
+                "commit_step() with the previous step's tokens unresolved: call "
+                "resolve_tokens() first"
+            )
         pending, self._pending = self._pending, None
         awaiting: list[tuple[Request, int, FinishReason | None]] = []
         for request, sr in pending or ():
@@ -361,7 +396,12 @@ class Scheduler:
         return len(self.policy)
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(num_running=len(self.running), num_waiting=len(self.policy),
-                              num_preemptions=self._num_preemptions, num_steps=self._num_steps,
-                              num_scheduled_tokens=self._last_tokens,
-                              total_scheduled_tokens=self._total_tokens, kv=self.kv.stats())
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.policy),
+            num_preemptions=self._num_preemptions,
+            num_steps=self._num_steps,
+            num_scheduled_tokens=self._last_tokens,
+            total_scheduled_tokens=self._total_tokens,
+            kv=self.kv.stats(),
+        )
