@@ -1,6 +1,10 @@
 # jaxturbo: two commands for a fresh clone.
-#   make demo  — create .venv, install, fetch SmolLM2-135M, generate + perplexity on CPU
-#   make test  — create/reuse .venv (with test extras), run the CPU test suite
+#   make demo       — create .venv, install, fetch SmolLM2-135M, generate + perplexity on CPU
+#   make test       — create/reuse .venv (with test extras), `make lint`, then the CPU test suite
+#                     (import contracts and private-name rules are tests: tests/test_architecture.py)
+#   make test-fast  — the suite without the tests marked `slow` (real SmolLM2, notebooks,
+#                     subprocess and wheel tests): a few minutes, for the edit-test loop
+#   make lint       — ruff check + ruff format --check (settings in pyproject.toml)
 PY ?= python3.12
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +20,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 SHM_TMP := $(shell df -Pk /dev/shm 2>/dev/null | awk 'NR==2 && $$4 > 5000000 {print "/dev/shm"}')
 PIP := PIP_NO_CACHE_DIR=1 $(if $(SHM_TMP),TMPDIR=$(SHM_TMP)) $(BIN)/python -m pip
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-fast lint install install-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,8 +45,15 @@ demo: $(VENV)/.installed
 		--prompt "What is the capital of France? Answer in one sentence."
 	JAX_PLATFORMS=cpu $(BIN)/jaxturbo ppl --model $(MODEL) --data $(DATA) --window 1024 --max-tokens 16384
 
-test: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
+
+test-fast: $(VENV)/.installed-test
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10 -m "not slow" tests
 
 clean:
 	rm -rf $(VENV)

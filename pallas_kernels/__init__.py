@@ -8,18 +8,27 @@ family's backends in `registry` (which one runs a call, and why).
 """
 
 from pallas_kernels.api import (
-                                attention,
-                                attention_backward,
-                                decode_attention,
-                                decode_attention_append,
-                                gmm,
-                                gmv,
-                                mla_decode_attention,
-                                ragged_paged_attention,
-                                ragged_paged_mla_attention,
-                                tgmm,
+    attention,
+    attention_backward,
+    decode_attention,
+    decode_attention_append,
+    gmm,
+    gmv,
+    mla_decode_attention,
+    ragged_paged_attention,
+    ragged_paged_mla_attention,
+    tgmm,
 )
 
-__all__ = ["attention", "attention_backward", "decode_attention", "decode_attention_append",
-           "gmm", "gmv", "mla_decode_attention", "ragged_paged_attention",
-           "ragged_paged_mla_attention", "tgmm"]
+__all__ = [
+    "attention",
+    "attention_backward",
+    "decode_attention",
+    "decode_attention_append",
+    "gmm",
+    "gmv",
+    "mla_decode_attention",
+    "ragged_paged_attention",
+    "ragged_paged_mla_attention",
+    "tgmm",
+]

@@ -10,19 +10,31 @@ holds each op's latest choice.
 """
 
 from pallas_kernels.decode_attention.api import (
-                                                 decode_attention,
-                                                 decode_attention_append,
-                                                 mla_decode_attention,
+    decode_attention,
+    decode_attention_append,
+    mla_decode_attention,
 )
 from pallas_kernels.flash_attention.api import attention, attention_backward, cudnn_lse_supported
 from pallas_kernels.grouped_matmul.api import gmm, gmv, tgmm
 from pallas_kernels.ragged_paged_attention.api import (
-                                                 ragged_paged_attention,
-                                                 ragged_paged_mla_attention,
+    ragged_paged_attention,
+    ragged_paged_mla_attention,
 )
 from pallas_kernels.registry import CHOICES, REGISTRY, log_choice
 
-__all__ = ["CHOICES", "REGISTRY", "attention", "attention_backward", "cudnn_lse_supported",
-           "decode_attention", "decode_attention_append", "gmm", "gmv", "log_choice",
-           "mla_decode_attention", "ragged_paged_attention", "ragged_paged_mla_attention",
-           "tgmm"]
+__all__ = [
+    "CHOICES",
+    "REGISTRY",
+    "attention",
+    "attention_backward",
+    "cudnn_lse_supported",
+    "decode_attention",
+    "decode_attention_append",
+    "gmm",
+    "gmv",
+    "log_choice",
+    "mla_decode_attention",
+    "ragged_paged_attention",
+    "ragged_paged_mla_attention",
+    "tgmm",
+]

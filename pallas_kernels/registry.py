@@ -70,9 +70,12 @@ def takes_all(call: Any) -> None:
 def kernel(module: str, fn: str) -> Callable[..., Any]:
     """A backend's run: `module`'s function fn(call, *operands, config=, interpret=), looked up
     when it runs (the module imported then: Mosaic GPU's imports are heavy, cuDNN's private)."""
+
     def run(call: Any, *operands: Any, config: Any, interpret: Any) -> Any:
-        return getattr(importlib.import_module(module), fn)(call, *operands, config=config,
-                                                            interpret=interpret)
+        return getattr(importlib.import_module(module), fn)(
+            call, *operands, config=config, interpret=interpret
+        )
+
     return run
 
 
@@ -133,8 +136,9 @@ class Op:
         for b in self.backends:
             if b.name == name:
                 return b
-        raise ValueError(f"{self.name} implementation {name!r} is unknown; choose one of "
-                         f"{self.implementations}")
+        raise ValueError(
+            f"{self.name} implementation {name!r} is unknown; choose one of {self.implementations}"
+        )
 
     def takers(self, call: Any) -> list[str]:
         """The backends that take `call` (on some platform)."""
@@ -145,15 +149,20 @@ class Op:
         if implementation == "auto":
             return self._auto(call)
         if implementation == "pallas" and "pallas" in self.implementations:
-            native = [b for b in self.backends if b.pallas and b.not_native() is None
-                      and b.refuses(call) is None]
+            native = [
+                b
+                for b in self.backends
+                if b.pallas and b.not_native() is None and b.refuses(call) is None
+            ]
             b = native[0] if native else self.backend("pallas_triton")
         else:
             b = self.backend(implementation)
         why = b.refuses(call)
         if why is not None:
-            raise ValueError(f"{self.name} implementation={b.name!r} cannot take this call: "
-                             f"{why}; implementations that can: {', '.join(self.takers(call))}")
+            raise ValueError(
+                f"{self.name} implementation={b.name!r} cannot take this call: "
+                f"{why}; implementations that can: {', '.join(self.takers(call))}"
+            )
         log_choice(self.name, b.name, f"asked for {implementation!r}", logging.DEBUG)
         return b
 
@@ -166,11 +175,20 @@ class Op:
                 log_choice(self.name, b.name, reason)
                 return b
             skipped.append((b.name, why))
-        raise ValueError(f"{self.name}: no implementation takes this call ("
-                         + "; ".join(f"{n}: {w}" for n, w in skipped) + ")")
+        raise ValueError(
+            f"{self.name}: no implementation takes this call ("
+            + "; ".join(f"{n}: {w}" for n, w in skipped)
+            + ")"
+        )
 
-    def __call__(self, call: Any, *operands: Any, implementation: str = "auto",
-                 config: Any = None, interpret: Any = None) -> Any:
+    def __call__(
+        self,
+        call: Any,
+        *operands: Any,
+        implementation: str = "auto",
+        config: Any = None,
+        interpret: Any = None,
+    ) -> Any:
         """Run `call` (and `operands`, arrays the call description does not hold) on the
         chosen backend; `interpret` defaults to True off the backend's platform."""
         b = self.choose(call, implementation)

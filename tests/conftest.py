@@ -1,19 +1,64 @@
-"""Test-wide setup: 8 fake CPU devices (set before JAX initialises its backend), shared fixtures."""
+"""Test-wide setup: 8 fake CPU devices (set before JAX initialises its backend), one BLAS thread
+per process, shared fixtures."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# numpy's OpenBLAS and PyTorch's OpenMP spin-wait for their threads: with the CPUs already busy
+# (two xdist workers on two cores) a 192x576 SVD took 7.6 s with the default threads and 0.06 s
+# with one; 300 small torch matmuls 23 s and 4 s.  XLA's own pool does not suffer (measured).
+# Set before numpy/torch load; subprocesses and notebook kernels inherit them.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
+# `slow` tests (`make test-fast` leaves them out; `make test` runs them).  Any test that uses
+# the real SmolLM2 (a GGUF conversion, a 135M-parameter model) or what is built from it:
+SLOW_FIXTURES = {"smollm2_dir", "smollm2_mla_dir"}
+# and these node-id prefixes: end-to-end runs of tens of seconds of CPU each (subprocesses,
+# notebooks, whole training/RL/benchmark runs), measured with --durations.  A test file may
+# also mark itself (`pytestmark = pytest.mark.slow`).
+SLOW_TESTS = (
+    "tests/notebooks/",
+    "tests/convert/test_mla_cli.py::test_convert_mla_cli_writes_loadable_deepseek_dir",
+    "tests/convert/test_mla_heal.py::test_healing_lowers_the_kl_on_the_batch_it_trains_on",
+    "tests/convert/test_ladderize.py::test_healing_moves_the_student_toward_the_teacher",
+    "tests/convert/test_ladderize.py::test_ladderize_cli_heals_on_tokens_it_never_scores",
+    "tests/cli/test_training_cli.py::test_sft_config_file_export_and_export_from_checkpoint",
+    "tests/experiments/test_ladder_bench.py::test_ladder_bench_tp8_matches_tp1",
+    "tests/experiments/test_engine_bench.py::test_cpu_preset_runs_every_workload",
+    "tests/experiments/test_serve_bench.py::",
+    "tests/experiments/test_mla_decode_bench.py::test_bench_models_mode_cpu",
+    "tests/rl/test_cli_rl.py::test_rl_cli_resume_equals_uninterrupted",
+    "tests/serve/test_lifecycle.py::test_sigterm_finishes_the_request_in_flight",
+    "tests/rl/test_cli_rl.py::test_rl_cli_final_checkpoint_and_hf_export",
+    "tests/rl/test_grpo.py::test_async_staleness_versions_bound_and_behaviour_logprobs",
+    "tests/rl/test_mesh.py::test_grpo_mesh_equals_single_device[data=2,fsdp=2]",
+    "tests/rl/test_mesh.py::test_rl_cli_mesh_equals_single_device",
+    "tests/train/test_multihost.py::test_two_processes_give_the_losses_of_one",
+    "tests/train/test_losses_chunked.py::test_chunked_sharded_accumulated_step_equals_unchunked",
+    "tests/train/test_losses_chunked.py::test_chunked_loss_and_grads_equal_unchunked[True-token-4]",
+    # mixture of experts + LoRA: the exports checked in transformers, the CLI run, the benchmark
+    "tests/train/test_lora.py::test_exports_merged_hf_for_transformers_and_peft_named_adapters",
+    "tests/cli/test_sft_lora.py::test_sft_lora_expert_and_sequence_parallel_writes_merged_hf_and",
+    "tests/experiments/test_moe_train_bench.py::test_cpu_preset_times_full_and_lora_rows",
+)
+
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where a GPU is present."""
+    """Marks the slow tests (above); GPU tests run only where a GPU is present."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.nodeid.startswith(
+            SLOW_TESTS
+        ):
+            item.add_marker(pytest.mark.slow)
     import jax
+
     if any(d.platform == "gpu" for d in jax.devices()):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (runs natively on the lent GPU machines)")
@@ -23,8 +68,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 # what the code under test caches, and where: under this run's temp root, never in $HOME
-TEST_CACHES = {"JAXTURBO_CACHE": "jaxturbo-cache", "MPLCONFIGDIR": "matplotlib",
-               "IPYTHONDIR": "ipython", "HF_MODULES_CACHE": "hf-modules"}
+TEST_CACHES = {
+    "JAXTURBO_CACHE": "jaxturbo-cache",
+    "MPLCONFIGDIR": "matplotlib",
+    "IPYTHONDIR": "ipython",
+    "HF_MODULES_CACHE": "hf-modules",
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,6 +101,7 @@ def smollm2_dir(run_cache_root):
     import fcntl
 
     from jaxturbo.bridge.registry import resolve_model
+
     with open(run_cache_root / "jaxturbo-cache.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         return resolve_model("smollm2-135m", progress=False)

@@ -22,8 +22,19 @@ from jaxturbo.models.config import FAMILIES, MODEL_TYPE_ALIASES
 from jaxturbo.models.dispatch import AnyConfig
 from jaxturbo.models.mla import MLAConfig
 
-__all__ = ["load_model", "load_params", "export_hf", "load_hf", "save_hf", "load_deepseek",
-           "save_deepseek", "resolve_model", "load_tokenizer", "REGISTRY", "cache_dir"]
+__all__ = [
+    "load_model",
+    "load_params",
+    "export_hf",
+    "load_hf",
+    "save_hf",
+    "load_deepseek",
+    "save_deepseek",
+    "resolve_model",
+    "load_tokenizer",
+    "REGISTRY",
+    "cache_dir",
+]
 
 SUPPORTED_MODEL_TYPES = (*sorted(FAMILIES), "deepseek_v3")
 
@@ -34,7 +45,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise UserError(f"no tokenizer files (tokenizer.json, tokenizer.model, vocab.json) in {path}")
+        raise UserError(
+            f"no tokenizer files (tokenizer.json, tokenizer.model, vocab.json) in {path}"
+        )
     return AutoTokenizer.from_pretrained(str(path))
 
 
@@ -61,15 +74,18 @@ def load_params(path: str | os.PathLike[str], dtype: Any = None) -> tuple[AnyCon
         return load_deepseek(path, dtype=dtype)
     model_type = MODEL_TYPE_ALIASES.get(d.get("model_type"), d.get("model_type"))
     if model_type not in FAMILIES:
-        raise UserError(f"unsupported architecture model_type={d.get('model_type')!r} "
-                        f"(architectures={d.get('architectures') or []}); supported: "
-                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UserError(
+            f"unsupported architecture model_type={d.get('model_type')!r} "
+            f"(architectures={d.get('architectures') or []}); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     cfg, params, _ = load_hf(path, dtype=dtype)
     return cfg, params
 
 
-def load_model(name_or_dir: str | os.PathLike[str], dtype: Any = None, *,
-               progress: bool = True) -> tuple[AnyConfig, Params, Any]:
+def load_model(
+    name_or_dir: str | os.PathLike[str], dtype: Any = None, *, progress: bool = True
+) -> tuple[AnyConfig, Params, Any]:
     """Load a registry model, an HF directory or a `.gguf` file.
 
     Returns `(cfg, params, tokenizer)`: cfg a `ModelConfig` (GQA) or an `MLAConfig`
@@ -82,14 +98,22 @@ def load_model(name_or_dir: str | os.PathLike[str], dtype: Any = None, *,
     return cfg, params, load_tokenizer(path)
 
 
-def export_hf(params: Params, cfg: AnyConfig, out_dir: str | os.PathLike[str],
-              tokenizer: str | os.PathLike[str] | Any | None = None, *,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+def export_hf(
+    params: Params,
+    cfg: AnyConfig,
+    out_dir: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | Any | None = None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Write params as an HF directory (`save_hf`; an `MLAConfig` model as DeepSeek-V3,
     `save_deepseek`); `tokenizer` is a tokenizer object or a directory to copy tokenizer files
     from."""
     if isinstance(cfg, MLAConfig):
-        return save_deepseek(params, cfg, out_dir, tokenizer, max_shard_bytes=max_shard_bytes,
-                             overwrite=overwrite)
-    return save_hf(params, cfg, out_dir, tokenizer, max_shard_bytes=max_shard_bytes,
-                   overwrite=overwrite)
+        return save_deepseek(
+            params, cfg, out_dir, tokenizer, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+        )
+    return save_hf(
+        params, cfg, out_dir, tokenizer, max_shard_bytes=max_shard_bytes, overwrite=overwrite
+    )

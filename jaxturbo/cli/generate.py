@@ -23,18 +23,31 @@ HELP = "generate text from a prompt with the on-device decode loop, streamed to 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_mesh_argument(p)
-    p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text (repeat for a batch; only the first is streamed)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="prompt text (repeat for a batch; only the first is streamed)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=0,
-                   help="sample among the k likeliest tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="sample within the top-p probability mass (1.0: off)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: off)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample within the top-p probability mass (1.0: off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap each prompt as a user turn with the model's chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt as a user turn with the model's chat template",
+    )
     p.add_argument("--no-stream", action="store_true", help="print only when done")
 
 
@@ -52,7 +65,7 @@ class _Streamer:
         self.ids.append(int(tokens[0]))
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[self.printed:])
+            sys.stdout.write(text[self.printed :])
             sys.stdout.flush()
             self.printed = len(text)
 
@@ -75,12 +88,17 @@ def run(args: argparse.Namespace) -> int:
         print(args.prompt[0], end="" if args.chat else "", flush=True)
         if args.chat:
             print()
-    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling,
-              stop_ids=stop_ids_for(cfg, tokenizer), seed=args.seed, stream=streamer)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        stop_ids=stop_ids_for(cfg, tokenizer),
+        seed=args.seed,
+        stream=streamer,
+    )
     res = generate(params, cfg, prompts, mesh=mesh, **kw)
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in res.sequences()]
     if streamer is not None:
-        rest = texts[0][streamer.printed:]
+        rest = texts[0][streamer.printed :]
         print(rest)
         texts = texts[1:]
         heads = args.prompt[1:]

@@ -24,10 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_mesh_argument(p)
     p.add_argument("--data", required=True, help="UTF-8 text file")
     p.add_argument("--window", type=int, default=1024, help="tokens per window")
-    p.add_argument("--stride", type=int, default=None,
-                   help="tokens between window starts (default: window, i.e. disjoint windows)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="score only the first N tokens of the file (default: all)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts (default: window, i.e. disjoint windows)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="score only the first N tokens of the file (default: all)",
+    )
     p.add_argument("--windows-per-batch", type=int, default=4, help="windows per forward pass")
 
 
@@ -46,18 +54,27 @@ def run(args: argparse.Namespace) -> int:
     check_mesh_supported(cfg, args.mesh)  # MLA: one device only
     params, mesh = tensor_parallel_setup(args.mesh, cfg, params, args.windows_per_batch)
     if args.window > cfg.max_position_embeddings:
-        raise UserError(f"--window {args.window} is larger than the model's context of "
-                        f"{cfg.max_position_embeddings} tokens; choose a window <= "
-                        f"{cfg.max_position_embeddings}")
+        raise UserError(
+            f"--window {args.window} is larger than the model's context of "
+            f"{cfg.max_position_embeddings} tokens; choose a window <= "
+            f"{cfg.max_position_embeddings}"
+        )
     ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     stride = args.window if args.stride is None else args.stride
     n_windows = len(window_plan(len(ids), args.window, stride)) if 1 <= stride else 0
     with tqdm(total=n_windows, desc="perplexity", unit="window") as bar:
-        res = perplexity(params, cfg, ids, window=args.window, stride=stride,
-                         batch_size=args.windows_per_batch, progress=bar.update,
-                         model_fn=None if mesh is None else TensorParallel(mesh))
+        res = perplexity(
+            params,
+            cfg,
+            ids,
+            window=args.window,
+            stride=stride,
+            batch_size=args.windows_per_batch,
+            progress=bar.update,
+            model_fn=None if mesh is None else TensorParallel(mesh),
+        )
     print(f"tokens scored: {res.tokens_scored} in {res.windows} windows of {args.window}")
     print(f"perplexity: {res.perplexity:.4f}")
     return 0

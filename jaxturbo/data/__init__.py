@@ -10,4 +10,11 @@ from jaxturbo.data.tokenize import tokenize_record
 # demo's perplexity text and convert-mla's default calibration data.
 WIKITEXT2_VALID = Path(__file__).resolve().parent / "wikitext-2" / "valid.txt"
 
-__all__ = ["WIKITEXT2_VALID", "PackedBatches", "encode_documents", "read_records", "split_document", "tokenize_record"]
+__all__ = [
+    "WIKITEXT2_VALID",
+    "PackedBatches",
+    "encode_documents",
+    "read_records",
+    "split_document",
+    "tokenize_record",
+]

@@ -24,24 +24,27 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], *,
-                add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(
+    tokenizer: Any, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True
+) -> list[int]:
     """Token ids of a conversation rendered by the tokenizer's chat template (with the
     assistant header after it when `add_generation_prompt`)."""
     if not has_chat_template(tokenizer):
         raise UserError("this model's tokenizer has no chat template; use plain prompts")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode_prompt(tokenizer: Any, text: str, *, chat: bool, system: str | None = None,
-                  special_tokens: bool = True) -> list[int]:
+def encode_prompt(
+    tokenizer: Any, text: str, *, chat: bool, system: str | None = None, special_tokens: bool = True
+) -> list[int]:
     """Token ids of one prompt.  chat: `text` as a user turn (after an optional system turn)
     plus the assistant header.  Plain: the text itself, with the tokenizer's special tokens
     (e.g. BOS) when `special_tokens`."""
     if chat:
-        turns = ([{"role": "system", "content": system}] if system is not None else [])
+        turns = [{"role": "system", "content": system}] if system is not None else []
         return encode_chat(tokenizer, turns + [{"role": "user", "content": text}])
     return list(tokenizer.encode(text, add_special_tokens=special_tokens))
 

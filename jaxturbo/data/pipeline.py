@@ -47,36 +47,53 @@ def encode_documents(records: list[Record], tokenizer: Any, seq_len: int) -> lis
     docs = [d for r in records for d in split_document(*tokenize_record(r, tokenizer), seq_len)]
     docs = [d for d in docs if d["weights"].any()]
     if not docs:
-        raise UserError("no record has a trained token (each needs >= 2 tokens, and chats an "
-                        "assistant turn)")
+        raise UserError(
+            "no record has a trained token (each needs >= 2 tokens, and chats an assistant turn)"
+        )
     return docs
 
 
 class PackedBatches:
     """Endless iterator of packed batches: tokens, targets, weights, segment_ids, positions [B, T]."""
 
-    def __init__(self, docs: list[Doc], *, seq_len: int, batch_size: int, seed: int = 0,
-                 shard_index: int = 0, shard_count: int = 1, packing_bins: int | None = None):
+    def __init__(
+        self,
+        docs: list[Doc],
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        packing_bins: int | None = None,
+    ):
         if batch_size < 1 or seq_len < 2:
             raise UserError(f"need batch_size >= 1 and seq_len >= 2 (got {batch_size}, {seq_len})")
         too_long = [len(d["inputs"]) for d in docs if len(d["inputs"]) > seq_len]
         if too_long:
-            raise UserError(f"a document of {too_long[0]} tokens exceeds seq_len={seq_len}; "
-                            "split documents with encode_documents(..., seq_len)")
+            raise UserError(
+                f"a document of {too_long[0]} tokens exceeds seq_len={seq_len}; "
+                "split documents with encode_documents(..., seq_len)"
+            )
         mine = docs[shard_index::shard_count]
         if not mine:
-            raise UserError(f"data shard {shard_index} of {shard_count} is empty: fewer documents "
-                            f"({len(docs)}) than processes")
+            raise UserError(
+                f"data shard {shard_index} of {shard_count} is empty: fewer documents "
+                f"({len(docs)}) than processes"
+            )
         self.seq_len, self.batch_size = seq_len, batch_size
         ds = grain.MapDataset.source(mine).shuffle(seed=seed).repeat().to_iter_dataset()
         # more bins than rows fill rows better; bins are emitted together, in batch-size groups
         bins = packing_bins or batch_size
         ds = grain.experimental.FirstFitPackIterDataset(
-            ds, length_struct={k: seq_len for k in FEATURES}, num_packing_bins=bins,
-            shuffle_bins=False)
+            ds,
+            length_struct={k: seq_len for k in FEATURES},
+            num_packing_bins=bins,
+            shuffle_bins=False,
+        )
         self._it = ds.batch(batch_size, drop_remainder=True).map(_rename).__iter__()
 
-    def __iter__(self) -> "PackedBatches":
+    def __iter__(self) -> PackedBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -90,7 +107,10 @@ class PackedBatches:
 
 
 def _rename(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"tokens": b["inputs"].astype(np.int32), "targets": b["targets"].astype(np.int32),
-            "weights": b["weights"].astype(np.float32),
-            "segment_ids": b["inputs_segment_ids"].astype(np.int32),
-            "positions": b["inputs_positions"].astype(np.int32)}
+    return {
+        "tokens": b["inputs"].astype(np.int32),
+        "targets": b["targets"].astype(np.int32),
+        "weights": b["weights"].astype(np.float32),
+        "segment_ids": b["inputs_segment_ids"].astype(np.int32),
+        "positions": b["inputs_positions"].astype(np.int32),
+    }

@@ -25,24 +25,27 @@ def _check_record(obj: Any, where: str) -> Record:
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{where}: \"messages\" must be a non-empty list")
+            raise UserError(f'{where}: "messages" must be a non-empty list')
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: messages[{j}] needs a string \"content\"")
+                raise UserError(f'{where}: messages[{j}] needs a string "content"')
             if m.get("role") not in ROLES:
-                raise UserError(f"{where}: messages[{j}] has role {m.get('role')!r}; "
-                                f"roles: {', '.join(ROLES)}")
+                raise UserError(
+                    f"{where}: messages[{j}] has role {m.get('role')!r}; roles: {', '.join(ROLES)}"
+                )
         if not any(m["role"] == "assistant" for m in msgs):
             raise UserError(f"{where}: conversation has no assistant turn, so nothing to train on")
         return {"messages": msgs}
     if "prompt" in obj or "completion" in obj:
         if not (isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str)):
-            raise UserError(f"{where}: \"prompt\" and \"completion\" must both be strings")
+            raise UserError(f'{where}: "prompt" and "completion" must both be strings')
         return {"prompt": obj["prompt"], "completion": obj["completion"]}
     if isinstance(obj.get("text"), str):
         return {"text": obj["text"]}
-    raise UserError(f"{where}: a record needs \"text\", \"prompt\"+\"completion\" or \"messages\" "
-                    f"(keys found: {', '.join(sorted(obj)) or 'none'})")
+    raise UserError(
+        f'{where}: a record needs "text", "prompt"+"completion" or "messages" '
+        f"(keys found: {', '.join(sorted(obj)) or 'none'})"
+    )
 
 
 def read_records(path: str | Path) -> list[Record]:

@@ -27,32 +27,45 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def _chat_pieces(tokenizer: Any, messages: list[dict]) -> list[tuple[str, bool]]:
     """(text, trained) pieces whose concatenation is the rendered conversation."""
+
     def render(msgs: list[dict], gen: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+        return (
+            tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            if msgs
+            else ""
+        )
 
     pieces: list[tuple[str, bool]] = []
     before = ""
     for i, m in enumerate(messages):
         upto = render(messages[: i + 1])
         if not upto.startswith(before):
-            raise UserError("the tokenizer's chat template re-renders earlier turns differently "
-                            "when a turn is added; cannot tell which tokens are the assistant's")
+            raise UserError(
+                "the tokenizer's chat template re-renders earlier turns differently "
+                "when a turn is added; cannot tell which tokens are the assistant's"
+            )
         if m["role"] == "assistant":
             header = render(messages[:i], gen=True) if i else ""
             if not (header.startswith(before) and upto.startswith(header)):
-                raise UserError("the chat template's generation prompt is not a prefix of the "
-                                "assistant turn; cannot mask the prompt")
-            pieces += [(header[len(before):], False), (upto[len(header):], True)]
+                raise UserError(
+                    "the chat template's generation prompt is not a prefix of the "
+                    "assistant turn; cannot mask the prompt"
+                )
+            pieces += [(header[len(before) :], False), (upto[len(header) :], True)]
         else:
-            pieces.append((upto[len(before):], False))
+            pieces.append((upto[len(before) :], False))
         before = upto
     return pieces
 
 
-def tokenize_record(record: Record, tokenizer: Any, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_record(
+    record: Record, tokenizer: Any, add_eos: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """-> (ids [N] int32, trained [N] bool): trained[i] says whether token i is a training target."""
     if "messages" in record:
-        if not hasattr(tokenizer, "apply_chat_template") or not getattr(tokenizer, "chat_template", True):
+        if not hasattr(tokenizer, "apply_chat_template") or not getattr(
+            tokenizer, "chat_template", True
+        ):
             raise UserError("conversation records need a tokenizer with a chat template")
         pieces = _chat_pieces(tokenizer, record["messages"])
         add_eos = False  # the template ends each turn itself

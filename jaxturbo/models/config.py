@@ -61,30 +61,45 @@ class MoEConfig:
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
 
     def validate(self, num_layers: int) -> None:
-        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                     "decoder_sparse_step"):
+        for name in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "decoder_sparse_step",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"config {name}={getattr(self, name)} must be a positive integer")
         if self.num_experts_per_tok > self.num_experts:
-            raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be at most "
-                            f"num_experts={self.num_experts}")
+            raise UserError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be at most "
+                f"num_experts={self.num_experts}"
+            )
         if self.shared_expert_intermediate_size < 0:
-            raise UserError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size}"
-                            " must be >= 0 (0: no shared expert)")
+            raise UserError(
+                f"shared_expert_intermediate_size={self.shared_expert_intermediate_size}"
+                " must be >= 0 (0: no shared expert)"
+            )
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if not float(getattr(self, name)) >= 0:
                 raise UserError(f"config {name}={getattr(self, name)} must be >= 0")
         bad = [i for i in self.mlp_only_layers if not 0 <= i < num_layers]
         if bad:
-            raise UserError(f"mlp_only_layers={list(self.mlp_only_layers)} holds layer {bad[0]}, "
-                            f"outside [0, {num_layers})")
+            raise UserError(
+                f"mlp_only_layers={list(self.mlp_only_layers)} holds layer {bad[0]}, "
+                f"outside [0, {num_layers})"
+            )
         dense = [i for i in range(num_layers) if not self.is_sparse(i)]
         if dense:
-            field = (f"mlp_only_layers={list(self.mlp_only_layers)}" if self.mlp_only_layers
-                     else f"decoder_sparse_step={self.decoder_sparse_step}")
-            raise UserError(f"{field} makes layer(s) {dense[:4]} dense: models with dense MLP "
-                            "layers are not supported by the mixture-of-experts families; every "
-                            "layer must be sparse (decoder_sparse_step=1, mlp_only_layers=[])")
+            field = (
+                f"mlp_only_layers={list(self.mlp_only_layers)}"
+                if self.mlp_only_layers
+                else f"decoder_sparse_step={self.decoder_sparse_step}"
+            )
+            raise UserError(
+                f"{field} makes layer(s) {dense[:4]} dense: models with dense MLP "
+                "layers are not supported by the mixture-of-experts families; every "
+                "layer must be sparse (decoder_sparse_step=1, mlp_only_layers=[])"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +141,15 @@ class ModelConfig:
                 f"unsupported architecture model_type={self.model_type!r}; "
                 f"supported: {', '.join(sorted(FAMILIES))}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"config {name}={getattr(self, name)} must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -139,17 +161,26 @@ class ModelConfig:
             raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if (self.moe is None) == (self.model_type in MOE_FAMILIES):
             raise UserError(
-                f"model_type={self.model_type!r} " + ("needs its mixture-of-experts fields "
-                "(moe=MoEConfig(...))" if self.moe is None else "is dense: moe must be None; "
-                f"mixture-of-experts families: {', '.join(sorted(MOE_FAMILIES))}"))
+                f"model_type={self.model_type!r} "
+                + (
+                    "needs its mixture-of-experts fields (moe=MoEConfig(...))"
+                    if self.moe is None
+                    else "is dense: moe must be None; "
+                    f"mixture-of-experts families: {', '.join(sorted(MOE_FAMILIES))}"
+                )
+            )
         if self.moe is not None:
             self.moe.validate(self.num_hidden_layers)
             shared = self.moe.shared_expert_intermediate_size
             if MOE_FAMILIES[self.model_type] != (shared > 0):
                 raise UserError(
                     f"shared_expert_intermediate_size={shared}: {self.model_type} "
-                    + ("has a shared expert (must be > 0)" if MOE_FAMILIES[self.model_type]
-                       else "has no shared expert (must be 0)"))
+                    + (
+                        "has a shared expert (must be > 0)"
+                        if MOE_FAMILIES[self.model_type]
+                        else "has no shared expert (must be 0)"
+                    )
+                )
         if self.hidden_act not in ("silu", "swish"):
             raise UserError(f"unsupported hidden_act={self.hidden_act!r}; supported: silu")
         if self.residual_mode not in RESIDUAL_MODES:
@@ -161,7 +192,10 @@ class ModelConfig:
                 f"ladder_layers={self.ladder_layers} must be in [0, {self.num_hidden_layers}]"
             )
         if self.rope_scaling is not None and self.rope_scaling_dict.get("rope_type") not in (
-            "llama3", "default", "linear"):
+            "llama3",
+            "default",
+            "linear",
+        ):
             raise UserError(
                 f"unsupported rope scaling {self.rope_scaling_dict.get('rope_type')!r}; "
                 "supported: default, linear, llama3"
@@ -202,12 +236,12 @@ class ModelConfig:
         emb = v * d * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + emb + d
 
-    def replace(self, **kw: Any) -> "ModelConfig":
+    def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a HF config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
         `rope_parameters`)."""
         model_type = MODEL_TYPE_ALIASES.get(d.get("model_type"), d.get("model_type"))
@@ -261,7 +295,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no config.json at {path}")
@@ -293,8 +327,11 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": self.hidden_act,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": (list(self.eos_token_id) if len(self.eos_token_id) > 1
-                             else (self.eos_token_id[0] if self.eos_token_id else None)),
+            "eos_token_id": (
+                list(self.eos_token_id)
+                if len(self.eos_token_id) > 1
+                else (self.eos_token_id[0] if self.eos_token_id else None)
+            ),
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
@@ -304,7 +341,10 @@ class ModelConfig:
         if self.moe is not None:
             d.update(moe_to_hf_dict(self.moe, self.model_type, self.attention_bias))
         if self.residual_mode != "standard":
-            d["jaxturbo"] = {"residual_mode": self.residual_mode, "ladder_layers": self.ladder_layers}
+            d["jaxturbo"] = {
+                "residual_mode": self.residual_mode,
+                "ladder_layers": self.ladder_layers,
+            }
         return d
 
 
@@ -313,11 +353,15 @@ def moe_from_hf_dict(d: dict[str, Any]) -> MoEConfig:
     """The MoEConfig of a Qwen3-MoE / Qwen2-MoE config dict (transformers' field names;
     Qwen3MoeConfig.to_dict writes the expert count as `num_local_experts`)."""
     n = d.get("num_experts", d.get("num_local_experts"))
-    for name, v in (("num_experts", n), ("num_experts_per_tok", d.get("num_experts_per_tok")),
-                    ("moe_intermediate_size", d.get("moe_intermediate_size"))):
+    for name, v in (
+        ("num_experts", n),
+        ("num_experts_per_tok", d.get("num_experts_per_tok")),
+        ("moe_intermediate_size", d.get("moe_intermediate_size")),
+    ):
         if v is None:
-            raise UserError(f"config.json of a {d.get('model_type')} model lacks required field "
-                            f"{name!r}")
+            raise UserError(
+                f"config.json of a {d.get('model_type')} model lacks required field {name!r}"
+            )
     return MoEConfig(
         num_experts=int(n),
         num_experts_per_tok=int(d["num_experts_per_tok"]),
@@ -326,7 +370,8 @@ def moe_from_hf_dict(d: dict[str, Any]) -> MoEConfig:
         decoder_sparse_step=int(d.get("decoder_sparse_step") or 1),
         mlp_only_layers=tuple(int(i) for i in d.get("mlp_only_layers") or ()),
         shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0)
-        if MOE_FAMILIES.get(d.get("model_type"), False) else 0,
+        if MOE_FAMILIES.get(d.get("model_type"), False)
+        else 0,
         router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
         router_z_loss_coef=float(d.get("router_z_loss_coef") or 0.0),
     )

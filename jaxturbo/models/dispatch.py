@@ -46,13 +46,16 @@ def model_functions(cfg: AnyConfig) -> ModelFunctions:
         return _MLA
     if isinstance(cfg, ModelConfig):
         return _GQA
-    raise TypeError(f"no model for a config of type {type(cfg).__name__}; "
-                    "expected ModelConfig or MLAConfig")
+    raise TypeError(
+        f"no model for a config of type {type(cfg).__name__}; expected ModelConfig or MLAConfig"
+    )
 
 
 def check_mesh_supported(cfg: AnyConfig, mesh_spec: str | None) -> None:
     """UserError when a mesh is asked for a model that tensor parallelism does not cover."""
     fns = model_functions(cfg)
     if mesh_spec and not fns.tensor_parallel:
-        raise UserError(f"--mesh {mesh_spec}: tensor-parallel {fns.name} models are not "
-                        "implemented; run this model on one device (leave out --mesh)")
+        raise UserError(
+            f"mesh {mesh_spec}: tensor-parallel {fns.name} models are not "
+            "implemented; run this model on one device (no mesh)"
+        )

@@ -33,33 +33,44 @@ def param_shapes(cfg: ModelConfig) -> Params:
         "mlp.down_proj.weight": (L, d, f),
     }
     if cfg.attention_bias:
-        layers.update({"self_attn.q_proj.bias": (L, hq * hd), "self_attn.k_proj.bias": (L, hk * hd),
-                       "self_attn.v_proj.bias": (L, hk * hd)})
+        layers.update(
+            {
+                "self_attn.q_proj.bias": (L, hq * hd),
+                "self_attn.k_proj.bias": (L, hk * hd),
+                "self_attn.v_proj.bias": (L, hk * hd),
+            }
+        )
     if cfg.qk_norm:
         layers.update({"self_attn.q_norm.weight": (L, hd), "self_attn.k_norm.weight": (L, hd)})
     if cfg.moe is not None:  # router and expert stacks instead of the dense MLP
         for n in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
             del layers[n]
         layers.update({n: (L, *s) for n, s in moe_layer_shapes(cfg.moe, d).items()})
-    tree: Params = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "layers": layers}
+    tree: Params = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+        "layers": layers,
+    }
     if not cfg.tie_word_embeddings:
         tree["lm_head.weight"] = (v, d)
     return tree
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32,
-                std: float = 0.02) -> Params:
+def init_params(
+    cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, std: float = 0.02
+) -> Params:
     """Random parameters: normal(0, std) weights, zero biases, unit norm scales.
 
     Every leaf gets its own key folded from its name, so adding a leaf changes no other leaf.
     """
+
     def make(name: str, shape: tuple[int, ...]) -> jax.Array:
         if "norm" in name:
             return jnp.ones(shape, dtype)
         if name.endswith(".bias"):
             return jnp.zeros(shape, dtype)
         # zlib.crc32, not hash(): str hashes are salted per process
-        k = jax.random.fold_in(key, zlib.crc32(name.encode()) % (2 ** 31))
+        k = jax.random.fold_in(key, zlib.crc32(name.encode()) % (2**31))
         return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
     shapes = param_shapes(cfg)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
 # Parameter names of the fused projection layout (q/k/v as one matrix, gate/up as one), which
 # the model reads as well as the HF one; `jaxturbo.inference.fused` makes it.
 QKV_W, QKV_B = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias"
@@ -26,8 +25,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def split_qkv(qkv: jax.Array, q_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A fused projection's local output [..., Hl + 2 Kl, hd] -> q, k, v (split on the heads)."""
     kv_heads = (qkv.shape[-2] - q_heads) // 2
-    return (qkv[..., :q_heads, :], qkv[..., q_heads:q_heads + kv_heads, :],
-            qkv[..., q_heads + kv_heads:, :])
+    return (
+        qkv[..., :q_heads, :],
+        qkv[..., q_heads : q_heads + kv_heads, :],
+        qkv[..., q_heads + kv_heads :, :],
+    )
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

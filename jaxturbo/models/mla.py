@@ -48,7 +48,6 @@ from jaxturbo.models.rope import apply_rope
 from jaxturbo.models.transformer import Cache, Params, embed, lm_head, mlp_block
 from pallas_kernels.ragged_paged_attention import ragged_paged_mla_attention, write_mla_pages
 
-
 LATENT_ALIGN = 16  # latent cache rows padded to a multiple of 16 values (32 bytes in bf16)
 
 
@@ -84,14 +83,18 @@ class MLAConfig:
             raise UserError(f"MLA qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 0")
         if self.layer_ranks is not None:
             if len(self.layer_ranks) != self.base.num_hidden_layers:
-                raise UserError(f"{len(self.layer_ranks)} layer_ranks for "
-                                f"{self.base.num_hidden_layers} layers")
+                raise UserError(
+                    f"{len(self.layer_ranks)} layer_ranks for {self.base.num_hidden_layers} layers"
+                )
             if max(self.layer_ranks) > self.kv_lora_rank:
-                raise UserError(f"layer rank {max(self.layer_ranks)} exceeds kv_lora_rank "
-                                f"{self.kv_lora_rank}")
+                raise UserError(
+                    f"layer rank {max(self.layer_ranks)} exceeds kv_lora_rank {self.kv_lora_rank}"
+                )
         if self.rope_inv_freq is not None and 2 * len(self.rope_inv_freq) != self.qk_rope_head_dim:
-            raise UserError(f"{len(self.rope_inv_freq)} rope frequencies for qk_rope_head_dim "
-                            f"{self.qk_rope_head_dim} (need {self.qk_rope_head_dim // 2})")
+            raise UserError(
+                f"{len(self.rope_inv_freq)} rope frequencies for qk_rope_head_dim "
+                f"{self.qk_rope_head_dim} (need {self.qk_rope_head_dim // 2})"
+            )
 
     # The base's fields that code written for any config reads (the decode loop's context
     # check and LM head, perplexity's window check, the CLI's stop tokens).
@@ -132,8 +135,9 @@ class MLAConfig:
         if self.rope_inv_freq is not None:
             return np.asarray(self.rope_inv_freq, np.float32)
         dr = self.qk_rope_head_dim
-        return (1.0 / self.base.rope_theta ** (np.arange(0, dr, 2, dtype=np.float64) / dr)
-                ).astype(np.float32)
+        return (1.0 / self.base.rope_theta ** (np.arange(0, dr, 2, dtype=np.float64) / dr)).astype(
+            np.float32
+        )
 
     @property
     def cache_rank(self) -> int:
@@ -159,9 +163,11 @@ def init_mla_cache(cfg: MLAConfig, batch: int, max_len: int, dtype: Any = jnp.fl
     """Empty latent cache for `batch` rows of up to `max_len` tokens (latent rows
     `cfg.cache_rank` wide: R padded with zeros for aligned loads)."""
     L = cfg.base.num_hidden_layers
-    return {"latent": jnp.zeros((L, batch, max_len, cfg.cache_rank), dtype),
-            "k_rope": jnp.zeros((L, batch, max_len, cfg.qk_rope_head_dim), dtype),
-            "lengths": jnp.zeros((batch,), jnp.int32)}
+    return {
+        "latent": jnp.zeros((L, batch, max_len, cfg.cache_rank), dtype),
+        "k_rope": jnp.zeros((L, batch, max_len, cfg.qk_rope_head_dim), dtype),
+        "lengths": jnp.zeros((batch,), jnp.int32),
+    }
 
 
 @jax.tree_util.register_dataclass
@@ -186,7 +192,11 @@ class PagedLatentCache:
 # ----------------------------------------------------------------------------- attention
 def _pad_last(x: jax.Array, width: int) -> jax.Array:
     """x [..., n] zero-padded to [..., width] (the latent cache's aligned rows)."""
-    return x if x.shape[-1] == width else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    return (
+        x
+        if x.shape[-1] == width
+        else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    )
 
 
 def _project(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array, sin: jax.Array):
@@ -206,17 +216,29 @@ def _project(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array, sin: jax.
     return q_nope, q_rope, latent, k_rope
 
 
-def _naive(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array, latent: jax.Array,
-           k_rope: jax.Array, *, causal: bool, lengths: jax.Array | None,
-           segment_ids: jax.Array | None, attn_impl: str) -> jax.Array:
+def _naive(
+    lp: Params,
+    cfg: MLAConfig,
+    q_nope: jax.Array,
+    q_rope: jax.Array,
+    latent: jax.Array,
+    k_rope: jax.Array,
+    *,
+    causal: bool,
+    lengths: jax.Array | None,
+    segment_ids: jax.Array | None,
+    attn_impl: str,
+) -> jax.Array:
     """Attention with keys/values expanded from the latent: q [B,T,H,*], latent [B,S,R],
     k_rope [B,S,dr] -> [B, T, H, dv].  With `lengths`, slots >= lengths[b] are masked out
     (queries are then the last T of each row's valid slots)."""
     b, s, _ = latent.shape
     h, dn, dv = q_nope.shape[2], cfg.qk_nope_head_dim, cfg.v_head_dim
     kv = linear(latent, lp["self_attn.kv_b_proj.weight"]).reshape(b, s, h, dn + dv)
-    k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_rope[:, :, None, :],
-                                                          (b, s, h, k_rope.shape[-1]))], axis=-1)
+    k = jnp.concatenate(
+        [kv[..., :dn], jnp.broadcast_to(k_rope[:, :, None, :], (b, s, h, k_rope.shape[-1]))],
+        axis=-1,
+    )
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     v = kv[..., dn:]
     # the attention op wants one head width: zero-pad the narrower side (no effect on scores)
@@ -228,15 +250,30 @@ def _naive(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array, lat
         seg_q = jnp.ones((b, q.shape[1]), jnp.int32)
         kv_seg = jnp.where(jnp.arange(s)[None] < lengths[:, None], 1, 0).astype(jnp.int32)
         segment_ids = seg_q
-    out = pallas_kernels.attention(pad(q), pad(k), pad(v), causal=causal, segment_ids=segment_ids,
-                                   kv_segment_ids=kv_seg, scale=cfg.scale,
-                                   implementation=attn_impl)
+    out = pallas_kernels.attention(
+        pad(q),
+        pad(k),
+        pad(v),
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_seg,
+        scale=cfg.scale,
+        implementation=attn_impl,
+    )
     return out[..., :dv]
 
 
-def absorbed_decode(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array,
-                    latent_cache: jax.Array, rope_cache: jax.Array, lengths: jax.Array,
-                    attn_impl: str = "auto", layer: jax.Array | int | None = None) -> jax.Array:
+def absorbed_decode(
+    lp: Params,
+    cfg: MLAConfig,
+    q_nope: jax.Array,
+    q_rope: jax.Array,
+    latent_cache: jax.Array,
+    rope_cache: jax.Array,
+    lengths: jax.Array,
+    attn_impl: str = "auto",
+    layer: jax.Array | int | None = None,
+) -> jax.Array:
     """One decode step with kv_b_proj absorbed (DeepSeek-V2 §2.1.2).
 
     q_nope [B,H,dn], q_rope [B,H,dr] (roped), latent_cache [B,S,Rc] (Rc >= R: zero-padded),
@@ -245,44 +282,97 @@ def absorbed_decode(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.A
     into the latent space (q_nope . W_UK_h) and W_UV_h is applied to the latent output.
     layer: the caches are every layer's ([L, B, S, R], ...); the kernel reads this one in place.
     """
-    return _absorbed(lp, cfg, q_nope, latent_cache.shape[-1], lambda q_latent: (
-        pallas_kernels.mla_decode_attention(q_latent, q_rope, latent_cache, rope_cache, lengths,
-                                            scale=cfg.scale, layer=layer,
-                                            implementation=attn_impl)))
+    return _absorbed(
+        lp,
+        cfg,
+        q_nope,
+        latent_cache.shape[-1],
+        lambda q_latent: pallas_kernels.mla_decode_attention(
+            q_latent,
+            q_rope,
+            latent_cache,
+            rope_cache,
+            lengths,
+            scale=cfg.scale,
+            layer=layer,
+            implementation=attn_impl,
+        ),
+    )
 
 
-def _absorbed(lp: Params, cfg: MLAConfig, q_nope: jax.Array, width: int,
-              attend: Callable[[jax.Array], jax.Array]) -> jax.Array:
+def _absorbed(
+    lp: Params,
+    cfg: MLAConfig,
+    q_nope: jax.Array,
+    width: int,
+    attend: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
     """kv_b_proj absorbed around a latent attention: q_nope [N, H, dn] -> q_latent [N, H, width]
     (zero beyond R) -> attend(q_latent) [N, H, width] -> values [N, H, dv]."""
     h, dn, dv = q_nope.shape[1], cfg.qk_nope_head_dim, cfg.v_head_dim
-    w = lp["self_attn.kv_b_proj.weight"].reshape(h, dn + dv, -1)       # [H, dn+dv, R]
+    w = lp["self_attn.kv_b_proj.weight"].reshape(h, dn + dv, -1)  # [H, dn+dv, R]
     r = w.shape[-1]
     q_latent = _pad_last(jnp.einsum("bhd,hdr->bhr", q_nope, w[:, :dn]), width)
     out_latent = attend(q_latent)
     return jnp.einsum("bhr,hvr->bhv", out_latent[..., :r], w[:, dn:])
 
 
-def paged_mla_attention(lp: Params, cfg: MLAConfig, q_nope: jax.Array, q_rope: jax.Array,
-                        latent: jax.Array, k_rope: jax.Array, layer: jax.Array,
-                        cache: PagedLatentCache,
-                        attn_impl: str) -> tuple[jax.Array, PagedLatentCache]:
+def paged_mla_attention(
+    lp: Params,
+    cfg: MLAConfig,
+    q_nope: jax.Array,
+    q_rope: jax.Array,
+    latent: jax.Array,
+    k_rope: jax.Array,
+    layer: jax.Array,
+    cache: PagedLatentCache,
+    attn_impl: str,
+) -> tuple[jax.Array, PagedLatentCache]:
     """MLA of a flat ragged batch, absorbed: q_nope [1,T,H,dn], q_rope [1,T,H,dr] (roped),
     latent [1,T,R], k_rope [1,T,dr] (roped) -> [1, T, H, dv] and the cache with this layer's
     pages written (before the attention reads them)."""
-    lat, rope = write_mla_pages(cache.latent_pages, cache.rope_pages,
-                                _pad_last(latent[0], cache.latent_pages.shape[-1]), k_rope[0],
-                                cache.slot_mapping, layer)
-    out = _absorbed(lp, cfg, q_nope[0], lat.shape[-1], lambda q_latent: (
-        ragged_paged_mla_attention(q_latent, q_rope[0], lat, rope, cache.page_tables,
-                                   cache.seq_lens, cache.query_start_loc, scale=cfg.scale,
-                                   layer=layer, implementation=attn_impl)))
+    lat, rope = write_mla_pages(
+        cache.latent_pages,
+        cache.rope_pages,
+        _pad_last(latent[0], cache.latent_pages.shape[-1]),
+        k_rope[0],
+        cache.slot_mapping,
+        layer,
+    )
+    out = _absorbed(
+        lp,
+        cfg,
+        q_nope[0],
+        lat.shape[-1],
+        lambda q_latent: ragged_paged_mla_attention(
+            q_latent,
+            q_rope[0],
+            lat,
+            rope,
+            cache.page_tables,
+            cache.seq_lens,
+            cache.query_start_loc,
+            scale=cfg.scale,
+            layer=layer,
+            implementation=attn_impl,
+        ),
+    )
     return out[None], dataclasses.replace(cache, latent_pages=lat, rope_pages=rope)
 
 
-def mla_attention_block(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
-                        layer: jax.Array, *, segment_ids: jax.Array | None, cache: Cache | None,
-                        attn_impl: str, absorb: bool) -> tuple[jax.Array, Cache | None]:
+def mla_attention_block(
+    lp: Params,
+    cfg: MLAConfig,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    layer: jax.Array,
+    *,
+    segment_ids: jax.Array | None,
+    cache: Cache | None,
+    attn_impl: str,
+    absorb: bool,
+) -> tuple[jax.Array, Cache | None]:
     """MLA of one layer on normed input h [B, T, D]; the o_proj output and the updated cache.
 
     Without a cache: causal attention over the T tokens.  With a cache and T > 1 (prefill):
@@ -292,8 +382,9 @@ def mla_attention_block(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array
     b, t, _ = h.shape
     q_nope, q_rope, latent, k_rope = _project(lp, cfg, h, cos, sin)
     if isinstance(cache, PagedLatentCache):  # the engine's flat ragged batch
-        out, cache = paged_mla_attention(lp, cfg, q_nope, q_rope, latent, k_rope, layer, cache,
-                                         attn_impl)
+        out, cache = paged_mla_attention(
+            lp, cfg, q_nope, q_rope, latent, k_rope, layer, cache, attn_impl
+        )
         return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
     stored = None if cache is None else _pad_last(latent, cache["latent"].shape[-1])
     if cache is not None and t == 1:
@@ -302,30 +393,63 @@ def mla_attention_block(lp: Params, cfg: MLAConfig, h: jax.Array, cos: jax.Array
         rc = cache["k_rope"].at[layer, rows, pos].set(k_rope[:, 0].astype(cache["k_rope"].dtype))
         cache = {**cache, "latent": lc, "k_rope": rc}
         if absorb:
-            out = absorbed_decode(lp, cfg, q_nope[:, 0], q_rope[:, 0], lc, rc, pos + 1,
-                                  attn_impl, layer=layer)[:, None]
+            out = absorbed_decode(
+                lp, cfg, q_nope[:, 0], q_rope[:, 0], lc, rc, pos + 1, attn_impl, layer=layer
+            )[:, None]
         else:
-            out = _naive(lp, cfg, q_nope, q_rope, lc[layer][..., :latent.shape[-1]], rc[layer],
-                         causal=False, lengths=pos + 1, segment_ids=None, attn_impl=attn_impl)
+            out = _naive(
+                lp,
+                cfg,
+                q_nope,
+                q_rope,
+                lc[layer][..., : latent.shape[-1]],
+                rc[layer],
+                causal=False,
+                lengths=pos + 1,
+                segment_ids=None,
+                attn_impl=attn_impl,
+            )
     else:
         if cache is not None:
             start = (layer, 0, 0, 0)
-            cache = {**cache,
-                     "latent": jax.lax.dynamic_update_slice(
-                         cache["latent"], stored[None].astype(cache["latent"].dtype), start),
-                     "k_rope": jax.lax.dynamic_update_slice(
-                         cache["k_rope"], k_rope[None].astype(cache["k_rope"].dtype), start)}
-        out = _naive(lp, cfg, q_nope, q_rope, latent, k_rope, causal=True, lengths=None,
-                     segment_ids=segment_ids, attn_impl=attn_impl)
+            cache = {
+                **cache,
+                "latent": jax.lax.dynamic_update_slice(
+                    cache["latent"], stored[None].astype(cache["latent"].dtype), start
+                ),
+                "k_rope": jax.lax.dynamic_update_slice(
+                    cache["k_rope"], k_rope[None].astype(cache["k_rope"].dtype), start
+                ),
+            }
+        out = _naive(
+            lp,
+            cfg,
+            q_nope,
+            q_rope,
+            latent,
+            k_rope,
+            causal=True,
+            lengths=None,
+            segment_ids=segment_ids,
+            attn_impl=attn_impl,
+        )
     return linear(out.reshape(b, t, -1), lp["self_attn.o_proj.weight"]), cache
 
 
 # ----------------------------------------------------------------------------- model
-def mla_forward(params: Params, cfg: MLAConfig, tokens: jax.Array, *,
-                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                cache: Cache | None = None, lengths: jax.Array | None = None,
-                attn_impl: str = "auto", absorb: bool = True,
-                return_hidden: bool = False) -> tuple[jax.Array, Cache | None]:
+def mla_forward(
+    params: Params,
+    cfg: MLAConfig,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    lengths: jax.Array | None = None,
+    attn_impl: str = "auto",
+    absorb: bool = True,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, Cache | None]:
     """Run the MLA decoder (standard residual, layers under lax.scan).
 
     tokens [B, T]; positions [B, T] (default 0..T-1, or the cache lengths when decoding);
@@ -338,8 +462,11 @@ def mla_forward(params: Params, cfg: MLAConfig, tokens: jax.Array, *,
     if positions is None:
         if paged:
             raise ValueError("a PagedLatentCache needs explicit positions [1, T]")
-        positions = (cache["lengths"][:, None] if cache is not None and t == 1
-                     else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        positions = (
+            cache["lengths"][:, None]
+            if cache is not None and t == 1
+            else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        )
     if cache is not None and t > 1 and lengths is None and not paged:
         raise ValueError("prefill with a cache needs `lengths` (valid tokens per row)")
     cos, sin = mla_cos_sin(cfg, positions)
@@ -349,15 +476,26 @@ def mla_forward(params: Params, cfg: MLAConfig, tokens: jax.Array, *,
     def body(carry, xs):
         x, c = carry
         lp, i = xs
-        a, c = mla_attention_block(lp, cfg, rms_norm(x, lp["input_layernorm.weight"], eps),
-                                   cos, sin, i, segment_ids=segment_ids, cache=c,
-                                   attn_impl=attn_impl, absorb=absorb)
+        a, c = mla_attention_block(
+            lp,
+            cfg,
+            rms_norm(x, lp["input_layernorm.weight"], eps),
+            cos,
+            sin,
+            i,
+            segment_ids=segment_ids,
+            cache=c,
+            attn_impl=attn_impl,
+            absorb=absorb,
+        )
         x = x + a
         x = x + mlp_block(lp, rms_norm(x, lp["post_attention_layernorm.weight"], eps))
         return (x, c), None
 
     L = cfg.base.num_hidden_layers
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], jnp.arange(L, dtype=jnp.int32)))
+    (x, cache), _ = jax.lax.scan(
+        body, (x, cache), (params["layers"], jnp.arange(L, dtype=jnp.int32))
+    )
     x = rms_norm(x, params["model.norm.weight"], eps)
     if cache is not None and not paged:
         new_len = cache["lengths"] + 1 if t == 1 else lengths.astype(jnp.int32)

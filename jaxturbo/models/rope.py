@@ -37,8 +37,9 @@ def inv_frequencies(cfg: ModelConfig, rotary_dim: int | None = None) -> np.ndarr
     return inv.astype(np.float32)
 
 
-def rope_cos_sin(cfg: ModelConfig, positions: jax.Array,
-                 rotary_dim: int | None = None) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    cfg: ModelConfig, positions: jax.Array, rotary_dim: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """cos, sin [batch, seq, rotary_dim] float32 for integer positions [batch, seq]."""
     inv = jnp.asarray(inv_frequencies(cfg, rotary_dim))
     ang = positions.astype(jnp.float32)[..., None] * inv

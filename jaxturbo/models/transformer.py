@@ -38,11 +38,27 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.layers import (GATE_UP_W, QKV_B, QKV_W, linear, rms_norm, split_qkv,
-                                    swiglu_down, swiglu_mlp)
+from jaxturbo.models.layers import (
+    GATE_UP_W,
+    QKV_B,
+    QKV_W,
+    linear,
+    rms_norm,
+    split_qkv,
+    swiglu_down,
+    swiglu_mlp,
+)
 from jaxturbo.models.lora import lora_linear
-from jaxturbo.models.moe import (ROUTER_W, MoEOptions, add_router_stats, moe_implementation,
-                                 moe_mlp, psum_router_stats, router_losses, zero_router_stats)
+from jaxturbo.models.moe import (
+    ROUTER_W,
+    MoEOptions,
+    add_router_stats,
+    moe_implementation,
+    moe_mlp,
+    psum_router_stats,
+    router_losses,
+    zero_router_stats,
+)
 from jaxturbo.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv_pages
 
@@ -52,18 +68,32 @@ AttnFn = Callable[..., jax.Array]
 
 
 # ----------------------------------------------------------------------------- cache
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.float32,
-               kv_heads: int | None = None) -> Cache:
+def init_cache(
+    cfg: ModelConfig,
+    batch: int,
+    max_len: int,
+    dtype: Any = jnp.float32,
+    kv_heads: int | None = None,
+) -> Cache:
     """Empty KV cache for `batch` rows of up to `max_len` tokens (kv_heads: local count under TP)."""
     k = cfg.num_key_value_heads if kv_heads is None else kv_heads
     shape = (cfg.num_hidden_layers, batch, max_len, k, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "lengths": jnp.zeros((batch,), jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "lengths": jnp.zeros((batch,), jnp.int32),
+    }
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: Any = jnp.bfloat16) -> int:
     """Bytes of K and V cached per token over all layers."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return (
+        2
+        * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * cfg.head_dim
+        * jnp.dtype(dtype).itemsize
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -87,9 +117,16 @@ class PagedCache:
     sliding_window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, sin: jax.Array,
-                    layer: jax.Array, cache: PagedCache,
-                    attn_impl: str) -> tuple[jax.Array, PagedCache]:
+def paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    layer: jax.Array,
+    cache: PagedCache,
+    attn_impl: str,
+) -> tuple[jax.Array, PagedCache]:
     """Attention of a flat ragged batch: q [1, T, H, hd], k, v [1, T, K, hd] (unrotated).
 
     The new K/V are written at slot_mapping before attention reads the pages, so a sequence
@@ -97,9 +134,17 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, si
     Returns [1, T, H, hd] and the cache with this layer's pages updated."""
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kp, vp = write_kv_pages(cache.k_pages, cache.v_pages, k[0], v[0], cache.slot_mapping, layer)
-    out = ragged_paged_attention(q[0], kp, vp, cache.page_tables, cache.seq_lens,
-                                 cache.query_start_loc, layer=layer,
-                                 sliding_window=cache.sliding_window, implementation=attn_impl)
+    out = ragged_paged_attention(
+        q[0],
+        kp,
+        vp,
+        cache.page_tables,
+        cache.seq_lens,
+        cache.query_start_loc,
+        layer=layer,
+        sliding_window=cache.sliding_window,
+        implementation=attn_impl,
+    )
     return out[None], dataclasses.replace(cache, k_pages=kp, v_pages=vp)
 
 
@@ -116,8 +161,9 @@ def embed(params: Params, tokens: jax.Array, tensor_axis: str | None = None) -> 
     return jax.lax.psum(x, tensor_axis)
 
 
-def lm_head(params: Params, cfg: ModelConfig, x: jax.Array,
-            tensor_axis: str | None = None) -> jax.Array:
+def lm_head(
+    params: Params, cfg: ModelConfig, x: jax.Array, tensor_axis: str | None = None
+) -> jax.Array:
     """Final hidden [B, T, D] -> logits [B, T, V] float32 (all-gathered over `tensor_axis`)."""
     w = params["model.embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
     # product in the parameters' dtype, then float32 (as HF does): a float32-result GEMV is 4x
@@ -129,9 +175,19 @@ def lm_head(params: Params, cfg: ModelConfig, x: jax.Array,
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, sin: jax.Array,
-                    layer: jax.Array, *, segment_ids: jax.Array | None, cache: Cache | None,
-                    attn_impl: str, attn_fn: AttnFn | None) -> tuple[jax.Array, Cache | None]:
+def attention_block(
+    lp: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    layer: jax.Array,
+    *,
+    segment_ids: jax.Array | None,
+    cache: Cache | None,
+    attn_impl: str,
+    attn_fn: AttnFn | None,
+) -> tuple[jax.Array, Cache | None]:
     """Self-attention of one layer on normed input h [B, T, D] (local heads under TP).
 
     Without a cache: causal attention over the T tokens (packed rows via segment_ids).
@@ -151,8 +207,7 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         packed = packed.reshape(b, t, -1, hd)
         q, k, v = split_qkv(packed, q_heads)
     else:
-        q, k, v = (lora_linear(h, lp, f"self_attn.{n}_proj").reshape(b, t, -1, hd)
-                   for n in "qkv")
+        q, k, v = (lora_linear(h, lp, f"self_attn.{n}_proj").reshape(b, t, -1, hd) for n in "qkv")
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before RoPE
         q = rms_norm(q, lp["self_attn.q_norm.weight"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["self_attn.k_norm.weight"], cfg.rms_norm_eps)
@@ -164,31 +219,51 @@ def attention_block(lp: Params, cfg: ModelConfig, h: jax.Array, cos: jax.Array, 
         # k's rotation and the cache write go into the decode kernel on GPU (four small
         # kernels fewer per layer).  From a fused projection the step reads k and v at their
         # head offsets in its output: slicing them out would cost a copy each.
-        src = (k[:, 0], v[:, 0], 0, 0) if packed is None else (
-            packed[:, 0], packed[:, 0], q.shape[2], q.shape[2] + k.shape[2])
+        src = (
+            (k[:, 0], v[:, 0], 0, 0)
+            if packed is None
+            else (packed[:, 0], packed[:, 0], q.shape[2], q.shape[2] + k.shape[2])
+        )
         out, kc, vc = pallas_kernels.decode_attention_append(
-            apply_rope(q, cos, sin)[:, 0], src[0], src[1], cache["k"], cache["v"],
-            cache["lengths"], layer=layer, rope=(cos[:, 0], sin[:, 0]),
-            implementation=attn_impl, k_head_offset=src[2], v_head_offset=src[3])
+            apply_rope(q, cos, sin)[:, 0],
+            src[0],
+            src[1],
+            cache["k"],
+            cache["v"],
+            cache["lengths"],
+            layer=layer,
+            rope=(cos[:, 0], sin[:, 0]),
+            implementation=attn_impl,
+            k_head_offset=src[2],
+            v_head_offset=src[3],
+        )
         out = out[:, None]
         cache = {**cache, "k": kc, "v": vc}
     else:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             start = (layer, 0, 0, 0, 0)
-            cache = {**cache,
-                     "k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), start),
-                     "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start)}
+            cache = {
+                **cache,
+                "k": jax.lax.dynamic_update_slice(
+                    cache["k"], k[None].astype(cache["k"].dtype), start
+                ),
+                "v": jax.lax.dynamic_update_slice(
+                    cache["v"], v[None].astype(cache["v"].dtype), start
+                ),
+            }
         if attn_fn is not None:
             out = attn_fn(q, k, v, segment_ids=segment_ids)
         else:
-            out = pallas_kernels.attention(q, k, v, causal=True, segment_ids=segment_ids,
-                                           implementation=attn_impl)
+            out = pallas_kernels.attention(
+                q, k, v, causal=True, segment_ids=segment_ids, implementation=attn_impl
+            )
     return lora_linear(out.reshape(b, t, -1), lp, "self_attn.o_proj"), cache
 
 
-def mlp_block(lp: Params, h: jax.Array, cfg: ModelConfig | None = None,
-              moe_impl: str = "auto") -> jax.Array:
+def mlp_block(
+    lp: Params, h: jax.Array, cfg: ModelConfig | None = None, moe_impl: str = "auto"
+) -> jax.Array:
     """SwiGLU MLP of one layer on normed input h [B, T, D], before any all-reduce; a sparse
     layer (router weight present) is the mixture of experts of `cfg.moe` (`models.moe`)."""
     if ROUTER_W in lp:
@@ -197,7 +272,9 @@ def mlp_block(lp: Params, h: jax.Array, cfg: ModelConfig | None = None,
         gate_up = linear(h, lp[GATE_UP_W])
         gate, up = jnp.split(gate_up, 2, axis=-1)
         return swiglu_down(gate, up, lp["mlp.down_proj.weight"])
-    return swiglu_mlp(h, lp["mlp.gate_proj.weight"], lp["mlp.up_proj.weight"], lp["mlp.down_proj.weight"])
+    return swiglu_mlp(
+        h, lp["mlp.gate_proj.weight"], lp["mlp.up_proj.weight"], lp["mlp.down_proj.weight"]
+    )
 
 
 # ----------------------------------------------------------------------------- layers
@@ -205,8 +282,15 @@ def _layer_slice(layers: Params, i: Any) -> Params:
     return jax.tree.map(lambda a: a[i], layers)
 
 
-def _run_layers(step: Callable, carry: Any, layers: Params, start: int, stop: int,
-                unroll: bool, remat: tuple[Any] | None = None) -> Any:
+def _run_layers(
+    step: Callable,
+    carry: Any,
+    layers: Params,
+    start: int,
+    stop: int,
+    unroll: bool,
+    remat: tuple[Any] | None = None,
+) -> Any:
     """Apply step(carry, layer_params, layer_index) over layers [start, stop).
 
     remat: (policy,) checkpoints every layer with that `jax.checkpoint` policy (None inside the
@@ -306,8 +390,16 @@ def forward(
     kw = dict(segment_ids=segment_ids, attn_impl=attn_impl, attn_fn=attn_fn)
 
     def attn(c_cache, lp, i, xin):
-        return attention_block(lp, cfg, rms_norm(xin, lp["input_layernorm.weight"], eps),
-                               cos, sin, i, cache=c_cache, **kw)
+        return attention_block(
+            lp,
+            cfg,
+            rms_norm(xin, lp["input_layernorm.weight"], eps),
+            cos,
+            sin,
+            i,
+            cache=c_cache,
+            **kw,
+        )
 
     gmm_impl = moe_implementation(moe_impl, attn_impl)
     moe_opts = moe_options or MoEOptions()
@@ -318,9 +410,16 @@ def forward(
         h = rms_norm(xin, lp["post_attention_layernorm.weight"], eps)
         if ROUTER_W not in lp:
             return mlp_block(lp, h), s
-        y, stats = moe_mlp(lp, cfg.moe, h, implementation=gmm_impl, token_mask=router_mask,
-                           decode=moe_decode, dispatch=moe_opts.dispatch,
-                           capacity_factor=moe_opts.capacity_factor)
+        y, stats = moe_mlp(
+            lp,
+            cfg.moe,
+            h,
+            implementation=gmm_impl,
+            token_mask=router_mask,
+            decode=moe_decode,
+            dispatch=moe_opts.dispatch,
+            capacity_factor=moe_opts.capacity_factor,
+        )
         return y, None if s is None else add_router_stats(s, stats)
 
     def standard_step(carry, lp, i):
@@ -338,7 +437,7 @@ def forward(
 
     def ladder_step(carry, lp, i):
         x, pa, pm, c, s = carry
-        x = x + pa                      # previous attention's all-reduce is needed only now
+        x = x + pa  # previous attention's all-reduce is needed only now
         a, c = attn(c, lp, i, x)
         # Each barrier orders an all-reduce after the previous one and hands the next module a
         # new x, produced only once this module's compute is done.  Without them XLA's
@@ -347,7 +446,7 @@ def forward(
         # waits for the all-reduce it was meant to hide (docs/findings.md, Ladder-Residual).
         if reduce_ax is not None:
             a, pm, x = jax.lax.optimization_barrier((a, pm, x))
-        x = x + pm                      # previous MLP's all-reduce, overlapped by attention
+        x = x + pm  # previous MLP's all-reduce, overlapped by attention
         a = reduce(a)
         m, s = mlp(lp, x, s)
         if reduce_ax is not None:
@@ -357,8 +456,13 @@ def forward(
 
     zeros = jnp.zeros_like(x)
     track_router = cfg.moe is not None and return_aux  # router statistics ride in the carry
-    carry = (x, zeros, zeros, cache,
-             zero_router_stats(cfg.moe.num_experts) if track_router else None)
+    carry = (
+        x,
+        zeros,
+        zeros,
+        cache,
+        zero_router_stats(cfg.moe.num_experts) if track_router else None,
+    )
     L = cfg.num_hidden_layers
     layers = params["layers"]
     mode = cfg.residual_mode
@@ -371,7 +475,7 @@ def forward(
     else:
         carry = _run_layers(standard_step, carry, layers, 0, L, unroll, layer_remat)
     x, pa, pm, cache, stats = carry
-    x = x + pa + pm                     # ladder: the last two outputs join before the final norm
+    x = x + pa + pm  # ladder: the last two outputs join before the final norm
     x = rms_norm(x, params["model.norm.weight"], eps)
 
     if cache is not None and not paged:
@@ -385,6 +489,8 @@ def forward(
         aux = {"router_aux_loss": zero, "router_z_loss": zero, "router_loss": zero}
     else:
         aux = router_losses(psum_router_stats(stats, moe_opts.token_axes))
-        aux["router_loss"] = (cfg.moe.router_aux_loss_coef * aux["router_aux_loss"]
-                              + cfg.moe.router_z_loss_coef * aux["router_z_loss"])
+        aux["router_loss"] = (
+            cfg.moe.router_aux_loss_coef * aux["router_aux_loss"]
+            + cfg.moe.router_z_loss_coef * aux["router_z_loss"]
+        )
     return out, cache, aux

@@ -34,24 +34,44 @@ def _xla_decode(call: DecodeCall, *, config, interpret):
     return decode_attention_reference(call.q, k_cache, v_cache, call.lengths, **call.options())
 
 
-DECODE = registry.register(registry.Op("decode_attention", (
-    registry.Backend("pallas_triton", _kernel("pallas_triton", "decode_attention"),
-                     platform="gpu", pallas=True),
-    registry.Backend("mosaic_tpu", _kernel("mosaic_tpu", "decode_attention"), platform="tpu",
-                     pallas=True),
-    registry.Backend("xla", _xla_decode),
-)))
+DECODE = registry.register(
+    registry.Op(
+        "decode_attention",
+        (
+            registry.Backend(
+                "pallas_triton",
+                _kernel("pallas_triton", "decode_attention"),
+                platform="gpu",
+                pallas=True,
+            ),
+            registry.Backend(
+                "mosaic_tpu", _kernel("mosaic_tpu", "decode_attention"), platform="tpu", pallas=True
+            ),
+            registry.Backend("xla", _xla_decode),
+        ),
+    )
+)
 
 
 def _write_then_attend(decode: registry.Backend):
     """A decode step on `decode`'s attention with the cache written by XLA first."""
+
     def run(call: DecodeCall, *, config, interpret):
         k_new, v_new = call.new.heads(call.k_cache.shape[-2])
-        k_cache, v_cache = append_to_cache(k_new, v_new, call.k_cache, call.v_cache,
-                                           call.lengths, layer=call.layer, rope=call.new.rope)
-        attend = dataclasses.replace(call, k_cache=k_cache, v_cache=v_cache,
-                                     lengths=call.lengths + 1, new=None)
+        k_cache, v_cache = append_to_cache(
+            k_new,
+            v_new,
+            call.k_cache,
+            call.v_cache,
+            call.lengths,
+            layer=call.layer,
+            rope=call.new.rope,
+        )
+        attend = dataclasses.replace(
+            call, k_cache=k_cache, v_cache=v_cache, lengths=call.lengths + 1, new=None
+        )
         return decode.run(attend, config=config, interpret=interpret), k_cache, v_cache
+
     return run
 
 
@@ -61,36 +81,62 @@ def _fused_append(call: DecodeCall, *, config, interpret):
     d = call.head_dim
     if d % 2 == 0 and d & (d - 1) == 0:
         return _fused(call, config=config, interpret=interpret)
-    registry.log_choice("decode_attention_append", "pallas_triton, cache written by XLA",
-                        f"head_dim {d} is not a power of two", logging.WARNING)
+    registry.log_choice(
+        "decode_attention_append",
+        "pallas_triton, cache written by XLA",
+        f"head_dim {d} is not a power of two",
+        logging.WARNING,
+    )
     return _unfused_pallas_triton(call, config=config, interpret=interpret)
 
 
 _fused = _kernel("pallas_triton", "decode_attention_append")
 _unfused_pallas_triton = _write_then_attend(DECODE.backend("pallas_triton"))
 
-DECODE_APPEND = registry.register(registry.Op("decode_attention_append", tuple(
-    dataclasses.replace(b, run=_fused_append if b.name == "pallas_triton" else
-                        _write_then_attend(b))
-    for b in DECODE.backends)))
+DECODE_APPEND = registry.register(
+    registry.Op(
+        "decode_attention_append",
+        tuple(
+            dataclasses.replace(
+                b, run=_fused_append if b.name == "pallas_triton" else _write_then_attend(b)
+            )
+            for b in DECODE.backends
+        ),
+    )
+)
 
 
 def _xla_mla(call: MLADecodeCall, *, config, interpret):
     latent_cache, rope_cache = call.layer_caches()
-    return mla_decode_reference(call.q_latent, call.q_rope, latent_cache, rope_cache,
-                                call.lengths, scale=call.scale)
+    return mla_decode_reference(
+        call.q_latent, call.q_rope, latent_cache, rope_cache, call.lengths, scale=call.scale
+    )
 
 
-MLA_DECODE = registry.register(registry.Op("mla_decode_attention", (
-    registry.Backend("pallas_triton", _kernel("pallas_triton", "mla_decode_attention"),
-                     platform="gpu", pallas=True),
-    registry.Backend("mosaic_tpu", _kernel("mosaic_tpu", "mla_decode_attention"),
-                     platform="tpu", pallas=True),
-    registry.Backend("xla", _xla_mla),
-)))
+MLA_DECODE = registry.register(
+    registry.Op(
+        "mla_decode_attention",
+        (
+            registry.Backend(
+                "pallas_triton",
+                _kernel("pallas_triton", "mla_decode_attention"),
+                platform="gpu",
+                pallas=True,
+            ),
+            registry.Backend(
+                "mosaic_tpu",
+                _kernel("mosaic_tpu", "mla_decode_attention"),
+                platform="tpu",
+                pallas=True,
+            ),
+            registry.Backend("xla", _xla_mla),
+        ),
+    )
+)
 
 
 # ---- public entry points -----------------------------------------------------------------------
+
 
 def decode_attention(
     q: jax.Array,
@@ -111,8 +157,16 @@ def decode_attention(
     layer: the caches hold every layer, [L, B, S, K, D], and this layer's is attended to.  The
     kernels read it in place; `cache[layer]` as a kernel argument would cost a copy of the
     layer's cache per call.  See `reference.decode_attention_reference`."""
-    call = DecodeCall(q, k_cache, v_cache, lengths, layer=layer, scale=scale, softcap=softcap,
-                      sliding_window=sliding_window)
+    call = DecodeCall(
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        layer=layer,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+    )
     return DECODE(call, implementation=implementation, config=config, interpret=interpret)
 
 
@@ -144,13 +198,22 @@ def decode_attention_append(
     k_head_offset, v_head_offset: the new keys (values) are heads [off, off + K) of k_new
     (v_new), K the caches' head count: both may be one fused q/k/v projection's output, which
     Pallas-Triton reads in place."""
-    new = NewToken(k_new, v_new, rope=rope, k_head_offset=k_head_offset,
-                   v_head_offset=v_head_offset)
+    new = NewToken(
+        k_new, v_new, rope=rope, k_head_offset=k_head_offset, v_head_offset=v_head_offset
+    )
     new.check(k_cache.shape[-2])
-    call = DecodeCall(q, k_cache, v_cache, lengths, layer=layer, scale=scale, softcap=softcap,
-                      sliding_window=sliding_window, new=new)
-    return DECODE_APPEND(call, implementation=implementation, config=config,
-                         interpret=interpret)
+    call = DecodeCall(
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        layer=layer,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+        new=new,
+    )
+    return DECODE_APPEND(call, implementation=implementation, config=config, interpret=interpret)
 
 
 def mla_decode_attention(
@@ -171,6 +234,7 @@ def mla_decode_attention(
 
     layer: the caches hold every layer ([L, B, S, R], [L, B, S, Dr]); read in place as in
     `decode_attention`.  See `reference.mla_decode_reference`."""
-    call = MLADecodeCall(q_latent, q_rope, latent_cache, rope_cache, lengths, scale=scale,
-                         layer=layer)
+    call = MLADecodeCall(
+        q_latent, q_rope, latent_cache, rope_cache, lengths, scale=scale, layer=layer
+    )
     return MLA_DECODE(call, implementation=implementation, config=config, interpret=interpret)

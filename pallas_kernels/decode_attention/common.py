@@ -23,18 +23,23 @@ class NewToken:
     v_head_offset: int = 0
 
     def check(self, kv_heads: int) -> None:
-        for name, arr, off in (("k_new", self.k, self.k_head_offset),
-                               ("v_new", self.v, self.v_head_offset)):
+        for name, arr, off in (
+            ("k_new", self.k, self.k_head_offset),
+            ("v_new", self.v, self.v_head_offset),
+        ):
             if off == 0 and arr.shape[1] != kv_heads:  # without an offset: exactly K heads
                 raise ValueError(f"{name} has {arr.shape[1]} heads but the cache {kv_heads}")
             if not 0 <= off <= arr.shape[1] - kv_heads:
-                raise ValueError(f"{name} has {arr.shape[1]} heads: no {kv_heads} heads at "
-                                 f"offset {off}")
+                raise ValueError(
+                    f"{name} has {arr.shape[1]} heads: no {kv_heads} heads at offset {off}"
+                )
 
     def heads(self, kv_heads: int) -> tuple[jax.Array, jax.Array]:
         """The new key and value, [B, K, D] each (slices of k and v)."""
-        return (self.k[:, self.k_head_offset:self.k_head_offset + kv_heads],
-                self.v[:, self.v_head_offset:self.v_head_offset + kv_heads])
+        return (
+            self.k[:, self.k_head_offset : self.k_head_offset + kv_heads],
+            self.v[:, self.v_head_offset : self.v_head_offset + kv_heads],
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

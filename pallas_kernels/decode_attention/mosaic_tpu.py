@@ -29,8 +29,13 @@ class Config:
 
 def _dot(a, b, trans_b=False):
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (1 if trans_b else 0,)), ((), ())),
+        precision=prec,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def softmax_update(m_sc, l_sc, acc_sc, rows, s, v):
@@ -60,8 +65,24 @@ def _finish(j, nk, o_ref, m_sc, l_sc, acc_sc):
         o_ref[...] = (acc_sc[...] / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, scale, softcap,
-                   window, bk: int, nk: int, kv_heads: int, groups: int):
+def _decode_kernel(
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    o_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    *,
+    scale,
+    softcap,
+    window,
+    bk: int,
+    nk: int,
+    kv_heads: int,
+    groups: int,
+):
     b, j = pl.program_id(0), pl.program_id(1)
     length = len_ref[b]
     _init(j, m_sc, l_sc, acc_sc)
@@ -84,8 +105,9 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *, s
     _finish(j, nk, o_ref, m_sc, l_sc, acc_sc)
 
 
-def _mla_kernel(len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_sc, l_sc, acc_sc, *, scale,
-                bk: int, nk: int):
+def _mla_kernel(
+    len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_sc, l_sc, acc_sc, *, scale, bk: int, nk: int
+):
     b, j = pl.program_id(0), pl.program_id(1)
     length = len_ref[b]
     _init(j, m_sc, l_sc, acc_sc)
@@ -93,7 +115,7 @@ def _mla_kernel(len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, m_sc, l_sc, acc_sc
     @pl.when(j * bk < length)
     def _():
         c = c_ref[...]
-        s = (_dot(q_ref[...], c, trans_b=True) + _dot(qr_ref[...], kr_ref[...], trans_b=True))
+        s = _dot(q_ref[...], c, trans_b=True) + _dot(qr_ref[...], kr_ref[...], trans_b=True)
         pos = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         s = jnp.where(pos < length, s * scale, NEG_INF)
         softmax_update(m_sc, l_sc, acc_sc, slice(None), s, c)
@@ -110,8 +132,12 @@ def _interp(interpret):
     return pltpu.InterpretParams() if interpret is True else interpret
 
 
-def decode_attention(call: DecodeCall, *, config: Config | None = None,
-                     interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+def decode_attention(
+    call: DecodeCall,
+    *,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
     """`call.q` [B, H, D] over its caches -> [B, H, D] (see the reference).
 
     Stacked caches ([L, B, S, K, D] with `call.layer`) are read in place (the layer index is
@@ -131,39 +157,60 @@ def decode_attention(call: DecodeCall, *, config: Config | None = None,
         k_cache, v_cache, layer = k_cache[layer], v_cache[layer], None
     if layer is None:
         k_cache, v_cache, layer = pad_seq(k_cache, sp)[None], pad_seq(v_cache, sp)[None], 0
-    scale = d ** -0.5 if call.scale is None else call.scale
+    scale = d**-0.5 if call.scale is None else call.scale
     cache_spec = pl.BlockSpec(
         (None, None, bk, kh, d),
-        lambda bb, j, lens, lay: (lay[0], bb, _last_block(j, lens[bb], bk), 0, 0))
+        lambda bb, j, lens, lay: (lay[0], bb, _last_block(j, lens[bb], bk), 0, 0),
+    )
     q_spec = pl.BlockSpec((None, h, d), lambda bb, j, lens, lay: (bb, 0, 0))
-    kernel = functools.partial(_decode_kernel, scale=float(scale), softcap=call.softcap,
-                               window=call.sliding_window, bk=bk, nk=nk, kv_heads=kh,
-                               groups=h // kh)
+    kernel = functools.partial(
+        _decode_kernel,
+        scale=float(scale),
+        softcap=call.softcap,
+        window=call.sliding_window,
+        bk=bk,
+        nk=nk,
+        kv_heads=kh,
+        groups=h // kh,
+    )
     return pl.pallas_call(
         lambda len_ref, lay_ref, *refs: kernel(len_ref, *refs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, nk), in_specs=[q_spec, cache_spec, cache_spec],
+            num_scalar_prefetch=2,
+            grid=(b, nk),
+            in_specs=[q_spec, cache_spec, cache_spec],
             out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
-                            pltpu.VMEM((h, d), jnp.float32)]),
+            scratch_shapes=[
+                pltpu.VMEM((h, 1), jnp.float32),
+                pltpu.VMEM((h, 1), jnp.float32),
+                pltpu.VMEM((h, d), jnp.float32),
+            ],
+        ),
         out_shape=jax.ShapeDtypeStruct((b, h, d), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interp(interpret),
         name="jaxturbo_decode_tpu",
-    )(call.lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache,
-      v_cache)
+    )(call.lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q, k_cache, v_cache)
 
 
-def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
-                         interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+def mla_decode_attention(
+    call: MLADecodeCall,
+    *,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
     """MLA latent decode of `call` (q_latent [B, H, R], q_rope [B, H, Dr] over the latent and
     rope caches) -> [B, H, R] (see `mla_decode_reference`).
 
     Stacked caches (with `call.layer`) are read in place as in `decode_attention`.  Any R, Dr
     and H: every block spans whole rows (and all heads), which Mosaic accepts at any width,
     padding lanes in VMEM, not in HBM."""
-    q_latent, q_rope, latent_cache, rope_cache = (call.q_latent, call.q_rope, call.latent_cache,
-                                                  call.rope_cache)
+    q_latent, q_rope, latent_cache, rope_cache = (
+        call.q_latent,
+        call.q_rope,
+        call.latent_cache,
+        call.rope_cache,
+    )
     layer = call.layer
     cfg = config or Config()
     b, h, r = q_latent.shape
@@ -183,16 +230,30 @@ def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
     return pl.pallas_call(
         lambda len_ref, lay_ref, *refs: kernel(len_ref, *refs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, nk),
-            in_specs=[pl.BlockSpec((None, h, r), qmap), pl.BlockSpec((None, h, dr), qmap),
-                      pl.BlockSpec((None, None, bk, r), cmap),
-                      pl.BlockSpec((None, None, bk, dr), cmap)],
+            num_scalar_prefetch=2,
+            grid=(b, nk),
+            in_specs=[
+                pl.BlockSpec((None, h, r), qmap),
+                pl.BlockSpec((None, h, dr), qmap),
+                pl.BlockSpec((None, None, bk, r), cmap),
+                pl.BlockSpec((None, None, bk, dr), cmap),
+            ],
             out_specs=pl.BlockSpec((None, h, r), qmap),
-            scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
-                            pltpu.VMEM((h, r), jnp.float32)]),
+            scratch_shapes=[
+                pltpu.VMEM((h, 1), jnp.float32),
+                pltpu.VMEM((h, 1), jnp.float32),
+                pltpu.VMEM((h, r), jnp.float32),
+            ],
+        ),
         out_shape=jax.ShapeDtypeStruct((b, h, r), q_latent.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interp(interpret),
         name="jaxturbo_mla_decode_tpu",
-    )(call.lengths.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(1), q_latent,
-      q_rope, latent_cache, rope_cache)
+    )(
+        call.lengths.astype(jnp.int32),
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        q_latent,
+        q_rope,
+        latent_cache,
+        rope_cache,
+    )

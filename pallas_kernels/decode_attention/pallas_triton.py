@@ -61,8 +61,13 @@ def _dot(a, b, trans_b=False):
             return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
         return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (1 if trans_b else 0,)), ((), ())),
+        precision=prec,
+        preferred_element_type=jnp.float32,
+    )
 
 
 # (start, width, owned_from): columns [start, start + width) of a row, of which the first
@@ -107,10 +112,26 @@ def _load_pieces(ref, cols: Pieces | None):
     return tuple(out)
 
 
-def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, *, scale: float,
-                  softcap: float | None, window: int | None, block_k: int, chunk: int,
-                  read: Callable | None = None, appended: Callable | None = None,
-                  k_cols: Pieces | None = None, kr_cols: Pieces | None = None):
+def _split_kernel(
+    len_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qr_ref,
+    kr_ref,
+    o_ref,
+    lse_ref,
+    *,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    block_k: int,
+    chunk: int,
+    read: Callable | None = None,
+    appended: Callable | None = None,
+    k_cols: Pieces | None = None,
+    kr_cols: Pieces | None = None,
+):
     """One (sequence, head tile, chunk): partial softmax over the chunk's valid cache slots.
 
     v_ref is None for MLA, where the latent cache is both key and value.  read(ref, start,
@@ -165,10 +186,16 @@ def _split_kernel(len_ref, q_ref, k_ref, v_ref, qr_ref, kr_ref, o_ref, lse_ref, 
 
     rows = q[0].shape[0]
     out_cols = k_cols if v_ref is None and k_cols is not None else ((0, o_ref.shape[-1], 0),)
-    acc, m, l = lax.fori_loop(lo, hi, body, (tuple(jnp.zeros((rows, w), jnp.float32)
-                                                   for _, w, _ in out_cols),
-                                             jnp.full((rows,), NEG_INF, jnp.float32),
-                                             jnp.zeros((rows,), jnp.float32)))
+    acc, m, l = lax.fori_loop(
+        lo,
+        hi,
+        body,
+        (
+            tuple(jnp.zeros((rows, w), jnp.float32) for _, w, _ in out_cols),
+            jnp.full((rows,), NEG_INF, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+        ),
+    )
     if appended is not None:  # one more column of the online softmax, in the owning chunk
         (a,) = acc  # (the GQA kernel: one piece)
         s, v = appended(cached, owns, q[0])
@@ -202,16 +229,17 @@ def _merge_kernel(o_ref, lse_ref, out_ref, *, splits: int):
     kernels, experiments/ladder/RESULTS.md).  The chunk axis is padded to a power of two; the
     padding (index >= splits) is never written by the chunks' kernel and is masked here."""
     real = jnp.arange(lse_ref.shape[0]) < splits
-    lse = jnp.where(real[:, None], lse_ref[...], NEG_INF)          # [chunks, G]
+    lse = jnp.where(real[:, None], lse_ref[...], NEG_INF)  # [chunks, G]
     m = jnp.max(lse, axis=0)
     w = jnp.exp(lse - jnp.where(m == NEG_INF, 0.0, m)[None, :])
     w = w / jnp.maximum(jnp.sum(w, axis=0), 1e-30)[None, :]
-    o = jnp.where(real[:, None, None], o_ref[...], 0.0)            # [chunks, G, Dblk]
+    o = jnp.where(real[:, None, None], o_ref[...], 0.0)  # [chunks, G, Dblk]
     out_ref[...] = jnp.sum(o * w[:, :, None], axis=0).astype(out_ref.dtype)
 
 
-def merge_chunks(o: jax.Array, lse: jax.Array, splits: int, dtype, cfg: Config,
-                  interpret: bool) -> jax.Array:
+def merge_chunks(
+    o: jax.Array, lse: jax.Array, splits: int, dtype, cfg: Config, interpret: bool
+) -> jax.Array:
     """o [B, K, C, G, D], lse [B, K, C, G] (chunks C >= splits: a power of two, padding
     unwritten) -> [B, K, G, D] in `dtype`."""
     if cfg.merge == "xla":
@@ -223,9 +251,10 @@ def merge_chunks(o: jax.Array, lse: jax.Array, splits: int, dtype, cfg: Config,
     return pl.pallas_call(
         functools.partial(_merge_kernel, splits=splits),
         grid=(b, kh, d // dblk),
-        in_specs=[pl.BlockSpec((None, None, chunks, gp, dblk),
-                               lambda bb, hh, dd: (bb, hh, 0, 0, dd)),
-                  pl.BlockSpec((None, None, chunks, gp), lambda bb, hh, dd: (bb, hh, 0, 0))],
+        in_specs=[
+            pl.BlockSpec((None, None, chunks, gp, dblk), lambda bb, hh, dd: (bb, hh, 0, 0, dd)),
+            pl.BlockSpec((None, None, chunks, gp), lambda bb, hh, dd: (bb, hh, 0, 0)),
+        ],
         out_specs=pl.BlockSpec((None, None, gp, dblk), lambda bb, hh, dd: (bb, hh, 0, dd)),
         out_shape=jax.ShapeDtypeStruct((b, kh, gp, d), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
@@ -299,8 +328,9 @@ def _rotate_new(ref, rope: tuple | None, d: int) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _append_writer(layer_ref, kn_ref, vn_ref, kc_out, vc_out, s: int,
-                   rope: tuple | None) -> Callable:
+def _append_writer(
+    layer_ref, kn_ref, vn_ref, kc_out, vc_out, s: int, rope: tuple | None
+) -> Callable:
     """appended(slot, owns, q) for `_split_kernel`: this program's new key (rotated by rope)
     and value are written at `slot` of the stacked caches (the owning chunk only); returns the
     query tile's raw scores against the key and the value, as the cache holds them."""
@@ -346,23 +376,37 @@ def _decode(call: DecodeCall, config: Config | None, interpret: bool):
     g = h // kh
     # tl.dot wants at least 16 rows: pad the GQA group (padded rows are dropped).
     gp = max(16, pl.next_power_of_2(g))
-    scale = d ** -0.5 if call.scale is None else call.scale
+    scale = d**-0.5 if call.scale is None else call.scale
     splits, chunk, _ = _chunking(s, b * kh, cfg)
     grid = (b, kh, splits)
     whole = pl.BlockSpec(k_cache.shape, lambda bb, hh, ss: (0,) * 5)  # indexed in-kernel
     q_in = jnp.pad(q.reshape(b, kh, g, d), ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    in_specs = [pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
-                pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
-                pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0)), whole, whole]
-    out_specs = [pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
-                 pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0))]
+    in_specs = [
+        pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
+        pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+        pl.BlockSpec((None, None, gp, d), lambda bb, hh, ss: (bb, hh, 0, 0)),
+        whole,
+        whole,
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, gp, d), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
+        pl.BlockSpec((None, None, None, gp), lambda bb, hh, ss: (bb, hh, ss, 0)),
+    ]
     chunks = pl.next_power_of_2(splits)  # the merge kernel's tile (the padding stays unwritten)
-    out_shape = [jax.ShapeDtypeStruct((b, kh, chunks, gp, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, kh, chunks, gp), jnp.float32)]
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), q_in, k_cache,
-            v_cache]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, kh, chunks, gp, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, kh, chunks, gp), jnp.float32),
+    ]
+    args = [
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        lengths.astype(jnp.int32),
+        q_in,
+        k_cache,
+        v_cache,
+    ]
     aliases = {}
     if new is not None:
+
         def row(off):  # this program's KV head, `off` heads into the array
             return pl.BlockSpec((None, None, d), lambda bb, hh, ss: (bb, hh + off, 0))
 
@@ -373,8 +417,10 @@ def _decode(call: DecodeCall, config: Config | None, interpret: bool):
             in_specs += [per_seq, per_seq]
             args += [x.astype(jnp.float32) for x in new.rope]
         out_specs += [whole, whole]
-        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+        out_shape += [
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+        ]
         aliases = {3: 2, 4: 3}  # the caches are updated in place
 
     def kernel(*refs):
@@ -386,16 +432,32 @@ def _decode(call: DecodeCall, config: Config | None, interpret: bool):
             rope = tuple(refs[7:-4]) or None  # (cos, sin)
             o_ref, lse_ref, kc_out, vc_out = refs[-4:]
             appended = _append_writer(layer_ref, refs[5], refs[6], kc_out, vc_out, s, rope)
-        _split_kernel(len_ref, q_ref, k_ref, v_ref, None, None, o_ref, lse_ref,
-                      scale=float(scale), softcap=call.softcap,
-                      window=call.sliding_window, block_k=cfg.block_k, chunk=chunk,
-                      read=_layer_block_reader(layer_ref, s, cfg.block_k), appended=appended)
+        _split_kernel(
+            len_ref,
+            q_ref,
+            k_ref,
+            v_ref,
+            None,
+            None,
+            o_ref,
+            lse_ref,
+            scale=float(scale),
+            softcap=call.softcap,
+            window=call.sliding_window,
+            block_k=cfg.block_k,
+            chunk=chunk,
+            read=_layer_block_reader(layer_ref, s, cfg.block_k),
+            appended=appended,
+        )
 
     res = pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_decode" if new is None else "jaxturbo_decode_append",
     )(*args)
@@ -403,8 +465,9 @@ def _decode(call: DecodeCall, config: Config | None, interpret: bool):
     return out, res[2:]
 
 
-def decode_attention(call: DecodeCall, *, config: Config | None = None,
-                     interpret: bool = False) -> jax.Array:
+def decode_attention(
+    call: DecodeCall, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
     """`call.q` [B, H, D] over its caches -> [B, H, D] (see the reference).  Stacked caches
     ([L, B, S, K, D] with `call.layer`, an int or int32 scalar, traced or not) are read in
     place."""
@@ -412,8 +475,9 @@ def decode_attention(call: DecodeCall, *, config: Config | None = None,
     return out
 
 
-def decode_attention_append(call: DecodeCall, *, config: Config | None = None,
-                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def decode_attention_append(
+    call: DecodeCall, *, config: Config | None = None, interpret: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode step's attention in one kernel (see `decode_append_reference`): the new key
     (`call.new`: read at its head offset, rotated in-kernel) and value are written at slot
     lengths[b] of the caches (in place: the caches are aliased to the outputs), and q [B, H, D]
@@ -424,21 +488,28 @@ def decode_attention_append(call: DecodeCall, *, config: Config | None = None,
     guards, two cache writes): at batch 1 such kernels cost more in launches than in bytes."""
     d = call.head_dim
     if d % 2 or pl.next_power_of_2(d) != d:
-        raise ValueError(f"decode_attention_append needs a power-of-two head_dim; "
-                         f"got {d} (use decode_attention after writing the cache)")
+        raise ValueError(
+            f"decode_attention_append needs a power-of-two head_dim; "
+            f"got {d} (use decode_attention after writing the cache)"
+        )
     out, (kc, vc) = _decode(call, config, interpret)
     return (out, kc, vc) if call.layer is not None else (out, kc[0], vc[0])
 
 
-def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
-                         interpret: bool = False) -> jax.Array:
+def mla_decode_attention(
+    call: MLADecodeCall, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
     """MLA latent decode of `call` (q_latent [B, H, R], q_rope [B, H, Dr] over the latent and
     rope caches) -> [B, H, R] (see `mla_decode_reference`).  Stacked caches (with
     `call.layer`) are read in place.  Any R and Dr: rows are read as power-of-two column pieces
     (`_column_pieces`)."""
     cfg = config or Config()
-    q_latent, q_rope, latent_cache, rope_cache = (call.q_latent, call.q_rope, call.latent_cache,
-                                                  call.rope_cache)
+    q_latent, q_rope, latent_cache, rope_cache = (
+        call.q_latent,
+        call.q_rope,
+        call.latent_cache,
+        call.rope_cache,
+    )
     layer, scale = call.layer, call.scale
     if layer is None:
         latent_cache, rope_cache, layer = latent_cache[None], rope_cache[None], 0
@@ -448,8 +519,12 @@ def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
     # Column pieces of the unpadded rows rather than a cache padded to powers of two: padding
     # would cost every decode step the padding's bytes (160 -> 256 reads 1.6x the latent).
     r_cols, dr_cols = _column_pieces(r), _column_pieces(dr)
-    cfg = dataclasses.replace(cfg, block_k=mla_block_k(
-        cfg, sum(w for _, w, _ in r_cols + dr_cols), latent_cache.dtype.itemsize))
+    cfg = dataclasses.replace(
+        cfg,
+        block_k=mla_block_k(
+            cfg, sum(w for _, w, _ in r_cols + dr_cols), latent_cache.dtype.itemsize
+        ),
+    )
     bh = max(16, min(cfg.block_h, pl.next_power_of_2(h)))
     hp = round_up(h, bh)
     splits, chunk, _ = _chunking(s, b * (hp // bh), cfg)
@@ -461,11 +536,24 @@ def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
     qr = jnp.pad(q_rope, ((0, 0), (0, hp - h), (0, 0)))
 
     def kernel(layer_ref, len_ref, q_ref, qr_ref, c_ref, kr_ref, o_ref, lse_ref):
-        _split_kernel(len_ref, q_ref, c_ref, None, qr_ref, kr_ref, o_ref, lse_ref,
-                      scale=float(scale), softcap=None, window=None, block_k=cfg.block_k,
-                      chunk=chunk, read=_layer_block_reader(layer_ref, s, cfg.block_k,
-                                                            per_head=False),
-                      k_cols=r_cols, kr_cols=dr_cols)
+        _split_kernel(
+            len_ref,
+            q_ref,
+            c_ref,
+            None,
+            qr_ref,
+            kr_ref,
+            o_ref,
+            lse_ref,
+            scale=float(scale),
+            softcap=None,
+            window=None,
+            block_k=cfg.block_k,
+            chunk=chunk,
+            read=_layer_block_reader(layer_ref, s, cfg.block_k, per_head=False),
+            k_cols=r_cols,
+            kr_cols=dr_cols,
+        )
 
     def whole(x):  # indexed in-kernel
         return pl.BlockSpec(x.shape, lambda bb, hh, ss: (0,) * x.ndim)
@@ -473,22 +561,33 @@ def mla_decode_attention(call: MLADecodeCall, *, config: Config | None = None,
     o, lse = pl.pallas_call(
         kernel,
         grid=(b, tiles, splits),
-        in_specs=[pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
-                  pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
-                  pl.BlockSpec((None, bh, r), lambda bb, hh, ss: (bb, hh, 0)),
-                  pl.BlockSpec((None, bh, dr), lambda bb, hh, ss: (bb, hh, 0)),
-                  whole(latent_cache), whole(rope_cache)],
-        out_specs=[pl.BlockSpec((None, None, None, bh, rw),
-                                lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
-                   pl.BlockSpec((None, None, None, bh), lambda bb, hh, ss: (bb, hh, ss, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, tiles, chunks, bh, rw), jnp.float32),
-                   jax.ShapeDtypeStruct((b, tiles, chunks, bh), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
+        in_specs=[
+            pl.BlockSpec((None,), lambda bb, hh, ss: (0,)),
+            pl.BlockSpec((None,), lambda bb, hh, ss: (bb,)),
+            pl.BlockSpec((None, bh, r), lambda bb, hh, ss: (bb, hh, 0)),
+            pl.BlockSpec((None, bh, dr), lambda bb, hh, ss: (bb, hh, 0)),
+            whole(latent_cache),
+            whole(rope_cache),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, bh, rw), lambda bb, hh, ss: (bb, hh, ss, 0, 0)),
+            pl.BlockSpec((None, None, None, bh), lambda bb, hh, ss: (bb, hh, ss, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tiles, chunks, bh, rw), jnp.float32),
+            jax.ShapeDtypeStruct((b, tiles, chunks, bh), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_mla_decode",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), call.lengths.astype(jnp.int32), ql, qr,
-      latent_cache, rope_cache)
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        call.lengths.astype(jnp.int32),
+        ql,
+        qr,
+        latent_cache,
+        rope_cache,
+    )
     out = merge_chunks(o, lse, splits, q_latent.dtype, cfg, interpret)
     return out.reshape(b, hp, rw)[:, :h, :r]
 

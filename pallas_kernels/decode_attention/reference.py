@@ -35,7 +35,7 @@ def decode_attention_reference(
     b, h, d = q.shape
     s, kh = k_cache.shape[1], k_cache.shape[2]
     g = h // kh
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, kh, g, d)
     logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32) * scale
@@ -76,10 +76,10 @@ def mla_decode_reference(
       out_latent [B, H, R] in q_latent.dtype.
     """
     s = latent_cache.shape[1]
-    logits = (jnp.einsum("bhr,bsr->bhs", q_latent, latent_cache,
-                         preferred_element_type=jnp.float32)
-              + jnp.einsum("bhr,bsr->bhs", q_rope, rope_cache,
-                           preferred_element_type=jnp.float32)).astype(jnp.float32) * scale
+    logits = (
+        jnp.einsum("bhr,bsr->bhs", q_latent, latent_cache, preferred_element_type=jnp.float32)
+        + jnp.einsum("bhr,bsr->bhs", q_rope, rope_cache, preferred_element_type=jnp.float32)
+    ).astype(jnp.float32) * scale
     valid = jnp.arange(s)[None, None, :] < lengths[:, None, None]
     logits = jnp.where(valid, logits, NEG_INF)
     p = jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)
@@ -97,10 +97,16 @@ def rope_rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
-def append_to_cache(k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                    lengths: jax.Array, *, layer: jax.Array | int | None = None,
-                    rope: tuple[jax.Array, jax.Array] | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
+def append_to_cache(
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    lengths: jax.Array,
+    *,
+    layer: jax.Array | int | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Write each row's new key (rotated by rope = (cos, sin) [B, D] if given) and value
     [B, K, D] at slot lengths[b] of caches [B, S, K, D] (or layer `layer` of [L, B, S, K, D]).
     A slot past the cache is dropped."""
@@ -108,8 +114,10 @@ def append_to_cache(k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_ca
         k_new = rope_rotate(k_new, rope[0][:, None, :], rope[1][:, None, :])
     rows = jnp.arange(k_new.shape[0])
     at = (rows, lengths) if layer is None else (layer, rows, lengths)
-    return (k_cache.at[at].set(k_new.astype(k_cache.dtype)),
-            v_cache.at[at].set(v_new.astype(v_cache.dtype)))
+    return (
+        k_cache.at[at].set(k_new.astype(k_cache.dtype)),
+        v_cache.at[at].set(v_new.astype(v_cache.dtype)),
+    )
 
 
 def decode_append_reference(
@@ -135,6 +143,13 @@ def decode_append_reference(
       out [B, H, D] over slots [0, lengths[b]], and the caches with slot lengths[b] written.
     """
     k_cache, v_cache = append_to_cache(k_new, v_new, k_cache, v_cache, lengths, rope=rope)
-    out = decode_attention_reference(q, k_cache, v_cache, lengths + 1, scale=scale,
-                                     softcap=softcap, sliding_window=sliding_window)
+    out = decode_attention_reference(
+        q,
+        k_cache,
+        v_cache,
+        lengths + 1,
+        scale=scale,
+        softcap=softcap,
+        sliding_window=sliding_window,
+    )
     return out, k_cache, v_cache

@@ -42,8 +42,10 @@ def _kernel(name: str, fn: str):
 
 # ---- what each backend takes -------------------------------------------------------------------
 
+
 def _mosaic_gpu_refuses(call: AttentionCall) -> str | None:
     from pallas_kernels.flash_attention import mosaic_gpu  # heavy: imported when asked
+
     return mosaic_gpu.refuses(call)
 
 
@@ -61,8 +63,7 @@ def _cudnn_lse_refuses(call: AttentionCall) -> str | None:
     q, k = call.q, call.k
     if q.dtype not in _HALF or k.dtype != q.dtype or call.v.dtype != q.dtype:
         return f"cuDNN takes bf16/fp16 inputs, got {q.dtype}/{k.dtype}/{call.v.dtype}"
-    if (call.segment_ids is not None or call.softcap is not None
-            or call.sliding_window is not None):
+    if call.segment_ids is not None or call.softcap is not None or call.sliding_window is not None:
         return "cuDNN's lse forward and saved-lse backward have no segment ids, softcap or window"
     if call.causal and q.shape[1] != k.shape[1]:
         return f"cuDNN's causal mask is top-left aligned: q_len {q.shape[1]} != kv_len {k.shape[1]}"
@@ -77,83 +78,158 @@ def _cudnn_auto_skips(call: AttentionCall) -> str | None:
     return None
 
 
-def cudnn_lse_supported(q: jax.Array, k: jax.Array, *, causal: bool, segment_ids=None,
-                        softcap=None, sliding_window=None) -> bool:
+def cudnn_lse_supported(
+    q: jax.Array, k: jax.Array, *, causal: bool, segment_ids=None, softcap=None, sliding_window=None
+) -> bool:
     """Whether cuDNN's lse forward / saved-lse backward cover this case (platform aside)."""
-    return _cudnn_lse_refuses(AttentionCall(q, k, k, causal=causal, segment_ids=segment_ids,
-                                            softcap=softcap, sliding_window=sliding_window,
-                                            return_lse=True)) is None
+    return (
+        _cudnn_lse_refuses(
+            AttentionCall(
+                q,
+                k,
+                k,
+                causal=causal,
+                segment_ids=segment_ids,
+                softcap=softcap,
+                sliding_window=sliding_window,
+                return_lse=True,
+            )
+        )
+        is None
+    )
 
 
 # ---- how each backend runs ---------------------------------------------------------------------
 
+
 def _xla(call: AttentionCall, *, config, interpret):
-    return attention_reference(call.q, call.k, call.v, return_lse=call.return_lse,
-                               **call.options())
+    return attention_reference(call.q, call.k, call.v, return_lse=call.return_lse, **call.options())
 
 
 def _cudnn(call: AttentionCall, *, config, interpret):
     q, k, v = call.q, call.k, call.v
     if call.return_lse:
         from pallas_kernels.flash_attention import cudnn_lse  # private JAX: imported when run
+
         return cudnn_lse.cudnn_attention_lse(q, k, v, causal=call.causal, scale=call.scale)
     t, s = q.shape[1], k.shape[1]
     causal, window, mask = call.causal, call.sliding_window, None
     if call.segment_ids is not None or (causal and t != s):
         # cuDNN's is_causal is top-left aligned; an explicit mask keeps the reference's
         # bottom-right alignment and expresses packed documents.
-        mask = attention_mask(t, s, causal=causal, q_segment_ids=call.segment_ids,
-                              kv_segment_ids=call.kv_segment_ids, sliding_window=window)
+        mask = attention_mask(
+            t,
+            s,
+            causal=causal,
+            q_segment_ids=call.segment_ids,
+            kv_segment_ids=call.kv_segment_ids,
+            sliding_window=window,
+        )
         mask = jnp.broadcast_to(mask[:, None], (q.shape[0], 1, t, s))
         causal, window = False, None
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=call.scale, is_causal=causal,
-        local_window_size=None if window is None else (window, 0), implementation="cudnn")
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=call.scale,
+        is_causal=causal,
+        local_window_size=None if window is None else (window, 0),
+        implementation="cudnn",
+    )
 
 
-ATTENTION = registry.register(registry.Op("attention", (
-    registry.Backend("mosaic_gpu", _kernel("mosaic_gpu", "flash_attention"), platform="gpu",
-                     hopper=True, pallas=True, refuses=_mosaic_gpu_refuses),
-    registry.Backend("cudnn", _cudnn, platform="gpu", interpretable=False,
-                     refuses=_cudnn_refuses, auto_skips=_cudnn_auto_skips),
-    registry.Backend("pallas_triton", _kernel("pallas_triton", "flash_attention"),
-                     platform="gpu", pallas=True),
-    registry.Backend("mosaic_tpu", _kernel("mosaic_tpu", "flash_attention"), platform="tpu",
-                     pallas=True),
-    registry.Backend("xla", _xla),
-)))
+ATTENTION = registry.register(
+    registry.Op(
+        "attention",
+        (
+            registry.Backend(
+                "mosaic_gpu",
+                _kernel("mosaic_gpu", "flash_attention"),
+                platform="gpu",
+                hopper=True,
+                pallas=True,
+                refuses=_mosaic_gpu_refuses,
+            ),
+            registry.Backend(
+                "cudnn",
+                _cudnn,
+                platform="gpu",
+                interpretable=False,
+                refuses=_cudnn_refuses,
+                auto_skips=_cudnn_auto_skips,
+            ),
+            registry.Backend(
+                "pallas_triton",
+                _kernel("pallas_triton", "flash_attention"),
+                platform="gpu",
+                pallas=True,
+            ),
+            registry.Backend(
+                "mosaic_tpu", _kernel("mosaic_tpu", "flash_attention"), platform="tpu", pallas=True
+            ),
+            registry.Backend("xla", _xla),
+        ),
+    )
+)
 
 
 def _xla_backward(call: AttentionCall, out, lse, dout, *, config, interpret):
-    return attention_backward_reference(call.q, call.k, call.v, out, lse, dout,
-                                        **call.options())
+    return attention_backward_reference(call.q, call.k, call.v, out, lse, dout, **call.options())
 
 
 def _cudnn_backward(call: AttentionCall, out, lse, dout, *, config, interpret):
     from pallas_kernels.flash_attention import cudnn_lse
-    return cudnn_lse.cudnn_attention_bwd(call.q, call.k, call.v, out, lse, dout,
-                                         causal=call.causal, scale=call.scale)
+
+    return cudnn_lse.cudnn_attention_bwd(
+        call.q, call.k, call.v, out, lse, dout, causal=call.causal, scale=call.scale
+    )
 
 
 def _opt_in(call: AttentionCall) -> str:
     return "our Hopper backward runs when asked for"
 
 
-ATTENTION_BACKWARD = registry.register(registry.Op("attention_backward", (
-    registry.Backend("cudnn", _cudnn_backward, platform="gpu", interpretable=False,
-                     refuses=_cudnn_lse_refuses),
-    registry.Backend("mosaic_gpu", _kernel("mosaic_gpu", "flash_attention_backward"),
-                     platform="gpu", hopper=True, pallas=True, refuses=_mosaic_gpu_refuses,
-                     auto_skips=_opt_in),
-    registry.Backend("pallas_triton", _kernel("pallas_triton", "flash_attention_backward"),
-                     platform="gpu", pallas=True),
-    registry.Backend("mosaic_tpu", _kernel("mosaic_tpu", "flash_attention_backward"),
-                     platform="tpu", pallas=True),
-    registry.Backend("xla", _xla_backward),
-)))
+ATTENTION_BACKWARD = registry.register(
+    registry.Op(
+        "attention_backward",
+        (
+            registry.Backend(
+                "cudnn",
+                _cudnn_backward,
+                platform="gpu",
+                interpretable=False,
+                refuses=_cudnn_lse_refuses,
+            ),
+            registry.Backend(
+                "mosaic_gpu",
+                _kernel("mosaic_gpu", "flash_attention_backward"),
+                platform="gpu",
+                hopper=True,
+                pallas=True,
+                refuses=_mosaic_gpu_refuses,
+                auto_skips=_opt_in,
+            ),
+            registry.Backend(
+                "pallas_triton",
+                _kernel("pallas_triton", "flash_attention_backward"),
+                platform="gpu",
+                pallas=True,
+            ),
+            registry.Backend(
+                "mosaic_tpu",
+                _kernel("mosaic_tpu", "flash_attention_backward"),
+                platform="tpu",
+                pallas=True,
+            ),
+            registry.Backend("xla", _xla_backward),
+        ),
+    )
+)
 
 
 # ---- public entry points -----------------------------------------------------------------------
+
 
 def attention(
     q: jax.Array,
@@ -178,9 +254,18 @@ def attention(
     `interpret` (kernels only) defaults to True off their platform; `config` passes an
     implementation's tile-size Config.
     """
-    call = AttentionCall(q, k, v, causal=causal, segment_ids=segment_ids,
-                         kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
-                         scale=scale, softcap=softcap, return_lse=return_lse)
+    call = AttentionCall(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window,
+        scale=scale,
+        softcap=softcap,
+        return_lse=return_lse,
+    )
     return ATTENTION(call, implementation=implementation, config=config, interpret=interpret)
 
 
@@ -214,7 +299,16 @@ def attention_backward(
     "mosaic_gpu" (and "pallas" on a Hopper GPU where it covers the call): our Hopper backward
     kernels, `mosaic_gpu.flash_attention_backward`.
     """
-    call = AttentionCall(q, k, v, causal=causal, segment_ids=segment_ids,
-                         kv_segment_ids=kv_segment_ids, scale=scale, softcap=softcap)
-    return ATTENTION_BACKWARD(call, out, lse, dout, implementation=implementation,
-                              config=config, interpret=interpret)
+    call = AttentionCall(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        scale=scale,
+        softcap=softcap,
+    )
+    return ATTENTION_BACKWARD(
+        call, out, lse, dout, implementation=implementation, config=config, interpret=interpret
+    )

@@ -40,8 +40,13 @@ class MaskSpec:
         return self.kv_len - self.q_len
 
 
-def visible(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array,
-            q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array:
+def visible(
+    spec: MaskSpec,
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    q_seg: jax.Array | None,
+    k_seg: jax.Array | None,
+) -> jax.Array:
     """In-block mask [bq, bk] from query rows q_pos [bq, 1] and key positions k_pos [1, bk].
 
     Arguments are 2D so that TPU kernels (which want 2D iotas) can share this.  q_pos are query
@@ -99,9 +104,14 @@ def _segment_block_minmax(seg: jax.Array, length: int, block: int):
     return s.min(-1), s.max(-1)
 
 
-def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
-                     q_seg: jax.Array | None, k_seg: jax.Array | None,
-                     full: bool = False) -> jax.Array:
+def block_visibility(
+    spec: MaskSpec,
+    block_q: int,
+    block_k: int,
+    q_seg: jax.Array | None,
+    k_seg: jax.Array | None,
+    full: bool = False,
+) -> jax.Array:
     """Conservative block mask [B or 1, nq, nk]: True where the block pair may hold a visible key.
 
     Segment ids enter through each block's [min, max] id interval, so packed (sorted) documents
@@ -128,7 +138,9 @@ def block_visibility(spec: MaskSpec, block_q: int, block_k: int,
 
 def _block_full(spec, block_q, block_k, q_seg, k_seg):
     q_lo, q_hi, k_lo, k_hi = _block_bounds(spec, block_q, block_k)
-    full = jnp.broadcast_to(k_hi[None, :] < spec.kv_len, (q_lo.shape[0], k_lo.shape[0]))  # no padded keys
+    full = jnp.broadcast_to(
+        k_hi[None, :] < spec.kv_len, (q_lo.shape[0], k_lo.shape[0])
+    )  # no padded keys
     if spec.causal:
         full &= k_hi[None, :] <= q_lo[:, None]
     if spec.sliding_window is not None:
@@ -137,8 +149,11 @@ def _block_full(spec, block_q, block_k, q_seg, k_seg):
     if spec.has_segments:
         qmin, qmax = _segment_block_minmax(q_seg, spec.q_len, block_q)
         kmin, kmax = _segment_block_minmax(k_seg, spec.kv_len, block_k)
-        same = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
-                & (qmin[:, :, None] == kmin[:, None, :]))
+        same = (
+            (qmin == qmax)[:, :, None]
+            & (kmin == kmax)[:, None, :]
+            & (qmin[:, :, None] == kmin[:, None, :])
+        )
         full = full & same
     return full
 
@@ -190,31 +205,44 @@ class AttentionCall:
 
     def options(self) -> dict:
         """The keyword options of `reference.attention_reference` (return_lse aside)."""
-        return dict(causal=self.causal, segment_ids=self.segment_ids,
-                    kv_segment_ids=self.kv_segment_ids, sliding_window=self.sliding_window,
-                    scale=self.scale, softcap=self.softcap)
+        return dict(
+            causal=self.causal,
+            segment_ids=self.segment_ids,
+            kv_segment_ids=self.kv_segment_ids,
+            sliding_window=self.sliding_window,
+            scale=self.scale,
+            softcap=self.softcap,
+        )
 
     def check(self) -> None:
         """Clear errors before tracing a kernel."""
         q, k, v = self.q, self.k, self.v
         if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-            raise ValueError(f"expected q, k, v of rank 4 [batch, seq, heads, head_dim]; got "
-                             f"{q.shape}, {k.shape}, {v.shape}")
+            raise ValueError(
+                f"expected q, k, v of rank 4 [batch, seq, heads, head_dim]; got "
+                f"{q.shape}, {k.shape}, {v.shape}"
+            )
         if k.shape != v.shape:
             raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
         if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
             raise ValueError(f"q {q.shape} and k {k.shape} must agree on batch and head_dim")
         if q.shape[2] % k.shape[2]:
-            raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}; "
-                             f"choose kv heads from the divisors of {q.shape[2]}")
+            raise ValueError(
+                f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}; "
+                f"choose kv heads from the divisors of {q.shape[2]}"
+            )
 
     def spec(self) -> MaskSpec:
         """The static mask description of the call."""
-        return MaskSpec(q_len=self.q.shape[1], kv_len=self.k.shape[1], causal=self.causal,
-                        sliding_window=self.sliding_window,
-                        scale=float(self.q.shape[-1] ** -0.5 if self.scale is None
-                                    else self.scale),
-                        softcap=self.softcap, has_segments=self.segment_ids is not None)
+        return MaskSpec(
+            q_len=self.q.shape[1],
+            kv_len=self.k.shape[1],
+            causal=self.causal,
+            sliding_window=self.sliding_window,
+            scale=float(self.q.shape[-1] ** -0.5 if self.scale is None else self.scale),
+            softcap=self.softcap,
+            has_segments=self.segment_ids is not None,
+        )
 
     @property
     def kv_seg(self) -> jax.Array | None:
@@ -231,6 +259,7 @@ def flash_with_vjp(forward, backward):
     backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg, interpret) -> (dq, dk, dv).
     The returned function has forward's signature; spec, cfg and interpret are static.
     """
+
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
     def flash(q, k, v, q_seg, k_seg, spec, cfg, interpret):
         return forward(q, k, v, q_seg, k_seg, spec, cfg, interpret)
@@ -253,8 +282,9 @@ def run_forward(flash, call: AttentionCall, cfg, interpret):
     """One backend's differentiable `flash` (from `flash_with_vjp`) on `call`: out, and lse
     [B, H, T] with `call.return_lse`."""
     call.check()
-    out, lse = flash(call.q, call.k, call.v, call.segment_ids, call.kv_seg, call.spec(), cfg,
-                     interpret)
+    out, lse = flash(
+        call.q, call.k, call.v, call.segment_ids, call.kv_seg, call.spec(), cfg, interpret
+    )
     return (out, lse) if call.return_lse else out
 
 
@@ -266,5 +296,17 @@ def run_backward(backward, call: AttentionCall, out, lse, dout, cfg, interpret):
     """
     call.check()
     q = call.q
-    return backward(q, call.k, call.v, call.segment_ids, call.kv_seg, out.astype(q.dtype), lse,
-                    dout.astype(q.dtype), None, call.spec(), cfg, interpret)
+    return backward(
+        q,
+        call.k,
+        call.v,
+        call.segment_ids,
+        call.kv_seg,
+        out.astype(q.dtype),
+        lse,
+        dout.astype(q.dtype),
+        None,
+        call.spec(),
+        cfg,
+        interpret,
+    )

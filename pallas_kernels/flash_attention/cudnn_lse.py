@@ -47,18 +47,22 @@ _CORE = os.environ.get("JAXTURBO_CUDNN_CORE_PRIMITIVE", "0") == "1"
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> None:
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"cuDNN attention needs bf16/fp16 q, k, v of one dtype; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"cuDNN attention needs bf16/fp16 q, k, v of one dtype; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q [B,T,H,D], k/v [B,S,K,D]; got {q.shape}, {k.shape}, "
-                         f"{v.shape}")
+        raise ValueError(
+            f"expected q [B,T,H,D], k/v [B,S,K,D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads {k.shape[2]} must divide query heads {q.shape[2]}")
     if causal and q.shape[1] != k.shape[1]:
         # cuDNN's CAUSAL is top-left aligned, jaxturbo's bottom-right; they agree only when
         # T == S (all the ring needs: the diagonal block).
-        raise ValueError(f"cuDNN lse attention: causal needs q_len == kv_len, got "
-                         f"{q.shape[1]} and {k.shape[1]}")
+        raise ValueError(
+            f"cuDNN lse attention: causal needs q_len == kv_len, got {q.shape[1]} and {k.shape[1]}"
+        )
 
 
 def _mask_type(causal: bool):
@@ -102,8 +106,14 @@ def cudnn_attention_lse(
     """
     _check(q, k, v, causal)
     out, stats = _fa.dot_product_attention(
-        q, k, v, scale=_scale(q, scale), mask_type=_mask_type(causal), qkv_layout="BTNH",
-        return_residual=True)
+        q,
+        k,
+        v,
+        scale=_scale(q, scale),
+        mask_type=_mask_type(causal),
+        qkv_layout="BTNH",
+        return_residual=True,
+    )
     return out, lax.stop_gradient(_from_cudnn_stats(stats))
 
 
@@ -132,16 +142,30 @@ def cudnn_attention_bwd(
     if lse.shape != (b, h, t):
         raise ValueError(f"lse must be [B, H, T] = {(b, h, t)}, got {lse.shape}")
     unused = jnp.zeros(0, dtype=q.dtype)  # what dot_product_attention passes for absent inputs
-    operands = (q, k, v,
-                unused,  # bias
-                unused, unused,  # q_seqlen, kv_seqlen
-                unused, unused,  # q_offsets, kv_offsets
-                unused, unused,  # page_table_k, page_table_v
-                _to_cudnn_stats(lse), out.astype(q.dtype), dout.astype(q.dtype))
-    params = dict(scale=_scale(q, scale), seed=42, dropout_rate=0.0,
-                  variadic_args=(False, False),  # (has_bias, has_dbias)
-                  mask_type=_mask_type(causal), layout=_fa.AttentionLayout.BTNH.value,
-                  sliding_window_length=None)
+    operands = (
+        q,
+        k,
+        v,
+        unused,  # bias
+        unused,
+        unused,  # q_seqlen, kv_seqlen
+        unused,
+        unused,  # q_offsets, kv_offsets
+        unused,
+        unused,  # page_table_k, page_table_v
+        _to_cudnn_stats(lse),
+        out.astype(q.dtype),
+        dout.astype(q.dtype),
+    )
+    params = dict(
+        scale=_scale(q, scale),
+        seed=42,
+        dropout_rate=0.0,
+        variadic_args=(False, False),  # (has_bias, has_dbias)
+        mask_type=_mask_type(causal),
+        layout=_fa.AttentionLayout.BTNH.value,
+        sliding_window_length=None,
+    )
     if _CORE:
         dq, dk, dv = _fa._dot_product_attention_bwd_impl(*operands, **params)
     else:

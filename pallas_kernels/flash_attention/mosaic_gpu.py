@@ -81,8 +81,9 @@ _LOG2E = 1.4426950408889634
 
 def smem_bytes(d: int, cfg: Config, itemsize: int = 2) -> int:
     """Shared memory one program asks for: Q/O tiles, the K/V ring and the lse rows."""
-    return (_CONSUMERS * _BQ * d + 2 * cfg.slots * cfg.block_k * d) * itemsize + \
-        _CONSUMERS * _BQ * 4
+    return (
+        _CONSUMERS * _BQ * d + 2 * cfg.slots * cfg.block_k * d
+    ) * itemsize + _CONSUMERS * _BQ * 4
 
 
 def _smem_transforms(d: int, dtype) -> tuple:
@@ -113,8 +114,24 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
     # program's first row, worked out in the kernel).
     n_unmasked_max = nk if s % bk == 0 else nk - 1
 
-    def flash_fwd(q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, qo_smem, k_smem, v_smem, lse_smem,
-                  q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem):
+    def flash_fwd(
+        q_gmem,
+        k_gmem,
+        v_gmem,
+        o_gmem,
+        lse_gmem,
+        qo_smem,
+        k_smem,
+        v_smem,
+        lse_smem,
+        q_bar,
+        k_bar,
+        v_bar,
+        k_free,
+        v_free,
+        turn,
+        *p_smem,
+    ):
         # Causal programs with the most key blocks start first (the launch order follows the
         # grid's "bh"-fastest linear index), so the short ones fill the tail of the wave.
         qi = nq - 1 - lax.axis_index("q") if spec.causal else lax.axis_index("q")
@@ -134,8 +151,10 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
         def fetch(j, slot, after_release: bool = False):
             # a refill waits for both consumers to release the slot's K, then its V
             rows = (bi, pl.ds(j * bk, bk), ki)
-            for src, dst, ready, free in ((k_gmem, k_smem, k_bar, k_free),
-                                          (v_gmem, v_smem, v_bar, v_free)):
+            for src, dst, ready, free in (
+                (k_gmem, k_smem, k_bar, k_free),
+                (v_gmem, v_smem, v_bar, v_free),
+            ):
                 if after_release:
                     plgpu.barrier_wait(free.at[slot])
                 plgpu.copy_gmem_to_smem(src.at[rows], dst.at[slot], ready.at[slot])
@@ -152,14 +171,16 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
 
             lax.fori_loop(slots, n_blocks, refill, None)
             for back in range(1, min(slots, nk) + 1):  # observe the last releases (phases balance)
+
                 @pl.when(n_blocks >= back)
                 def _():
                     slot = lax.rem(n_blocks - back, slots)
                     plgpu.barrier_wait(k_free.at[slot])
                     plgpu.barrier_wait(v_free.at[slot])
 
-        def serial_loop(issue_qk, softmax, p_operand, take_turn, finish, m, l, acc, n_blocks,
-                        n_unmasked):
+        def serial_loop(
+            issue_qk, softmax, p_operand, take_turn, finish, m, l, acc, n_blocks, n_unmasked
+        ):
             """Each step: S = Q K_j^T, softmax, O = O * alpha + P V_j, in that order (the
             consumers' ping-pong is what overlaps softmax with matmuls)."""
 
@@ -185,8 +206,10 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                 if cfg.pingpong:
                     plgpu.barrier_wait(turn)  # the tensor cores are this consumer's now
                 if compiled:  # P V into an accumulator that already holds O * alpha
+
                     def values(ref):
                         plgpu.wgmma(ref, p16, v_smem.at[slot])
+
                     acc = pl.run_state(values)(plgpu.ACC.init(acc))
                 else:  # interpret mode runs no wgmma inside pl.run_state: add here
                     p_op = p_operand(p16)
@@ -194,17 +217,19 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                     def values(ref):
                         plgpu.wgmma(ref, p_op, v_smem.at[slot])
                         return ref[...]
+
                     acc = acc + pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return m, l, acc
 
-            carry = lax.fori_loop(0, n_unmasked, functools.partial(step, masked=False),
-                                  (m, l, acc))
-            finish(*lax.fori_loop(n_unmasked, n_blocks, functools.partial(step, masked=True),
-                                  carry))
+            carry = lax.fori_loop(0, n_unmasked, functools.partial(step, masked=False), (m, l, acc))
+            finish(
+                *lax.fori_loop(n_unmasked, n_blocks, functools.partial(step, masked=True), carry)
+            )
 
-        def overlapped_loop(issue_qk, softmax, p_operand, take_turn, finish, m, l, acc,
-                            n_blocks, n_unmasked):
+        def overlapped_loop(
+            issue_qk, softmax, p_operand, take_turn, finish, m, l, acc, n_blocks, n_unmasked
+        ):
             """Software-pipelined by one block (FA3's intra-warpgroup overlap): step j issues
             S_j = Q K_j^T and then P_{j-1} V_{j-1}, and runs block j's softmax while the second
             matmul is still in flight; O is rescaled by alpha_j once it lands.  Needs
@@ -213,16 +238,19 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
 
             def run(acc_ref):
                 if compiled:  # O lives in the wgmma accumulator for the whole loop
+
                     def issue_pv(p16, slot):
                         plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
                     def read_acc():
                         return acc_ref[...]  # waits for every wgmma in flight
                 else:  # interpret mode: O in shared memory, P V computed on the spot
+
                     def issue_pv(p_op, slot):
                         def values(ref):
                             plgpu.wgmma(ref, p_op, v_smem.at[slot])
                             return ref[...]
+
                         acc_ref[...] += pl.run_scoped(values, plgpu.ACC((bq, d), jnp.float32))
 
                     def read_acc():
@@ -266,10 +294,18 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                     acc_ref[...] = o * alpha[:, None]
                     return m, l, p.astype(dtype)
 
-                carry = lax.fori_loop(1, jnp.maximum(n_unmasked, 1),
-                                      functools.partial(step, masked=False), (m1, l1, p16))
-                m_f, l_f, p_last = lax.fori_loop(jnp.maximum(n_unmasked, 1), n_blocks,
-                                                 functools.partial(step, masked=True), carry)
+                carry = lax.fori_loop(
+                    1,
+                    jnp.maximum(n_unmasked, 1),
+                    functools.partial(step, masked=False),
+                    (m1, l1, p16),
+                )
+                m_f, l_f, p_last = lax.fori_loop(
+                    jnp.maximum(n_unmasked, 1),
+                    n_blocks,
+                    functools.partial(step, masked=True),
+                    carry,
+                )
                 last = lax.rem(n_blocks - 1, slots)
                 plgpu.barrier_wait(v_bar.at[last])
                 issue_pv(p_operand(p_last), last)
@@ -346,21 +382,23 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
                     pl.when(wg == 0)(take_turn)  # consumer 0 ends one turn behind (phases balance)
                 l_safe = jnp.where(l == 0.0, 1.0, l)
                 q_tile[...] = (acc * (1.0 / l_safe)[:, None]).astype(dtype)  # Q is not read now
-                lse_smem.at[wg][...] = jnp.where(l == 0.0, NEG_INF,
-                                                 (m + jnp.log2(l_safe)) / _LOG2E)
+                lse_smem.at[wg][...] = jnp.where(l == 0.0, NEG_INF, (m + jnp.log2(l_safe)) / _LOG2E)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_tile, o_gmem.at[bi, pl.ds(row0, bq), hi])
                 plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[bi, hi, pl.ds(row0, bq)])
                 plgpu.wait_smem_to_gmem(0)
 
             loop = overlapped_loop if cfg.overlap else serial_loop
-            loop(issue_qk, softmax, p_operand, take_turn, finish, m0, l0, acc0, n_blocks,
-                 n_unmasked)
+            loop(
+                issue_qk, softmax, p_operand, take_turn, finish, m0, l0, acc0, n_blocks, n_unmasked
+            )
 
     call = plgpu.kernel(
         flash_fwd,
-        out_type=(jax.ShapeDtypeStruct((b, tp, h, d), dtype),
-                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
+        out_type=(
+            jax.ShapeDtypeStruct((b, tp, h, d), dtype),
+            jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+        ),
         scratch_types=[
             plgpu.SMEM((_CONSUMERS, bq, d), dtype, transforms=tr),
             plgpu.SMEM((slots, bk, d), dtype, transforms=tr),
@@ -372,8 +410,14 @@ def _forward(q, k, v, q_seg, k_seg, spec: common.MaskSpec, cfg: Config, interpre
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=slots),
             plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=slots),
             plgpu.Barrier(num_arrivals=_CONSUMERS),
-            *([plgpu.SMEM((_CONSUMERS, bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
-               plgpu.SMEM((_CONSUMERS, bq, d), jnp.float32)] if interpret else []),
+            *(
+                [
+                    plgpu.SMEM((_CONSUMERS, bq, bk), dtype, transforms=_smem_transforms(bk, dtype)),
+                    plgpu.SMEM((_CONSUMERS, bq, d), jnp.float32),
+                ]
+                if interpret
+                else []
+            ),
         ],
         grid=(b * h, nq),
         grid_names=("bh", "q"),
@@ -398,23 +442,35 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg: Config, 
     """By `cfg.backward`: our Mosaic GPU kernels; or cuDNN's flash backward from this
     forward's out/lse where it covers the call (compiled GPU, no lse cotangent, no bottom-right
     causal offset) and the Pallas-Triton backward else."""
+
     def triton():
-        return pallas_triton._backward(q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec,
-                                       cfg.bwd, bool(interpret))
+        return pallas_triton._backward(
+            q, k, v, q_seg, k_seg, out, lse, d_out, d_lse, spec, cfg.bwd, bool(interpret)
+        )
 
     if cfg.backward in ("mosaic_gpu", "mosaic_gpu_fused"):
         from pallas_kernels.flash_attention import mosaic_gpu_bwd
-        return mosaic_gpu_bwd.backward(q, k, v, out, lse, d_out, d_lse, spec,
-                                       _interpret_params(interpret),
-                                       fused=cfg.backward == "mosaic_gpu_fused")
-    if (interpret or cfg.backward == "pallas_triton"
-            or (spec.causal and spec.q_len != spec.kv_len)):
+
+        return mosaic_gpu_bwd.backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            d_out,
+            d_lse,
+            spec,
+            _interpret_params(interpret),
+            fused=cfg.backward == "mosaic_gpu_fused",
+        )
+    if interpret or cfg.backward == "pallas_triton" or (spec.causal and spec.q_len != spec.kv_len):
         return triton()
     from pallas_kernels.flash_attention import cudnn_lse
 
     def cudnn():
-        return cudnn_lse.cudnn_attention_bwd(q, k, v, out, lse, d_out, causal=spec.causal,
-                                             scale=spec.scale)
+        return cudnn_lse.cudnn_attention_bwd(
+            q, k, v, out, lse, d_out, causal=spec.causal, scale=spec.scale
+        )
 
     # cuDNN takes no lse cotangent: a caller that differentiates through the lse (ring
     # attention merging blocks) gets the Triton backward, decided on device
@@ -428,18 +484,26 @@ def refuses(call: common.AttentionCall, cfg: Config | None = None) -> str | None
     """Why the Mosaic GPU kernels cannot take `call` with `cfg` (default Config; platform
     aside), or None."""
     q, k, v = call.q, call.k, call.v
-    if (call.segment_ids is not None or call.kv_segment_ids is not None
-            or call.sliding_window is not None or call.softcap is not None):
+    if (
+        call.segment_ids is not None
+        or call.kv_segment_ids is not None
+        or call.sliding_window is not None
+        or call.softcap is not None
+    ):
         return "the Mosaic GPU kernels have no segment ids, sliding window or softcap"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return (f"the Mosaic GPU kernels take bfloat16 or float16 q/k/v, got "
-                f"{q.dtype}/{k.dtype}/{v.dtype}")
+        return (
+            f"the Mosaic GPU kernels take bfloat16 or float16 q/k/v, got "
+            f"{q.dtype}/{k.dtype}/{v.dtype}"
+        )
     d, cfg = q.shape[-1], cfg or Config()
     if d % 16:
         return f"head_dim {d} must be a multiple of 16"
     if smem_bytes(d, cfg) > SMEM_BYTES:
-        return (f"head_dim {d} with {cfg} needs {smem_bytes(d, cfg)} bytes of shared memory "
-                f"(at most {SMEM_BYTES}): lower block_k or slots")
+        return (
+            f"head_dim {d} with {cfg} needs {smem_bytes(d, cfg)} bytes of shared memory "
+            f"(at most {SMEM_BYTES}): lower block_k or slots"
+        )
     return None
 
 
@@ -451,17 +515,22 @@ def _check(call: common.AttentionCall, cfg: Config) -> None:
     _check_fused(call.q.shape[-1], cfg)
 
 
-def flash_attention(call: common.AttentionCall, *, config: Config | None = None,
-                    interpret: bool | plgpu.InterpretGPUParams = False
-                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+def flash_attention(
+    call: common.AttentionCall,
+    *,
+    config: Config | None = None,
+    interpret: bool | plgpu.InterpretGPUParams = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention of `call` (q [B, T, H, D], k/v [B, S, K, D], bf16/fp16) -> out
     [B, T, H, D] (, lse [B, H, T] float32).  Same semantics as `attention_reference` for what
     it covers (`refuses`).  interpret: run in GPU interpret mode on CPU (True, or
     InterpretGPUParams)."""
     cfg = config or Config()
     if cfg.block_k not in (64, 128) or cfg.slots < 2 or (cfg.overlap and cfg.pingpong):
-        raise ValueError(f"block_k must be 64 or 128, slots at least 2 and pingpong only "
-                         f"without overlap, got {cfg}")
+        raise ValueError(
+            f"block_k must be 64 or 128, slots at least 2 and pingpong only "
+            f"without overlap, got {cfg}"
+        )
     if cfg.backward not in BACKWARDS:
         raise ValueError(f"backward={cfg.backward!r}: choose one of {BACKWARDS}")
     _check(call, cfg)
@@ -473,15 +542,23 @@ OUR_BACKWARDS = ("mosaic_gpu", "mosaic_gpu_fused")
 
 def _check_fused(d: int, cfg: Config) -> None:
     from pallas_kernels.flash_attention.mosaic_gpu_bwd import FUSED_HEAD_DIMS
+
     if cfg.backward == "mosaic_gpu_fused" and d not in FUSED_HEAD_DIMS:
-        raise ValueError(f"backward='mosaic_gpu_fused' takes head_dim in {FUSED_HEAD_DIMS}, got "
-                         f"{d}; backward='mosaic_gpu' takes any multiple of 16")
+        raise ValueError(
+            f"backward='mosaic_gpu_fused' takes head_dim in {FUSED_HEAD_DIMS}, got "
+            f"{d}; backward='mosaic_gpu' takes any multiple of 16"
+        )
 
 
-def flash_attention_backward(call: common.AttentionCall, out: jax.Array, lse: jax.Array,
-                             dout: jax.Array, *, config: Config | None = None,
-                             interpret: bool | plgpu.InterpretGPUParams = False
-                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def flash_attention_backward(
+    call: common.AttentionCall,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    config: Config | None = None,
+    interpret: bool | plgpu.InterpretGPUParams = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Our Hopper backward kernels from a saved out [B, T, H, D] (bf16/fp16) and lse [B, H, T]
     -> (dq [B, T, H, D], dk, dv [B, S, K, D]) in the inputs' dtype (see
     `reference.attention_backward_reference`; ring attention calls it per key block).
@@ -491,7 +568,9 @@ def flash_attention_backward(call: common.AttentionCall, out: jax.Array, lse: ja
     "mosaic_gpu_fused"."""
     cfg = config or Config(backward="mosaic_gpu")
     if cfg.backward not in OUR_BACKWARDS:
-        raise ValueError(f"flash_attention_backward runs our kernels: config.backward must be "
-                         f"one of {OUR_BACKWARDS}, got {cfg.backward!r}")
+        raise ValueError(
+            f"flash_attention_backward runs our kernels: config.backward must be "
+            f"one of {OUR_BACKWARDS}, got {cfg.backward!r}"
+        )
     _check(call, cfg)
     return common.run_backward(_backward, call, out, lse, dout, cfg, interpret)

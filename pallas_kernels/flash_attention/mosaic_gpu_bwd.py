@@ -83,15 +83,18 @@ class _Ops:
         def run(ref):
             plgpu.wgmma(ref, a, b)
             return ref[...]
+
         return acc + pl.run_scoped(run, plgpu.ACC(acc.shape, jnp.float32))
 
     @staticmethod
     def two(shape, a0, b0, a1, b1):
         """a0 @ b0 and a1 @ b1 (shared-memory operands), issued together, one wait."""
+
         def run(r0, r1):
             plgpu.wgmma(r0, a0, b0)
             plgpu.wgmma(r1, a1, b1)
             return r0[...], r1[...]
+
         return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
     @staticmethod
@@ -138,8 +141,9 @@ def _producer(n_steps, copies, ready, free, compiled: bool, registers: int = 40)
 
     lax.fori_loop(_SLOTS, n_steps, refill, None)
     for back in range(1, _SLOTS + 1):  # observe the last releases (barrier phases balance)
-        pl.when(n_steps >= back)(lambda: plgpu.barrier_wait(free.at[lax.rem(n_steps - back,
-                                                                              _SLOTS)]))
+        pl.when(n_steps >= back)(
+            lambda: plgpu.barrier_wait(free.at[lax.rem(n_steps - back, _SLOTS)])
+        )
 
 
 def _wait_ready(ready, slot, n_buffers: int):
@@ -149,9 +153,12 @@ def _wait_ready(ready, slot, n_buffers: int):
 
 def _launch(interpret) -> dict:
     """`plgpu.kernel` arguments both kernels share: producer + consumers, fast math."""
-    return dict(num_threads=_CONSUMERS + 1, thread_name="wg",
-                compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
-                interpret=_interpret_params(interpret))
+    return dict(
+        num_threads=_CONSUMERS + 1,
+        thread_name="wg",
+        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params(interpret),
+    )
 
 
 def _smem(shape, dtype, d):
@@ -174,8 +181,9 @@ def _first_q_block(kt, spec: common.MaskSpec, nq: int):
     return jnp.clip((kt * _TILE - spec.offset) // _B, 0, nq - 1)
 
 
-def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: int,
-          fused: bool = False):
+def _dkdv(
+    q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: int, fused: bool = False
+):
     """q/do [B, Tp, H, D], k/v [B, Sp, K, D] (Tp a multiple of 64, Sp of 128), lse2/delta
     [B, H, Tp] (lse in log2 units, +inf for rows without keys) -> dk, dv [B, Sp, K, D].
 
@@ -190,8 +198,24 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
 
     def flash_bwd_dkdv(q_g, k_g, v_g, do_g, lse_g, dl_g, *refs):
         if fused:
-            (dq_g, dk_g, dv_g, k_s, v_s, q_s, do_s, lse_s, dl_s, kv_bar, ready, free,
-             ds_s, dq_s, ds_bar, *a_smem) = refs
+            (
+                dq_g,
+                dk_g,
+                dv_g,
+                k_s,
+                v_s,
+                q_s,
+                do_s,
+                lse_s,
+                dl_s,
+                kv_bar,
+                ready,
+                free,
+                ds_s,
+                dq_s,
+                ds_bar,
+                *a_smem,
+            ) = refs
         else:
             dk_g, dv_g, k_s, v_s, q_s, do_s, lse_s, dl_s, kv_bar, ready, free, *a_smem = refs
         bk, kt, wg = lax.axis_index("bk"), lax.axis_index("k"), lax.axis_index("wg")
@@ -205,8 +229,12 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
             j = j0 + i % per_head
             rows = (bi, pl.ds(j * _B, _B), hq)
             vec = (bi, hq, pl.ds(j * _B, _B))
-            return [(q_g.at[rows], q_s), (do_g.at[rows], do_s), (lse_g.at[vec], lse_s),
-                    (dl_g.at[vec], dl_s)]
+            return [
+                (q_g.at[rows], q_s),
+                (do_g.at[rows], do_s),
+                (lse_g.at[vec], lse_s),
+                (dl_g.at[vec], dl_s),
+            ]
 
         # fused: dK, dV and a dQ slice live at once in the consumers (FA3's 24/240 split)
         @pl.when(wg == _CONSUMERS)
@@ -242,23 +270,31 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
                 pt = jnp.exp2(st * c - lax.broadcast_in_dim(lse, (_B, _B), [1]))
                 j = j0 + i % per_head
                 if masked:
-                    pt = jnp.where(_Ops.positions(k0, compiled, 0)
-                                   <= _Ops.positions(j * _B + spec.offset, compiled, 1), pt, 0.0)
+                    pt = jnp.where(
+                        _Ops.positions(k0, compiled, 0)
+                        <= _Ops.positions(j * _B + spec.offset, compiled, 1),
+                        pt,
+                        0.0,
+                    )
                 if fused and sp != s_len:  # padded keys: K = V = 0 there, but P is not
                     pt = jnp.where(_Ops.positions(k0, compiled, 0) < s_len, pt, 0.0)
                 pt16 = pt.astype(dtype)
                 if compiled:  # dV += P^T dO and dP^T = V dO^T issued together, one wait
+
                     def both(refs):
                         plgpu.wgmma(refs[0], pt16, do_i)
                         plgpu.wgmma(refs[1], v_w, do_i.T)
-                    dv, dpt = pl.run_state(both)((plgpu.ACC.init(dv),
-                                                  plgpu.ACC.init(ops.zeros((_B, _B)))))
+
+                    dv, dpt = pl.run_state(both)(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(ops.zeros((_B, _B))))
+                    )
                 else:
                     dv = ops.add(dv, pt16, do_i)
 
                     def dp(ref):
                         plgpu.wgmma(ref, v_w, do_i.T)
                         return ref[...]
+
                     dpt = pl.run_scoped(dp, plgpu.ACC((_B, _B), jnp.float32))
                 dl = _Ops.vector(dl_s.at[slot], compiled, 0)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dl, (_B, _B), [1]))).astype(dtype)
@@ -287,18 +323,23 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
                 def both(dk_ref, dq_ref):
                     plgpu.wgmma(dk_ref, ds_w, q_i)
                     for cc in range(_CONSUMERS):
-                        plgpu.wgmma(dq_ref, ds_s.at[par, cc].T,
-                                    k_s.at[cc, :, pl.ds(wg * half, half)])
+                        plgpu.wgmma(
+                            dq_ref, ds_s.at[par, cc].T, k_s.at[cc, :, pl.ds(wg * half, half)]
+                        )
 
                 if compiled:
                     dk, dqh = pl.run_state(lambda r: both(*r))(
-                        (plgpu.ACC.init(dk), plgpu.ACC.init(ops.zeros((_B, half)))))
+                        (plgpu.ACC.init(dk), plgpu.ACC.init(ops.zeros((_B, half))))
+                    )
                 else:  # interpret mode: fresh accumulators, added here
+
                     def run(dk_ref, dq_ref):
                         both(dk_ref, dq_ref)
                         return dk_ref[...], dq_ref[...]
-                    dk_add, dqh = pl.run_scoped(run, plgpu.ACC((_B, d), jnp.float32),
-                                                plgpu.ACC((_B, half), jnp.float32))
+
+                    dk_add, dqh = pl.run_scoped(
+                        run, plgpu.ACC((_B, d), jnp.float32), plgpu.ACC((_B, half), jnp.float32)
+                    )
                     dk = dk + dk_add
                 plgpu.barrier_arrive(free.at[slot])
                 hq = hk * group + i // per_head
@@ -307,11 +348,13 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
                 plgpu.commit_smem()
                 cols = pl.ds(wg * half, half)
                 if compiled:
-                    plgpu.copy_smem_to_gmem(dq_s.at[wg], dq_g.at[bi, pl.ds(j * _B, _B), hq, cols],
-                                            reduction_op="add")
+                    plgpu.copy_smem_to_gmem(
+                        dq_s.at[wg], dq_g.at[bi, pl.ds(j * _B, _B), hq, cols], reduction_op="add"
+                    )
                 else:
-                    plgpu.copy_smem_to_gmem(dq_s.at[wg],
-                                            dq_g.at[kt, bi, pl.ds(j * _B, _B), hq, cols])
+                    plgpu.copy_smem_to_gmem(
+                        dq_s.at[wg], dq_g.at[kt, bi, pl.ds(j * _B, _B), hq, cols]
+                    )
                 return dk
 
             zero = ops.zeros((_B, d))
@@ -327,15 +370,20 @@ def _dkdv(q, k, v, do, lse2, delta, spec: common.MaskSpec, interpret, *, s_len: 
             plgpu.wait_smem_to_gmem(0)
 
     kv = jax.ShapeDtypeStruct((b, sp, kh, d), dtype)
-    fused_scratch = [
-        _smem((2, _CONSUMERS, _B, _B), dtype, tile_d),       # dS^T, by step parity
-        plgpu.SMEM((_CONSUMERS, _B, half), jnp.float32),    # each consumer's dQ slice
-        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=2),
-    ] if fused else []
+    fused_scratch = (
+        [
+            _smem((2, _CONSUMERS, _B, _B), dtype, tile_d),  # dS^T, by step parity
+            plgpu.SMEM((_CONSUMERS, _B, half), jnp.float32),  # each consumer's dQ slice
+            plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=2),
+        ]
+        if fused
+        else []
+    )
     call = plgpu.kernel(
         flash_bwd_dkdv,
-        out_type=(kv, kv) if not fused or compiled else (
-            jax.ShapeDtypeStruct((sp // _TILE, b, tp, h, d), jnp.float32), kv, kv),
+        out_type=(kv, kv)
+        if not fused or compiled
+        else (jax.ShapeDtypeStruct((sp // _TILE, b, tp, h, d), jnp.float32), kv, kv),
         scratch_types=[
             # fused, each consumer reads half of K's columns as a wgmma operand, so K's
             # tiles, and those of what meets K in a wgmma, are made that wide (head_dim 128
@@ -381,8 +429,25 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
     dtype = q.dtype
     compiled = not interpret
 
-    def flash_bwd_dq(q_g, k_g, v_g, do_g, lse_g, dl_g, dq_g, q_s, do_s, lse_s, dl_s, k_s, v_s,
-                     q_bar, ready, free, *a_smem):
+    def flash_bwd_dq(
+        q_g,
+        k_g,
+        v_g,
+        do_g,
+        lse_g,
+        dl_g,
+        dq_g,
+        q_s,
+        do_s,
+        lse_s,
+        dl_s,
+        k_s,
+        v_s,
+        q_bar,
+        ready,
+        free,
+        *a_smem,
+    ):
         bh, qt, wg = lax.axis_index("bh"), lax.axis_index("q"), lax.axis_index("wg")
         bi, hi = bh // h, bh % h
         hk = hi // group
@@ -407,9 +472,14 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
             r0 = qt * _TILE + wg * _B  # this consumer's rows
             rows_ref = (bi, pl.ds(r0, _B), hi)
             q_w, do_w = q_s.at[wg], do_s.at[wg]
-            for n, (src, dst) in enumerate([(q_g.at[rows_ref], q_w), (do_g.at[rows_ref], do_w),
-                                            (lse_g.at[bi, hi, pl.ds(r0, _B)], lse_s.at[wg]),
-                                            (dl_g.at[bi, hi, pl.ds(r0, _B)], dl_s.at[wg])]):
+            for n, (src, dst) in enumerate(
+                [
+                    (q_g.at[rows_ref], q_w),
+                    (do_g.at[rows_ref], do_w),
+                    (lse_g.at[bi, hi, pl.ds(r0, _B)], lse_s.at[wg]),
+                    (dl_g.at[bi, hi, pl.ds(r0, _B)], dl_s.at[wg]),
+                ]
+            ):
                 plgpu.copy_gmem_to_smem(src, dst, q_bar.at[4 * wg + n])
             for n in range(4):
                 plgpu.barrier_wait(q_bar.at[4 * wg + n])
@@ -461,8 +531,9 @@ def _dq(q, k, v, do, lse2, delta, spec: common.MaskSpec, s_len: int, interpret):
     )(q, k, v, do, lse2, delta)
 
 
-def backward(q, k, v, out, lse, d_out, d_lse, spec: common.MaskSpec, interpret,
-             fused: bool = False):
+def backward(
+    q, k, v, out, lse, d_out, d_lse, spec: common.MaskSpec, interpret, fused: bool = False
+):
     """q/out/d_out [B, T, H, D], k/v [B, S, K, D], lse/d_lse [B, H, T] -> (dq, dk, dv).
 
     fused: one kernel (dQ by reduce-adds) instead of the dK/dV + dQ pair."""
@@ -479,8 +550,7 @@ def backward(q, k, v, out, lse, d_out, d_lse, spec: common.MaskSpec, interpret,
     q_p, do_p = common.pad_seq(q, tp), common.pad_seq(d_out.astype(q.dtype), tp)
     k_p, v_p = common.pad_seq(k, sp), common.pad_seq(v, sp)
     if fused:
-        dk, dv, dq = _dkdv(q_p, k_p, v_p, do_p, lse2, delta, spec, interpret, s_len=s,
-                           fused=True)
+        dk, dv, dq = _dkdv(q_p, k_p, v_p, do_p, lse2, delta, spec, interpret, s_len=s, fused=True)
         dq = (dq[:, :t] * spec.scale).astype(q.dtype)
         return dq, dk[:, :s], dv[:, :s]
     dk, dv = _dkdv(q_p, k_p, v_p, do_p, lse2, delta, spec, interpret, s_len=s)

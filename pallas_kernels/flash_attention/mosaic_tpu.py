@@ -35,8 +35,9 @@ class Config:
 
 def _dot(a, b, ca: int, cb: int):
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
 
 
 def _mask(spec: MaskSpec, i, j, bq: int, bk: int, qseg_ref, kseg_ref):
@@ -88,14 +89,14 @@ def _fwd_kernel(lo_ref, hi_ref, *refs, spec: MaskSpec, bq: int, bk: int, nq: int
         l = l_sc[...]
         empty = l == 0.0
         o_ref[...] = (acc_sc[...] / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, common.NEG_INF,
-                                 m_sc[...] + jnp.log(jnp.where(empty, 1.0, l)))
+        lse_ref[...] = jnp.where(
+            empty, common.NEG_INF, m_sc[...] + jnp.log(jnp.where(empty, 1.0, l))
+        )
 
 
 def _dq_kernel(lo_ref, hi_ref, *refs, spec: MaskSpec, bq: int, bk: int, nq: int, nk: int):
     if spec.has_segments:
-        (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref,
-         dq_sc) = refs
+        (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
         qseg_ref = kseg_ref = None
@@ -122,11 +123,24 @@ def _dq_kernel(lo_ref, hi_ref, *refs, spec: MaskSpec, bq: int, bk: int, nq: int,
         dq_ref[...] = (dq_sc[...] * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(lo_ref, hi_ref, *refs, spec: MaskSpec, bq: int, bk: int, nq: int, nk: int,
-                groups: int):
+def _dkv_kernel(
+    lo_ref, hi_ref, *refs, spec: MaskSpec, bq: int, bk: int, nq: int, nk: int, groups: int
+):
     if spec.has_segments:
-        (q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-         dk_sc, dv_sc) = refs
+        (
+            q_ref,
+            k_ref,
+            v_ref,
+            qseg_ref,
+            kseg_ref,
+            do_ref,
+            lse_ref,
+            delta_ref,
+            dk_ref,
+            dv_ref,
+            dk_sc,
+            dv_sc,
+        ) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
         qseg_ref = kseg_ref = None
@@ -164,7 +178,8 @@ def _clamp(idx, lo, hi, n):
 
 def _params():
     return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    )
 
 
 def _layout(q, k, v, q_seg, k_seg, spec: MaskSpec, bq: int, bk: int):
@@ -176,8 +191,10 @@ def _layout(q, k, v, q_seg, k_seg, spec: MaskSpec, bq: int, bk: int):
     vt = common.pad_seq(v, sp).transpose(0, 2, 1, 3)
     segs = []
     if spec.has_segments:
-        segs = [common.pad_seq(q_seg.astype(jnp.int32), tp, mode="edge")[:, :, None],
-                common.pad_seq(k_seg.astype(jnp.int32), sp, mode="edge")[:, None, :]]
+        segs = [
+            common.pad_seq(q_seg.astype(jnp.int32), tp, mode="edge")[:, :, None],
+            common.pad_seq(k_seg.astype(jnp.int32), sp, mode="edge")[:, None, :],
+        ]
     return qt, kt, vt, segs
 
 
@@ -195,11 +212,16 @@ def _query_grid_specs(spec: MaskSpec, g: int, bq: int, bk: int, d: int, nq: int,
 
     q_spec = pl.BlockSpec((None, None, bq, d), lambda bb, hh, i, j, lo, hi: (bb, hh, i, 0))
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, hh, i, j, lo, hi: (bb, hh, i, 0))
-    in_specs = [q_spec, pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map)]
+    in_specs = [
+        q_spec,
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+    ]
     if spec.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, lo, hi: (bb, i, 0)),
-                     pl.BlockSpec((None, 1, bk), kseg_map)]
+        in_specs += [
+            pl.BlockSpec((None, bq, 1), lambda bb, hh, i, j, lo, hi: (bb, i, 0)),
+            pl.BlockSpec((None, 1, bk), kseg_map),
+        ]
     return q_spec, row_spec, in_specs
 
 
@@ -218,12 +240,20 @@ def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret):
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, h, nq, nk), in_specs=in_specs,
+            num_scalar_prefetch=2,
+            grid=(b, h, nq, nk),
+            in_specs=in_specs,
             out_specs=[q_spec, row_spec],
-            scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
-                            pltpu.VMEM((bq, d), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, d), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)],
+            scratch_shapes=[
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, 1), jnp.float32),
+                pltpu.VMEM((bq, d), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, tp, d), q.dtype),
+            jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32),
+        ],
         compiler_params=_params(),
         interpret=interpret,
         name="jaxturbo_flash_fwd_tpu",
@@ -256,8 +286,12 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, h, nq, nk), in_specs=in_specs, out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+            num_scalar_prefetch=2,
+            grid=(b, h, nq, nk),
+            in_specs=in_specs,
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct((b, h, tp, d), q.dtype),
         compiler_params=_params(),
         interpret=interpret,
@@ -279,16 +313,24 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     kv_spec = pl.BlockSpec((None, None, bk, d), lambda bb, kk, j, r, lo, hi: (bb, kk, j, 0))
     in_specs = [pl.BlockSpec((None, None, bq, d), q_map), kv_spec, kv_spec]
     if spec.has_segments:
-        in_specs += [pl.BlockSpec((None, bq, 1), qseg_map),
-                     pl.BlockSpec((None, 1, bk), lambda bb, kk, j, r, lo, hi: (bb, 0, j))]
-    in_specs += [pl.BlockSpec((None, None, bq, d), q_map),
-                 pl.BlockSpec((None, None, bq, 1), q_map), pl.BlockSpec((None, None, bq, 1), q_map)]
+        in_specs += [
+            pl.BlockSpec((None, bq, 1), qseg_map),
+            pl.BlockSpec((None, 1, bk), lambda bb, kk, j, r, lo, hi: (bb, 0, j)),
+        ]
+    in_specs += [
+        pl.BlockSpec((None, None, bq, d), q_map),
+        pl.BlockSpec((None, None, bq, 1), q_map),
+        pl.BlockSpec((None, None, bq, 1), q_map),
+    ]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, bq=bq, bk=bk, nq=nq, nk=nk, groups=g),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, kh, nk, g * nq), in_specs=in_specs,
+            num_scalar_prefetch=2,
+            grid=(b, kh, nk, g * nq),
+            in_specs=in_specs,
             out_specs=[kv_spec, kv_spec],
-            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct((b, kh, sp, d), k.dtype)] * 2,
         compiler_params=_params(),
         interpret=interpret,
@@ -305,20 +347,29 @@ def _interpret(interpret):
     return pltpu.InterpretParams() if interpret is True else interpret
 
 
-def flash_attention(call: common.AttentionCall, *, config: Config | None = None,
-                    interpret: bool | pltpu.InterpretParams = False
-                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+def flash_attention(
+    call: common.AttentionCall,
+    *,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention on TPU of `call` (q [B, T, H, D], k/v [B, S, K, D]) -> [B, T, H, D]
     (, lse [B, H, T]).  Same semantics as `attention_reference`.  `interpret=True` runs TPU
     interpret mode on CPU."""
     return common.run_forward(_flash, call, config or Config(), _interpret(interpret))
 
 
-def flash_attention_backward(call: common.AttentionCall, out: jax.Array, lse: jax.Array,
-                             dout: jax.Array, *, config: Config | None = None,
-                             interpret: bool | pltpu.InterpretParams = False
-                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def flash_attention_backward(
+    call: common.AttentionCall,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernels' backward from a saved out [B, T, H, D] and lse [B, H, T] (see
     `reference.attention_backward_reference`) -> (dq, dk, dv) in the inputs' dtype."""
-    return common.run_backward(_backward, call, out, lse, dout, config or Config(),
-                               _interpret(interpret))
+    return common.run_backward(
+        _backward, call, out, lse, dout, config or Config(), _interpret(interpret)
+    )

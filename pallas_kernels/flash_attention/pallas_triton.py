@@ -43,8 +43,9 @@ def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False, trans_a: bool = Fals
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     ca = 0 if trans_a else 1
     cb = 1 if trans_b else 0
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
 
 
 def _logits(spec: MaskSpec, q, k):
@@ -64,8 +65,23 @@ def _three_loops(lo_ref, flo_ref, fhi_ref, hi_ref, body, carry):
     return lax.fori_loop(fhi, hi, functools.partial(body, masked=True), carry)
 
 
-def _fwd_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
-                spec: MaskSpec, block_q: int, block_k: int):
+def _fwd_kernel(
+    lo_ref,
+    flo_ref,
+    fhi_ref,
+    hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    o_ref,
+    lse_ref,
+    *,
+    spec: MaskSpec,
+    block_q: int,
+    block_k: int,
+):
     qi = pl.program_id(0)
     q = q_ref[...]
     q_pos = qi * block_q + jnp.arange(block_q)
@@ -101,8 +117,25 @@ def _fwd_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref,
     lse_ref[...] = jnp.where(empty, common.NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, spec: MaskSpec, block_q: int, block_k: int):
+def _dq_kernel(
+    lo_ref,
+    flo_ref,
+    fhi_ref,
+    hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    spec: MaskSpec,
+    block_q: int,
+    block_k: int,
+):
     qi = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
@@ -128,14 +161,33 @@ def _dq_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, 
             ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = _three_loops(lo_ref, flo_ref, fhi_ref, hi_ref, body,
-                      jnp.zeros((block_q, q.shape[-1]), jnp.float32))
+    dq = _three_loops(
+        lo_ref, flo_ref, fhi_ref, hi_ref, body, jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+    )
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref, *, spec: MaskSpec, block_q: int, block_k: int,
-                groups: int):
+def _dkv_kernel(
+    lo_ref,
+    flo_ref,
+    fhi_ref,
+    hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    spec: MaskSpec,
+    block_q: int,
+    block_k: int,
+    groups: int,
+):
     kj = pl.program_id(0)
     kvh = pl.program_id(2)
     k = k_ref[...]
@@ -159,8 +211,9 @@ def _dkv_kernel(lo_ref, flo_ref, fhi_ref, hi_ref, q_ref, k_ref, v_ref, qseg_ref,
             if masked:
                 q_pos = start + jnp.arange(block_q)
                 q_seg = qseg_ref[pl.ds(start, block_q)] if spec.has_segments else None
-                mask = common.visible(spec, q_pos[:, None], k_pos[None, :], _col(q_seg),
-                                      _row(k_seg))
+                mask = common.visible(
+                    spec, q_pos[:, None], k_pos[None, :], _col(q_seg), _row(k_seg)
+                )
                 p = jnp.where(mask, p, 0.0)
             dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
@@ -219,20 +272,31 @@ def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret: bool
     num_warps = cfg.num_warps or (4 if d <= 64 else 8)
     kernel = functools.partial(_fwd_kernel, spec=spec, block_q=bq, block_k=bk)
     range_spec = pl.BlockSpec((None, None), lambda i, bb, hh: (bb, i))
-    in_specs = [range_spec] * 4 + [
-        pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0)),
-        pl.BlockSpec((None, sp, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0)),
-        pl.BlockSpec((None, sp, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0)),
-    ] + _seg_specs(spec, pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
-                   pl.BlockSpec((None, sp), lambda i, bb, hh: (bb, 0)))
+    in_specs = (
+        [range_spec] * 4
+        + [
+            pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0)),
+            pl.BlockSpec((None, sp, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0)),
+            pl.BlockSpec((None, sp, None, d), lambda i, bb, hh: (bb, 0, hh // g, 0)),
+        ]
+        + _seg_specs(
+            spec,
+            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
+            pl.BlockSpec((None, sp), lambda i, bb, hh: (bb, 0)),
+        )
+    )
     o, lse = pl.pallas_call(
         kernel,
         grid=(nq, b, h),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0)),
-                   pl.BlockSpec((None, None, bq), lambda i, bb, hh: (bb, hh, i))],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, bb, hh: (bb, i, hh, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bb, hh: (bb, hh, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
+            jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+        ],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_flash_fwd",
@@ -240,8 +304,9 @@ def _forward(q, k, v, q_seg, k_seg, spec: MaskSpec, cfg: Config, interpret: bool
     return o[:, :t], lse[:, :, :t]
 
 
-def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Config,
-              interpret: bool):
+def _backward(
+    q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Config, interpret: bool
+):
     b, t, h, d = q.shape
     s_len, kh = k.shape[1], k.shape[2]
     g = h // kh
@@ -271,9 +336,13 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, block_q=bq, block_k=bk),
         grid=(nq, b, h),
-        in_specs=[range_spec] * 4 + [q_row, kv_full, kv_full]
-        + _seg_specs(spec, pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
-                     pl.BlockSpec((None, sp), lambda i, bb, hh: (bb, 0)))
+        in_specs=[range_spec] * 4
+        + [q_row, kv_full, kv_full]
+        + _seg_specs(
+            spec,
+            pl.BlockSpec((None, bq), lambda i, bb, hh: (bb, i)),
+            pl.BlockSpec((None, sp), lambda i, bb, hh: (bb, 0)),
+        )
         + [q_row, row_stat, row_stat],
         out_specs=q_row,
         out_shape=jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
@@ -289,9 +358,13 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, spec=spec, block_q=bq, block_k=bk, groups=g),
         grid=(nk, b, kh),
-        in_specs=[krange] * 4 + [q_full, kv_blk, kv_blk]
-        + _seg_specs(spec, pl.BlockSpec((None, tp), lambda j, bb, kk: (bb, 0)),
-                     pl.BlockSpec((None, bk), lambda j, bb, kk: (bb, j)))
+        in_specs=[krange] * 4
+        + [q_full, kv_blk, kv_blk]
+        + _seg_specs(
+            spec,
+            pl.BlockSpec((None, tp), lambda j, bb, kk: (bb, 0)),
+            pl.BlockSpec((None, bk), lambda j, bb, kk: (bb, j)),
+        )
         + [q_full, stat_full, stat_full],
         out_specs=[kv_blk, kv_blk],
         out_shape=[jax.ShapeDtypeStruct((b, sp, kh, d), k.dtype)] * 2,
@@ -305,17 +378,24 @@ def _backward(q, k, v, q_seg, k_seg, o, lse, do, dlse, spec: MaskSpec, cfg: Conf
 _flash = common.flash_with_vjp(_forward, _backward)
 
 
-def flash_attention(call: common.AttentionCall, *, config: Config | None = None,
-                    interpret: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+def flash_attention(
+    call: common.AttentionCall, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flash attention of `call` (q [B, T, H, D], k/v [B, S, K, D]) -> out [B, T, H, D]
     (, lse [B, H, T]).  Same semantics as `attention_reference`; differentiable in q, k, v
     (and through lse)."""
     return common.run_forward(_flash, call, config or Config(), interpret)
 
 
-def flash_attention_backward(call: common.AttentionCall, out: jax.Array, lse: jax.Array,
-                             dout: jax.Array, *, config: Config | None = None,
-                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+def flash_attention_backward(
+    call: common.AttentionCall,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The kernels' backward from a saved out [B, T, H, D] and lse [B, H, T] (see
     `reference.attention_backward_reference`) -> (dq, dk, dv) in the inputs' dtype."""
     return common.run_backward(_backward, call, out, lse, dout, config or Config(), interpret)

@@ -71,14 +71,20 @@ def attention_reference(
     if h % kh:
         raise ValueError(f"kv heads {kh} must divide query heads {h}")
     g = h // kh
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, kh, g, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
-    mask = attention_mask(t, s, causal=causal, q_segment_ids=segment_ids,
-                          kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+    mask = attention_mask(
+        t,
+        s,
+        causal=causal,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window,
+    )
     logits = jnp.where(mask[:, None, None], logits, NEG_INF)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -124,7 +130,7 @@ def attention_backward_reference(
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
     g = h // kh
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     f32 = lambda x: x.astype(jnp.float32)
     qg = f32(q).reshape(b, t, kh, g, d)
     dog = f32(dout).reshape(b, t, kh, g, d)
@@ -132,8 +138,14 @@ def attention_backward_reference(
     if softcap is not None:
         th = jnp.tanh(logits / softcap)
         logits = softcap * th
-    mask = attention_mask(t, s, causal=causal, q_segment_ids=segment_ids,
-                          kv_segment_ids=kv_segment_ids, sliding_window=sliding_window)
+    mask = attention_mask(
+        t,
+        s,
+        causal=causal,
+        q_segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window,
+    )
     lse_g = lse.reshape(b, kh, g, t)[..., None]
     ok = mask[:, None, None] & jnp.isfinite(lse_g)
     p = jnp.where(ok, jnp.exp(logits - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)), 0.0)

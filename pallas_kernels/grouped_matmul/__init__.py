@@ -8,5 +8,12 @@ per row, no sorting); references in `reference.py`, kernels in `pallas_triton.py
 from pallas_kernels.grouped_matmul.api import IMPLEMENTATIONS, gmm, gmv, tgmm
 from pallas_kernels.grouped_matmul.reference import gmm_reference, gmv_reference, tgmm_reference
 
-__all__ = ["IMPLEMENTATIONS", "gmm", "gmm_reference", "gmv", "gmv_reference", "tgmm",
-           "tgmm_reference"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "gmm",
+    "gmm_reference",
+    "gmv",
+    "gmv_reference",
+    "tgmm",
+    "tgmm_reference",
+]

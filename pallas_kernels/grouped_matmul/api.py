@@ -41,20 +41,26 @@ def _kernels(impl: str):
     return mod
 
 
-def _check(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool,
-           what: str) -> None:
+def _check(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, transpose_rhs: bool, what: str
+) -> None:
     if lhs.ndim != 2 or rhs.ndim != 3:
-        raise ValueError(f"{what}: lhs must be [M, K] and rhs [G, K, N] (got lhs "
-                         f"{tuple(lhs.shape)}, rhs {tuple(rhs.shape)})")
+        raise ValueError(
+            f"{what}: lhs must be [M, K] and rhs [G, K, N] (got lhs "
+            f"{tuple(lhs.shape)}, rhs {tuple(rhs.shape)})"
+        )
     k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
     if lhs.shape[1] != k:
         layout = "[G, N, K] (transpose_rhs)" if transpose_rhs else "[G, K, N]"
-        raise ValueError(f"{what}: lhs has K={lhs.shape[1]} but rhs {tuple(rhs.shape)} as "
-                         f"{layout} contracts over {k}")
-    if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype,
-                                                                   jnp.integer):
-        raise ValueError(f"{what}: group_sizes must be an integer [G={rhs.shape[0]}] array (got "
-                         f"{group_sizes.dtype}{list(group_sizes.shape)})")
+        raise ValueError(
+            f"{what}: lhs has K={lhs.shape[1]} but rhs {tuple(rhs.shape)} as "
+            f"{layout} contracts over {k}"
+        )
+    if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"{what}: group_sizes must be an integer [G={rhs.shape[0]}] array (got "
+            f"{group_sizes.dtype}{list(group_sizes.shape)})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +74,27 @@ class _Opts:
 
 
 def _kernel_gmm(lhs, rhs, group_sizes, opts: _Opts, *, transpose_rhs: bool, out_dtype):
-    return _kernels(opts.impl).gmm(lhs, rhs, group_sizes, preferred_element_type=out_dtype,
-                                   transpose_rhs=transpose_rhs, config=opts.config,
-                                   interpret=opts.interpret)
+    return _kernels(opts.impl).gmm(
+        lhs,
+        rhs,
+        group_sizes,
+        preferred_element_type=out_dtype,
+        transpose_rhs=transpose_rhs,
+        config=opts.config,
+        interpret=opts.interpret,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm_vjp(lhs, rhs, group_sizes, opts: _Opts):
-    return _kernel_gmm(lhs, rhs, group_sizes, opts, transpose_rhs=opts.call.transpose_rhs,
-                       out_dtype=opts.call.out_dtype)
+    return _kernel_gmm(
+        lhs,
+        rhs,
+        group_sizes,
+        opts,
+        transpose_rhs=opts.call.transpose_rhs,
+        out_dtype=opts.call.out_dtype,
+    )
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, opts: _Opts):
@@ -88,11 +106,18 @@ def _gmm_bwd(opts: _Opts, res, dout):
     copy of the weights); d rhs = lhs_g^T @ dout_g (tgmm; dout_g^T @ lhs_g for [G, N, K])."""
     lhs, rhs, group_sizes = res
     dout = dout.astype(lhs.dtype)  # the kernels multiply operands of one dtype
-    dlhs = _kernel_gmm(dout, rhs, group_sizes, opts,
-                       transpose_rhs=not opts.call.transpose_rhs, out_dtype=lhs.dtype)
+    dlhs = _kernel_gmm(
+        dout, rhs, group_sizes, opts, transpose_rhs=not opts.call.transpose_rhs, out_dtype=lhs.dtype
+    )
     a, b = (dout, lhs) if opts.call.transpose_rhs else (lhs, dout)
-    drhs = _kernels(opts.impl).tgmm(a, b, group_sizes, preferred_element_type=rhs.dtype,
-                                    config=opts.call.tgmm_config, interpret=opts.interpret)
+    drhs = _kernels(opts.impl).tgmm(
+        a,
+        b,
+        group_sizes,
+        preferred_element_type=rhs.dtype,
+        config=opts.call.tgmm_config,
+        interpret=opts.interpret,
+    )
     return dlhs, drhs, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
@@ -101,21 +126,34 @@ _gmm_vjp.defvjp(_gmm_fwd, _gmm_bwd)
 
 def _kernel_gmm_run(impl: str):
     def run(call: GroupedCall, lhs, rhs, group_sizes, *, config, interpret):
-        return _gmm_vjp(lhs, rhs, group_sizes.astype(jnp.int32),
-                        _Opts(impl, call, interpret, config))
+        return _gmm_vjp(
+            lhs, rhs, group_sizes.astype(jnp.int32), _Opts(impl, call, interpret, config)
+        )
+
     return run
 
 
 def _xla_gmm(call: GroupedCall, lhs, rhs, group_sizes, *, config, interpret):
-    return gmm_reference(lhs, rhs, group_sizes, preferred_element_type=call.out_dtype,
-                         transpose_rhs=call.transpose_rhs)
+    return gmm_reference(
+        lhs,
+        rhs,
+        group_sizes,
+        preferred_element_type=call.out_dtype,
+        transpose_rhs=call.transpose_rhs,
+    )
 
 
 def _kernel_tgmm(impl: str):
     def run(call: GroupedCall, lhs, grad, group_sizes, *, config, interpret):
-        return _kernels(impl).tgmm(lhs, grad, group_sizes.astype(jnp.int32),
-                                   preferred_element_type=call.out_dtype, config=config,
-                                   interpret=interpret)
+        return _kernels(impl).tgmm(
+            lhs,
+            grad,
+            group_sizes.astype(jnp.int32),
+            preferred_element_type=call.out_dtype,
+            config=config,
+            interpret=interpret,
+        )
+
     return run
 
 
@@ -136,29 +174,52 @@ def _gmv_by_sorting(x, rhs, expert_ids, gmm_fn):
 
 def _triton_gmv(call: GroupedCall, x, rhs, expert_ids, *, config, interpret):
     """One GEMV per row through its expert's weight."""
-    return _kernels("pallas_triton").gmv(x, rhs, expert_ids,
-                                         preferred_element_type=call.out_dtype,
-                                         transpose_rhs=call.transpose_rhs, config=config,
-                                         interpret=interpret)
+    return _kernels("pallas_triton").gmv(
+        x,
+        rhs,
+        expert_ids,
+        preferred_element_type=call.out_dtype,
+        transpose_rhs=call.transpose_rhs,
+        config=config,
+        interpret=interpret,
+    )
 
 
 def _tpu_gmv(call: GroupedCall, x, rhs, expert_ids, *, config, interpret):
     """Rows sorted by expert into the grouped GEMM."""
-    return _gmv_by_sorting(x, rhs, expert_ids, lambda a, w, s: _kernels("mosaic_tpu").gmm(
-        a, w, s, preferred_element_type=call.out_dtype, transpose_rhs=call.transpose_rhs,
-        config=config, interpret=interpret))
+    return _gmv_by_sorting(
+        x,
+        rhs,
+        expert_ids,
+        lambda a, w, s: _kernels("mosaic_tpu").gmm(
+            a,
+            w,
+            s,
+            preferred_element_type=call.out_dtype,
+            transpose_rhs=call.transpose_rhs,
+            config=config,
+            interpret=interpret,
+        ),
+    )
 
 
 def _xla_gmv(call: GroupedCall, x, rhs, expert_ids, *, config, interpret):
-    return gmv_reference(x, rhs, expert_ids, preferred_element_type=call.out_dtype,
-                         transpose_rhs=call.transpose_rhs)
+    return gmv_reference(
+        x, rhs, expert_ids, preferred_element_type=call.out_dtype, transpose_rhs=call.transpose_rhs
+    )
 
 
 def _op(name: str, triton, tpu, xla) -> registry.Op:
-    return registry.register(registry.Op(name, (
-        registry.Backend("pallas_triton", triton, platform="gpu", pallas=True),
-        registry.Backend("mosaic_tpu", tpu, platform="tpu", pallas=True),
-        registry.Backend("xla", xla))))
+    return registry.register(
+        registry.Op(
+            name,
+            (
+                registry.Backend("pallas_triton", triton, platform="gpu", pallas=True),
+                registry.Backend("mosaic_tpu", tpu, platform="tpu", pallas=True),
+                registry.Backend("xla", xla),
+            ),
+        )
+    )
 
 
 GMM = _op("gmm", _kernel_gmm_run("pallas_triton"), _kernel_gmm_run("mosaic_tpu"), _xla_gmm)
@@ -167,10 +228,18 @@ GMV = _op("gmv", _triton_gmv, _tpu_gmv, _xla_gmv)
 IMPLEMENTATIONS = GMM.implementations
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        implementation: str = "auto", preferred_element_type=None,
-        transpose_rhs: bool = False, interpret: Any = None, config: Any = None,
-        tgmm_config: Any = None) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    implementation: str = "auto",
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+    interpret: Any = None,
+    config: Any = None,
+    tgmm_config: Any = None,
+) -> jax.Array:
     """Grouped matmul: lhs [M, K] (rows sorted by group), rhs [G, K, N] (or [G, N, K] with
     transpose_rhs, HF's stacked [experts, out, in]), group_sizes [G] int -> [M, N].
 
@@ -181,32 +250,64 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     `config` / `tgmm_config`: the implementation's tile Config for gmm (also used for d lhs)
     and for the weight gradient; `interpret` defaults to True off the kernel's platform."""
     _check(lhs, rhs, group_sizes, transpose_rhs, "gmm")
-    call = GroupedCall(jnp.dtype(preferred_element_type or lhs.dtype), transpose_rhs,
-                       tgmm_config)
-    return GMM(call, lhs, rhs, group_sizes, implementation=implementation, config=config,
-               interpret=interpret)
+    call = GroupedCall(jnp.dtype(preferred_element_type or lhs.dtype), transpose_rhs, tgmm_config)
+    return GMM(
+        call,
+        lhs,
+        rhs,
+        group_sizes,
+        implementation=implementation,
+        config=config,
+        interpret=interpret,
+    )
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         implementation: str = "auto", preferred_element_type=None,
-         interpret: Any = None, config: Any = None) -> jax.Array:
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    implementation: str = "auto",
+    preferred_element_type=None,
+    interpret: Any = None,
+    config: Any = None,
+) -> jax.Array:
     """Per-group lhs_g^T @ grad_g: lhs [M, K], grad [M, N], group_sizes [G] -> [G, K, N]
     (the weight gradient of `gmm`; empty groups give zeros; `reference.tgmm_reference`).
     Not differentiable through the kernels."""
     if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
-        raise ValueError(f"tgmm: lhs [M, K] and grad [M, N] must share M (got "
-                         f"{tuple(lhs.shape)}, {tuple(grad.shape)})")
+        raise ValueError(
+            f"tgmm: lhs [M, K] and grad [M, N] must share M (got "
+            f"{tuple(lhs.shape)}, {tuple(grad.shape)})"
+        )
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"tgmm: group_sizes must be an integer [G] array (got "
-                         f"{group_sizes.dtype}{list(group_sizes.shape)})")
+        raise ValueError(
+            f"tgmm: group_sizes must be an integer [G] array (got "
+            f"{group_sizes.dtype}{list(group_sizes.shape)})"
+        )
     call = GroupedCall(jnp.dtype(preferred_element_type or lhs.dtype))
-    return TGMM(call, lhs, grad, group_sizes, implementation=implementation, config=config,
-                interpret=interpret)
+    return TGMM(
+        call,
+        lhs,
+        grad,
+        group_sizes,
+        implementation=implementation,
+        config=config,
+        interpret=interpret,
+    )
 
 
-def gmv(x: jax.Array, rhs: jax.Array, expert_ids: jax.Array, *,
-        implementation: str = "auto", preferred_element_type=None,
-        transpose_rhs: bool = False, interpret: Any = None, config: Any = None) -> jax.Array:
+def gmv(
+    x: jax.Array,
+    rhs: jax.Array,
+    expert_ids: jax.Array,
+    *,
+    implementation: str = "auto",
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+    interpret: Any = None,
+    config: Any = None,
+) -> jax.Array:
     """Decode-sized grouped matmul without sorting: x [M, K] (one row per (token, expert)
     pair), rhs [G, K, N] (or [G, N, K] with transpose_rhs), expert_ids [M] -> [M, N] with
     out[m] = x[m] @ rhs[expert_ids[m]]; an id outside [0, G) (padding, or an expert on another
@@ -215,13 +316,15 @@ def gmv(x: jax.Array, rhs: jax.Array, expert_ids: jax.Array, *,
     pallas_triton: one GEMV per row through its expert's weight; mosaic_tpu: rows sorted by
     expert into the grouped GEMM; xla: `reference.gmv_reference` (a gather).  Forward only."""
     if x.ndim != 2 or rhs.ndim != 3 or expert_ids.shape != (x.shape[0],):
-        raise ValueError(f"gmv: x must be [M, K], rhs [G, K, N] and expert_ids [M] (got x "
-                         f"{tuple(x.shape)}, rhs {tuple(rhs.shape)}, expert_ids "
-                         f"{tuple(expert_ids.shape)})")
+        raise ValueError(
+            f"gmv: x must be [M, K], rhs [G, K, N] and expert_ids [M] (got x "
+            f"{tuple(x.shape)}, rhs {tuple(rhs.shape)}, expert_ids "
+            f"{tuple(expert_ids.shape)})"
+        )
     k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
     if x.shape[1] != k:
-        raise ValueError(f"gmv: x has K={x.shape[1]} but rhs {tuple(rhs.shape)} contracts over "
-                         f"{k}")
+        raise ValueError(f"gmv: x has K={x.shape[1]} but rhs {tuple(rhs.shape)} contracts over {k}")
     call = GroupedCall(jnp.dtype(preferred_element_type or x.dtype), transpose_rhs)
-    return GMV(call, x, rhs, expert_ids, implementation=implementation, config=config,
-               interpret=interpret)
+    return GMV(
+        call, x, rhs, expert_ids, implementation=implementation, config=config, interpret=interpret
+    )

@@ -51,12 +51,14 @@ def _interp(interpret):
 
 def _dot(a, b, dims):
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (dims, ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (dims, ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
 
 
-def visit_schedule(group_sizes: jax.Array, m: int, block_m: int, *, tail: bool,
-                   visit_empty: bool) -> tuple[jax.Array, ...]:
+def visit_schedule(
+    group_sizes: jax.Array, m: int, block_m: int, *, tail: bool, visit_empty: bool
+) -> tuple[jax.Array, ...]:
     """The grid's visits for row tiles of block_m rows over M rows.
 
     Segments are the G groups, plus (tail=True) the rows past sum(group_sizes) as segment G.
@@ -87,8 +89,22 @@ def _row_mask(tile, seg, start_ref, end_ref, bm: int):
     return (rows >= start_ref[seg]) & (rows < end_ref[seg])
 
 
-def _gmm_kernel(seg_ref, tile_ref, start_ref, end_ref, nvis_ref, lhs_ref, rhs_ref, out_ref,
-                acc_ref, *, num_groups: int, nk: int, bm: int, transpose_rhs: bool):
+def _gmm_kernel(
+    seg_ref,
+    tile_ref,
+    start_ref,
+    end_ref,
+    nvis_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    acc_ref,
+    *,
+    num_groups: int,
+    nk: int,
+    bm: int,
+    transpose_rhs: bool,
+):
     v, kk = pl.program_id(1), pl.program_id(2)
     seg, tile = seg_ref[v], tile_ref[v]
     active = v < nvis_ref[0]
@@ -99,8 +115,9 @@ def _gmm_kernel(seg_ref, tile_ref, start_ref, end_ref, nvis_ref, lhs_ref, rhs_re
 
     @pl.when(active & (seg < num_groups))
     def _():
-        acc_ref[...] += _dot(lhs_ref[...], rhs_ref[...],
-                             ((1,), (1,)) if transpose_rhs else ((1,), (0,)))
+        acc_ref[...] += _dot(
+            lhs_ref[...], rhs_ref[...], ((1,), (1,)) if transpose_rhs else ((1,), (0,))
+        )
 
     @pl.when(active & (kk == nk - 1))
     def _():
@@ -112,17 +129,23 @@ def _gmm_kernel(seg_ref, tile_ref, start_ref, end_ref, nvis_ref, lhs_ref, rhs_re
 
 
 def _tile_sizes(cfg: Config, k: int, n: int) -> tuple[int, int]:
-    return (cfg.block_k if k % cfg.block_k == 0 else k,
-            cfg.block_n if n % cfg.block_n == 0 else n)
+    return (cfg.block_k if k % cfg.block_k == 0 else k, cfg.block_n if n % cfg.block_n == 0 else n)
 
 
 def _pad_rows(x: jax.Array, mp: int) -> jax.Array:
     return x if x.shape[0] == mp else jnp.pad(x, ((0, mp - x.shape[0]), (0, 0)))
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        preferred_element_type=None, transpose_rhs: bool = False, config: Config | None = None,
-        interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
     """lhs [M, K], rhs [G, K, N] ([G, N, K] with transpose_rhs), group_sizes [G] -> [M, N]
     (see `gmm_reference`), float32 accumulation.  Not differentiable by itself."""
     cfg = config or Config()
@@ -135,34 +158,39 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     bm = cfg.block_m
     bk, bn = _tile_sizes(cfg, k, n)
     mp = round_up(m, bm)
-    seg, tile, start, end, nvis = visit_schedule(group_sizes, m, bm, tail=True,
-                                                 visit_empty=False)
+    seg, tile, start, end, nvis = visit_schedule(group_sizes, m, bm, tail=True, visit_empty=False)
     nk = k // bk
     lhs_spec = pl.BlockSpec((bm, bk), lambda j, v, kk, s, t, *_: (t[v], kk))
     if transpose_rhs:
-        rhs_spec = pl.BlockSpec((None, bn, bk),
-                                lambda j, v, kk, s, *_: (jnp.minimum(s[v], g - 1), j, kk))
+        rhs_spec = pl.BlockSpec(
+            (None, bn, bk), lambda j, v, kk, s, *_: (jnp.minimum(s[v], g - 1), j, kk)
+        )
     else:
-        rhs_spec = pl.BlockSpec((None, bk, bn),
-                                lambda j, v, kk, s, *_: (jnp.minimum(s[v], g - 1), kk, j))
+        rhs_spec = pl.BlockSpec(
+            (None, bk, bn), lambda j, v, kk, s, *_: (jnp.minimum(s[v], g - 1), kk, j)
+        )
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, num_groups=g, nk=nk, bm=bm, transpose_rhs=transpose_rhs),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(n // bn, seg.shape[0], nk),
+            num_scalar_prefetch=5,
+            grid=(n // bn, seg.shape[0], nk),
             in_specs=[lhs_spec, rhs_spec],
             out_specs=pl.BlockSpec((bm, bn), lambda j, v, kk, s, t, *_: (t[v], j)),
-            scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+            dimension_semantics=("parallel", "arbitrary", "arbitrary")
+        ),
         interpret=_interp(interpret),
         name="jaxturbo_gmm_tpu",
     )(seg, tile, start, end, nvis, _pad_rows(lhs, mp), rhs)
     return out[:m]
 
 
-def _tgmm_kernel(seg_ref, tile_ref, start_ref, end_ref, nvis_ref, lhs_ref, grad_ref, out_ref,
-                 acc_ref, *, bm: int):
+def _tgmm_kernel(
+    seg_ref, tile_ref, start_ref, end_ref, nvis_ref, lhs_ref, grad_ref, out_ref, acc_ref, *, bm: int
+):
     v = pl.program_id(2)
     nvis = nvis_ref[0]
     seg, tile = seg_ref[v], tile_ref[v]
@@ -186,9 +214,15 @@ def _tgmm_kernel(seg_ref, tile_ref, start_ref, end_ref, nvis_ref, lhs_ref, grad_
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         preferred_element_type=None, config: Config | None = None,
-         interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
     """lhs [M, K], grad [M, N], group_sizes [G] -> [G, K, N] = lhs_g^T @ grad_g (see
     `tgmm_reference`); empty groups give zeros."""
     cfg = config or Config()
@@ -201,19 +235,23 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     bm = cfg.block_m
     bk, bn = _tile_sizes(cfg, k, n)
     mp = round_up(m, bm)
-    seg, tile, start, end, nvis = visit_schedule(group_sizes, m, bm, tail=False,
-                                                 visit_empty=True)
+    seg, tile, start, end, nvis = visit_schedule(group_sizes, m, bm, tail=False, visit_empty=True)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, bm=bm),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5, grid=(k // bk, n // bn, seg.shape[0]),
-            in_specs=[pl.BlockSpec((bm, bk), lambda i, j, v, s, t, *_: (t[v], i)),
-                      pl.BlockSpec((bm, bn), lambda i, j, v, s, t, *_: (t[v], j))],
+            num_scalar_prefetch=5,
+            grid=(k // bk, n // bn, seg.shape[0]),
+            in_specs=[
+                pl.BlockSpec((bm, bk), lambda i, j, v, s, t, *_: (t[v], i)),
+                pl.BlockSpec((bm, bn), lambda i, j, v, s, t, *_: (t[v], j)),
+            ],
             out_specs=pl.BlockSpec((None, bk, bn), lambda i, j, v, s, *_: (s[v], i, j)),
-            scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
         interpret=_interp(interpret),
         name="jaxturbo_tgmm_tpu",
     )(seg, tile, start, end, nvis, _pad_rows(lhs, mp), _pad_rows(grad, mp))

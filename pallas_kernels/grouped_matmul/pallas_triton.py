@@ -104,27 +104,42 @@ def num_tiles(m: int, num_groups: int, block_m: int) -> int:
     return m // block_m + min(num_groups + 1, m)
 
 
-def tile_schedule(group_sizes: jax.Array, m: int, block_m: int
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def tile_schedule(
+    group_sizes: jax.Array, m: int, block_m: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """group_sizes [G] -> (group [P], start [P], end [P]) int32, P = `num_tiles`.
 
     Tile p covers rows [start, min(start + block_m, end)) of group `group`; group G is the
     zero-filled rows past sum(group_sizes), group G + 1 a spare program with nothing to do.
     Sizes summing past M are clipped to M (rows beyond M do not exist)."""
     g = group_sizes.shape[0]
-    starts = jnp.minimum(group_offsets(group_sizes), m)              # [G + 1] segment starts
-    sizes = jnp.concatenate([jnp.diff(starts), m - starts[-1:]])     # [G + 1], sums to M
+    starts = jnp.minimum(group_offsets(group_sizes), m)  # [G + 1] segment starts
+    sizes = jnp.concatenate([jnp.diff(starts), m - starts[-1:]])  # [G + 1], sums to M
     tiles = (sizes + block_m - 1) // block_m
     cum = jnp.cumsum(tiles)
     p = jnp.arange(num_tiles(m, g, block_m), dtype=jnp.int32)
-    seg = jnp.searchsorted(cum, p, side="right").astype(jnp.int32)   # G + 1 past the last tile
+    seg = jnp.searchsorted(cum, p, side="right").astype(jnp.int32)  # G + 1 past the last tile
     s = jnp.minimum(seg, g)
     start = starts[s] + (p - (cum[s] - tiles[s])) * block_m
     return seg, start.astype(jnp.int32), (starts[s] + sizes[s]).astype(jnp.int32)
 
 
-def _gmm_kernel(group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, num_groups: int,
-                k: int, n: int, bm: int, bn: int, bk: int, transpose_rhs: bool):
+def _gmm_kernel(
+    group_ref,
+    start_ref,
+    end_ref,
+    lhs_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    num_groups: int,
+    k: int,
+    n: int,
+    bm: int,
+    bn: int,
+    bk: int,
+    transpose_rhs: bool,
+):
     """Output rows [start, end) x columns [n0, n0 + bn) of group `group` (masked).
 
     The pseudo-group G (rows past the sum) runs no contraction step and stores its zero
@@ -140,8 +155,11 @@ def _gmm_kernel(group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, num
         k0 = _start(j, bk)
         kc = k0 + jnp.arange(bk)
         a_mask = row_ok & (kc < k)[None, :] if masked_k else row_ok
-        a = plgpu.load(lhs_ref.at[pl.ds(start, bm), pl.ds(k0, bk)],
-                       mask=jnp.broadcast_to(a_mask, (bm, bk)), other=0)
+        a = plgpu.load(
+            lhs_ref.at[pl.ds(start, bm), pl.ds(k0, bk)],
+            mask=jnp.broadcast_to(a_mask, (bm, bk)),
+            other=0,
+        )
         if transpose_rhs:  # rhs[g] is [N, K]: load a [bn, bk] tile, contract its dim 1
             w_view = rhs_ref.at[gi, pl.ds(n0, bn), pl.ds(k0, bk)]
             w_mask = (cols < n)[:, None] & (kc < k)[None, :]
@@ -156,16 +174,26 @@ def _gmm_kernel(group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *, num
     if k // bk:  # (not traced at all when K < block_k: its unmasked loads would overrun K)
         acc = lax.fori_loop(0, full, functools.partial(step, masked_k=False), acc)
     if k % bk:  # the partial last K block, for real groups only
-        acc = lax.fori_loop(full, full + (group < num_groups).astype(jnp.int32),
-                            functools.partial(step, masked_k=True), acc)
+        acc = lax.fori_loop(
+            full,
+            full + (group < num_groups).astype(jnp.int32),
+            functools.partial(step, masked_k=True),
+            acc,
+        )
     mask = jnp.broadcast_to(row_ok & (cols < n)[None, :], (bm, bn))
-    plgpu.store(out_ref.at[pl.ds(start, bm), pl.ds(n0, bn)], acc.astype(out_ref.dtype),
-                mask=mask)
+    plgpu.store(out_ref.at[pl.ds(start, bm), pl.ds(n0, bn)], acc.astype(out_ref.dtype), mask=mask)
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-        preferred_element_type=None, transpose_rhs: bool = False, config: Config | None = None,
-        interpret: bool = False) -> jax.Array:
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """lhs [M, K], rhs [G, K, N] ([G, N, K] with transpose_rhs), group_sizes [G] -> [M, N]
     (see `gmm_reference`), float32 accumulation, result in preferred_element_type or
     lhs.dtype.  Not differentiable by itself: `grouped_matmul.gmm` adds the gradient.
@@ -182,25 +210,30 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     group, start, end = tile_schedule(group_sizes, m, bm)
     p = group.shape[0]
     scalar = pl.BlockSpec((None,), lambda j, t: (t,))
-    kernel = functools.partial(_gmm_kernel, num_groups=g, k=k, n=n, bm=bm, bn=bn, bk=bk,
-                               transpose_rhs=transpose_rhs)
+    kernel = functools.partial(
+        _gmm_kernel, num_groups=g, k=k, n=n, bm=bm, bn=bn, bk=bk, transpose_rhs=transpose_rhs
+    )
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bn), p),
-        in_specs=[scalar, scalar, scalar,
-                  pl.BlockSpec(lhs.shape, lambda j, t: (0, 0)),      # indexed in-kernel
-                  pl.BlockSpec(rhs.shape, lambda j, t: (0, 0, 0))],
+        in_specs=[
+            scalar,
+            scalar,
+            scalar,
+            pl.BlockSpec(lhs.shape, lambda j, t: (0, 0)),  # indexed in-kernel
+            pl.BlockSpec(rhs.shape, lambda j, t: (0, 0, 0)),
+        ],
         out_specs=pl.BlockSpec((m, n), lambda j, t: (0, 0)),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_gmm",
     )(group, start, end, lhs, rhs)
 
 
-def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, k: int, n: int, bm: int,
-                 bk: int, bn: int):
+def _tgmm_kernel(
+    start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, k: int, n: int, bm: int, bk: int, bn: int
+):
     """out[g, k0:k0+bk, n0:n0+bn] = lhs[rows_g, k-tile]^T @ grad[rows_g, n-tile]."""
     start, end = start_ref[...], end_ref[...]
     k0, n0 = pl.program_id(1) * bk, pl.program_id(0) * bn
@@ -210,22 +243,37 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, grad_ref, out_ref, *, k: int, n: i
     def step(i, acc):
         r0 = start + i * bm
         r_ok = (r0 + jnp.arange(bm) < end)[:, None]  # rows of the next group are zeros
-        a = plgpu.load(lhs_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)],
-                       mask=jnp.broadcast_to(r_ok & k_ok if k % bk else r_ok, (bm, bk)), other=0)
-        b = plgpu.load(grad_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)],
-                       mask=jnp.broadcast_to(r_ok & n_ok if n % bn else r_ok, (bm, bn)), other=0)
+        a = plgpu.load(
+            lhs_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)],
+            mask=jnp.broadcast_to(r_ok & k_ok if k % bk else r_ok, (bm, bk)),
+            other=0,
+        )
+        b = plgpu.load(
+            grad_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)],
+            mask=jnp.broadcast_to(r_ok & n_ok if n % bn else r_ok, (bm, bn)),
+            other=0,
+        )
         return acc + _dot(a, b, trans_a=True)
 
     steps = (end - start + bm - 1) // bm
     acc = lax.fori_loop(0, steps, step, jnp.zeros((bk, bn), jnp.float32))
     mask = jnp.broadcast_to(k_ok.reshape(bk, 1) & n_ok, (bk, bn))
-    plgpu.store(out_ref.at[pl.program_id(2), pl.ds(k0, bk), pl.ds(n0, bn)],
-                acc.astype(out_ref.dtype), mask=mask)
+    plgpu.store(
+        out_ref.at[pl.program_id(2), pl.ds(k0, bk), pl.ds(n0, bn)],
+        acc.astype(out_ref.dtype),
+        mask=mask,
+    )
 
 
-def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-         preferred_element_type=None, config: Config | None = None,
-         interpret: bool = False) -> jax.Array:
+def tgmm(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """lhs [M, K], grad [M, N], group_sizes [G] -> [G, K, N] = lhs_g^T @ grad_g per group (see
     `tgmm_reference`); empty groups give zeros.  Result in preferred_element_type or
     lhs.dtype."""
@@ -243,20 +291,33 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, k=k, n=n, bm=bm, bk=bk, bn=bn),
         grid=(pl.cdiv(n, bn), pl.cdiv(k, bk), g),
-        in_specs=[scalar, scalar,
-                  pl.BlockSpec(lhs.shape, lambda j, i, gg: (0, 0)),
-                  pl.BlockSpec(grad.shape, lambda j, i, gg: (0, 0))],
+        in_specs=[
+            scalar,
+            scalar,
+            pl.BlockSpec(lhs.shape, lambda j, i, gg: (0, 0)),
+            pl.BlockSpec(grad.shape, lambda j, i, gg: (0, 0)),
+        ],
         out_specs=pl.BlockSpec((g, k, n), lambda j, i, gg: (0, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_tgmm",
     )(offsets[:-1], offsets[1:], lhs, grad)
 
 
-def _gmv_kernel(ids_ref, x_ref, rhs_ref, out_ref, *, num_groups: int, k: int, n: int, bn: int,
-                bk: int, transpose_rhs: bool):
+def _gmv_kernel(
+    ids_ref,
+    x_ref,
+    rhs_ref,
+    out_ref,
+    *,
+    num_groups: int,
+    k: int,
+    n: int,
+    bn: int,
+    bk: int,
+    transpose_rhs: bool,
+):
     """out[m, n0:n0+bn] = x[m] @ rhs[ids[m]][:, n0:n0+bn]; an id outside [0, G) runs no
     step (its expert is not read) and stores zeros."""
     e, row = ids_ref[...], pl.program_id(1)
@@ -269,14 +330,21 @@ def _gmv_kernel(ids_ref, x_ref, rhs_ref, out_ref, *, num_groups: int, k: int, n:
         k0 = _start(j, bk)
         k_ok = k0 + jnp.arange(bk) < k
         x_view = x_ref.at[row, pl.ds(k0, bk)]
-        x = (plgpu.load(x_view, mask=k_ok, other=0) if masked_k else x_view[...]
-             ).astype(jnp.float32)
+        x = (plgpu.load(x_view, mask=k_ok, other=0) if masked_k else x_view[...]).astype(
+            jnp.float32
+        )
         if transpose_rhs:
-            view, mask, xb = (rhs_ref.at[e, pl.ds(n0, bn), pl.ds(k0, bk)],
-                              n_ok[:, None] & k_ok[None, :], x[None, :])
+            view, mask, xb = (
+                rhs_ref.at[e, pl.ds(n0, bn), pl.ds(k0, bk)],
+                n_ok[:, None] & k_ok[None, :],
+                x[None, :],
+            )
         else:
-            view, mask, xb = (rhs_ref.at[e, pl.ds(k0, bk), pl.ds(n0, bn)],
-                              k_ok[:, None] & n_ok[None, :], x[:, None])
+            view, mask, xb = (
+                rhs_ref.at[e, pl.ds(k0, bk), pl.ds(n0, bn)],
+                k_ok[:, None] & n_ok[None, :],
+                x[:, None],
+            )
         w = plgpu.load(view, mask=mask, other=0) if masked_k or n % bn else view[...]
         return acc + xb * w.astype(jnp.float32)
 
@@ -285,15 +353,23 @@ def _gmv_kernel(ids_ref, x_ref, rhs_ref, out_ref, *, num_groups: int, k: int, n:
     if k // bk:  # see _gmm_kernel
         acc = lax.fori_loop(0, full, functools.partial(step, masked_k=False), acc)
     if k % bk:
-        acc = lax.fori_loop(full, full + routed.astype(jnp.int32),
-                            functools.partial(step, masked_k=True), acc)
+        acc = lax.fori_loop(
+            full, full + routed.astype(jnp.int32), functools.partial(step, masked_k=True), acc
+        )
     out = jnp.sum(acc, axis=1 if transpose_rhs else 0)
     plgpu.store(out_ref.at[row, pl.ds(n0, bn)], out.astype(out_ref.dtype), mask=n_ok)
 
 
-def gmv(x: jax.Array, rhs: jax.Array, expert_ids: jax.Array, *, preferred_element_type=None,
-        transpose_rhs: bool = False, config: GmvConfig | None = None,
-        interpret: bool = False) -> jax.Array:
+def gmv(
+    x: jax.Array,
+    rhs: jax.Array,
+    expert_ids: jax.Array,
+    *,
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+    config: GmvConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
     """x [M, K], rhs [G, K, N] ([G, N, K] with transpose_rhs), expert_ids [M] -> [M, N]
     (see `gmv_reference`): only the experts some token is routed to are read."""
     cfg = config or (GMV_CONFIG_T if transpose_rhs else GmvConfig())
@@ -305,16 +381,24 @@ def gmv(x: jax.Array, rhs: jax.Array, expert_ids: jax.Array, *, preferred_elemen
     if m == 0:
         return jnp.zeros((0, n), out_dtype)
     return pl.pallas_call(
-        functools.partial(_gmv_kernel, num_groups=g, k=k, n=n, bn=cfg.block_n,
-                          bk=cfg.block_k, transpose_rhs=transpose_rhs),
+        functools.partial(
+            _gmv_kernel,
+            num_groups=g,
+            k=k,
+            n=n,
+            bn=cfg.block_n,
+            bk=cfg.block_k,
+            transpose_rhs=transpose_rhs,
+        ),
         grid=(pl.cdiv(n, cfg.block_n), m),
-        in_specs=[pl.BlockSpec((None,), lambda j, r: (r,)),
-                  pl.BlockSpec(x.shape, lambda j, r: (0, 0)),
-                  pl.BlockSpec(rhs.shape, lambda j, r: (0, 0, 0))],
+        in_specs=[
+            pl.BlockSpec((None,), lambda j, r: (r,)),
+            pl.BlockSpec(x.shape, lambda j, r: (0, 0)),
+            pl.BlockSpec(rhs.shape, lambda j, r: (0, 0, 0)),
+        ],
         out_specs=pl.BlockSpec((m, n), lambda j, r: (0, 0)),
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
-                                             num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="jaxturbo_gmv",
     )(expert_ids.astype(jnp.int32), x, rhs)

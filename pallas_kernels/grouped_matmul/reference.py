@@ -18,35 +18,59 @@ def _dims(transpose_rhs: bool) -> lax.RaggedDotDimensionNumbers:
     """lhs [M, K] ragged along M against rhs [G, K, N] (or [G, N, K]) grouped along G."""
     return lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(((1,), (2 if transpose_rhs else 1,)), ((), ())),
-        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[0],
+    )
 
 
-def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                  preferred_element_type=None, transpose_rhs: bool = False) -> jax.Array:
+def gmm_reference(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+) -> jax.Array:
     """lhs [M, K], rhs [G, K, N] ([G, N, K] with transpose_rhs), group_sizes [G] int32 -> [M, N].
 
     Row block g of lhs times rhs[g]; rows past sum(group_sizes) are zero.  float32 sums; the
     result in `preferred_element_type` (default lhs.dtype)."""
-    out = lax.ragged_dot_general(lhs, rhs, group_sizes.astype(jnp.int32), _dims(transpose_rhs),
-                                 preferred_element_type=jnp.float32)
+    out = lax.ragged_dot_general(
+        lhs,
+        rhs,
+        group_sizes.astype(jnp.int32),
+        _dims(transpose_rhs),
+        preferred_element_type=jnp.float32,
+    )
     return out.astype(preferred_element_type or lhs.dtype)
 
 
-def tgmm_reference(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *,
-                   preferred_element_type=None) -> jax.Array:
+def tgmm_reference(
+    lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None
+) -> jax.Array:
     """lhs [M, K], grad [M, N], group_sizes [G] -> [G, K, N]: lhs_g^T @ grad_g per group.
 
     The weight gradient of `gmm_reference`; an empty group gives zeros, rows past
     sum(group_sizes) contribute nothing.  Result in `preferred_element_type` (default lhs.dtype)."""
-    dims = lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
-                                         lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    out = lax.ragged_dot_general(lhs, grad, group_sizes.astype(jnp.int32), dims,
-                                 preferred_element_type=jnp.float32)
+    dims = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    out = lax.ragged_dot_general(
+        lhs, grad, group_sizes.astype(jnp.int32), dims, preferred_element_type=jnp.float32
+    )
     return out.astype(preferred_element_type or lhs.dtype)
 
 
-def gmv_reference(x: jax.Array, rhs: jax.Array, expert_ids: jax.Array, *,
-                  preferred_element_type=None, transpose_rhs: bool = False) -> jax.Array:
+def gmv_reference(
+    x: jax.Array,
+    rhs: jax.Array,
+    expert_ids: jax.Array,
+    *,
+    preferred_element_type=None,
+    transpose_rhs: bool = False,
+) -> jax.Array:
     """x [M, K], rhs [G, K, N] ([G, N, K] with transpose_rhs), expert_ids [M] -> [M, N]:
     out[m] = x[m] @ rhs[expert_ids[m]], zero where expert_ids[m] is outside [0, G) (a padded
     token, or an expert held by another device).  float32 sums."""

@@ -7,11 +7,16 @@ reference ("xla"), the Pallas-Triton kernel (GPU) and the Mosaic TPU kernel (`ap
 """
 
 from pallas_kernels.ragged_paged_attention.api import (
-                                                       IMPLEMENTATIONS,
-                                                       ragged_paged_attention,
-                                                       ragged_paged_mla_attention,
+    IMPLEMENTATIONS,
+    ragged_paged_attention,
+    ragged_paged_mla_attention,
 )
 from pallas_kernels.ragged_paged_attention.reference import write_kv_pages, write_mla_pages
 
-__all__ = ["IMPLEMENTATIONS", "ragged_paged_attention", "ragged_paged_mla_attention",
-           "write_kv_pages", "write_mla_pages"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "ragged_paged_attention",
+    "ragged_paged_mla_attention",
+    "write_kv_pages",
+    "write_mla_pages",
+]

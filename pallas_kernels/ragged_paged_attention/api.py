@@ -23,9 +23,13 @@ def _kernel(name: str, fn: str):
 
 
 def _xla(call: RaggedCall, *, config, interpret):
-    return ragged_paged_attention_reference(*call.batch(), layer=call.layer, scale=call.scale,
-                                            sliding_window=call.sliding_window,
-                                            softcap=call.softcap)
+    return ragged_paged_attention_reference(
+        *call.batch(),
+        layer=call.layer,
+        scale=call.scale,
+        sliding_window=call.sliding_window,
+        softcap=call.softcap,
+    )
 
 
 def _xla_mla(call: RaggedMLACall, *, config, interpret):
@@ -33,17 +37,21 @@ def _xla_mla(call: RaggedMLACall, *, config, interpret):
 
 
 def _backends(fn: str, xla) -> tuple[registry.Backend, ...]:
-    return (registry.Backend("pallas_triton", _kernel("pallas_triton", fn), platform="gpu",
-                             pallas=True),
-            registry.Backend("mosaic_tpu", _kernel("mosaic_tpu", fn), platform="tpu",
-                             pallas=True),
-            registry.Backend("xla", xla))
+    return (
+        registry.Backend(
+            "pallas_triton", _kernel("pallas_triton", fn), platform="gpu", pallas=True
+        ),
+        registry.Backend("mosaic_tpu", _kernel("mosaic_tpu", fn), platform="tpu", pallas=True),
+        registry.Backend("xla", xla),
+    )
 
 
-RAGGED = registry.register(registry.Op("ragged_paged_attention",
-                                       _backends("ragged_paged_attention", _xla)))
-RAGGED_MLA = registry.register(registry.Op("ragged_paged_mla_attention",
-                                           _backends("ragged_paged_mla_attention", _xla_mla)))
+RAGGED = registry.register(
+    registry.Op("ragged_paged_attention", _backends("ragged_paged_attention", _xla))
+)
+RAGGED_MLA = registry.register(
+    registry.Op("ragged_paged_mla_attention", _backends("ragged_paged_mla_attention", _xla_mla))
+)
 IMPLEMENTATIONS = RAGGED.implementations
 
 
@@ -82,8 +90,18 @@ def ragged_paged_attention(
       seq_lens[s] - q_len_s + j) attends positions [max(0, p - window + 1), p] of s.
       Padding tokens' outputs are finite (0 from every implementation here).
     """
-    call = RaggedCall(q, k_pages, v_pages, page_tables, seq_lens, query_start_loc, layer=layer,
-                      scale=scale, sliding_window=sliding_window, softcap=softcap)
+    call = RaggedCall(
+        q,
+        k_pages,
+        v_pages,
+        page_tables,
+        seq_lens,
+        query_start_loc,
+        layer=layer,
+        scale=scale,
+        sliding_window=sliding_window,
+        softcap=softcap,
+    )
     return RAGGED(call, implementation=implementation, config=config, interpret=interpret)
 
 
@@ -114,6 +132,15 @@ def ragged_paged_mla_attention(
     Returns:
       out_latent [T, H, R] in q_latent.dtype (causal, as `ragged_paged_attention`).
     """
-    call = RaggedMLACall(q_latent, q_rope, latent_pages, rope_pages, page_tables, seq_lens,
-                         query_start_loc, scale=scale, layer=layer)
+    call = RaggedMLACall(
+        q_latent,
+        q_rope,
+        latent_pages,
+        rope_pages,
+        page_tables,
+        seq_lens,
+        query_start_loc,
+        scale=scale,
+        layer=layer,
+    )
     return RAGGED_MLA(call, implementation=implementation, config=config, interpret=interpret)

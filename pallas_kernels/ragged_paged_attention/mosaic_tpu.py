@@ -49,8 +49,13 @@ _FIELDS = 9
 _QB, _SEQ, _TOK_LO, _TOK_HI, _POS_LO, _KV_LO, _KV_HI, _FIRST, _LAST = range(_FIELDS)
 
 
-def work_items(query_start_loc: jax.Array, seq_lens: jax.Array, num_blocks: int, block_q: int,
-               window: int | None) -> jax.Array:
+def work_items(
+    query_start_loc: jax.Array,
+    seq_lens: jax.Array,
+    num_blocks: int,
+    block_q: int,
+    window: int | None,
+) -> jax.Array:
     """Flat int32 [items * _FIELDS]: per work item (q block, sequence, its tokens [lo, hi) in
     the block, the position of token lo, the KV range [lo, hi) the tokens attend, first / last
     item of its q block).  items = num_blocks + S bounds the count (each sequence boundary
@@ -100,8 +105,22 @@ def _kv_index(w, j, layer_ref, pt_ref, meta_ref, *, page_size: int, max_pages: i
     return layer_ref[0], pt_ref[seq * max_pages + jnp.minimum(jj, max_pages - 1)]
 
 
-def _kernel(layer_ref, pt_ref, meta_ref, q_ref, *refs, scale, softcap, window, page_size: int,
-            block_q: int, kv_heads: int, groups: int, mla: bool, last_step: int):
+def _kernel(
+    layer_ref,
+    pt_ref,
+    meta_ref,
+    q_ref,
+    *refs,
+    scale,
+    softcap,
+    window,
+    page_size: int,
+    block_q: int,
+    kv_heads: int,
+    groups: int,
+    mla: bool,
+    last_step: int,
+):
     if mla:
         qr_ref, c_ref, kr_ref, o_ref, m_sc, l_sc, acc_sc = refs
     else:
@@ -136,9 +155,9 @@ def _kernel(layer_ref, pt_ref, meta_ref, q_ref, *refs, scale, softcap, window, p
             q = q_ref[kh].reshape(rows, q_ref.shape[-1])
             if mla:
                 c = jnp.where(in_range, c_ref[...], 0)
-                s = (_dot(q, c, trans_b=True)
-                     + _dot(qr_ref[kh].reshape(rows, qr_ref.shape[-1]), kr_ref[...],
-                            trans_b=True))
+                s = _dot(q, c, trans_b=True) + _dot(
+                    qr_ref[kh].reshape(rows, qr_ref.shape[-1]), kr_ref[...], trans_b=True
+                )
                 v = c
             else:
                 s = _dot(q, k_ref[:, kh, :], trans_b=True)
@@ -164,8 +183,23 @@ def _heads_major(x: jax.Array, kv_heads: int, tokens_p: int) -> jax.Array:
     return x.reshape(tokens_p, kv_heads, h // kv_heads, d).transpose(1, 2, 0, 3)
 
 
-def _run(qs, pools, layer, page_tables, seq_lens, query_start_loc, *, kv_heads: int,
-         scale: float, softcap, window, mla: bool, cfg: Config, interpret, name: str):
+def _run(
+    qs,
+    pools,
+    layer,
+    page_tables,
+    seq_lens,
+    query_start_loc,
+    *,
+    kv_heads: int,
+    scale: float,
+    softcap,
+    window,
+    mla: bool,
+    cfg: Config,
+    interpret,
+    name: str,
+):
     """qs: (q,) or (q_latent, q_rope) [T, H, *]; pools: (k, v) [L, N, P, K, D] or
     (latent, rope) [L, N, P, *] -> [T, H, D or R]."""
     bq = cfg.block_q
@@ -177,68 +211,120 @@ def _run(qs, pools, layer, page_tables, seq_lens, query_start_loc, *, kv_heads: 
     g = h // kv_heads
     tp = round_up(t, bq)
     n_blocks = tp // bq
-    meta = work_items(query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32), n_blocks,
-                      bq, window)
+    meta = work_items(
+        query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32), n_blocks, bq, window
+    )
     n_items = n_blocks + s
     # in the pages' dtype: one operand type per matmul
     q_in = [_heads_major(x.astype(p.dtype), kv_heads, tp) for x, p in zip(qs, pools)]
 
     def q_spec(x):
-        return pl.BlockSpec((kv_heads, g, bq, x.shape[-1]),
-                            lambda w, j, lay, pt, m: (0, 0, m[w * _FIELDS + _QB], 0))
+        return pl.BlockSpec(
+            (kv_heads, g, bq, x.shape[-1]), lambda w, j, lay, pt, m: (0, 0, m[w * _FIELDS + _QB], 0)
+        )
 
     kv_index = functools.partial(_kv_index, page_size=page_size, max_pages=max_pages)
 
     def pool_spec(x):
         trailing = x.shape[3:]  # [K, D] or [R] / [Dr]: whole, as Mosaic's tiling wants
-        return pl.BlockSpec((None, None, page_size, *trailing),
-                            lambda w, j, lay, pt, m: (*kv_index(w, j, lay, pt, m),
-                                                      0, *(0,) * len(trailing)))
+        return pl.BlockSpec(
+            (None, None, page_size, *trailing),
+            lambda w, j, lay, pt, m: (*kv_index(w, j, lay, pt, m), 0, *(0,) * len(trailing)),
+        )
 
-    kernel = functools.partial(_kernel, scale=float(scale), softcap=softcap, window=window,
-                               page_size=page_size, block_q=bq, kv_heads=kv_heads, groups=g,
-                               mla=mla, last_step=max_pages - 1)
+    kernel = functools.partial(
+        _kernel,
+        scale=float(scale),
+        softcap=softcap,
+        window=window,
+        page_size=page_size,
+        block_q=bq,
+        kv_heads=kv_heads,
+        groups=g,
+        mla=mla,
+        last_step=max_pages - 1,
+    )
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(n_items, max_pages),
+            num_scalar_prefetch=3,
+            grid=(n_items, max_pages),
             in_specs=[q_spec(x) for x in q_in] + [pool_spec(x) for x in pools],
             out_specs=q_spec(q_in[0]),
-            scratch_shapes=[pltpu.VMEM((kv_heads, g * bq, 1), jnp.float32),
-                            pltpu.VMEM((kv_heads, g * bq, 1), jnp.float32),
-                            pltpu.VMEM((kv_heads, g * bq, dv), jnp.float32)]),
+            scratch_shapes=[
+                pltpu.VMEM((kv_heads, g * bq, 1), jnp.float32),
+                pltpu.VMEM((kv_heads, g * bq, 1), jnp.float32),
+                pltpu.VMEM((kv_heads, g * bq, dv), jnp.float32),
+            ],
+        ),
         out_shape=jax.ShapeDtypeStruct((kv_heads, g, tp, dv), qs[0].dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary")),
         interpret=_interp(interpret),
         name=name,
-    )(jnp.asarray(layer, jnp.int32).reshape(1), page_tables.astype(jnp.int32).reshape(-1),
-      meta, *q_in, *pools)
+    )(
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        page_tables.astype(jnp.int32).reshape(-1),
+        meta,
+        *q_in,
+        *pools,
+    )
     return out.transpose(2, 0, 1, 3).reshape(tp, h, dv)[:t]
 
 
-def ragged_paged_attention(call: common.RaggedCall, *, config: Config | None = None,
-                           interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+def ragged_paged_attention(
+    call: common.RaggedCall,
+    *,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
     """`call.q` [T, H, D] over its paged K/V -> [T, H, D] (see
     `reference.ragged_paged_attention_reference`; padding tokens' outputs are 0).  Stacked
     pools are read in place (the layer index is scalar-prefetched with the page tables)."""
     call.check()
     k_pages, v_pages, layer = call.stacked()
     d = call.q.shape[-1]
-    return _run((call.q,), (k_pages, v_pages), layer, call.page_tables, call.seq_lens,
-                call.query_start_loc, kv_heads=k_pages.shape[3],
-                scale=d ** -0.5 if call.scale is None else call.scale, softcap=call.softcap,
-                window=call.sliding_window, mla=False, cfg=config or Config(),
-                interpret=interpret, name="jaxturbo_ragged_paged_attention_tpu")
+    return _run(
+        (call.q,),
+        (k_pages, v_pages),
+        layer,
+        call.page_tables,
+        call.seq_lens,
+        call.query_start_loc,
+        kv_heads=k_pages.shape[3],
+        scale=d**-0.5 if call.scale is None else call.scale,
+        softcap=call.softcap,
+        window=call.sliding_window,
+        mla=False,
+        cfg=config or Config(),
+        interpret=interpret,
+        name="jaxturbo_ragged_paged_attention_tpu",
+    )
 
 
-def ragged_paged_mla_attention(call: common.RaggedMLACall, *, config: Config | None = None,
-                               interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+def ragged_paged_mla_attention(
+    call: common.RaggedMLACall,
+    *,
+    config: Config | None = None,
+    interpret: bool | pltpu.InterpretParams = False,
+) -> jax.Array:
     """MLA latent attention of a ragged batch (`call`: q_latent [T, H, R], q_rope [T, H, Dr]
     over paged latent and rope pools) -> [T, H, R] (see `reference.ragged_paged_mla_reference`):
     one "KV head" (the latent) whose G = H query heads all share each page."""
     call.check()
     latent_pages, rope_pages, layer = call.stacked()
-    return _run((call.q_latent, call.q_rope), (latent_pages, rope_pages), layer,
-                call.page_tables, call.seq_lens, call.query_start_loc, kv_heads=1,
-                scale=call.scale, softcap=None, window=None, mla=True, cfg=config or Config(),
-                interpret=interpret, name="jaxturbo_ragged_paged_mla_tpu")
+    return _run(
+        (call.q_latent, call.q_rope),
+        (latent_pages, rope_pages),
+        layer,
+        call.page_tables,
+        call.seq_lens,
+        call.query_start_loc,
+        kv_heads=1,
+        scale=call.scale,
+        softcap=None,
+        window=None,
+        mla=True,
+        cfg=config or Config(),
+        interpret=interpret,
+        name="jaxturbo_ragged_paged_mla_tpu",
+    )

@@ -44,13 +44,14 @@ from pallas_kernels.ragged_paged_attention import common
 class Config:
     """Tile sizes and Triton launch parameters (static).  None: chosen from the shapes."""
 
-    block_k: int | None = None     # KV rows per loop step (a power of two); None: see _plan
+    block_k: int | None = None  # KV rows per loop step (a power of two); None: see _plan
     block_rows: int | None = None  # query rows (tokens x heads) per program, a power of two
     num_splits: int | None = None  # KV splits per tile; None: enough for ~_TARGET_PROGRAMS
-    num_warps: int | None = None   # None: 4, or 8 for programs of more than 8K accumulators
+    num_warps: int | None = None  # None: 4, or 8 for programs of more than 8K accumulators
     num_stages: int = 2
-    block_h: int = 16              # MLA: query heads per program (they share the latent)
-    merge: str = "kernel"          # splits merged by a Pallas kernel ("kernel") or jnp ("xla")
+    block_h: int = 16  # MLA: query heads per program (they share the latent)
+    merge: str = "kernel"  # splits merged by a Pallas kernel ("kernel") or jnp ("xla")
+
 
 # Programs to aim for when splitting the KV range (the contiguous decode kernel's target:
 # about four per H100 SM).
@@ -69,19 +70,19 @@ _SMEM_BUDGET = 160 * 1024
 class _Plan:
     """Everything static about one call."""
 
-    tokens: int          # T
-    seqs: int            # S
-    heads: int           # H (query heads)
-    group: int           # query heads per program block (GQA: H / K; MLA: block_h)
-    head_blocks: int     # programs along the head axis
+    tokens: int  # T
+    seqs: int  # S
+    heads: int  # H (query heads)
+    group: int  # query heads per program block (GQA: H / K; MLA: block_h)
+    head_blocks: int  # programs along the head axis
     mla: bool
-    dim: int             # D (GQA) or R (MLA): the value / latent width
-    rope_dim: int        # Dr (MLA) or 0
+    dim: int  # D (GQA) or R (MLA): the value / latent width
+    rope_dim: int  # Dr (MLA) or 0
     page_size: int
-    pool_pages: int      # pages per layer
-    max_pages: int       # page table width
-    block_q: int         # tokens per q tile
-    rows: int            # rows per program (power of two >= 16)
+    pool_pages: int  # pages per layer
+    max_pages: int  # page table width
+    block_q: int  # tokens per q tile
+    rows: int  # rows per program (power of two >= 16)
     block_k: int
     splits: int
     max_tiles: int
@@ -102,9 +103,25 @@ class _Plan:
         return pl.next_power_of_2(self.group)
 
 
-def _plan(t: int, s: int, h: int, group: int, head_blocks: int, *, mla: bool, dim: int,
-          rope_dim: int, page_size: int, pool_pages: int, max_pages: int, itemsize: int,
-          scale: float, softcap: float | None, window: int | None, cfg: Config) -> _Plan:
+def _plan(
+    t: int,
+    s: int,
+    h: int,
+    group: int,
+    head_blocks: int,
+    *,
+    mla: bool,
+    dim: int,
+    rope_dim: int,
+    page_size: int,
+    pool_pages: int,
+    max_pages: int,
+    itemsize: int,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    cfg: Config,
+) -> _Plan:
     """Tile sizes from the static shapes: rows = block_q * group per program (by the mean
     new tokens per sequence of the bucket, see below), block_k within shared memory, and KV
     splits enough for ~_TARGET_PROGRAMS programs over the most tiles the bucket can hold."""
@@ -127,8 +144,9 @@ def _plan(t: int, s: int, h: int, group: int, head_blocks: int, *, mla: bool, di
         block_k = max(page_size, 128 if rows <= 16 else 64)
         # the pipelined K (and V) blocks stay within shared memory
         dim_p = max(16, pl.next_power_of_2(dim))
-        row_bytes = itemsize * (dim_p * (1 if mla else 2)
-                                + (max(16, pl.next_power_of_2(rope_dim)) if rope_dim else 0))
+        row_bytes = itemsize * (
+            dim_p * (1 if mla else 2) + (max(16, pl.next_power_of_2(rope_dim)) if rope_dim else 0)
+        )
         while block_k > 16 and cfg.num_stages * block_k * row_bytes > _SMEM_BUDGET:
             block_k //= 2
     if block_k & (block_k - 1) or block_k < 16:
@@ -136,11 +154,27 @@ def _plan(t: int, s: int, h: int, group: int, head_blocks: int, *, mla: bool, di
     kv_blocks = -(-(max_pages * page_size) // block_k)
     splits = cfg.num_splits or -(-_TARGET_PROGRAMS // (max_tiles * head_blocks))
     splits = max(1, min(splits, kv_blocks))
-    return _Plan(tokens=t, seqs=s, heads=h, group=group, head_blocks=head_blocks, mla=mla,
-                 dim=dim, rope_dim=rope_dim, page_size=page_size, pool_pages=pool_pages,
-                 max_pages=max_pages, block_q=block_q, rows=rows, block_k=block_k,
-                 splits=splits, max_tiles=max_tiles, scale=float(scale), softcap=softcap,
-                 window=window)
+    return _Plan(
+        tokens=t,
+        seqs=s,
+        heads=h,
+        group=group,
+        head_blocks=head_blocks,
+        mla=mla,
+        dim=dim,
+        rope_dim=rope_dim,
+        page_size=page_size,
+        pool_pages=pool_pages,
+        max_pages=max_pages,
+        block_q=block_q,
+        rows=rows,
+        block_k=block_k,
+        splits=splits,
+        max_tiles=max_tiles,
+        scale=float(scale),
+        softcap=softcap,
+        window=window,
+    )
 
 
 def _tile(qsl_ref, lens_ref, tile, plan: _Plan):
@@ -169,8 +203,7 @@ def _tile(qsl_ref, lens_ref, tile, plan: _Plan):
     j = tile - first_tile  # tile index within the sequence (or within the padding)
     pad_tile = tile - jnp.sum(n_tiles)
     tok0 = jnp.where(real, start + j * bq, qsl_ref[s] + pad_tile * bq)
-    n_tok = jnp.where(real, jnp.minimum(bq, q_len_s - j * bq),
-                      jnp.clip(plan.tokens - tok0, 0, bq))
+    n_tok = jnp.where(real, jnp.minimum(bq, q_len_s - j * bq), jnp.clip(plan.tokens - tok0, 0, bq))
     pos0 = kv_len - q_len_s + j * bq
     return jnp.minimum(seq, s - 1), tok0, n_tok, pos0, real
 
@@ -206,8 +239,11 @@ def _kernel(*refs, plan: _Plan):
 
     # (in the pages' dtype: tl.dot takes operands of one type)
     q = load_rows(q_ref, q_row, row_ok, plan.dim_p, plan.dim).astype(k_ref.dtype)
-    qr = (load_rows(qr_ref, q_row, row_ok, plan.rope_p, plan.rope_dim).astype(kr_ref.dtype)
-          if plan.mla else None)
+    qr = (
+        load_rows(qr_ref, q_row, row_ok, plan.rope_p, plan.rope_dim).astype(kr_ref.dtype)
+        if plan.mla
+        else None
+    )
 
     # the tile's KV range: [first token's window start, last token's position]
     kv_hi = jnp.where(real, pos0 + n_tok, 0)
@@ -232,8 +268,9 @@ def _kernel(*refs, plan: _Plan):
         k = load_rows(k_ref, slot, col_ok, plan.dim_p, plan.dim, kv_head * plan.dim)
         s = _dot(q, k, trans_b=True)
         if plan.mla:
-            s = s + _dot(qr, load_rows(kr_ref, slot, col_ok, plan.rope_p, plan.rope_dim),
-                         trans_b=True)
+            s = s + _dot(
+                qr, load_rows(kr_ref, slot, col_ok, plan.rope_p, plan.rope_dim), trans_b=True
+            )
         s = s * plan.scale
         if plan.softcap is not None:
             s = plan.softcap * jnp.tanh(s / plan.softcap)
@@ -245,14 +282,24 @@ def _kernel(*refs, plan: _Plan):
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
-        v = k if plan.mla else load_rows(v_ref, slot, col_ok, plan.dim_p, plan.dim,
-                                         kv_head * plan.dim)
+        v = (
+            k
+            if plan.mla
+            else load_rows(v_ref, slot, col_ok, plan.dim_p, plan.dim, kv_head * plan.dim)
+        )
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, alpha * l + jnp.sum(p, axis=1)
 
-    acc, m, l = lax.fori_loop(b0, b1, body, (jnp.zeros((rows, plan.dim_p), jnp.float32),
-                                             jnp.full((rows,), NEG_INF, jnp.float32),
-                                             jnp.zeros((rows,), jnp.float32)))
+    acc, m, l = lax.fori_loop(
+        b0,
+        b1,
+        body,
+        (
+            jnp.zeros((rows, plan.dim_p), jnp.float32),
+            jnp.full((rows,), NEG_INF, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+        ),
+    )
     empty = l == 0.0
     o = acc / jnp.where(empty, 1.0, l)[:, None]
     cols = jnp.arange(plan.dim_p)
@@ -267,8 +314,11 @@ def _kernel(*refs, plan: _Plan):
     # partials [T, head_blocks, chunks, group_p, dim_p] and lse [..., group_p], flattened
     o_ref, lse_ref = out_refs
     chunks = pl.next_power_of_2(plan.splits)
-    part = jnp.where(row_ok, (((tok0 + rt) * plan.head_blocks + hblk) * chunks + split)
-                     * plan.group_p + rh, lse_ref.shape[0])
+    part = jnp.where(
+        row_ok,
+        (((tok0 + rt) * plan.head_blocks + hblk) * chunks + split) * plan.group_p + rh,
+        lse_ref.shape[0],
+    )
     plgpu.store(o_ref.at[part[:, None], cols[None, :]], o, mask=row_ok[:, None])
     lse = jnp.where(empty, NEG_INF, m + jnp.log(jnp.where(empty, 1.0, l)))
     plgpu.store(lse_ref.at[part], lse, mask=row_ok)
@@ -280,13 +330,30 @@ def _num_warps(plan: _Plan, cfg: Config) -> int:
     return 8 if plan.rows * plan.dim_p > _MAX_ACC // 2 else 4
 
 
-def _run(q, qr, k_rows, kr_rows, v_rows, layer, qsl, seq_lens, page_tables, plan: _Plan,
-         cfg: Config, interpret: bool, name: str) -> jax.Array:
+def _run(
+    q,
+    qr,
+    k_rows,
+    kr_rows,
+    v_rows,
+    layer,
+    qsl,
+    seq_lens,
+    page_tables,
+    plan: _Plan,
+    cfg: Config,
+    interpret: bool,
+    name: str,
+) -> jax.Array:
     """The pallas_call and the merge: q [T, H, dim] -> [T, H, dim] in q.dtype."""
     t, h = plan.tokens, plan.heads
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), qsl.astype(jnp.int32),
-            seq_lens.astype(jnp.int32), page_tables.astype(jnp.int32).reshape(-1),
-            q.reshape(t * h, -1)]
+    args = [
+        jnp.asarray(layer, jnp.int32).reshape(1),
+        qsl.astype(jnp.int32),
+        seq_lens.astype(jnp.int32),
+        page_tables.astype(jnp.int32).reshape(-1),
+        q.reshape(t * h, -1),
+    ]
     if plan.mla:
         args.append(qr.reshape(t * h, -1))
     args.append(k_rows)
@@ -302,16 +369,19 @@ def _run(q, qr, k_rows, kr_rows, v_rows, layer, qsl, seq_lens, page_tables, plan
         out_shape = [jax.ShapeDtypeStruct((t * h, plan.dim), q.dtype)]
     else:
         n = t * plan.head_blocks * chunks * gp
-        out_shape = [jax.ShapeDtypeStruct((n, dp), jnp.float32),
-                     jax.ShapeDtypeStruct((n,), jnp.float32)]
+        out_shape = [
+            jax.ShapeDtypeStruct((n, dp), jnp.float32),
+            jax.ShapeDtypeStruct((n,), jnp.float32),
+        ]
     res = pl.pallas_call(
         functools.partial(_kernel, plan=plan),
         grid=(plan.max_tiles, plan.head_blocks, plan.splits),
         in_specs=in_specs,
         out_specs=[whole(o) for o in out_shape],
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(plan, cfg),
-                                             num_stages=cfg.num_stages),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=_num_warps(plan, cfg), num_stages=cfg.num_stages
+        ),
         interpret=interpret,
         name=name,
     )(*args)
@@ -322,16 +392,18 @@ def _run(q, qr, k_rows, kr_rows, v_rows, layer, qsl, seq_lens, page_tables, plan
     if cfg.merge == "kernel" and chunks * gp <= _MERGE_KERNEL_MAX_ROWS:
         merged = merge_chunks(o, lse, plan.splits, q.dtype, decode_triton.Config(), interpret)
     elif cfg.merge in ("kernel", "xla"):
-        merged = merge_partials(o[:, :, :plan.splits], lse[:, :, :plan.splits],
-                                axis=2).astype(q.dtype)
+        merged = merge_partials(o[:, :, : plan.splits], lse[:, :, : plan.splits], axis=2).astype(
+            q.dtype
+        )
     else:
         raise ValueError(f"Config.merge={cfg.merge!r}; choose 'kernel' or 'xla'")
-    merged = merged[:, :, :plan.group, :plan.dim]
+    merged = merged[:, :, : plan.group, : plan.dim]
     return merged.reshape(t, plan.head_blocks * plan.group, plan.dim)[:, :h]
 
 
-def ragged_paged_attention(call: common.RaggedCall, *, config: Config | None = None,
-                           interpret: bool = False) -> jax.Array:
+def ragged_paged_attention(
+    call: common.RaggedCall, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
     """`call.q` [T, H, D] over its paged K/V -> [T, H, D] (see
     `reference.ragged_paged_attention_reference`; padding tokens' outputs are 0).
 
@@ -344,18 +416,45 @@ def ragged_paged_attention(call: common.RaggedCall, *, config: Config | None = N
     q, scale = call.q, call.scale
     t, h, d = q.shape
     n_layers, pool, page, kh, _ = k_pages.shape
-    plan = _plan(t, call.seq_lens.shape[0], h, h // kh, kh, mla=False, dim=d, rope_dim=0,
-                 page_size=page, pool_pages=pool, max_pages=call.page_tables.shape[1],
-                 itemsize=k_pages.dtype.itemsize, scale=d ** -0.5 if scale is None else scale,
-                 softcap=call.softcap, window=call.sliding_window, cfg=cfg)
+    plan = _plan(
+        t,
+        call.seq_lens.shape[0],
+        h,
+        h // kh,
+        kh,
+        mla=False,
+        dim=d,
+        rope_dim=0,
+        page_size=page,
+        pool_pages=pool,
+        max_pages=call.page_tables.shape[1],
+        itemsize=k_pages.dtype.itemsize,
+        scale=d**-0.5 if scale is None else scale,
+        softcap=call.softcap,
+        window=call.sliding_window,
+        cfg=cfg,
+    )
     rows = (n_layers * pool * page, kh * d)  # a free reshape: no copy of the pool
-    return _run(q, None, k_pages.reshape(rows), None, v_pages.reshape(rows), layer,
-                call.query_start_loc, call.seq_lens, call.page_tables, plan, cfg, interpret,
-                "jaxturbo_ragged_paged_attention")
+    return _run(
+        q,
+        None,
+        k_pages.reshape(rows),
+        None,
+        v_pages.reshape(rows),
+        layer,
+        call.query_start_loc,
+        call.seq_lens,
+        call.page_tables,
+        plan,
+        cfg,
+        interpret,
+        "jaxturbo_ragged_paged_attention",
+    )
 
 
-def ragged_paged_mla_attention(call: common.RaggedMLACall, *, config: Config | None = None,
-                               interpret: bool = False) -> jax.Array:
+def ragged_paged_mla_attention(
+    call: common.RaggedMLACall, *, config: Config | None = None, interpret: bool = False
+) -> jax.Array:
     """MLA latent attention of a ragged batch (`call`: q_latent [T, H, R], q_rope [T, H, Dr]
     over paged latent and rope pools) -> [T, H, R] (see `reference.ragged_paged_mla_reference`).
     Any R and Dr: the kernel pads them to powers of two in registers and masks the extra
@@ -368,11 +467,37 @@ def ragged_paged_mla_attention(call: common.RaggedMLACall, *, config: Config | N
     dr = q_rope.shape[-1]
     n_layers, pool, page, _ = latent_pages.shape
     bh = min(pl.next_power_of_2(h), pl.next_power_of_2(cfg.block_h))
-    plan = _plan(t, call.seq_lens.shape[0], h, bh, -(-h // bh), mla=True, dim=r, rope_dim=dr,
-                 page_size=page, pool_pages=pool, max_pages=call.page_tables.shape[1],
-                 itemsize=latent_pages.dtype.itemsize, scale=call.scale, softcap=None,
-                 window=None, cfg=cfg)
+    plan = _plan(
+        t,
+        call.seq_lens.shape[0],
+        h,
+        bh,
+        -(-h // bh),
+        mla=True,
+        dim=r,
+        rope_dim=dr,
+        page_size=page,
+        pool_pages=pool,
+        max_pages=call.page_tables.shape[1],
+        itemsize=latent_pages.dtype.itemsize,
+        scale=call.scale,
+        softcap=None,
+        window=None,
+        cfg=cfg,
+    )
     n = n_layers * pool * page
-    return _run(q_latent, q_rope, latent_pages.reshape(n, r), rope_pages.reshape(n, dr), None,
-                layer, call.query_start_loc, call.seq_lens, call.page_tables, plan, cfg,
-                interpret, "jaxturbo_ragged_paged_mla")
+    return _run(
+        q_latent,
+        q_rope,
+        latent_pages.reshape(n, r),
+        rope_pages.reshape(n, dr),
+        None,
+        layer,
+        call.query_start_loc,
+        call.seq_lens,
+        call.page_tables,
+        plan,
+        cfg,
+        interpret,
+        "jaxturbo_ragged_paged_mla",
+    )

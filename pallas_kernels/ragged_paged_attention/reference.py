@@ -44,8 +44,9 @@ def token_sequences(query_start_loc: jax.Array, num_tokens: int) -> tuple[jax.Ar
     return sequence_of(query_start_loc, t), t < query_start_loc[-1]
 
 
-def token_positions(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_positions(
+    query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sequence [T], position [T], real [T]) of every token: its new tokens are the last
     q_len of the sequence's seq_lens[s] tokens."""
     seq, real = token_sequences(query_start_loc, num_tokens)
@@ -61,8 +62,13 @@ def gather_pages(pages: jax.Array, page_tables: jax.Array) -> jax.Array:
     return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
 
 
-def visible_positions(query_start_loc: jax.Array, seq_lens: jax.Array, num_tokens: int,
-                      kv_len: int, sliding_window: int | None) -> jax.Array:
+def visible_positions(
+    query_start_loc: jax.Array,
+    seq_lens: jax.Array,
+    num_tokens: int,
+    kv_len: int,
+    sliding_window: int | None,
+) -> jax.Array:
     """Mask [T, kv_len]: True where token t may attend position j of its own sequence."""
     _, pos, real = token_positions(query_start_loc, seq_lens, num_tokens)
     j = jnp.arange(kv_len)[None, :]
@@ -114,7 +120,7 @@ def ragged_paged_attention_reference(
     t, h, d = q.shape
     kh = k_pages.shape[2]
     g = h // kh
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     k_seq = gather_pages(k_pages, page_tables)  # [S, Smax, K, D]
     v_seq = gather_pages(v_pages, page_tables)
     seq, _, _ = token_positions(query_start_loc, seq_lens, t)
@@ -122,8 +128,7 @@ def ragged_paged_attention_reference(
     k_tok = k_seq[seq].astype(jnp.float32)  # [T, Smax, K, D]: each token's sequence
     v_tok = jnp.where(ok[:, :, None, None], v_seq[seq].astype(jnp.float32), 0.0)
     qg = q.astype(jnp.float32).reshape(t, kh, g, d)
-    logits = jnp.einsum("tkgd,tjkd->tkgj", qg, k_tok,
-                        precision=jax.lax.Precision.HIGHEST) * scale
+    logits = jnp.einsum("tkgd,tjkd->tkgj", qg, k_tok, precision=jax.lax.Precision.HIGHEST) * scale
     if softcap is not None:
         logits = softcap * jnp.tanh(logits / softcap)
     p = _softmax_rows(logits, ok[:, None, None, :])
@@ -167,8 +172,9 @@ def ragged_paged_mla_reference(
     c_tok = jnp.where(ok[:, :, None], c_seq[seq].astype(jnp.float32), 0.0)  # [T, Smax, R]
     kr_tok = kr_seq[seq].astype(jnp.float32)
     hi = jax.lax.Precision.HIGHEST
-    logits = (jnp.einsum("thr,tjr->thj", q_latent.astype(jnp.float32), c_tok, precision=hi)
-              + jnp.einsum("thr,tjr->thj", q_rope.astype(jnp.float32), kr_tok, precision=hi))
+    logits = jnp.einsum(
+        "thr,tjr->thj", q_latent.astype(jnp.float32), c_tok, precision=hi
+    ) + jnp.einsum("thr,tjr->thj", q_rope.astype(jnp.float32), kr_tok, precision=hi)
     p = _softmax_rows(logits * scale, ok[:, None, :])
     out = jnp.einsum("thj,tjr->thr", p, c_tok, precision=hi)
     return out.astype(q_latent.dtype)
@@ -195,8 +201,10 @@ def write_kv_pages(
     An XLA scatter: in place under jit when the caches are donated.  Padding tokens map into
     the null page 0, whose contents nothing reads; a slot past the pool is dropped."""
     at = _page_slots(k_pages, slot_mapping, layer)
-    return (k_pages.at[at].set(k_new.astype(k_pages.dtype), mode="drop"),
-            v_pages.at[at].set(v_new.astype(v_pages.dtype), mode="drop"))
+    return (
+        k_pages.at[at].set(k_new.astype(k_pages.dtype), mode="drop"),
+        v_pages.at[at].set(v_new.astype(v_pages.dtype), mode="drop"),
+    )
 
 
 def write_mla_pages(

@@ -27,9 +27,16 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
-    hc = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=211,
-                     max_position_embeddings=256, tie_word_embeddings=False)
+    hc = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=211,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = AutoModelForCausalLM.from_config(hc).to(torch.bfloat16)
     d = tmp_path_factory.mktemp("hf") / "qwen2-tiny"
     model.save_pretrained(d, max_shard_size="40KB")

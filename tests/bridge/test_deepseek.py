@@ -16,8 +16,12 @@ from jaxturbo.bridge.hf import read_hf_tensors
 from jaxturbo.cli import main
 from jaxturbo.errors import UserError
 from jaxturbo.models.mla import MLAConfig, mla_forward
-from tests.helpers.deepseek_tiny import (TINY_DEEPSEEK, save_with_tokenizer, tiny_deepseek_torch,
-                                        torch_logits)
+from tests.helpers.deepseek_tiny import (
+    TINY_DEEPSEEK,
+    save_with_tokenizer,
+    tiny_deepseek_torch,
+    torch_logits,
+)
 
 LINEAR_ROPE = {"rope_type": "linear", "factor": 2.5, "rope_theta": 500.0}
 
@@ -29,8 +33,11 @@ def ds_dir(tmp_path_factory):
     return model, save_with_tokenizer(model, tmp_path_factory.mktemp("ds") / "tiny")
 
 
-@pytest.mark.parametrize("overrides", [{}, {"rope_parameters": LINEAR_ROPE, "tie_word_embeddings": True}],
-                         ids=["default-rope", "linear-rope-tied"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"rope_parameters": LINEAR_ROPE, "tie_word_embeddings": True}],
+    ids=["default-rope", "linear-rope-tied"],
+)
 def test_load_model_matches_transformers(overrides, ds_dir, tmp_path):
     if overrides:
         model = tiny_deepseek_torch(seed=1, **overrides)
@@ -52,8 +59,9 @@ def test_round_trip_is_bitwise(dtype, tmp_path):
     rope rows permuted there and back), the same config read back, the tokenizer copied."""
     import torch
 
-    src = save_with_tokenizer(tiny_deepseek_torch(seed=2), tmp_path / "src",
-                              dtype=getattr(torch, dtype))
+    src = save_with_tokenizer(
+        tiny_deepseek_torch(seed=2), tmp_path / "src", dtype=getattr(torch, dtype)
+    )
     cfg, params = load_params(src)
     assert params["layers"]["self_attn.q_proj.weight"].dtype == jnp.dtype(dtype)
     out = export_hf(params, cfg, tmp_path / "out", tokenizer=src)
@@ -74,14 +82,23 @@ def test_export_hf_cli_round_trip(ds_dir, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     a, b = read_hf_tensors(src), read_hf_tensors(out)
     assert set(a) == set(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "DeepseekV3ForCausalLM"
+    ]
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"q_lora_rank": 16}, r"q_lora_rank=16: q-LoRA .* supported: q_lora_rank null"),
-    ({"first_k_dense_replace": 1}, r"first_k_dense_replace=1 .* layers 1\.\.1 are mixture-of-experts"
-                                   r".*supported: a dense MLP in every layer"),
-], ids=["q-lora", "moe"])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"q_lora_rank": 16}, r"q_lora_rank=16: q-LoRA .* supported: q_lora_rank null"),
+        (
+            {"first_k_dense_replace": 1},
+            r"first_k_dense_replace=1 .* layers 1\.\.1 are mixture-of-experts"
+            r".*supported: a dense MLP in every layer",
+        ),
+    ],
+    ids=["q-lora", "moe"],
+)
 def test_transformers_q_lora_and_moe_dirs_are_refused(overrides, match, tmp_path, capsys):
     d = save_with_tokenizer(tiny_deepseek_torch(seed=3, **overrides), tmp_path / "ds")
     with pytest.raises(UserError, match=match):
@@ -92,20 +109,26 @@ def test_transformers_q_lora_and_moe_dirs_are_refused(overrides, match, tmp_path
 
 def _hf_dict(**changes) -> dict:
     from transformers import DeepseekV3Config
+
     d = DeepseekV3Config(**TINY_DEEPSEEK).to_dict()
     d.update(changes)
     return d
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}},
-     r"unsupported DeepSeek rope type 'yarn'; supported: default, linear"),
-    ({"rope_parameters": {**LINEAR_ROPE, "mscale_all_dim": 1.0}}, r"mscale_all_dim=1\.0"),
-    ({"rope_interleave": False}, r"rope_interleave=false .* supported: rope_interleave true"),
-    ({"attention_bias": True}, r"attention_bias=true: .* supported: attention_bias false"),
-    ({"hidden_act": "gelu"}, r"unsupported hidden_act='gelu'; supported: silu"),
-    ({"kv_lora_rank": None}, r"lacks required DeepSeek-V3 field\(s\) kv_lora_rank"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 40.0, "rope_theta": 1e4}},
+            r"unsupported DeepSeek rope type 'yarn'; supported: default, linear",
+        ),
+        ({"rope_parameters": {**LINEAR_ROPE, "mscale_all_dim": 1.0}}, r"mscale_all_dim=1\.0"),
+        ({"rope_interleave": False}, r"rope_interleave=false .* supported: rope_interleave true"),
+        ({"attention_bias": True}, r"attention_bias=true: .* supported: attention_bias false"),
+        ({"hidden_act": "gelu"}, r"unsupported hidden_act='gelu'; supported: silu"),
+        ({"kv_lora_rank": None}, r"lacks required DeepSeek-V3 field\(s\) kv_lora_rank"),
+    ],
+)
 def test_unsupported_config_fields_are_refused(changes, match):
     with pytest.raises(UserError, match=match):
         mla_config_from_hf(_hf_dict(**changes))
@@ -113,7 +136,7 @@ def test_unsupported_config_fields_are_refused(changes, match):
 
 def test_absent_q_lora_rank_means_transformers_default():
     d = _hf_dict()
-    del d["q_lora_rank"]     # transformers then builds q-LoRA with rank 1536
+    del d["q_lora_rank"]  # transformers then builds q-LoRA with rank 1536
     with pytest.raises(UserError, match=r"q_lora_rank=1536 \(the default when absent\)"):
         mla_config_from_hf(d)
 
@@ -126,8 +149,11 @@ def test_tensors_must_match_the_config(ds_dir):
     with pytest.raises(UserError, match="unexpected tensor model.layers.0.self_attn.q_a_proj"):
         mla_params_from_hf(extra, cfg)
     bad = {**sd, "model.layers.1.self_attn.kv_b_proj.weight": np.zeros((60, 20), np.float32)}
-    with pytest.raises(UserError, match=r"kv_b_proj.weight has shape \[60, 20\] but config.json "
-                                        r"implies \[60, 24\]"):
+    with pytest.raises(
+        UserError,
+        match=r"kv_b_proj.weight has shape \[60, 20\] but config.json "
+        r"implies \[60, 24\]",
+    ):
         mla_params_from_hf(bad, cfg)
     short = {k: v for k, v in sd.items() if "layers.1.self_attn.kv_a_layernorm" not in k}
     with pytest.raises(UserError, match="checkpoint lacks model.layers.1.self_attn.kv_a_layernorm"):
@@ -141,8 +167,11 @@ def test_unsupported_architecture_lists_deepseek(ds_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "deepseek_v2"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"model_type='deepseek_v2'.*supported: llama, qwen2, "
-                                        r"qwen3, deepseek_v3"):
+    with pytest.raises(
+        UserError,
+        match=r"model_type='deepseek_v2'.*supported: llama, qwen2, qwen2_moe, "
+        r"qwen3, qwen3_moe, deepseek_v3",
+    ):
         load_model(d)
 
 
@@ -161,5 +190,5 @@ def test_mesh_is_refused_for_mla(command, ds_dir, capsys):
     rest = ["--data", str(d / "config.json")] if command == "ppl" else ["--prompt", "Hi"]
     assert main([command, "--model", str(d), "--mesh", "tensor=2", *rest]) == 2
     captured = capsys.readouterr()
-    assert "--mesh tensor=2: tensor-parallel MLA models are not implemented" in captured.err
-    assert "Hi" not in captured.out   # refused before any output
+    assert "mesh tensor=2: tensor-parallel MLA models are not implemented" in captured.err
+    assert "Hi" not in captured.out  # refused before any output

@@ -29,7 +29,7 @@ def random_raw(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarra
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for off in SCALE_FIELDS[type_name]:
         scales = rng.uniform(-2, 2, raw.shape[:2]).astype(np.float16)
-        raw[:, :, off:off + 2] = scales.view(np.uint8).reshape(*raw.shape[:2], 2)
+        raw[:, :, off : off + 2] = scales.view(np.uint8).reshape(*raw.shape[:2], 2)
     return raw.reshape(rows, -1)
 
 

@@ -22,7 +22,9 @@ def test_matches_transformers_gguf_loader(arch, tiny_gguf, tmp_path):
     path, _ = tiny_gguf[arch]
     out = convert_gguf(path, tmp_path / "hf", progress=False)
     ours = read_safetensors(out / "model.safetensors")
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     ref_sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     if ref.config.tie_word_embeddings:
         ref_sd.pop("lm_head.weight")  # tied: transformers lists the shared matrix twice
@@ -31,9 +33,17 @@ def test_matches_transformers_gguf_loader(arch, tiny_gguf, tmp_path):
         np.testing.assert_array_equal(a, ref_sd[name], err_msg=name)
     if arch != "qwen3":  # transformers' qwen3 GGUF config ignores key_length (head_dim)
         from transformers import AutoConfig
+
         ours_cfg = AutoConfig.from_pretrained(out)
-        for k in ("hidden_size", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings",
-                  "vocab_size", "intermediate_size", "num_hidden_layers"):
+        for k in (
+            "hidden_size",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "vocab_size",
+            "intermediate_size",
+            "num_hidden_layers",
+        ):
             assert getattr(ours_cfg, k) == getattr(ref.config, k), k
 
 
@@ -63,9 +73,16 @@ def test_config_tokenizer_and_generation_config(tiny_gguf, tmp_path):
     assert cfg.model_type == "qwen2" and cfg.attention_bias and cfg.tie_word_embeddings
     assert "lm_head.weight" not in params
     assert json.loads((out / "generation_config.json").read_text()) == {
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     tok = AutoTokenizer.from_pretrained(out)
-    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     ids = tok("hello the world<|im_end|>")["input_ids"]
     assert ids[-1] == 2 and tok.convert_ids_to_tokens(ids[:2]) == ["hell", "o"]
     assert tok.decode(ids) == "hello the world<|im_end|>"
@@ -76,7 +93,9 @@ def test_config_tokenizer_and_generation_config(tiny_gguf, tmp_path):
 def test_unsupported_tensor_type_fails_before_writing(tmp_path):
     path = tmp_path / "q5.gguf"
     write_tiny_gguf(path, "llama", override_type=("blk.1.ffn_up.weight", "Q5_0"))
-    with pytest.raises(UserError, match=r"blk.1.ffn_up.weight has unsupported type Q5_0; supported: .*Q4_1"):
+    with pytest.raises(
+        UserError, match=r"blk.1.ffn_up.weight has unsupported type Q5_0; supported: .*Q4_1"
+    ):
         convert_gguf(path, tmp_path / "hf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q5.gguf"]
 
@@ -103,7 +122,9 @@ def test_unsupported_architecture(tmp_path):
     wr.write_kv_data_to_file()
     wr.write_tensors_to_file()
     wr.close()
-    with pytest.raises(UserError, match=r"unsupported GGUF architecture 'gpt2'.*supported: llama, qwen2, qwen3"):
+    with pytest.raises(
+        UserError, match=r"unsupported GGUF architecture 'gpt2'.*supported: llama, qwen2, qwen3"
+    ):
         GGUFFile(path)
 
 

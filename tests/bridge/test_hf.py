@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxturbo.bridge import export_hf, load_hf, save_hf
-from jaxturbo.bridge.hf import INDEX_FILE, hf_from_params, params_from_hf, read_hf_tensors
+from jaxturbo.bridge.hf import INDEX_FILE, params_from_hf, read_hf_tensors
 from jaxturbo.bridge.safetensors_io import read_safetensors, write_safetensors
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
@@ -30,8 +30,9 @@ def test_sharded_import_layout(tiny_hf_dir):
     assert isinstance(q, jnp.ndarray) and q.dtype == jnp.bfloat16 and q.shape == (3, 64, 64)
     assert params["layers"]["self_attn.k_proj.bias"].shape == (3, 32)
     hf = read_hf_tensors(tiny_hf_dir)
-    np.testing.assert_array_equal(_bits(np.asarray(q[2])),
-                                  _bits(hf["model.layers.2.self_attn.q_proj.weight"]))
+    np.testing.assert_array_equal(
+        _bits(np.asarray(q[2])), _bits(hf["model.layers.2.self_attn.q_proj.weight"])
+    )
     _, p32, _ = load_hf(tiny_hf_dir, dtype=jnp.float32)
     assert p32["model.embed_tokens.weight"].dtype == jnp.float32
 
@@ -60,15 +61,29 @@ def test_export_tied_float32_single_file(tmp_path):
     """A tied llama in float32: one file, no lm_head, config and dtypes transformers agrees with."""
     from transformers import AutoConfig
 
-    cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2, 3))
+    cfg = ModelConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=(2, 3),
+    )
     rng = np.random.default_rng(0)
     from jaxturbo.bridge.hf import global_shapes, layer_shapes
+
     hf = {n: rng.standard_normal(s).astype(np.float32) for n, s in global_shapes(cfg).items()}
     for i in range(2):
-        hf.update({f"model.layers.{i}.{s}": rng.standard_normal(sh).astype(np.float32)
-                   for s, sh in layer_shapes(cfg).items()})
+        hf.update(
+            {
+                f"model.layers.{i}.{s}": rng.standard_normal(sh).astype(np.float32)
+                for s, sh in layer_shapes(cfg).items()
+            }
+        )
     params = params_from_hf(hf, cfg)
     out = export_hf(params, cfg, tmp_path / "out")
     back = read_safetensors(out / "model.safetensors")
@@ -104,7 +119,9 @@ def test_missing_weights(tiny_hf_dir, tmp_path):
     d.mkdir()
     shutil.copy(tiny_hf_dir / "config.json", d)
     (d / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(UserError, match=r"no weights in .*model.safetensors.*found pytorch_model.bin"):
+    with pytest.raises(
+        UserError, match=r"no weights in .*model.safetensors.*found pytorch_model.bin"
+    ):
         load_hf(d)
 
 
@@ -133,15 +150,27 @@ def test_shape_mismatch_names_tensor(tiny_hf_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match=r"tensor model.layers.0.mlp.\w+_proj.weight has shape "
-                                        r"\[\d+, \d+\] but config.json implies \[\d+, \d+\]"):
+    with pytest.raises(
+        UserError,
+        match=r"tensor model.layers.0.mlp.\w+_proj.weight has shape "
+        r"\[\d+, \d+\] but config.json implies \[\d+, \d+\]",
+    ):
         load_hf(d)
 
 
 def test_missing_and_unexpected_tensors(tmp_path):
-    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=4)
-    write_safetensors(tmp_path / "model.safetensors", {"model.norm.weight": np.zeros(8, np.float32)})
+    cfg = ModelConfig(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+    )
+    write_safetensors(
+        tmp_path / "model.safetensors", {"model.norm.weight": np.zeros(8, np.float32)}
+    )
     with pytest.raises(UserError, match="weights lack tensor.*model.embed_tokens.weight"):
         params_from_hf(read_safetensors(tmp_path / "model.safetensors"), cfg)
     with pytest.raises(UserError, match="unexpected tensor model.layers.5.mlp.up_proj.weight"):
@@ -153,7 +182,9 @@ def test_unsupported_architecture(tiny_hf_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "mixtral", ["MixtralForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="unsupported architecture model_type='mixtral'.*supported: llama"):
+    with pytest.raises(
+        UserError, match="unsupported architecture model_type='mixtral'.*supported: llama"
+    ):
         load_hf(d)
 
 
@@ -180,5 +211,7 @@ def test_export_refuses_existing_and_leaves_nothing_on_error(tiny_hf_dir, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
     save_hf(params, cfg, tmp_path / "taken", overwrite=True)
-    assert not (tmp_path / "taken" / "x").exists() and (tmp_path / "taken" / "config.json").is_file()
+    assert (
+        not (tmp_path / "taken" / "x").exists() and (tmp_path / "taken" / "config.json").is_file()
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

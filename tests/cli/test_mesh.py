@@ -35,11 +35,20 @@ print(f"=== bad {code}")
 
 
 def test_tensor_parallel_cli_equals_single_device(smollm2_dir, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+    }
     data = WIKITEXT2_VALID
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(smollm2_dir), str(data)], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(smollm2_dir), str(data)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     parts = r.stdout.split("=== ")[1:]
     codes = [p.split("\n", 1)[0] for p in parts]

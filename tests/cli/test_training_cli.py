@@ -31,13 +31,40 @@ def test_sft_config_file_export_and_export_from_checkpoint(tiny_rl_model, tmp_pa
     data = tmp_path / "sums.txt"
     data.write_text("\n\n".join(f"{a}+{b}={a + b}" for a in range(6) for b in range(5)))
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"steps": 5, "batch-size": 2, "seq_len": 16, "--lr": 0.01,
-                                   "save_every": 2, "eval-tokens": 24, "no_export": False,
-                                   "compute_dtype": "float32"}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "steps": 5,
+                "batch-size": 2,
+                "seq_len": 16,
+                "--lr": 0.01,
+                "save_every": 2,
+                "eval-tokens": 24,
+                "no_export": False,
+                "compute_dtype": "float32",
+            }
+        )
+    )
     out = tmp_path / "run"
     # the command line's --steps 2 wins over the file's 5
-    assert main(["sft", "--model", str(tiny_rl_model), "--data", str(data), "--out", str(out),
-                 "--config", str(cfg), "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(tiny_rl_model),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--config",
+                str(cfg),
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["steps"] == 2 and resolved["batch_size"] == 2 and resolved["lr"] == 0.01
@@ -48,8 +75,12 @@ def test_sft_config_file_export_and_export_from_checkpoint(tiny_rl_model, tmp_pa
     assert {k: again[k] for k in resolved} == resolved
 
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["step"]) for r in recs] == [("eval", 0), ("train", 1), ("train", 2),
-                                                      ("eval", 2)]
+    assert [(r["kind"], r["step"]) for r in recs] == [
+        ("eval", 0),
+        ("train", 1),
+        ("train", 2),
+        ("eval", 2),
+    ]
     ev = json.loads((out / "eval.json").read_text())
     assert ev["held_in_tokens"] == 24 and ev["before"] == recs[0]["held_in_perplexity"]
     assert ev["after"] == recs[-1]["held_in_perplexity"] != ev["before"]
@@ -64,6 +95,7 @@ def test_sft_config_file_export_and_export_from_checkpoint(tiny_rl_model, tmp_pa
     assert main(["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "exp")]) == 0
     np.testing.assert_allclose(hf_logits(tmp_path / "exp", TOKENS), ours, atol=1e-4, rtol=0)
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tmp_path / "exp")
     assert tok.decode(tok.encode("1+2=3", add_special_tokens=False)) == "1+2=3"
 
@@ -83,6 +115,7 @@ def test_config_file_refusals(tmp_path, capsys):
 
 def test_version(capsys):
     from jaxturbo import __version__
+
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"jaxturbo {__version__}"
@@ -104,17 +137,29 @@ def test_every_flag_has_help_showing_its_default():
 def test_one_meaning_per_flag_name():
     commands = _sub_all()
     dtype_helps = {c: _help(p, "--dtype") for c, p in commands.items() if _help(p, "--dtype")}
-    assert set(dtype_helps) == {"generate", "ppl", "export-hf", "ladderize"}
-    assert all(h.startswith("parameter and compute dtype: the weights are cast to it")
-               for h in dtype_helps.values())
+    assert set(dtype_helps) == {"generate", "ppl", "export-hf", "ladderize", "serve"}
+    assert all(
+        h.startswith("parameter and compute dtype: the weights are cast to it")
+        for h in dtype_helps.values()
+    )
     assert {c for c, p in commands.items() if _help(p, "--compute-dtype")} == {"sft", "rl"}
     assert {c for c, p in commands.items() if _help(p, "--batch-size")} == {"sft"}
     assert "windows per forward pass" in _help(commands["ppl"], "--windows-per-batch")
-    assert {c for c, p in commands.items() if _help(p, "--eval-tokens")} == {"sft", "convert-mla",
-                                                                           "ladderize"}
+    assert {c for c, p in commands.items() if _help(p, "--eval-tokens")} == {
+        "sft",
+        "convert-mla",
+        "ladderize",
+    }
     assert {c for c, p in commands.items() if _help(p, "--config")} == {"sft", "rl"}
-    for flag in ("--save-every", "--keep", "--resume", "--no-checkpoint", "--no-export", "--seed",
-                 "--eval-every"):
+    for flag in (
+        "--save-every",
+        "--keep",
+        "--resume",
+        "--no-checkpoint",
+        "--no-export",
+        "--seed",
+        "--eval-every",
+    ):
         assert _help(commands["sft"], flag) and _help(commands["rl"], flag), flag
     for flag in ("--save-every", "--no-checkpoint", "--resume", "--no-export"):
         assert _help(commands["sft"], flag) == _help(commands["rl"], flag), flag
@@ -131,9 +176,12 @@ def _help(p: argparse.ArgumentParser, flag: str) -> str | None:
 def test_library_errors_are_shown_in_flag_names():
     rl = _sub_all()["rl"]
     assert flag_names("group_size=1 must be >= 2 for grpo", rl) == (
-        "--group-size 1 must be >= 2 for grpo")
+        "--group-size 1 must be >= 2 for grpo"
+    )
     assert flag_names("async_rollouts=True is implemented for algo=grpo only", rl) == (
-        "--async is implemented for --algo grpo only")
+        "--async is implemented for --algo grpo only"
+    )
     # only whole names: compute_dtype= is not dtype=; unknown names stay
     assert flag_names("compute_dtype=x and hidden_size=3", rl) == (
-        "--compute-dtype x and hidden_size=3")
+        "--compute-dtype x and hidden_size=3"
+    )

@@ -8,21 +8,40 @@ import pytest
 from jaxturbo.data.chat import encode_chat, encode_prompt, encode_prompts, stop_ids_for
 from jaxturbo.errors import UserError
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _tokenizer(chat_template: str | None = TEMPLATE):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "system",
-             "assistant", "hi", "be", "brief", "\n", " "]
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "user",
+        "system",
+        "assistant",
+        "hi",
+        "be",
+        "brief",
+        "\n",
+        " ",
+    ]
     t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Split(" ", "isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>",
-                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=t,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     tok._tokenizer.post_processor = None
     if chat_template:
         tok.chat_template = chat_template
@@ -55,5 +74,6 @@ def test_stop_ids():
 
     class Cfg:
         eos_token_id = [1]
+
     im_end, eos = tok.convert_tokens_to_ids(["<|im_end|>", "</s>"])
     assert stop_ids_for(Cfg, tok) == sorted({1, eos, im_end})

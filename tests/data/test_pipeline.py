@@ -11,8 +11,8 @@ import pytest
 
 from jaxturbo.errors import UserError
 from jaxturbo.models.config import ModelConfig
-from jaxturbo.models.transformer import forward
 from jaxturbo.models.init import init_params
+from jaxturbo.models.transformer import forward
 from jaxturbo.train.losses import cross_entropy
 
 pytest.importorskip("grain")  # jaxturbo.data packs with it; the GPU machine's image lacks it
@@ -44,10 +44,13 @@ def _write(tmp_path, name, lines):
 
 def test_malformed_lines_name_their_line_number(tmp_path):
     good = json.dumps({"text": "hello"})
-    for bad, msg in [("{not json", "not valid JSON"), ('{"txt": "x"}', "needs \"text\""),
-                     ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),
-                     ('{"messages": [{"role": "bot", "content": "q"}]}', "role 'bot'"),
-                     ("[1, 2]", "expected a JSON object")]:
+    for bad, msg in [
+        ("{not json", "not valid JSON"),
+        ('{"txt": "x"}', 'needs "text"'),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),
+        ('{"messages": [{"role": "bot", "content": "q"}]}', "role 'bot'"),
+        ("[1, 2]", "expected a JSON object"),
+    ]:
         p = _write(tmp_path, "d.jsonl", [good, "", bad, good])
         with pytest.raises(UserError, match=rf"d.jsonl:3: .*{msg}"):
             read_records(p)
@@ -62,9 +65,13 @@ def test_text_file_paragraphs_and_kinds(tmp_path):
 
 
 def test_chat_trains_only_assistant_turns():
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "q"},
-            {"role": "assistant", "content": "ok"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "ok"},
+    ]
     ids, tr = tokenize_record({"messages": msgs}, TOK)
     assert ids.tolist() == TOK.encode(TOK.apply_chat_template(msgs))
     trained = "".join(chr(((i - 3) % 64) + 64) for i in ids[tr])  # map back through the table
@@ -74,8 +81,10 @@ def test_chat_trains_only_assistant_turns():
 
 def _docs(n=12, seed=0):
     rs = np.random.RandomState(seed)
-    recs = [{"text": "".join(chr(97 + c) for c in rs.randint(0, 26, rs.randint(3, 14)))}
-            for _ in range(n)]
+    recs = [
+        {"text": "".join(chr(97 + c) for c in rs.randint(0, 26, rs.randint(3, 14)))}
+        for _ in range(n)
+    ]
     return encode_documents(recs, TOK, seq_len=16)
 
 
@@ -86,7 +95,7 @@ def test_packing_rows_segments_positions_and_resume():
     assert set(b) == {"tokens", "targets", "weights", "segment_ids", "positions"}
     assert all(v.shape == (2, 16) for v in b.values())
     seg, pos = b["segment_ids"], b["positions"]
-    assert seg.max() >= 2                       # several documents share a row
+    assert seg.max() >= 2  # several documents share a row
     for r in range(2):
         for s in set(seg[r]) - {0}:
             idx = np.flatnonzero(seg[r] == s)
@@ -112,8 +121,15 @@ def test_packing_rows_segments_positions_and_resume():
     assert all((b[k] == v).all() for k, v in next(fresh).items())
 
 
-CFG = ModelConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+CFG = ModelConfig(
+    vocab_size=80,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 
 
 def test_packed_loss_is_sum_of_document_losses_and_masked_tokens_get_no_gradient():
@@ -121,8 +137,9 @@ def test_packed_loss_is_sum_of_document_losses_and_masked_tokens_get_no_gradient
     docs = _docs()
     b = next(PackedBatches(docs, seq_len=16, batch_size=2, seed=0))
     fwd = jax.jit(lambda p, t, pos, seg: forward(p, CFG, t, positions=pos, segment_ids=seg)[0])
-    logits = fwd(params, jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]),
-                 jnp.asarray(b["segment_ids"]))
+    logits = fwd(
+        params, jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])
+    )
     packed = cross_entropy(logits, jnp.asarray(b["targets"]), jnp.asarray(b["weights"]))
     # every document of the batch alone, one per row, right-padded (causal: padding after a
     # document cannot change its logits), no segment ids
@@ -150,8 +167,9 @@ def test_packed_loss_is_sum_of_document_losses_and_masked_tokens_get_no_gradient
     assert float(jnp.abs(g[w > 0]).max()) > 0.0
 
     def loss_of_params(p, targets):
-        lg = fwd(p, jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]),
-                 jnp.asarray(b["segment_ids"]))
+        lg = fwd(
+            p, jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])
+        )
         return cross_entropy(lg, targets, w).value()
 
     grad = jax.jit(jax.grad(loss_of_params))

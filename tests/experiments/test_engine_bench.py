@@ -28,11 +28,16 @@ def test_cpu_preset_runs_every_workload(bench, tmp_path):
     assert bench.main(["--preset", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["workload"], r["system"]): r for r in data["rows"]}
-    for key in [("w1", "engine"), ("w1", "engine, synchronous scheduling"),
-                ("w1", "static generate b=4"), ("latency", "engine"),
-                ("latency", "static generate b=1"), ("latency", "floor")]:
+    for key in [
+        ("w1", "engine"),
+        ("w1", "engine, synchronous scheduling"),
+        ("w1", "static generate b=4"),
+        ("latency", "engine"),
+        ("latency", "static generate b=1"),
+        ("latency", "floor"),
+    ]:
         assert key in rows, key
-    assert ("w1", "transformers") in rows or "hf" in data["meta"]   # torch-less: said so
+    assert ("w1", "transformers") in rows or "hf" in data["meta"]  # torch-less: said so
     w1 = rows[("w1", "engine")]
     assert w1["output_tokens_per_s"] > 0 and 0 < w1["floor_s"] < w1["wall_s"] * 10
     on = rows[("w2", "engine, prefix cache on")]

@@ -25,9 +25,29 @@ def test_ladder_bench_tp8_matches_tp1(tmp_path):
     out = tmp_path / "bench"
     # --new-tokens 32: the decode steps well above the timing noise of a shared CPU (the bench
     # fails on a decode time that is not positive)
-    cmd = [sys.executable, "-m", "experiments.ladder.bench", "--preset", "tiny", "--tp", "1,8",
-           "--residual", "standard,ladder,desync", "--dtype", "float32", "--reps", "3",
-           "--prompt", "16", "--new-tokens", "32", "--out", str(out), "--projections", "fused"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.ladder.bench",
+        "--preset",
+        "tiny",
+        "--tp",
+        "1,8",
+        "--residual",
+        "standard,ladder,desync",
+        "--dtype",
+        "float32",
+        "--reps",
+        "3",
+        "--prompt",
+        "16",
+        "--new-tokens",
+        "32",
+        "--out",
+        str(out),
+        "--projections",
+        "fused",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())
@@ -47,8 +67,10 @@ def test_ladder_bench_tp8_matches_tp1(tmp_path):
     assert by[("ladder", 1)]["first_tokens"] != by[("standard", 1)]["first_tokens"]
     # desync at TP 1 has no all-reduce to skip: the standard model; at TP 8 another function
     assert by[("desync", 1)]["first_tokens"] == by[("standard", 1)]["first_tokens"]
-    assert by[("desync", 8)]["tp_check"]["ok"] and "not checked" in by[("desync", 8)][
-        "tp_check"]["why"]
+    assert (
+        by[("desync", 8)]["tp_check"]["ok"]
+        and "not checked" in by[("desync", 8)]["tp_check"]["why"]
+    )
     assert by[("desync", 8)]["mean_logp"] != by[("standard", 8)]["mean_logp"]
     md = (out / "results.md").read_text()
     assert "| ladder | 8 | 1 |" in md and "| 1: ok, 16/16 tokens" in md
@@ -89,10 +111,13 @@ def test_same_model_check_rules():
     a, b = np.argsort(tie)[-2:]
     tie[a] = tie[b] - 1e-3
     assert check(_run(1, toks, tie), _run(8, [99] + toks[1:], tie * 1.001), exact=False)["ok"]
-    rows = [dict(residual="ladder", tp=8, batch=1, xla_preset="default", p2p=True,
-                 tp_check=flip), dict(residual="ladder", tp=1, batch=1, tp_check=same)]
+    rows = [
+        dict(residual="ladder", tp=8, batch=1, xla_preset="default", p2p=True, tp_check=flip),
+        dict(residual="ladder", tp=1, batch=1, tp_check=same),
+    ]
     assert ladder_bench.check_failures(rows) == [
-        f"ladder TP 8 batch 1 (default, P2P on) against TP 1: {flip['why']}"]
+        f"ladder TP 8 batch 1 (default, P2P on) against TP 1: {flip['why']}"
+    ]
 
 
 def test_decode_time_must_be_positive():

@@ -42,7 +42,7 @@ def numbers(text: str) -> list[tuple[float, int]]:
 
 def _matches(value: float, decimals: int, candidates: list[float]) -> bool:
     """Some candidate rounds to value at `decimals` places."""
-    tol = 0.5 * 10 ** -decimals + 1e-9
+    tol = 0.5 * 10**-decimals + 1e-9
     return any(abs(c - value) <= tol for c in candidates)
 
 
@@ -60,8 +60,9 @@ def _tracked(path: str) -> bool | None:
     """Whether git tracks path (None outside a git checkout)."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         return None
-    r = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", path], cwd=REPO, capture_output=True, text=True
+    )
     return r.returncode == 0
 
 

@@ -10,15 +10,33 @@ from experiments.ladder import runs_report
 
 
 def _row(mode, tps, call, run=1, note="fused", batch=1, p2p=True):
-    return dict(residual=mode, tokens_per_s=tps, call=call, run=run, note=note, batch=batch,
-                p2p=p2p, host="B", preset="8b", tp=4, device="H100")
+    return dict(
+        residual=mode,
+        tokens_per_s=tps,
+        call=call,
+        run=run,
+        note=note,
+        batch=batch,
+        p2p=p2p,
+        host="B",
+        preset="8b",
+        tp=4,
+        device="H100",
+    )
 
 
-ROWS = [_row("standard", 300.0, 1), _row("ladder", 390.0, 1), _row("desync", 450.0, 1),
-        _row("standard", 320.0, 2), _row("ladder", 384.0, 2),
-        _row("standard", 310.0, 2, run=2), _row("ladder", 403.0, 2, run=2),
-        _row("ladder", 330.0, 3, note="profile"),
-        _row("standard", 900.0, 1, batch=4, p2p=False), _row("ladder", 1350.0, 1, batch=4, p2p=False)]
+ROWS = [
+    _row("standard", 300.0, 1),
+    _row("ladder", 390.0, 1),
+    _row("desync", 450.0, 1),
+    _row("standard", 320.0, 2),
+    _row("ladder", 384.0, 2),
+    _row("standard", 310.0, 2, run=2),
+    _row("ladder", 403.0, 2, run=2),
+    _row("ladder", 330.0, 3, note="profile"),
+    _row("standard", 900.0, 1, batch=4, p2p=False),
+    _row("ladder", 1350.0, 1, batch=4, p2p=False),
+]
 
 
 def test_runs_pair_each_ladder_with_its_own_standard():
@@ -31,8 +49,12 @@ def test_runs_pair_each_ladder_with_its_own_standard():
     assert by[("fused", 1, 1, 4)]["ratio"] == pytest.approx(1.5)
     med = runs_report.layout_medians(runs)
     s = med[("fused", 1, True)]
-    assert (s["n"], s["ratio"], s["min"], s["max"]) == (3, pytest.approx(1.3), pytest.approx(1.2),
-                                                        pytest.approx(1.3))
+    assert (s["n"], s["ratio"], s["min"], s["max"]) == (
+        3,
+        pytest.approx(1.3),
+        pytest.approx(1.2),
+        pytest.approx(1.3),
+    )
     assert s["standard"] == 310.0 and s["desync"] == 450.0
     assert med[("profile", 1, True)]["n"] == 0
 
@@ -57,20 +79,30 @@ def test_cli_writes_table_and_plot(tmp_path, capsys):
 
 
 def _grid_row(mode, tps, session, tp=4, batch=1, p2p=True, xla="nccl_lhs+fusedproj"):
-    return dict(residual=mode, tokens_per_s=tps, session=session, tp=tp, batch=batch, p2p=p2p,
-                xla_preset=xla)
+    return dict(
+        residual=mode,
+        tokens_per_s=tps,
+        session=session,
+        tp=tp,
+        batch=batch,
+        p2p=p2p,
+        xla_preset=xla,
+    )
 
 
 GRID_ROWS = [
     # round 8: TP 4 batch 1 with desync; round 10 repeats standard/ladder three times
-    _grid_row("standard", 320.0, 8), _grid_row("ladder", 400.0, 8), _grid_row("desync", 460.0, 8),
+    _grid_row("standard", 320.0, 8),
+    _grid_row("ladder", 400.0, 8),
+    _grid_row("desync", 460.0, 8),
     *[_grid_row("standard", t, 10) for t in (330.0, 326.0, 328.0)],
     *[_grid_row("ladder", t, 10) for t in (410.0, 409.0, 411.0)],
     # another flag set in the same round: not part of the grid
     _grid_row("standard", 350.0, 10, xla="nccl_lhs_symm+fusedproj"),
     _grid_row("ladder", 395.0, 10, xla="nccl_lhs_symm+fusedproj"),
     # TP 2, P2P off, with parallel; a TP 1 cell with standard only (no ratio: left out)
-    _grid_row("standard", 220.0, 10, tp=2, p2p=False), _grid_row("ladder", 264.0, 10, tp=2, p2p=False),
+    _grid_row("standard", 220.0, 10, tp=2, p2p=False),
+    _grid_row("ladder", 264.0, 10, tp=2, p2p=False),
     _grid_row("parallel", 253.0, 10, tp=2, p2p=False),
     _grid_row("standard", 6000.0, 8, tp=1, batch=64),
 ]

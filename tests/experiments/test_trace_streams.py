@@ -15,14 +15,23 @@ def _trace():
     """One GPU, 2 layers per step, 1 step: compute stream (tid 1) and a collective stream (tid 2).
     Compute gaps: [50, 60) right after the all-reduce ends at 58 (waiting for it), [150, 180)
     with no collective ending there (something else)."""
-    meta = [dict(ph="M", name="process_name", pid=7, args=dict(name="/device:GPU:0")),
-            dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU"))]
+    meta = [
+        dict(ph="M", name="process_name", pid=7, args=dict(name="/device:GPU:0")),
+        dict(ph="M", name="process_name", pid=1, args=dict(name="/host:CPU")),
+    ]
     k = lambda name, ts, dur, tid=1: dict(ph="X", pid=7, tid=tid, name=name, ts=ts, dur=dur)
-    kernels = [k("jaxturbo_decode_0", 0, 10), k("gemv", 10, 40), k("gemv_overlapping", 30, 15),
-               k("gemv", 60, 40), k("jaxturbo_decode_1", 100, 10), k("gemv", 110, 40),
-               k("gemv", 180, 20), k("jaxturbo_decode_0", 200, 10),
-               k("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 20, 38, tid=2),
-               k("prefill_gemm", 500, 100)]  # outside the decode window
+    kernels = [
+        k("jaxturbo_decode_0", 0, 10),
+        k("gemv", 10, 40),
+        k("gemv_overlapping", 30, 15),
+        k("gemv", 60, 40),
+        k("jaxturbo_decode_1", 100, 10),
+        k("gemv", 110, 40),
+        k("gemv", 180, 20),
+        k("jaxturbo_decode_0", 200, 10),
+        k("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", 20, 38, tid=2),
+        k("prefill_gemm", 500, 100),
+    ]  # outside the decode window
     host = [dict(ph="X", pid=1, tid=3, name="jaxturbo_decode launch", ts=0, dur=5)]
     return meta + kernels + host
 
@@ -67,8 +76,17 @@ def test_launch_lead_and_merge_kernels_are_not_markers():
     for i, e in enumerate(kernels):
         e["args"] = {"correlation_id": i}
         # the first three start 4 us after their launch (launch-bound), the rest 300 us after
-        ev.append(dict(ph="X", pid=1, tid=3, name="cuLaunchKernelEx", dur=2,
-                       ts=e["ts"] - (4 if i < 3 else 300), args={"correlation_id": i}))
+        ev.append(
+            dict(
+                ph="X",
+                pid=1,
+                tid=3,
+                name="cuLaunchKernelEx",
+                dur=2,
+                ts=e["ts"] - (4 if i < 3 else 300),
+                args={"correlation_id": i},
+            )
+        )
     ev.append(dict(ph="X", pid=7, tid=1, name="jaxturbo_decode_merge", ts=112, dur=1))
     (row,) = trace_streams.summarize(ev, layers=2)
     assert row["window_ms"] == pytest.approx(210e-3)  # still one step
@@ -81,7 +99,10 @@ def test_cli_reads_a_trace_folder(tmp_path, capsys):
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as fh:
         json.dump(dict(traceEvents=_trace()), fh)
     assert trace_streams.main([str(tmp_path / "ladder_tp2_b1"), "--layers", "2"]) == 0
-    assert "| ladder_tp2_b1 | /device:GPU:0 | 0.210 | 0.170 | 0.040 | 0.010 |" in capsys.readouterr().out
+    assert (
+        "| ladder_tp2_b1 | /device:GPU:0 | 0.210 | 0.170 | 0.040 | 0.010 |"
+        in capsys.readouterr().out
+    )
     assert trace_streams.main([str(tmp_path / "missing"), "--layers", "2"]) == 1
 
 
@@ -89,15 +110,18 @@ def test_hlo_loops_tell_known_trip_counts_from_host_checked_ones():
     """experiments/ladder/hlo_overlap.loops: which compiled `while` loops read their predicate
     on the host every iteration (the decode loop's stop test) and which XLA runs blind."""
     text = (
-        '  %while.1 = (s32[], bf16[8]{0}) while(%tuple.1), condition=%cond.2, body=%body.3, '
+        "  %while.1 = (s32[], bf16[8]{0}) while(%tuple.1), condition=%cond.2, body=%body.3, "
         'metadata={op_name="jit(f)/while/body/while"}, backend_config={"known_trip_count":{"n":"16"},'
         '"known_init_step":{"init":"0","step":"1"}}\n'
-        '  %while.9 = (s32[], bf16[8]{0}) while(%tuple.8), condition=%cond.4, body=%body.5, '
-        'metadata={op_name="jit(f)/while"}\n')
+        "  %while.9 = (s32[], bf16[8]{0}) while(%tuple.8), condition=%cond.4, body=%body.5, "
+        'metadata={op_name="jit(f)/while"}\n'
+    )
     got = hlo_overlap.loops(text).splitlines()
-    assert got == ["loop while.1 (body body.3): known trip count 16, no host round trip",
-                   "loop while.9 (body body.5): trip count unknown: the host reads the predicate "
-                   "every iteration"]
+    assert got == [
+        "loop while.1 (body body.3): known trip count 16, no host round trip",
+        "loop while.9 (body body.5): trip count unknown: the host reads the predicate "
+        "every iteration",
+    ]
 
 
 def test_hlo_overlap_counts_pairs_and_launches():

@@ -9,12 +9,29 @@ import numpy as np
 
 V = 97  # covers the character tokenizer's 96 ids
 
-TINY_DEEPSEEK = dict(vocab_size=V, hidden_size=48, intermediate_size=64, moe_intermediate_size=32,
-                     num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
-                     q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                     v_head_dim=12, first_k_dense_replace=2, n_routed_experts=4,
-                     num_experts_per_tok=2, n_group=1, topk_group=1, max_position_embeddings=128,
-                     tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+TINY_DEEPSEEK = dict(
+    vocab_size=V,
+    hidden_size=48,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=3,
+    q_lora_rank=None,
+    kv_lora_rank=24,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=2,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 
 
 def tiny_deepseek_torch(seed: int = 0, **overrides):
@@ -25,7 +42,8 @@ def tiny_deepseek_torch(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        DeepseekV3Config(**{**TINY_DEEPSEEK, **overrides})).eval()
+        DeepseekV3Config(**{**TINY_DEEPSEEK, **overrides})
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -54,7 +72,8 @@ def char_tokenizer():
     vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-        unk_token="<unk>")
+        unk_token="<unk>",
+    )
 
 
 def save_with_tokenizer(model, path: Path, dtype=None) -> Path:
@@ -70,6 +89,7 @@ def save_with_tokenizer(model, path: Path, dtype=None) -> Path:
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
     """transformers' float32 logits [B, T, V] of int tokens [B, T]."""
     import torch
+
     with torch.no_grad():
         return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
 
@@ -77,7 +97,13 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """transformers' greedy continuation of one prompt: n new tokens, no stop token."""
     import torch
+
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()

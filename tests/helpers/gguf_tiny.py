@@ -15,7 +15,9 @@ from jaxturbo.bridge.gguf import _permute_rows
 D, F, H, HKV, HD, L = 64, 128, 4, 2, 16, 2
 MERGES = ["Ġ t", "h e", "Ġt he", "l l", "he ll"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
 
 
 def byte_vocab() -> list[str]:
@@ -26,8 +28,9 @@ def byte_vocab() -> list[str]:
     return SPECIAL + syms + [m.replace(" ", "") for m in MERGES]
 
 
-def tiny_hf_weights(arch: str, tied: bool, vocab: int, seed: int = 0,
-                    bias: bool = False) -> dict[str, np.ndarray]:
+def tiny_hf_weights(
+    arch: str, tied: bool, vocab: int, seed: int = 0, bias: bool = False
+) -> dict[str, np.ndarray]:
     """Random float32 HF-named weights of a tiny llama/qwen2/qwen3 model."""
     rng = np.random.default_rng(seed)
     w = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
@@ -36,33 +39,52 @@ def tiny_hf_weights(arch: str, tied: bool, vocab: int, seed: int = 0,
         out["lm_head.weight"] = w(vocab, D)
     for i in range(L):
         p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": w(D), p + "post_attention_layernorm.weight": w(D),
-            p + "self_attn.q_proj.weight": w(H * HD, D), p + "self_attn.k_proj.weight": w(HKV * HD, D),
-            p + "self_attn.v_proj.weight": w(HKV * HD, D), p + "self_attn.o_proj.weight": w(D, H * HD),
-            p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
-            p + "mlp.down_proj.weight": w(D, F),
-        })
+        out.update(
+            {
+                p + "input_layernorm.weight": w(D),
+                p + "post_attention_layernorm.weight": w(D),
+                p + "self_attn.q_proj.weight": w(H * HD, D),
+                p + "self_attn.k_proj.weight": w(HKV * HD, D),
+                p + "self_attn.v_proj.weight": w(HKV * HD, D),
+                p + "self_attn.o_proj.weight": w(D, H * HD),
+                p + "mlp.gate_proj.weight": w(F, D),
+                p + "mlp.up_proj.weight": w(F, D),
+                p + "mlp.down_proj.weight": w(D, F),
+            }
+        )
         if arch == "qwen2" or bias:
-            out.update({p + "self_attn.q_proj.bias": w(H * HD), p + "self_attn.k_proj.bias": w(HKV * HD),
-                        p + "self_attn.v_proj.bias": w(HKV * HD)})
+            out.update(
+                {
+                    p + "self_attn.q_proj.bias": w(H * HD),
+                    p + "self_attn.k_proj.bias": w(HKV * HD),
+                    p + "self_attn.v_proj.bias": w(HKV * HD),
+                }
+            )
         if arch == "qwen3":
             out.update({p + "self_attn.q_norm.weight": w(HD), p + "self_attn.k_norm.weight": w(HD)})
     return out
 
 
 _TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
 _LAYER_TO_GGUF = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
@@ -73,9 +95,15 @@ def gguf_name(hf: str) -> str:
     return f"blk.{i}.{_LAYER_TO_GGUF[suffix]}"
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, quant: str = "Q8_0",
-                    seed: int = 0, override_type: tuple[str, str] | None = None,
-                    bias: bool = False) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    tied: bool = False,
+    quant: str = "Q8_0",
+    seed: int = 0,
+    override_type: tuple[str, str] | None = None,
+    bias: bool = False,
+) -> dict[str, np.ndarray]:
     """Write a tiny GGUF; matrices in `quant` (F32/F16/Q8_0/...), vectors in F32.
 
     `bias` adds Q/K/V biases (llama with attention_bias).
@@ -116,8 +144,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", tied: bool = False, quant: 
         if override_type and override_type[0] == g:
             t = gguf.GGMLQuantizationType[override_type[1]]
             block, size = gguf.GGML_QUANT_SIZES[t]
-            raw = np.random.default_rng(1).integers(0, 255, (w.shape[0], w.shape[1] // block * size),
-                                                     dtype=np.uint8)
+            raw = np.random.default_rng(1).integers(
+                0, 255, (w.shape[0], w.shape[1] // block * size), dtype=np.uint8
+            )
             wr.add_tensor(g, raw, raw_dtype=t)
         elif w.ndim == 2 and quant != "F32":
             wr.add_tensor(g, gguf.quants.quantize(w, qtype), raw_dtype=qtype)

@@ -36,4 +36,3 @@ def test_greedy_batch_of_different_lengths_matches_transformers(tiny):
     for p, got in zip(prompts, res.sequences()):
         assert got == hf_greedy(model, p, 10)
     assert np.all(res.logprobs <= 0) and np.isfinite(res.logprobs).all()
-

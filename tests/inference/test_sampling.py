@@ -41,7 +41,9 @@ def test_temperature_sampling_matches_distribution():
     assert (np.asarray(tok) == 0).all()
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)]
+)
 def test_bad_sampling_params(kw):
     with pytest.raises(UserError):
         SamplingParams(**kw)

@@ -29,7 +29,7 @@ def test_absorbed_decode_equals_naive(tiny):
     _, cfg, params = tiny
     toks = jnp.asarray(random_tokens((2, 9), V, seed=2))
     full, _ = mla_forward(params, cfg, toks, attn_impl="xla")
-    lengths = jnp.array([8, 5], jnp.int32)   # ragged rows: row 1 decodes its 6th token
+    lengths = jnp.array([8, 5], jnp.int32)  # ragged rows: row 1 decodes its 6th token
     cache = init_mla_cache(cfg, 2, 16)
     _, cache = mla_forward(params, cfg, toks[:, :8], cache=cache, lengths=lengths, attn_impl="xla")
     nxt = jnp.stack([toks[0, 8], toks[1, 5]])[:, None]
@@ -54,8 +54,10 @@ def test_export_round_trip_loads_in_transformers(tiny, tmp_path):
     np.testing.assert_allclose(torch_logits(hf, toks), np.asarray(ours), atol=1e-4, rtol=0)
     cfg2, params2 = load_deepseek(out)
     assert cfg2 == cfg
-    np.testing.assert_array_equal(np.asarray(params2["layers"]["self_attn.q_proj.weight"]),
-                                  np.asarray(params["layers"]["self_attn.q_proj.weight"]))
+    np.testing.assert_array_equal(
+        np.asarray(params2["layers"]["self_attn.q_proj.weight"]),
+        np.asarray(params["layers"]["self_attn.q_proj.weight"]),
+    )
 
 
 def test_perplexity_takes_an_mla_config(tiny):
@@ -69,7 +71,7 @@ def test_perplexity_takes_an_mla_config(tiny):
     ids = random_tokens((40,), V, seed=4)
     res = perplexity(params, cfg, ids, window=20, batch_size=2, attn_impl="xla")
     nll = []
-    for w in (ids[:20], ids[20:]):   # disjoint windows: each scores its last 19 tokens
+    for w in (ids[:20], ids[20:]):  # disjoint windows: each scores its last 19 tokens
         logp = torch.log_softmax(torch.tensor(torch_logits(model, w[None])[0, :-1]), -1)
         nll += (-logp[torch.arange(19), torch.tensor(w[1:], dtype=torch.long)]).tolist()
     assert res.tokens_scored == 38

@@ -54,27 +54,37 @@ def test_cached_prefill_and_decode_equal_full_forward(mode):
         prompt[i, :n] = full[i, :n]
     seg = (np.arange(width)[None] < lens[:, None]).astype(np.int32)
     cache = init_cache(cfg, 2, 16)
-    logits, cache = forward(params, cfg, jnp.asarray(prompt), segment_ids=jnp.asarray(seg),
-                            cache=cache, lengths=jnp.asarray(lens))
+    logits, cache = forward(
+        params,
+        cfg,
+        jnp.asarray(prompt),
+        segment_ids=jnp.asarray(seg),
+        cache=cache,
+        lengths=jnp.asarray(lens),
+    )
     for i, n in enumerate(lens):
-        ref, _ = forward(params, cfg, jnp.asarray(full[i:i + 1, :n]))
+        ref, _ = forward(params, cfg, jnp.asarray(full[i : i + 1, :n]))
         np.testing.assert_allclose(np.asarray(logits[i, :n]), np.asarray(ref[0]), atol=1e-5)
     step = jax.jit(lambda p, t, c: forward(p, cfg, t, cache=c))
     for s in range(3):
         nxt = np.array([full[i, lens[i] + s] for i in range(2)], np.int32)
         logits, cache = step(params, jnp.asarray(nxt[:, None]), cache)
         for i in range(2):
-            ref, _ = forward(params, cfg, jnp.asarray(full[i:i + 1, : lens[i] + s + 1]))
+            ref, _ = forward(params, cfg, jnp.asarray(full[i : i + 1, : lens[i] + s + 1]))
             np.testing.assert_allclose(np.asarray(logits[i, 0]), np.asarray(ref[0, -1]), atol=1e-5)
 
 
 def test_residual_modes_differ_and_hybrid_zero_is_standard():
     _, cfg, params = tiny_hf_model("llama")
     toks = jnp.asarray(random_tokens((1, 12)))
-    outs = {m: np.asarray(forward(params, cfg.replace(residual_mode=m), toks)[0])
-            for m in ("standard", "ladder", "parallel")}
+    outs = {
+        m: np.asarray(forward(params, cfg.replace(residual_mode=m), toks)[0])
+        for m in ("standard", "ladder", "parallel")
+    }
     desync = np.asarray(forward(params, cfg, toks, skip_allreduce=True)[0])
-    hyb0 = np.asarray(forward(params, cfg.replace(residual_mode="hybrid", ladder_layers=0), toks)[0])
+    hyb0 = np.asarray(
+        forward(params, cfg.replace(residual_mode="hybrid", ladder_layers=0), toks)[0]
+    )
     np.testing.assert_array_equal(hyb0, outs["standard"])
     np.testing.assert_array_equal(desync, outs["standard"])  # one device: nothing to skip
     assert np.abs(outs["ladder"] - outs["standard"]).max() > 1e-4
@@ -99,11 +109,21 @@ def test_ladder_recurrence_by_hand():
     for i in range(cfg.num_hidden_layers):
         lp = jax.tree.map(lambda a: a[i], params["layers"])
         if len(outs) >= 2:
-            x = x + outs[-2]          # attention i sees everything except m_{i-1}
-        a, _ = attention_block(lp, cfg, rms_norm(x, lp["input_layernorm.weight"], e), cos, sin, i,
-                               segment_ids=None, cache=None, attn_impl="xla", attn_fn=None)
+            x = x + outs[-2]  # attention i sees everything except m_{i-1}
+        a, _ = attention_block(
+            lp,
+            cfg,
+            rms_norm(x, lp["input_layernorm.weight"], e),
+            cos,
+            sin,
+            i,
+            segment_ids=None,
+            cache=None,
+            attn_impl="xla",
+            attn_fn=None,
+        )
         if len(outs) >= 1:
-            x = x + outs[-1]          # MLP i sees everything except a_i
+            x = x + outs[-1]  # MLP i sees everything except a_i
         outs.append(a)
         outs.append(mlp_block(lp, rms_norm(x, lp["post_attention_layernorm.weight"], e)))
     x = x + outs[-2] + outs[-1]

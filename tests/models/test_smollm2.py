@@ -4,8 +4,6 @@ The PyTorch reference loads the GGUF file itself (transformers' own GGUF reader)
 tests check jaxturbo's converter and model together against an independent implementation.
 """
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +11,8 @@ import pytest
 import torch
 
 from jaxturbo.bridge import load_model
-from jaxturbo.inference import perplexity, window_plan
-from jaxturbo.inference import generate
 from jaxturbo.data import WIKITEXT2_VALID
+from jaxturbo.inference import generate, perplexity, window_plan
 
 PROMPTS = [
     "The capital of France is",
@@ -37,16 +34,19 @@ def hf_model():
     from transformers import AutoModelForCausalLM
 
     from jaxturbo.bridge.registry import registry_gguf
+
     gguf = registry_gguf("smollm2-135m")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     return model.eval()
 
 
 def test_logits_match_transformers(jt, hf_model):
     cfg, params, tok = jt
     from jaxturbo.models.transformer import forward
+
     for text in PROMPTS[:3]:
         ids = tok.encode(text)
         with torch.no_grad():
@@ -59,11 +59,17 @@ def test_logits_match_transformers(jt, hf_model):
 def test_greedy_generation_matches_transformers(jt, hf_model):
     cfg, params, tok = jt
     prompts = [tok.encode(p) for p in PROMPTS]
-    res = generate(params, cfg, prompts, max_new_tokens=32)  # one batch, ragged lengths
+    # one batch, ragged lengths; past EOS, as transformers runs with eos_token_id=None
+    res = generate(params, cfg, prompts, max_new_tokens=32, stop_ids=())
     for ids, got in zip(prompts, res.tokens):
         with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+            ref = hf_model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
         assert got.tolist() == ref
 
 
@@ -76,9 +82,9 @@ def test_perplexity_matches_transformers(jt, hf_model):
         with torch.no_grad():
             logits = hf_model(torch.from_numpy(ids[None, b:e].astype(np.int64))).logits[0]
         logp = torch.log_softmax(logits[:-1], -1)
-        tgt = torch.tensor(ids[b + 1:e], dtype=torch.long)
+        tgt = torch.tensor(ids[b + 1 : e], dtype=torch.long)
         nlls = -logp[torch.arange(len(tgt)), tgt]
-        nll += float(nlls[first - 1:].sum())
+        nll += float(nlls[first - 1 :].sum())
         n += len(tgt) - (first - 1)
     ref = float(np.exp(nll / n))
     assert ours.tokens_scored == n
@@ -89,6 +95,7 @@ def test_perplexity_matches_transformers(jt, hf_model):
 def _pallas_vs_xla(params, cfg, ids, dtype):
     """Max |logits_pallas - logits_xla| / max |logits_xla| on one batch of token ids."""
     from jaxturbo.models.transformer import forward
+
     params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, params)
     ids = jnp.asarray(ids, jnp.int32)
     xla = forward(params, cfg, ids, attn_impl="xla")[0].astype(jnp.float32)
@@ -113,10 +120,19 @@ def test_logits_with_pallas_attention_match_xla_native():
 
     from jaxturbo.models.config import ModelConfig
     from jaxturbo.models.init import init_params
-    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576,
-                      intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                      tie_word_embeddings=True)
+
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    )
     params = init_params(cfg, jr.PRNGKey(0))
     ids = jr.randint(jr.PRNGKey(1), (2, 300), 0, cfg.vocab_size)
     assert _pallas_vs_xla(params, cfg, ids, jnp.bfloat16) <= 0.05

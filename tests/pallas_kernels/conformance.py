@@ -22,12 +22,15 @@ def rel(a, b) -> float:
 def backends(op: registry.Op, configs: dict[str, dict[str, Any]] | None = None) -> list:
     """pytest params (implementation, config) for every backend of `op`: configs[impl] maps a
     variant's name to its Config (default: one variant, no Config)."""
-    return [pytest.param(impl, cfg, id=variant_name(impl, cfg, configs))
-            for impl in op.names for cfg in (configs or {}).get(impl, {"": None}).values()]
+    return [
+        pytest.param(impl, cfg, id=variant_name(impl, cfg, configs))
+        for impl in op.names
+        for cfg in (configs or {}).get(impl, {"": None}).values()
+    ]
 
 
 def variant_name(impl: str, cfg: Any, configs: dict[str, dict[str, Any]] | None) -> str:
-    """"impl" or "impl-variant" for the Config `cfg` of `configs[impl]`."""
+    """ "impl" or "impl-variant" for the Config `cfg` of `configs[impl]`."""
     variant = next(n for n, c in (configs or {}).get(impl, {"": None}).items() if c is cfg)
     return f"{impl}-{variant}" if variant else impl
 

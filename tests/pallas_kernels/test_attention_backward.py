@@ -24,14 +24,18 @@ from pallas_kernels.flash_attention.common import AttentionCall
 from pallas_kernels.flash_attention.reference import attention_reference
 from tests.pallas_kernels.conformance import only, require
 
-CONFIGS = {"pallas_triton": flash_triton.Config(16, 16, 16, 16),
-           "mosaic_tpu": flash_tpu.Config(16, 16, 16, 16)}
+CONFIGS = {
+    "pallas_triton": flash_triton.Config(16, 16, 16, 16),
+    "mosaic_tpu": flash_tpu.Config(16, 16, 16, 16),
+}
 
 
 def _inputs(t=32, s=32, h=4, kh=2, d=16, seed=0, dtype=jnp.float32):
     ks = jax.random.split(jax.random.key(seed), 4)
-    return tuple(jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk, shape in zip(
-        ks, [(2, t, h, d), (2, s, kh, d), (2, s, kh, d), (2, t, h, d)]))
+    return tuple(
+        jax.random.normal(kk, shape, jnp.float32).astype(dtype)
+        for kk, shape in zip(ks, [(2, t, h, d), (2, s, kh, d), (2, s, kh, d), (2, t, h, d)])
+    )
 
 
 def _rel(a, b):
@@ -42,10 +46,13 @@ def _rel(a, b):
 SEG = jnp.array([[0] * 20 + [1] * 12, [0] * 32])
 # (name, options): float32 with packed segments (two key blocks of 16); bf16 without (two key
 # blocks of 80, padded to the Mosaic GPU kernels' 128-key tiles)
-CASES = [("f32_segments", dict()), ("f32_segments_softcap", dict(softcap=5.0)),
-         ("f32_causal_segments", dict(causal=True)),
-         ("f32_causal_segments_softcap", dict(causal=True, softcap=5.0)),
-         ("bf16_gqa2", dict(dtype=jnp.bfloat16))]
+CASES = [
+    ("f32_segments", dict()),
+    ("f32_segments_softcap", dict(softcap=5.0)),
+    ("f32_causal_segments", dict(causal=True)),
+    ("f32_causal_segments_softcap", dict(causal=True, softcap=5.0)),
+    ("bf16_gqa2", dict(dtype=jnp.bfloat16)),
+]
 # The Mosaic TPU backward (TPU interpret mode: slow) runs one case, what ring attention runs
 # per key block on a TPU (ring attention itself with it: tests/parallel/test_sequence_attention.py);
 # the Mosaic GPU backward's Config variants run in test_mosaic_gpu_blockwise_backward_...
@@ -64,8 +71,9 @@ def test_attention_backward_conformance(impl, case):
     check_blockwise(impl, seg=seg, dtype=dtype, config=CONFIGS.get(impl), **kw)
 
 
-def check_blockwise(impl, *, causal=False, softcap=None, seg=None, dtype=jnp.float32,
-                    config=None, interpret=True):
+def check_blockwise(
+    impl, *, causal=False, softcap=None, seg=None, dtype=jnp.float32, config=None, interpret=True
+):
     """The blocks' backward from the whole row's out/lse (float32 reference on the inputs)
     sums to the whole gradient: float32 inputs with `seg` in two key blocks of 16 (causal: the
     full key length, the other block's keys hidden behind segment id -1, so absolute positions
@@ -84,15 +92,37 @@ def check_blockwise(impl, *, causal=False, softcap=None, seg=None, dtype=jnp.flo
         sl = slice(block * j, block * j + block)
         if causal:
             kseg = jnp.where((jnp.arange(k.shape[1]) // block == j)[None], seg, -1)
-            g = api.attention_backward(q, k, v, out, lse, do, causal=True, segment_ids=seg,
-                                       kv_segment_ids=kseg, softcap=softcap,
-                                       implementation=impl, config=config, interpret=interpret)
+            g = api.attention_backward(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                do,
+                causal=True,
+                segment_ids=seg,
+                kv_segment_ids=kseg,
+                softcap=softcap,
+                implementation=impl,
+                config=config,
+                interpret=interpret,
+            )
             g = (g[0], g[1][:, sl], g[2][:, sl])
         else:
-            g = api.attention_backward(q, k[:, sl], v[:, sl], out, lse, do, segment_ids=seg,
-                                       kv_segment_ids=None if seg is None else seg[:, sl],
-                                       softcap=softcap, implementation=impl, config=config,
-                                       interpret=interpret)
+            g = api.attention_backward(
+                q,
+                k[:, sl],
+                v[:, sl],
+                out,
+                lse,
+                do,
+                segment_ids=seg,
+                kv_segment_ids=None if seg is None else seg[:, sl],
+                softcap=softcap,
+                implementation=impl,
+                config=config,
+                interpret=interpret,
+            )
         if bf16 and impl != "xla":  # the kernels' gradients are in the inputs' dtype
             assert g[0].dtype == g[1].dtype == jnp.bfloat16
         dq = dq + up(g[0])
@@ -108,12 +138,14 @@ def test_cudnn_backward_shapes():
     """The cuDNN backward primitive's abstract evaluation (no GPU needed): argument order and
     output shapes, GQA included."""
     from pallas_kernels.flash_attention import cudnn_lse
+
     sd = jax.ShapeDtypeStruct
     q = sd((1, 128, 8, 64), jnp.bfloat16)
     k = sd((1, 256, 2, 64), jnp.bfloat16)
     lse = sd((1, 8, 128), jnp.float32)
     dq, dk, dv = jax.eval_shape(
-        lambda *a: cudnn_lse.cudnn_attention_bwd(*a, causal=False), q, k, k, q, lse, q)
+        lambda *a: cudnn_lse.cudnn_attention_bwd(*a, causal=False), q, k, k, q, lse, q
+    )
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
     assert dq.dtype == dk.dtype == jnp.bfloat16
 
@@ -133,16 +165,29 @@ def test_mosaic_gpu_blockwise_backward_sums_to_full_grad(backward, interpret):
     on a Hopper GPU), from the whole row's out/lse per key block: bf16, GQA 2."""
     if interpret and backward == "mosaic_gpu":
         pytest.skip("the default variant: in test_attention_backward_conformance")
-    check_blockwise("mosaic_gpu", dtype=jnp.bfloat16, interpret=interpret,
-                    config=flash_mgpu.Config(backward=backward))
+    check_blockwise(
+        "mosaic_gpu",
+        dtype=jnp.bfloat16,
+        interpret=interpret,
+        config=flash_mgpu.Config(backward=backward),
+    )
 
 
 def test_mosaic_gpu_backward_refuses_what_it_lacks():
     q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
     lse = jnp.zeros((1, 2, 8))
     with pytest.raises(ValueError, match="segment ids"):
-        api.attention_backward(q, q, q, q, lse, q, segment_ids=jnp.zeros((1, 8), jnp.int32),
-                               implementation="mosaic_gpu")
+        api.attention_backward(
+            q,
+            q,
+            q,
+            q,
+            lse,
+            q,
+            segment_ids=jnp.zeros((1, 8), jnp.int32),
+            implementation="mosaic_gpu",
+        )
     with pytest.raises(ValueError, match="float32"):
-        api.attention_backward(*(x.astype(jnp.float32) for x in (q, q, q, q)), lse, q,
-                               implementation="mosaic_gpu")
+        api.attention_backward(
+            *(x.astype(jnp.float32) for x in (q, q, q, q)), lse, q, implementation="mosaic_gpu"
+        )

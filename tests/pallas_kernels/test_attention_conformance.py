@@ -30,9 +30,11 @@ F32_TOL = 1e-5
 BF16_TOL = 2e-2  # bf16 operands: a 1e-3..1e-2 relative error, with room for bf16 gradients
 
 # small tiles, so that the tiny cases still span several blocks
-CONFIGS = {"pallas_triton": flash_triton.Config(16, 16, 16, 16),
-           "mosaic_tpu": flash_tpu.Config(16, 16, 16, 16),
-           "mosaic_gpu": flash_mgpu.Config(bwd=flash_triton.Config(16, 16, 16, 16))}
+CONFIGS = {
+    "pallas_triton": flash_triton.Config(16, 16, 16, 16),
+    "mosaic_tpu": flash_tpu.Config(16, 16, 16, 16),
+    "mosaic_gpu": flash_mgpu.Config(bwd=flash_triton.Config(16, 16, 16, 16)),
+}
 
 
 def _inputs(seed, b, t, s, h, kh, d, dtype):
@@ -57,15 +59,16 @@ def _loss(fn, q, k, v, kw):
 
 def check_flash(impl_fn, **case):
     (q, k, v), kw = _case(**case)
-    grad = lambda fn: jax.value_and_grad(lambda *a: _loss(fn, *a, kw), argnums=(0, 1, 2),
-                                         has_aux=True)(q, k, v)
+    grad = lambda fn: jax.value_and_grad(
+        lambda *a: _loss(fn, *a, kw), argnums=(0, 1, 2), has_aux=True
+    )(q, k, v)
     (_, (out, lse)), grads = grad(impl_fn)
     # Reference in float32 on upcast inputs.
     up = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):  # on GPU the default would be tf32
         (_, (ref_out, ref_lse)), ref_grads = jax.value_and_grad(
-            lambda *a: _loss(attention_reference, *a, kw), argnums=(0, 1, 2), has_aux=True)(
-                up(q), up(k), up(v))
+            lambda *a: _loss(attention_reference, *a, kw), argnums=(0, 1, 2), has_aux=True
+        )(up(q), up(k), up(v))
     tol = F32_TOL if q.dtype == jnp.float32 else BF16_TOL
     assert out.shape == ref_out.shape and out.dtype == q.dtype
     assert rel(out, ref_out) <= tol
@@ -78,8 +81,10 @@ def check_flash(impl_fn, **case):
 
 def _segments(b, t):
     """Packed documents of different lengths per batch row (0 0 0 1 1 ... 2 2)."""
-    rows = [np.repeat(np.arange(3), [t // 3, t // 3, t - 2 * (t // 3)]),
-            np.repeat(np.arange(2), [t // 4, t - t // 4])]
+    rows = [
+        np.repeat(np.arange(3), [t // 3, t // 3, t - 2 * (t // 3)]),
+        np.repeat(np.arange(2), [t // 4, t - t // 4]),
+    ]
     return jnp.asarray(np.stack(rows[:b]), jnp.int32)
 
 
@@ -87,22 +92,50 @@ def _segments(b, t):
 FLASH_CASES = [
     ("full_gqa1", dict(b=1, h=2, kh=2)),
     ("causal_cross_gqa4", dict(b=1, t=20, s=37, h=4, kh=1, causal=True)),
-    ("window_softcap_gqa8", dict(b=1, t=33, s=33, h=8, kh=1, causal=True, sliding_window=7,
-                                 softcap=2.0, scale=0.3)),
-    ("segments_causal_gqa4", dict(t=37, s=37, h=4, kh=1, causal=True,
-                                  segment_ids=_segments(2, 37))),
-    ("empty_rows", dict(b=1, t=24, s=24, h=2, kh=1, segment_ids=_segments(1, 24),
-                        kv_segment_ids=_segments(1, 24) + 1)),
+    (
+        "window_softcap_gqa8",
+        dict(b=1, t=33, s=33, h=8, kh=1, causal=True, sliding_window=7, softcap=2.0, scale=0.3),
+    ),
+    (
+        "segments_causal_gqa4",
+        dict(t=37, s=37, h=4, kh=1, causal=True, segment_ids=_segments(2, 37)),
+    ),
+    (
+        "empty_rows",
+        dict(
+            b=1,
+            t=24,
+            s=24,
+            h=2,
+            kh=1,
+            segment_ids=_segments(1, 24),
+            kv_segment_ids=_segments(1, 24) + 1,
+        ),
+    ),
     ("bf16_causal", dict(b=1, h=4, kh=2, causal=True, dtype=jnp.bfloat16)),
-    ("all_masks_gqa8", dict(b=1, t=33, s=33, h=8, kh=1, causal=True, sliding_window=9,
-                            softcap=2.0, segment_ids=_segments(1, 33))),
+    (
+        "all_masks_gqa8",
+        dict(
+            b=1,
+            t=33,
+            s=33,
+            h=8,
+            kh=1,
+            causal=True,
+            sliding_window=9,
+            softcap=2.0,
+            segment_ids=_segments(1, 33),
+        ),
+    ),
 ]
 # TPU interpret mode is slower: one case that combines every mask kind with GQA 8; the
 # Pallas-Triton run covers the rest (the two share the mask code in `common`).  XLA is the
 # reference itself: one case checks its dispatch.
-RUNS = {"mosaic_tpu": {"all_masks_gqa8"},
-        "pallas_triton": {c[0] for c in FLASH_CASES} - {"all_masks_gqa8"},
-        "xla": {"all_masks_gqa8"}}
+RUNS = {
+    "mosaic_tpu": {"all_masks_gqa8"},
+    "pallas_triton": {c[0] for c in FLASH_CASES} - {"all_masks_gqa8"},
+    "xla": {"all_masks_gqa8"},
+}
 
 
 @pytest.mark.parametrize("impl", ATTENTION.names)
@@ -114,8 +147,12 @@ def test_attention_conformance(impl, case):
     if impl == "cudnn":  # (on a GPU) this loss differentiates through the lse
         pytest.skip("cuDNN's lse carries no gradient; test_cudnn_lse.py checks cuDNN")
     only(impl, case, RUNS)
-    check_flash(lambda *a, **k: api.attention(*a, implementation=impl, interpret=True,
-                                              config=CONFIGS.get(impl), **k), **kw)
+    check_flash(
+        lambda *a, **k: api.attention(
+            *a, implementation=impl, interpret=True, config=CONFIGS.get(impl), **k
+        ),
+        **kw,
+    )
 
 
 def test_api_dispatch_matches_reference():
@@ -135,38 +172,65 @@ def test_api_dispatch_matches_reference():
 MGPU_CASES = [  # (name, shapes, Config overrides)
     ("full_gqa1_odd", dict(b=1, t=37, s=37, h=2, kh=2), {}),
     ("causal_gqa4_two_q_blocks", dict(b=2, t=200, s=200, h=4, kh=1, d=32, causal=True), {}),
-    ("causal_cross_gqa8_scale", dict(b=1, t=20, s=90, h=8, kh=1, causal=True, scale=0.3),
-     dict(block_k=64)),
-    ("fp16_cross_three_k_blocks", dict(b=1, t=64, s=330, h=2, kh=1, d=64, dtype=jnp.float16),
-     dict(slots=3)),
+    (
+        "causal_cross_gqa8_scale",
+        dict(b=1, t=20, s=90, h=8, kh=1, causal=True, scale=0.3),
+        dict(block_k=64),
+    ),
+    (
+        "fp16_cross_three_k_blocks",
+        dict(b=1, t=64, s=330, h=2, kh=1, d=64, dtype=jnp.float16),
+        dict(slots=3),
+    ),
     ("causal_bk64", dict(b=1, t=200, s=200, h=4, kh=1, d=32, causal=True), dict(block_k=64)),
-    ("causal_serial_pingpong", dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
-     dict(block_k=64, overlap=False, pingpong=True)),
+    (
+        "causal_serial_pingpong",
+        dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
+        dict(block_k=64, overlap=False, pingpong=True),
+    ),
     ("full_serial", dict(b=2, t=70, s=200, h=2, kh=1, d=16), dict(overlap=False)),
     # our Mosaic GPU backward (dK/dV and dQ kernels) instead of the Pallas-Triton one
-    ("bwd_causal_gqa4", dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
-     dict(backward="mosaic_gpu")),
-    ("bwd_cross_fp16", dict(b=1, t=64, s=150, h=2, kh=2, d=16, dtype=jnp.float16),
-     dict(backward="mosaic_gpu")),
-    ("bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
-     dict(backward="mosaic_gpu")),
+    (
+        "bwd_causal_gqa4",
+        dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
+        dict(backward="mosaic_gpu"),
+    ),
+    (
+        "bwd_cross_fp16",
+        dict(b=1, t=64, s=150, h=2, kh=2, d=16, dtype=jnp.float16),
+        dict(backward="mosaic_gpu"),
+    ),
+    (
+        "bwd_causal_q_longer_than_kv",
+        dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
+        dict(backward="mosaic_gpu"),
+    ),
     ("causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=2, d=16, causal=True), {}),
     # the fused backward: dQ reduce-added from the dK/dV kernel (interpret mode: per-key-tile
     # slices summed, since it has no reduce stores)
-    ("fused_bwd_causal_gqa4", dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
-     dict(backward="mosaic_gpu_fused")),
-    ("fused_bwd_cross_fp16_padded_keys", dict(b=1, t=64, s=150, h=2, kh=2, d=32,
-                                              dtype=jnp.float16),
-     dict(backward="mosaic_gpu_fused")),
-    ("fused_bwd_causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=1, d=32, causal=True),
-     dict(backward="mosaic_gpu_fused")),
+    (
+        "fused_bwd_causal_gqa4",
+        dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
+        dict(backward="mosaic_gpu_fused"),
+    ),
+    (
+        "fused_bwd_cross_fp16_padded_keys",
+        dict(b=1, t=64, s=150, h=2, kh=2, d=32, dtype=jnp.float16),
+        dict(backward="mosaic_gpu_fused"),
+    ),
+    (
+        "fused_bwd_causal_q_longer_than_kv",
+        dict(b=1, t=150, s=70, h=2, kh=1, d=32, causal=True),
+        dict(backward="mosaic_gpu_fused"),
+    ),
 ]
 
 
 def _mgpu(interpret=True, **overrides):
     cfg = flash_mgpu.Config(bwd=flash_triton.Config(16, 16, 16, 16), **overrides)
-    return lambda *a, **k: api.attention(*a, implementation="mosaic_gpu", config=cfg,
-                                         interpret=interpret, **k)
+    return lambda *a, **k: api.attention(
+        *a, implementation="mosaic_gpu", config=cfg, interpret=interpret, **k
+    )
 
 
 @pytest.mark.parametrize("case", [c[0] for c in MGPU_CASES])
@@ -183,15 +247,19 @@ def test_flash_mosaic_gpu_has_no_races(pingpong, overlap):
     also raises on unbalanced barrier phases: a missing wait before reusing a slot fails)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
     q, k, v = _inputs(5, 1, 150, 300, 2, 1, 16, jnp.bfloat16)
-    out = _mgpu(plgpu.InterpretGPUParams(detect_races=True), block_k=64,
-                pingpong=pingpong, overlap=overlap)(q, k, v, causal=True)
+    out = _mgpu(
+        plgpu.InterpretGPUParams(detect_races=True), block_k=64, pingpong=pingpong, overlap=overlap
+    )(q, k, v, causal=True)
     assert not interpret_pallas_call.get_races().races_found
     assert rel(out, attention_reference(q, k, v, causal=True)) <= BF16_TOL
 
 
-@pytest.mark.parametrize("d,causal,block_k,overlap", [(128, True, 128, True), (64, False, 64, True),
-                                                      (128, True, 64, False)])
+@pytest.mark.parametrize(
+    "d,causal,block_k,overlap",
+    [(128, True, 128, True), (64, False, 64, True), (128, True, 64, False)],
+)
 def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
     """Pallas -> Mosaic GPU lowering (down to the NVVM-level module inside the custom call) runs
     on CPU for a CUDA target: catches ops and layouts the real GPU path has no rule for, which
@@ -199,7 +267,8 @@ def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
     q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
     f = lambda q, k, v: _mgpu(False, block_k=block_k, overlap=overlap)(
-        q, k, v, causal=causal, return_lse=True)
+        q, k, v, causal=causal, return_lse=True
+    )
     text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
     assert "wgmma" in text and "nvvm.mbarrier" in text
@@ -215,8 +284,9 @@ def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, d, backward, kernels)
     q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
     fn = _mgpu(False, backward=backward)
-    f = lambda q, k, v: jax.grad(lambda q, k, v: fn(q, k, v, causal=causal).astype(
-        jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+    f = lambda q, k, v: jax.grad(
+        lambda q, k, v: fn(q, k, v, causal=causal).astype(jnp.float32).sum(), argnums=(0, 1, 2)
+    )(q, k, v)
     text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == kernels
 
@@ -225,13 +295,15 @@ def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, d, backward, kernels)
 def test_flash_mosaic_gpu_backward_has_no_races(backward):
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
     q, k, v = _inputs(6, 1, 130, 130, 2, 1, 32, jnp.bfloat16)
     fn = _mgpu(plgpu.InterpretGPUParams(detect_races=True), backward=backward)
     loss = lambda fn: lambda *a: fn(*a, causal=True).astype(jnp.float32).sum()
     got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
     assert not interpret_pallas_call.get_races().races_found
     want = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(
-        *(x.astype(jnp.float32) for x in (q, k, v)))
+        *(x.astype(jnp.float32) for x in (q, k, v))
+    )
     for g, w in zip(got, want):
         assert rel(g, w) <= BF16_TOL
 
@@ -242,14 +314,17 @@ def test_flash_mosaic_gpu_refuses_what_it_lacks():
     mgpu = lambda *a, **kw: api.attention(*a, implementation="mosaic_gpu", **kw)  # noqa: E731
     with pytest.raises(ValueError, match="segment ids, sliding window or softcap"):
         mgpu(q, k, v, sliding_window=4)
-    with pytest.raises(ValueError, match="bfloat16 or float16.*can: pallas_triton, mosaic_tpu, "
-                                         "xla"):
+    with pytest.raises(
+        ValueError, match="bfloat16 or float16.*can: pallas_triton, mosaic_tpu, xla"
+    ):
         mgpu(*(x.astype(jnp.float32) for x in (q, k, v)))
     with pytest.raises(ValueError, match="backward='fast'"):
         mgpu(q, k, v, config=flash_mgpu.Config(backward="fast"))
     with pytest.raises(ValueError, match="head_dim in .* got 48"):
-        mgpu(*(jnp.zeros((1, 8, 2, 48), jnp.bfloat16),) * 3,
-             config=flash_mgpu.Config(backward="mosaic_gpu_fused"))
+        mgpu(
+            *(jnp.zeros((1, 8, 2, 48), jnp.bfloat16),) * 3,
+            config=flash_mgpu.Config(backward="mosaic_gpu_fused"),
+        )
     with pytest.raises(ValueError, match="pingpong only without overlap"):
         mgpu(q, k, v, config=flash_mgpu.Config(pingpong=True))
     with pytest.raises(ValueError, match="shared memory"):
@@ -261,6 +336,7 @@ def test_flash_triton_lowers_for_cuda(monkeypatch):
     kernels that only work in interpret mode (unsupported ops, bad block shapes)."""
     from jax._src.pallas.triton import gpu_info
     from jax._src.pallas.triton import pallas_call_registration as reg
+
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     b, t, h, kh, d = 2, 200, 8, 2, 64
@@ -270,11 +346,19 @@ def test_flash_triton_lowers_for_cuda(monkeypatch):
     triton = dict(implementation="pallas_triton", interpret=False)
 
     def step(q, k, v, seg):
-        loss = lambda q, k, v: api.attention(q, k, v, causal=True, segment_ids=seg, softcap=20.0,
-                                             sliding_window=64, **triton).sum()
+        loss = lambda q, k, v: api.attention(
+            q, k, v, causal=True, segment_ids=seg, softcap=20.0, sliding_window=64, **triton
+        ).sum()
         dec = api.decode_attention(q[:, 0], k, v, seg[:, 0], **triton)
-        mla = api.mla_decode_attention(q[:, 0, :, :32], q[:, 0, :, 32:], k[:, :, 0, :32],
-                                       k[:, :, 0, 32:], seg[:, 0], scale=0.1, **triton)
+        mla = api.mla_decode_attention(
+            q[:, 0, :, :32],
+            q[:, 0, :, 32:],
+            k[:, :, 0, :32],
+            k[:, :, 0, 32:],
+            seg[:, 0],
+            scale=0.1,
+            **triton,
+        )
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v), dec, mla
 
     text = jax.jit(step).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text()
@@ -283,6 +367,7 @@ def test_flash_triton_lowers_for_cuda(monkeypatch):
 
 # ---- native GPU (skipped on CPU) -------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c[0] for c in FLASH_CASES])
 def test_flash_attention_native_gpu(case):
@@ -290,20 +375,38 @@ def test_flash_attention_native_gpu(case):
     kw["d"] = 32
     if kw.get("dtype") != jnp.bfloat16:
         kw["dtype"] = jnp.float32
-    check_flash(lambda *a, **k: api.attention(
-        *a, implementation="pallas_triton", config=flash_triton.Config(32, 32, 32, 32), **k),
-        **kw)
+    check_flash(
+        lambda *a, **k: api.attention(
+            *a, implementation="pallas_triton", config=flash_triton.Config(32, 32, 32, 32), **k
+        ),
+        **kw,
+    )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal,overrides", [(True, {}), (False, {}),
-                                              (True, dict(block_k=64)),
-                                              (False, dict(block_k=64, slots=4)),
-                                              (True, dict(overlap=False, pingpong=True))])
+@pytest.mark.parametrize(
+    "causal,overrides",
+    [
+        (True, {}),
+        (False, {}),
+        (True, dict(block_k=64)),
+        (False, dict(block_k=64, slots=4)),
+        (True, dict(overlap=False, pingpong=True)),
+    ],
+)
 def test_flash_mosaic_gpu_native(causal, overrides):
     """The Mosaic GPU kernel compiled for the GPU (forward and, through Triton, backward)."""
-    check_flash(_mgpu(interpret=False, **overrides), b=2, t=300, s=300, h=4, kh=1,
-                d=128, dtype=jnp.bfloat16, causal=causal)
+    check_flash(
+        _mgpu(interpret=False, **overrides),
+        b=2,
+        t=300,
+        s=300,
+        h=4,
+        kh=1,
+        d=128,
+        dtype=jnp.bfloat16,
+        causal=causal,
+    )
 
 
 @pytest.mark.gpu
@@ -311,8 +414,17 @@ def test_flash_mosaic_gpu_native(causal, overrides):
 @pytest.mark.parametrize("backward", ["mosaic_gpu", "mosaic_gpu_fused"])
 def test_flash_mosaic_gpu_native_mosaic_backward(causal, backward):
     """Our Mosaic GPU backward kernels compiled for the GPU (outputs, lse and gradients)."""
-    check_flash(_mgpu(interpret=False, backward=backward), b=2, t=300, s=300, h=4, kh=1,
-                d=128, dtype=jnp.bfloat16, causal=causal)
+    check_flash(
+        _mgpu(interpret=False, backward=backward),
+        b=2,
+        t=300,
+        s=300,
+        h=4,
+        kh=1,
+        d=128,
+        dtype=jnp.bfloat16,
+        causal=causal,
+    )
 
 
 @pytest.mark.gpu

@@ -47,19 +47,20 @@ def _reference(q, k, v, do, causal):
     sum(out * do) (no lse cotangent, as the saved-lse backward)."""
     with jax.default_matmul_precision("highest"):  # else TF32 on the GPU
         out, lse = attention_reference(_up(q), _up(k), _up(v), causal=causal, return_lse=True)
-        _, vjp = jax.vjp(lambda *a: attention_reference(*a, causal=causal), _up(q), _up(k),
-                         _up(v))
+        _, vjp = jax.vjp(lambda *a: attention_reference(*a, causal=causal), _up(q), _up(k), _up(v))
         return out, lse, vjp(_up(do))
 
 
 def _forward(q, k, v, causal):
-    return jax.jit(lambda q, k, v: api.attention(q, k, v, causal=causal, return_lse=True,
-                                                 implementation=IMPL))(q, k, v)
+    return jax.jit(
+        lambda q, k, v: api.attention(q, k, v, causal=causal, return_lse=True, implementation=IMPL)
+    )(q, k, v)
 
 
 def _backward(q, k, v, out, lse, do, causal):
     return jax.jit(lambda *a: api.attention_backward(*a, causal=causal, implementation=IMPL))(
-        q, k, v, out, lse, do)
+        q, k, v, out, lse, do
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])

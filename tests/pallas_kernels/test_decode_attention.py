@@ -30,20 +30,24 @@ F32_TOL = 1e-5
 BF16_TOL = 2e-2  # bf16 operands (a bf16 cache: the kernel's p @ V in bf16)
 
 CONFIGS = {
-    "pallas_triton": {"": decode_triton.Config(block_k=16, num_splits=3),
-                      "jnp_merge": decode_triton.Config(block_k=16, num_splits=3, merge="xla")},
+    "pallas_triton": {
+        "": decode_triton.Config(block_k=16, num_splits=3),
+        "jnp_merge": decode_triton.Config(block_k=16, num_splits=3, merge="xla"),
+    },
     "mosaic_tpu": {"": decode_tpu.Config(block_k=16)},
 }
 
 
 def _decode(impl, cfg):
-    return lambda *a, **kw: api.decode_attention(*a, implementation=impl, config=cfg,
-                                                 interpret=True, **kw)
+    return lambda *a, **kw: api.decode_attention(
+        *a, implementation=impl, config=cfg, interpret=True, **kw
+    )
 
 
 @pytest.mark.parametrize("impl,cfg", backends(DECODE, CONFIGS))
-@pytest.mark.parametrize("h,kh,extra", [(4, 4, {}), (8, 2, dict(softcap=3.0)),
-                                        (8, 1, dict(sliding_window=9))])
+@pytest.mark.parametrize(
+    "h,kh,extra", [(4, 4, {}), (8, 2, dict(softcap=3.0)), (8, 1, dict(sliding_window=9))]
+)
 def test_decode_attention_conformance(impl, cfg, h, kh, extra):
     only(impl, f"gqa{h // kh}", {"mosaic_tpu": {"gqa4", "gqa8"}})
     b, s, d = 4, 45, 16
@@ -108,8 +112,9 @@ def test_decode_append_conformance(impl, cfg, d):
     flat = api.decode_attention_append(q, k_new, v_new, k_all[1], v_all[1], lengths, **kw)
     assert flat[1].shape == (b, s, kh, d) and rel(flat[0], ref[0]) <= F32_TOL
     with pytest.raises(ValueError, match="unknown"):
-        api.decode_attention_append(q, k_new, v_new, k_all, v_all, lengths, layer=1,
-                                    implementation="cudnn")
+        api.decode_attention_append(
+            q, k_new, v_new, k_all, v_all, lengths, layer=1, implementation="cudnn"
+        )
 
 
 @pytest.mark.parametrize("extra", [{}, dict(softcap=3.0), dict(sliding_window=9)])
@@ -123,17 +128,31 @@ def test_decode_append_fused_kernel(extra, cache_dtype):
     q, k_new, v_new, k_all, v_all, rope = _append_inputs(1, b, h, kh, s, d, 3, cache_dtype)
     lengths = jnp.array([44, 0, 16, 31], jnp.int32)
     cfg = decode_triton.Config(block_k=16, num_splits=3)
-    out, kc, vc = jax.jit(lambda lay: api.decode_attention_append(
-        q, k_new, v_new, k_all, v_all, lengths, layer=lay, rope=rope, config=cfg,
-        implementation="pallas_triton", interpret=True, **extra))(1)
-    ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths,
-                                          rope=rope, **extra)
+    out, kc, vc = jax.jit(
+        lambda lay: api.decode_attention_append(
+            q,
+            k_new,
+            v_new,
+            k_all,
+            v_all,
+            lengths,
+            layer=lay,
+            rope=rope,
+            config=cfg,
+            implementation="pallas_triton",
+            interpret=True,
+            **extra,
+        )
+    )(1)
+    ref, rk, rv = decode_append_reference(
+        q, k_new, v_new, k_all[1], v_all[1], lengths, rope=rope, **extra
+    )
     # (a bf16 cache: the kernel's p @ V runs in bf16, the reference's in float32)
     assert rel(out, ref) <= (F32_TOL if cache_dtype == jnp.float32 else BF16_TOL)
     written = np.zeros((b, s), bool)
     written[np.arange(b), np.asarray(lengths)] = True
     # the rotation rounds like XLA's up to one unit in the last place (operation order)
-    ulp = 2.0 ** -7 if cache_dtype == jnp.bfloat16 else 1e-6
+    ulp = 2.0**-7 if cache_dtype == jnp.bfloat16 else 1e-6
     for got, want, old in ((kc, rk, k_all), (vc, rv, v_all)):
         got, want, old = (np.asarray(x, np.float32) for x in (got[1], want, old[1]))
         np.testing.assert_allclose(got[written], want[written], rtol=ulp, atol=ulp)
@@ -152,13 +171,15 @@ def test_decode_append_reads_k_and_v_at_head_offsets(impl):
     packed = jnp.concatenate([jnp.full((b, 3, d), jnp.nan), k_new, v_new], axis=1)
     kw = dict(layer=1, rope=rope, implementation=impl, interpret=True)
     want = api.decode_attention_append(q, k_new, v_new, k_all, v_all, lengths, **kw)
-    got = api.decode_attention_append(q, packed, packed, k_all, v_all, lengths,
-                                      k_head_offset=3, v_head_offset=3 + kh, **kw)
+    got = api.decode_attention_append(
+        q, packed, packed, k_all, v_all, lengths, k_head_offset=3, v_head_offset=3 + kh, **kw
+    )
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     with pytest.raises(ValueError, match="no 2 heads at offset 6"):
-        api.decode_attention_append(q, packed, packed, k_all, v_all, lengths,
-                                    k_head_offset=6, v_head_offset=5, **kw)
+        api.decode_attention_append(
+            q, packed, packed, k_all, v_all, lengths, k_head_offset=6, v_head_offset=5, **kw
+        )
     with pytest.raises(ValueError, match="7 heads but the cache 2"):
         api.decode_attention_append(q, packed, v_new, k_all, v_all, lengths, **kw)
 
@@ -170,11 +191,15 @@ def test_unfused_append_fallback_warns_once(monkeypatch, caplog):
     b, s, h, kh, d = 2, 20, 4, 2, 24
     sd = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     for _ in range(2):  # the choice is made, and logged, while tracing
-        jax.jit(lambda *a: api.decode_attention_append(
-            *a, jnp.array([3, 19]), implementation="pallas_triton", interpret=True)).trace(
-            sd(b, h, d), sd(b, kh, d), sd(b, kh, d), sd(b, s, kh, d), sd(b, s, kh, d))
-    text = ("decode_attention_append: pallas_triton, cache written by XLA "
-            "(head_dim 24 is not a power of two)")
+        jax.jit(
+            lambda *a: api.decode_attention_append(
+                *a, jnp.array([3, 19]), implementation="pallas_triton", interpret=True
+            )
+        ).trace(sd(b, h, d), sd(b, kh, d), sd(b, kh, d), sd(b, s, kh, d), sd(b, s, kh, d))
+    text = (
+        "decode_attention_append: pallas_triton, cache written by XLA "
+        "(head_dim 24 is not a power of two)"
+    )
     records = [r for r in caplog.records if r.getMessage() == text]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
 
@@ -187,15 +212,21 @@ def test_decode_merge_kernel_ignores_padding_chunks():
     o = jax.random.normal(ks[0], (b, kh, 8, gp, d))
     lse = jax.random.normal(ks[1], (b, kh, 8, gp)).at[:, :, 1].set(-jnp.inf)
     o, lse = o.at[:, :, splits:].set(jnp.nan), lse.at[:, :, splits:].set(jnp.nan)
-    got = decode_triton.merge_chunks(o, lse, splits, jnp.float32, decode_triton.Config(),
-                                      interpret=True)
+    got = decode_triton.merge_chunks(
+        o, lse, splits, jnp.float32, decode_triton.Config(), interpret=True
+    )
     want = decode_triton.merge_partials(o[:, :, :splits], lse[:, :, :splits], axis=2)
     assert rel(got, want) <= F32_TOL
 
 
 def _stablehlo_ops(lowered):
-    return [op for f in lowered.compiler_ir("stablehlo").body.operations
-            for region in f.regions for block in region.blocks for op in block.operations]
+    return [
+        op
+        for f in lowered.compiler_ir("stablehlo").body.operations
+        for region in f.regions
+        for block in region.blocks
+        for op in block.operations
+    ]
 
 
 def test_decode_attention_stacked_cache_is_not_copied(monkeypatch):
@@ -203,18 +234,27 @@ def test_decode_attention_stacked_cache_is_not_copied(monkeypatch):
     as it is: no slice of it, and no copy, in the lowered module."""
     from jax._src.pallas.triton import gpu_info
     from jax._src.pallas.triton import pallas_call_registration as reg
+
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     q = jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((4, 2, 256, 2, 64), jnp.bfloat16)
     lens = jax.ShapeDtypeStruct((2,), jnp.int32)
     step = lambda q, k, v, n, lay: api.decode_attention(  # noqa: E731
-        q, k, v, n, layer=lay, implementation="pallas_triton", interpret=False)
-    ops = _stablehlo_ops(jax.jit(step).trace(q, cache, cache, lens, jax.ShapeDtypeStruct(
-        (), jnp.int32)).lower(lowering_platforms=("cuda",)))
+        q, k, v, n, layer=lay, implementation="pallas_triton", interpret=False
+    )
+    ops = _stablehlo_ops(
+        jax.jit(step)
+        .trace(q, cache, cache, lens, jax.ShapeDtypeStruct((), jnp.int32))
+        .lower(lowering_platforms=("cuda",))
+    )
     whole = "tensor<4x2x256x2x64xbf16>"
-    calls = [op for op in ops if op.operation.name == "stablehlo.custom_call"
-             and "xla.gpu.triton" in str(op.attributes["call_target_name"])]
+    calls = [
+        op
+        for op in ops
+        if op.operation.name == "stablehlo.custom_call"
+        and "xla.gpu.triton" in str(op.attributes["call_target_name"])
+    ]
     assert len(calls) == 2  # the chunks' kernel and their merge
     assert [str(x.type) for x in calls[0].operands].count(whole) == 2  # k and v, whole
     # nothing reads the cache but the kernel (no slice, no copy)
@@ -226,6 +266,7 @@ def test_decode_append_lowers_in_place_for_cuda(monkeypatch):
     inputs (the update is in place) and nothing else touches the cache."""
     from jax._src.pallas.triton import gpu_info
     from jax._src.pallas.triton import pallas_call_registration as reg
+
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     S = jax.ShapeDtypeStruct
@@ -233,11 +274,32 @@ def test_decode_append_lowers_in_place_for_cuda(monkeypatch):
     row = S((2, 2, 128), jnp.bfloat16)
     rope = S((2, 128), jnp.float32)
     step = lambda q, kn, vn, kc, vc, n, c, sn, lay: api.decode_attention_append(  # noqa: E731
-        q, kn, vn, kc, vc, n, layer=lay, rope=(c, sn), implementation="pallas_triton",
-        interpret=False)
-    ops = _stablehlo_ops(jax.jit(step).trace(
-        S((2, 8, 128), jnp.bfloat16), row, row, cache, cache, S((2,), jnp.int32), rope, rope,
-        S((), jnp.int32)).lower(lowering_platforms=("cuda",)))
+        q,
+        kn,
+        vn,
+        kc,
+        vc,
+        n,
+        layer=lay,
+        rope=(c, sn),
+        implementation="pallas_triton",
+        interpret=False,
+    )
+    ops = _stablehlo_ops(
+        jax.jit(step)
+        .trace(
+            S((2, 8, 128), jnp.bfloat16),
+            row,
+            row,
+            cache,
+            cache,
+            S((2,), jnp.int32),
+            rope,
+            rope,
+            S((), jnp.int32),
+        )
+        .lower(lowering_platforms=("cuda",))
+    )
     calls = [op for op in ops if op.operation.name == "stablehlo.custom_call"]
     assert len(calls) == 2  # the step and the chunks' merge
     assert all("xla.gpu.triton" in str(c.attributes["call_target_name"]) for c in calls)
@@ -250,6 +312,7 @@ def test_decode_append_lowers_in_place_for_cuda(monkeypatch):
 
 # ---- native GPU (skipped on CPU) -------------------------------------------------------------
 
+
 @pytest.mark.gpu
 def test_decode_native_gpu():
     b, h, kh, s, d = 4, 8, 2, 300, 64
@@ -259,8 +322,9 @@ def test_decode_native_gpu():
     vc = jax.random.normal(ks[2], (b, s, kh, d), jnp.bfloat16)
     lengths = jnp.array([300, 1, 77, 128], jnp.int32)
     out = api.decode_attention(q, kc, vc, lengths, implementation="pallas_triton")
-    ref = decode_attention_reference(q.astype(jnp.float32), kc.astype(jnp.float32),
-                                     vc.astype(jnp.float32), lengths)
+    ref = decode_attention_reference(
+        q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32), lengths
+    )
     assert rel(out, ref) <= BF16_TOL
 
 
@@ -273,11 +337,12 @@ def test_decode_append_native_gpu():
     k_all, v_all = (jnp.nan_to_num(x, nan=0.0) for x in (k_all, v_all))
     lengths = jnp.array([0, 700, 1279], jnp.int32)
     q, k_new, v_new = (x.astype(jnp.bfloat16) for x in (q, k_new, v_new))
-    out, kc, vc = jax.jit(lambda *a: api.decode_attention_append(
-        *a, layer=1, rope=rope, implementation="pallas_triton"))(q, k_new, v_new, k_all, v_all,
-                                                                 lengths)
-    ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths,
-                                          rope=rope)
+    out, kc, vc = jax.jit(
+        lambda *a: api.decode_attention_append(
+            *a, layer=1, rope=rope, implementation="pallas_triton"
+        )
+    )(q, k_new, v_new, k_all, v_all, lengths)
+    ref, rk, rv = decode_append_reference(q, k_new, v_new, k_all[1], v_all[1], lengths, rope=rope)
     assert rel(out, ref) <= BF16_TOL
     assert rel(kc[1], rk) <= 1e-3 and rel(vc[1], rv) == 0.0
     assert rel(kc[0], k_all[0]) == 0.0

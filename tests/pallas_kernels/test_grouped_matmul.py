@@ -29,8 +29,10 @@ from pallas_kernels.grouped_matmul import pallas_triton as gmm_triton
 from pallas_kernels.grouped_matmul.api import GMM, GMV, GroupedCall
 
 # small tiles so that tiny shapes still have several row / column / contraction tiles
-CONFIGS = {"pallas_triton": gmm_triton.Config(16, 16, 16, 4, 2),
-           "mosaic_tpu": gmm_tpu.Config(16, 128, 128)}
+CONFIGS = {
+    "pallas_triton": gmm_triton.Config(16, 16, 16, 4, 2),
+    "mosaic_tpu": gmm_tpu.Config(16, 128, 128),
+}
 
 
 def _rel(a, b) -> float:
@@ -43,7 +45,7 @@ def _loop_gmm(lhs, rhs, sizes):
     lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
     out, off = np.zeros((lhs.shape[0], rhs.shape[2])), 0
     for g, s in enumerate(sizes):
-        out[off:off + s] = lhs[off:off + s] @ rhs[g]
+        out[off : off + s] = lhs[off : off + s] @ rhs[g]
         off += s
     return out
 
@@ -52,7 +54,7 @@ def _loop_tgmm(lhs, grad, sizes):
     lhs, grad = np.asarray(lhs, np.float64), np.asarray(grad, np.float64)
     out, off = np.zeros((len(sizes), lhs.shape[1], grad.shape[1])), 0
     for g, s in enumerate(sizes):
-        out[g] = lhs[off:off + s].T @ grad[off:off + s]
+        out[g] = lhs[off : off + s].T @ grad[off : off + s]
         off += s
     return out
 
@@ -74,8 +76,9 @@ def test_references_match_a_per_group_loop():
     assert np.all(np.asarray(out[17:]) == 0.0)
     assert _rel(dw, _loop_tgmm(lhs, grad, sizes)) < 1e-6
     assert np.all(np.asarray(dw[1]) == 0.0)
-    assert gmm_reference(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), gs).dtype == \
-        jnp.bfloat16
+    assert (
+        gmm_reference(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), gs).dtype == jnp.bfloat16
+    )
 
 
 def _case(sizes, m, k, n, dtype, transpose_rhs, seed=0):
@@ -84,7 +87,7 @@ def _case(sizes, m, k, n, dtype, transpose_rhs, seed=0):
     g = len(sizes)
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
     lhs = jax.random.normal(ks[0], (m, k), jnp.float32)
-    w = jax.random.normal(ks[1], (g, k, n), jnp.float32) * k ** -0.5
+    w = jax.random.normal(ks[1], (g, k, n), jnp.float32) * k**-0.5
     ct = jax.random.normal(ks[2], (m, n), jnp.float32)
     total = sum(sizes)
     empty = jnp.array([s == 0 for s in sizes])[:, None, None]
@@ -93,19 +96,25 @@ def _case(sizes, m, k, n, dtype, transpose_rhs, seed=0):
     cast = lambda x: x.astype(dtype)
     if transpose_rhs:
         w, w_nan = jnp.swapaxes(w, 1, 2), jnp.swapaxes(w_nan, 1, 2)
-    return (cast(lhs), cast(lhs_nan), cast(w), cast(w_nan), cast(ct),
-            jnp.array(sizes, jnp.int32))
+    return (cast(lhs), cast(lhs_nan), cast(w), cast(w_nan), cast(ct), jnp.array(sizes, jnp.int32))
 
 
 KERNEL_CASES = {
     # float32; empty groups (first, middle, last) and rows past the sum; M, K and N not
     # multiples of the tiles
-    "f32_empty_groups_tail": dict(sizes=[0, 9, 0, 20, 1, 0], m=37, k=40, n=24,
-                                  dtype=jnp.float32, transpose_rhs=False),
+    "f32_empty_groups_tail": dict(
+        sizes=[0, 9, 0, 20, 1, 0], m=37, k=40, n=24, dtype=jnp.float32, transpose_rhs=False
+    ),
     # bf16 in, float32 out; one group holds every row; weights stored [G, N, K]
-    "bf16_one_group_all_rows_transposed": dict(sizes=[0, 45, 0], m=45, k=32, n=48,
-                                               dtype=jnp.bfloat16, transpose_rhs=True,
-                                               out_dtype=jnp.float32),
+    "bf16_one_group_all_rows_transposed": dict(
+        sizes=[0, 45, 0],
+        m=45,
+        k=32,
+        n=48,
+        dtype=jnp.bfloat16,
+        transpose_rhs=True,
+        out_dtype=jnp.float32,
+    ),
 }
 
 
@@ -121,8 +130,16 @@ def test_gmm_forward_and_gradients_match_ragged_dot(impl, case):
     out_dtype = kw.get("out_dtype")
 
     def ours(a, b):
-        return gmm(a, b, gs, implementation=impl, transpose_rhs=tr, config=cfg,
-                   tgmm_config=cfg, preferred_element_type=out_dtype)
+        return gmm(
+            a,
+            b,
+            gs,
+            implementation=impl,
+            transpose_rhs=tr,
+            config=cfg,
+            tgmm_config=cfg,
+            preferred_element_type=out_dtype,
+        )
 
     def ragged(a, b):  # jax.lax.ragged_dot itself, on [G, K, N] weights
         return jax.lax.ragged_dot(a, jnp.swapaxes(b, 1, 2) if tr else b, gs)
@@ -136,8 +153,9 @@ def test_gmm_forward_and_gradients_match_ragged_dot(impl, case):
         up = lambda x: x.astype(jnp.float32)
         want = fwd_bwd(ragged, up(lhs), up(w))
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for name, g, r, dt in zip(("out", "d_lhs", "d_rhs"), got, want,
-                              (out_dtype or dtype, dtype, dtype)):
+    for name, g, r, dt in zip(
+        ("out", "d_lhs", "d_rhs"), got, want, (out_dtype or dtype, dtype, dtype)
+    ):
         assert g.dtype == dt, name
         assert np.all(np.isfinite(np.asarray(g, np.float32))), name
         assert _rel(g, r) <= tol, (name, _rel(g, r))
@@ -173,12 +191,15 @@ def test_gmv_reads_only_routed_experts(impl, transpose_rhs):
         assert _rel(ref, want) < 1e-6
         return
     if impl == "mosaic_tpu" and transpose_rhs:
-        pytest.skip("the TPU path (sorted into the grouped GEMM) runs [G, K, N] once "
-                    "(interpret mode is slow; gmm's tests cover [G, N, K])")
+        pytest.skip(
+            "the TPU path (sorted into the grouped GEMM) runs [G, K, N] once "
+            "(interpret mode is slow; gmm's tests cover [G, N, K])"
+        )
     # K and N not multiples of the tile; transposed: the default tile, block_k 256 > K
-    cfg = {"pallas_triton": None if transpose_rhs else gmm_triton.GmvConfig(block_n=16,
-                                                                              block_k=32),
-           "mosaic_tpu": CONFIGS["mosaic_tpu"]}[impl]
+    cfg = {
+        "pallas_triton": None if transpose_rhs else gmm_triton.GmvConfig(block_n=16, block_k=32),
+        "mosaic_tpu": CONFIGS["mosaic_tpu"],
+    }[impl]
     got = gmv(x, w_nan, ids, implementation=impl, transpose_rhs=transpose_rhs, config=cfg)
     assert _rel(got, want) <= 1e-5
     assert np.all(np.asarray(got)[[3, 5]] == 0.0)
@@ -219,8 +240,9 @@ def test_tile_schedule_covers_every_row_once():
     """The Triton schedule: each row in exactly one tile of its own group (the pseudo-group G
     for rows past the sum), spare programs idle, within the static bound."""
     sizes, m, bm = [0, 17, 16, 0, 1, 5], 50, 16
-    group, start, end = (np.asarray(a) for a in gmm_triton.tile_schedule(
-        jnp.array(sizes, jnp.int32), m, bm))
+    group, start, end = (
+        np.asarray(a) for a in gmm_triton.tile_schedule(jnp.array(sizes, jnp.int32), m, bm)
+    )
     assert group.shape == (gmm_triton.num_tiles(m, len(sizes), bm),)
     owner = np.full(m, -1)
     for g_, s, e in zip(group, start, end):
@@ -236,31 +258,62 @@ def test_triton_kernels_lower_for_cuda(monkeypatch):
     interpret mode accepts): gmm forward and backward, tgmm, gmv, at the default tiles."""
     from jax._src.pallas.triton import gpu_info
     from jax._src.pallas.triton import pallas_call_registration as reg
+
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     S = jax.ShapeDtypeStruct
     m, k, n, g = 1000, 256, 384, 8
 
     def step(lhs, w, gs, ids):
-        loss = lambda a, b: gmm(a, b, gs, implementation="pallas_triton", interpret=False
-                                ).astype(jnp.float32).sum()
+        loss = lambda a, b: (
+            gmm(a, b, gs, implementation="pallas_triton", interpret=False).astype(jnp.float32).sum()
+        )
         grads = jax.value_and_grad(loss, argnums=(0, 1))(lhs, w)  # value: keep the forward
         dec = gmv(lhs[:8], w, ids, implementation="pallas_triton", interpret=False)
-        dec_t = gmv(jnp.ones((8, n), lhs.dtype), w, ids, implementation="pallas_triton",
-                    transpose_rhs=True, interpret=False)  # w read as [G, N=256, K=384]
+        dec_t = gmv(
+            jnp.ones((8, n), lhs.dtype),
+            w,
+            ids,
+            implementation="pallas_triton",
+            transpose_rhs=True,
+            interpret=False,
+        )  # w read as [G, N=256, K=384]
         return grads, dec, dec_t
 
-    text = jax.jit(step).trace(S((m, k), jnp.bfloat16), S((g, k, n), jnp.bfloat16),
-                               S((g,), jnp.int32), S((8,), jnp.int32)
-                               ).lower(lowering_platforms=("cuda",)).as_text()
+    text = (
+        jax.jit(step)
+        .trace(
+            S((m, k), jnp.bfloat16),
+            S((g, k, n), jnp.bfloat16),
+            S((g,), jnp.int32),
+            S((8,), jnp.int32),
+        )
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     assert text.count("__gpu$xla.gpu.triton") == 5  # gmm, d lhs gmm, tgmm, two gmv
 
 
 def test_gmm_bench_cpu_preset(tmp_path):
     from experiments.moe import gmm_bench
 
-    assert gmm_bench.main(["--preset", "cpu", "--gemms", "down", "--reps", "1", "--inner",
-                           "1", "--out", str(tmp_path)]) == 0
+    assert (
+        gmm_bench.main(
+            [
+                "--preset",
+                "cpu",
+                "--gemms",
+                "down",
+                "--reps",
+                "1",
+                "--inner",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "gmm_bench.md").read_text()
     for impl in ("ours (pallas_triton)", "dense matmul", "ragged_dot", "gmv (pallas_triton)"):
         assert f"| {impl} |" in text, impl
@@ -269,11 +322,14 @@ def test_gmm_bench_cpu_preset(tmp_path):
 
 # ---- native GPU (skipped on CPU) -------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("transpose_rhs", [False, True])
-@pytest.mark.parametrize("sizes", [[300, 0, 1, 1200, 0, 77, 500, 0, 129, 600],
-                                   [0, 0, 0, 2900, 0, 0, 0, 0, 0, 0]],
-                         ids=["routed", "one_group"])
+@pytest.mark.parametrize(
+    "sizes",
+    [[300, 0, 1, 1200, 0, 77, 500, 0, 129, 600], [0, 0, 0, 2900, 0, 0, 0, 0, 0, 0]],
+    ids=["routed", "one_group"],
+)
 def test_gmm_native_gpu(sizes, transpose_rhs):
     """The Pallas-Triton kernels compiled for the GPU at their default tiles (bf16, K and N
     multiples of the tiles as in the MoE shapes; NaN rows past the sum, NaN empty experts)."""
@@ -283,13 +339,18 @@ def test_gmm_native_gpu(sizes, transpose_rhs):
         out, vjp = jax.vjp(f, a, b)
         return (out, *vjp(ct.astype(out.dtype)))
 
-    got = jax.jit(lambda a, b: fwd_bwd(lambda x, y: gmm(
-        x, y, gs, implementation="pallas_triton", transpose_rhs=transpose_rhs), a, b))(
-        lhs_nan, w_nan)
+    got = jax.jit(
+        lambda a, b: fwd_bwd(
+            lambda x, y: gmm(x, y, gs, implementation="pallas_triton", transpose_rhs=transpose_rhs),
+            a,
+            b,
+        )
+    )(lhs_nan, w_nan)
     up = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):
-        want = fwd_bwd(lambda x, y: gmm_reference(x, y, gs, transpose_rhs=transpose_rhs),
-                       up(lhs), up(w))
+        want = fwd_bwd(
+            lambda x, y: gmm_reference(x, y, gs, transpose_rhs=transpose_rhs), up(lhs), up(w)
+        )
     for name, g, r in zip(("out", "d_lhs", "d_rhs"), got, want):
         assert np.all(np.isfinite(np.asarray(g, np.float32))), name
         assert _rel(g, r) <= 2e-2, (name, _rel(g, r))
@@ -302,12 +363,14 @@ def test_gmv_native_gpu(transpose_rhs):
     ids = jnp.array([3, 0, 3, -1, 15, 9, 0, 7] * 4, jnp.int32)
     ks = jax.random.split(jax.random.PRNGKey(5), 2)
     x = jax.random.normal(ks[0], (ids.shape[0], k), jnp.bfloat16)
-    w = (jax.random.normal(ks[1], (g, k, n)) * k ** -0.5).astype(jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (g, k, n)) * k**-0.5).astype(jnp.bfloat16)
     if transpose_rhs:
         w = jnp.swapaxes(w, 1, 2)
-    got = jax.jit(lambda a, b: gmv(a, b, ids, implementation="pallas_triton",
-                                   transpose_rhs=transpose_rhs))(x, w)
+    got = jax.jit(
+        lambda a, b: gmv(a, b, ids, implementation="pallas_triton", transpose_rhs=transpose_rhs)
+    )(x, w)
     with jax.default_matmul_precision("highest"):
-        want = gmv_reference(x.astype(jnp.float32), w.astype(jnp.float32), ids,
-                             transpose_rhs=transpose_rhs)
+        want = gmv_reference(
+            x.astype(jnp.float32), w.astype(jnp.float32), ids, transpose_rhs=transpose_rhs
+        )
     assert _rel(got, want) <= 2e-2

@@ -29,8 +29,10 @@ from tests.pallas_kernels.conformance import rel as _rel
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # bf16: output rounding and bf16 softmax weights
 CONFIGS = {
-    "pallas_triton": {"": decode_triton.Config(block_k=16, num_splits=2),
-                      "jnp_merge": decode_triton.Config(block_k=16, num_splits=2, merge="xla")},
+    "pallas_triton": {
+        "": decode_triton.Config(block_k=16, num_splits=2),
+        "jnp_merge": decode_triton.Config(block_k=16, num_splits=2, merge="xla"),
+    },
     "mosaic_tpu": {"": decode_tpu.Config(block_k=16)},
 }
 
@@ -67,22 +69,26 @@ def test_column_pieces_tile_every_width():
 
 
 # (name, R, Dr, dtype, S, H)
-WIDTHS = [("r160_dr32_f32", 160, 32, jnp.float32, 45, 9),
-          ("r187_dr16_bf16", 187, 16, jnp.bfloat16, 45, 9),
-          ("r187_dr32_f32_s48", 187, 32, jnp.float32, 48, 9),
-          ("r192_dr64_bf16", 192, 64, jnp.bfloat16, 45, 9),
-          ("r352_dr32_f32", 352, 32, jnp.float32, 45, 9),
-          ("r128_dr16_bf16_s48", 128, 16, jnp.bfloat16, 48, 9),
-          ("r160_dr32_f32_h40", 160, 32, jnp.float32, 45, 40),  # three head tiles of 16
-          ("r187_dr16_f32", 187, 16, jnp.float32, 45, 9),
-          ("r187_dr16_bf16_s48", 187, 16, jnp.bfloat16, 48, 9),
-          ("r352_dr64_bf16", 352, 64, jnp.bfloat16, 45, 9)]
+WIDTHS = [
+    ("r160_dr32_f32", 160, 32, jnp.float32, 45, 9),
+    ("r187_dr16_bf16", 187, 16, jnp.bfloat16, 45, 9),
+    ("r187_dr32_f32_s48", 187, 32, jnp.float32, 48, 9),
+    ("r192_dr64_bf16", 192, 64, jnp.bfloat16, 45, 9),
+    ("r352_dr32_f32", 352, 32, jnp.float32, 45, 9),
+    ("r128_dr16_bf16_s48", 128, 16, jnp.bfloat16, 48, 9),
+    ("r160_dr32_f32_h40", 160, 32, jnp.float32, 45, 40),  # three head tiles of 16
+    ("r187_dr16_f32", 187, 16, jnp.float32, 45, 9),
+    ("r187_dr16_bf16_s48", 187, 16, jnp.bfloat16, 48, 9),
+    ("r352_dr64_bf16", 352, 64, jnp.bfloat16, 45, 9),
+]
 # Interpret mode is slow: each backend runs the widths its reading of rows makes distinct
 # (Pallas-Triton's column pieces; Mosaic TPU's whole rows), XLA one (its dispatch).
-RUNS = {"pallas_triton": {w[0] for w in WIDTHS[:7]},
-        "pallas_triton-jnp_merge": {"r187_dr16_f32"},
-        "mosaic_tpu": {"r160_dr32_f32", "r187_dr16_bf16_s48", "r352_dr64_bf16"},
-        "xla": {"r187_dr16_bf16"}}
+RUNS = {
+    "pallas_triton": {w[0] for w in WIDTHS[:7]},
+    "pallas_triton-jnp_merge": {"r187_dr16_f32"},
+    "mosaic_tpu": {"r160_dr32_f32", "r187_dr16_bf16_s48", "r352_dr64_bf16"},
+    "xla": {"r187_dr16_bf16"},
+}
 
 
 @pytest.mark.parametrize("impl,cfg", backends(MLA_DECODE, CONFIGS))
@@ -92,9 +98,20 @@ def test_mla_decode_conformance(impl, cfg, case):
     _, r, dr, dtype, s, h = next(w for w in WIDTHS if w[0] == case)
     only(variant_name(impl, cfg, CONFIGS), case, RUNS)
     ql, qr, c_all, r_all, lengths, cache, rope = _case(r, dr, dtype, s=s, h=h)
-    out = jax.jit(lambda lay: api.mla_decode_attention(
-        ql, qr, c_all, r_all, lengths, scale=0.1, layer=lay, implementation=impl, config=cfg,
-        interpret=True))(1)
+    out = jax.jit(
+        lambda lay: api.mla_decode_attention(
+            ql,
+            qr,
+            c_all,
+            r_all,
+            lengths,
+            scale=0.1,
+            layer=lay,
+            implementation=impl,
+            config=cfg,
+            interpret=True,
+        )
+    )(1)
     ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.1)
     assert out.shape == ql.shape and out.dtype == dtype
     assert _rel(out, ref) <= TOL[dtype]
@@ -110,8 +127,9 @@ def test_mla_decode_one_layer_cache(impl, cfg):
     cache = jax.random.normal(ks[2], (b, s, r))
     rope = jax.random.normal(ks[3], (b, s, dr))
     lengths = jnp.array([40, 3, 21], jnp.int32)
-    out = api.mla_decode_attention(ql, qr, cache, rope, lengths, scale=0.2,
-                                   implementation=impl, config=cfg, interpret=True)
+    out = api.mla_decode_attention(
+        ql, qr, cache, rope, lengths, scale=0.2, implementation=impl, config=cfg, interpret=True
+    )
     ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.2)
     assert _rel(out, ref) <= TOL[jnp.float32]
 
@@ -128,16 +146,23 @@ def test_mla_reference_matches_expanded_attention():
     w_uv = jax.random.normal(ks[5], (h, r, dv)) * 0.3
     lengths = jnp.array([11, 6])
     scale = (dn + dr) ** -0.5
-    out_latent = mla_decode_reference(jnp.einsum("bhn,hrn->bhr", q_nope, w_uk), q_rope, c,
-                                      k_rope, lengths, scale=scale)
+    out_latent = mla_decode_reference(
+        jnp.einsum("bhn,hrn->bhr", q_nope, w_uk), q_rope, c, k_rope, lengths, scale=scale
+    )
     out = jnp.einsum("bhr,hrv->bhv", out_latent, w_uv)
-    k = jnp.concatenate([jnp.einsum("bsr,hrn->bshn", c, w_uk),
-                         jnp.broadcast_to(k_rope[:, :, None], (b, s, h, dr))], -1)
+    k = jnp.concatenate(
+        [jnp.einsum("bsr,hrn->bshn", c, w_uk), jnp.broadcast_to(k_rope[:, :, None], (b, s, h, dr))],
+        -1,
+    )
     v = jnp.einsum("bsr,hrv->bshv", c, w_uv)
     qf = jnp.concatenate([q_nope, q_rope], -1)
-    ref = decode_attention_reference(qf, k, v[..., :dn + dr] if dv >= dn + dr else
-                                     jnp.pad(v, ((0, 0),) * 3 + ((0, dn + dr - dv),)),
-                                     lengths, scale=scale)[..., :dv]
+    ref = decode_attention_reference(
+        qf,
+        k,
+        v[..., : dn + dr] if dv >= dn + dr else jnp.pad(v, ((0, 0),) * 3 + ((0, dn + dr - dv),)),
+        lengths,
+        scale=scale,
+    )[..., :dv]
     assert _rel(out, ref) <= 1e-5
 
 
@@ -154,17 +179,27 @@ def test_mla_decode_lowers_for_cuda(monkeypatch, r, dr):
     loaded or stored array is a power of two, which interpret mode does not check."""
     from jax._src.pallas.triton import gpu_info
     from jax._src.pallas.triton import pallas_call_registration as reg
+
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(reg.gpu_info_lib, "get_gpu_info", lambda: h100)
     b, h, s, n_layers = 16, 9, 1000, 2
     S = jax.ShapeDtypeStruct
     f = lambda ql, qr, c, kr, lens, lay: api.mla_decode_attention(  # noqa: E731
-        ql, qr, c, kr, lens, scale=0.1, layer=lay, implementation="pallas_triton",
-        interpret=False)
-    text = jax.jit(f).trace(
-        S((b, h, r), jnp.bfloat16), S((b, h, dr), jnp.bfloat16),
-        S((n_layers, b, s, r), jnp.bfloat16), S((n_layers, b, s, dr), jnp.bfloat16),
-        S((b,), jnp.int32), S((), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        ql, qr, c, kr, lens, scale=0.1, layer=lay, implementation="pallas_triton", interpret=False
+    )
+    text = (
+        jax.jit(f)
+        .trace(
+            S((b, h, r), jnp.bfloat16),
+            S((b, h, dr), jnp.bfloat16),
+            S((n_layers, b, s, r), jnp.bfloat16),
+            S((n_layers, b, s, dr), jnp.bfloat16),
+            S((b,), jnp.int32),
+            S((), jnp.int32),
+        )
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     assert text.count("__gpu$xla.gpu.triton") == 2  # the chunks' kernel and their merge
 
 
@@ -175,17 +210,27 @@ def test_mla_decode_lowers_for_tpu():
     b, h, s, r, dr = 16, 9, 1024, 187, 16
     S = jax.ShapeDtypeStruct
     f = lambda ql, qr, c, kr, lens, lay: api.mla_decode_attention(  # noqa: E731
-        ql, qr, c, kr, lens, scale=0.1, layer=lay, implementation="mosaic_tpu",
-        interpret=False)
+        ql, qr, c, kr, lens, scale=0.1, layer=lay, implementation="mosaic_tpu", interpret=False
+    )
     with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(f).trace(
-            S((b, h, r), jnp.bfloat16), S((b, h, dr), jnp.bfloat16),
-            S((2, b, s, r), jnp.bfloat16), S((2, b, s, dr), jnp.bfloat16),
-            S((b,), jnp.int32), S((), jnp.int32)).lower(lowering_platforms=("tpu",)).as_text()
+        text = (
+            jax.jit(f)
+            .trace(
+                S((b, h, r), jnp.bfloat16),
+                S((b, h, dr), jnp.bfloat16),
+                S((2, b, s, r), jnp.bfloat16),
+                S((2, b, s, dr), jnp.bfloat16),
+                S((b,), jnp.int32),
+                S((), jnp.int32),
+            )
+            .lower(lowering_platforms=("tpu",))
+            .as_text()
+        )
     assert text.count("tpu_custom_call") == 1
 
 
 # ---- "auto" on a GPU -------------------------------------------------------------------------
+
 
 def test_auto_on_gpu_runs_the_kernel_for_a_non_power_of_two_latent(monkeypatch, caplog):
     """What used to fall back to XLA on a GPU (R = 160) takes the Pallas-Triton kernel."""
@@ -193,10 +238,12 @@ def test_auto_on_gpu_runs_the_kernel_for_a_non_power_of_two_latent(monkeypatch, 
     monkeypatch.setattr(registry, "LOGGED", set())
     caplog.set_level(logging.INFO, logger="pallas_kernels")
     ql, qr, c_all, r_all, lengths, cache, rope = _case(160, 32, jnp.float32, h=3)
-    out = api.mla_decode_attention(ql, qr, c_all, r_all, lengths, scale=0.1, layer=1,
-                                   interpret=True)
-    assert "mla_decode_attention: pallas_triton (on gpu)" in [r.getMessage()
-                                                               for r in caplog.records]
+    out = api.mla_decode_attention(
+        ql, qr, c_all, r_all, lengths, scale=0.1, layer=1, interpret=True
+    )
+    assert "mla_decode_attention: pallas_triton (on gpu)" in [
+        r.getMessage() for r in caplog.records
+    ]
     assert registry.CHOICES["mla_decode_attention"] == ("pallas_triton", "on gpu")
     ref = mla_decode_reference(ql, qr, cache, rope, lengths, scale=0.1)
     assert _rel(out, ref) <= TOL[jnp.float32]
@@ -204,29 +251,50 @@ def test_auto_on_gpu_runs_the_kernel_for_a_non_power_of_two_latent(monkeypatch, 
 
 # ---- inside the model -------------------------------------------------------------------------
 
+
 def _tiny_mla(r: int = 40, dr: int = 8):
     """A 2-layer MLA model, 3 heads, latent 40 + rope 8, latent norm on; random weights."""
     from jaxturbo.models.config import ModelConfig
     from jaxturbo.models.init import init_params
     from jaxturbo.models.mla import MLAConfig
 
-    base = ModelConfig(model_type="llama", vocab_size=61, hidden_size=48, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
-                       head_dim=16, max_position_embeddings=256)
-    cfg = MLAConfig(base=base, kv_lora_rank=r, qk_nope_head_dim=16, qk_rope_head_dim=dr,
-                    v_head_dim=16, latent_norm=True)
+    base = ModelConfig(
+        model_type="llama",
+        vocab_size=61,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    cfg = MLAConfig(
+        base=base,
+        kv_lora_rank=r,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=dr,
+        v_head_dim=16,
+        latent_norm=True,
+    )
     key = jax.random.PRNGKey(5)
     p = init_params(base, key, jnp.float32)
-    layers = {k: v for k, v in p["layers"].items()
-              if not k.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))}
+    layers = {
+        k: v
+        for k, v in p["layers"].items()
+        if not k.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+    }
     n, h, d = base.num_hidden_layers, base.num_attention_heads, base.hidden_size
-    shapes = {"self_attn.q_proj.weight": (n, h * (16 + dr), d),
-              "self_attn.kv_a_proj_with_mqa.weight": (n, r + dr, d),
-              "self_attn.kv_b_proj.weight": (n, h * 32, r)}
+    shapes = {
+        "self_attn.q_proj.weight": (n, h * (16 + dr), d),
+        "self_attn.kv_a_proj_with_mqa.weight": (n, r + dr, d),
+        "self_attn.kv_b_proj.weight": (n, h * 32, r),
+    }
     for i, (name, shape) in enumerate(shapes.items()):
         layers[name] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), shape)
     layers["self_attn.kv_a_layernorm.weight"] = 1 + 0.2 * jax.random.normal(
-        jax.random.fold_in(key, 9), (n, r))
+        jax.random.fold_in(key, 9), (n, r)
+    )
     return cfg, {**p, "layers": layers}
 
 
@@ -241,13 +309,17 @@ def test_mla_model_decode_with_the_kernel_matches_xla_and_naive():
     tokens = jax.random.randint(jax.random.PRNGKey(1), (b, prompt), 0, cfg.base.vocab_size)
     lengths = jnp.array([7, 4, 6], jnp.int32)
     cache = init_mla_cache(cfg, b, slots, jnp.float32)
-    logits, cache = jax.jit(lambda p, t, c: mla_forward(p, cfg, t, cache=c, lengths=lengths,
-                                                        attn_impl="xla"))(params, tokens, cache)
+    logits, cache = jax.jit(
+        lambda p, t, c: mla_forward(p, cfg, t, cache=c, lengths=lengths, attn_impl="xla")
+    )(params, tokens, cache)
     first = jnp.argmax(logits[jnp.arange(b), lengths - 1], axis=-1).astype(jnp.int32)
 
     def run(attn_impl: str, absorb: bool):
-        step = jax.jit(lambda p, t, c: mla_forward(p, cfg, t[:, None], cache=c,
-                                                   attn_impl=attn_impl, absorb=absorb))
+        step = jax.jit(
+            lambda p, t, c: mla_forward(
+                p, cfg, t[:, None], cache=c, attn_impl=attn_impl, absorb=absorb
+            )
+        )
         tok, c, toks, outs = first, cache, [], []
         for _ in range(steps):
             lg, c = step(params, tok, c)

@@ -30,21 +30,41 @@ class Call:
 def _run(name):
     def run(call, *operands, config, interpret):
         return dict(name=name, operands=operands, config=config, interpret=interpret)
+
     return run
 
 
 # a made-up op: a Hopper kernel that takes sizes up to 4, a GPU kernel that refuses negative
 # calls, a TPU kernel, and XLA
-TOY = registry.Op("toy", (
-    registry.Backend("mosaic_gpu", _run("mosaic_gpu"), platform="gpu", hopper=True, pallas=True,
-                     refuses=lambda c: f"size {c.size} > 4" if c.size > 4 else None),
-    registry.Backend("cudnn", _run("cudnn"), platform="gpu", interpretable=False,
-                     auto_skips=lambda c: None if c.negative else "slower there"),
-    registry.Backend("pallas_triton", _run("pallas_triton"), platform="gpu", pallas=True,
-                     refuses=lambda c: "negative" if c.negative else None),
-    registry.Backend("mosaic_tpu", _run("mosaic_tpu"), platform="tpu", pallas=True),
-    registry.Backend("xla", _run("xla")),
-))
+TOY = registry.Op(
+    "toy",
+    (
+        registry.Backend(
+            "mosaic_gpu",
+            _run("mosaic_gpu"),
+            platform="gpu",
+            hopper=True,
+            pallas=True,
+            refuses=lambda c: f"size {c.size} > 4" if c.size > 4 else None,
+        ),
+        registry.Backend(
+            "cudnn",
+            _run("cudnn"),
+            platform="gpu",
+            interpretable=False,
+            auto_skips=lambda c: None if c.negative else "slower there",
+        ),
+        registry.Backend(
+            "pallas_triton",
+            _run("pallas_triton"),
+            platform="gpu",
+            pallas=True,
+            refuses=lambda c: "negative" if c.negative else None,
+        ),
+        registry.Backend("mosaic_tpu", _run("mosaic_tpu"), platform="tpu", pallas=True),
+        registry.Backend("xla", _run("xla")),
+    ),
+)
 
 
 @pytest.fixture
@@ -80,13 +100,17 @@ def test_auto_takes_the_first_backend_that_runs_here_and_says_why(monkeypatch, l
     assert _lines(log, "toy") == [
         "toy: mosaic_gpu (on gpu)",
         "toy: pallas_triton (on gpu; mosaic_gpu: size 8 > 4; cudnn: slower there)",
-        "toy: cudnn (on gpu; mosaic_gpu: size 8 > 4)"]
+        "toy: cudnn (on gpu; mosaic_gpu: size 8 > 4)",
+    ]
     assert registry.CHOICES["toy"] == ("cudnn", "on gpu; mosaic_gpu: size 8 > 4")
     _on(monkeypatch, "cpu")
     assert TOY.choose(Call()).name == "xla"
-    assert registry.CHOICES["toy"] == ("xla", "on cpu; mosaic_gpu: not on a GPU; cudnn: not on "
-                                       "a GPU; pallas_triton: not on a GPU; mosaic_tpu: not on a "
-                                       "TPU")
+    assert registry.CHOICES["toy"] == (
+        "xla",
+        "on cpu; mosaic_gpu: not on a GPU; cudnn: not on "
+        "a GPU; pallas_triton: not on a GPU; mosaic_tpu: not on a "
+        "TPU",
+    )
     _on(monkeypatch, "gpu", hopper=False)
     assert TOY.choose(Call(size=2)).name == "pallas_triton"
     assert registry.CHOICES["toy"][1].startswith("on gpu; mosaic_gpu: not a Hopper GPU")
@@ -106,13 +130,19 @@ def test_each_distinct_choice_is_logged_once(monkeypatch, log):
 
 def test_an_explicit_backend_that_cannot_take_the_call_says_why_and_who_can(monkeypatch, log):
     _on(monkeypatch, "cpu")
-    with pytest.raises(ValueError, match=r"^toy implementation='pallas_triton' cannot take this "
-                                         r"call: negative; implementations that can: "
-                                         r"mosaic_gpu, cudnn, mosaic_tpu, xla$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^toy implementation='pallas_triton' cannot take this "
+        r"call: negative; implementations that can: "
+        r"mosaic_gpu, cudnn, mosaic_tpu, xla$",
+    ):
         TOY(Call(negative=True), implementation="pallas_triton")
-    with pytest.raises(ValueError, match=r"'nope' is unknown; choose one of \('auto', "
-                                         r"'pallas', 'mosaic_gpu', 'cudnn', 'pallas_triton', "
-                                         r"'mosaic_tpu', 'xla'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'nope' is unknown; choose one of \('auto', "
+        r"'pallas', 'mosaic_gpu', 'cudnn', 'pallas_triton', "
+        r"'mosaic_tpu', 'xla'\)",
+    ):
         TOY(Call(), implementation="nope")
     # an explicit backend runs off its platform (interpret mode), recorded at DEBUG
     got = TOY(Call(size=2), 7, implementation="mosaic_gpu", config="cfg")
@@ -123,11 +153,13 @@ def test_an_explicit_backend_that_cannot_take_the_call_says_why_and_who_can(monk
 
 
 def test_pallas_is_the_platforms_kernel(monkeypatch, log):
-    for platform, hopper, call, want in [("tpu", False, Call(), "mosaic_tpu"),
-                                         ("gpu", True, Call(size=2), "mosaic_gpu"),
-                                         ("gpu", True, Call(size=8), "pallas_triton"),
-                                         ("gpu", False, Call(size=2), "pallas_triton"),
-                                         ("cpu", False, Call(), "pallas_triton")]:
+    for platform, hopper, call, want in [
+        ("tpu", False, Call(), "mosaic_tpu"),
+        ("gpu", True, Call(size=2), "mosaic_gpu"),
+        ("gpu", True, Call(size=8), "pallas_triton"),
+        ("gpu", False, Call(size=2), "pallas_triton"),
+        ("cpu", False, Call(), "pallas_triton"),
+    ]:
         _on(monkeypatch, platform, hopper)
         assert TOY.choose(call, "pallas").name == want, (platform, hopper, call)
     with pytest.raises(ValueError, match="'pallas_triton' cannot take this call: negative"):
@@ -136,8 +168,7 @@ def test_pallas_is_the_platforms_kernel(monkeypatch, log):
 
 def test_interpret_defaults_to_true_off_the_kernels_platform(monkeypatch):
     _on(monkeypatch, "cpu")
-    assert registry.interpret_default("pallas_triton") and registry.interpret_default(
-        "mosaic_tpu")
+    assert registry.interpret_default("pallas_triton") and registry.interpret_default("mosaic_tpu")
     assert TOY.backend("cudnn").unavailable() == "not on a GPU"  # no interpret mode
     assert TOY.backend("pallas_triton").unavailable() is None
     _on(monkeypatch, "gpu")
@@ -155,11 +186,20 @@ def test_register_refuses_a_second_list_for_one_op():
 
 # ---- the real ops ----------------------------------------------------------------------------
 
+
 def test_every_public_op_is_registered_and_ends_with_xla():
     assert set(registry.REGISTRY) == {
-        "attention", "attention_backward", "decode_attention", "decode_attention_append",
-        "mla_decode_attention", "ragged_paged_attention", "ragged_paged_mla_attention", "gmm",
-        "tgmm", "gmv"}
+        "attention",
+        "attention_backward",
+        "decode_attention",
+        "decode_attention_append",
+        "mla_decode_attention",
+        "ragged_paged_attention",
+        "ragged_paged_mla_attention",
+        "gmm",
+        "tgmm",
+        "gmv",
+    }
     for name, op in registry.REGISTRY.items():
         assert op.names[-1] == "xla" and op.backends[-1].platform is None, name
         assert getattr(pallas_kernels, name) is getattr(api, name)  # exported
@@ -175,9 +215,15 @@ def test_auto_logs_each_choice_once(monkeypatch, log):
     _on(monkeypatch, "cpu")  # (what this machine is; on a GPU host too)
     b, h, s, r, dr = 2, 3, 40, 160, 32
     for _ in range(2):
-        _trace(lambda ql, qr, c, kr: api.mla_decode_attention(ql, qr, c, kr, jnp.array([5, 2]),
-                                                              scale=0.1),
-               (b, h, r), (b, h, dr), (b, s, r), (b, s, dr))
+        _trace(
+            lambda ql, qr, c, kr: api.mla_decode_attention(
+                ql, qr, c, kr, jnp.array([5, 2]), scale=0.1
+            ),
+            (b, h, r),
+            (b, h, dr),
+            (b, s, r),
+            (b, s, dr),
+        )
     why = "on cpu; pallas_triton: not on a GPU; mosaic_tpu: not on a TPU"
     assert _lines(log, "mla_decode_attention") == [f"mla_decode_attention: xla ({why})"]
     assert registry.CHOICES["mla_decode_attention"] == ("xla", why)
@@ -187,7 +233,8 @@ def test_auto_logs_each_choice_once(monkeypatch, log):
         _trace(lambda q: api.decode_attention(q[:, 0], q, q, jnp.array([5, 2])), (2, 5, 4, 8))
     assert _lines(log, "attention") == [
         "attention: xla (on cpu; mosaic_gpu: not on a GPU; cudnn: not on a GPU; pallas_triton: "
-        "not on a GPU; mosaic_tpu: not on a TPU)"]
+        "not on a GPU; mosaic_tpu: not on a TPU)"
+    ]
     assert _lines(log, "decode_attention") == [f"decode_attention: xla ({why})"]
 
 
@@ -198,25 +245,40 @@ def test_attention_on_a_hopper_gpu_picks_mosaic_gpu_where_it_covers_the_call(mon
     sd = jax.ShapeDtypeStruct
     q, k = sd((1, 8, 2, 64), jnp.bfloat16), sd((1, 8, 1, 64), jnp.bfloat16)
     seg = jnp.zeros((1, 8), jnp.int32)
-    calls = dict(plain=AttentionCall(q, k, k), packed=AttentionCall(q, k, k, segment_ids=seg),
-                 lse=AttentionCall(q, k, k, return_lse=True),
-                 fp32=AttentionCall(sd(q.shape, jnp.float32), sd(k.shape, jnp.float32),
-                                    sd(k.shape, jnp.float32)))
-    for hopper, want in [(True, dict(plain="mosaic_gpu", packed="pallas_triton",
-                                     lse="mosaic_gpu", fp32="pallas_triton")),
-                         (False, dict(plain="cudnn", packed="pallas_triton",
-                                      lse="pallas_triton", fp32="pallas_triton"))]:
+    calls = dict(
+        plain=AttentionCall(q, k, k),
+        packed=AttentionCall(q, k, k, segment_ids=seg),
+        lse=AttentionCall(q, k, k, return_lse=True),
+        fp32=AttentionCall(
+            sd(q.shape, jnp.float32), sd(k.shape, jnp.float32), sd(k.shape, jnp.float32)
+        ),
+    )
+    for hopper, want in [
+        (
+            True,
+            dict(
+                plain="mosaic_gpu", packed="pallas_triton", lse="mosaic_gpu", fp32="pallas_triton"
+            ),
+        ),
+        (
+            False,
+            dict(plain="cudnn", packed="pallas_triton", lse="pallas_triton", fp32="pallas_triton"),
+        ),
+    ]:
         _on(monkeypatch, "gpu", hopper)
         assert {n: ATTENTION.choose(c).name for n, c in calls.items()} == want, hopper
         assert ATTENTION.choose(calls["plain"], "pallas").name == (
-            "mosaic_gpu" if hopper else "pallas_triton")
+            "mosaic_gpu" if hopper else "pallas_triton"
+        )
         # the backward: cuDNN where it covers the call; ours only when asked for
         assert ATTENTION_BACKWARD.choose(calls["plain"]).name == "cudnn"
         assert ATTENTION_BACKWARD.choose(calls["packed"]).name == "pallas_triton"
         assert ATTENTION_BACKWARD.choose(calls["plain"], "pallas").name == (
-            "mosaic_gpu" if hopper else "pallas_triton")
-    assert ("attention: pallas_triton (on gpu; mosaic_gpu: not a Hopper GPU; cudnn: cuDNN takes "
-            "bf16/fp16 inputs, got float32/float32/float32)") in _lines(log, "attention")
+            "mosaic_gpu" if hopper else "pallas_triton"
+        )
+    assert (
+        "attention: pallas_triton (on gpu; mosaic_gpu: not a Hopper GPU; cudnn: cuDNN takes "
+        "bf16/fp16 inputs, got float32/float32/float32)"
+    ) in _lines(log, "attention")
     big = sd((1, 8, 2, 256), jnp.bfloat16)  # head_dim 256 does not fit shared memory
-    assert "shared memory" in ATTENTION.backend("mosaic_gpu").refuses(AttentionCall(big, big,
-                                                                                    big))
+    assert "shared memory" in ATTENTION.backend("mosaic_gpu").refuses(AttentionCall(big, big, big))

@@ -20,8 +20,10 @@ class LadderLlamaConfig(LlamaConfig):
     def validate_architecture(self):
         super().validate_architecture()
         if not 0 <= self.ladder_layers <= self.num_hidden_layers:
-            raise ValueError(f"ladder_layers={self.ladder_layers} must be in "
-                             f"[0, {self.num_hidden_layers}] (num_hidden_layers)")
+            raise ValueError(
+                f"ladder_layers={self.ladder_layers} must be in "
+                f"[0, {self.num_hidden_layers}] (num_hidden_layers)"
+            )
 
 
 __all__ = ["LadderLlamaConfig"]

@@ -64,14 +64,23 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel, LlamaModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [LadderLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+            [LadderLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
         """input_ids [batch, seq] -> last_hidden_state [batch, seq, hidden] (and the cache)."""
         for flag in ("output_hidden_states", "output_attentions"):
             if kwargs.pop(flag, None):
@@ -86,15 +95,24 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel, LlamaModel):
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-                            + seen).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                  attention_mask=attention_mask, past_key_values=past_key_values,
-                                  position_ids=position_ids)
-        layer_kw = dict(attention_mask=mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=use_cache,
-                        position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
-                        **kwargs)
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen
+            ).unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        layer_kw = dict(
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
+            **kwargs,
+        )
 
         x = inputs_embeds
         attn_out = mlp_out = None  # outputs computed but not yet added to the stream
@@ -110,8 +128,9 @@ class LadderLlamaModel(LadderLlamaPreTrainedModel, LlamaModel):
             mlp_out = layer.feed_forward(x)
         if attn_out is not None:  # the last ladder layer's outputs join before the final norm
             x = x + attn_out + mlp_out
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x),
-                                       past_key_values=past_key_values)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(x), past_key_values=past_key_values
+        )
 
 
 class LadderLlamaForCausalLM(LadderLlamaPreTrainedModel, LlamaForCausalLM):
@@ -125,5 +144,9 @@ class LadderLlamaForCausalLM(LadderLlamaPreTrainedModel, LlamaForCausalLM):
         self.post_init()
 
 
-__all__ = ["LadderLlamaConfig", "LadderLlamaForCausalLM", "LadderLlamaModel",
-           "LadderLlamaPreTrainedModel"]
+__all__ = [
+    "LadderLlamaConfig",
+    "LadderLlamaForCausalLM",
+    "LadderLlamaModel",
+    "LadderLlamaPreTrainedModel",
+]

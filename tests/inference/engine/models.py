@@ -10,8 +10,16 @@ from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.init import init_params
 
 # 8 query heads / 2 KV heads: tensor sizes 2, 4 (KV replicated) and 8 (4 copies) all apply
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
 
 
 def tiny_model(seed: int = 0, **overrides):
@@ -23,8 +31,15 @@ def tiny_model(seed: int = 0, **overrides):
 
 def engine_config(**kw) -> EngineConfig:
     """One step shape (T=32, S=4) unless overridden: one compilation per engine."""
-    base = dict(page_size=16, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
-                max_model_len=128, token_buckets=(32,), seq_buckets=(4,))
+    base = dict(
+        page_size=16,
+        num_pages=64,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        max_model_len=128,
+        token_buckets=(32,),
+        seq_buckets=(4,),
+    )
     return EngineConfig(**{**base, **kw})
 
 

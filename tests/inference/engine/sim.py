@@ -38,7 +38,9 @@ class FakeDevice:
         self.version = 0
         self.slots: dict[tuple[int, int], tuple[int, int]] = {}
         self._prefix: dict[str, list[int]] = {}  # request id -> rolling prefix hashes
-        self.computed: dict[str, list[tuple[int, int]]] = defaultdict(list)  # (position, token) in order
+        self.computed: dict[str, list[tuple[int, int]]] = defaultdict(
+            list
+        )  # (position, token) in order
 
     def _prefix_hashes(self, rid: str, tokens, n: int) -> list[int]:
         h = self._prefix.setdefault(rid, [])
@@ -52,7 +54,7 @@ class FakeDevice:
         window = self.sched.config.sliding_window
         for sr in out.scheduled:
             toks = tokens_of[sr.request_id]
-            assert list(sr.token_ids) == toks[sr.start_position:sr.seq_len]
+            assert list(sr.token_ids) == toks[sr.start_position : sr.seq_len]
             h = self._prefix_hashes(sr.request_id, toks, sr.seq_len)
             for j, t in enumerate(sr.token_ids):
                 p = sr.start_position + j
@@ -68,7 +70,8 @@ class FakeDevice:
                 page = sr.page_table[p // ps]
                 assert page != NULL_PAGE, f"{sr.request_id} reads position {p} from the null page"
                 assert self.slots.get((page, p % ps)) == (self.version, h[p]), (
-                    f"{sr.request_id} position {p}: page {page} holds other K/V")
+                    f"{sr.request_id} position {p}: page {page} holds other K/V"
+                )
             if sr.samples:
                 sampled[sr.request_id] = fake_token(sr.request_id, sr.seq_len, self.vocab)
         return sampled
@@ -76,7 +79,7 @@ class FakeDevice:
 
 def check_invariants(sched: Scheduler, out: SchedulerOutput | None = None) -> None:
     """Structural invariants of the scheduler and its pages (after schedule() when out is given)."""
-    kv, pool, cfg = sched.kv, sched.kv.pool, sched.config
+    pool, cfg = sched.kv.pool, sched.config
     ps = cfg.page_size
     refs: Counter[int] = Counter()
     owners: dict[int, list[tuple]] = defaultdict(list)
@@ -107,7 +110,9 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput | None = None) -> No
     assert pool.ref_count(NULL_PAGE) == 0
     assert pool.num_free + pool.num_used == pool.num_usable == cfg.num_pages - 1
     for p in range(1, pool.num_pages):
-        assert pool.ref_count(p) == refs[p], f"page {p}: ref {pool.ref_count(p)} but {refs[p]} tables"
+        assert pool.ref_count(p) == refs[p], (
+            f"page {p}: ref {pool.ref_count(p)} but {refs[p]} tables"
+        )
         assert (p in free) == (refs[p] == 0)
         h = pool.page_hash(p)
         if h is not None:
@@ -118,8 +123,8 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput | None = None) -> No
             assert pool.page_hash(p) is not None, f"page {p} shared but not a cached prefix page"
             idx = own[0][1]
             assert all(i == idx for _, i in own)
-            first = list(own[0][0].all_token_ids[:(idx + 1) * ps])
-            assert all(list(r.all_token_ids[:(idx + 1) * ps]) == first for r, _ in own)
+            first = list(own[0][0].all_token_ids[: (idx + 1) * ps])
+            assert all(list(r.all_token_ids[: (idx + 1) * ps]) == first for r, _ in own)
 
     if out is not None:
         assert out.num_scheduled_tokens == sum(sr.num_tokens for sr in out.scheduled)

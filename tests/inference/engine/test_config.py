@@ -27,36 +27,52 @@ def test_pick_bucket_is_smallest_at_least_n():
 
 
 def test_derived_sizes():
-    cfg = EngineConfig(page_size=32, max_model_len=1000, max_num_batched_tokens=512, long_prefill_token_threshold=100)
+    cfg = EngineConfig(
+        page_size=32,
+        max_model_len=1000,
+        max_num_batched_tokens=512,
+        long_prefill_token_threshold=100,
+    )
     assert cfg.max_pages_per_seq == 32  # ceil(1000 / 32)
     assert cfg.max_chunk_tokens == 100
     assert EngineConfig(max_num_batched_tokens=512).max_chunk_tokens == 512
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(page_size=8), "page_size=8"),
-    (dict(page_size=48), "page_size=48"),
-    (dict(page_size=256), r"page_size=256 must be a power of two in \[16, 128\]"),
-    (dict(num_pages=1), "num_pages=1"),
-    (dict(kv_memory_fraction=0.0), "kv_memory_fraction=0.0"),
-    (dict(kv_memory_fraction=1.5), "kv_memory_fraction=1.5"),
-    (dict(max_num_seqs=0), "max_num_seqs=0"),
-    (dict(max_num_seqs=64, max_num_batched_tokens=32), "max_num_batched_tokens=32 must be an integer >= max_num_seqs=64"),
-    (dict(max_model_len=1), "max_model_len=1"),
-    (dict(long_prefill_token_threshold=0), "long_prefill_token_threshold=0"),
-    (dict(sliding_window=0), "sliding_window=0"),
-    (dict(token_buckets=(64, 32, 2048)), "strictly increasing"),
-    (dict(token_buckets=(16, 1024)), "largest bucket 1024 must be >= max_num_batched_tokens=2048"),
-    (dict(seq_buckets=()), "non-empty"),
-    (dict(seq_buckets=(1, 2, 32)), "largest bucket 32 must be >= max_num_seqs=64"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(page_size=8), "page_size=8"),
+        (dict(page_size=48), "page_size=48"),
+        (dict(page_size=256), r"page_size=256 must be a power of two in \[16, 128\]"),
+        (dict(num_pages=1), "num_pages=1"),
+        (dict(kv_memory_fraction=0.0), "kv_memory_fraction=0.0"),
+        (dict(kv_memory_fraction=1.5), "kv_memory_fraction=1.5"),
+        (dict(max_num_seqs=0), "max_num_seqs=0"),
+        (
+            dict(max_num_seqs=64, max_num_batched_tokens=32),
+            "max_num_batched_tokens=32 must be an integer >= max_num_seqs=64",
+        ),
+        (dict(max_model_len=1), "max_model_len=1"),
+        (dict(long_prefill_token_threshold=0), "long_prefill_token_threshold=0"),
+        (dict(sliding_window=0), "sliding_window=0"),
+        (dict(token_buckets=(64, 32, 2048)), "strictly increasing"),
+        (
+            dict(token_buckets=(16, 1024)),
+            "largest bucket 1024 must be >= max_num_batched_tokens=2048",
+        ),
+        (dict(seq_buckets=()), "non-empty"),
+        (dict(seq_buckets=(1, 2, 32)), "largest bucket 32 must be >= max_num_seqs=64"),
+    ],
+)
 def test_bad_values_name_the_value_and_the_valid_range(kw, msg):
     with pytest.raises(UserError, match=msg):
         EngineConfig(**kw)
 
 
 def test_host_side_modules_do_not_import_jax():
-    code = ("import sys; import jaxturbo.inference.engine.scheduler; "
-            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))")
+    code = (
+        "import sys; import jaxturbo.inference.engine.scheduler; "
+        "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

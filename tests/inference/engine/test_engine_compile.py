@@ -38,8 +38,9 @@ class CompileCounter:
 
 def test_no_compilation_after_warmup(engine):
     assert engine.runner.num_compiles == 4
-    assert set(engine.runner._compiled) == {StepShape(t, 4, s) for t in (16, 32)
-                                            for s in (False, True)}
+    assert set(engine.runner._compiled) == {
+        StepShape(t, 4, s) for t in (16, 32) for s in (False, True)
+    }
     counter = CompileCounter()
     jax.monitoring.register_event_duration_secs_listener(counter)
     try:
@@ -58,9 +59,14 @@ def test_no_compilation_after_warmup(engine):
             if pending and steps % 2 == 0:
                 n = pending.pop()
                 sampled = n % 3 == 0
-                p = RequestParams(max_tokens=int(rng.randint(1, 15)), ignore_eos=True,
-                                  temperature=0.9 if sampled else 0.0, top_k=10 if sampled else 0,
-                                  top_p=0.8 if sampled else 1.0, seed=n)
+                p = RequestParams(
+                    max_tokens=int(rng.randint(1, 15)),
+                    ignore_eos=True,
+                    temperature=0.9 if sampled else 0.0,
+                    top_k=10 if sampled else 0,
+                    top_p=0.8 if sampled else 1.0,
+                    seed=n,
+                )
                 rid = engine.add_request(random_prompts((n,), seed=n)[0], p)
                 if n % 5 == 0:
                     aborted.append(rid)
@@ -74,7 +80,7 @@ def test_no_compilation_after_warmup(engine):
     finally:
         jax.monitoring.unregister_event_duration_listener(counter)
     assert counter.count == 0 and engine.runner.num_compiles == 4
-    assert shapes_seen == set(engine.runner._compiled)   # every program ran
+    assert shapes_seen == set(engine.runner._compiled)  # every program ran
     s = engine.stats()
     assert s.num_preemptions > 0
     assert s.kv_pages_used == 0 and s.kv_pages_free == 7 and s.num_running == s.num_waiting == 0

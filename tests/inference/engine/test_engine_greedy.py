@@ -59,14 +59,20 @@ def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(model, async_
     # 11 usable pages of 16 tokens for requests of up to 82 tokens: preemption; a 32-token
     # budget with 24-token chunks: the 33..70-token prompts prefill in several steps
     config = engine_config(num_pages=12, long_prefill_token_threshold=24)
-    engine = Engine(params, cfg, config=config, sort_variants=False, compilation_cache_dir=None,
-                    async_scheduling=async_scheduling)
+    engine = Engine(
+        params,
+        cfg,
+        config=config,
+        sort_variants=False,
+        compilation_cache_dir=None,
+        async_scheduling=async_scheduling,
+    )
     got = run_arrivals(engine, prompts)
     for i in range(len(prompts)):
         assert got[i] == ref[i], f"prompt {i} ({len(prompts[i])} tokens)"
     s = engine.stats()
     assert s.num_preemptions > 0
-    assert s.prefix_saved_tokens >= 32          # prompt 6 took prompt 1's two pages
+    assert s.prefix_saved_tokens >= 32  # prompt 6 took prompt 1's two pages
     assert s.prefill_tokens_computed >= s.prompt_tokens - s.prefix_saved_tokens
     assert s.kv_pages_used == 0 and s.num_running == s.num_waiting == 0
     assert s.kv_pages_free == s.kv_pages_total == 11 and s.capacity_tokens == 11 * 16
@@ -79,18 +85,22 @@ def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(model, async_
 
 def windowed_greedy(params, cfg, prompts, n, window):
     """Greedy continuation through the cache-free forward with a windowed causal mask."""
-    attn = functools.partial(pallas_kernels.attention, causal=True, sliding_window=window - 1,
-                             implementation="xla")
+    attn = functools.partial(
+        pallas_kernels.attention, causal=True, sliding_window=window - 1, implementation="xla"
+    )
     width = max(map(len, prompts)) + n
-    step = jax.jit(lambda toks: forward(params, cfg, toks,
-                                        attn_fn=lambda q, k, v, segment_ids: attn(q, k, v))[0])
+    step = jax.jit(
+        lambda toks: forward(params, cfg, toks, attn_fn=lambda q, k, v, segment_ids: attn(q, k, v))[
+            0
+        ]
+    )
     seqs = [list(p) for p in prompts]
     for _ in range(n):
         rows = jnp.asarray([s + [0] * (width - len(s)) for s in seqs])
         logits = np.asarray(step(rows))
         for s, row in zip(seqs, logits):
             s.append(int(row[len(s) - 1].argmax()))
-    return [s[len(p):] for s, p in zip(seqs, prompts)]
+    return [s[len(p) :] for s, p in zip(seqs, prompts)]
 
 
 def test_sliding_window_releases_pages_and_matches_windowed_attention(model):

@@ -29,9 +29,14 @@ def test_mla_greedy_matches_generate(tiny):
     prompts = random_prompts((7, 45, 20, 30), V, seed=8)
     ref = generate(params, cfg, prompts, max_new_tokens=NEW, bucket_multiple=16).sequences()
     # 6 usable pages for requests of up to 4 pages each: preemption
-    engine = Engine(params, cfg, config=engine_config(num_pages=7, max_model_len=96),
-                    sort_variants=False, compilation_cache_dir=None)
-    assert engine.runner.pages[0].shape == (2, 7, 16, cfg.cache_rank)   # latent rows
+    engine = Engine(
+        params,
+        cfg,
+        config=engine_config(num_pages=7, max_model_len=96),
+        sort_variants=False,
+        compilation_cache_dir=None,
+    )
+    assert engine.runner.pages[0].shape == (2, 7, 16, cfg.cache_rank)  # latent rows
     assert engine.runner.pages[1].shape == (2, 7, 16, cfg.qk_rope_head_dim)
     p = RequestParams(max_tokens=NEW, ignore_eos=True)
     rids = [engine.add_request(prompts[0], p), engine.add_request(prompts[1], p)]
@@ -52,6 +57,11 @@ def test_mla_greedy_matches_generate(tiny):
 def test_mla_refuses_a_tensor_mesh(tiny):
     cfg, params = tiny
     with pytest.raises(UserError, match="tensor-parallel MLA"):
-        Engine(params, cfg, config=engine_config(max_model_len=96),
-               mesh=make_mesh("tensor=2", jax.devices()[:2]), warmup=False,
-               compilation_cache_dir=None)
+        Engine(
+            params,
+            cfg,
+            config=engine_config(max_model_len=96),
+            mesh=make_mesh("tensor=2", jax.devices()[:2]),
+            warmup=False,
+            compilation_cache_dir=None,
+        )

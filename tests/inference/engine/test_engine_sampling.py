@@ -24,7 +24,7 @@ def test_per_row_filters_equal_the_static_filters_row_by_row():
     k, p, m = (jnp.asarray([r[i] for r in rows]) for i in range(3))
     got = np.asarray(filter_logits(x, k.astype(jnp.int32), p.astype(jnp.float32), m))
     for i, (ki, pi, mi) in enumerate(rows):
-        want = np.asarray(filter_logits(x[i:i + 1], top_k=ki, top_p=pi, min_p=mi))[0]
+        want = np.asarray(filter_logits(x[i : i + 1], top_k=ki, top_p=pi, min_p=mi))[0]
         np.testing.assert_array_equal(got[i], want)
     kept = np.isfinite(got).sum(axis=1)
     assert kept[0] == 40 and kept[1] == 5 and kept[2] < 40 and kept[3] <= 8
@@ -42,7 +42,7 @@ def test_sample_rows_streams_follow_seed_and_position_not_the_row():
     perm = jnp.asarray([2, 0, 3, 1])
     tok2, *_ = sample_rows(logits[perm], temp[perm], seeds[perm], pos[perm])
     np.testing.assert_array_equal(np.asarray(tok)[np.asarray(perm)], np.asarray(tok2))
-    assert int(tok[1]) == int(jnp.argmax(logits[1]))                     # temperature 0
+    assert int(tok[1]) == int(jnp.argmax(logits[1]))  # temperature 0
     ref = jax.nn.log_softmax(logits / jnp.where(temp > 0, temp, 1.0)[:, None])
     np.testing.assert_allclose(np.asarray(logp), np.asarray(ref[jnp.arange(4), tok]), rtol=1e-6)
     assert top_ids.shape == (4, 3) and bool(jnp.all(top_logp[:, :-1] >= top_logp[:, 1:]))
@@ -52,18 +52,30 @@ def test_sample_rows_streams_follow_seed_and_position_not_the_row():
 @pytest.fixture(scope="module")
 def engine():
     cfg, params = tiny_model(seed=11, eos_token_id=(66,))
-    return Engine(params, cfg, AsciiTokenizer(), engine_config(), max_top_logprobs=3,
-                  compilation_cache_dir=None)
+    return Engine(
+        params,
+        cfg,
+        AsciiTokenizer(),
+        engine_config(),
+        max_top_logprobs=3,
+        compilation_cache_dir=None,
+    )
 
 
 def test_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
     prompt, others = random_prompts((23, 9, 41), seed=3)[0], random_prompts((9, 41), seed=5)
-    p = RequestParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, min_p=0.02, seed=7,
-                      ignore_eos=True)
+    p = RequestParams(
+        max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, min_p=0.02, seed=7, ignore_eos=True
+    )
     alone = engine.generate([prompt], p)[0].token_ids
-    mixed = engine.generate([others[0], prompt, others[1]], [
-        RequestParams(max_tokens=14, temperature=0.8, seed=1, ignore_eos=True), p,
-        RequestParams(max_tokens=6, ignore_eos=True)])
+    mixed = engine.generate(
+        [others[0], prompt, others[1]],
+        [
+            RequestParams(max_tokens=14, temperature=0.8, seed=1, ignore_eos=True),
+            p,
+            RequestParams(max_tokens=6, ignore_eos=True),
+        ],
+    )
     assert mixed[1].token_ids == alone and len(alone) == 10
     other_seed = engine.generate([prompt], RequestParams(**{**p.__dict__, "seed": 8}))[0]
     assert other_seed.token_ids != alone
@@ -72,19 +84,21 @@ def test_seeded_sample_is_the_same_alone_and_in_a_batch(engine):
 def test_n_samples_share_the_prompt_pages(engine):
     prompt = random_prompts((40,), seed=9)[0]
     before = engine.stats().prefix_saved_tokens
-    out = engine.generate([prompt], RequestParams(max_tokens=8, temperature=2.0, n=3, seed=4,
-                                                  ignore_eos=True))[0]
+    out = engine.generate(
+        [prompt], RequestParams(max_tokens=8, temperature=2.0, n=3, seed=4, ignore_eos=True)
+    )[0]
     assert [s.index for s in out.samples] == [0, 1, 2]
     assert all(len(s.token_ids) == 8 for s in out.samples)
-    assert len({tuple(s.token_ids) for s in out.samples}) > 1   # distinct streams
-    assert engine.stats().prefix_saved_tokens - before >= 2 * 32   # two full pages, twice
+    assert len({tuple(s.token_ids) for s in out.samples}) > 1  # distinct streams
+    assert engine.stats().prefix_saved_tokens - before >= 2 * 32  # two full pages, twice
     assert engine.stats().kv_pages_used == 0
 
 
 def test_logprobs_are_the_models(engine):
     prompt = random_prompts((12,), seed=10)[0]
-    out = engine.generate([prompt], RequestParams(max_tokens=6, logprobs=True, top_logprobs=3,
-                                                  ignore_eos=True))[0].samples[0]
+    out = engine.generate(
+        [prompt], RequestParams(max_tokens=6, logprobs=True, top_logprobs=3, ignore_eos=True)
+    )[0].samples[0]
     seq = jnp.asarray([prompt + out.token_ids])
     logits, _ = forward(engine.runner.params, engine.cfg, seq)
     ref = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
@@ -101,13 +115,14 @@ def test_stop_token_ids_eos_and_stop_strings(engine):
     toks, text = free.token_ids, free.text
     assert text == AsciiTokenizer().decode(toks) and free.samples[0].finish_reason == "length"
     # a stop token id ends the sample on it (the token is kept)
-    by_id = engine.generate([prompt], RequestParams(max_tokens=12, stop_token_ids=[toks[3]],
-                                                    ignore_eos=True))[0]
+    by_id = engine.generate(
+        [prompt], RequestParams(max_tokens=12, stop_token_ids=[toks[3]], ignore_eos=True)
+    )[0]
     first = toks.index(toks[3])
-    assert by_id.token_ids == toks[:first + 1] and by_id.samples[0].finish_reason == "stop"
+    assert by_id.token_ids == toks[: first + 1] and by_id.samples[0].finish_reason == "stop"
     # the model's EOS (id 66) ends it unless ignore_eos
     with_eos = engine.generate([prompt], RequestParams(max_tokens=12))[0]
-    assert 66 in toks[:-1] and with_eos.token_ids == toks[:toks.index(66) + 1]
+    assert 66 in toks[:-1] and with_eos.token_ids == toks[: toks.index(66) + 1]
     assert with_eos.samples[0].finish_reason == "stop"
     # a stop string is cut from the text, streamed deltas never show part of it
     stop = text[5:7]
@@ -118,7 +133,7 @@ def test_stop_token_ids_eos_and_stop_strings(engine):
             assert o.request_id == rid
             deltas.append(o.new_text)
             reason = o.finish_reason or reason
-    assert "".join(deltas) == text[:text.find(stop)] and reason == "stop"
+    assert "".join(deltas) == text[: text.find(stop)] and reason == "stop"
     assert engine.stats().kv_pages_used == 0
 
 

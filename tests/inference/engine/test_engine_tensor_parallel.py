@@ -32,10 +32,16 @@ def model():
 def test_tensor_parallel_greedy_matches_single_device_generate(model, tp):
     cfg, params, prompts, ref = model
     mesh = make_mesh(f"tensor={tp}", jax.devices()[:tp])
-    engine = Engine(params, cfg, config=engine_config(num_pages=10), mesh=mesh,
-                    sort_variants=False, compilation_cache_dir=None)
+    engine = Engine(
+        params,
+        cfg,
+        config=engine_config(num_pages=10),
+        mesh=mesh,
+        sort_variants=False,
+        compilation_cache_dir=None,
+    )
     k_pages = engine.runner.pages[0]
-    assert k_pages.shape[3] == max(cfg.num_key_value_heads, tp)   # global KV heads
+    assert k_pages.shape[3] == max(cfg.num_key_value_heads, tp)  # global KV heads
     assert k_pages.sharding.spec == P(None, None, None, "tensor", None)
     assert k_pages.addressable_shards[0].data.shape[3] == max(cfg.num_key_value_heads, tp) // tp
     got = engine.generate(prompts, RequestParams(max_tokens=NEW, ignore_eos=True))
@@ -49,5 +55,11 @@ def test_paged_cache_specs_and_mesh_checks(model):
     assert spec.k_pages == spec.v_pages == P(None, None, None, "tensor", None)
     assert spec.page_tables == spec.slot_mapping == P() and spec.sliding_window == 4
     with pytest.raises(UserError, match="'tensor' only"):
-        Engine(params, cfg, config=engine_config(), mesh=make_mesh("data=2", jax.devices()[:2]),
-               warmup=False, compilation_cache_dir=None)
+        Engine(
+            params,
+            cfg,
+            config=engine_config(),
+            mesh=make_mesh("data=2", jax.devices()[:2]),
+            warmup=False,
+            compilation_cache_dir=None,
+        )

@@ -140,8 +140,14 @@ def test_cache_salt_and_disabled_caching_isolate():
     a = Request("a", PREFIX + [1], max_tokens=4, cache_salt="tenant-1")
     admit(kv, a)
     run_step(a, a.num_tokens)
-    assert kv.get_computed_pages(Request("b", PREFIX + [1], max_tokens=4, cache_salt="tenant-2"))[1] == 0
-    assert kv.get_computed_pages(Request("c", PREFIX + [1], max_tokens=4, cache_salt="tenant-1"))[1] == 48
+    assert (
+        kv.get_computed_pages(Request("b", PREFIX + [1], max_tokens=4, cache_salt="tenant-2"))[1]
+        == 0
+    )
+    assert (
+        kv.get_computed_pages(Request("c", PREFIX + [1], max_tokens=4, cache_salt="tenant-1"))[1]
+        == 48
+    )
     off = KVCacheManager(num_pages=16, page_size=PS, enable_prefix_caching=False)
     a = Request("a", PREFIX + [1], max_tokens=4)
     admit(off, a)
@@ -153,7 +159,7 @@ def test_cache_salt_and_disabled_caching_isolate():
 def test_sliding_window_releases_pages_that_leave_the_window():
     kv = KVCacheManager(num_pages=16, page_size=PS, sliding_window=20)
     r = Request("a", list(range(1, 81)), max_tokens=4)  # five pages of prompt
-    for step in range(5):
+    for _ in range(5):
         assert kv.allocate_slots(r, 16)
         run_step(r, 16)
         # the next token (position 16 * (step + 1)) attends from position 16 * (step + 1) - 19
@@ -162,7 +168,10 @@ def test_sliding_window_releases_pages_that_leave_the_window():
     assert kv.stats().pages_used == 3
     r.append_output_token(5)
     assert kv.allocate_slots(r, 1)  # computed 80: window starts at 61, page 3 (48..63) still needed
-    assert r.page_table[:4] == [NULL_PAGE, NULL_PAGE, NULL_PAGE, r.page_table[3]] and r.page_table[3] != NULL_PAGE
+    assert (
+        r.page_table[:4] == [NULL_PAGE, NULL_PAGE, NULL_PAGE, r.page_table[3]]
+        and r.page_table[3] != NULL_PAGE
+    )
     kv.free(r)
     assert kv.num_free_pages == 15
 
@@ -191,7 +200,12 @@ def test_pages_needed_bound():
 def test_from_config():
     cfg = EngineConfig(page_size=32, num_pages=10, sliding_window=64, enable_prefix_caching=False)
     kv = KVCacheManager.from_config(cfg)
-    assert (kv.num_usable_pages, kv.page_size, kv.sliding_window, kv.enable_prefix_caching) == (9, 32, 64, False)
+    assert (kv.num_usable_pages, kv.page_size, kv.sliding_window, kv.enable_prefix_caching) == (
+        9,
+        32,
+        64,
+        False,
+    )
     assert KVCacheManager.from_config(cfg, num_pages=4).num_usable_pages == 3
     with pytest.raises(ValueError, match="num_pages is None"):
         KVCacheManager.from_config(EngineConfig())

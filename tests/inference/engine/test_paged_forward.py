@@ -30,15 +30,21 @@ def batch(tokens: list[list[int]], spans: list[tuple[int, int]], tables: list[li
     pt = np.zeros((len(spans), MAX_PAGES), np.int32)
     lens, qsl, at = np.zeros(len(spans), np.int32), [0], 0
     for s, ((a, b), table) in enumerate(zip(spans, tables)):
-        pt[s, :len(table)] = table
+        pt[s, : len(table)] = table
         p = np.arange(a, b)
-        tok[at:at + b - a], pos[at:at + b - a] = np.asarray(tokens[s])[a:b], p
-        slot[at:at + b - a] = pt[s, p // PS] * PS + p % PS
+        tok[at : at + b - a], pos[at : at + b - a] = np.asarray(tokens[s])[a:b], p
+        slot[at : at + b - a] = pt[s, p // PS] * PS + p % PS
         at += b - a
         lens[s] = b if b > a else 0
         qsl.append(at)
-    return (jnp.asarray(tok)[None], jnp.asarray(pos)[None], jnp.asarray(slot), jnp.asarray(pt),
-            jnp.asarray(lens), jnp.asarray(qsl, dtype=jnp.int32))
+    return (
+        jnp.asarray(tok)[None],
+        jnp.asarray(pos)[None],
+        jnp.asarray(slot),
+        jnp.asarray(pt),
+        jnp.asarray(lens),
+        jnp.asarray(qsl, dtype=jnp.int32),
+    )
 
 
 def seq_tokens(cfg) -> list[list[int]]:
@@ -60,7 +66,7 @@ def paged_logits(params, cfg, window=None):
 
     _, pages = run(params, pages, *batch(tokens, [(0, c) for _, c, _ in SEQS], tables))
     logits, _ = run(params, pages, *batch(tokens, [(c, n) for n, c, _ in SEQS], tables))
-    return np.asarray(logits[:sum(n - c for n, c, _ in SEQS)])
+    return np.asarray(logits[: sum(n - c for n, c, _ in SEQS)])
 
 
 def reference_logits(params, cfg, tokens, attn_fn=None):
@@ -72,8 +78,10 @@ def reference_logits(params, cfg, tokens, attn_fn=None):
     return np.concatenate([logits[i, c:n] for i, (n, c, _) in enumerate(SEQS)])
 
 
-@pytest.mark.parametrize("family,mode,fused", [
-    ("llama", "standard", True), ("qwen3", "ladder", False), ("qwen2", "parallel", False)])
+@pytest.mark.parametrize(
+    "family,mode,fused",
+    [("llama", "standard", True), ("qwen3", "ladder", False), ("qwen2", "parallel", False)],
+)
 def test_paged_batch_matches_cache_free_forward(family, mode, fused):
     extra = {"qwen3": dict(qk_norm=True), "qwen2": dict(attention_bias=True)}.get(family, {})
     cfg, params = tiny_model(model_type=family, residual_mode=mode, **extra)
@@ -89,10 +97,12 @@ def test_sliding_window_matches_windowed_attention():
     keeps the last 6 positions (sliding_window=5 in the dense attention's convention)."""
     cfg, params = tiny_model(residual_mode="hybrid", ladder_layers=1)
     got, tokens = paged_logits(params, cfg, window=6), seq_tokens(cfg)
-    windowed = functools.partial(pallas_kernels.attention, causal=True, sliding_window=5,
-                                 implementation="xla")
-    ref = reference_logits(params, cfg, tokens,
-                           attn_fn=lambda q, k, v, segment_ids: windowed(q, k, v))
+    windowed = functools.partial(
+        pallas_kernels.attention, causal=True, sliding_window=5, implementation="xla"
+    )
+    ref = reference_logits(
+        params, cfg, tokens, attn_fn=lambda q, k, v, segment_ids: windowed(q, k, v)
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
     # the window matters here: full attention gives other logits
     assert np.abs(got - reference_logits(params, cfg, tokens)).max() > 1e-2
@@ -101,7 +111,13 @@ def test_sliding_window_matches_windowed_attention():
 def test_paged_cache_needs_positions():
     cfg, params = tiny_model()
     z = jnp.zeros((1, 1, PS, 2, 8))
-    cache = PagedCache(z, z, jnp.zeros(4, jnp.int32), jnp.zeros((1, 1), jnp.int32),
-                       jnp.zeros(1, jnp.int32), jnp.zeros(2, jnp.int32))
+    cache = PagedCache(
+        z,
+        z,
+        jnp.zeros(4, jnp.int32),
+        jnp.zeros((1, 1), jnp.int32),
+        jnp.zeros(1, jnp.int32),
+        jnp.zeros(2, jnp.int32),
+    )
     with pytest.raises(ValueError, match="positions"):
         forward(params, cfg, jnp.zeros((1, 4), jnp.int32), cache=cache)

@@ -16,12 +16,15 @@ def test_token_bookkeeping():
     assert r.num_tokens_to_compute == 1
 
 
-@pytest.mark.parametrize("args, kw, msg", [
-    (("a", [], 4), {}, "empty prompt"),
-    (("a", [1, -2], 4), {}, "token id -2"),
-    (("a", [1, 2**31], 4), {}, f"token id {2**31}"),
-    (("a", [1], 0), {}, "max_tokens=0"),
-])
+@pytest.mark.parametrize(
+    "args, kw, msg",
+    [
+        (("a", [], 4), {}, "empty prompt"),
+        (("a", [1, -2], 4), {}, "token id -2"),
+        (("a", [1, 2**31], 4), {}, f"token id {2**31}"),
+        (("a", [1], 0), {}, "max_tokens=0"),
+    ],
+)
 def test_bad_requests(args, kw, msg):
     with pytest.raises(UserError, match=msg):
         Request(*args, **kw)
@@ -37,7 +40,9 @@ def test_stop_rules():
     assert ended(0) is FinishReason.STOP
     assert ended(0, ignore_eos=True) is None
     assert ended(4, stop_token_ids=(4,)) is FinishReason.STOP
-    assert ended(4, stop_token_ids=(4,), ignore_eos=True) is FinishReason.STOP  # ignore_eos spares only EOS
+    assert (
+        ended(4, stop_token_ids=(4,), ignore_eos=True) is FinishReason.STOP
+    )  # ignore_eos spares only EOS
     assert ended(4, max_tokens=1) is FinishReason.LENGTH
     assert ended(0, max_tokens=1) is FinishReason.STOP  # a natural end wins over the length limit
     r = Request("b", [1, 2], max_tokens=10)
@@ -60,7 +65,12 @@ def _req(rid, priority, arrival):
 
 def test_priority_fcfs_orders_by_priority_then_arrival():
     q = PriorityFCFS()
-    reqs = [_req("late-urgent", 0, 3), _req("early", 1, 0), _req("urgent", 0, 1), _req("later", 1, 2)]
+    reqs = [
+        _req("late-urgent", 0, 3),
+        _req("early", 1, 0),
+        _req("urgent", 0, 1),
+        _req("later", 1, 2),
+    ]
     for r in reqs:
         q.add(r)
     assert [r.request_id for r in q] == ["urgent", "late-urgent", "early", "later"]

@@ -22,19 +22,30 @@ from tests.inference.engine.test_scheduler_properties import EOS, MAX_MODEL_LEN,
 def run(sc: dict, asynchronous: bool) -> tuple[dict, dict]:
     """Drive a scenario; returns (outputs, finish reasons) per accepted request."""
     specs = sc["requests"]
-    sched = make_scheduler(max_model_len=MAX_MODEL_LEN,
-                           **{k: v for k, v in sc.items() if k != "requests"})
+    sched = make_scheduler(
+        max_model_len=MAX_MODEL_LEN, **{k: v for k, v in sc.items() if k != "requests"}
+    )
     device = FakeDevice(sched, vocab=VOCAB)
-    true: dict[str, list[int]] = {}   # every request's tokens as the device knows them
+    true: dict[str, list[int]] = {}  # every request's tokens as the device knows them
     outputs: dict[str, list[int]] = defaultdict(list)
     reasons: dict[str, FinishReason] = {}
     arrivals = sorted(enumerate(specs), key=lambda x: x[1]["arrive"])
 
     def launch(out: SchedulerOutput) -> dict[str, int]:
         # the device feeds its own previous samples where the host has placeholders
-        real = dataclasses.replace(out, scheduled=tuple(dataclasses.replace(sr, token_ids=tuple(
-            true[sr.request_id][sr.start_position + j] if t == PLACEHOLDER_TOKEN else t
-            for j, t in enumerate(sr.token_ids))) for sr in out.scheduled))
+        real = dataclasses.replace(
+            out,
+            scheduled=tuple(
+                dataclasses.replace(
+                    sr,
+                    token_ids=tuple(
+                        true[sr.request_id][sr.start_position + j] if t == PLACEHOLDER_TOKEN else t
+                        for j, t in enumerate(sr.token_ids)
+                    ),
+                )
+                for sr in out.scheduled
+            ),
+        )
         sampled = device.run(real, true)
         for rid, t in sampled.items():
             true[rid].append(t)
@@ -60,9 +71,15 @@ def run(sc: dict, asynchronous: bool) -> tuple[dict, dict]:
         assert step < 5000, "no progress"
         while arrivals and arrivals[0][1]["arrive"] <= step:
             i, s = arrivals.pop(0)
-            req = Request(f"r{i}", s["prompt"], s["max_tokens"], priority=s["priority"],
-                          ignore_eos=s["ignore_eos"], stop_token_ids=s["stop"],
-                          eos_token_ids=(EOS,))
+            req = Request(
+                f"r{i}",
+                s["prompt"],
+                s["max_tokens"],
+                priority=s["priority"],
+                ignore_eos=s["ignore_eos"],
+                stop_token_ids=s["stop"],
+                eos_token_ids=(EOS,),
+            )
             try:
                 sched.add_request(req)
             except UserError:
@@ -83,7 +100,7 @@ def run(sc: dict, asynchronous: bool) -> tuple[dict, dict]:
                     inflight = launch(out)
                     sched.commit_step()
             if inflight is not None:
-                nxt = sched.schedule()   # before the in-flight step's tokens are known
+                nxt = sched.schedule()  # before the in-flight step's tokens are known
                 check_invariants(sched, nxt)
                 for sr in nxt.scheduled:  # a placeholder is only ever the last known token
                     toks = sched.get_request(sr.request_id).all_token_ids
@@ -151,14 +168,17 @@ def test_stop_token_relabels_a_length_finish_and_placeholder_pages_wait():
     sched.commit_step()
     assert a.is_finished and a.finish_reason is FinishReason.LENGTH
     assert b.all_token_ids[-1] == PLACEHOLDER_TOKEN and b.num_known_tokens == 15
-    nxt = sched.schedule()                     # b decodes its placeholder: page 0 now full
+    nxt = sched.schedule()  # b decodes its placeholder: page 0 now full
     assert nxt.scheduled[0].token_ids == (PLACEHOLDER_TOKEN,)
-    assert sched.kv.pool.num_cached == 0       # page 0 ends in a placeholder: not hashed yet
-    outs = sched.resolve_tokens({sr.request_id: fake_token(sr.request_id, sr.seq_len, 1000)
-                                 for sr in out.scheduled})
+    assert sched.kv.pool.num_cached == 0  # page 0 ends in a placeholder: not hashed yet
+    outs = sched.resolve_tokens(
+        {sr.request_id: fake_token(sr.request_id, sr.seq_len, 1000) for sr in out.scheduled}
+    )
     assert a.finish_reason is FinishReason.STOP
-    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", FinishReason.STOP),
-                                                               ("b", None)]
+    assert [(o.request_id, o.finish_reason) for o in outs] == [
+        ("a", FinishReason.STOP),
+        ("b", None),
+    ]
     sched.commit_step()
-    sched.schedule()                           # b's next allocation registers page 0
+    sched.schedule()  # b's next allocation registers page 0
     assert sched.kv.pool.num_cached == 1

@@ -29,7 +29,7 @@ BASES = [[1 + (i * k) % 5 for i in range(96)] for k in (1, 2, 3)]
 @st.composite
 def request_specs(draw, pressure: bool = False):
     base = BASES[draw(st.integers(0, len(BASES) - 1))]
-    prefix = base[:draw(st.sampled_from([0, 5, 16, 32, 40, 48, 64]))]
+    prefix = base[: draw(st.sampled_from([0, 5, 16, 32, 40, 48, 64]))]
     suffix = draw(st.lists(st.integers(1, 6), min_size=0 if prefix else 1, max_size=20))
     return dict(
         prompt=prefix + suffix,
@@ -40,7 +40,9 @@ def request_specs(draw, pressure: bool = False):
         arrive=draw(st.integers(0, 3 if pressure else 12)),
         # abort at a step (before schedule, or between schedule and the step's result)
         abort=draw(st.none() | st.tuples(st.integers(0, 60), st.booleans())),
-        stop_string_after=draw(st.none() | st.integers(1, 10)),  # outputs before the caller stops it
+        stop_string_after=draw(
+            st.none() | st.integers(1, 10)
+        ),  # outputs before the caller stops it
     )
 
 
@@ -56,7 +58,9 @@ def scenarios(draw, windowed: bool, pressure: bool = False):
         long_prefill_token_threshold=draw(st.none() | st.integers(1, 40)),
         enable_prefix_caching=draw(st.booleans()),
         sliding_window=draw(st.integers(1, 40)) if windowed else None,
-        requests=draw(st.lists(request_specs(pressure), min_size=3 if pressure else 1, max_size=12)),
+        requests=draw(
+            st.lists(request_specs(pressure), min_size=3 if pressure else 1, max_size=12)
+        ),
     )
 
 
@@ -74,14 +78,23 @@ def run_scenario(sc: dict) -> None:
         assert step < 5000, "the scheduler stopped making progress"
         while arrivals and arrivals[0][1]["arrive"] <= step:
             i, s = arrivals.pop(0)
-            req = Request(f"r{i}", s["prompt"], s["max_tokens"], priority=s["priority"], ignore_eos=s["ignore_eos"],
-                          stop_token_ids=s["stop"], eos_token_ids=(EOS,))
+            req = Request(
+                f"r{i}",
+                s["prompt"],
+                s["max_tokens"],
+                priority=s["priority"],
+                ignore_eos=s["ignore_eos"],
+                stop_token_ids=s["stop"],
+                eos_token_ids=(EOS,),
+            )
             try:
                 sched.add_request(req)
             except UserError:
                 # only a request that can never fit is refused
-                need = sched.kv.max_pages_needed(min(len(s["prompt"]) + s["max_tokens"], MAX_MODEL_LEN) - 1,
-                                                 sched.config.max_chunk_tokens)
+                need = sched.kv.max_pages_needed(
+                    min(len(s["prompt"]) + s["max_tokens"], MAX_MODEL_LEN) - 1,
+                    sched.config.max_chunk_tokens,
+                )
                 assert need > sched.kv.num_usable_pages
                 continue
             accepted[req.request_id] = req
@@ -96,7 +109,9 @@ def run_scenario(sc: dict) -> None:
         for i, s in enumerate(specs):
             if s["abort"] == (step, True) and sched.abort_request(f"r{i}"):
                 reasons[f"r{i}"] = FinishReason.ABORT
-        sampled = device.run(out, tokens_of)  # the step runs as scheduled, aborted requests included
+        sampled = device.run(
+            out, tokens_of
+        )  # the step runs as scheduled, aborted requests included
         for o in sched.update_from_output(sampled):
             rid = o.request_id
             tokens_of[rid].append(o.new_token_id)
@@ -121,9 +136,14 @@ def run_scenario(sc: dict) -> None:
         assert outputs[rid] == [fake_token(rid, p0 + k, VOCAB) for k in range(len(outputs[rid]))]
         if reasons[rid] is FinishReason.LENGTH:
             assert len(outputs[rid]) == req.max_tokens or req.num_tokens == MAX_MODEL_LEN
-        if reasons[rid] is FinishReason.STOP and outputs[rid] and len(outputs[rid]) != specs[int(rid[1:])][
-                "stop_string_after"]:
-            assert outputs[rid][-1] in req.stop_token_ids or (not req.ignore_eos and outputs[rid][-1] == EOS)
+        if (
+            reasons[rid] is FinishReason.STOP
+            and outputs[rid]
+            and len(outputs[rid]) != specs[int(rid[1:])]["stop_string_after"]
+        ):
+            assert outputs[rid][-1] in req.stop_token_ids or (
+                not req.ignore_eos and outputs[rid][-1] == EOS
+            )
         # no earlier token should have stopped it
         for t in outputs[rid][:-1]:
             assert t not in req.stop_token_ids and (req.ignore_eos or t != EOS)
