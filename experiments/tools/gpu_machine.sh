@@ -12,9 +12,10 @@
 #   bash experiments/tools/gpu_machine.sh setup ladderheal        # GGUF, one GPU, ~150 s
 #
 # Stages (each runs one `python -m experiments.<topic>.<script>`; see that topic's RESULTS.md):
-#   generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain | engine | serve |
+#   gputests | generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain |
+#   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE) | serve |
 #   train unrolled trace probe fsdp8b | ladder ladder_grid ladder_profile | sp4 longest |
-#   mladecode mlaconverted heal | ladderheal | grpo
+#   mladecode mlaconverted heal | ladderheal | grpo (GRPO_ENGINE=engine|jax)
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib, nor the server's fastapi/uvicorn): their wheels travel in .whl/ and .wh2/
