@@ -1,5 +1,5 @@
 """Shared helpers for the benchmark scripts: timing, copy bandwidth, per-program memory, result
-tables.  Imported as `from experiments.bench_util import ...` (run scripts from the repository
+tables, a word-level tokenizer for random-weight shapes.  Imported as `from experiments.bench_util import ...` (run scripts from the repository
 root as `python -m experiments.<topic>.<script>`); how the suite times is in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import collections
 import gzip
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +173,35 @@ def kernel_summary(trace_dir: Path, steps: int = 1, top: int = 40) -> dict:
             for n, c, t in rows[:top]
         ],
     }
+
+
+# A word-level tokenizer for random-weight model shapes: token id i <-> the word "w<i>".  A prompt
+# of token ids becomes the text "w12 w7 w993 ...", which encodes back to exactly those ids, so a
+# text prompt and a token-id prompt are the same workload, and every generated token decodes to
+# text (a server's incremental detokenization runs as for a real model).  It saves like any
+# transformers tokenizer (`save_pretrained`), with a chat template, so `jaxturbo serve --model
+# DIR` loads it from a model directory.
+WORD_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}w0{% endif %}"
+)
+
+
+def word_tokenizer(vocab_size: int) -> Any:
+    """A transformers fast tokenizer over the words w0 .. w<vocab_size - 1> (split on spaces;
+    unknown words -> w0; no special tokens, no BOS/EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0")
+    tok.chat_template = WORD_CHAT_TEMPLATE
+    return tok
+
+
+def ids_to_text(ids: Sequence[int]) -> str:
+    """The text `word_tokenizer` encodes to exactly `ids`."""
+    return " ".join(f"w{int(i)}" for i in ids)

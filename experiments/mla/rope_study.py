@@ -3,7 +3,7 @@
 care-uniform on SmolLM2-135M-Instruct with {geometric, free} layouts x {energy, rotation}
 criteria (the same calibration and evaluation tokens as experiments.mla.conversion's full
 preset).  Writes OUT.{json,md} after every row (OUT a path stem, default
-experiments/mla/results/rope_study).  CPU, ~10 minutes:
+experiments/mla/results/rope_study; its table is kept in experiments/mla/RESULTS.md).  CPU, ~10 minutes:
 
   python -m experiments.mla.rope_study
 """

@@ -47,10 +47,13 @@ use_decode_xla_flags()  # before JAX starts its backend: the flags `jaxturbo ser
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from experiments.bench_util import device_name, write_table  # noqa: E402
+from experiments.bench_util import (  # noqa: E402
+    device_name,
+    word_tokenizer,  # noqa: E402
+    write_table,
+)
 from experiments.engine.bench import PRESETS as ENGINE_PRESETS  # noqa: E402
 from experiments.engine.bench import run_engine_w1, w1_prompts  # noqa: E402
-from experiments.serve.tokenizer import word_tokenizer  # noqa: E402
 from jaxturbo.inference.engine.config import EngineConfig  # noqa: E402
 from jaxturbo.inference.engine.engine import Engine  # noqa: E402
 from jaxturbo.inference.engine.params import RequestParams  # noqa: E402

@@ -1,7 +1,6 @@
 """Deviceless GPU compilation: XLA compiles for a GPU it does not have, on a CPU-only machine.
 
-Given a GPU's description (a `GpuTargetConfigProto`, e.g. `h100_target_config.pbtxt` beside this
-file) and a topology, `jax.jit(...).lower(...).compile()` runs the whole GPU pipeline: fusion,
+Given a GPU's description (a `GpuTargetConfigProto`, e.g. `H100_TARGET_CONFIG` below) and a topology, `jax.jit(...).lower(...).compile()` runs the whole GPU pipeline: fusion,
 the latency-hiding scheduler, the async-collective conversion, Mosaic GPU's lowering and ptxas.
 Only the autotuning of GEMM algorithms is skipped.  What it cannot tell is time.  It answers
 "what will the GPU run" before any device time is spent: the schedule of a TP decode step
@@ -24,10 +23,37 @@ forward the same 168 registers and no spills that ptxas reported there.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TARGETS = {"h100": HERE / "h100_target_config.pbtxt"}
+# XLA GpuTargetConfigProto (text) of one H100 80GB HBM3 (SXM): what XLA reads off the device,
+# written out so that XLA compiles for it without one.  The runtime and cuDNN versions are those
+# JAX 0.11.2's cu13 wheels bring.
+H100_TARGET_CONFIG = """\
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+runtime_version: { major: 13 minor: 0 patch: 0 }
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 19 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+TARGETS = {"h100": H100_TARGET_CONFIG}
 
 
 def gpu_devices(count: int, target: str = "h100") -> list:
@@ -43,7 +69,7 @@ def gpu_devices(count: int, target: str = "h100") -> list:
 
     try:
         topo = topologies.get_topology_desc(
-            "aot", "cuda", topology=f"1x1x{count}", target_config=TARGETS[target].read_text()
+            "aot", "cuda", topology=f"1x1x{count}", target_config=TARGETS[target]
         )
     except Exception as e:  # noqa: BLE001 - any failure here means: no usable CUDA plugin
         raise SystemExit(

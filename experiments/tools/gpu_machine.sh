@@ -12,7 +12,7 @@
 #   bash experiments/tools/gpu_machine.sh setup ladderheal        # GGUF, one GPU, ~150 s
 #
 # Stages (each runs one `python -m experiments.<topic>.<script>`; see that topic's RESULTS.md):
-#   gputests | generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain |
+#   gputests (GPU_TESTS_TIMEOUT, GPU_TEST_WORKERS) | generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain |
 #   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE) | serve |
 #   train unrolled trace probe fsdp8b | ladder ladder_grid ladder_profile | sp4 longest |
 #   mladecode mlaconverted heal | ladderheal | grpo (GRPO_ENGINE=engine|jax)
@@ -133,10 +133,24 @@ gmm() {  # MoE grouped GEMM against ragged_dot and the dense matmul (GMM_ARGS: e
 }
 
 gputests() {  # the whole `-m gpu` test suite, its complete log in $OUT/tests/pytest_gpu.log
+  # compilation dominates and is CPU-bound: GPU_TEST_WORKERS pytest-xdist workers (its wheel
+  # travels in .whl) share the GPU, each preallocating a slice of its memory; test modules whose
+  # packages did not travel are skipped at collection (lazy imports, pytest.importorskip)
   mkdir -p "$OUT/tests"
-  OUT="$OUT/tests" timeout ${GPU_TESTS_TIMEOUT:-300} bash experiments/tools/run_gpu_tests.sh \
-    > /dev/null 2>&1
-  tail -5 "$OUT/tests/pytest_gpu.log"
+  local log=$OUT/tests/pytest_gpu.log workers=${GPU_TEST_WORKERS:-4}
+  $PY -c "import xdist" 2>/dev/null || workers=1
+  {
+    echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(nvidia-smi --query-gpu=name,memory.total \
+      --format=csv,noheader 2>/dev/null | head -1)"
+    $PY -c "import jax; print('# jax', jax.__version__, jax.devices())"
+    if [ "$workers" -gt 1 ]; then
+      XLA_PYTHON_CLIENT_MEM_FRACTION=${GPU_TEST_MEM_FRACTION:-0.2} timeout \
+        ${GPU_TESTS_TIMEOUT:-600} $PY -m pytest -m gpu tests -q -rs -n "$workers" --dist loadfile
+    else
+      timeout ${GPU_TESTS_TIMEOUT:-600} $PY -m pytest -m gpu tests -q -rs
+    fi
+  } > "$log" 2>&1
+  tail -5 "$log"
 }
 
 serve() {  # `jaxturbo serve` over HTTP vs the same engine offline, W1 (SERVE_SHAPES, one GPU)

@@ -47,7 +47,8 @@ def available(root: Path) -> list[str]:
     its other runnable scripts."""
     names = []
     for topic in sorted((root / "experiments").iterdir()):
-        if not (topic / "__init__.py").is_file() or topic.name == "tools":
+        # topics are namespace packages (folders without __init__.py); tools/ is GPU plumbing
+        if not topic.is_dir() or topic.name.startswith(("_", ".")) or topic.name == "tools":
             continue
         for script in sorted(topic.glob("*.py")):
             if script.name.startswith("_") or "__main__" not in script.read_text(errors="ignore"):

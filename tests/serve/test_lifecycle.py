@@ -21,7 +21,7 @@ import httpx
 import jax
 import pytest
 
-from experiments.serve.tokenizer import ids_to_text, word_tokenizer
+from experiments.bench_util import ids_to_text, word_tokenizer
 from jaxturbo.bridge import export_hf
 from jaxturbo.inference.engine.engine import Engine
 from jaxturbo.models.config import ModelConfig

@@ -1,1 +1,0 @@
-"""Attention kernels against cuDNN, XLA and JAX's shipped kernels (RESULTS.md)."""

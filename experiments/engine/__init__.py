@@ -1,1 +1,0 @@
-"""The inference engine's ragged paged attention vs the contiguous-cache kernels (RESULTS.md)."""

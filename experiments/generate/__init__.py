@@ -1,1 +1,0 @@
-"""Single-GPU decode throughput of the on-device generation loop (RESULTS.md)."""

@@ -1,1 +1,0 @@
-"""Perplexity of pretrained models converted to Ladder-Residual without retraining (RESULTS.md)."""

@@ -1,1 +1,0 @@
-"""GQA -> MLA conversion quality and MLA decode speed (RESULTS.md)."""

@@ -1,1 +1,0 @@
-"""`jaxturbo serve` over HTTP against the same engine offline (bench.py)."""

@@ -1,1 +1,0 @@
-"""Sequence-parallel attention throughput and the longest trainable sequence (RESULTS.md)."""

@@ -1,1 +1,0 @@
-"""Training-step throughput and MFU (RESULTS.md)."""
