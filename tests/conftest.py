@@ -3,9 +3,15 @@ per process, shared fixtures."""
 
 import os
 
+from tests.helpers import CPU_COMPILE_FLAGS  # noqa: E402 - sets nothing, imports no JAX
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# Where the suite runs on the CPU (`make test` sets JAX_PLATFORMS=cpu), XLA compiles for speed of
+# compilation: see CPU_COMPILE_FLAGS.  The GPU machine's run keeps XLA's defaults.
+if os.environ.get("JAX_PLATFORMS") == "cpu" and CPU_COMPILE_FLAGS not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + CPU_COMPILE_FLAGS
 # numpy's OpenBLAS and PyTorch's OpenMP spin-wait for their threads: with the CPUs already busy
 # (two xdist workers on two cores) a 192x576 SVD took 7.6 s with the default threads and 0.06 s
 # with one; 300 small torch matmuls 23 s and 4 s.  XLA's own pool does not suffer (measured).

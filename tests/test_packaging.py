@@ -13,7 +13,6 @@ resolve against the package index.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # what a build reads: the project's metadata and the two packages (meshes/ is the source that
@@ -70,12 +71,7 @@ def run_installed(
 ) -> subprocess.CompletedProcess:
     """`python ARGS` from a directory outside the repository, the installed copy first on the
     path."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(site),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
+    env = cpu_env(devices, PYTHONPATH=str(site))
     cwd = site.parent / "elsewhere"
     cwd.mkdir(exist_ok=True)
     return subprocess.run(

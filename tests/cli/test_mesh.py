@@ -3,12 +3,12 @@
 SmolLM2 has 9 query / 3 KV heads, so the tensor size must divide 9 and 3: the test runs the CLI
 in a subprocess with 3 fake CPU devices (the suite's own process has 8)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from jaxturbo.data import WIKITEXT2_VALID
+from tests.helpers import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,11 +35,7 @@ print(f"=== bad {code}")
 
 
 def test_tensor_parallel_cli_equals_single_device(smollm2_dir, tmp_path):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
-    }
+    env = cpu_env(3)
     data = WIKITEXT2_VALID
     r = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(smollm2_dir), str(data)],

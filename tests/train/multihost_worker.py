@@ -12,8 +12,11 @@ import os
 import sys
 
 out, nproc, pid, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc}"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from tests.helpers import CPU_COMPILE_FLAGS  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // nproc} {CPU_COMPILE_FLAGS}"
 
 from jaxturbo.train.distributed import initialize  # noqa: E402
 
