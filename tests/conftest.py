@@ -2,12 +2,22 @@
 per process, shared fixtures."""
 
 import os
+import tempfile
 
 from tests.helpers import CPU_COMPILE_FLAGS  # noqa: E402 - sets nothing, imports no JAX
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# XLA's persistent compilation cache, shared by the workers, subprocesses and notebook kernels of
+# a run (they inherit the environment): the CLI, notebook and multi-process tests compile the
+# same tiny programs in one process after another.  A cache entry is keyed by the program, the
+# flags and the JAX version, so a later run reuses what is still valid.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxturbo-tests-xla-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))  # bytes, least-recent out
 # Where the suite runs on the CPU (`make test` sets JAX_PLATFORMS=cpu), XLA compiles for speed of
 # compilation: see CPU_COMPILE_FLAGS.  The GPU machine's run keeps XLA's defaults.
 if os.environ.get("JAX_PLATFORMS") == "cpu" and CPU_COMPILE_FLAGS not in os.environ["XLA_FLAGS"]:

@@ -42,6 +42,10 @@ CFG = ModelConfig(
 OPT = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10))
 TRAIN = TrainConfig(compute_dtype="float32")
 B, T, STEPS = 4, 32, 2
+# Parameters after STEPS Adam steps: Adam divides by sqrt(v), so where a gradient is near zero a
+# last-bit difference in the sharded reduction order moves that element's update by up to ~lr; a
+# layout error moves whole rows by far more.  1% of the learning rate separates the two.
+PARAM_ATOL = 1e-4
 
 
 def _batch(seed: int) -> dict[str, np.ndarray]:
@@ -98,7 +102,7 @@ def test_sp_train_step_equals_plain_step(reference, mode, mesh_spec, ring):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[1] != losses[0]
     for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=PARAM_ATOL)
 
 
 # chunked cross-entropy on the sequence-split hidden states: each device's 8 positions per row
@@ -123,7 +127,7 @@ def test_sp_chunked_loss_train_step_equals_plain_step(reference, mode, mesh_spec
     state, losses, _ = _run(make_mesh(mesh_spec), mode, train)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=PARAM_ATOL)
     # the blocks stay split over rows and sequence: the chunked step all-gathers no shape that
     # the unchunked SP step does not (parameters, ids); no hidden state or block is gathered
     unchunked = dataclasses.replace(train, loss_chunk_tokens=0)
