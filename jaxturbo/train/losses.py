@@ -277,13 +277,26 @@ def chunked_cross_entropy(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be >= 1")
-    coef, count = loss_coefficients(weights, segment_ids=segment_ids, normalize=normalize)
     b, t, _ = hidden.shape
     s = seq_shards
     if s < 1 or t % s:
         raise ValueError(f"seq_shards={seq_shards} must be >= 1 and divide the {t} tokens per row")
-    block = max(1, chunk_tokens // (b * s))
+    coef, count, block = chunk_plan(weights, segment_ids, normalize, chunk_tokens, s)
     return Weighted(blocked_nll_sum(hidden, head, targets, coef, block=block, seq_shards=s), count)
+
+
+def chunk_plan(
+    weights: jax.Array,
+    segment_ids: jax.Array | None,
+    normalize: Normalize,
+    chunk_tokens: int,
+    seq_shards: int = 1,
+) -> tuple[jax.Array, jax.Array, int]:
+    """What a chunked loss over weights [B, T] needs: the per-token coefficients [B, T], their
+    count (`loss_coefficients`) and the positions per block, chunk_tokens // (B x seq_shards)
+    (every block keeps all rows and all sequence pieces; at least 1)."""
+    coef, count = loss_coefficients(weights, segment_ids=segment_ids, normalize=normalize)
+    return coef, count, max(1, chunk_tokens // (weights.shape[0] * seq_shards))
 
 
 def loss_coefficients(

@@ -58,9 +58,9 @@ from jaxturbo.train.losses import (
     Weighted,
     add_router_loss,
     blocked_nll_sum,
+    chunk_plan,
     chunked_cross_entropy,
     cross_entropy,
-    loss_coefficients,
     reduce_tokens,
     token_nll,
 )
@@ -312,6 +312,12 @@ class _TensorParallelModel(NamedTuple):
     #   (final normed hidden [b, s, D], local gathered params)
 
 
+def _shard_map_inputs(params: Params, batch: Batch) -> tuple:
+    """(params, tokens, positions, segment_ids, targets): what a parallel loss hands its shard_map
+    body (the token arrays [B, T] each)."""
+    return params, batch["tokens"], batch["positions"], batch["segment_ids"], batch["targets"]
+
+
 def _tensor_parallel_model(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -399,19 +405,11 @@ def tensor_parallel_loss(
         m = _tensor_parallel_model(
             model_cfg, train_cfg, mesh, sequence_parallel, layer_remat, params, b, t
         )
-        inputs = (
-            params,
-            batch["tokens"],
-            batch["positions"],
-            batch["segment_ids"],
-            batch["targets"],
-        )
+        inputs = _shard_map_inputs(params, batch)
         if chunk:
-            coef, count = loss_coefficients(
-                batch["weights"], segment_ids=batch["segment_ids"], normalize=train_cfg.normalize
+            coef, count, block = chunk_plan(
+                batch["weights"], batch["segment_ids"], train_cfg.normalize, chunk, m.n_seq
             )
-            # positions per block as the unsharded loss takes them: chunk // (B x pieces)
-            block = max(1, chunk // (b * m.n_seq))
 
             def body(p, tok, pos, seg, tgt, cf):
                 h, p = m.hidden(p, tok, pos, seg)
@@ -520,18 +518,11 @@ def moe_parallel_loss(
             )
             return h, p, {k: aux[k] for k in ROUTER_METRICS}
 
-        inputs = (
-            params,
-            batch["tokens"],
-            batch["positions"],
-            batch["segment_ids"],
-            batch["targets"],
-        )
+        inputs = _shard_map_inputs(params, batch)
         if chunk:
-            coef, count = loss_coefficients(
-                batch["weights"], segment_ids=batch["segment_ids"], normalize=train_cfg.normalize
+            coef, count, block = chunk_plan(
+                batch["weights"], batch["segment_ids"], train_cfg.normalize, chunk, n_seq
             )
-            block = max(1, chunk // (b * n_seq))
 
             def body(p, tok, pos, seg, tgt, cf):
                 h, p, aux = hidden(p, tok, pos, seg)
