@@ -33,6 +33,14 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The server's packages (fastapi, uvicorn, httpx: dependencies; the openai client: a test extra)
+# are always there under `make test`; a machine that installs only the numerical stack (the lent
+# GPU machine's `-m gpu` run) leaves the serving tests out instead of failing their collection.
+SERVE_PACKAGES = ("fastapi", "uvicorn", "httpx", "openai")
+collect_ignore = (
+    ["serve"] if any(importlib.util.find_spec(p) is None for p in SERVE_PACKAGES) else []
+)
+
 # `slow` tests (`make test-fast` leaves them out; `make test` runs them).  Any test that uses
 # the real SmolLM2 (a GGUF conversion, a 135M-parameter model) or what is built from it:
 SLOW_FIXTURES = {"smollm2_dir", "smollm2_mla_dir"}

@@ -21,7 +21,7 @@ share the server's interpreter lock; it reads the prompts from a JSONL file this
     python -m experiments.serve.bench --preset gpu --shape llama3-8b     # one GPU
     python -m experiments.serve.bench --preset gpu --shape smollm2-135m
 
-Writes <out>.json and <out>.md (default experiments/serve/results/serve_<preset>_<shape>), after
+Writes <out>.json, <out>.md and <out>.png (default experiments/serve/results/serve_<preset>_<shape>), after
 every phase (a run cut short by a timeout keeps what it measured).
 """
 
@@ -144,7 +144,52 @@ def served_row(system: str, r: dict, offline_tps: float) -> dict:
         "e2e_p50_s": r["e2e_s"]["p50"],
         "e2e_p99_s": r["e2e_s"]["p99"],
         "errors": r["errors"],
+        # every percentile the load generator reports, for the plot and the JSON
+        "latency": {k: r[k] for k in ("ttft_ms", "itl_ms", "e2e_s")},
     }
+
+
+def plot(rows: list[dict], out: Path, title: str) -> None:
+    """<out>.png: output tokens/s of every run, and the served runs' time to first token and
+    inter-token latency at each reported percentile (log scale)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    served = [r for r in rows if "latency" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ax = axes[0]
+    ax.bar(range(len(rows)), [r["output_tokens_per_s"] for r in rows])
+    ax.set_xticks(
+        range(len(rows)),
+        [r["system"].replace(": ", ":\n").replace(" at ", "\nat ") for r in rows],
+        fontsize=7,
+    )
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("throughput")
+    for ax, key, label in (
+        (axes[1], "ttft_ms", "time to first token (ms)"),
+        (axes[2], "itl_ms", "inter-token latency (ms)"),
+    ):
+        for r in served:
+            pct = {k: v for k, v in r["latency"][key].items() if k.startswith("p") and v}
+            ax.plot(
+                [int(k[1:]) for k in pct],
+                list(pct.values()),
+                marker="o",
+                label=r["system"].removeprefix("served: "),
+            )
+        ax.set_xlabel("percentile")
+        ax.set_yscale("log")
+        ax.set_title(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(f"{out}.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save() -> str:
-        return write_table(rows, COLUMNS, out, title, meta)
+        md = write_table(rows, COLUMNS, out, title, meta)
+        plot(rows, out, title)
+        return md
 
     prompts = w1_prompts(w, cfg.vocab_size)
     t0 = time.perf_counter()

@@ -47,6 +47,8 @@ def test_cpu_preset_serves_w1_and_reports_the_ratio_and_latencies(bench, tmp_pat
         assert r["e2e_p50_s"] * 1e3 > r["ttft_p50_ms"]
         assert r["steps"] >= new  # the server's own engine steps, one token per sample each
     assert data["meta"]["engine_after"] == {"kv_pages_used": 0, "num_running": 0}
+    assert all(r["latency"]["ttft_ms"]["p90"] <= r["ttft_p99_ms"] for r in served)
+    assert out.with_suffix(".png").stat().st_size > 0  # the latency plot
     md = out.with_suffix(".md").read_text()
     assert md.startswith("### jaxturbo serve vs the engine offline")
     assert "| served: all at once | inf | 6/6 |" in md
