@@ -185,7 +185,8 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
         ax.set_xlabel("percentile")
         ax.set_yscale("log")
         ax.set_title(label)
-        ax.legend(fontsize=7)
+        if served:  # the file is rewritten after every row, the first is offline only
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(f"{out}.png", dpi=120)
