@@ -143,6 +143,7 @@ gputests() {  # the whole `-m gpu` test suite, its complete log in $OUT/tests/py
     echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(nvidia-smi --query-gpu=name,memory.total \
       --format=csv,noheader 2>/dev/null | head -1)"
     $PY -c "import jax; print('# jax', jax.__version__, jax.devices())"
+    echo "# commit ${GIT_COMMIT:-not given (GIT_COMMIT=...: the copy has no .git)}"
     if [ "$workers" -gt 1 ]; then
       XLA_PYTHON_CLIENT_MEM_FRACTION=${GPU_TEST_MEM_FRACTION:-0.2} timeout \
         ${GPU_TESTS_TIMEOUT:-600} $PY -m pytest -m gpu tests -q -rs -n "$workers" --dist loadfile
