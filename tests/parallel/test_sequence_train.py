@@ -2,10 +2,14 @@
 
 Tiny random Llama (4 query / 2 KV heads), packed rows with per-segment positions and masked
 targets, float32.  Two steps each, so the second loss also checks the first step's gradients
-(through the update); the parameters after both steps are compared too.  Each case is a
-compile (seconds on CPU), so two cases cover the training-side paths:
+(through the update); the parameters after both steps are compared too.  Each distinct step is a
+compile (seconds on CPU), so the cases pair the training-side paths instead of crossing them:
   ulysses  data=2 x sequence=4   (natural order; 4 heads / 4 devices, the 2 KV heads replicated)
-  ring     fsdp=2 x sequence=4   (host-side zigzag over 4, params sharded over fsdp)
+  ring     fsdp=2 x sequence=4   (host-side zigzag over 4, params sharded over fsdp), with
+                                 remat="full" (the backward reruns the ring's exchanges)
+each unchunked and with the chunked loss.  A step is compiled once (without donation) and
+shared: the chunked cases run the executable whose HLO they inspect, and their unchunked
+comparison is the plain case's step.
 Hybrid runs the same training code (its own mesh view lives inside `sp_forward_laid_out`); its
 model forward is checked against the reference in test_sequence_model.py, and ran through this
 test's step (equal losses) when it was written, before being dropped for time.
@@ -69,18 +73,17 @@ def _batch(seed: int) -> dict[str, np.ndarray]:
     )
 
 
-def _run(mesh=None, mode: str = "none", train: TrainConfig = TRAIN):
+def _run(mesh=None, step=None, ring=None):
+    """STEPS steps of `step` (default: the plain one-device step) from the same parameters."""
     params = init_params(CFG, jax.random.key(0))
     state = init_state(params, OPT, mesh=mesh)
-    step = make_train_step(CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode)
-    ring = None
-    if mode != "none":
-        _, _, ring = model_layout(mode, CFG, mesh, batch=B, seq_len=T)
+    if step is None:
+        step = make_train_step(CFG, TRAIN, OPT, params=params)
     losses = []
     for i in range(STEPS):
         state, m = step(state, shd.put_batch(_batch(i), mesh, sequence_ring=ring))
         losses.append(float(m["loss"]))
-    return state, losses, ring
+    return state, losses
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +91,47 @@ def reference():
     return _run()
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """(mesh, ring, compiled step) per (mesh, mode, TrainConfig), compiled once for the module."""
+    cache = {}
+
+    def get(mesh_spec: str, mode: str, train: TrainConfig):
+        key = (mesh_spec, mode, train)
+        if key not in cache:
+            mesh = make_mesh(mesh_spec)
+            params = init_params(CFG, jax.random.key(0))
+            state = init_state(params, OPT, mesh=mesh)
+            step = make_train_step(
+                CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode, donate=False
+            )
+            _, _, ring = model_layout(mode, CFG, mesh, batch=B, seq_len=T)
+            batch = shd.put_batch(_batch(0), mesh, sequence_ring=ring)
+            cache[key] = mesh, ring, step.lower(state, batch).compile()
+        return cache[key]
+
+    return get
+
+
+def _sp_run(compiled, mesh_spec: str, mode: str, train: TrainConfig):
+    mesh, ring, step = compiled(mesh_spec, mode, train)
+    state, losses = _run(mesh, step=step, ring=ring)
+    return state, losses, ring
+
+
+REMAT = TrainConfig(compute_dtype="float32", remat="full")
+
+
 @pytest.mark.parametrize(
-    "mode,mesh_spec,ring",
+    "mode,mesh_spec,train,ring",
     [
-        ("ulysses", "data=2,sequence=4", 1),
-        ("ring", "fsdp=2,sequence=4", 4),
+        ("ulysses", "data=2,sequence=4", TRAIN, 1),
+        ("ring", "fsdp=2,sequence=4", REMAT, 4),
     ],
 )
-def test_sp_train_step_equals_plain_step(reference, mode, mesh_spec, ring):
-    ref_state, ref_losses, _ = reference
-    state, losses, got_ring = _run(make_mesh(mesh_spec), mode)
+def test_sp_train_step_equals_plain_step(reference, compiled, mode, mesh_spec, train, ring):
+    ref_state, ref_losses = reference
+    state, losses, got_ring = _sp_run(compiled, mesh_spec, mode, train)
     assert got_ring == ring  # the batch really was zigzagged (ring, hybrid)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[1] != losses[0]
@@ -110,41 +144,28 @@ def test_sp_train_step_equals_plain_step(reference, mode, mesh_spec, ring):
 @pytest.mark.parametrize(
     "mode,mesh_spec,train",
     [
-        (
-            "ulysses",
-            "data=2,sequence=4",
-            TrainConfig(compute_dtype="float32", loss_chunk_tokens=32),
-        ),  # 4 blocks of 2
-        (
-            "ring",
-            "fsdp=2,sequence=4",
-            TrainConfig(compute_dtype="float32", remat="full", loss_chunk_tokens=48),
-        ),  # 3 of 3, padded
+        # 4 blocks of 2
+        ("ulysses", "data=2,sequence=4", dataclasses.replace(TRAIN, loss_chunk_tokens=32)),
+        # 3 of 3, padded
+        ("ring", "fsdp=2,sequence=4", dataclasses.replace(REMAT, loss_chunk_tokens=48)),
     ],
 )
-def test_sp_chunked_loss_train_step_equals_plain_step(reference, mode, mesh_spec, train):
-    ref_state, ref_losses, _ = reference
-    state, losses, _ = _run(make_mesh(mesh_spec), mode, train)
+def test_sp_chunked_loss_train_step_equals_plain_step(reference, compiled, mode, mesh_spec, train):
+    ref_state, ref_losses = reference
+    state, losses, _ = _sp_run(compiled, mesh_spec, mode, train)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref_state.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=PARAM_ATOL)
     # the blocks stay split over rows and sequence: the chunked step all-gathers no shape that
     # the unchunked SP step does not (parameters, ids); no hidden state or block is gathered
     unchunked = dataclasses.replace(train, loss_chunk_tokens=0)
-    assert _all_gathers(mesh_spec, mode, train) <= _all_gathers(mesh_spec, mode, unchunked)
+    chunked_gathers = _all_gathers(compiled(mesh_spec, mode, train)[2])
+    assert chunked_gathers <= _all_gathers(compiled(mesh_spec, mode, unchunked)[2])
 
 
-def _all_gathers(mesh_spec: str, mode: str, train: TrainConfig) -> set[str]:
-    """Result shapes (without layouts) of the all-gathers in the compiled step."""
-    mesh = make_mesh(mesh_spec)
-    params = init_params(CFG, jax.random.key(0))
-    state = init_state(params, OPT, mesh=mesh)
-    step = make_train_step(
-        CFG, train, OPT, mesh=mesh, params=params, sequence_parallel=mode, donate=False
-    )
-    _, _, ring = model_layout(mode, CFG, mesh, batch=B, seq_len=T)
-    hlo = step.lower(state, shd.put_batch(_batch(0), mesh, sequence_ring=ring)).compile().as_text()
-    return set(re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", hlo))
+def _all_gathers(step) -> set[str]:
+    """Result shapes (without layouts) of the all-gathers in a compiled step."""
+    return set(re.findall(r"= (\w+\[[\d,]*\])\S* all-gather\(", step.as_text()))
 
 
 def test_zigzag_rows_keeps_each_token_with_its_target_weight_and_position():

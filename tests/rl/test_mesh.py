@@ -49,6 +49,7 @@ def _run(mesh_spec: str | None, steps: int, cfg: GRPOConfig = BASE):
         out = []
         for _ in range(steps):
             out.append(learner.step())
+            out[-1]["params"] = jax.device_get(learner.state.params)  # after this step
         return out, learner
     finally:
         learner.close()
@@ -63,11 +64,16 @@ def single():
     return _run(None, 3)
 
 
-@needs_8
-@pytest.mark.parametrize("spec", ["data=2", "data=2,fsdp=2", "data=2,tensor=2"])
-def test_grpo_mesh_equals_single_device(single, spec):
-    ref, ref_learner = single
-    got, learner = _run(spec, 3)
+def _assert_equal_run(ref, got, spec: str) -> None:
+    for step, (r, g) in enumerate(zip(ref, got)):
+        assert set(KEYS) <= set(g), sorted(g)
+        for k in KEYS:
+            np.testing.assert_allclose(
+                g[k], r[k], rtol=1e-5, atol=1e-5, err_msg=f"step {step} {k} on {spec}"
+            )
+
+
+def _assert_on_mesh(learner, spec: str) -> None:
     rows = _size(",".join(p for p in spec.split(",") if not p.startswith("tensor")))
     assert learner.num_shards == rows  # batch rows split over data x fsdp, not tensor
     # the train state lives on the mesh, FSDP-split where fsdp > 1
@@ -78,26 +84,40 @@ def test_grpo_mesh_equals_single_device(single, spec):
     assert len(learner.engine.params["model.embed_tokens.weight"].sharding.device_set) == _size(
         spec
     )
-    for step, (r, g) in enumerate(zip(ref, got)):
-        assert set(KEYS) <= set(g), sorted(g)
-        for k in KEYS:
-            np.testing.assert_allclose(
-                g[k], r[k], rtol=1e-5, atol=1e-5, err_msg=f"step {step} {k} on {spec}"
-            )
+
+
+def _assert_same_params(ref_params, learner) -> None:
     # the updated weights match too (Adam amplifies float32 reassociation in tiny gradients)
-    for a, b in zip(
-        jax.tree.leaves(ref_learner.state.params), jax.tree.leaves(learner.state.params)
-    ):
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(learner.state.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+# Each mesh is a compile of the sampler and the step: the data axis runs in both cases, fsdp and
+# tensor (which split the parameters differently) in one each; the data-only mesh, with the
+# parameters replicated, is the asynchronous test's below, which checks the same values.
+@needs_8
+@pytest.mark.parametrize("spec", ["data=2,fsdp=2", "data=2,tensor=2"])
+def test_grpo_mesh_equals_single_device(single, spec):
+    ref, _ = single
+    got, learner = _run(spec, 3)
+    _assert_on_mesh(learner, spec)
+    _assert_equal_run(ref, got, spec)
+    _assert_same_params(ref[-1]["params"], learner)
 
 
 @needs_8
 def test_grpo_mesh_async_zero_staleness(single):
+    """Rollouts in the background thread with staleness 0 on a data-only mesh: the synchronous
+    one-device run, step for step and in the weights after both steps."""
     ref, _ = single
-    got, _ = _run("data=2", 2, dataclasses.replace(BASE, rollout_mode="async", max_staleness=0))
+    spec = "data=2"
+    got, learner = _run(spec, 2, dataclasses.replace(BASE, rollout_mode="async", max_staleness=0))
+    _assert_on_mesh(learner, spec)
     for r, g in zip(ref, got):
         assert g["reward_mean"] == r["reward_mean"]
         np.testing.assert_allclose(g["loss"], r["loss"], rtol=1e-5, atol=1e-6)
+    _assert_equal_run(ref, got, spec)
+    _assert_same_params(ref[len(got) - 1]["params"], learner)
 
 
 @needs_8

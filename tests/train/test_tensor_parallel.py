@@ -12,9 +12,14 @@ Meshes, the combinations the shipped presets use, scaled to at most 8 devices:
   fsdp=2,tensor=4        tpu-v5p-64's fsdp 8 x tensor 4 (and tpu-v6e-256's fsdp x tensor)
   sequence=2,tensor=4    Ulysses over the sequence with each tensor device's 2 heads split
                          further (and ring, in one case)
-each for the standard and the Ladder residual, with the unchunked and the chunked
-(vocab-parallel, blockwise) loss, gradient accumulation, layer remat, QKV biases and tied
-embeddings spread over the cases.
+with the unchunked and the chunked (vocab-parallel, blockwise) loss, gradient accumulation,
+layer remat, QKV biases and tied embeddings spread over the cases.  Each case is a compile of
+seconds, so the residual modes are paired with the meshes rather than crossed with them: the
+mode changes only the layer loop's step function and where it sums over the tensor axis, not how
+the other axes split the batch, sequence or parameters.  Standard runs tensor=2, fsdp x tensor
+(chunked, and with custom losses) and sequence x tensor by Ulysses; Ladder runs tensor=4
+(chunked), data x tensor (accumulation, layer remat), fsdp x tensor (Qwen2-like, chunked) and
+sequence x tensor by ring.
 """
 
 import dataclasses
@@ -127,22 +132,22 @@ def _assert_same(ref, got, tol=2e-6):
         )
 
 
-CASES = [  # (model, mesh, sequence parallel, TrainConfig changes)
-    ("llama", "tensor=2", "none", {}),
-    ("llama", "tensor=4", "none", {"loss_chunk_tokens": 24}),
+CASES = [  # (model, mesh, sequence parallel, TrainConfig changes, residual mode)
+    ("llama", "tensor=2", "none", {}, "standard"),
+    ("llama", "tensor=4", "none", {"loss_chunk_tokens": 24}, "ladder"),
     (
         "llama",
         "data=2,tensor=4",
         "none",
         {"grad_accum": 2, "remat": "full", "remat_scope": "layer"},
+        "ladder",
     ),
-    ("llama", "fsdp=2,tensor=4", "none", {"loss_chunk_tokens": 24}),
-    ("llama", "sequence=2,tensor=4", "ulysses", {}),
+    ("llama", "fsdp=2,tensor=4", "none", {"loss_chunk_tokens": 24}, "standard"),
+    ("llama", "sequence=2,tensor=4", "ulysses", {}, "standard"),
 ]
 
 
-@pytest.mark.parametrize("mode", ["standard", "ladder"])
-@pytest.mark.parametrize("model, spec, sp, changes", CASES)
+@pytest.mark.parametrize("model, spec, sp, changes, mode", CASES)
 def test_tensor_parallel_step_equals_single_device(reference, model, spec, sp, changes, mode):
     cfg = dataclasses.replace(CFG, residual_mode=mode)
     got = _step(cfg, dataclasses.replace(F32, **changes), _mesh(spec), sp)
