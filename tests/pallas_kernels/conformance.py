@@ -12,6 +12,14 @@ import pytest
 from pallas_kernels import registry
 
 
+def normals(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    """float32 standard-normal arrays of `shapes`, drawn by numpy: an eager `jax.random` draw
+    compiles a program for every new shape (about 0.2 s each on CPU), and the tests draw a few
+    shapes per case.  Cast with `jnp.asarray(x, dtype)` (numpy casts, nothing compiles)."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+
+
 def rel(a, b) -> float:
     """Relative error ||a - b|| / ||b|| (a must hold no NaN)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -22,7 +22,7 @@ from pallas_kernels.flash_attention import pallas_triton as flash_triton
 from pallas_kernels.flash_attention.api import ATTENTION_BACKWARD
 from pallas_kernels.flash_attention.common import AttentionCall
 from pallas_kernels.flash_attention.reference import attention_reference
-from tests.pallas_kernels.conformance import only, require
+from tests.pallas_kernels.conformance import normals, only, require
 
 CONFIGS = {
     "pallas_triton": flash_triton.Config(16, 16, 16, 16),
@@ -31,11 +31,8 @@ CONFIGS = {
 
 
 def _inputs(t=32, s=32, h=4, kh=2, d=16, seed=0, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    return tuple(
-        jax.random.normal(kk, shape, jnp.float32).astype(dtype)
-        for kk, shape in zip(ks, [(2, t, h, d), (2, s, kh, d), (2, s, kh, d), (2, t, h, d)])
-    )
+    shapes = [(2, t, h, d), (2, s, kh, d), (2, s, kh, d), (2, t, h, d)]
+    return tuple(jnp.asarray(x, dtype) for x in normals(seed, *shapes))
 
 
 def _rel(a, b):
@@ -82,47 +79,44 @@ def check_blockwise(
     q, k, v, do = _inputs(t=96, s=160, d=32, dtype=dtype) if bf16 else _inputs()
     up = lambda x: x.astype(jnp.float32)  # noqa: E731
     kw = dict(causal=causal, segment_ids=seg, softcap=softcap)
+
+    # Under jax.jit: op by op, the reference and the glue around the kernels would dispatch, and
+    # compile, one small program per op.  Both key blocks have one shape: one compile for both.
+    def reference(q, k, v, do):
+        out, lse = attention_reference(q, k, v, return_lse=True, **kw)
+        _, vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), q, k, v)
+        return out, lse, vjp(do)
+
+    @jax.jit
+    def block_backward(k, v, out, lse, kseg):
+        return api.attention_backward(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            do,
+            causal=causal,
+            segment_ids=seg,
+            kv_segment_ids=kseg,
+            softcap=softcap,
+            implementation=impl,
+            config=config,
+            interpret=interpret,
+        )
+
     with jax.default_matmul_precision("highest"):
-        out, lse = attention_reference(up(q), up(k), up(v), return_lse=True, **kw)
-        _, vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), up(q), up(k), up(v))
-        gq, gk, gv = vjp(up(do))
+        out, lse, (gq, gk, gv) = jax.jit(reference)(up(q), up(k), up(v), up(do))
     block = k.shape[1] // 2
     dq, dks, dvs = 0.0, [], []
     for j in range(2):
         sl = slice(block * j, block * j + block)
         if causal:
-            kseg = jnp.where((jnp.arange(k.shape[1]) // block == j)[None], seg, -1)
-            g = api.attention_backward(
-                q,
-                k,
-                v,
-                out,
-                lse,
-                do,
-                causal=True,
-                segment_ids=seg,
-                kv_segment_ids=kseg,
-                softcap=softcap,
-                implementation=impl,
-                config=config,
-                interpret=interpret,
-            )
+            kseg = jnp.asarray(np.where((np.arange(k.shape[1]) // block == j)[None], seg, -1))
+            g = block_backward(k, v, out, lse, kseg)
             g = (g[0], g[1][:, sl], g[2][:, sl])
         else:
-            g = api.attention_backward(
-                q,
-                k[:, sl],
-                v[:, sl],
-                out,
-                lse,
-                do,
-                segment_ids=seg,
-                kv_segment_ids=None if seg is None else seg[:, sl],
-                softcap=softcap,
-                implementation=impl,
-                config=config,
-                interpret=interpret,
-            )
+            g = block_backward(k[:, sl], v[:, sl], out, lse, None if seg is None else seg[:, sl])
         if bf16 and impl != "xla":  # the kernels' gradients are in the inputs' dtype
             assert g[0].dtype == g[1].dtype == jnp.bfloat16
         dq = dq + up(g[0])

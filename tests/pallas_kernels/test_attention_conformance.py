@@ -24,7 +24,7 @@ from pallas_kernels.flash_attention import pallas_triton as flash_triton
 from pallas_kernels.flash_attention.api import ATTENTION
 from pallas_kernels.flash_attention.common import AttentionCall
 from pallas_kernels.flash_attention.reference import attention_reference
-from tests.pallas_kernels.conformance import only, rel, require
+from tests.pallas_kernels.conformance import normals, only, rel, require
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2  # bf16 operands: a 1e-3..1e-2 relative error, with room for bf16 gradients
@@ -38,11 +38,8 @@ CONFIGS = {
 
 
 def _inputs(seed, b, t, s, h, kh, d, dtype):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(ks[0], (b, t, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, s, kh, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, s, kh, d), jnp.float32).astype(dtype)
-    return q, k, v
+    q, k, v = normals(seed, (b, t, h, d), (b, s, kh, d), (b, s, kh, d))
+    return jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype)
 
 
 def _case(b=2, t=37, s=37, h=4, kh=2, d=16, dtype=jnp.float32, seed=0, **options):
@@ -58,21 +55,26 @@ def _loss(fn, q, k, v, kw):
 
 
 def check_flash(impl_fn, grads: bool = True, **case):
-    """impl_fn's output, log-sum-exp and (with grads) dq/dk/dv against the reference."""
+    """impl_fn's output, log-sum-exp and (with grads) dq/dk/dv against the reference.  Both
+    run under `jax.jit`: op by op, the reference's forward and backward (and the glue around
+    the kernels) would dispatch, and compile, one small program per op."""
     (q, k, v), kw = _case(**case)
-    grad = lambda fn: jax.value_and_grad(
-        lambda *a: _loss(fn, *a, kw), argnums=(0, 1, 2), has_aux=True
-    )(q, k, v)
-    if grads:
-        (_, (out, lse)), got_grads = grad(impl_fn)
-    else:
-        out, lse = impl_fn(q, k, v, return_lse=True, **kw)
+
+    def run(fn, q, k, v):
+        if not grads:
+            return (*fn(q, k, v, return_lse=True, **kw), None)
+        (_, (out, lse)), g = jax.value_and_grad(
+            lambda *a: _loss(fn, *a, kw), argnums=(0, 1, 2), has_aux=True
+        )(q, k, v)
+        return out, lse, g
+
+    out, lse, got_grads = jax.jit(lambda *a: run(impl_fn, *a))(q, k, v)
     # Reference in float32 on upcast inputs.
     up = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):  # on GPU the default would be tf32
-        (_, (ref_out, ref_lse)), ref_grads = jax.value_and_grad(
-            lambda *a: _loss(attention_reference, *a, kw), argnums=(0, 1, 2), has_aux=True
-        )(up(q), up(k), up(v))
+        ref_out, ref_lse, ref_grads = jax.jit(lambda *a: run(attention_reference, *a))(
+            up(q), up(k), up(v)
+        )
     tol = F32_TOL if q.dtype == jnp.float32 else BF16_TOL
     assert out.shape == ref_out.shape and out.dtype == q.dtype
     assert rel(out, ref_out) <= tol
@@ -119,12 +121,12 @@ FLASH_CASES = [
     ),
     ("bf16_causal", dict(b=1, h=4, kh=2, causal=True, dtype=jnp.bfloat16)),
     (
-        "all_masks_gqa8",
+        "all_masks_gqa4",
         dict(
             b=1,
             t=33,
             s=33,
-            h=8,
+            h=4,
             kh=1,
             causal=True,
             sliding_window=9,
@@ -133,13 +135,13 @@ FLASH_CASES = [
         ),
     ),
 ]
-# TPU interpret mode is slower: one case that combines every mask kind with GQA 8; the
-# Pallas-Triton run covers the rest (the two share the mask code in `common`).  XLA is the
-# reference itself: one case checks its dispatch.
+# TPU interpret mode is slower (its time grows with the grid: 4 heads, not 8): one case that
+# combines every mask kind with GQA; the Pallas-Triton run covers the rest (the two share the
+# mask code in `common`).  XLA is the reference itself: one case checks its dispatch.
 RUNS = {
-    "mosaic_tpu": {"all_masks_gqa8"},
-    "pallas_triton": {c[0] for c in FLASH_CASES} - {"all_masks_gqa8"},
-    "xla": {"all_masks_gqa8"},
+    "mosaic_tpu": {"all_masks_gqa4"},
+    "pallas_triton": {c[0] for c in FLASH_CASES} - {"all_masks_gqa4"},
+    "xla": {"all_masks_gqa4"},
 }
 
 
@@ -173,10 +175,14 @@ def test_api_dispatch_matches_reference():
 # ---- Mosaic GPU (Hopper) ----------------------------------------------------------------------
 
 # Its schedules, in GPU interpret mode (bf16/fp16; no segment ids, window or soft-cap); its
-# backward is the Pallas-Triton one unless a Config asks for ours.
+# backward is the Pallas-Triton one unless a Config asks for ours.  Every case runs the
+# interpreter's race detector (see test_flash_mosaic_gpu_interpret).  The interpreter's time
+# goes into running each program's steps (host callbacks), so the cases keep few programs:
+# one head where the case is not about heads.  Head and batch indexing: GQA 8 and 4 below,
+# several KV heads with GQA 2 in causal_serial_pingpong, batch 2 in full_serial (forward) and
+# in test_attention_backward (both of our backward kernels, GQA 2 over 2 KV heads).
 MGPU_CASES = [  # (name, shapes, Config overrides)
     ("full_gqa1_odd", dict(b=1, t=37, s=37, h=2, kh=2), {}),
-    ("causal_gqa4_two_q_blocks", dict(b=2, t=200, s=200, h=4, kh=1, d=32, causal=True), {}),
     (
         "causal_cross_gqa8_scale",
         dict(b=1, t=20, s=90, h=8, kh=1, causal=True, scale=0.3),
@@ -184,48 +190,54 @@ MGPU_CASES = [  # (name, shapes, Config overrides)
     ),
     (
         "fp16_cross_three_k_blocks",
-        dict(b=1, t=64, s=330, h=2, kh=1, d=64, dtype=jnp.float16),
+        dict(b=1, t=64, s=330, h=1, kh=1, d=64, dtype=jnp.float16),
         dict(slots=3),
     ),
-    ("causal_bk64", dict(b=1, t=200, s=200, h=4, kh=1, d=32, causal=True), dict(block_k=64)),
+    # the causal schedule over two 128-row query tiles: the second starts with unmasked blocks,
+    # then the diagonal's two 64-key blocks, the last one padded; the ring refilled
+    ("causal_bk64", dict(b=1, t=200, s=200, h=2, kh=1, d=32, causal=True), dict(block_k=64)),
+    # one query tile 130 positions into the keys: two unmasked blocks, then two masked ones
+    # (the last padded), the ring refilled
     (
         "causal_serial_pingpong",
-        dict(b=1, t=200, s=330, h=4, kh=2, d=32, causal=True),
+        dict(b=1, t=100, s=230, h=4, kh=2, d=32, causal=True),
         dict(block_k=64, overlap=False, pingpong=True),
     ),
     ("full_serial", dict(b=2, t=70, s=200, h=2, kh=1, d=16), dict(overlap=False)),
-    # our Mosaic GPU backward (dK/dV and dQ kernels) instead of the Pallas-Triton one
+    # our Mosaic GPU backward (dK/dV and dQ kernels) instead of the Pallas-Triton one; only
+    # these cases (and the fused ones) give the backward an lse cotangent.  bwd_causal_gqa4's
+    # forward is also the causal schedule over two query tiles with the default 128-key blocks;
+    # bwd_causal_q_longer_than_kv's has rows that see no key (out 0, lse -inf)
     (
         "bwd_causal_gqa4",
-        dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
+        dict(b=1, t=130, s=130, h=4, kh=1, d=32, causal=True),
         dict(backward="mosaic_gpu"),
     ),
     (
         "bwd_cross_fp16",
-        dict(b=1, t=64, s=150, h=2, kh=2, d=16, dtype=jnp.float16),
+        dict(b=1, t=64, s=150, h=1, kh=1, d=16, dtype=jnp.float16),
         dict(backward="mosaic_gpu"),
     ),
     (
         "bwd_causal_q_longer_than_kv",
-        dict(b=1, t=150, s=70, h=2, kh=1, d=16, causal=True),
+        dict(b=1, t=150, s=70, h=1, kh=1, d=16, causal=True),
         dict(backward="mosaic_gpu"),
     ),
-    ("causal_q_longer_than_kv", dict(b=1, t=150, s=70, h=2, kh=2, d=16, causal=True), {}),
     # the fused backward: dQ reduce-added from the dK/dV kernel (interpret mode: per-key-tile
     # slices summed, since it has no reduce stores)
     (
         "fused_bwd_causal_gqa4",
-        dict(b=2, t=130, s=130, h=4, kh=1, d=32, causal=True),
+        dict(b=1, t=130, s=130, h=4, kh=1, d=32, causal=True),
         dict(backward="mosaic_gpu_fused"),
     ),
     (
         "fused_bwd_cross_fp16_padded_keys",
-        dict(b=1, t=64, s=150, h=2, kh=2, d=32, dtype=jnp.float16),
+        dict(b=1, t=64, s=150, h=1, kh=1, d=32, dtype=jnp.float16),
         dict(backward="mosaic_gpu_fused"),
     ),
     (
         "fused_bwd_causal_q_longer_than_kv",
-        dict(b=1, t=150, s=70, h=2, kh=1, d=32, causal=True),
+        dict(b=1, t=150, s=70, h=1, kh=1, d=32, causal=True),
         dict(backward="mosaic_gpu_fused"),
     ),
 ]
@@ -241,49 +253,66 @@ def _mgpu(interpret=True, **overrides):
 # Cases about the forward's schedule whose backward is the Pallas-Triton one: that backward is
 # checked by test_attention_backward (Pallas-Triton column) from the forward's output and
 # log-sum-exp, both checked here, so these cases skip the gradients (the interpreted Triton
-# backward would be most of their time).  The first case keeps them: it checks the wiring.
+# backward would be most of their time).  Its wiring behind this forward is checked with
+# gradients by test_attention_conformance[bf16_causal-mosaic_gpu].
 MGPU_FORWARD_ONLY = {
-    "causal_gqa4_two_q_blocks",
+    "full_gqa1_odd",
     "causal_cross_gqa8_scale",
     "fp16_cross_three_k_blocks",
     "causal_bk64",
     "causal_serial_pingpong",
     "full_serial",
-    "causal_q_longer_than_kv",
 }
+# Mosaic GPU kernels one case runs: the forward, and our backward's dK/dV + dQ or fused kernel
+# (the Pallas-Triton backward is not a Mosaic GPU kernel)
+MGPU_KERNELS = {"mosaic_gpu": 3, "mosaic_gpu_fused": 2}
+
+
+@pytest.fixture
+def race_states(monkeypatch):
+    """The race detector's state of every Mosaic GPU kernel interpreted during the test, in
+    order.  The interpreter makes a fresh state per kernel and keeps only the latest, so
+    `get_races()` after a forward and backward would show the last kernel's alone."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    states = []
+    make = gpu_callbacks.GPURaceDetectionState
+
+    def record(*args, **kwargs):
+        states.append(make(*args, **kwargs))
+        return states[-1]
+
+    monkeypatch.setattr(gpu_callbacks, "GPURaceDetectionState", record)
+    return states
 
 
 @pytest.mark.parametrize("case", [c[0] for c in MGPU_CASES])
-def test_flash_mosaic_gpu_interpret(case):
+def test_flash_mosaic_gpu_interpret(case, race_states):
+    """Outputs, lse and (but for MGPU_FORWARD_ONLY) gradients against the reference, with the
+    interpreter's happens-before race detector over the TMA ring and the barriers on every
+    kernel (it also raises on unbalanced barrier phases: a missing wait before reusing a slot
+    fails)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
     _, kw, overrides = next(c for c in MGPU_CASES if c[0] == case)
     kw = dict(kw)
     kw.setdefault("dtype", jnp.bfloat16)
-    check_flash(_mgpu(**overrides), grads=case not in MGPU_FORWARD_ONLY, **kw)
-
-
-@pytest.mark.parametrize("pingpong,overlap", [(False, True), (True, False)])
-def test_flash_mosaic_gpu_has_no_races(pingpong, overlap):
-    """The interpreter's happens-before race detector over the TMA ring and the barriers (it
-    also raises on unbalanced barrier phases: a missing wait before reusing a slot fails)."""
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-
-    q, k, v = _inputs(5, 1, 150, 300, 2, 1, 16, jnp.bfloat16)
-    out = _mgpu(
-        plgpu.InterpretGPUParams(detect_races=True), block_k=64, pingpong=pingpong, overlap=overlap
-    )(q, k, v, causal=True)
-    assert not interpret_pallas_call.get_races().races_found
-    assert rel(out, attention_reference(q, k, v, causal=True)) <= BF16_TOL
+    grads = case not in MGPU_FORWARD_ONLY
+    check_flash(_mgpu(plgpu.InterpretGPUParams(detect_races=True), **overrides), grads, **kw)
+    kernels = MGPU_KERNELS.get(overrides.get("backward"), 1) if grads else 1
+    assert len(race_states) == kernels
+    assert not any(st.races_found for st in race_states)
 
 
 @pytest.mark.parametrize(
     "d,causal,block_k,overlap",
-    [(128, True, 128, True), (64, False, 64, True), (128, True, 64, False)],
+    [(128, True, 128, True), (64, False, 64, True), (128, True, 64, False), (32, False, 128, True)],
 )
 def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
     """Pallas -> Mosaic GPU lowering (down to the NVVM-level module inside the custom call) runs
     on CPU for a CUDA target: catches ops and layouts the real GPU path has no rule for, which
-    interpret mode would not notice."""
+    interpret mode would not notice.  head_dim 32: rows of 64 bytes, a smaller shared-memory
+    swizzle than 64 and 128 have."""
     q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
     f = lambda q, k, v: _mgpu(False, block_k=block_k, overlap=overlap)(
@@ -295,37 +324,32 @@ def test_flash_mosaic_gpu_lowers_for_cuda(d, causal, block_k, overlap):
 
 
 @pytest.mark.parametrize("causal,d", [(True, 128), (False, 128), (True, 64), (False, 32)])
-@pytest.mark.parametrize("backward,kernels", [("mosaic_gpu", 3), ("mosaic_gpu_fused", 2)])
+@pytest.mark.parametrize("backward,kernels", [("mosaic_gpu", 2), ("mosaic_gpu_fused", 1)])
 def test_flash_mosaic_gpu_backward_lowers_for_cuda(causal, d, backward, kernels):
-    """The backward kernels through the Mosaic GPU lowering for a CUDA target: forward + dK/dV
-    + dQ, or forward + the fused kernel (with its TMA reduce-add, which interpret mode lacks).
+    """The backward kernels through the Mosaic GPU lowering for a CUDA target: dK/dV + dQ, or
+    the fused kernel (with its TMA reduce-add, which interpret mode lacks), from a saved output
+    and lse (the forward's lowering is test_flash_mosaic_gpu_lowers_for_cuda's; `jax.grad`
+    reaches these kernels through the same function, test_flash_mosaic_gpu_interpret).
     head_dim 64 (SmolLM2's) and 32: the fused kernel slices K's columns in half, which must
     fall on whole shared-memory tiles (a native run at 32 found that; interpret mode did not)."""
     q = jax.ShapeDtypeStruct((2, 200, 8, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 200, 2, d), jnp.bfloat16)
-    fn = _mgpu(False, backward=backward)
-    f = lambda q, k, v: jax.grad(
-        lambda q, k, v: fn(q, k, v, causal=causal).astype(jnp.float32).sum(), argnums=(0, 1, 2)
-    )(q, k, v)
-    text = jax.jit(f).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == kernels
-
-
-@pytest.mark.parametrize("backward", ["mosaic_gpu", "mosaic_gpu_fused"])
-def test_flash_mosaic_gpu_backward_has_no_races(backward):
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-
-    q, k, v = _inputs(6, 1, 130, 130, 2, 1, 32, jnp.bfloat16)
-    fn = _mgpu(plgpu.InterpretGPUParams(detect_races=True), backward=backward)
-    loss = lambda fn: lambda *a: fn(*a, causal=True).astype(jnp.float32).sum()
-    got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
-    assert not interpret_pallas_call.get_races().races_found
-    want = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(
-        *(x.astype(jnp.float32) for x in (q, k, v))
+    lse = jax.ShapeDtypeStruct((2, 8, 200), jnp.float32)
+    cfg = flash_mgpu.Config(backward=backward)
+    f = lambda q, k, v, out, lse, do: api.attention_backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        do,
+        causal=causal,
+        implementation="mosaic_gpu",
+        config=cfg,
+        interpret=False,
     )
-    for g, w in zip(got, want):
-        assert rel(g, w) <= BF16_TOL
+    text = jax.jit(f).trace(q, kv, kv, q, lse, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == kernels
 
 
 def test_flash_mosaic_gpu_refuses_what_it_lacks():

@@ -24,7 +24,7 @@ from pallas_kernels.decode_attention.reference import (
     decode_append_reference,
     decode_attention_reference,
 )
-from tests.pallas_kernels.conformance import backends, only, rel
+from tests.pallas_kernels.conformance import backends, normals, only, rel
 
 F32_TOL = 1e-5
 BF16_TOL = 2e-2  # bf16 operands (a bf16 cache: the kernel's p @ V in bf16)
@@ -36,6 +36,10 @@ CONFIGS = {
     },
     "mosaic_tpu": {"": decode_tpu.Config(block_k=16)},
 }
+# merge="xla" changes only how the chunks are merged (`merge_chunks`, the same for decode and
+# append, stacked cache or not): the decode conformance test runs it, the others each
+# backend's default variant.
+DEFAULT_CONFIGS = {impl: {"": variants[""]} for impl, variants in CONFIGS.items()}
 
 
 def _decode(impl, cfg):
@@ -51,10 +55,7 @@ def _decode(impl, cfg):
 def test_decode_attention_conformance(impl, cfg, h, kh, extra):
     only(impl, f"gqa{h // kh}", {"mosaic_tpu": {"gqa4", "gqa8"}})
     b, s, d = 4, 45, 16
-    ks = jax.random.split(jax.random.PRNGKey(h + kh), 3)
-    q = jax.random.normal(ks[0], (b, h, d))
-    kc = jax.random.normal(ks[1], (b, s, kh, d))
-    vc = jax.random.normal(ks[2], (b, s, kh, d))
+    q, kc, vc = map(jnp.asarray, normals(h + kh, (b, h, d), (b, s, kh, d), (b, s, kh, d)))
     lengths = jnp.array([45, 1, 17, 32], jnp.int32)  # full, one slot, mid-block, block edge
     out = _decode(impl, cfg)(q, kc, vc, lengths, **extra)
     ref = decode_attention_reference(q, kc, vc, lengths, **extra)
@@ -62,19 +63,17 @@ def test_decode_attention_conformance(impl, cfg, h, kh, extra):
     assert rel(out, ref) <= F32_TOL
 
 
-@pytest.mark.parametrize("impl,cfg", backends(DECODE, CONFIGS))
+@pytest.mark.parametrize("impl,cfg", backends(DECODE, DEFAULT_CONFIGS))
 @pytest.mark.parametrize("s", [45, 48])  # a last block that overhangs the cache, and none
 def test_decode_attention_reads_one_layer_of_a_stacked_cache(impl, cfg, s):
     """layer=: layer 1 of an [L, B, S, K, D] cache is read in place.  The other layers are
     NaN, so a read outside layer 1 (a wrong index, an unmasked overhanging block of the last
     sequence) poisons the output; the layer index is traced, as inside the model's scan."""
     b, h, kh, d, n_layers = 3, 8, 2, 16, 3
-    ks = jax.random.split(jax.random.PRNGKey(s), 3)
-    q = jax.random.normal(ks[0], (b, h, d))
-    kc = jax.random.normal(ks[1], (b, s, kh, d))
-    vc = jax.random.normal(ks[2], (b, s, kh, d))
-    nan = jnp.full((n_layers, b, s, kh, d), jnp.nan)
-    k_all, v_all = nan.at[1].set(kc), nan.at[1].set(vc)
+    q, kc, vc = normals(s, (b, h, d), (b, s, kh, d), (b, s, kh, d))
+    k_all, v_all = (np.full((n_layers, b, s, kh, d), np.nan, np.float32) for _ in "kv")
+    k_all[1], v_all[1] = kc, vc
+    q, kc, vc, k_all, v_all = map(jnp.asarray, (q, kc, vc, k_all, v_all))
     lengths = jnp.array([1, 17, s], jnp.int32)  # the last sequence's overhang is layer 2's
     out = jax.jit(lambda lay: _decode(impl, cfg)(q, k_all, v_all, lengths, layer=lay))(1)
     ref = decode_attention_reference(q, kc, vc, lengths)
@@ -82,18 +81,17 @@ def test_decode_attention_reads_one_layer_of_a_stacked_cache(impl, cfg, s):
 
 
 def _append_inputs(seed, b, h, kh, s, d, n_layers, dtype=jnp.float32):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q = jax.random.normal(ks[0], (b, h, d))
-    k_new, v_new = (jax.random.normal(k, (b, kh, d)) for k in ks[1:3])
+    q, k_new, v_new, k, v = normals(seed, (b, h, d), (b, kh, d), (b, kh, d), *[(b, s, kh, d)] * 2)
     # NaN in the other layers: a read or write outside the attended layer shows
-    nan = jnp.full((n_layers, b, s, kh, d), jnp.nan, dtype)
-    k_all = nan.at[1].set(jax.random.normal(ks[3], (b, s, kh, d)).astype(dtype))
-    v_all = nan.at[1].set(jax.random.normal(ks[4], (b, s, kh, d)).astype(dtype))
-    ang = jnp.tile(jax.random.uniform(ks[5], (b, d // 2), maxval=6.0), (1, 2))
-    return q, k_new, v_new, k_all, v_all, (jnp.cos(ang), jnp.sin(ang))
+    k_all, v_all = (np.full((n_layers, b, s, kh, d), np.nan, np.float32) for _ in "kv")
+    k_all[1], v_all[1] = k, v
+    ang = np.tile(np.random.default_rng(seed).uniform(0.0, 6.0, (b, d // 2)), (1, 2))
+    rope = (jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32))
+    caches = (jnp.asarray(k_all, dtype), jnp.asarray(v_all, dtype))
+    return (*map(jnp.asarray, (q, k_new, v_new)), *caches, rope)
 
 
-@pytest.mark.parametrize("impl,cfg", backends(DECODE_APPEND, CONFIGS))
+@pytest.mark.parametrize("impl,cfg", backends(DECODE_APPEND, DEFAULT_CONFIGS))
 @pytest.mark.parametrize("d", [16, 24])  # Pallas-Triton: the fused kernel, and XLA's write
 def test_decode_append_conformance(impl, cfg, d):
     """A decode step (write, then attend) for every backend, stacked and unstacked caches:
@@ -117,9 +115,18 @@ def test_decode_append_conformance(impl, cfg, d):
         )
 
 
-@pytest.mark.parametrize("extra", [{}, dict(softcap=3.0), dict(sliding_window=9)])
-@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_append_fused_kernel(extra, cache_dtype):
+# each option once, the soft-cap and window at float32's tolerance (each case is a kernel to
+# compile; the options and the cache's dtype are apart in the kernel)
+@pytest.mark.parametrize(
+    "cache_dtype,extra",
+    [
+        (jnp.float32, dict(softcap=3.0)),
+        (jnp.float32, dict(sliding_window=9)),
+        (jnp.bfloat16, {}),
+    ],
+    ids=["float32-softcap", "float32-window", "bfloat16"],
+)
+def test_decode_append_fused_kernel(cache_dtype, extra):
     """Pallas-Triton's one-kernel decode step (key rotated, key and value written in place,
     the new token attended from registers) equals writing with XLA and then attending: the
     output, the written slot, and every other slot and layer untouched.  Slots: the last of the
@@ -168,7 +175,7 @@ def test_decode_append_reads_k_and_v_at_head_offsets(impl):
     b, h, kh, s, d = 2, 4, 2, 40, 16
     q, k_new, v_new, k_all, v_all, rope = _append_inputs(6, b, h, kh, s, d, 3)
     lengths = jnp.array([3, 20], jnp.int32)
-    packed = jnp.concatenate([jnp.full((b, 3, d), jnp.nan), k_new, v_new], axis=1)
+    packed = jnp.asarray(np.concatenate([np.full((b, 3, d), np.nan, np.float32), k_new, v_new], 1))
     kw = dict(layer=1, rope=rope, implementation=impl, interpret=True)
     want = api.decode_attention_append(q, k_new, v_new, k_all, v_all, lengths, **kw)
     got = api.decode_attention_append(
@@ -208,10 +215,10 @@ def test_decode_merge_kernel_ignores_padding_chunks():
     """The merge kernel reads a power-of-two chunk axis whose padding the chunks' kernel never
     writes: NaN there must not reach the output; empty chunks (lse -inf) weigh nothing."""
     b, kh, splits, gp, d = 2, 3, 5, 16, 64
-    ks = jax.random.split(jax.random.PRNGKey(4), 2)
-    o = jax.random.normal(ks[0], (b, kh, 8, gp, d))
-    lse = jax.random.normal(ks[1], (b, kh, 8, gp)).at[:, :, 1].set(-jnp.inf)
-    o, lse = o.at[:, :, splits:].set(jnp.nan), lse.at[:, :, splits:].set(jnp.nan)
+    o, lse = normals(4, (b, kh, 8, gp, d), (b, kh, 8, gp))
+    lse[:, :, 1] = -np.inf
+    o[:, :, splits:], lse[:, :, splits:] = np.nan, np.nan
+    o, lse = jnp.asarray(o), jnp.asarray(lse)
     got = decode_triton.merge_chunks(
         o, lse, splits, jnp.float32, decode_triton.Config(), interpret=True
     )

@@ -27,6 +27,7 @@ from pallas_kernels.grouped_matmul import (
 from pallas_kernels.grouped_matmul import mosaic_tpu as gmm_tpu
 from pallas_kernels.grouped_matmul import pallas_triton as gmm_triton
 from pallas_kernels.grouped_matmul.api import GMM, GMV, GroupedCall
+from tests.pallas_kernels.conformance import normals
 
 # small tiles so that tiny shapes still have several row / column / contraction tiles
 CONFIGS = {
@@ -62,10 +63,7 @@ def _loop_tgmm(lhs, grad, sizes):
 def test_references_match_a_per_group_loop():
     m, k, n = 23, 8, 6
     sizes = [5, 0, 9, 3]  # an empty group, and 6 rows past the sum
-    ks = jax.random.split(jax.random.PRNGKey(0), 3)
-    lhs = jax.random.normal(ks[0], (m, k))
-    rhs = jax.random.normal(ks[1], (4, k, n))
-    grad = jax.random.normal(ks[2], (m, n))
+    lhs, rhs, grad = map(jnp.asarray, normals(0, (m, k), (4, k, n), (m, n)))
     gs = jnp.array(sizes, jnp.int32)
     with jax.default_matmul_precision("highest"):
         out = gmm_reference(lhs, rhs, gs)
@@ -85,17 +83,16 @@ def _case(sizes, m, k, n, dtype, transpose_rhs, seed=0):
     """Inputs with NaN in rows past the sum (lhs) and in the empty experts' weights, plus
     their finite versions for the reference."""
     g = len(sizes)
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    lhs = jax.random.normal(ks[0], (m, k), jnp.float32)
-    w = jax.random.normal(ks[1], (g, k, n), jnp.float32) * k**-0.5
-    ct = jax.random.normal(ks[2], (m, n), jnp.float32)
+    lhs, w, ct = normals(seed, (m, k), (g, k, n), (m, n))
+    w *= k**-0.5
     total = sum(sizes)
-    empty = jnp.array([s == 0 for s in sizes])[:, None, None]
-    lhs_nan = lhs.at[total:].set(jnp.nan)
-    w_nan = jnp.where(empty, jnp.nan, w)
-    cast = lambda x: x.astype(dtype)
+    empty = np.array([s == 0 for s in sizes])[:, None, None]
+    lhs_nan = lhs.copy()
+    lhs_nan[total:] = np.nan
+    w_nan = np.where(empty, np.float32(np.nan), w)
     if transpose_rhs:
-        w, w_nan = jnp.swapaxes(w, 1, 2), jnp.swapaxes(w_nan, 1, 2)
+        w, w_nan = np.swapaxes(w, 1, 2), np.swapaxes(w_nan, 1, 2)
+    cast = lambda x: jnp.asarray(x, dtype)  # (numpy casts: nothing compiles per shape)
     return (cast(lhs), cast(lhs_nan), cast(w), cast(w_nan), cast(ct), jnp.array(sizes, jnp.int32))
 
 
@@ -173,18 +170,18 @@ def test_gmv_reads_only_routed_experts(impl, transpose_rhs):
     weights of experts no token is routed to are NaN."""
     g, k, n = 6, 48, 40
     ids = jnp.array([3, 0, 3, -1, 5, 6, 0], jnp.int32)
-    ks = jax.random.split(jax.random.PRNGKey(2), 2)
-    x = jax.random.normal(ks[0], (ids.shape[0], k))
-    w = jax.random.normal(ks[1], (g, k, n))
-    routed = jnp.isin(jnp.arange(g), ids)[:, None, None]
-    w_nan = jnp.where(routed, w, jnp.nan)
+    x, w = normals(2, (ids.shape[0], k), (g, k, n))
+    routed = np.isin(np.arange(g), np.asarray(ids))[:, None, None]
+    w_nan = np.where(routed, w, np.float32(np.nan))
     if transpose_rhs:
-        w, w_nan = jnp.swapaxes(w, 1, 2), jnp.swapaxes(w_nan, 1, 2)
+        w, w_nan = np.swapaxes(w, 1, 2), np.swapaxes(w_nan, 1, 2)
+    x, w, w_nan = jnp.asarray(x), jnp.asarray(w), jnp.asarray(w_nan)
     want = np.zeros((ids.shape[0], n))
-    wk = np.asarray(w if not transpose_rhs else jnp.swapaxes(w, 1, 2), np.float64)
+    wk = np.asarray(w, np.float64)
+    wk = wk.swapaxes(1, 2) if transpose_rhs else wk
     for i, e in enumerate(np.asarray(ids)):
         if 0 <= e < g:
-            want[i] = np.asarray(x[i], np.float64) @ wk[e]
+            want[i] = np.asarray(x, np.float64)[i] @ wk[e]
     if impl == "xla":  # the reference (a gather), on finite weights
         with jax.default_matmul_precision("highest"):
             ref = gmv_reference(x, w, ids, transpose_rhs=transpose_rhs)

@@ -24,7 +24,7 @@ from pallas_kernels.decode_attention.reference import (
     decode_attention_reference,
     mla_decode_reference,
 )
-from tests.pallas_kernels.conformance import backends, only, variant_name
+from tests.pallas_kernels.conformance import backends, normals, only, variant_name
 from tests.pallas_kernels.conformance import rel as _rel
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # bf16: output rounding and bf16 softmax weights
@@ -40,14 +40,14 @@ CONFIGS = {
 def _case(r: int, dr: int, dtype, s: int = 45, h: int = 9, n_layers: int = 3, seed: int = 0):
     """(q_latent, q_rope, stacked latent cache, stacked rope cache, lengths, layer 1's caches)."""
     b = 4
-    ks = jax.random.split(jax.random.PRNGKey(seed + r + dr), 4)
-    ql = jax.random.normal(ks[0], (b, h, r)).astype(dtype)
-    qr = jax.random.normal(ks[1], (b, h, dr)).astype(dtype)
-    cache = jax.random.normal(ks[2], (b, s, r)).astype(dtype)
-    rope = jax.random.normal(ks[3], (b, s, dr)).astype(dtype)
-    c_all = jnp.full((n_layers, b, s, r), jnp.nan, dtype).at[1].set(cache)
-    r_all = jnp.full((n_layers, b, s, dr), jnp.nan, dtype).at[1].set(rope)
+    ql, qr, cache, rope = normals(seed + r + dr, (b, h, r), (b, h, dr), (b, s, r), (b, s, dr))
+    c_all = np.full((n_layers, b, s, r), np.nan, np.float32)
+    r_all = np.full((n_layers, b, s, dr), np.nan, np.float32)
+    c_all[1], r_all[1] = cache, rope
     lengths = jnp.array([s, 1, 17, 32], jnp.int32)
+    ql, qr, c_all, r_all, cache, rope = (
+        jnp.asarray(x, dtype) for x in (ql, qr, c_all, r_all, cache, rope)
+    )
     return ql, qr, c_all, r_all, lengths, cache, rope
 
 
@@ -121,11 +121,7 @@ def test_mla_decode_conformance(impl, cfg, case):
 def test_mla_decode_one_layer_cache(impl, cfg):
     """An unstacked cache [B, S, R] (no layer): full, short and mid-length rows."""
     b, h, s, r, dr = 3, 5, 40, 32, 8
-    ks = jax.random.split(jax.random.PRNGKey(7), 4)
-    ql = jax.random.normal(ks[0], (b, h, r))
-    qr = jax.random.normal(ks[1], (b, h, dr))
-    cache = jax.random.normal(ks[2], (b, s, r))
-    rope = jax.random.normal(ks[3], (b, s, dr))
+    ql, qr, cache, rope = map(jnp.asarray, normals(7, (b, h, r), (b, h, dr), (b, s, r), (b, s, dr)))
     lengths = jnp.array([40, 3, 21], jnp.int32)
     out = api.mla_decode_attention(
         ql, qr, cache, rope, lengths, scale=0.2, implementation=impl, config=cfg, interpret=True
@@ -137,32 +133,39 @@ def test_mla_decode_one_layer_cache(impl, cfg):
 def test_mla_reference_matches_expanded_attention():
     """The absorbed form equals ordinary attention with per-head keys W_UK c and values W_UV c."""
     b, h, s, r, dn, dr, dv = 2, 3, 11, 16, 8, 4, 8
-    ks = jax.random.split(jax.random.PRNGKey(1), 6)
-    q_nope = jax.random.normal(ks[0], (b, h, dn))
-    q_rope = jax.random.normal(ks[1], (b, h, dr))
-    c = jax.random.normal(ks[2], (b, s, r))
-    k_rope = jax.random.normal(ks[3], (b, s, dr))
-    w_uk = jax.random.normal(ks[4], (h, r, dn)) * 0.3
-    w_uv = jax.random.normal(ks[5], (h, r, dv)) * 0.3
+    q_nope, q_rope, c, k_rope, w_uk, w_uv = normals(
+        1, (b, h, dn), (b, h, dr), (b, s, r), (b, s, dr), (h, r, dn), (h, r, dv)
+    )
+    w_uk, w_uv = w_uk * 0.3, w_uv * 0.3
     lengths = jnp.array([11, 6])
     scale = (dn + dr) ** -0.5
-    out_latent = mla_decode_reference(
-        jnp.einsum("bhn,hrn->bhr", q_nope, w_uk), q_rope, c, k_rope, lengths, scale=scale
-    )
-    out = jnp.einsum("bhr,hrv->bhv", out_latent, w_uv)
-    k = jnp.concatenate(
-        [jnp.einsum("bsr,hrn->bshn", c, w_uk), jnp.broadcast_to(k_rope[:, :, None], (b, s, h, dr))],
-        -1,
-    )
-    v = jnp.einsum("bsr,hrv->bshv", c, w_uv)
-    qf = jnp.concatenate([q_nope, q_rope], -1)
-    ref = decode_attention_reference(
-        qf,
-        k,
-        v[..., : dn + dr] if dv >= dn + dr else jnp.pad(v, ((0, 0),) * 3 + ((0, dn + dr - dv),)),
-        lengths,
-        scale=scale,
-    )[..., :dv]
+
+    @jax.jit  # one program: op by op, each of these would be compiled on its own
+    def absorbed_and_expanded(q_nope, q_rope, c, k_rope, w_uk, w_uv, lengths):
+        out_latent = mla_decode_reference(
+            jnp.einsum("bhn,hrn->bhr", q_nope, w_uk), q_rope, c, k_rope, lengths, scale=scale
+        )
+        out = jnp.einsum("bhr,hrv->bhv", out_latent, w_uv)
+        k = jnp.concatenate(
+            [
+                jnp.einsum("bsr,hrn->bshn", c, w_uk),
+                jnp.broadcast_to(k_rope[:, :, None], (b, s, h, dr)),
+            ],
+            -1,
+        )
+        v = jnp.einsum("bsr,hrv->bshv", c, w_uv)
+        qf = jnp.concatenate([q_nope, q_rope], -1)
+        pad = ((0, 0),) * 3 + ((0, dn + dr - dv),)
+        ref = decode_attention_reference(
+            qf,
+            k,
+            v[..., : dn + dr] if dv >= dn + dr else jnp.pad(v, pad),
+            lengths,
+            scale=scale,
+        )[..., :dv]
+        return out, ref
+
+    out, ref = absorbed_and_expanded(q_nope, q_rope, c, k_rope, w_uk, w_uv, lengths)
     assert _rel(out, ref) <= 1e-5
 
 
@@ -277,8 +280,8 @@ def _tiny_mla(r: int = 40, dr: int = 8):
         v_head_dim=16,
         latent_norm=True,
     )
-    key = jax.random.PRNGKey(5)
-    p = init_params(base, key, jnp.float32)
+    # (jitted, and the weights below drawn by numpy: eager random draws compile per shape)
+    p = jax.jit(init_params, static_argnums=(0, 2))(base, jax.random.PRNGKey(5), jnp.float32)
     layers = {
         k: v
         for k, v in p["layers"].items()
@@ -290,11 +293,10 @@ def _tiny_mla(r: int = 40, dr: int = 8):
         "self_attn.kv_a_proj_with_mqa.weight": (n, r + dr, d),
         "self_attn.kv_b_proj.weight": (n, h * 32, r),
     }
-    for i, (name, shape) in enumerate(shapes.items()):
-        layers[name] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), shape)
-    layers["self_attn.kv_a_layernorm.weight"] = 1 + 0.2 * jax.random.normal(
-        jax.random.fold_in(key, 9), (n, r)
-    )
+    *weights, norm = normals(5, *shapes.values(), (n, r))
+    for name, w in zip(shapes, weights):
+        layers[name] = jnp.asarray(0.3 * w)
+    layers["self_attn.kv_a_layernorm.weight"] = jnp.asarray(1 + 0.2 * norm)
     return cfg, {**p, "layers": layers}
 
 

@@ -300,7 +300,9 @@ def test_tpu_work_items_cover_every_q_block_once_in_order():
     (empty ones skipped), first / last flags on its first / last item, the KV ranges."""
     qsl = jnp.array([0, 20, 20, 23, 40, 40], jnp.int32)  # sequences 1 and 4 have no token
     lens = jnp.array([20, 5, 30, 17, 0], jnp.int32)
-    meta = np.asarray(rpa_tpu.work_items(qsl, lens, 3, 16, 4)).reshape(-1, rpa_tpu._FIELDS)
+    # (under jax.jit: op by op, each of its few dozen ops would be compiled on its own)
+    items = jax.jit(rpa_tpu.work_items, static_argnums=(2, 3, 4))(qsl, lens, 3, 16, 4)
+    meta = np.asarray(items).reshape(-1, rpa_tpu._FIELDS)
     f = {
         name: meta[:, i]
         for i, name in enumerate(
