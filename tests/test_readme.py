@@ -21,7 +21,9 @@ def library_snippet() -> str:
 
 
 @pytest.mark.slow
-def test_readme_library_snippet_runs(tmp_path, monkeypatch, capsys):
+def test_readme_library_snippet_runs(tmp_path, monkeypatch, capsys, smollm2_dir):
+    # smollm2_dir: the snippet's load_model("smollm2-135m") finds the run's conversion, made once
+    # under the suite's file lock, instead of converting again beside another worker
     monkeypatch.chdir(tmp_path)  # what the snippet writes stays under the test's directory
     exec(compile(library_snippet(), str(README), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out.splitlines()
