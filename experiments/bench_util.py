@@ -175,6 +175,27 @@ def kernel_summary(trace_dir: Path, steps: int = 1, top: int = 40) -> dict:
     }
 
 
+def trace_kernels(run: Callable[[], Any], steps: int, top: int = 25) -> dict | None:
+    """GPU kernels of `steps` calls made by run() (which blocks on its own results), from a
+    profiler trace in a temporary directory: `kernel_summary` per step plus `wall_ms_per_step`
+    (device busy over wall tells a host-bound loop from a device-bound one).  None off GPU or
+    when the profiler is unavailable (a machine without CUPTI still gets its wall times)."""
+    if jax.devices()[0].platform != "gpu":
+        return None
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                t0 = time.perf_counter()
+                run()
+                wall = time.perf_counter() - t0
+            return {"wall_ms_per_step": 1e3 * wall / steps, **kernel_summary(Path(d), steps, top)}
+    except Exception as e:  # noqa: BLE001
+        print(f"profiler unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
 # A word-level tokenizer for random-weight model shapes: token id i <-> the word "w<i>".  A prompt
 # of token ids becomes the text "w12 w7 w993 ...", which encodes back to exactly those ids, so a
 # text prompt and a token-id prompt are the same workload, and every generated token decodes to

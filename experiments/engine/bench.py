@@ -30,9 +30,12 @@ takes the GPU's memory, and frees it.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import gc
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -51,11 +54,13 @@ from experiments.bench_util import (  # noqa: E402
     device_name,
     time_difference,
     time_fn,
+    trace_kernels,
     write_table,
 )
 from jaxturbo.inference import generate  # noqa: E402
 from jaxturbo.inference.engine.config import EngineConfig  # noqa: E402
 from jaxturbo.inference.engine.engine import Engine  # noqa: E402
+from jaxturbo.inference.engine.model_runner import StepHandle  # noqa: E402
 from jaxturbo.inference.engine.params import RequestParams  # noqa: E402
 from jaxturbo.models.config import ModelConfig  # noqa: E402
 from jaxturbo.models.init import init_params  # noqa: E402
@@ -188,6 +193,63 @@ def run_engine_w1(engine: Engine, prompts: list[list[int]], new: int) -> dict:
         "steps": s1.num_steps - s0.num_steps,
         "preemptions": s1.num_preemptions - s0.num_preemptions,
     }
+
+
+@contextlib.contextmanager
+def host_phases(engine: Engine):
+    """Seconds the host spends per phase of `Engine.step` while the block runs (a dict filled
+    in place): schedule, launch (build inputs, device_put, dispatch), fetch (waiting for and
+    reading a step's tokens: where a device-bound loop spends its time), resolve (the
+    scheduler's bookkeeping of the tokens) and emit (the engine's outputs)."""
+    sec: dict[str, float] = collections.defaultdict(float)
+
+    def timed(f, key):
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                sec[key] += time.perf_counter() - t
+
+        return g
+
+    patched = [
+        (engine.scheduler, "schedule"),
+        (engine.scheduler, "resolve_tokens"),
+        (engine.scheduler, "update_from_output"),
+        (engine.runner, "execute"),
+        (engine, "_emit"),
+    ]
+    keys = {"schedule": "schedule", "execute": "launch", "_emit": "emit"}
+    for obj, name in patched:
+        setattr(obj, name, timed(getattr(obj, name), keys.get(name, "resolve")))
+    fetch = StepHandle.fetch
+    StepHandle.fetch = timed(fetch, "fetch")
+    try:
+        yield sec
+    finally:
+        StepHandle.fetch = fetch
+        for obj, name in patched:
+            delattr(obj, name)  # the class's method again
+
+
+def profile_engine_w1(engine: Engine, prompts: list[list[int]], new: int) -> dict:
+    """Where an engine step's time goes, from two more W1 runs: host milliseconds per step by
+    phase (`host_phases`), then the GPU kernels per step under the profiler (device busy time
+    against wall time per step; None off GPU)."""
+    steps0 = engine.stats().num_steps
+    with host_phases(engine) as sec:
+        r = run_engine_w1(engine, prompts, new)
+    steps = engine.stats().num_steps - steps0
+    out = {
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * r["wall_s"] / steps,
+        "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in sorted(sec.items())},
+    }
+    kernels = trace_kernels(lambda: run_engine_w1(engine, prompts, new), steps)
+    if kernels is not None:
+        out["traced"] = kernels
+    return out
 
 
 def run_engine_w2(engine: Engine, prompts: list[list[int]], w: dict, caching: bool) -> dict:
@@ -333,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--static-batches", help="comma-separated batch sizes of the static generate")
     ap.add_argument("--out", help="path stem of the .json/.md/.png")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="w1: also time the engine's host phases per step and trace its GPU kernels "
+        "(into the JSON's metadata, `profile`)",
+    )
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     name = args.shape or p["shape"]
@@ -417,6 +485,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"workload": "w1", **throughput_row(label, r, w1, new, floor)})
                 print(f"w1 {label}: {rows[-1]['output_tokens_per_s']:.0f} out tok/s", flush=True)
             engine.async_scheduling = True
+            if args.profile:
+                prof = meta["profile"] = profile_engine_w1(engine, w1, new)
+                print(f"profile: {json.dumps({k: v for k, v in prof.items() if k != 'traced'})}")
+                for k in prof.get("traced", {}).get("top", [])[:15]:
+                    print(f"  {k['us_per_step']:>9.1f} us {k['share']:.3f} {k['kernel']}")
+                if "traced" in prof:
+                    t = prof["traced"]
+                    print(
+                        f"traced: wall {t['wall_ms_per_step']:.2f} ms/step, GPU busy "
+                        f"{t['busy_ms_per_step']:.2f} ms/step, {t['kernels_per_step']:.0f} "
+                        "kernels/step",
+                        flush=True,
+                    )
         if "w2" in workloads:
             w = p["w2"]
             prompts = w2_prompts(w, cfg.vocab_size)

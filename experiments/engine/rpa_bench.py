@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_util import copy_bandwidth, device_name, kernel_summary, time_fn, write_table
+from experiments.bench_util import copy_bandwidth, device_name, time_fn, trace_kernels, write_table
 from jaxturbo.models.shapes import shape
 from pallas_kernels import api
 from pallas_kernels.decode_attention.reference import decode_attention_reference
@@ -111,19 +110,15 @@ def paged(k: jax.Array, v: jax.Array, page_size: int, seed: int = 0):
 def device_us(fn, args, calls: int) -> float | None:
     """GPU kernel microseconds per call of fn(*args) from a profiler trace (None off GPU or
     when the profiler is unavailable)."""
-    if jax.devices()[0].platform != "gpu":
-        return None
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                out = None
-                for _ in range(calls):
-                    out = fn(*args)
-                jax.block_until_ready(out)
-            return kernel_summary(Path(d), steps=calls)["busy_ms_per_step"] * 1e3
-    except Exception as e:  # a machine without CUPTI still gets wall times
-        print(f"profiler unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        return None
+
+    def run():
+        out = None
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+
+    k = trace_kernels(run, calls)
+    return None if k is None else k["busy_ms_per_step"] * 1e3
 
 
 def measure(row: dict, fn, args, p: dict, want=None) -> tuple[dict, jax.Array | None]:

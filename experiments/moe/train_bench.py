@@ -49,7 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_util import compiled_bytes, device_name, time_fn, write_table
+from experiments.bench_util import (
+    compiled_bytes,
+    device_name,
+    time_fn,
+    trace_kernels,
+    write_table,
+)
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.init import init_params
 from jaxturbo.models.shapes import shape
@@ -143,8 +149,10 @@ def bench_one(
     chunk: int,
     lora_rank: int,
     dense_rate: float,
+    trace: bool = False,
 ) -> dict:
-    """One row: compile the step, one warm-up step, then the median of `steps` steps."""
+    """One row: compile the step, one warm-up step, then the median of `steps` steps; with
+    `trace`, the GPU kernels of 2 more steps under the profiler (row["kernels"])."""
     rank = lora_rank if mode == "lora" else 0
     tc = TrainConfig(
         compute_dtype="bfloat16",
@@ -189,6 +197,11 @@ def bench_one(
         jax.block_until_ready(run())
         times.append(time.perf_counter() - t)
     dt = float(np.median(times))
+    kernels = (
+        trace_kernels(lambda: [jax.block_until_ready(run()) for _ in range(2)], 2)
+        if trace
+        else None
+    )
     flops = flops_per_token(cfg, seq, rank) * batch * seq
     peak = peak_flops()
     return {
@@ -205,6 +218,7 @@ def bench_one(
         "xla_gib": None if nbytes is None else nbytes / 2**30,
         "first_loss": first,
         "compile_s": compile_s,
+        **({"kernels": kernels} if kernels else {}),
     }
 
 
@@ -243,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(__file__).resolve().parent / "results"),
         help="directory for train_<preset>.{json,md}",
     )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="also trace 2 steps per row on a GPU: kernels by time into kernels_<preset>.json",
+    )
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     runs = (
@@ -271,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(meta), flush=True)
     rows: list[dict] = []
+    traced: dict[str, dict] = {}
     md = ""
     for mode, batch in runs:
         if time.perf_counter() - t_start > args.budget_s:
@@ -279,7 +299,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows.append(
                     bench_one(
-                        cfg, p["seq"], batch, mode, p["steps"], p["chunk"], args.lora_rank, dense
+                        cfg,
+                        p["seq"],
+                        batch,
+                        mode,
+                        p["steps"],
+                        p["chunk"],
+                        args.lora_rank,
+                        dense,
+                        trace=args.trace,
                     )
                 )
             except Exception as e:  # an OOM of one row should not lose the others
@@ -287,6 +315,17 @@ def main(argv: list[str] | None = None) -> int:
                     {"mode": mode, "batch": batch, "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 )
             gc.collect()
+        kernels = rows[-1].pop("kernels", None)
+        if kernels is not None:
+            traced[f"{mode},{batch}"] = kernels
+            path = Path(args.out) / f"kernels_{args.preset}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(traced, indent=1))
+            print(json.dumps({"kernels": mode, **{k: v for k, v in kernels.items() if k != "top"}}))
+            for k in kernels["top"][:15]:
+                print(
+                    f"  {k['us_per_step']:>10.1f} us {k['share']:.3f} x{k['per_step']} {k['kernel']}"
+                )
         print(json.dumps(rows[-1]), flush=True)
         # written after every row: a run stopped by its time limit keeps what it measured
         md = write_table(

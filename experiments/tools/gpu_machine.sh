@@ -13,7 +13,7 @@
 #
 # Stages (each runs one `python -m experiments.<topic>.<script>`; see that topic's RESULTS.md):
 #   gputests (GPU_TESTS_TIMEOUT, GPU_TEST_WORKERS) | generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain |
-#   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE) | serve |
+#   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE, ENGINE_FLAGS=--profile) | serve |
 #   train unrolled trace probe fsdp8b | ladder ladder_grid ladder_profile | sp4 longest |
 #   mladecode mlaconverted heal | ladderheal | grpo (GRPO_ENGINE=engine|jax)
 #
@@ -167,17 +167,19 @@ engine() {  # the serving engine's workload ENGINE_WORKLOAD (w1|w2|latency) on E
   mkdir -p "$OUT/engine"
   local w=${ENGINE_WORKLOAD:-w1} shape=${ENGINE_SHAPE:-llama3-8b}
   timeout ${ENGINE_TIMEOUT:-300} $PY -m experiments.engine.bench --preset gpu --workload $w \
-    --shape $shape ${ENGINE_SYSTEMS:+--systems $ENGINE_SYSTEMS} \
+    --shape $shape ${ENGINE_SYSTEMS:+--systems $ENGINE_SYSTEMS} ${ENGINE_FLAGS:-} \
     --out "$OUT/engine/engine_gpu_${w}_${shape}${ENGINE_TAG:-}" 2>&1 \
     | tee "$OUT/engine/log_${w}_${shape}${ENGINE_TAG:-}.txt"
 }
 
 moetrain() {  # MoE train step, Qwen3-30B-A3B shape with 4 layers, seq 4096: full vs LoRA, MFU
-  # (MOETRAIN_RUNS: e.g. "lora,1" to redo one row; the JSON is rewritten after every row)
+  # (MOETRAIN_RUNS: e.g. "lora,1" to redo one row; the JSON is rewritten after every row;
+  # MOETRAIN_FLAGS=--trace: GPU kernels by time per row)
   mkdir -p "$OUT/moe"
   timeout ${MOETRAIN_TIMEOUT:-150} $PY -m experiments.moe.train_bench \
     --preset ${MOETRAIN_PRESET:-qwen3-30b-a3b-4l} --budget-s ${MOETRAIN_BUDGET:-100} \
-    ${MOETRAIN_RUNS:+--runs "$MOETRAIN_RUNS"} --out "$OUT/moe" 2>&1 | grep -v "^\s*$" \
+    ${MOETRAIN_RUNS:+--runs "$MOETRAIN_RUNS"} ${MOETRAIN_FLAGS:-} --out "$OUT/moe" 2>&1 \
+    | grep -v "^\s*$" \
     | tee "$OUT/moe/train_log${TAG:-}.txt"
 }
 
