@@ -39,11 +39,13 @@ metadata, and prints the table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ from experiments.bench_util import (
     trace_kernels,
     write_table,
 )
+from jaxturbo.models import moe
 from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.init import init_params
 from jaxturbo.models.shapes import shape
@@ -73,7 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=5,
         chunk=4096,
         dense_n=8192,
-        runs=[("full", 1), ("lora", 1)],
+        runs=[("full", 1, "custom"), ("lora", 1, "custom")],
     ),
     # seconds on a CPU: the same code paths on the tiny MoE shape
     "cpu": dict(
@@ -82,12 +85,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=2,
         chunk=128,
         dense_n=256,
-        runs=[("full", 2), ("lora", 2)],
+        runs=[("full", 2, "custom"), ("lora", 2, "custom")],
     ),
 }
 COLUMNS = [
     "mode",
     "batch",
+    "gathers",
     "seq",
     "lora_rank",
     "trained_params",
@@ -150,9 +154,13 @@ def bench_one(
     lora_rank: int,
     dense_rate: float,
     trace: bool = False,
+    autodiff_gathers: bool = False,
 ) -> dict:
     """One row: compile the step, one warm-up step, then the median of `steps` steps; with
-    `trace`, the GPU kernels of 2 more steps under the profiler (row["kernels"])."""
+    `trace`, the GPU kernels of 2 more steps under the profiler (row["kernels"]).
+    `autodiff_gathers`: the step compiled with the plain row gathers of the MoE dispatch,
+    whose gradients autodiff makes scatter-adds (the lever the model's custom-gradient
+    gathers replace), for a comparison in one run."""
     rank = lora_rank if mode == "lora" else 0
     tc = TrainConfig(
         compute_dtype="bfloat16",
@@ -181,7 +189,15 @@ def bench_one(
     )
     step = make_train_step(cfg, tc, opt)
     t0 = time.perf_counter()
-    compiled = step.lower(state, b).compile()
+    with contextlib.ExitStack() as stack:
+        if autodiff_gathers:
+            stack.enter_context(
+                mock.patch.object(moe, "gather_pairs", lambda x, order, inv, k: x[order // k])
+            )
+            stack.enter_context(
+                mock.patch.object(moe, "unsort_pairs", lambda ys, order, inv: ys[inv])
+            )
+        compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t0
     nbytes = compiled_bytes(compiled)
     box = [state]
@@ -207,6 +223,7 @@ def bench_one(
     return {
         "mode": mode,
         "batch": batch,
+        "gathers": "autodiff" if autodiff_gathers else "custom",
         "seq": seq,
         "lora_rank": rank,
         "trained_params": int(trained),
@@ -222,9 +239,26 @@ def bench_one(
     }
 
 
+def parse_run(text: str) -> tuple[str, int, str]:
+    """ "MODE,BATCH[,GATHERS]" -> (mode, batch, gathers); GATHERS "custom" (default) or
+    "autodiff" (`bench_one`'s autodiff_gathers)."""
+    parts = text.split(",")
+    if len(parts) not in (2, 3) or parts[0] not in ("full", "lora") or not parts[1].isdigit():
+        raise SystemExit(f"run {text!r}: expected MODE,BATCH[,GATHERS] with MODE full or lora")
+    gathers = parts[2] if len(parts) == 3 else "custom"
+    if gathers not in ("custom", "autodiff"):
+        raise SystemExit(f"run {text!r}: GATHERS {gathers!r}; choose custom or autodiff")
+    return parts[0], int(parts[1]), gathers
+
+
 def lora_over_full(rows: list[dict]) -> dict[str, float]:
-    """tokens/s of the lora row over the full row, per batch size both ran at."""
-    ok = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if "error" not in r}
+    """tokens/s of the lora row over the full row, per batch size both ran at (the model's
+    own gathers)."""
+    ok = {
+        (r["mode"], r["batch"]): r["tokens_per_s"]
+        for r in rows
+        if "error" not in r and r["gathers"] == "custom"
+    }
     return {
         f"batch {b}": round(ok[("lora", b)] / ok[("full", b)], 3)
         for (m, b) in ok
@@ -244,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         "--runs",
         default=None,
         metavar="MODE,BATCH ...",
-        help="space-separated rows instead of the preset's (e.g. 'lora,4')",
+        help="space-separated rows instead of the preset's (e.g. 'lora,4' or 'full,1,autodiff': "
+        "the dispatch's row gathers differentiated by autodiff, as a baseline)",
     )
     ap.add_argument(
         "--budget-s",
@@ -264,14 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
-    runs = (
-        p["runs"]
-        if args.runs is None
-        else [(m, int(b)) for m, b in (r.split(",") for r in args.runs.split())]
-    )
-    for mode, _ in runs:
-        if mode not in ("full", "lora"):
-            raise SystemExit(f"run mode {mode!r}; choose full or lora")
+    runs = p["runs"] if args.runs is None else [parse_run(r) for r in args.runs.split()]
     cfg = p["cfg"]
     t_start = time.perf_counter()
     dense = dense_matmul_rate(p["dense_n"])
@@ -292,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     traced: dict[str, dict] = {}
     md = ""
-    for mode, batch in runs:
+    for mode, batch, gathers in runs:
         if time.perf_counter() - t_start > args.budget_s:
             rows.append({"mode": mode, "batch": batch, "error": "skipped: time budget"})
         else:
@@ -308,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.lora_rank,
                         dense,
                         trace=args.trace,
+                        autodiff_gathers=gathers == "autodiff",
                     )
                 )
             except Exception as e:  # an OOM of one row should not lose the others
@@ -317,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         kernels = rows[-1].pop("kernels", None)
         if kernels is not None:
-            traced[f"{mode},{batch}"] = kernels
+            traced[f"{mode},{batch},{gathers}"] = kernels
             path = Path(args.out) / f"kernels_{args.preset}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(traced, indent=1))

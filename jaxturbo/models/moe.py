@@ -48,6 +48,7 @@ gives `RouterStats` (sums) that the layer loop adds up; the losses divide at the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -270,15 +271,71 @@ def expert_swiglu(
     return proj(hidden, w.down, lora.down_a, lora.down_b)
 
 
-def combine(ys: jax.Array, order: jax.Array, weights: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def inverse_permutation(order: jax.Array) -> jax.Array:
+    """inv [M] with inv[order[i]] = i, for a permutation order [M] of 0..M-1."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+# The gathers that move rows between token order and expert order get their gradients as
+# gathers too.  Autodiff would scatter-add (the transpose of a gather), which the GPU runs with
+# atomics over rows it cannot know to be distinct; both index maps here are permutations (with
+# each token repeated k times), so the transpose is a gather by the inverse permutation.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_pairs(x: jax.Array, order: jax.Array, inv: jax.Array, k: int) -> jax.Array:
+    """The (token, choice) pairs' input rows in sorted order: x [N, D], order [N*k] (pair
+    indices n*k + j), inv = inverse_permutation(order) -> [N*k, D] with row i = x[order[i] // k].
+    Its gradient sums each token's k rows, gathered back by inv, in float32."""
+    return x[order // k]
+
+
+def _gather_pairs_fwd(x, order, inv, k):
+    return x[order // k], (order, inv)
+
+
+def _gather_pairs_bwd(k, res, g):
+    order, inv = res
+    n = inv.shape[0] // k
+    dx = g[inv].reshape(n, k, -1).astype(jnp.float32).sum(axis=1).astype(g.dtype)
+    return dx, None, None
+
+
+gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
+
+
+@jax.custom_vjp
+def unsort_pairs(ys: jax.Array, order: jax.Array, inv: jax.Array) -> jax.Array:
+    """ys [M, D] in sorted order (row i: pair order[i]) -> pair order: ys[inv].  Its gradient
+    is the gather by order."""
+    return ys[inv]
+
+
+def _unsort_pairs_fwd(ys, order, inv):
+    return ys[inv], (order, inv)
+
+
+def _unsort_pairs_bwd(res, g):
+    order, _ = res
+    return g[order], None, None
+
+
+unsort_pairs.defvjp(_unsort_pairs_fwd, _unsort_pairs_bwd)
+
+
+def combine(
+    ys: jax.Array,
+    order: jax.Array,
+    weights: jax.Array,
+    dtype: jnp.dtype,
+    inv: jax.Array | None = None,
+) -> jax.Array:
     """The expert outputs of the sorted pairs ys [N*k, D] (pair order[i] in row i; zeros for
-    dropped pairs) scaled by their router weights [N, k], put back in token order and summed
-    over the k choices (in float32) -> [N, D] in `dtype`."""
+    dropped pairs) put back in pair order, scaled by their router weights [N, k] and summed over
+    the k choices (in float32) -> [N, D] in `dtype`.  inv: inverse_permutation(order), if the
+    caller has it."""
     n, k = weights.shape
-    ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
-    # the inverse permutation's gather (not a scatter-add): deterministic and cheaper on GPU
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
-    return ys[inv].reshape(n, k, -1).astype(jnp.float32).sum(axis=1).astype(dtype)
+    inv = inverse_permutation(order) if inv is None else inv
+    ys = unsort_pairs(ys, order, inv) * weights.reshape(-1)[:, None].astype(ys.dtype)
+    return ys.reshape(n, k, -1).astype(jnp.float32).sum(axis=1).astype(dtype)
 
 
 def sorted_dispatch(
@@ -296,8 +353,9 @@ def sorted_dispatch(
     over the k choices (in float32).  capacity: pairs kept per expert (None: dropless)."""
     k = experts.shape[1]
     order, sizes = sort_pairs(experts, w.gate.shape[0], capacity)
-    ys = expert_swiglu(x[order // k], sizes, w, implementation)
-    return combine(ys, order, weights, x.dtype)
+    inv = inverse_permutation(order)
+    ys = expert_swiglu(gather_pairs(x, order, inv, k), sizes, w, implementation)
+    return combine(ys, order, weights, x.dtype, inv)
 
 
 def gmv_dispatch(

@@ -51,7 +51,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxturbo.errors import UserError
-from jaxturbo.models.moe import Dispatch, ExpertWeights, combine, expert_swiglu, sort_pairs
+from jaxturbo.models.moe import (
+    Dispatch,
+    ExpertWeights,
+    combine,
+    expert_swiglu,
+    gather_pairs,
+    inverse_permutation,
+    sort_pairs,
+)
 from jaxturbo.parallel.axes import EXPERT, divisors
 
 EXCHANGES = ("auto", "ragged", "padded", "ragged_reference")
@@ -149,7 +157,8 @@ def expert_parallel_dispatch(ep: int, *, exchange: str = "auto", axis: str = EXP
         e = e_l * ep
         m = n * k
         order, counts = sort_pairs(experts, e, capacity)
-        xs = x[order // k]  # [M, D], by expert
+        inv = inverse_permutation(order)
+        xs = gather_pairs(x, order, inv, k)  # [M, D], by expert
         me = jax.lax.axis_index(axis)
         c = jax.lax.all_gather(counts, axis).reshape(ep, ep, e_l)  # [source, dest, e]
         per_expert = jnp.sum(c, axis=0)  # [dest, e] rows received
@@ -194,7 +203,7 @@ def expert_parallel_dispatch(ep: int, *, exchange: str = "auto", axis: str = EXP
                 counts,
                 axis_name=axis,
             )
-        return combine(ys, order, weights, x.dtype)
+        return combine(ys, order, weights, x.dtype, inv)
 
     return dispatch
 

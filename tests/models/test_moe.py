@@ -17,7 +17,17 @@ from jaxturbo.errors import UserError
 from jaxturbo.inference import generate, perplexity
 from jaxturbo.models.config import ModelConfig, MoEConfig
 from jaxturbo.models.init import init_params
-from jaxturbo.models.moe import ExpertWeights, gmv_dispatch, moe_mlp, route, sorted_dispatch
+from jaxturbo.models.moe import (
+    ExpertWeights,
+    combine,
+    gather_pairs,
+    gmv_dispatch,
+    inverse_permutation,
+    moe_mlp,
+    route,
+    sort_pairs,
+    sorted_dispatch,
+)
 from jaxturbo.models.shapes import shape
 from jaxturbo.models.transformer import forward, init_cache
 from tests.helpers.hf_tiny import random_tokens, tiny_hf_model
@@ -252,6 +262,35 @@ def test_dispatches_equal_dense_reference():
         np.testing.assert_allclose(
             np.asarray(sparse[name]), np.asarray(dense[name]), atol=1e-5, rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_pair_gathers_have_the_gradients_of_plain_indexing(capacity):
+    """gather_pairs / combine (their gradients are gathers by the inverse permutation) against
+    plain indexing, whose gradients autodiff makes scatter-adds; with a capacity the dropped
+    pairs sit at the end of the order."""
+    n, k, e, d = 13, 3, 5, 4
+    kx, ke, kw = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (n, d))
+    experts = jax.random.randint(ke, (n, k), 0, e)
+    weights = jax.random.uniform(kw, (n, k))
+    order, _ = sort_pairs(experts, e, capacity)
+    scale = jnp.arange(1.0, n * k + 1)[:, None]
+
+    def ours(x, w):
+        inv = inverse_permutation(order)
+        return combine(jnp.tanh(gather_pairs(x, order, inv, k)) * scale, order, w, x.dtype, inv)
+
+    def plain(x, w):
+        ys = jnp.tanh(x[order // k]) * scale * w.reshape(-1)[order][:, None]
+        inv = jnp.argsort(order)
+        return ys[inv].reshape(n, k, d).sum(axis=1)
+
+    np.testing.assert_allclose(ours(x, weights), plain(x, weights), rtol=1e-6, atol=1e-6)
+    loss = lambda fn: jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1))
+    for a, b in zip(loss(ours)(x, weights), loss(plain)(x, weights)):
+        assert np.abs(np.asarray(b)).max() > 1e-2
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dispatch", [sorted_dispatch, gmv_dispatch])
