@@ -1,6 +1,6 @@
-"""experiments/mla/conversion.py --rope-study on CPU: a tiny random GQA model stands in for
-SmolLM2; each budget gets one care-uniform row per RoPE (layout, criterion), written as .json
-and .md."""
+"""experiments/mla/conversion.py --rope-study on CPU: a random GQA model of the `tiny` shape
+stands in for SmolLM2; each budget gets one care-uniform row per RoPE (layout, criterion),
+written as .json and .md."""
 
 from __future__ import annotations
 
@@ -9,22 +9,11 @@ import json
 import jax
 
 from experiments.mla import conversion
-from jaxturbo.models.config import ModelConfig
 from jaxturbo.models.init import init_params
+from jaxturbo.models.shapes import shape
 
 V = 101
-CFG = ModelConfig(
-    vocab_size=V,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rope_theta=10000.0,
-    max_position_embeddings=128,
-    tie_word_embeddings=True,
-)
+CFG = shape("tiny", vocab_size=V, num_hidden_layers=2)
 
 
 class _CharTokenizer:
