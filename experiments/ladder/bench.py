@@ -38,14 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.ladder import runs_report, trace_streams
+from experiments.ladder import analysis
 
 ROOT = Path(__file__).resolve().parents[2]
 # Decode GEMVs: XLA's Triton GEMM fusions are slower than cuBLAS at batch 1.  XLA's dot merger
 # (default: dots under 32 MB sharing an input) turns q/k/v and gate/up into one GEMM over
 # weights it concatenates on every step: a full weight copy per layer and token (off, one
-# GPU's share of a TP-4 8B decode step went from 3.51 to 2.35 ms on an H100:
-# results/dot_merger_tp4_h100x4.json).  The "merge" preset turns it back on for comparison.
+# GPU's share of a TP-4 8B decode step went from 3.51 to 2.35 ms on an H100: docs/findings.md).
+# The "merge" preset turns it back on for comparison.
 GPU_FLAGS = ["--xla_gpu_enable_triton_gemm=false", "--xla_gpu_dot_merger_threshold_mb=0"]
 # Flag sets tried for overlap (experiments/ladder/RESULTS.md); chosen with --xla-preset.
 XLA_PRESETS = {
@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run each setting's worker this many times, one after another (rows "
         "tagged run 1..N, each run's ratio against its own standard; between "
         "processes standard moved by up to 4%% on 4x H100); with N > 1 the "
-        "per-run ratios and their medians are printed too (runs_report.py)",
+        "per-run ratios and their medians are printed too (`analysis runs`)",
     )
     p.add_argument(
         "--decode-loop",
@@ -188,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         default=None,
         help="folder: trace one more generate call per setting and print where each "
-        "GPU's decode step goes (trace_streams.py)",
+        "GPU's decode step goes (`analysis trace`)",
     )
     p.add_argument("--out", default="runs/ladder_bench")
     p.add_argument(
@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
         f"XLA flag sets {a.xla_preset})\n{table}"
     )
     if a.processes > 1:
-        runs = runs_report.table(runs_report.group_runs(rows))
+        runs = analysis.runs_table(analysis.group_runs(rows))
         (out / "runs.md").write_text(runs + "\n")
         print(f"\nrun by run (each ladder against the standard of its own process)\n{runs}")
     if a.profile:
@@ -755,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             d = Path(a.profile) / _setting_name(r)
             try:
-                got = trace_streams.summarize(
-                    trace_streams.load_events(d), preset_config(a.preset).num_hidden_layers
+                got = analysis.summarize(
+                    analysis.load_events(d), preset_config(a.preset).num_hidden_layers
                 )
             except (FileNotFoundError, ValueError) as e:
                 print(f"# profile {d}: {e}", file=sys.stderr)
@@ -766,10 +766,10 @@ def main(argv: list[str] | None = None) -> int:
             print("# profile: no GPU kernels in the traces (CPU run?)", file=sys.stderr)
         else:
             (out / "profile.json").write_text(json.dumps(prof, indent=1))
-            (out / "profile.md").write_text(trace_streams.table(prof) + "\n")
+            (out / "profile.md").write_text(analysis.trace_table(prof) + "\n")
             print(
-                "\nwhere each GPU's decode step goes (ms per step; trace_streams.py)\n"
-                + trace_streams.table(prof)
+                "\nwhere each GPU's decode step goes (ms per step; analysis trace)\n"
+                + analysis.trace_table(prof)
             )
     failed = check_failures(rows)
     if failed:  # last, so that the table and the files above are there to look at

@@ -3,6 +3,7 @@
     python -m experiments.mla.conversion                      # the table (CPU: ~15 min)
     python -m experiments.mla.conversion --heal-steps 40      # plus healed care-adjusted @ 0.5
     python -m experiments.mla.conversion --preset tiny        # seconds, for a smoke run
+    python -m experiments.mla.conversion --rope-study         # which RoPE pairs to keep (CPU: ~10 min)
 
 Training-free rows: {svd-joint, svd, care-uniform, care-adjusted} x budget {1.0, 0.75, 0.5, 0.25}
 (budget = (latent + rope key) / original 2*K*hd = 384 values per token per layer).
@@ -11,6 +12,11 @@ Calibration: the first N x L tokens of WikiText-2 valid; evaluation: the last W 
 Writes OUT.{json,md} and OUT.png (perplexity against budget); OUT is a path stem, default
 experiments/mla/results/conversion_<preset>.  `--rope-criterion energy` reproduces the RoPE pair
 choice the RESULTS.md levers table rejects.
+
+`--rope-study` asks where the training-free loss comes from instead: care-uniform with the RoPE
+key's {geometric, free} layout x {energy, rotation} pair criterion at budgets 1.0 and 0.5 (the
+same calibration and evaluation tokens); it writes OUT.{json,md}, OUT default
+experiments/mla/results/rope_study_<preset> (the table is kept in experiments/mla/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -72,13 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--budgets", nargs="*", type=float, help="override the preset's budgets")
     ap.add_argument(
+        "--rope-study",
+        action="store_true",
+        help="the RoPE layout x pair-criterion study (care-uniform) instead of the method table",
+    )
+    ap.add_argument(
         "--out",
         help="path stem of the .json/.md/.png (default "
         "experiments/mla/results/conversion_<preset>)",
     )
     args = ap.parse_args(argv)
     pr = PRESETS[args.preset]
-    out = Path(args.out) if args.out else RESULTS / f"conversion_{args.preset}"
+    stem = "rope_study" if args.rope_study else "conversion"
+    out = Path(args.out) if args.out else RESULTS / f"{stem}_{args.preset}"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     cfg, params, tok = load_model(args.model, progress=False)
@@ -116,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     cov = attention_input_covariance(params, cfg, calib)
     print(f"calibration: {time.time() - t0:.0f}s", flush=True)
     meta["calibration_seconds"] = round(time.time() - t0, 1)
+    if args.rope_study:
+        rope_study(
+            params, cfg, cov, eval_ids, pr["window"], args.budgets or (1.0, 0.5), args.alpha, out
+        )
+        return
 
     keep = {}
     rows = [r for r in ROWS if not args.rows or r[0] in args.rows]
@@ -204,6 +221,51 @@ def main(argv: list[str] | None = None) -> None:
         print(f"healed care-adjusted @0.5: ppl {ppl:.3f}", flush=True)
         save()
     save()
+
+
+ROPE_CHOICES = (("geometric", "energy"), ("geometric", "rotation"), ("free", "rotation"))
+
+
+def rope_study(params, cfg, cov, eval_ids, window, budgets, alpha, out: Path) -> list[dict]:
+    """care-uniform at each budget with each RoPE (layout, criterion) of ROPE_CHOICES: the
+    perplexity and the frequency pairs kept.  Writes OUT.{json,md} after every row."""
+    rows: list[dict] = []
+    for budget in budgets:
+        for layout, crit in ROPE_CHOICES:
+            res = convert_to_mla(
+                params,
+                cfg,
+                cov,
+                method="care",
+                kv_budget=budget,
+                alpha=alpha,
+                rope_layout=layout,
+                rope_criterion=crit,
+                context=window,
+            )
+            ppl = mla_perplexity(res.params, res.cfg, eval_ids, window=window).perplexity
+            rows.append(
+                {
+                    "budget": budget,
+                    "layout": layout,
+                    "criterion": crit,
+                    "ppl": ppl,
+                    "rope_freq_index": res.rope_freq_index,
+                }
+            )
+            print(rows[-1], flush=True)
+            Path(f"{out}.json").write_text(json.dumps(rows, indent=1))
+            md = [
+                "| budget | layout | criterion | ppl | kept frequencies |",
+                "|---:|---|---|---:|---|",
+            ]
+            md += [
+                f"| {r['budget']} | {r['layout']} | {r['criterion']} | {r['ppl']:.2f} | "
+                f"{r['rope_freq_index']} |"
+                for r in rows
+            ]
+            Path(f"{out}.md").write_text("\n".join(md) + "\n")
+    return rows
 
 
 def heal_batches(ids: np.ndarray, batch: int, length: int, seed: int) -> list[np.ndarray]:

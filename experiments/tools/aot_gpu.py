@@ -4,7 +4,7 @@ Given a GPU's description (a `GpuTargetConfigProto`, e.g. `H100_TARGET_CONFIG` b
 the latency-hiding scheduler, the async-collective conversion, Mosaic GPU's lowering and ptxas.
 Only the autotuning of GEMM algorithms is skipped.  What it cannot tell is time.  It answers
 "what will the GPU run" before any device time is spent: the schedule of a TP decode step
-(`ladder/aot_schedule.py`), the registers, spills and wgmma serialisation of a Pallas kernel
+(`ladder/analysis.py schedule`), the registers, spills and wgmma serialisation of a Pallas kernel
 (`attention/ptxas_report.py`).
 
 Needs, beside jax 0.11.2: the CUDA PJRT plugin, CUDA 13 libraries and a `ptxas` on PATH.
