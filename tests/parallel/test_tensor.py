@@ -1,7 +1,8 @@
-"""Tensor parallelism on 8 fake CPU devices: every residual mode at TP 1/2/4/8 equals the
-single-device forward of the same mode (for `standard`: the foundation model's logits), for
-prefill and cached decode (tests/conftest.py sets
-XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts)."""
+"""Tensor parallelism on 8 fake CPU devices: every residual mode at TP 2 (KV heads split) and at
+TP 4 or 8 (KV heads replicated), and the standard model at TP 1 too, equals the single-device
+forward of the same mode (for `standard`: the foundation model's logits), for prefill and cached
+decode (tests/conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX
+starts)."""
 
 from __future__ import annotations
 
@@ -93,12 +94,27 @@ def _reference(params, cfg, tokens, lengths):
     return fn(params, tokens, lengths)
 
 
+@pytest.fixture(scope="module")
+def references(setup):
+    """The single-device (prefill, decode) logits of TINY in each residual mode, computed once
+    for the module's tests (each is a compile)."""
+    params, tokens, lengths = setup
+    return {m: _reference(params, TINY.replace(residual_mode=m), tokens, lengths) for m in MODES}
+
+
+# Each (mode, TP) is a compile of seconds, so the sizes are paired with the modes rather than
+# crossed: the mode changes the layer's function and where it sums over the tensor axis, the
+# size whether the KV heads are split (TP 2 of 2 KV heads) or replicated first (TP 4 and 8).
+# Every mode runs both; TP 1 (a mesh of one device) runs the standard model.
+TP_SIZES = {"standard": (1, 2, 8), "parallel": (2, 4), "ladder": (2, 8), "hybrid": (2, 4)}
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_tp_matches_single_device(setup, mode):
+def test_tp_matches_single_device(setup, references, mode):
     params, tokens, lengths = setup
     cfg = TINY.replace(residual_mode=mode)
-    ref_pre, ref_dec = _reference(params, cfg, tokens, lengths)
-    for tp in (1, 2, 4, 8):
+    ref_pre, ref_dec = references[mode]
+    for tp in TP_SIZES[mode]:
         mesh = tp_mesh(tp)
         sp = tensor.shard_params(params, cfg, mesh)
         fwd = tensor.TensorParallel(mesh)
@@ -111,11 +127,11 @@ def test_tp_matches_single_device(setup, mode):
         assert _rel(dec, ref_dec) <= 1e-5, (mode, tp)
 
 
-def test_skip_allreduce_is_the_desync_bound(setup):
+def test_skip_allreduce_is_the_desync_bound(setup, references):
     """The benchmarks' desync variant (no all-reduces) equals the model at TP 1 and differs from
     it at TP 2, where each device's partial outputs are then never summed."""
     params, tokens, lengths = setup
-    ref_pre, _ = _reference(params, TINY, tokens, lengths)
+    ref_pre, _ = references["standard"]
     valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
     for tp in (1, 2):
         mesh = tp_mesh(tp)
@@ -128,13 +144,16 @@ def test_skip_allreduce_is_the_desync_bound(setup):
         assert (err <= 1e-5) if tp == 1 else (err > 1e-2), (tp, err)
 
 
-def test_modes_differ(setup):
-    """The equality above would pass vacuously if the modes computed the same function."""
-    params, tokens, _ = setup
-    f = jax.jit(forward, static_argnums=1)
-    std = f(params, TINY, tokens)[0]
+def test_modes_differ(setup, references):
+    """The equality above would pass vacuously if the modes computed the same function (the
+    prefill logits, and the decode logits, of the single-device references differ)."""
+    _, _, lengths = setup
+    valid = np.arange(PROMPT)[None, :] < np.asarray(lengths)[:, None]
+    std_pre, std_dec = references["standard"]
     for m in ("parallel", "ladder", "hybrid"):
-        assert _rel(f(params, TINY.replace(residual_mode=m), tokens)[0], std) > 1e-3, m
+        pre, dec = references[m]
+        assert _rel(pre[valid], std_pre[valid]) > 1e-3, m
+        assert _rel(dec, std_dec) > 1e-3, m
 
 
 def test_unrolled_tp_and_9_3_heads_at_tp3():
