@@ -25,6 +25,13 @@ def test_readme_library_snippet_runs(tmp_path, monkeypatch, capsys, smollm2_dir)
     # smollm2_dir: the snippet's load_model("smollm2-135m") finds the run's conversion, made once
     # under the suite's file lock, instead of converting again beside another worker
     monkeypatch.chdir(tmp_path)  # what the snippet writes stays under the test's directory
+    # The engine compiles the step shapes the snippet's two requests use, as it meets them,
+    # instead of warming up every (token bucket, sequence bucket, sampling) shape first: on the
+    # 135M model that is ~18 programs of about a second each, and a cold cache compiles them.
+    # The warm-up itself (every shape, then no compilation) is test_engine_compile's.
+    from jaxturbo.inference.engine.model_runner import ModelRunner
+
+    monkeypatch.setattr(ModelRunner, "warmup", lambda self, *a, **kw: 0)
     exec(compile(library_snippet(), str(README), "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out.splitlines()
     texts, engine_texts, ppl = out[-3:]
