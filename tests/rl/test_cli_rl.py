@@ -314,27 +314,13 @@ def test_rl_cli_progress_bar_on_a_terminal(tiny_rl_model, tmp_path, monkeypatch)
 
 def test_rl_cli_final_checkpoint_and_hf_export(tiny_rl_model, tmp_path, capsys):
     # by default: one checkpoint, at the end, and the final policy as an HF directory; ppo's
-    # checkpoint holds policy and value head, the export the policy alone
+    # checkpoint holds policy and value head, the export the policy alone.  The batch shapes
+    # and step count (the learning-rate schedule) of test_rl_cli_resume_equals_uninterrupted[ppo]:
+    # its compiled ppo programs serve here.
     out = tmp_path / "ppo"
-    assert (
-        _rl(
-            tiny_rl_model,
-            out,
-            "--algo",
-            "ppo",
-            "--steps",
-            "2",
-            "--eval-problems",
-            "0",
-            "--group-size",
-            "2",
-            "--prompts-per-step",
-            "2",
-        )
-        == 0
-    )
+    assert _rl(tiny_rl_model, out, "--algo", "ppo", "--steps", "4", "--eval-problems", "0") == 0
     capsys.readouterr()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"]
     ours = checkpoint_logits(out, TOKENS, policy=True)
     assert not np.allclose(hf_logits(tiny_rl_model, TOKENS), ours, atol=1e-4)  # it trained
     np.testing.assert_allclose(hf_logits(out / "hf", TOKENS), ours, atol=1e-4, rtol=0)
@@ -345,7 +331,7 @@ def test_rl_cli_final_checkpoint_and_hf_export(tiny_rl_model, tmp_path, capsys):
             [
                 "export-hf",
                 "--checkpoint",
-                str(out / "checkpoints" / "2"),
+                str(out / "checkpoints" / "4"),
                 "--model",
                 str(tiny_rl_model),
                 "--dtype",
@@ -356,7 +342,7 @@ def test_rl_cli_final_checkpoint_and_hf_export(tiny_rl_model, tmp_path, capsys):
         )
         == 0
     )
-    assert "step 2" in capsys.readouterr().out
+    assert "step 4" in capsys.readouterr().out
     from safetensors import safe_open
 
     with safe_open(next(exp.glob("*.safetensors")), "pt") as f:
