@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,7 +159,12 @@ def kernel_summary(trace_dir: Path, steps: int = 1, top: int = 40) -> dict:
     by_name: dict[str, list[float]] = collections.defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-            by_name[e["name"]].append(e["dur"])
+            name = e["name"]
+            if name.startswith("Memcpy"):  # which HLO op copies: the trace names it
+                args = e.get("args", {})
+                op = args.get("hlo_op") or args.get("long_name") or args.get("tf_op")
+                name = f"{name} <{str(op)[:60] if op else ','.join(sorted(args))[:60]}>"
+            by_name[name].append(e["dur"])
     rows = sorted(((n, len(v), sum(v)) for n, v in by_name.items()), key=lambda r: -r[2])
     busy_us = sum(r[2] for r in rows)
     return {
@@ -194,6 +201,55 @@ def trace_kernels(run: Callable[[], Any], steps: int, top: int = 25) -> dict | N
     except Exception as e:  # noqa: BLE001
         print(f"profiler unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
         return None
+
+
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_HLO_COPY = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(copy|copy-start)\(")
+
+
+def hlo_copies(hlo_text: str, top: int = 12) -> dict:
+    """The copy instructions of an optimized HLO module (what the GPU runs as MemcpyD2D):
+    count, total bytes, and the `top` (dtype, shape) groups by bytes.  A copy of a whole
+    parameter- or optimizer-sized buffer every step usually means a buffer XLA could not
+    update in place."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    fusion_body = False
+    for line in hlo_text.splitlines():
+        head = _HLO_COMPUTATION.match(line)
+        if head:  # a fusion's body is one kernel: its copies are not memcpys
+            fusion_body = "fused" in head[1] or head[1].startswith("wrapped_")
+            continue
+        m = None if fusion_body else _HLO_COPY.search(line)
+        if m is None:
+            continue
+        dtype, dims = m[1], m[2]
+        n = math.prod(int(d) for d in dims.split(",") if d)
+        g = groups.setdefault((dtype, dims), [0, 0])
+        g[0] += 1
+        g[1] += n * _DTYPE_BYTES.get(dtype, 4)
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return {
+        "copies": sum(g[0] for g in groups.values()),
+        "bytes": sum(g[1] for g in groups.values()),
+        "top": [{"dtype": d, "shape": s, "count": c, "bytes": b} for (d, s), (c, b) in rows[:top]],
+    }
+
+
+_DTYPE_BYTES = {
+    "f32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "s64": 8,
+    "f64": 8,
+    "u64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
 
 
 # A word-level tokenizer for random-weight model shapes: token id i <-> the word "w<i>".  A prompt
