@@ -77,8 +77,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=5,
         chunk=4096,
         dense_n=8192,
-        # batch 4: full fine-tuning's fixed optimizer cost amortised (MFU 18% -> 30% of peak)
-        runs=[("full", 1, "custom"), ("full", 4, "custom"), ("lora", 1, "custom")],
+        # unrolled layers: no per-layer gradient copies into stacked buffers (1.10x); batch 8:
+        # full fine-tuning's fixed optimizer cost amortised (experiments/moe/RESULTS.md)
+        runs=[
+            ("full", 1, "custom", "scan"),
+            ("full", 1, "custom", "unrolled"),
+            ("full", 8, "custom", "unrolled"),
+            ("lora", 1, "custom", "unrolled"),
+        ],
     ),
     # seconds on a CPU: the same code paths on the tiny MoE shape
     "cpu": dict(
@@ -87,13 +93,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         steps=2,
         chunk=128,
         dense_n=256,
-        runs=[("full", 2, "custom"), ("lora", 2, "custom")],
+        runs=[("full", 2, "custom", "scan"), ("lora", 2, "custom", "scan")],
     ),
 }
 COLUMNS = [
     "mode",
     "batch",
     "gathers",
+    "layers",
     "seq",
     "lora_rank",
     "trained_params",
@@ -157,19 +164,23 @@ def bench_one(
     dense_rate: float,
     trace: bool = False,
     autodiff_gathers: bool = False,
+    unroll: bool = False,
 ) -> dict:
     """One row: compile the step, one warm-up step, then the median of `steps` steps; with
     `trace`, the GPU kernels of 2 more steps under the profiler and the compiled step's HLO
     copies (row["kernels"]).
     `autodiff_gathers`: the step compiled with the plain row gathers of the MoE dispatch,
     whose gradients autodiff makes scatter-adds (the lever the model's custom-gradient
-    gathers replace), for a comparison in one run."""
+    gathers replace), for a comparison in one run.  `unroll`: TrainConfig.unroll_layers (the
+    scan's backward writes each layer's gradients into the stacked ones by
+    dynamic-update-slices, which the GPU runs as device-to-device copies)."""
     rank = lora_rank if mode == "lora" else 0
     tc = TrainConfig(
         compute_dtype="bfloat16",
         loss_chunk_tokens=chunk,
         lora_rank=rank,
         lora_alpha=2.0 * rank if rank else None,
+        unroll_layers=unroll,
     )
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000))
     # LoRA keeps the frozen base in bf16; full fine-tuning's init_state makes float32 masters
@@ -229,6 +240,7 @@ def bench_one(
         "mode": mode,
         "batch": batch,
         "gathers": "autodiff" if autodiff_gathers else "custom",
+        "layers": "unrolled" if unroll else "scan",
         "seq": seq,
         "lora_rank": rank,
         "trained_params": int(trained),
@@ -244,30 +256,38 @@ def bench_one(
     }
 
 
-def parse_run(text: str) -> tuple[str, int, str]:
-    """ "MODE,BATCH[,GATHERS]" -> (mode, batch, gathers); GATHERS "custom" (default) or
-    "autodiff" (`bench_one`'s autodiff_gathers)."""
+RUN_OPTIONS = ("autodiff", "unrolled")
+
+
+def parse_run(text: str) -> tuple[str, int, str, str]:
+    """ "MODE,BATCH[,OPTION...]" -> (mode, batch, gathers, layers).  Options: "autodiff" (the
+    dispatch's gathers differentiated by autodiff: `bench_one`'s autodiff_gathers; default
+    "custom") and "unrolled" (a Python loop over the layers: TrainConfig.unroll_layers;
+    default "scan")."""
     parts = text.split(",")
-    if len(parts) not in (2, 3) or parts[0] not in ("full", "lora") or not parts[1].isdigit():
-        raise SystemExit(f"run {text!r}: expected MODE,BATCH[,GATHERS] with MODE full or lora")
-    gathers = parts[2] if len(parts) == 3 else "custom"
-    if gathers not in ("custom", "autodiff"):
-        raise SystemExit(f"run {text!r}: GATHERS {gathers!r}; choose custom or autodiff")
-    return parts[0], int(parts[1]), gathers
+    if len(parts) < 2 or parts[0] not in ("full", "lora") or not parts[1].isdigit():
+        raise SystemExit(f"run {text!r}: expected MODE,BATCH[,OPTION...] with MODE full or lora")
+    bad = [o for o in parts[2:] if o not in RUN_OPTIONS]
+    if bad:
+        raise SystemExit(f"run {text!r}: unknown option {bad[0]!r}; options: {RUN_OPTIONS}")
+    gathers = "autodiff" if "autodiff" in parts[2:] else "custom"
+    return parts[0], int(parts[1]), gathers, "unrolled" if "unrolled" in parts[2:] else "scan"
 
 
 def lora_over_full(rows: list[dict]) -> dict[str, float]:
-    """tokens/s of the lora row over the full row, per batch size both ran at (the model's
-    own gathers)."""
+    """tokens/s of the lora row over the full row, per batch size and layer loop both ran at
+    (the model's own gathers)."""
     ok = {
-        (r["mode"], r["batch"]): r["tokens_per_s"]
+        (r["mode"], r["batch"], r["layers"]): r["tokens_per_s"]
         for r in rows
         if "error" not in r and r["gathers"] == "custom"
     }
     return {
-        f"batch {b}": round(ok[("lora", b)] / ok[("full", b)], 3)
-        for (m, b) in ok
-        if m == "full" and ("lora", b) in ok
+        f"batch {b}" + ("" if lay == "scan" else f", {lay}"): round(
+            ok[("lora", b, lay)] / ok[("full", b, lay)], 3
+        )
+        for (m, b, lay) in ok
+        if m == "full" and ("lora", b, lay) in ok
     }
 
 
@@ -283,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "--runs",
         default=None,
         metavar="MODE,BATCH ...",
-        help="space-separated rows instead of the preset's (e.g. 'lora,4' or 'full,1,autodiff': "
-        "the dispatch's row gathers differentiated by autodiff, as a baseline)",
+        help="space-separated rows instead of the preset's (e.g. 'lora,4', 'full,1,autodiff': "
+        "the dispatch's row gathers differentiated by autodiff, as a baseline, or "
+        "'full,1,unrolled': the layers unrolled)",
     )
     ap.add_argument(
         "--budget-s",
@@ -325,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     traced: dict[str, dict] = {}
     md = ""
-    for mode, batch, gathers in runs:
+    for mode, batch, gathers, layers in runs:
         if time.perf_counter() - t_start > args.budget_s:
             rows.append({"mode": mode, "batch": batch, "error": "skipped: time budget"})
         else:
@@ -342,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                         dense,
                         trace=args.trace,
                         autodiff_gathers=gathers == "autodiff",
+                        unroll=layers == "unrolled",
                     )
                 )
             except Exception as e:  # an OOM of one row should not lose the others
@@ -351,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         kernels = rows[-1].pop("kernels", None)
         if kernels is not None:
-            traced[f"{mode},{batch},{gathers}"] = kernels
+            traced[f"{mode},{batch},{gathers},{layers}"] = kernels
             path = Path(args.out) / f"kernels_{args.preset}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(traced, indent=1))

@@ -53,3 +53,11 @@ def test_cpu_preset_times_full_and_lora_rows(tmp_path):
         )
     }
     assert (tmp_path / "train_cpu.md").read_text().startswith("### MoE train step")
+
+
+def test_run_specs_parse_options_in_any_order():
+    assert train_bench.parse_run("full,4") == ("full", 4, "custom", "scan")
+    assert train_bench.parse_run("lora,1,unrolled,autodiff") == ("lora", 1, "autodiff", "unrolled")
+    for bad in ("full", "dense,1", "full,x", "full,1,fast"):
+        with pytest.raises(SystemExit, match="run"):
+            train_bench.parse_run(bad)
