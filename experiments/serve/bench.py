@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", help="model shape (jaxturbo.models.shapes); default: the preset's")
     ap.add_argument("--requests", type=int, help="W1 requests (default: the preset's)")
     ap.add_argument("--out", help="path stem of the .json/.md")
+    ap.add_argument(
+        "--no-dispatch-thread",
+        action="store_true",
+        help="launch the engine's steps from the scheduling thread (Engine dispatch_thread=False)",
+    )
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     name = args.shape or p["shape"]
@@ -237,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         EngineConfig(**p["engine"]),
         sort_variants=False,
         compilation_cache_dir="default" if p["compilation_cache"] else None,
+        dispatch_thread=not args.no_dispatch_thread,
     )
     meta.update(
+        dispatch_thread=engine.runner.dispatch_thread,
         startup_s=round(time.perf_counter() - t0, 2),
         engine_pool=engine.runner.pool_note,
         engine_config={

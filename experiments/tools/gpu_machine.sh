@@ -159,7 +159,8 @@ serve() {  # `jaxturbo serve` over HTTP vs the same engine offline, W1 (SERVE_SH
   local shape
   for shape in ${SERVE_SHAPES:-llama3-8b}; do  # e.g. SERVE_SHAPES="llama3-8b smollm2-135m"
     timeout ${SERVE_TIMEOUT:-150} $PY -m experiments.serve.bench --preset gpu --shape $shape \
-      --out "$OUT/serve/serve_gpu_${shape}" 2>&1 | tee "$OUT/serve/log_${shape}.txt"
+      ${SERVE_FLAGS:-} --out "$OUT/serve/serve_gpu_${shape}${SERVE_TAG:-}" 2>&1 \
+      | tee "$OUT/serve/log_${shape}${SERVE_TAG:-}.txt"
   done
 }
 

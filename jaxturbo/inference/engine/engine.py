@@ -157,7 +157,9 @@ class Engine:
     first use.  compilation_cache_dir: XLA's persistent cache ("default": under jaxturbo's
     cache root; None: leave JAX's setting alone).  async_scheduling: overlap the host's
     scheduling with the device's step (module docstring; the attribute may be changed while
-    the engine is idle).  seed: draws the seeds of requests that give none.
+    the engine is idle).  dispatch_thread: launch steps from a background thread so that the
+    host's bookkeeping overlaps the launch (`ModelRunner`; `engine.runner.dispatch_thread`
+    may be changed while the engine is idle).  seed: draws the seeds of requests that give none.
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Engine:
         warmup: bool = True,
         compilation_cache_dir: Any = "default",
         async_scheduling: bool = True,
+        dispatch_thread: bool = True,
         seed: int = 0,
     ) -> None:
         config = config or EngineConfig()
@@ -198,6 +201,7 @@ class Engine:
             attn_impl=attn_impl,
             max_top_logprobs=max_top_logprobs,
             sort_variants=sort_variants,
+            dispatch_thread=dispatch_thread,
         )
         self.scheduler = Scheduler(
             config, KVCacheManager.from_config(config, self.runner.num_pages)

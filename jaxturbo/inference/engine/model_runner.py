@@ -166,13 +166,16 @@ class StepHandle:
     scheduled: tuple[ScheduledRequest, ...]
     shape: StepShape
     num_top: int
-    packed: jax.Array
+    packed: jax.Array | concurrent.futures.Future  # a Future while the dispatch thread has it
     _fetched: SampledTokens | None = None
 
     def fetch(self) -> SampledTokens:
         if self._fetched is None:
             s, n = self.shape.seqs, self.num_top
-            out = np.asarray(self.packed)
+            packed = self.packed
+            if isinstance(packed, concurrent.futures.Future):
+                packed = packed.result()  # re-raises the dispatch's error
+            out = np.asarray(packed)
             rows = [i for i, sr in enumerate(self.scheduled) if sr.samples]
             at = np.cumsum([0, s, s, s * n, s * n])
             tok, logp = out[at[0] : at[1]], out[at[1] : at[2]].view(np.float32)
@@ -227,7 +230,10 @@ class ModelRunner:
     kv_dtype: the pages' dtype (default: the parameters').  attn_impl: the ragged paged
     attention implementation ("auto" picks the platform's kernel).  max_top_logprobs: N
     alternatives every step computes per sampled row (static).  sort_variants: compile the
-    top-k / top-p variants (False: requests may not use them).
+    top-k / top-p variants (False: requests may not use them).  dispatch_thread: launch the
+    compiled steps from one background thread, in order, so that the host's bookkeeping of
+    the next step overlaps the launch of this one (enqueuing a step's few hundred GPU kernels
+    costs the calling thread milliseconds; JAX releases the GIL meanwhile).
     """
 
     def __init__(
@@ -241,6 +247,7 @@ class ModelRunner:
         attn_impl: str = "auto",
         max_top_logprobs: int = 0,
         sort_variants: bool = True,
+        dispatch_thread: bool = False,
     ) -> None:
         if not 0 <= max_top_logprobs <= MAX_TOP_LOGPROBS:
             raise UserError(
@@ -277,6 +284,13 @@ class ModelRunner:
             jax.jit(lambda s=s: jnp.zeros(s, self.kv_dtype), out_shardings=self._page_sharding)()
             for s in shapes
         )
+        # the pages' specs, read by lowering: the arrays themselves belong to the dispatcher
+        self._page_specs = tuple(
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in self.pages
+        )
+        self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._last_dispatch: concurrent.futures.Future | None = None
+        self.dispatch_thread = dispatch_thread
         self.max_seqs = config.seq_buckets[-1]
         self._prev = jax.device_put(np.zeros(self.max_seqs, np.int32), self._rep)
         self._prev_rows: dict[str, int] = {}
@@ -323,6 +337,7 @@ class ModelRunner:
     def update_params(self, params: Params) -> None:
         """Swap in new weights of the same shapes and dtypes (placed like the current ones): the
         compiled steps keep running, nothing recompiles."""
+        self.sync()
         old = self.params
         if self.mesh is not None:
             from jaxturbo.parallel import tensor
@@ -408,7 +423,7 @@ class ModelRunner:
         step, lay = self._step_fn(shape)
         rep, page_sh = self._rep, self._page_sharding
         param_sh = jax.tree.map(lambda a: a.sharding, self.params)
-        pages_sh = tuple(page_sh for _ in self.pages)
+        pages_sh = tuple(page_sh for _ in self._page_specs)
         jitted = jax.jit(
             step,
             donate_argnums=(1,),
@@ -418,7 +433,7 @@ class ModelRunner:
         spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
         return jitted.lower(
             jax.tree.map(spec, self.params),
-            tuple(map(spec, self.pages)),
+            self._page_specs,
             jax.ShapeDtypeStruct((lay.size,), jnp.int32, sharding=rep),
             jax.ShapeDtypeStruct((self.max_seqs,), jnp.int32, sharding=rep),
         )
@@ -516,13 +531,45 @@ class ModelRunner:
             raise UserError(
                 "top_k / top_p need the engine's sort variants (Engine(..., sort_variants=True))"
             )
-        buf = jax.device_put(self._build(out, shape), self._rep)
-        packed, self._prev, self.pages = self._compile(shape)(
-            self.params, self.pages, buf, self._prev
-        )
-        packed.copy_to_host_async()
+        buf, fn = self._build(out, shape), self._compile(shape)
+
+        def dispatch() -> jax.Array:
+            # pages and the previous samples chain from step to step: one thread, in order
+            packed, self._prev, self.pages = fn(
+                self.params, self.pages, jax.device_put(buf, self._rep), self._prev
+            )
+            packed.copy_to_host_async()
+            return packed
+
+        if self._dispatcher is None:
+            packed: Any = dispatch()
+        else:
+            packed = self._last_dispatch = self._dispatcher.submit(dispatch)
         self._prev_rows = {sr.request_id: i for i, sr in enumerate(out.scheduled) if sr.samples}
         return StepHandle(out.scheduled, shape, self.num_top, packed)
+
+    @property
+    def dispatch_thread(self) -> bool:
+        return self._dispatcher is not None
+
+    @dispatch_thread.setter
+    def dispatch_thread(self, enabled: bool) -> None:
+        if enabled == self.dispatch_thread:
+            return
+        self.sync()
+        if enabled:
+            self._dispatcher = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="engine-dispatch"
+            )
+        else:
+            self._dispatcher.shutdown()
+            self._dispatcher = self._last_dispatch = None
+
+    def sync(self) -> None:
+        """Wait until every launched step has been handed to the device (its outputs, pages
+        included, are then this runner's arrays)."""
+        if self._last_dispatch is not None:
+            self._last_dispatch.result()
 
     def run(self, out: SchedulerOutput) -> SampledTokens:
         """Launch the step and wait for its tokens."""

@@ -1,7 +1,8 @@
 """The engine's greedy outputs equal the static `generate`'s token for token: requests that
 arrive at different steps, prompts longer than the step budget (chunked prefill), a page pool
 too small for all of them (preemption and recompute), shared prefixes (prefix-cache hits), with
-asynchronous and synchronous scheduling; and a sliding window against windowed dense attention."""
+asynchronous and synchronous scheduling, steps launched from the dispatch thread or not; and a
+sliding window against windowed dense attention."""
 
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ def run_arrivals(engine: Engine, prompts: list[list[int]]) -> dict[int, list[int
     return got
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(model, async_scheduling):
+@pytest.mark.parametrize(
+    "async_scheduling, dispatch_thread", [(True, True), (True, False), (False, True)]
+)
+def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(
+    model, async_scheduling, dispatch_thread
+):
     cfg, params, prompts, ref = model
     # 11 usable pages of 16 tokens for requests of up to 82 tokens: preemption; a 32-token
     # budget with 24-token chunks: the 33..70-token prompts prefill in several steps
@@ -66,6 +71,7 @@ def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(model, async_
         sort_variants=False,
         compilation_cache_dir=None,
         async_scheduling=async_scheduling,
+        dispatch_thread=dispatch_thread,
     )
     got = run_arrivals(engine, prompts)
     for i in range(len(prompts)):
