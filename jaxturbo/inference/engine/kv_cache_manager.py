@@ -186,6 +186,18 @@ class KVCacheManager:
         changing nothing but sliding-window releases, when the pool lacks free pages.
         """
         ps, pool, table = self.page_size, self.pool, request.page_table
+        if table and not new_computed_pages and self.sliding_window is None and num_new_tokens > 0:
+            # the common decode step, once per running request per step: the tokens fit in
+            # the pages held and no page fills up, so there is nothing to allocate, release
+            # or register (the general path below would conclude the same, slower)
+            end = request.num_computed_tokens + num_new_tokens
+            if end <= len(table) * ps and end <= request.num_tokens:
+                if (
+                    not self.enable_prefix_caching
+                    or end // ps <= request.num_cached_pages
+                    or request.hash_generation != self._generation
+                ):
+                    return True
         fresh = not table
         if new_computed_pages and (not fresh or request.num_computed_tokens):
             raise RuntimeError(

@@ -480,8 +480,11 @@ class ModelRunner:
         qsl[n + 1 :] = qsl[n]
         total = int(qsl[n])
         pt = v["page_tables"]
-        for i, sr in enumerate(sched):
-            pt[i, : len(sr.page_table)] = sr.page_table
+        widths = np.fromiter((len(sr.page_table) for sr in sched), np.int64, n)
+        # row i's first widths[i] entries, filled in row-major order in one assignment
+        pt[:n][np.arange(pt.shape[1]) < widths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(sr.page_table for sr in sched), np.int32, widths.sum()
+        )
         seq = np.repeat(np.arange(n), counts)
         pos = np.arange(total) - qsl[seq] + starts[seq]
         toks = np.fromiter(
