@@ -4,7 +4,7 @@
 # $OUT/results_<time>_<pid>.tgz at the end (OUT defaults to /tmp/out).
 #
 #   bash experiments/tools/gpu_machine.sh setup generate rpa gmm    # one GPU
-#   bash experiments/tools/gpu_machine.sh setup moetrain                    # one GPU, ~2.5 min
+#   bash experiments/tools/gpu_machine.sh setup moetrain                    # one GPU, ~3 min
 #   bash experiments/tools/gpu_machine.sh setup attn_grid decode_sweep     # one H100
 #   bash experiments/tools/gpu_machine.sh setup train unrolled              # one GPU
 #   bash experiments/tools/gpu_machine.sh setup ladder ladder_grid sp4 longest fsdp8b   # 4 GPUs
@@ -13,7 +13,8 @@
 #
 # Stages (each runs one `python -m experiments.<topic>.<script>`; see that topic's RESULTS.md):
 #   gputests (GPU_TESTS_TIMEOUT, GPU_TEST_WORKERS) | generate decode_probe | attn_tests attn_grid decode_sweep mgpu_bwd | rpa | gmm moetrain |
-#   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE, ENGINE_FLAGS=--profile) | serve |
+#   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE, ENGINE_FLAGS=--profile, ENGINE_TAG) |
+#   serve (SERVE_SHAPES, SERVE_FLAGS=--no-dispatch-thread, SERVE_TAG) |
 #   train unrolled trace probe fsdp8b | ladder ladder_grid ladder_profile | sp4 longest |
 #   mladecode mlaconverted heal | ladderheal | grpo (GRPO_ENGINE=engine|jax)
 #
@@ -177,8 +178,8 @@ moetrain() {  # MoE train step, Qwen3-30B-A3B shape with 4 layers, seq 4096: ful
   # (MOETRAIN_RUNS: e.g. "lora,1" to redo one row; the JSON is rewritten after every row;
   # MOETRAIN_FLAGS=--trace: GPU kernels by time per row)
   mkdir -p "$OUT/moe"
-  timeout ${MOETRAIN_TIMEOUT:-150} $PY -m experiments.moe.train_bench \
-    --preset ${MOETRAIN_PRESET:-qwen3-30b-a3b-4l} --budget-s ${MOETRAIN_BUDGET:-100} \
+  timeout ${MOETRAIN_TIMEOUT:-240} $PY -m experiments.moe.train_bench \
+    --preset ${MOETRAIN_PRESET:-qwen3-30b-a3b-4l} --budget-s ${MOETRAIN_BUDGET:-180} \
     ${MOETRAIN_RUNS:+--runs "$MOETRAIN_RUNS"} ${MOETRAIN_FLAGS:-} --out "$OUT/moe" 2>&1 \
     | grep -v "^\s*$" \
     | tee "$OUT/moe/train_log${TAG:-}.txt"
