@@ -71,6 +71,33 @@ SLOW_TESTS = (
     "tests/train/test_lora.py::test_exports_merged_hf_for_transformers_and_peft_named_adapters",
     "tests/cli/test_sft_lora.py::test_sft_lora_expert_and_sequence_parallel_writes_merged_hf_and",
     "tests/experiments/test_moe_train_bench.py::test_cpu_preset_times_full_and_lora_rows",
+    # the rest of `make test-fast`'s tests of 3 s or more (2 workers, warm XLA cache), so that
+    # the edit-test loop stays within minutes; `make test` runs them all
+    "tests/serve/test_soak.py::test_soak_mixed_concurrent_requests",
+    "tests/serve/test_streaming.py::test_multibyte_characters_stream_whole_and_equal_the_full",
+    "tests/serve/test_loadgen.py::test_w1_run_writes_the_report",
+    "tests/serve/test_errors.py::test_context_overflow_names_both_numbers",
+    "tests/rl/test_multiturn_grpo.py::test_grpo_learns_two_turn_reward",
+    "tests/rl/test_multiturn_grpo.py::test_packed_episode_rows_train_policy_tokens_only",
+    "tests/rl/test_ppo.py::test_ppo_learns_token_set_reward",
+    "tests/rl/test_rollout.py::test_paged_engine_matches_the_static_sampler",
+    "tests/rl/test_vllm.py::test_rl_cli_with_the_vllm_engine",
+    "tests/models/test_parity.py::test_cached_prefill_and_decode_equal_full_forward",
+    "tests/models/test_moe.py::test_logits_and_router_losses_match_transformers",
+    "tests/models/test_mla.py::test_absorbed_decode_equals_naive",
+    "tests/pallas_kernels/test_attention_backward.py::test_attention_backward_conformance[bf16_gqa2-mosaic_gpu]",
+    "tests/pallas_kernels/test_attention_backward.py::test_mosaic_gpu_blockwise_backward_sums_to_full_grad",
+    "tests/pallas_kernels/test_attention_conformance.py::test_flash_mosaic_gpu_interpret[bwd_causal_gqa4]",
+    "tests/pallas_kernels/test_attention_conformance.py::test_flash_mosaic_gpu_interpret[fused_bwd_causal_gqa4]",
+    "tests/pallas_kernels/test_attention_conformance.py::test_attention_conformance[all_masks_gqa4-mosaic_tpu]",
+    "tests/pallas_kernels/test_grouped_matmul.py::test_gmm_bench_cpu_preset",
+    "tests/pallas_kernels/test_ragged_paged_attention.py::test_bench_cpu_preset",
+    "tests/parallel/test_sequence_attention.py::test_ring_mosaic_tpu_kernels",
+    "tests/parallel/test_expert.py::test_dispatch_equals_one_device[2-padded-None]",
+    "tests/data/test_pipeline.py::test_packed_loss_is_sum_of_document_losses_and_masked_tokens",
+    "tests/bridge/test_deepseek.py::test_load_model_matches_transformers",
+    "tests/experiments/test_mla_conversion.py::test_rope_study_writes_one_row_per_layout",
+    "tests/train/test_lora.py::test_lora_step_with_ulysses_and_expert_parallelism_equals_one",
 )
 
 
