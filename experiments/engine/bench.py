@@ -201,9 +201,9 @@ def run_engine_w1(engine: Engine, prompts: list[list[int]], new: int) -> dict:
 def host_phases(engine: Engine):
     """Seconds the host spends per phase of `Engine.step` while the block runs (a dict filled
     in place): schedule, launch (build inputs, device_put, dispatch), build (the inputs alone,
-    part of launch), fetch (waiting for and
-    reading a step's tokens: where a device-bound loop spends its time), resolve (the
-    scheduler's bookkeeping of the tokens) and emit (the engine's outputs)."""
+    part of launch), fetch (waiting for and reading a step's tokens: where a device-bound loop
+    spends its time), resolve (the scheduler's bookkeeping of the tokens) and emit (the
+    engine's outputs)."""
     sec: dict[str, float] = collections.defaultdict(float)
 
     def timed(f, key):
