@@ -203,8 +203,11 @@ def trace_kernels(run: Callable[[], Any], steps: int, top: int = 25) -> dict | N
         return None
 
 
-_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_HLO_COPY = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\s(copy|copy-start)\(")
+# One instruction of an HLO module's text: (name, result type, opcode, operands...), and a
+# computation's header: (name).  Shared by the HLO readers of the benchmarks.
+HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_HLO_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 
 
 def hlo_copies(hlo_text: str, top: int = 12) -> dict:
@@ -215,14 +218,17 @@ def hlo_copies(hlo_text: str, top: int = 12) -> dict:
     groups: dict[tuple[str, str], list[int]] = {}
     fusion_body = False
     for line in hlo_text.splitlines():
-        head = _HLO_COMPUTATION.match(line)
+        head = HLO_COMPUTATION.match(line)
         if head:  # a fusion's body is one kernel: its copies are not memcpys
             fusion_body = "fused" in head[1] or head[1].startswith("wrapped_")
             continue
-        m = None if fusion_body else _HLO_COPY.search(line)
-        if m is None:
+        ins = None if fusion_body else HLO_INSTR.match(line)
+        if ins is None or ins[3] not in ("copy", "copy-start"):
             continue
-        dtype, dims = m[1], m[2]
+        arr = _HLO_ARRAY.search(ins[2])
+        if arr is None:
+            continue
+        dtype, dims = arr[1], arr[2]
         n = math.prod(int(d) for d in dims.split(",") if d)
         g = groups.setdefault((dtype, dims), [0, 0])
         g[0] += 1

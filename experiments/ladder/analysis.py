@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.bench_util import HLO_COMPUTATION, HLO_INSTR
+
 PROG = "python -m experiments.ladder.analysis"
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -307,8 +309,6 @@ between the two run while the collective is in flight.  A synchronous `all-reduc
 nothing.  A tuple all-reduce with several operands means XLA combined independent reductions,
 which in `ladder` makes the attention all-reduce wait for the MLP (no overlap left to win)."""
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 COMPUTE_OPS = {
     "fusion",
     "custom-call",
@@ -366,7 +366,7 @@ def analyse(text: str) -> list[Report]:
     reports: list[Report] = []
     comp, order = None, []
     for line in text.splitlines():
-        m = _COMPUTATION.match(line)
+        m = HLO_COMPUTATION.match(line)
         if m:
             comp, order = m.group(1), []
             continue
@@ -376,7 +376,7 @@ def analyse(text: str) -> list[Report]:
                 reports.append(rep)
             comp = None
             continue
-        im = _INSTR.match(line)
+        im = HLO_INSTR.match(line)
         if comp is not None and im:
             order.append((im.group(1), im.group(3), im.group(4)))
     return reports
@@ -456,7 +456,7 @@ def around_sync(text: str, computation: str, name: str, context: int = 12) -> st
     start = next(
         k
         for k, l in enumerate(lines)
-        if _COMPUTATION.match(l) and _COMPUTATION.match(l).group(1) == computation
+        if HLO_COMPUTATION.match(l) and HLO_COMPUTATION.match(l).group(1) == computation
     )
     i = next(k for k in range(start, len(lines)) if re.search(rf"%{re.escape(name)} = ", lines[k]))
     return "\n".join(

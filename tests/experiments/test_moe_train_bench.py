@@ -61,3 +61,18 @@ def test_run_specs_parse_options_in_any_order():
     for bad in ("full", "dense,1", "full,x", "full,1,fast"):
         with pytest.raises(SystemExit, match="run"):
             train_bench.parse_run(bad)
+
+
+def test_hlo_copies_counts_copy_instructions_outside_fusion_bodies():
+    """What train_bench --trace reports of a compiled step: returning an input unchanged (x) or
+    in another dtype's buffer (y) compiles to copy instructions; the transposed output is a
+    fusion whose body copies, which is one kernel, not a memcpy."""
+    import jax.numpy as jnp
+
+    from experiments.bench_util import hlo_copies
+
+    f = jax.jit(lambda x, y: (x.T + 1, y, x))
+    text = f.lower(jnp.ones((64, 32)), jnp.ones(3, jnp.bfloat16)).compile().as_text()
+    got = hlo_copies(text)
+    assert got["copies"] == 2 and got["bytes"] == 64 * 32 * 4 + 3 * 2
+    assert {(r["dtype"], r["shape"]) for r in got["top"]} == {("f32", "64,32"), ("bf16", "3")}
