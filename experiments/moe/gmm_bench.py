@@ -76,6 +76,10 @@ SWEEP_GMM = [
     C(128, 128, 64, 4, 4),
     C(64, 128, 64, 4, 4),
     C(128, 64, 64, 4, 4),
+    C(128, 256, 64, 8, 4),
+    C(256, 128, 64, 8, 4),
+    C(64, 256, 64, 8, 4),
+    C(128, 128, 32, 4, 5),
 ]
 SWEEP_TGMM = [
     C(64, 128, 128, 8, 3),
@@ -99,14 +103,14 @@ def _label(cfg: gmm_triton.Config) -> str:
     return f"m{cfg.block_m} n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def _fwd_bwd(fn):
+def _fwd_bwd(fn, compiler_options: dict | None = None):
     """jit of (a, b, ct) -> (out, d a, d b): one forward and its backward."""
 
     def run(a, b, ct):
         out, vjp = jax.vjp(fn, a, b)
         return (out, *vjp(ct))
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=compiler_options or None)
 
 
 def _ragged_dot(gs, transpose_rhs: bool):
@@ -117,14 +121,44 @@ def _ragged_dot(gs, transpose_rhs: bool):
     return lambda x, y: jax.lax.ragged_dot_general(x, y, gs, dims)
 
 
-def _outputs(fn, args):
-    """fn(*args) as float32 numpy arrays (a tuple), or None if it fails (e.g. out of memory)."""
+# XLA options tried, in order, when ragged_dot's forward+backward does not compile with the
+# defaults (on an H200 its autotuner found no working config for the weight gradient's fusions)
+RAGGED_FALLBACK_OPTIONS = (
+    {},
+    {"xla_gpu_autotune_level": 0},
+    {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
+)
+
+
+def _ragged_fwd_bwd(fn, args):
+    """(jitted fwd+bwd of ragged_dot, its row label, its outputs) under the first of
+    RAGGED_FALLBACK_OPTIONS that compiles and runs; outputs None if none does.  Out of memory
+    ends the search: XLA's ragged_dot gradient on GPU materialises [groups, rows, K] masked
+    operands, which no compiler option shrinks."""
+    for opts in RAGGED_FALLBACK_OPTIONS:
+        label = "ragged_dot" + (
+            " (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else ""
+        )
+        jitted = _fwd_bwd(fn, opts)
+        want, err = _outputs(jitted, args)
+        if want is not None:
+            return jitted, label, want
+        if "RESOURCE_EXHAUSTED" in err:
+            break
+    return _fwd_bwd(fn), "ragged_dot", None  # timed anyway: its row records the error
+
+
+def _outputs(fn, args) -> tuple[tuple | None, str]:
+    """(fn(*args) as float32 numpy arrays, "") or (None, the error's first line) if it fails
+    (e.g. out of memory)."""
     try:
         out = fn(*args)
+        got = tuple(np.asarray(o, np.float32) for o in (out if isinstance(out, tuple) else (out,)))
     except Exception as e:  # the reference cannot run: kernel rows go unchecked
-        print(f"# reference failed: {str(e).splitlines()[0][:100]}", flush=True)
-        return None
-    return tuple(np.asarray(o, np.float32) for o in (out if isinstance(out, tuple) else (out,)))
+        err = str(e).splitlines()[0][:100]
+        print(f"# reference failed: {err}", flush=True)
+        return None, err
+    return got, ""
 
 
 def _rel_err(got, want: tuple) -> float:
@@ -217,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         ragged = _ragged_dot(gs, a.transpose_rhs)
         base = dict(gemm=name, m=m, k=k, n=n)
         # ragged_dot's outputs are the check for every kernel row (None if it cannot run)
-        want = _outputs(jax.jit(ragged), (lhs, rhs))
-        want_fb = None if a.skip_ragged else _outputs(_fwd_bwd(ragged), (lhs, rhs, ct))
+        want, _ = _outputs(jax.jit(ragged), (lhs, rhs))
+        ragged_fb, ragged_fb_impl, want_fb = _fwd_bwd(ragged), "ragged_dot", None
+        if not a.skip_ragged:
+            ragged_fb, ragged_fb_impl, want_fb = _ragged_fwd_bwd(ragged, (lhs, rhs, ct))
         ours = lambda cfg, tcfg: (
             lambda x, y: gmm(
                 x,
@@ -259,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             fb[key] = bench.record(
                 dict(base, **{"pass": "fwd+bwd"}),
-                impl,
-                _fwd_bwd(fn),
+                ragged_fb_impl if key == "ragged" else impl,
+                ragged_fb if key == "ragged" else _fwd_bwd(fn),
                 (lhs, b, ct),
                 3 * flops,
                 want_fb if mine else None,
@@ -353,7 +389,7 @@ def _sweep(
     best = []
     tg_args = (ct, lhs) if transpose_rhs else (lhs, ct)
     dims = jax.lax.RaggedDotDimensionNumbers((((0,), (0,)), ((), ())), [0], [])
-    want_t = _outputs(
+    want_t, _ = _outputs(
         jax.jit(
             lambda x, y: jax.lax.ragged_dot_general(
                 x, y, gs, dims, preferred_element_type=jnp.float32

@@ -127,10 +127,17 @@ rpa() {  # ragged paged attention against the contiguous decode and flash kernel
     --out "$OUT/engine/rpa_gpu" 2>&1 | tee "$OUT/engine/log.txt"
 }
 
-gmm() {  # MoE grouped GEMM against ragged_dot and the dense matmul (GMM_ARGS: e.g. --sweep)
+gmm() {  # MoE grouped GEMM against ragged_dot and the dense matmul (GMM_ARGS: e.g. --sweep);
+  # GMM_SMALL_TOKENS=N runs it again at N tokens, where ragged_dot's backward fits in memory
   mkdir -p "$OUT/moe"
   timeout ${GMM_TIMEOUT:-400} $PY -m experiments.moe.gmm_bench --preset qwen3-30b-a3b \
     ${GMM_ARGS:-} --out "$OUT/moe" 2>&1 | tee "$OUT/moe/log.txt"
+  if [ -n "${GMM_SMALL_TOKENS:-}" ]; then
+    mkdir -p "$OUT/moe/tokens_$GMM_SMALL_TOKENS"
+    timeout ${GMM_TIMEOUT:-400} $PY -m experiments.moe.gmm_bench --preset qwen3-30b-a3b \
+      --tokens $GMM_SMALL_TOKENS --decode-tokens 0 \
+      --out "$OUT/moe/tokens_$GMM_SMALL_TOKENS" 2>&1 | tee "$OUT/moe/tokens_$GMM_SMALL_TOKENS/log.txt"
+  fi
 }
 
 gputests() {  # the whole `-m gpu` test suite, its complete log in $OUT/tests/pytest_gpu.log
