@@ -252,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         base = dict(gemm=name, m=m, k=k, n=n)
         # ragged_dot's outputs are the check for every kernel row (None if it cannot run)
         want, _ = _outputs(jax.jit(ragged), (lhs, rhs))
-        ragged_fb, ragged_fb_impl, want_fb = _fwd_bwd(ragged), "ragged_dot", None
-        if not a.skip_ragged:
-            ragged_fb, ragged_fb_impl, want_fb = _ragged_fwd_bwd(ragged, (lhs, rhs, ct))
+        ragged_fb, ragged_fb_impl, want_fb = (
+            (None, "ragged_dot", None) if a.skip_ragged else _ragged_fwd_bwd(ragged, (lhs, rhs, ct))
+        )
         ours = lambda cfg, tcfg: (
             lambda x, y: gmm(
                 x,
