@@ -250,6 +250,22 @@ def test_tile_schedule_covers_every_row_once():
     assert owner.tolist() == np.repeat(np.arange(7), sizes + [m - sum(sizes)]).tolist()
 
 
+def test_default_tiles_of_wide_outputs_match_the_loops():
+    """The Triton kernels' default tiles for wide outputs (256 columns when groups fill 128-row
+    tiles and N >= WIDE_N), in interpret mode: gmm and tgmm equal the per-group loops."""
+    sizes, k, n = [128, 0, 160], 16, gmm_triton.WIDE_N
+    m = sum(sizes)
+    assert gmm_triton.default_config(m, len(sizes), n).block_n == 256
+    assert gmm_triton.default_tgmm_config(n).block_n == 256
+    assert gmm_triton.default_config(8, len(sizes), n).block_n == 128  # decode-sized rows
+    lhs, rhs, grad = (jnp.asarray(x) for x in normals(0, (m, k), (len(sizes), k, n), (m, n)))
+    gs = jnp.array(sizes, jnp.int32)
+    got = gmm_triton.gmm(lhs, rhs, gs, interpret=True)
+    assert _rel(got, _loop_gmm(lhs, rhs, sizes)) <= 1e-5
+    got_t = gmm_triton.tgmm(lhs, grad, gs, interpret=True)
+    assert _rel(got_t, _loop_tgmm(lhs, grad, sizes)) <= 1e-5
+
+
 def test_triton_kernels_lower_for_cuda(monkeypatch):
     """The Pallas -> Triton-IR lowering on CPU given an H100 description (catches what only
     interpret mode accepts): gmm forward and backward, tgmm, gmv, at the default tiles."""
