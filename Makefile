@@ -13,9 +13,9 @@ MODEL ?= smollm2-135m
 # fake CPU devices so that mesh tests run anywhere
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 # pytest-xdist workers.  One more than the CI machine's 2 cores: the suite's subprocess, notebook
-# and server tests leave their worker waiting, and a third worker fills some of those gaps (cold
-# full suite on a 2-core machine, one run each: 1,013 s with 2 workers, 959 s with 3).  The suite
-# is otherwise CPU-bound (XLA compiling): starting the longest files first measured no gain.
+# and server tests leave their worker waiting for a child process.  The cold full suite on a
+# 2-core machine is CPU-bound (XLA compiling) either way: 1,013 s with 2 workers, 959 and 1,060 s
+# in two runs with 3; starting the longest files first measured no gain (957 s).
 WORKERS ?= 3
 
 # PyPI's torch for Linux is the CUDA build: about 6 GB installed, and pip would
