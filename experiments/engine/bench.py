@@ -400,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static-batches", help="comma-separated batch sizes of the static generate")
     ap.add_argument("--out", help="path stem of the .json/.md/.png")
     ap.add_argument(
+        "--decode-steps",
+        default="1",
+        help="w1: comma-separated decode steps per launch; each N > 1 adds an engine row "
+        "(dispatch thread, N decode steps per launch)",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="w1: also time the engine's host phases per step and trace its GPU kernels "
@@ -414,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown systems {sorted(bad)}; choose from {','.join(SYSTEMS)}")
     workloads = WORKLOADS if args.workload == "all" else (args.workload,)
+    try:
+        decode_steps = [int(k) for k in args.decode_steps.split(",") if k]
+    except ValueError:
+        decode_steps = []
+    if not decode_steps or min(decode_steps) < 1:
+        ap.error(f"--decode-steps {args.decode_steps}: comma-separated integers >= 1")
     static_batches = (
         [int(b) for b in args.static_batches.split(",")]
         if args.static_batches
@@ -482,17 +494,24 @@ def main(argv: list[str] | None = None) -> int:
             k: v for k, v in dataclasses.asdict(engine.config).items() if k in p["engine"]
         }
         if w1 is not None:
-            variants = (  # the host's scheduling overlapped or not; launch on its own thread
-                ("engine", True, False),
-                ("engine, synchronous scheduling", False, False),
-                ("engine, dispatch thread", True, True),
-            )
+            variants = [  # the host's scheduling overlapped or not; launch on its own thread
+                ("engine", True, False, 1),
+                ("engine, synchronous scheduling", False, False, 1),
+                ("engine, dispatch thread", True, True, 1),
+            ]
+            variants += [  # several decode steps per launch
+                (f"engine, dispatch thread, {k} decode steps per launch", True, True, k)
+                for k in decode_steps
+                if k > 1
+            ]
             runs: dict[str, list[dict]] = collections.defaultdict(list)
             for _ in range(p["w1_repeats"]):  # interleaved: a noisy host hits every variant
-                for label, asynchronous, thread in variants:
+                for label, asynchronous, thread, k in variants:
                     engine.async_scheduling = asynchronous
                     engine.runner.dispatch_thread = thread
+                    engine.set_decode_steps(k)
                     runs[label].append(run_engine_w1(engine, w1, new))
+            engine.set_decode_steps(1)
             for label, rs in runs.items():  # the run of median wall time
                 r = sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2]
                 rows.append({"workload": "w1", **throughput_row(label, r, w1, new, floor)})

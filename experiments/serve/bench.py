@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, help="W1 requests (default: the preset's)")
     ap.add_argument("--out", help="path stem of the .json/.md")
     ap.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="decode steps per launch of the engine (EngineConfig.decode_steps), offline and served",
+    )
+    ap.add_argument(
         "--no-dispatch-thread",
         action="store_true",
         help="launch the engine's steps from the scheduling thread (Engine dispatch_thread=False)",
@@ -239,13 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         params,
         cfg,
         word_tokenizer(cfg.vocab_size),
-        EngineConfig(**p["engine"]),
+        EngineConfig(**{**p["engine"], "decode_steps": args.decode_steps}),
         sort_variants=False,
         compilation_cache_dir="default" if p["compilation_cache"] else None,
         dispatch_thread=not args.no_dispatch_thread,
     )
     meta.update(
         dispatch_thread=engine.runner.dispatch_thread,
+        decode_steps=engine.config.decode_steps,
         startup_s=round(time.perf_counter() - t0, 2),
         engine_pool=engine.runner.pool_note,
         engine_config={

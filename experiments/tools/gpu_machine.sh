@@ -315,7 +315,8 @@ ladderheal() {  # SmolLM2 hybrid ladder on its last N layers, each N healed by K
 }
 
 # ---------------------------------------------------------------- GRPO (the jaxturbo rl command)
-grpo() {  # GRPO on SmolLM2 arithmetic; GRPO_ENGINE=jax (static sampler) or engine (paged)
+grpo() {  # GRPO on SmolLM2 arithmetic; GRPO_ENGINE=jax (static sampler) or engine (paged);
+  # GRPO_FLAGS: more `jaxturbo rl` flags (e.g. --decode-steps 8), GRPO_TAG: a suffix of its outputs
   need_gguf || return 1
   local eng=${GRPO_ENGINE:-engine}
   # the jaxturbo console script is not installed here (PYTHONPATH only): call its main()
@@ -323,8 +324,9 @@ grpo() {  # GRPO on SmolLM2 arithmetic; GRPO_ENGINE=jax (static sampler) or engi
     rl --algo grpo --model "$GGUF" --task arithmetic --rollout-engine $eng \
     --chat --steps ${GRPO_STEPS:-100} --prompts-per-step 16 --group-size 8 --max-new-tokens 24 \
     --max-operand ${GRPO_MAX_OPERAND:-50} --lr ${GRPO_LR:-5e-6} --eval-problems 128 \
-    --eval-every ${GRPO_EVAL_EVERY:-10} --no-checkpoint --no-export --seed 0 \
-    --out "$OUT/grpo_$eng" 2>&1 | grep -v "^\s*$" | tail -30 | tee "$OUT/grpo_${eng}_log.txt"
+    --eval-every ${GRPO_EVAL_EVERY:-10} --no-checkpoint --no-export --seed 0 ${GRPO_FLAGS:-} \
+    --out "$OUT/grpo_$eng${GRPO_TAG:-}" 2>&1 | grep -v "^\s*$" | tail -30 \
+    | tee "$OUT/grpo_${eng}${GRPO_TAG:-}_log.txt"
 }
 
 for stage in "$@"; do

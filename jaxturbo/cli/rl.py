@@ -69,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "pages; one device); hf: transformers fed in memory (slow, CPU); "
         "vllm: a vllm.LLM fed in memory (untested; needs vllm installed)",
     )
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="--rollout-engine engine: decode steps per device launch once every sample "
+        "decodes (more spreads the host's per-step work over several tokens)",
+    )
     p.add_argument("--prompts-per-step", type=int, default=8, help="problems per step")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt (GRPO's G)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per completion (turn)")
@@ -161,6 +168,7 @@ def config_of(args: argparse.Namespace) -> Any:
         multi_turn_advantage=args.multi_turn_advantage,
         rollout_engine=args.rollout_engine,
         model_dir=model_dir,
+        decode_steps=args.decode_steps,
         prompts_per_step=args.prompts_per_step,
         group_size=args.group_size,
         max_new_tokens=args.max_new_tokens,

@@ -103,6 +103,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated padded sequence counts (default: 1, 2, 4, ... up to --max-num-seqs)",
     )
     p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=1,
+        help="decode steps per device launch when every running request decodes and none "
+        "waits (tokens then stream in groups of up to N; more spreads the host's per-step "
+        "work over several tokens)",
+    )
+    p.add_argument(
         "--max-logprobs",
         type=int,
         default=20,
@@ -149,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     # flags checked before the model loads: a typo costs no loading time
+    if args.decode_steps < 1:
+        raise UserError(f"--decode-steps {args.decode_steps} must be >= 1 (1: one per launch)")
     if not 0 <= args.max_logprobs <= 20:
         raise UserError(f"--max-logprobs {args.max_logprobs} must be in [0, 20]")
     token_buckets = _buckets(args.token_buckets, "--token-buckets")
@@ -169,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching,
         token_buckets=token_buckets,
         seq_buckets=seq_buckets,
+        decode_steps=args.decode_steps,
     )
     mesh = None
     if args.mesh:

@@ -176,7 +176,8 @@ class PagedEngine:
     max_num_seqs: most samples decoding at once (a step's rollouts: prompts x group size);
     max_model_len: prompt + completion tokens of one sample.  The page pool holds every
     sample's full length at once, so rollouts are never preempted.  dtype: the engine's
-    parameter dtype."""
+    parameter dtype.  decode_steps: decode steps per device launch once every sample
+    decodes (`EngineConfig.decode_steps`)."""
 
     def __init__(
         self,
@@ -188,6 +189,7 @@ class PagedEngine:
         dtype: Any = jnp.float32,
         attn_impl: str = "auto",
         page_size: int = 16,
+        decode_steps: int = 1,
     ):
         from jaxturbo.inference.engine.config import EngineConfig
         from jaxturbo.inference.engine.engine import Engine
@@ -207,6 +209,7 @@ class PagedEngine:
             max_num_batched_tokens=max(budget, decode),
             token_buckets=tuple(sorted({decode, max(budget, decode)})),
             seq_buckets=(max_num_seqs,),
+            decode_steps=decode_steps,
         )
         self.params = self._cast(params)
         self.engine = Engine(

@@ -43,6 +43,8 @@ class RLRunConfig:
       cache, continuous batching, a group's samples sharing its prompt's pages), "hf"
       (transformers, in memory), "vllm"
       (untested; model_dir is the HF directory vLLM starts from).
+    decode_steps: rollout_engine=engine: decode steps per device launch once every sample
+      decodes (1: one per launch; more spreads the host's per-step work over several tokens).
     prompts_per_step, group_size: problems per step and rollouts per problem.
     max_new_tokens, temperature: rollout sampling; max_operand: operands in [0, N].
     chat: prompts through the tokenizer's chat template instead of a raw "a+b=".
@@ -67,6 +69,7 @@ class RLRunConfig:
     multi_turn_advantage: str = "trajectory"
     rollout_engine: str = "jax"
     model_dir: str | None = None
+    decode_steps: int = 1
     prompts_per_step: int = 8
     group_size: int = 8
     max_new_tokens: int = 16
@@ -135,6 +138,7 @@ class RLRunConfig:
             ("keep", 1),
             ("max_operand", 0),
             ("max_staleness", 0),
+            ("decode_steps", 1),
         ):
             if getattr(self, name) < low:
                 raise UserError(f"{name}={getattr(self, name)}: must be >= {low}")
@@ -330,6 +334,7 @@ def run_rl(
             params,
             max_model_len=longest_prompt + completion_tokens,
             max_num_seqs=max(c.prompts_per_step * c.group_size, c.eval_problems, 1),
+            decode_steps=c.decode_steps,
         )
     elif c.rollout_engine == "vllm":
         engine = VLLMEngine(model_cfg, params, model_dir=c.model_dir, seed=c.seed)

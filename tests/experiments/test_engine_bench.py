@@ -25,12 +25,13 @@ def bench():
 
 def test_cpu_preset_runs_every_workload(bench, tmp_path):
     out = tmp_path / "engine"
-    assert bench.main(["--preset", "cpu", "--out", str(out)]) == 0
+    assert bench.main(["--preset", "cpu", "--decode-steps", "1,4", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["workload"], r["system"]): r for r in data["rows"]}
     for key in [
         ("w1", "engine"),
         ("w1", "engine, synchronous scheduling"),
+        ("w1", "engine, dispatch thread, 4 decode steps per launch"),
         ("w1", "static generate b=4"),
         ("latency", "engine"),
         ("latency", "static generate b=1"),

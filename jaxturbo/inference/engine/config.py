@@ -84,6 +84,11 @@ class EngineConfig:
         >= max_num_batched_tokens.  None: 16, 32, 64, ... up to max_num_batched_tokens.
     seq_buckets: padded sequence counts S, ascending; the largest must be >= max_num_seqs.
         None: 1, 2, 4, ... up to max_num_seqs.
+    decode_steps: decode steps one device launch runs when every running request is decoding
+        and no waiting request could be admitted (each request then gets decode_steps tokens at
+        once; a stop token inside them drops the ones after it).  1: one step per launch.  More
+        spreads the host's per-step work (scheduling, launching, reading tokens) over several
+        tokens: for small models the host, not the device, bounds the decode rate.
     """
 
     page_size: int = 16
@@ -97,6 +102,7 @@ class EngineConfig:
     sliding_window: int | None = None
     token_buckets: tuple[int, ...] | None = None
     seq_buckets: tuple[int, ...] | None = None
+    decode_steps: int = 1
 
     def __post_init__(self) -> None:
         ps = self.page_size
@@ -135,6 +141,9 @@ class EngineConfig:
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or w < 1):
             raise UserError(f"sliding_window={w} must be an integer >= 1 or None (full attention)")
+        k = self.decode_steps
+        if not isinstance(k, int) or k < 1:
+            raise UserError(f"decode_steps={k} must be an integer >= 1 (1: one step per launch)")
         tb = self.token_buckets
         if tb is None:
             tb = power_of_two_buckets(

@@ -52,8 +52,8 @@ Prompt = str | Sequence[int]
 class RequestOutput:
     """What one step produced for one sample of a request (streamed deltas).
 
-    request_id / index: the request and which of its n samples.  new_token_ids: the token
-    generated this step.  new_text: the text that became final this step ("" without a
+    request_id / index: the request and which of its n samples.  new_token_ids: the tokens
+    generated this step (one; up to `EngineConfig.decode_steps` in a multi-step decode).  new_text: the text that became final this step ("" without a
     tokenizer; a stop string is cut from the text, the token that completed it is reported).
     logprobs: the logprob of each new token (when asked for); top_logprobs: per new token, the
     (token id, logprob) of the most likely alternatives.  finish_reason: "stop", "length" or
@@ -350,24 +350,26 @@ class Engine:
             if child is None or child.finished:
                 continue
             reason = r.finish_reason
-            tokens: tuple[int, ...] = (r.new_token_id,)
+            tokens: tuple[int, ...] = r.new_token_ids
             text = ""
             if child.detok is not None:
-                text = child.detok.push(tokens, final=reason is not None)
-                if child.detok.stopped and reason is None:
-                    self.scheduler.finish_request(r.request_id, FinishReason.STOP)
-                    reason = FinishReason.STOP
-            p, i = child.params, row[r.request_id]
-            logprobs = (float(sampled.logprobs[i]),) if p.logprobs or p.top_logprobs else None
+                text, kept = self._detokenize(child.detok, tokens, reason is not None)
+                if child.detok.stopped:
+                    if reason is None:
+                        self.scheduler.finish_request(r.request_id, FinishReason.STOP)
+                    if reason is None or kept < len(tokens):
+                        reason = FinishReason.STOP
+                    tokens = tokens[:kept]
+            p, i, k = child.params, row[r.request_id], len(tokens)
+            logprobs = None
+            if p.logprobs or p.top_logprobs:
+                logprobs = tuple(map(float, sampled.logprobs[i, :k]))
             top = None
             if p.top_logprobs:
-                top = (
-                    tuple(
-                        zip(
-                            map(int, sampled.top_ids[i, : p.top_logprobs]),
-                            map(float, sampled.top_logprobs[i, : p.top_logprobs]),
-                        )
-                    ),
+                n = p.top_logprobs
+                top = tuple(
+                    tuple(zip(map(int, ids[:n]), map(float, lps[:n])))
+                    for ids, lps in zip(sampled.top_ids[i, :k], sampled.top_logprobs[i, :k])
                 )
             if reason is not None:
                 child.finished = True
@@ -384,6 +386,22 @@ class Engine:
                 )
             )
         return outs
+
+    @staticmethod
+    def _detokenize(
+        detok: IncrementalDetokenizer, tokens: tuple[int, ...], final: bool
+    ) -> tuple[str, int]:
+        """The text the tokens make final and how many of them count: with stop strings, the
+        tokens of a multi-step decode go in one at a time, and those after the one completing
+        a stop string are dropped."""
+        if not detok.stop or len(tokens) == 1:
+            return detok.push(tokens, final=final), len(tokens)
+        text = ""
+        for j, t in enumerate(tokens):
+            text += detok.push((t,), final=final and j == len(tokens) - 1)
+            if detok.stopped:
+                return text, j + 1
+        return text, len(tokens)
 
     def _retire(self, cid: str) -> None:
         child = self._children.pop(cid)
@@ -450,6 +468,15 @@ class Engine:
         in flight continue with the new weights."""
         self.runner.update_params(params)
         self.scheduler.kv.reset_prefix_cache()
+
+    def set_decode_steps(self, steps: int, progress: bool = True) -> None:
+        """Change `EngineConfig.decode_steps` while the engine is idle (e.g. to compare a
+        workload with and without multi-step decodes); compiles the new step shapes now."""
+        if self.has_unfinished():
+            raise UserError("set_decode_steps() needs an idle engine (no unfinished request)")
+        config = dataclasses.replace(self.config, decode_steps=steps)  # validates steps
+        self.config = self.scheduler.config = self.runner.config = config
+        self.runner.warmup(progress)
 
     def set_prefix_caching(self, enabled: bool) -> None:
         """Turn prefix caching on or off while the engine is idle (e.g. to compare a workload

@@ -177,13 +177,20 @@ class KVCacheManager:
 
     # -- allocation -------------------------------------------------------------------------
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, new_computed_pages: Sequence[int] = ()
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_pages: Sequence[int] = (),
+        *,
+        lookahead: int = 0,
     ) -> bool:
         """Grow the request's table to hold its computed tokens plus `num_new_tokens`.
 
         new_computed_pages: prefix-cache hits from `get_computed_pages`, only for a request holding
-        no pages (the caller then sets num_computed_tokens to their token count).  Returns False,
-        changing nothing but sliding-window releases, when the pool lacks free pages.
+        no pages (the caller then sets num_computed_tokens to their token count).  lookahead:
+        room for this many more tokens, not known yet (a multi-step decode computes the tokens
+        it samples).  Returns False, changing nothing but sliding-window releases, when the pool
+        lacks free pages.
         """
         ps, pool, table = self.page_size, self.pool, request.page_table
         if table and not new_computed_pages and self.sliding_window is None and num_new_tokens > 0:
@@ -191,7 +198,7 @@ class KVCacheManager:
             # the pages held and no page fills up, so there is nothing to allocate, release
             # or register (the general path below would conclude the same, slower)
             end = request.num_computed_tokens + num_new_tokens
-            if end <= len(table) * ps and end <= request.num_tokens:
+            if end + lookahead <= len(table) * ps and end <= request.num_tokens:
                 if (
                     not self.enable_prefix_caching
                     or end // ps <= request.num_cached_pages
@@ -225,7 +232,7 @@ class KVCacheManager:
             pool.free(released)
         live_hits = list(new_computed_pages[first_live:])
 
-        num_alloc = max(0, cdiv(end, ps) - len(table) - len(new_computed_pages))
+        num_alloc = max(0, cdiv(end + lookahead, ps) - len(table) - len(new_computed_pages))
         hits_leaving_queue = sum(1 for p in live_hits if pool.ref_count(p) == 0)
         if num_alloc + hits_leaving_queue > pool.num_free:
             return False
@@ -250,6 +257,11 @@ class KVCacheManager:
                 pool.cache(table[i], hashes[i])
             request.num_cached_pages = num_full
         return True
+
+    def pages_to_grow(self, request: Request, num_tokens: int) -> int:
+        """Pages the request's table lacks to hold num_tokens positions (sliding-window
+        releases not counted: an upper bound)."""
+        return max(0, cdiv(num_tokens, self.page_size) - len(request.page_table))
 
     def free(self, request: Request) -> None:
         """Release all pages of the request (finish, abort or preemption).

@@ -19,6 +19,11 @@ ahead of time (`warmup`), so serving never compiles.
 
 `token_src[t] >= 0` takes token t from the previous step's sampled tokens (row token_src[t]),
 which stay on device: a decode can be launched before the host has read the token it consumes.
+
+A multi-step decode (`StepShape.steps` = K > 1, T = S: one token per sequence) scans the
+same model step K times on device: each iteration feeds the tokens the previous one sampled,
+at positions one further (their K/V slots computed from the page tables), and the output holds
+K rows of samples.
 """
 
 from __future__ import annotations
@@ -87,11 +92,13 @@ def enable_compilation_cache(path: str | Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The static shape of a compiled step: T token slots, S sequence rows, sort compiled in."""
+    """The static shape of a compiled step: T token slots, S sequence rows, sort compiled in,
+    and the decode steps one launch runs (> 1: a multi-step decode, T == S)."""
 
     tokens: int
     seqs: int
     sort: bool
+    steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +154,17 @@ class _Layout:
 
 @dataclasses.dataclass(frozen=True)
 class SampledTokens:
-    """A step's sampled tokens on the host, for the rows whose step samples."""
+    """A step's sampled tokens on the host, for the rows whose step samples (K tokens per row:
+    the step's decode steps)."""
 
     request_ids: tuple[str, ...]
-    tokens: np.ndarray  # [n] int32
-    logprobs: np.ndarray  # [n] float32
-    top_ids: np.ndarray  # [n, N] int32
-    top_logprobs: np.ndarray  # [n, N] float32
+    tokens: np.ndarray  # [n, K] int32
+    logprobs: np.ndarray  # [n, K] float32
+    top_ids: np.ndarray  # [n, K, N] int32
+    top_logprobs: np.ndarray  # [n, K, N] float32
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(zip(self.request_ids, map(int, self.tokens)))
+    def as_dict(self) -> dict[str, tuple[int, ...]]:
+        return dict(zip(self.request_ids, map(tuple, self.tokens.tolist())))
 
 
 @dataclasses.dataclass
@@ -171,22 +179,22 @@ class StepHandle:
 
     def fetch(self) -> SampledTokens:
         if self._fetched is None:
-            s, n = self.shape.seqs, self.num_top
+            s, n, k = self.shape.seqs, self.num_top, self.shape.steps
             packed = self.packed
             if isinstance(packed, concurrent.futures.Future):
                 packed = packed.result()  # re-raises the dispatch's error
-            out = np.asarray(packed)
+            out = np.asarray(packed).reshape(k, -1)  # one row of samples per decode step
             rows = [i for i, sr in enumerate(self.scheduled) if sr.samples]
             at = np.cumsum([0, s, s, s * n, s * n])
-            tok, logp = out[at[0] : at[1]], out[at[1] : at[2]].view(np.float32)
-            top_ids = out[at[2] : at[3]].reshape(s, n)
-            top_logp = out[at[3] : at[4]].view(np.float32).reshape(s, n)
+            tok, logp = out[:, at[0] : at[1]], out[:, at[1] : at[2]].view(np.float32)
+            top_ids = out[:, at[2] : at[3]].reshape(k, s, n)
+            top_logp = out[:, at[3] : at[4]].view(np.float32).reshape(k, s, n)
             self._fetched = SampledTokens(
                 tuple(self.scheduled[i].request_id for i in rows),
-                tok[rows],
-                logp[rows],
-                top_ids[rows],
-                top_logp[rows],
+                tok.T[rows],
+                logp.T[rows],
+                top_ids.transpose(1, 0, 2)[rows],
+                top_logp.transpose(1, 0, 2)[rows],
             )
         return self._fetched
 
@@ -364,27 +372,30 @@ class ModelRunner:
         return _Layout(shape.tokens, shape.seqs, self.config.max_pages_per_seq)
 
     def step_shapes(self) -> list[StepShape]:
-        """Every (T, S, sort) a schedule can produce: S buckets whose smallest count (one more
-        than the bucket below) fits in T tokens."""
+        """Every (T, S, sort, steps) a schedule can produce: S buckets whose smallest count (one
+        more than the bucket below) fits in T tokens, and the multi-step decodes (T = S)."""
         cfg, out = self.config, []
+        sorts = (False, True) if self.sort_variants else (False,)
         for t in cfg.token_buckets:
             lo = 1
             for s in cfg.seq_buckets:
                 if lo <= t:
-                    out += [StepShape(t, s, False)] + [StepShape(t, s, True)] * self.sort_variants
+                    out += [StepShape(t, s, sort) for sort in sorts]
                 lo = s + 1
+        if cfg.decode_steps > 1:
+            out += [
+                StepShape(s, s, sort, cfg.decode_steps) for s in cfg.seq_buckets for sort in sorts
+            ]
         return out
 
     def _step_fn(self, shape: StepShape):
         lay, cfg, fwd, mla = self._layout(shape), self.cfg, self._fwd, self.mla
         window, impl = self.config.sliding_window, self.attn_impl
-        num_top, max_seqs = self.num_top, self.max_seqs
+        num_top, max_seqs, ps = self.num_top, self.max_seqs, self.config.page_size
 
-        def step(params, pages, buf, prev):
-            f = lay.unpack(buf)
-            src = f["token_src"]
-            # decode inputs the host has not read yet come from the previous step's samples
-            tokens = jnp.where(src >= 0, prev[jnp.maximum(src, 0)], f["tokens"])
+        def model_step(params, pages, f, tokens):
+            """One forward over the flat batch and the per-row sampler: (packed samples,
+            sampled tokens [S], updated pages)."""
             meta = (f["slot_mapping"], f["page_tables"], f["seq_lens"], f["query_start_loc"])
             if mla:
                 cache, base = PagedLatentCache(*pages, *meta), cfg.base
@@ -412,10 +423,42 @@ class ModelRunner:
             )
             bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.int32).reshape(-1)
             packed = jnp.concatenate([tok, bits(logp), top_ids.reshape(-1), bits(top_logp)])
-            prev = jnp.zeros((max_seqs,), jnp.int32).at[: shape.seqs].set(tok)
             new_pages = (
                 (cache.latent_pages, cache.rope_pages) if mla else (cache.k_pages, cache.v_pages)
             )
+            return packed, tok, new_pages
+
+        def decode_steps(params, pages, f, tokens):
+            """shape.steps decode steps: token t is row t's; padding rows compute at position 0
+            of the null page, as a single step's padding does."""
+            live = jnp.arange(shape.tokens) < f["query_start_loc"][-1]
+            table = f["page_tables"]
+
+            def body(carry, k):
+                pages, tokens = carry
+                pos = jnp.where(live, f["positions"] + k, 0)
+                slot = table[jnp.arange(shape.tokens), pos // ps] * ps + pos % ps
+                g = dict(
+                    f,
+                    positions=pos,
+                    slot_mapping=jnp.where(live, slot, 0),
+                    seq_lens=jnp.where(live, f["seq_lens"] + k, 0),
+                    sample_positions=f["sample_positions"] + k,
+                )
+                packed, tok, pages = model_step(params, pages, g, tokens)
+                return (pages, jnp.where(live, tok, 0)), packed
+
+            (pages, tok), packed = jax.lax.scan(body, (pages, tokens), jnp.arange(shape.steps))
+            return packed.reshape(-1), tok, pages
+
+        def step(params, pages, buf, prev):
+            f = lay.unpack(buf)
+            src = f["token_src"]
+            # decode inputs the host has not read yet come from the previous step's samples
+            tokens = jnp.where(src >= 0, prev[jnp.maximum(src, 0)], f["tokens"])
+            run = model_step if shape.steps == 1 else decode_steps
+            packed, tok, new_pages = run(params, pages, f, tokens)
+            prev = jnp.zeros((max_seqs,), jnp.int32).at[: shape.seqs].set(tok)
             return packed, prev, new_pages
 
         return step, lay
@@ -516,11 +559,15 @@ class ModelRunner:
             sr.samples and isinstance(sr.sampling, RowSampling) and sr.sampling.needs_sort
             for sr in out.scheduled
         )
-        return StepShape(
-            self.config.token_bucket(out.num_scheduled_tokens),
-            self.config.seq_bucket(len(out.scheduled)),
-            sort,
-        )
+        seqs = self.config.seq_bucket(len(out.scheduled))
+        if out.num_steps > 1:
+            if out.num_steps != self.config.decode_steps:
+                raise ValueError(
+                    f"a {out.num_steps}-step decode; the runner compiles "
+                    f"decode_steps={self.config.decode_steps}"
+                )
+            return StepShape(seqs, seqs, sort, out.num_steps)
+        return StepShape(self.config.token_bucket(out.num_scheduled_tokens), seqs, sort)
 
     def execute(self, out: SchedulerOutput) -> StepHandle:
         """Launch the step (asynchronously: nothing here waits for the device).

@@ -173,6 +173,12 @@ class Request:
         self.output_token_ids[index] = token_id
         self._all_token_ids[self.num_prompt_tokens + index] = token_id
 
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first num_output_tokens generated tokens (a stop token inside a
+        multi-step decode drops the ones sampled after it)."""
+        del self.output_token_ids[num_output_tokens:]
+        del self._all_token_ids[self.num_prompt_tokens + num_output_tokens :]
+
     @property
     def num_known_tokens(self) -> int:
         """Leading tokens whose values the host knows: all but trailing placeholders."""

@@ -18,12 +18,21 @@ PLACEHOLDER_TOKEN per sampled token (length limits apply at once), `schedule()` 
 and `resolve_tokens(sampled)` fills in the values (stop tokens apply then) before the next
 `commit_step()`.  A request that a stop token ends may thus be computed in one more step, whose
 token is dropped.
+
+Multi-step decode (`EngineConfig.decode_steps` = K > 1): when every running request is decoding
+and no waiting request could be admitted, a step runs K decode steps in one launch
+(`SchedulerOutput.num_steps`): each request's pages are allocated for K tokens ahead, and it
+receives K sampled tokens at once.  A stop token among them, or its max_tokens, ends the request
+there and drops the tokens after it (computed, never reported).  K is used only when every
+request has room for K more positions within max_model_len, the pool has the pages, and some
+request has more than K / 2 tokens left (else most of the launch would be dropped); otherwise
+single steps run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxturbo.errors import UserError
@@ -70,12 +79,14 @@ class ScheduledRequest:
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
     """What one model step computes, plus the requests whose device-side state can be dropped:
-    preempted in this schedule, or finished/aborted since the previous one."""
+    preempted in this schedule, or finished/aborted since the previous one.  num_scheduled_tokens
+    counts one step's tokens (a multi-step decode computes num_steps times as many)."""
 
     scheduled: tuple[ScheduledRequest, ...]
     num_scheduled_tokens: int
     preempted_ids: tuple[str, ...] = ()
     finished_ids: tuple[str, ...] = ()
+    num_steps: int = 1  # > 1: a multi-step decode (every scheduled request decodes num_steps)
 
     @property
     def is_empty(self) -> bool:
@@ -84,15 +95,29 @@ class SchedulerOutput:
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """The token a step sampled for one request and whether that ended it."""
+    """The tokens a step sampled for one request (one, or up to num_steps of a multi-step
+    decode) and whether they ended it."""
 
     request_id: str
-    new_token_id: int
+    new_token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
+
+    @property
+    def new_token_id(self) -> int:
+        """The last new token (the only one of a single step)."""
+        return self.new_token_ids[-1]
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def _token_tuple(value: int | Sequence[int]) -> tuple[int, ...]:
+    """A request's sampled tokens of one step: one int, or a sequence (multi-step decode)."""
+    try:
+        return tuple(int(t) for t in value)  # type: ignore[union-attr]
+    except TypeError:  # not iterable: one token
+        return (int(value),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +158,10 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._arrivals = 0
         self._pending: list[tuple[Request, ScheduledRequest]] | None = None
-        # asynchronous scheduling: (request, output index, finish reason at commit) per token
-        # committed as a placeholder and not resolved yet
+        self._pending_steps = 1  # num_steps of the pending step
+        self._awaiting_steps = 1  # num_steps of the committed, unresolved step
+        # asynchronous scheduling: (request, first output index, finish reason at commit) per
+        # request whose sampled tokens were committed as placeholders and not resolved yet
         self._awaiting: list[tuple[Request, int, FinishReason | None]] | None = None
         self._finished_ids: list[str] = []
         self._num_preemptions = 0
@@ -215,6 +242,12 @@ class Scheduler:
         if self._pending is not None:
             raise RuntimeError("schedule() called twice: call update_from_output() after each step")
         cfg = self.config
+        steps = self._decode_steps()
+        if steps > 1:
+            for request in self.running:
+                if not self.kv.allocate_slots(request, 1, lookahead=steps - 1):
+                    raise RuntimeError(f"{request.request_id!r}: pages counted but not allocated")
+            return self._output({r.request_id: 1 for r in self.running}, [], steps)
         budget = cfg.max_num_batched_tokens
         chunk_cap = cfg.max_chunk_tokens
         num_new: dict[str, int] = {}  # request id -> tokens this step, in scheduling order
@@ -256,6 +289,25 @@ class Scheduler:
             num_new[request.request_id] = n
             budget -= n
 
+        return self._output(num_new, preempted, 1)
+
+    def _decode_steps(self) -> int:
+        """config.decode_steps when the next step may be a multi-step decode (module doc), else 1."""
+        cfg, k = self.config, self.config.decode_steps
+        if k == 1 or not self.running:
+            return 1
+        if len(self.policy) and len(self.running) < cfg.max_num_seqs:
+            return 1  # a waiting request could join this step
+        grow, most_left = 0, 0
+        for r in self.running:
+            if r.num_tokens_to_compute != 1 or r.num_tokens + k > cfg.max_model_len:
+                return 1
+            most_left = max(most_left, r.max_tokens - r.num_output_tokens)
+            grow += self.kv.pages_to_grow(r, r.num_computed_tokens + k)
+        return k if 2 * most_left > k and grow <= self.kv.num_free_pages else 1
+
+    def _output(self, num_new: dict[str, int], preempted: list[str], steps: int) -> SchedulerOutput:
+        """The step's `SchedulerOutput` of the tokens per request chosen, made pending."""
         pending, scheduled = [], []
         for rid, n in num_new.items():
             request = self._requests[rid]
@@ -270,26 +322,28 @@ class Scheduler:
             )
             pending.append((request, sr))
             scheduled.append(sr)
-        total = cfg.max_num_batched_tokens - budget
+        total = sum(num_new.values())
         out = SchedulerOutput(
             scheduled=tuple(scheduled),
             num_scheduled_tokens=total,
             preempted_ids=tuple(preempted),
             finished_ids=tuple(self._finished_ids),
+            num_steps=steps,
         )
         self._finished_ids.clear()
-        self._last_tokens = total
+        self._last_tokens = total * steps
         if scheduled:
-            self._pending = pending
-            self._num_steps += 1
-            self._total_tokens += total
+            self._pending, self._pending_steps = pending, steps
+            self._num_steps += steps
+            self._total_tokens += total * steps
         return out
 
-    def update_from_output(self, sampled: Mapping[str, int]) -> list[RequestOutput]:
+    def update_from_output(self, sampled: Mapping[str, int | Sequence[int]]) -> list[RequestOutput]:
         """Account for the step `schedule()` returned: advance every scheduled request's computed
-        tokens, append the sampled token of each request whose step samples, apply the stop rules
-        (stop ids / EOS -> "stop", max_tokens / max_model_len -> "length") and free finished
-        requests' pages.  Requests finished or aborted since `schedule()` are skipped."""
+        tokens, append the sampled token(s) of each request whose step samples (one int, or
+        num_steps of a multi-step decode), apply the stop rules (stop ids / EOS -> "stop",
+        max_tokens / max_model_len -> "length") and free finished requests' pages.  Requests
+        finished or aborted since `schedule()` are skipped."""
         if self._awaiting is not None:
             raise RuntimeError(
                 "update_from_output() with committed tokens unresolved: call resolve_tokens() first"
@@ -299,61 +353,91 @@ class Scheduler:
             if sampled:
                 raise RuntimeError(f"tokens for {sorted(sampled)} but no step is pending")
             return []
-        expected = {sr.request_id for _, sr in pending if sr.samples}
-        needed = {sr.request_id for r, sr in pending if sr.samples and not r.is_finished}
-        if not needed <= set(sampled) <= expected:
+        steps = self._pending_steps
+        try:
+            tokens = self._sampled_tokens(pending, sampled, steps)
+        except ValueError:
             self._pending = pending  # nothing was applied; let the caller retry with the right keys
-            raise ValueError(
-                f"sampled tokens for {sorted(sampled)}, but the step samples for {sorted(needed)} "
-                f"(and optionally the since-finished {sorted(expected - needed)})"
-            )
+            raise
         outputs = []
         for request, sr in pending:
             if request.is_finished:
                 continue
-            request.num_computed_tokens += sr.num_tokens
+            request.num_computed_tokens += sr.num_tokens + steps - 1
             if not sr.samples:
                 continue
-            token = int(sampled[sr.request_id])
-            request.append_output_token(token)
-            reason = request.stop_reason(self.config.max_model_len)
-            if reason is not None:
-                self._finish(request, reason)
-            outputs.append(RequestOutput(sr.request_id, token, reason))
+            new, reason = [], None
+            for token in tokens[sr.request_id]:
+                request.append_output_token(token)
+                new.append(token)
+                reason = request.stop_reason(self.config.max_model_len)
+                if reason is not None:
+                    self._finish(request, reason)
+                    break
+            outputs.append(RequestOutput(sr.request_id, tuple(new), reason))
         return outputs
+
+    @staticmethod
+    def _sampled_tokens(
+        pending: list[tuple[Request, ScheduledRequest]],
+        sampled: Mapping[str, int | Sequence[int]],
+        steps: int,
+    ) -> dict[str, tuple[int, ...]]:
+        """The step's tokens per request, checked: every unfinished sampling request has
+        `steps` tokens (finished ones may be given or left out); ValueError otherwise."""
+        expected = {sr.request_id for _, sr in pending if sr.samples}
+        needed = {sr.request_id for r, sr in pending if sr.samples and not r.is_finished}
+        if not needed <= set(sampled) <= expected:
+            raise ValueError(
+                f"sampled tokens for {sorted(sampled)}, but the step samples for {sorted(needed)} "
+                f"(and optionally the since-finished {sorted(expected - needed)})"
+            )
+        tokens = {rid: _token_tuple(v) for rid, v in sampled.items()}
+        bad = sorted(rid for rid in needed if len(tokens[rid]) != steps)
+        if bad:
+            raise ValueError(
+                f"the step decodes {steps} token(s) per request; got "
+                f"{[len(tokens[r]) for r in bad]} for {bad}"
+            )
+        return tokens
 
     # -- asynchronous scheduling ----------------------------------------------------------------
     def commit_step(self) -> None:
         """Account for the scheduled step before its tokens are known: advance every scheduled
-        request's computed tokens and append a PLACEHOLDER_TOKEN for each sampled one; a request
-        that thereby reaches max_tokens / max_model_len finishes now (pages freed: the device
-        runs steps in order, so the step in flight is done with them before a later step
-        reuses them).  `schedule()` may follow; `resolve_tokens()` must come before the next
-        commit."""
+        request's computed tokens and append a PLACEHOLDER_TOKEN for each token it samples
+        (num_steps of a multi-step decode); a request that thereby reaches max_tokens /
+        max_model_len finishes now (pages freed: the device runs steps in order, so the step
+        in flight is done with them before a later step reuses them).  `schedule()` may follow;
+        `resolve_tokens()` must come before the next commit."""
         if self._awaiting is not None:
             raise RuntimeError(
                 "commit_step() with the previous step's tokens unresolved: call "
                 "resolve_tokens() first"
             )
         pending, self._pending = self._pending, None
+        steps = self._awaiting_steps = self._pending_steps
         awaiting: list[tuple[Request, int, FinishReason | None]] = []
         for request, sr in pending or ():
             if request.is_finished:
                 continue
-            request.num_computed_tokens += sr.num_tokens
+            request.num_computed_tokens += sr.num_tokens + steps - 1
             if not sr.samples:
                 continue
-            request.append_output_token(PLACEHOLDER_TOKEN)
+            first = request.num_output_tokens
+            # a multi-step decode's tokens past max_tokens are dropped
+            for _ in range(min(steps, request.max_tokens - first)):
+                request.append_output_token(PLACEHOLDER_TOKEN)
             reason = request.stop_reason(self.config.max_model_len)  # a length limit only
             if reason is not None:
                 self._finish(request, reason)
-            awaiting.append((request, request.num_output_tokens - 1, reason))
+            awaiting.append((request, first, reason))
         self._awaiting = awaiting
 
-    def resolve_tokens(self, sampled: Mapping[str, int]) -> list[RequestOutput]:
+    def resolve_tokens(self, sampled: Mapping[str, int | Sequence[int]]) -> list[RequestOutput]:
         """Fill in the tokens of the last committed step and apply the stop tokens (a stop
-        token on a request the length limit ended relabels it "stop").  Requests finished or
-        aborted since the commit are skipped (sampled may leave them out)."""
+        token on a request the length limit ended relabels it "stop"; tokens after a stop token
+        are dropped).  Requests finished or aborted since the commit are skipped (sampled may
+        leave them out)."""
         awaiting, self._awaiting = self._awaiting, None
         if awaiting is None:
             if sampled:
@@ -363,15 +447,25 @@ class Scheduler:
         for request, index, reason in awaiting:
             if request.is_finished and reason is None:
                 continue  # finished after the commit (abort, stop string)
-            token = int(sampled[request.request_id])
-            request.set_output_token(index, token)
-            if request.is_stop_token(token):
-                if reason is None:
-                    self._finish(request, FinishReason.STOP)
-                else:  # its pages are gone already; only the reported reason changes
-                    request.status = RequestStatus.FINISHED_STOPPED
-                reason = FinishReason.STOP
-            outputs.append(RequestOutput(request.request_id, token, reason))
+            tokens = _token_tuple(sampled[request.request_id])
+            if len(tokens) != self._awaiting_steps:
+                raise ValueError(
+                    f"{request.request_id!r}: {len(tokens)} tokens for a step of "
+                    f"{self._awaiting_steps}"
+                )
+            tokens = tokens[: request.num_output_tokens - index]  # those committed
+            for j, token in enumerate(tokens):
+                request.set_output_token(index + j, token)
+                if request.is_stop_token(token):
+                    request.truncate_output(index + j + 1)
+                    tokens = tokens[: j + 1]
+                    if reason is None:
+                        self._finish(request, FinishReason.STOP)
+                    else:  # its pages are gone already; only the reported reason changes
+                        request.status = RequestStatus.FINISHED_STOPPED
+                    reason = FinishReason.STOP
+                    break
+            outputs.append(RequestOutput(request.request_id, tokens, reason))
         return outputs
 
     @property

@@ -3,14 +3,15 @@ a deterministic fake sampler, and the structural invariants of scheduler + KV ca
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections import Counter, defaultdict
 
 from jaxturbo.inference.engine.config import EngineConfig
 from jaxturbo.inference.engine.kv_cache_manager import KVCacheManager
 from jaxturbo.inference.engine.page_pool import NULL_PAGE
-from jaxturbo.inference.engine.request import RequestStatus
-from jaxturbo.inference.engine.scheduler import Scheduler, SchedulerOutput
+from jaxturbo.inference.engine.request import FinishReason, RequestStatus
+from jaxturbo.inference.engine.scheduler import RequestOutput, Scheduler, SchedulerOutput
 
 
 def fake_token(request_id: str, position: int, vocab: int) -> int:
@@ -48,11 +49,36 @@ class FakeDevice:
             h.append(hash((h[-1] if h else 0, tokens[p])))
         return h
 
-    def run(self, out: SchedulerOutput, tokens_of: dict[str, list[int]]) -> dict[str, int]:
-        """Execute a step; tokens_of maps request id -> all its known tokens (prompt + output)."""
+    def run(
+        self, out: SchedulerOutput, tokens_of: dict[str, list[int]]
+    ) -> dict[str, int] | dict[str, tuple[int, ...]]:
+        """Execute a step; tokens_of maps request id -> all its known tokens (prompt + output).
+        A multi-step decode runs its steps one after another, each feeding the tokens the
+        previous one sampled, and returns num_steps tokens per request."""
+        if out.num_steps == 1:
+            return self._run_one(out.scheduled, tokens_of)
+        ps = self.sched.config.page_size
+        known = {sr.request_id: list(tokens_of[sr.request_id]) for sr in out.scheduled}
+        sampled: dict[str, list[int]] = defaultdict(list)
+        for k in range(out.num_steps):
+            step = []
+            for sr in out.scheduled:
+                assert sr.num_tokens == 1 and sr.samples
+                assert len(sr.page_table) * ps >= sr.seq_len + out.num_steps - 1, (
+                    f"{sr.request_id}: pages not allocated for the step's {out.num_steps} tokens"
+                )
+                toks = known[sr.request_id]
+                p = sr.start_position + k
+                step.append(dataclasses.replace(sr, token_ids=(toks[p],), start_position=p))
+            for rid, t in self._run_one(tuple(step), known).items():
+                known[rid].append(t)
+                sampled[rid].append(t)
+        return {rid: tuple(t) for rid, t in sampled.items()}
+
+    def _run_one(self, scheduled, tokens_of: dict[str, list[int]]) -> dict[str, int]:
         ps = self.sched.config.page_size
         window = self.sched.config.sliding_window
-        for sr in out.scheduled:
+        for sr in scheduled:
             toks = tokens_of[sr.request_id]
             assert list(sr.token_ids) == toks[sr.start_position : sr.seq_len]
             h = self._prefix_hashes(sr.request_id, toks, sr.seq_len)
@@ -63,7 +89,7 @@ class FakeDevice:
                 self.slots[(page, p % ps)] = (self.version, h[p])
                 self.computed[sr.request_id].append((p, t))
         sampled = {}
-        for sr in out.scheduled:
+        for sr in scheduled:
             h = self._prefix_hashes(sr.request_id, tokens_of[sr.request_id], sr.seq_len)
             lo = 0 if window is None else max(0, sr.start_position - window + 1)
             for p in range(lo, sr.seq_len):
@@ -75,6 +101,27 @@ class FakeDevice:
             if sr.samples:
                 sampled[sr.request_id] = fake_token(sr.request_id, sr.seq_len, self.vocab)
         return sampled
+
+
+def take_outputs(
+    sched: Scheduler, o: RequestOutput, outputs: list[int], stop_string_after: int | None
+) -> FinishReason | None:
+    """Append a scheduler output's tokens to a request's outputs, as the engine does with a
+    stop string that its `stop_string_after`-th output token completes: the tokens after it
+    are dropped and the request finishes "stop" (the caller finishes it unless the scheduler
+    did).  Returns the request's finish reason, None while it runs."""
+    new = list(o.new_token_ids)
+    n, after = len(outputs), stop_string_after
+    hit = after is not None and n < after <= n + len(new)
+    if hit:
+        new = new[: after - n]
+    outputs.extend(new)
+    if o.finished:
+        return FinishReason.STOP if len(new) < len(o.new_token_ids) else o.finish_reason
+    if hit:
+        assert sched.finish_request(o.request_id, FinishReason.STOP)
+        return FinishReason.STOP
+    return None
 
 
 def check_invariants(sched: Scheduler, out: SchedulerOutput | None = None) -> None:

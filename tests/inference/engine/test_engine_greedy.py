@@ -46,7 +46,7 @@ def run_arrivals(engine: Engine, prompts: list[list[int]]) -> dict[int, list[int
             if not engine.has_unfinished():
                 break
             for o in engine.step():
-                assert o.index == 0 and len(o.new_token_ids) == 1
+                assert o.index == 0 and 1 <= len(o.new_token_ids) <= engine.config.decode_steps
                 got[ids[o.request_id]] += o.new_token_ids
                 if o.finished:
                     assert o.finish_reason == "length"
@@ -55,15 +55,16 @@ def run_arrivals(engine: Engine, prompts: list[list[int]]) -> dict[int, list[int
 
 
 @pytest.mark.parametrize(
-    "async_scheduling, dispatch_thread", [(True, True), (True, False), (False, True)]
+    "async_scheduling, dispatch_thread, decode_steps",
+    [(True, True, 1), (True, False, 1), (False, True, 1), (True, True, 3), (False, False, 3)],
 )
 def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(
-    model, async_scheduling, dispatch_thread
+    model, async_scheduling, dispatch_thread, decode_steps
 ):
     cfg, params, prompts, ref = model
     # 11 usable pages of 16 tokens for requests of up to 82 tokens: preemption; a 32-token
     # budget with 24-token chunks: the 33..70-token prompts prefill in several steps
-    config = engine_config(num_pages=12, long_prefill_token_threshold=24)
+    config = engine_config(num_pages=12, long_prefill_token_threshold=24, decode_steps=decode_steps)
     engine = Engine(
         params,
         cfg,
@@ -73,11 +74,14 @@ def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(
         async_scheduling=async_scheduling,
         dispatch_thread=dispatch_thread,
     )
+    launches, execute = [], engine.runner.execute
+    engine.runner.execute = lambda out: (launches.append(out.num_steps), execute(out))[1]
     got = run_arrivals(engine, prompts)
     for i in range(len(prompts)):
         assert got[i] == ref[i], f"prompt {i} ({len(prompts[i])} tokens)"
     s = engine.stats()
     assert s.num_preemptions > 0
+    assert max(launches) == decode_steps  # multi-step decodes ran (when asked for)
     assert s.prefix_saved_tokens >= 32  # prompt 6 took prompt 1's two pages
     assert s.prefill_tokens_computed >= s.prompt_tokens - s.prefix_saved_tokens
     assert s.kv_pages_used == 0 and s.num_running == s.num_waiting == 0
@@ -86,7 +90,7 @@ def test_arrivals_chunks_preemption_and_prefix_hits_match_generate(
     again = engine.generate(prompts, RequestParams(max_tokens=NEW, ignore_eos=True))
     assert [c.token_ids for c in again] == ref
     assert engine.stats().prefix_saved_tokens > s.prefix_saved_tokens
-    assert engine.runner.num_compiles == 1
+    assert engine.runner.num_compiles == len(engine.runner.step_shapes())  # warm-up only
 
 
 def windowed_greedy(params, cfg, prompts, n, window):
@@ -109,22 +113,29 @@ def windowed_greedy(params, cfg, prompts, n, window):
     return [s[len(p) :] for s, p in zip(seqs, prompts)]
 
 
-def test_sliding_window_releases_pages_and_matches_windowed_attention(model):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_sliding_window_releases_pages_and_matches_windowed_attention(model, decode_steps):
     cfg, params, prompts, ref = model
     window = 20
-    config = engine_config(sliding_window=window, long_prefill_token_threshold=16)
+    config = engine_config(
+        sliding_window=window, long_prefill_token_threshold=16, decode_steps=decode_steps
+    )
     engine = Engine(params, cfg, config=config, sort_variants=False, compilation_cache_dir=None)
     released = []
     execute = engine.runner.execute
 
+    launches = []
+
     def spy(out):  # page tables with entries the window released (null page 0)
         released.extend(sr.request_id for sr in out.scheduled if 0 in sr.page_table)
+        launches.append(out.num_steps)
         return execute(out)
 
     engine.runner.execute = spy
     long = [prompts[i] for i in (1, 3, 4)]
     got = engine.generate(long, RequestParams(max_tokens=NEW, ignore_eos=True))
     assert released, "no page left the window"
+    assert max(launches) == decode_steps
     expected = windowed_greedy(params, cfg, long, NEW, window)
     assert [c.token_ids for c in got] == expected
     assert expected != [ref[i] for i in (1, 3, 4)]  # the window changes these continuations

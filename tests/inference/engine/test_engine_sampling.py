@@ -137,6 +137,61 @@ def test_stop_token_ids_eos_and_stop_strings(engine):
     assert engine.stats().kv_pages_used == 0
 
 
+def count_launches(engine: Engine) -> list[int]:
+    """The num_steps of every step the engine launches from now on."""
+    steps, execute = [], engine.runner.execute
+
+    def counted(out):
+        steps.append(out.num_steps)
+        return execute(out)
+
+    engine.runner.execute = counted
+    return steps
+
+
+def test_multi_step_decode_gives_the_single_step_samples(engine):
+    """Four decode steps per launch: the same seeded tokens, logprobs, stops (a stop token or
+    string inside a launch drops the tokens after it) and texts as one step per launch."""
+    multi = Engine(
+        engine.runner.params,
+        engine.cfg,
+        AsciiTokenizer(),
+        engine_config(decode_steps=4),
+        max_top_logprobs=3,
+        compilation_cache_dir=None,
+    )
+    prompts = random_prompts((15, 23, 9, 30), seed=12)
+    free = engine.generate(prompts[:1], RequestParams(max_tokens=13, ignore_eos=True))[0]
+    params = [
+        RequestParams(max_tokens=13, stop_token_ids=[free.token_ids[5]], ignore_eos=True),
+        RequestParams(
+            max_tokens=11, temperature=1.0, top_k=20, top_p=0.9, seed=3, logprobs=True, n=2
+        ),
+        RequestParams(max_tokens=13, stop=[free.text[6:8]], ignore_eos=True, top_logprobs=3),
+        RequestParams(max_tokens=9, temperature=0.7, min_p=0.05, seed=5),
+    ]
+    prompts[2] = prompts[0]
+    launches = count_launches(multi)
+    want, got = engine.generate(prompts, params), multi.generate(prompts, params)
+    assert 4 in launches
+    for w, g in zip(want, got):
+        for ws, gs in zip(w.samples, g.samples):
+            assert (gs.token_ids, gs.text, gs.finish_reason) == (
+                ws.token_ids,
+                ws.text,
+                ws.finish_reason,
+            )
+            if ws.logprobs is not None:
+                np.testing.assert_allclose(gs.logprobs, ws.logprobs, rtol=1e-5, atol=1e-6)
+            if ws.top_logprobs is not None:
+                assert [[i for i, _ in t] for t in gs.top_logprobs] == [
+                    [i for i, _ in t] for t in ws.top_logprobs
+                ]
+    assert got[0].samples[0].finish_reason == "stop" and len(got[0].token_ids) < 13
+    assert got[2].samples[0].finish_reason == "stop"
+    assert multi.stats().kv_pages_used == 0
+
+
 def test_bad_request_params_name_the_value(engine):
     with pytest.raises(UserError, match="top_logprobs=4 exceeds"):
         engine.add_request([1, 2], RequestParams(top_logprobs=4))

@@ -15,7 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from jaxturbo.errors import UserError
 from jaxturbo.inference.engine.request import PLACEHOLDER_TOKEN, FinishReason, Request
 from jaxturbo.inference.engine.scheduler import SchedulerOutput
-from tests.inference.engine.sim import FakeDevice, check_invariants, fake_token, make_scheduler
+from tests.inference.engine.sim import (
+    FakeDevice,
+    check_invariants,
+    fake_token,
+    make_scheduler,
+    take_outputs,
+)
 from tests.inference.engine.test_scheduler_properties import EOS, MAX_MODEL_LEN, VOCAB, scenarios
 
 
@@ -48,18 +54,15 @@ def run(sc: dict, asynchronous: bool) -> tuple[dict, dict]:
         )
         sampled = device.run(real, true)
         for rid, t in sampled.items():
-            true[rid].append(t)
+            true[rid].extend((t,) if isinstance(t, int) else t)
         return sampled
 
     def take(results) -> None:
         for o in results:
             rid = o.request_id
-            outputs[rid].append(o.new_token_id)
-            if o.finished:
-                reasons[rid] = o.finish_reason
-            elif len(outputs[rid]) == specs[int(rid[1:])]["stop_string_after"]:
-                assert sched.finish_request(rid, FinishReason.STOP)
-                reasons[rid] = FinishReason.STOP
+            reason = take_outputs(sched, o, outputs[rid], specs[int(rid[1:])]["stop_string_after"])
+            if reason is not None:
+                reasons[rid] = reason
 
     def aborts(step: int, between: bool) -> None:
         for i, s in enumerate(specs):
@@ -102,9 +105,11 @@ def run(sc: dict, asynchronous: bool) -> tuple[dict, dict]:
             if inflight is not None:
                 nxt = sched.schedule()  # before the in-flight step's tokens are known
                 check_invariants(sched, nxt)
-                for sr in nxt.scheduled:  # a placeholder is only ever the last known token
-                    toks = sched.get_request(sr.request_id).all_token_ids
-                    assert PLACEHOLDER_TOKEN not in toks[:-1]
+                for sr in nxt.scheduled:  # placeholders: the last step's tokens, at the end
+                    r = sched.get_request(sr.request_id)
+                    toks = r.all_token_ids
+                    assert PLACEHOLDER_TOKEN not in toks[: r.num_known_tokens]
+                    assert r.num_tokens - r.num_known_tokens <= sched.config.decode_steps
                 aborts(step, True)
                 following = None if nxt.is_empty else launch(nxt)
                 take(sched.resolve_tokens(inflight))
@@ -133,18 +138,28 @@ def without_aborts(sc: dict) -> dict:
     return {**sc, "requests": [{**s, "abort": None} for s in sc["requests"]]}
 
 
+def single_steps(sc: dict) -> dict:
+    return {**sc, "decode_steps": 1}
+
+
 @SETTINGS
 @given(scenarios(windowed=False))
 def test_async_gives_the_synchronous_tokens(sc):
+    """...and multi-step decodes (when the scenario draws decode_steps > 1) give the tokens
+    and finish reasons of single steps, with either protocol."""
     sc = without_aborts(sc)
-    assert run(sc, asynchronous=True) == run(sc, asynchronous=False)
+    reference = run(single_steps(sc), asynchronous=False)
+    assert run(sc, asynchronous=True) == reference
+    assert run(sc, asynchronous=False) == reference
 
 
 @SETTINGS
 @given(scenarios(windowed=True))
 def test_async_gives_the_synchronous_tokens_with_a_window(sc):
     sc = without_aborts(sc)
-    assert run(sc, asynchronous=True) == run(sc, asynchronous=False)
+    reference = run(single_steps(sc), asynchronous=False)
+    assert run(sc, asynchronous=True) == reference
+    assert run(sc, asynchronous=False) == reference
 
 
 @SETTINGS

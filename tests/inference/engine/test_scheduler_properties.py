@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from jaxturbo.errors import UserError
 from jaxturbo.inference.engine.request import FinishReason, Request
-from tests.inference.engine.sim import FakeDevice, check_invariants, fake_token, make_scheduler
+from tests.inference.engine.sim import (
+    FakeDevice,
+    check_invariants,
+    fake_token,
+    make_scheduler,
+    take_outputs,
+)
 
 PS = 16
 VOCAB = 32
@@ -58,6 +64,7 @@ def scenarios(draw, windowed: bool, pressure: bool = False):
         long_prefill_token_threshold=draw(st.none() | st.integers(1, 40)),
         enable_prefix_caching=draw(st.booleans()),
         sliding_window=draw(st.integers(1, 40)) if windowed else None,
+        decode_steps=draw(st.sampled_from([1, 1, 3, 4])),
         requests=draw(
             st.lists(request_specs(pressure), min_size=3 if pressure else 1, max_size=12)
         ),
@@ -114,13 +121,10 @@ def run_scenario(sc: dict) -> None:
         )  # the step runs as scheduled, aborted requests included
         for o in sched.update_from_output(sampled):
             rid = o.request_id
-            tokens_of[rid].append(o.new_token_id)
-            outputs[rid].append(o.new_token_id)
-            if o.finished:
-                reasons[rid] = o.finish_reason
-            elif len(outputs[rid]) == specs[int(rid[1:])]["stop_string_after"]:
-                assert sched.finish_request(rid, FinishReason.STOP)
-                reasons[rid] = FinishReason.STOP
+            tokens_of[rid].extend(o.new_token_ids)
+            reason = take_outputs(sched, o, outputs[rid], specs[int(rid[1:])]["stop_string_after"])
+            if reason is not None:
+                reasons[rid] = reason
         check_invariants(sched)
         step += 1
 
@@ -130,17 +134,17 @@ def run_scenario(sc: dict) -> None:
     assert not sched.running and sched.num_waiting == 0
     assert sorted(reasons) == sorted(accepted)
     for rid, req in accepted.items():
-        assert req.is_finished and req.finish_reason is reasons[rid]
-        assert req.output_token_ids == outputs[rid]
+        after = specs[int(rid[1:])]["stop_string_after"]
+        by_caller = reasons[rid] is FinishReason.STOP and len(outputs[rid]) == after
+        assert req.is_finished and (by_caller or req.finish_reason is reasons[rid])
+        # the caller's stop drops the tokens of a multi-step decode after it
+        assert req.output_token_ids[: len(outputs[rid])] == outputs[rid]
+        assert by_caller or req.output_token_ids == outputs[rid]
         p0 = req.num_prompt_tokens
         assert outputs[rid] == [fake_token(rid, p0 + k, VOCAB) for k in range(len(outputs[rid]))]
         if reasons[rid] is FinishReason.LENGTH:
             assert len(outputs[rid]) == req.max_tokens or req.num_tokens == MAX_MODEL_LEN
-        if (
-            reasons[rid] is FinishReason.STOP
-            and outputs[rid]
-            and len(outputs[rid]) != specs[int(rid[1:])]["stop_string_after"]
-        ):
+        if reasons[rid] is FinishReason.STOP and outputs[rid] and not by_caller:
             assert outputs[rid][-1] in req.stop_token_ids or (
                 not req.ignore_eos and outputs[rid][-1] == EOS
             )
