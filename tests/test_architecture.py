@@ -28,7 +28,6 @@ KNOWN_PRIVATE_USES: dict[str, list[str]] = {
     ],
     "pallas_kernels/ragged_paged_attention/pallas_triton.py": [
         "pallas_kernels.decode_attention.pallas_triton._TARGET_PROGRAMS",
-        "pallas_kernels.decode_attention.pallas_triton._dot",
     ],
     "tests/helpers/gguf_tiny.py": [
         "jaxturbo.bridge.gguf._permute_rows",

@@ -16,7 +16,8 @@
 #   engine (ENGINE_WORKLOAD=w1|w2|latency, ENGINE_SHAPE, ENGINE_FLAGS=--profile, ENGINE_TAG) |
 #   serve (SERVE_SHAPES, SERVE_FLAGS=--no-dispatch-thread, SERVE_TAG) |
 #   train unrolled trace probe fsdp8b | ladder ladder_grid ladder_profile | sp4 longest |
-#   mladecode mlaconverted heal | ladderheal | grpo (GRPO_ENGINE=engine|jax)
+#   mladecode mlaconverted heal | ladderheal | grpo (GRPO_ENGINE=engine|jax, GRPO_FLAGS, GRPO_TAG) |
+#   rollouts (ROLLOUTS_FLAGS=--decode-steps 1,8)
 #
 # The machine has JAX, transformers and torch but not optax/chex/gguf (and maybe not
 # matplotlib, nor the server's fastapi/uvicorn): their wheels travel in .whl/ and .wh2/
@@ -315,6 +316,12 @@ ladderheal() {  # SmolLM2 hybrid ladder on its last N layers, each N healed by K
 }
 
 # ---------------------------------------------------------------- GRPO (the jaxturbo rl command)
+rollouts() {  # GRPO rollout engines on one batch (random SmolLM2 shape): static vs engine
+  mkdir -p "$OUT/rl"
+  timeout ${ROLLOUTS_TIMEOUT:-300} $PY -m experiments.rl.rollout_bench --preset gpu \
+    ${ROLLOUTS_FLAGS:-} --out "$OUT/rl/rollout_gpu_smollm2-135m" 2>&1 | tee "$OUT/rl/log.txt"
+}
+
 grpo() {  # GRPO on SmolLM2 arithmetic; GRPO_ENGINE=jax (static sampler) or engine (paged);
   # GRPO_FLAGS: more `jaxturbo rl` flags (e.g. --decode-steps 8), GRPO_TAG: a suffix of its outputs
   need_gguf || return 1

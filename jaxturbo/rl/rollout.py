@@ -197,7 +197,10 @@ class PagedEngine:
         self.cfg, self.dtype, self.attn_impl = cfg, dtype, attn_impl
         max_model_len = min(-(-max_model_len // page_size) * page_size, cfg.max_position_embeddings)
         pages = max_num_seqs * -(-max_model_len // page_size) + 1  # + the reserved null page
-        budget = max(256, 2 * max_model_len, max_num_seqs)
+        # a batch's prompts prefill in few launches: a launch costs the model's small GEMMs
+        # whatever its tokens (a SmolLM2-shape GRPO batch: 129.6 ms with its prefill in 11
+        # launches of 256 tokens, 106.5 ms in one; experiments/rl/results/rollout_engines_h200.md)
+        budget = max(256, 2 * max_model_len, max_num_seqs, min(2048, max_num_seqs * max_model_len))
         decode = 1 << (max_num_seqs - 1).bit_length()  # every sample's decode token
         # two programs: rollouts start together (prefill chunks) and then all decode, so the
         # finer buckets of a server would only add compilation

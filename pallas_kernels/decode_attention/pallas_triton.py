@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_attention.common import DecodeCall, MLADecodeCall
 from pallas_kernels.flash_attention.common import NEG_INF, round_up
+from pallas_kernels.triton_dot import dot as _dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +51,6 @@ class Config:
     # GQA decode: merge the chunks in a second Pallas kernel ("kernel": one launch) or in jnp
     # ("xla": XLA makes two kernels of it, a max-and-exp and a weighted sum)
     merge: str = "kernel"
-
-
-def _dot(a, b, trans_b=False):
-    """a [M, K] @ b [K, N] (b [N, K] with trans_b) in float32.  tl.dot needs every dimension
-    >= 16: narrower products (an 8-wide rope key) are a broadcast multiply and sum."""
-    if min(*a.shape, *b.shape) < 16:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        if trans_b:
-            return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
-        return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(
-        a,
-        b,
-        (((1,), (1 if trans_b else 0,)), ((), ())),
-        precision=prec,
-        preferred_element_type=jnp.float32,
-    )
 
 
 # (start, width, owned_from): columns [start, start + width) of a row, of which the first

@@ -22,6 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import common
 from pallas_kernels.flash_attention.common import MaskSpec
+from pallas_kernels.triton_dot import dot as _dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +37,6 @@ class Config:
     num_stages: int = 3
     num_warps_bwd: int | None = None
     num_stages_bwd: int = 2
-
-
-def _dot(a: jax.Array, b: jax.Array, trans_b: bool = False, trans_a: bool = False) -> jax.Array:
-    """fp32-accumulated 2D product; float32 operands use full precision (no tf32)."""
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    ca = 0 if trans_a else 1
-    cb = 1 if trans_b else 0
-    return lax.dot_general(
-        a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
-    )
 
 
 def _logits(spec: MaskSpec, q, k):

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.grouped_matmul.reference import group_offsets
+from pallas_kernels.triton_dot import dot as _dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +84,6 @@ class GmvConfig:
 
 # For weights stored [G, N, K] a row of the tile is contiguous along K: few rows, long slices.
 GMV_CONFIG_T = GmvConfig(block_n=16, block_k=256)
-
-
-def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False):
-    """fp32-accumulated 2D product; float32 operands at full precision (no tf32)."""
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
 def _start(j, block: int):

@@ -35,9 +35,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.decode_attention import pallas_triton as decode_triton
-from pallas_kernels.decode_attention.pallas_triton import _dot, merge_chunks, merge_partials
+from pallas_kernels.decode_attention.pallas_triton import merge_chunks, merge_partials
 from pallas_kernels.flash_attention.common import NEG_INF
 from pallas_kernels.ragged_paged_attention import common
+from pallas_kernels.triton_dot import dot as _dot
 
 
 @dataclasses.dataclass(frozen=True)

@@ -305,6 +305,7 @@ class ModelRunner:
         self._prev_rows: dict[str, int] = {}
         self._compiled: dict[StepShape, Any] = {}
         self.num_compiles = 0
+        self.num_launches = 0  # steps executed (a multi-step decode counts once)
 
     # -- placement ----------------------------------------------------------------------------
     def _kv_heads(self) -> int:
@@ -583,6 +584,7 @@ class ModelRunner:
                 "top_k / top_p need the engine's sort variants (Engine(..., sort_variants=True))"
             )
         buf, fn = self._build(out, shape), self._compile(shape)
+        self.num_launches += 1
 
         def dispatch() -> jax.Array:
             # pages and the previous samples chain from step to step: one thread, in order
