@@ -56,6 +56,7 @@ SLOW_TESTS = (
     "tests/cli/test_training_cli.py::test_sft_config_file_export_and_export_from_checkpoint",
     "tests/experiments/test_ladder_bench.py::test_ladder_bench_tp8_matches_tp1",
     "tests/experiments/test_engine_bench.py::test_cpu_preset_runs_every_workload",
+    "tests/experiments/test_rollout_bench.py::",
     "tests/experiments/test_serve_bench.py::",
     "tests/experiments/test_mla_decode_bench.py::test_bench_models_mode_cpu",
     "tests/rl/test_cli_rl.py::test_rl_cli_resume_equals_uninterrupted",
