@@ -22,6 +22,7 @@ from jaxturbo.cli import main
         (["--group-size", "1"], "--group-size 1 must be >= 2 for grpo"),
         (["--algo", "ppo", "--async"], "--async is implemented for --algo grpo only"),
         (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
+        (["--decode-steps", "0"], "--decode-steps 0: must be >= 1"),
         (["--resume", "--no-checkpoint"], "--resume needs checkpoints"),
         # operands in [0, 9], order ignored: 55 distinct sums, all of them held out
         (["--max-operand", "9", "--eval-problems", "55"], "held-out set of 55 problems"),

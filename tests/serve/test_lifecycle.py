@@ -250,6 +250,8 @@ def test_bad_flags_and_a_taken_port_are_one_line_errors(capsys):
     # checked before the model loads: the model name is never looked up
     assert main(["serve", "--model", "no-such-model", "--max-logprobs", "50"]) == 2
     assert "--max-logprobs 50 must be in [0, 20]" in capsys.readouterr().err
+    assert main(["serve", "--model", "no-such-model", "--decode-steps", "0"]) == 2
+    assert "--decode-steps 0 must be >= 1" in capsys.readouterr().err
     assert main(["serve", "--model", "no-such-model", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
     with socket.socket() as taken:

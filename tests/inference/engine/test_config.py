@@ -55,6 +55,8 @@ def test_derived_sizes():
         (dict(max_model_len=1), "max_model_len=1"),
         (dict(long_prefill_token_threshold=0), "long_prefill_token_threshold=0"),
         (dict(sliding_window=0), "sliding_window=0"),
+        (dict(decode_steps=0), r"decode_steps=0 must be an integer >= 1"),
+        (dict(decode_steps=2.0), "decode_steps=2.0"),
         (dict(token_buckets=(64, 32, 2048)), "strictly increasing"),
         (
             dict(token_buckets=(16, 1024)),

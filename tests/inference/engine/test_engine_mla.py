@@ -24,20 +24,24 @@ def tiny():
     return cfg, params
 
 
-def test_mla_greedy_matches_generate(tiny):
+@pytest.mark.parametrize("decode_steps, num_pages", [(1, 7), (4, 32)])
+def test_mla_greedy_matches_generate(tiny, decode_steps, num_pages):
+    """7 pages (6 usable) for requests of up to 4 pages each: preemption; 32 pages with four
+    decode steps per launch: multi-step decodes of the latent cache."""
     cfg, params = tiny
     prompts = random_prompts((7, 45, 20, 30), V, seed=8)
     ref = generate(params, cfg, prompts, max_new_tokens=NEW, bucket_multiple=16).sequences()
-    # 6 usable pages for requests of up to 4 pages each: preemption
     engine = Engine(
         params,
         cfg,
-        config=engine_config(num_pages=7, max_model_len=96),
+        config=engine_config(num_pages=num_pages, max_model_len=96, decode_steps=decode_steps),
         sort_variants=False,
         compilation_cache_dir=None,
     )
-    assert engine.runner.pages[0].shape == (2, 7, 16, cfg.cache_rank)  # latent rows
-    assert engine.runner.pages[1].shape == (2, 7, 16, cfg.qk_rope_head_dim)
+    assert engine.runner.pages[0].shape == (2, num_pages, 16, cfg.cache_rank)  # latent rows
+    assert engine.runner.pages[1].shape == (2, num_pages, 16, cfg.qk_rope_head_dim)
+    launches, execute = [], engine.runner.execute
+    engine.runner.execute = lambda out: (launches.append(out.num_steps), execute(out))[1]
     p = RequestParams(max_tokens=NEW, ignore_eos=True)
     rids = [engine.add_request(prompts[0], p), engine.add_request(prompts[1], p)]
     got: dict[str, list[int]] = {r: [] for r in rids}
@@ -51,7 +55,8 @@ def test_mla_greedy_matches_generate(tiny):
         steps += 1
     assert [got[r] for r in rids] == ref
     s = engine.stats()
-    assert s.num_preemptions > 0 and s.kv_pages_used == 0
+    assert s.kv_pages_used == 0 and max(launches) == decode_steps
+    assert s.num_preemptions > 0 or num_pages > 7
 
 
 def test_mla_refuses_a_tensor_mesh(tiny):
