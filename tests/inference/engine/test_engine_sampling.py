@@ -190,6 +190,16 @@ def test_multi_step_decode_gives_the_single_step_samples(engine):
     assert got[0].samples[0].finish_reason == "stop" and len(got[0].token_ids) < 13
     assert got[2].samples[0].finish_reason == "stop"
     assert multi.stats().kv_pages_used == 0
+    # switched while idle only; back to one step per launch, nothing more compiles
+    rid = multi.add_request(prompts[0], params[0])
+    with pytest.raises(UserError, match="set_decode_steps\\(\\) needs an idle engine"):
+        multi.set_decode_steps(1)
+    multi.abort(rid)
+    compiled = multi.runner.num_compiles
+    multi.set_decode_steps(1, progress=False)
+    launches.clear()
+    assert [c.token_ids for c in multi.generate(prompts, params)] == [c.token_ids for c in want]
+    assert set(launches) == {1} and multi.runner.num_compiles == compiled
 
 
 def test_bad_request_params_name_the_value(engine):
