@@ -18,6 +18,18 @@ import jax
 import jax.numpy as jnp
 
 
+def positive_ints(text: str, flag: str, error: Callable[[str], Any]) -> list[int]:
+    """A comma-separated list of integers >= 1 (a flag's value); `error` (an ArgumentParser's
+    `error`) is called with a message naming the flag otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        error(f"{flag} {text}: comma-separated integers >= 1")
+    return values
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     return getattr(d, "device_kind", d.platform)

@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from experiments.bench_util import (  # noqa: E402
     copy_bandwidth,
     device_name,
+    positive_ints,
     time_difference,
     time_fn,
     trace_kernels,
@@ -420,12 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown systems {sorted(bad)}; choose from {','.join(SYSTEMS)}")
     workloads = WORKLOADS if args.workload == "all" else (args.workload,)
-    try:
-        decode_steps = [int(k) for k in args.decode_steps.split(",") if k]
-    except ValueError:
-        decode_steps = []
-    if not decode_steps or min(decode_steps) < 1:
-        ap.error(f"--decode-steps {args.decode_steps}: comma-separated integers >= 1")
+    decode_steps = positive_ints(args.decode_steps, "--decode-steps", ap.error)
     static_batches = (
         [int(b) for b in args.static_batches.split(",")]
         if args.static_batches

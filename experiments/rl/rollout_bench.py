@@ -28,7 +28,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.bench_util import device_name, trace_kernels, write_table  # noqa: E402
+from experiments.bench_util import (  # noqa: E402
+    device_name,
+    positive_ints,
+    trace_kernels,
+    write_table,
+)
 from experiments.engine.bench import host_phases  # noqa: E402
 from jaxturbo.inference.sampling import SamplingParams  # noqa: E402
 from jaxturbo.models.init import init_params  # noqa: E402
@@ -120,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="path stem of the .json/.md")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
-    try:
-        steps = [int(k) for k in args.decode_steps.split(",") if k]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        ap.error(f"--decode-steps {args.decode_steps}: comma-separated integers >= 1")
+    steps = positive_ints(args.decode_steps, "--decode-steps", ap.error)
     cfg = shape(p["shape"])
     params = init_params(cfg, jax.random.key(0), jnp.float32)  # GRPO's float32 policy
     rows = [measure("static sampler (jax)", JaxEngine(cfg, params), p, cfg.vocab_size, None)]

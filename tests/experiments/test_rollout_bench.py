@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_cpu_preset_compares_the_rollout_engines(tmp_path):
     from experiments.rl import rollout_bench
@@ -23,3 +25,12 @@ def test_cpu_preset_compares_the_rollout_engines(tmp_path):
     assert four["launches"] < one["launches"]
     assert set(one["host_ms"]) >= {"schedule", "launch", "fetch", "resolve", "emit"}
     assert out.with_suffix(".md").read_text().startswith("### GRPO rollout engines")
+
+
+def test_bad_decode_steps_are_refused_naming_the_flag(capsys):
+    from experiments.rl import rollout_bench
+
+    with pytest.raises(SystemExit) as e:
+        rollout_bench.main(["--decode-steps", "1,0"])
+    assert e.value.code == 2
+    assert "--decode-steps 1,0: comma-separated integers >= 1" in capsys.readouterr().err
